@@ -1,0 +1,191 @@
+//! A CUDA device with the crate's kernels loaded: context, stream, compiled modules, cuBLAS.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{DriverContext, Error, Result};
+use crate::kernels::{self, KernelSource};
+use crate::libs;
+
+/// The loaded kernels of one device, by function name.
+pub(crate) struct Kernels {
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
+        let mut functions = HashMap::new();
+        for src in kernels::SOURCES {
+            Self::load_source(ctx, arch, src, &mut functions)?;
+        }
+        Ok(Self { functions })
+    }
+
+    fn load_source(
+        ctx: &Arc<CudaContext>,
+        arch: &str,
+        src: &KernelSource,
+        functions: &mut HashMap<&'static str, CudaFunction>,
+    ) -> Result<()> {
+        const OP: &str = "load kernels";
+        let cubin = kernels::compile_cubin(src, arch)?;
+        let module = ctx.load_module(Ptx::from_binary(cubin.image)).op(OP)?;
+        for &name in src.functions {
+            functions.insert(name, module.load_function(name).op(OP)?);
+        }
+        Ok(())
+    }
+
+    /// The kernel `name`; the names are fixed in [`kernels::SOURCES`], so a miss is a bug here,
+    /// reported as an error rather than a panic all the same.
+    pub(crate) fn get(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or(Error::Shape {
+            op: "kernel lookup",
+            detail: format!("no kernel named {name}"),
+        })
+    }
+}
+
+/// What is shared by every [`CudaDevice`] handle of one ordinal in this process.
+struct Shared {
+    ctx: Arc<CudaContext>,
+    arch: String,
+    kernels: Kernels,
+}
+
+/// Per process and device: compiling the kernels takes NVRTC a second or two, so it is done
+/// once per ordinal, on first use.
+fn shared(ordinal: usize) -> Result<Arc<Shared>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Shared>>>> = OnceLock::new();
+    const OP: &str = "open CUDA device";
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    // A poisoned lock only means another thread panicked while compiling; the map is still valid.
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = map.get(&ordinal) {
+        return Ok(s.clone());
+    }
+    libs::ensure_driver(OP)?;
+    cudarc::driver::result::init().op(OP)?;
+    let count = CudaContext::device_count().op(OP)?.max(0) as usize;
+    if ordinal >= count {
+        return Err(Error::NoDevice {
+            op: OP,
+            ordinal,
+            count,
+        });
+    }
+    let ctx = CudaContext::new(ordinal).op(OP)?;
+    let (major, minor) = ctx.compute_capability().op(OP)?;
+    let arch = format!("sm_{major}{minor}");
+    let kernels = Kernels::load(&ctx, &arch)?;
+    let s = Arc::new(Shared { ctx, arch, kernels });
+    map.insert(ordinal, s.clone());
+    Ok(s)
+}
+
+/// A CUDA device ready to run the crate's kernels. Cheap to clone.
+///
+/// All work is issued on one stream per handle; the host-side helpers synchronise it.
+#[derive(Clone)]
+pub struct CudaDevice {
+    shared: Arc<Shared>,
+    stream: Arc<CudaStream>,
+    blas: Arc<OnceLock<std::result::Result<Arc<CudaBlas>, String>>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.shared.ctx.ordinal())
+            .field("arch", &self.shared.arch)
+            .finish()
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`, compiling the kernels for it on first use in this process.
+    ///
+    /// Fails with [`Error::DriverUnavailable`] where there is no NVIDIA driver,
+    /// [`Error::NoDevice`] where the ordinal does not exist and [`Error::LibraryUnavailable`]
+    /// where NVRTC cannot be found.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let shared = shared(ordinal)?;
+        let stream = shared.ctx.default_stream();
+        Ok(Self {
+            shared,
+            stream,
+            blas: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// Number of CUDA devices, or 0 where there is no driver.
+    pub fn count() -> usize {
+        if !libs::driver_available() || cudarc::driver::result::init().is_err() {
+            return 0;
+        }
+        CudaContext::device_count().map(|c| c.max(0) as usize).unwrap_or(0)
+    }
+
+    /// The device's architecture as NVRTC names it, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.shared.arch
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> Result<String> {
+        self.shared.ctx.name().op("device name")
+    }
+
+    /// The CUDA context (shared by all handles of this ordinal).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.shared.ctx
+    }
+
+    /// The stream all of this handle's work runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Copies host data to a new device buffer.
+    pub fn upload(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(data).op("upload")
+    }
+
+    /// Copies a device buffer (or view) to a new host vector (waits for the stream).
+    pub fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(buf).op("download")
+    }
+
+    /// A zero-filled device buffer of `len` floats.
+    pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(len.max(1)).op("alloc")
+    }
+
+    /// Waits for all work issued on this handle's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().op("synchronize")
+    }
+
+    pub(crate) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.shared.kernels.get(name)
+    }
+
+    /// cuBLAS on this handle's stream, created (and the library located) on first use.
+    pub(crate) fn blas(&self, op: &'static str) -> Result<Arc<CudaBlas>> {
+        let r = self.blas.get_or_init(|| {
+            libs::ensure_cublas(op).map_err(|e| e.to_string())?;
+            CudaBlas::new(self.stream.clone())
+                .map(Arc::new)
+                .map_err(|e| format!("cublasCreate failed: {e}"))
+        });
+        r.clone().map_err(|detail| Error::LibraryUnavailable {
+            op,
+            library: "libcublas.so.13",
+            searched: detail,
+        })
+    }
+}

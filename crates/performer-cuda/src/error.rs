@@ -1,0 +1,101 @@
+//! The crate's error type: every failure names the operation and, where shapes are involved,
+//! the shapes, so a caller several layers up can tell what was asked of which kernel.
+
+/// Errors of performer-cuda. No public function panics on bad input; it returns one of these.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The CUDA driver library (libcuda) could not be loaded: no NVIDIA driver on this machine.
+    #[error("{op}: the CUDA driver library (libcuda.so) is not present on this machine")]
+    DriverUnavailable {
+        /// The operation that needed the driver.
+        op: &'static str,
+    },
+    /// The driver is present but there is no device with the requested ordinal.
+    #[error("{op}: no CUDA device with ordinal {ordinal} ({count} device(s) present)")]
+    NoDevice {
+        /// The operation that needed the device.
+        op: &'static str,
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// How many devices the driver reports.
+        count: usize,
+    },
+    /// A CUDA library loaded at run time (NVRTC or cuBLAS) was not found.
+    #[error("{op}: {library} could not be loaded; searched LD_LIBRARY_PATH and {searched}")]
+    LibraryUnavailable {
+        /// The operation that needed the library.
+        op: &'static str,
+        /// The library's file name, e.g. `libnvrtc.so.13`.
+        library: &'static str,
+        /// The folders that were tried besides the loader's default search path.
+        searched: String,
+    },
+    /// NVRTC rejected a kernel source.
+    #[error("{op}: NVRTC failed to compile {source_name} for {arch}: {message}\n{log}")]
+    Compile {
+        /// The operation that compiled.
+        op: &'static str,
+        /// The kernel source file name.
+        source_name: &'static str,
+        /// Target architecture, e.g. `sm_90`.
+        arch: String,
+        /// NVRTC's status.
+        message: String,
+        /// NVRTC's compile log.
+        log: String,
+    },
+    /// Inputs whose shapes or lengths do not fit the operation.
+    #[error("{op}: shape mismatch: {detail}")]
+    Shape {
+        /// The operation that checked the shapes.
+        op: &'static str,
+        /// What did not match, with the shapes.
+        detail: String,
+    },
+    /// A size beyond what the kernels index (32-bit sizes, 65535 grid rows).
+    #[error("{op}: size out of range: {detail}")]
+    TooLarge {
+        /// The operation that checked the sizes.
+        op: &'static str,
+        /// Which size, and the limit.
+        detail: String,
+    },
+    /// An error reported by the CUDA driver (allocation, copy, launch, module load).
+    #[error("{op}: CUDA driver error: {source}")]
+    Driver {
+        /// The operation that called the driver.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// An error reported by cuBLAS.
+    #[error("{op}: cuBLAS error: {source}")]
+    Cublas {
+        /// The operation that called cuBLAS.
+        op: &'static str,
+        /// cuBLAS's error.
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds the operation's name to a driver error.
+pub(crate) trait DriverContext<T> {
+    fn op(self, op: &'static str) -> Result<T>;
+}
+
+impl<T> DriverContext<T> for std::result::Result<T, cudarc::driver::DriverError> {
+    fn op(self, op: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Driver { op, source })
+    }
+}
+
+impl<T> DriverContext<T> for std::result::Result<T, cudarc::cublas::result::CublasError> {
+    fn op(self, op: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Cublas { op, source })
+    }
+}

@@ -1,0 +1,182 @@
+//! The CUDA C sources of the crate and their compilation by NVRTC.
+//!
+//! Sources live in `kernels/*.cu` and are embedded with `include_str!`; nothing precompiled is
+//! embedded (see [`EMBEDDED_PTX`]). At run time each source is compiled by NVRTC to a CUBIN for
+//! the device's exact architecture (`sm_XY`), once per process and device. A CUBIN rather than
+//! PTX because a CUBIN does not depend on the driver being at least as new as NVRTC: PTX from a
+//! newer NVRTC is refused by an older driver's JIT, machine code is not.
+
+use std::ffi::{CStr, CString, c_char};
+
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+
+use crate::error::{Error, Result};
+use crate::libs;
+
+/// Helpers shared by every source; prepended to each before compilation.
+pub const COMMON_HEADER: &str = include_str!("../kernels/common.cuh");
+
+/// One kernel source file and the `extern "C"` kernels it defines.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSource {
+    /// File name under `kernels/`.
+    pub name: &'static str,
+    /// The file's text (without [`COMMON_HEADER`]).
+    pub source: &'static str,
+    /// Names of the `extern "C" __global__` functions in it.
+    pub functions: &'static [&'static str],
+}
+
+/// FAVOR+ softmax feature map, forward and backward.
+pub const FAVOR: KernelSource = KernelSource {
+    name: "favor.cu",
+    source: include_str!("../kernels/favor.cu"),
+    functions: &[
+        "favor_fill_neg_inf",
+        "favor_project",
+        "favor_exp",
+        "favor_backward",
+    ],
+};
+
+/// Causal linear attention (chunkwise), forward and backward, and the shared gradient prep.
+pub const CAUSAL: KernelSource = KernelSource {
+    name: "causal.cu",
+    source: include_str!("../kernels/causal.cu"),
+    functions: &[
+        "chunk_state_fwd",
+        "chunk_state_rev",
+        "chunk_output_fwd",
+        "chunk_output_rev",
+        "chunk_grad_feat_fwd",
+        "chunk_grad_feat_rev",
+        "attention_grad_prep",
+    ],
+};
+
+/// Element-wise helpers of non-causal linear attention (its products are cuBLAS GEMMs).
+pub const LINEAR: KernelSource = KernelSource {
+    name: "linear.cu",
+    source: include_str!("../kernels/linear.cu"),
+    functions: &["augment_ones", "normalize_rows"],
+};
+
+/// Every kernel source of the crate.
+pub const SOURCES: &[KernelSource] = &[FAVOR, CAUSAL, LINEAR];
+
+/// The architectures CI compiles every kernel for.
+pub const CHECKED_ARCHES: &[&str] = &["sm_80", "sm_90"];
+
+/// Precompiled PTX embedded in the crate, as (source name, arch, PTX). Empty on purpose: the
+/// kernels are compiled at run time by NVRTC, so there is nothing that could go stale. The
+/// freshness test asserts this stays empty unless it also learns to compare.
+pub const EMBEDDED_PTX: &[(&str, &str, &str)] = &[];
+
+/// What NVRTC produced: the image (PTX text or CUBIN bytes) and its log (warnings).
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// PTX text (NUL-free) or CUBIN bytes.
+    pub image: Vec<u8>,
+    /// NVRTC's log; empty when there was nothing to say.
+    pub log: String,
+}
+
+/// The text handed to NVRTC for `src`: the common header, then the file.
+pub fn full_source(src: &KernelSource) -> String {
+    // #line keeps NVRTC's error positions relative to the .cu file, not the concatenation.
+    format!(
+        "{COMMON_HEADER}\n#line 1 \"{}\"\n{}",
+        src.name, src.source
+    )
+}
+
+/// NVRTC options used for every compile. No fast-math: expf and IEEE division keep the
+/// kernels within 1e-4 of the f64 reference.
+fn options(arch_flag: String) -> Vec<String> {
+    vec![
+        arch_flag,
+        "--std=c++17".to_string(),
+        "-lineinfo".to_string(),
+        "--fmad=true".to_string(),
+    ]
+}
+
+/// Compiles `src` to PTX for a virtual architecture (`arch` like `sm_90` is mapped to `compute_90`).
+pub fn compile_ptx(src: &KernelSource, arch: &str) -> Result<Compiled> {
+    let virt = arch.replacen("sm_", "compute_", 1);
+    let mut out = compile(src, arch, options(format!("--gpu-architecture={virt}")), false)?;
+    // NVRTC's PTX ends with a NUL; keep it text.
+    while out.image.last() == Some(&0) {
+        out.image.pop();
+    }
+    Ok(out)
+}
+
+/// Compiles `src` to a CUBIN for a real architecture such as `sm_90`.
+pub fn compile_cubin(src: &KernelSource, arch: &str) -> Result<Compiled> {
+    compile(src, arch, options(format!("--gpu-architecture={arch}")), true)
+}
+
+fn compile(src: &KernelSource, arch: &str, opts: Vec<String>, cubin: bool) -> Result<Compiled> {
+    const OP: &str = "compile kernels";
+    libs::ensure_nvrtc(OP)?;
+    let fail = |message: String, log: String| Error::Compile {
+        op: OP,
+        source_name: src.name,
+        arch: arch.to_string(),
+        message,
+        log,
+    };
+    if !arch.starts_with("sm_") || arch.len() < 5 || !arch[3..].bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(fail(format!("unsupported architecture name {arch:?}"), String::new()));
+    }
+    let text = CString::new(full_source(src))
+        .map_err(|_| fail("source contains a NUL byte".into(), String::new()))?;
+    let name = CString::new(src.name).map_err(|_| fail("bad source name".into(), String::new()))?;
+    let prog = nvrtc::create_program(&text, Some(&name)).map_err(|e| fail(e.to_string(), String::new()))?;
+    // Owns the program so it is destroyed on every path.
+    struct Prog(nvrtc_sys::nvrtcProgram);
+    impl Drop for Prog {
+        fn drop(&mut self) {
+            // SAFETY: created by create_program and destroyed only here.
+            let _ = unsafe { nvrtc::destroy_program(self.0) };
+        }
+    }
+    let prog = Prog(prog);
+    // SAFETY: prog is a live program; options are NUL-free ASCII.
+    let status = unsafe { nvrtc::compile_program(prog.0, &opts) };
+    // SAFETY: as above.
+    let log = unsafe { nvrtc::get_program_log(prog.0) }
+        .map(|raw| c_chars_to_string(&raw))
+        .unwrap_or_default();
+    if let Err(e) = status {
+        return Err(fail(e.to_string(), log));
+    }
+    let image = if cubin {
+        let mut size = 0usize;
+        // SAFETY: prog compiled successfully; the buffer has the size NVRTC reported.
+        unsafe {
+            nvrtc_sys::nvrtcGetCUBINSize(prog.0, &mut size)
+                .result()
+                .map_err(|e| fail(e.to_string(), log.clone()))?;
+            let mut buf = vec![0u8; size];
+            nvrtc_sys::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr().cast::<c_char>())
+                .result()
+                .map_err(|e| fail(e.to_string(), log.clone()))?;
+            buf
+        }
+    } else {
+        // SAFETY: prog compiled successfully.
+        let raw = unsafe { nvrtc::get_ptx(prog.0) }.map_err(|e| fail(e.to_string(), log.clone()))?;
+        raw.iter().map(|&c| c as u8).collect()
+    };
+    Ok(Compiled { image, log })
+}
+
+fn c_chars_to_string(raw: &[c_char]) -> String {
+    let bytes: Vec<u8> = raw.iter().map(|&c| c as u8).collect();
+    match CStr::from_bytes_until_nul(&bytes) {
+        Ok(s) => s.to_string_lossy().trim().to_string(),
+        Err(_) => String::from_utf8_lossy(&bytes).trim().to_string(),
+    }
+}
