@@ -1,1 +1,43 @@
-//! stub
+//! performer-tensor: f32 tensors with define-by-run autograd, the ops a transformer needs,
+//! parameters and modules with PyTorch's dotted names, optimizers, safetensors IO and GEMM.
+//!
+//! This crate owns everything below the model: the FAVOR+, layer and model crates are built on
+//! it, and it can be used on its own to compose and train other models.
+//!
+//! ```
+//! use performer_tensor::{Tensor, Param};
+//! # fn main() -> performer_tensor::Result<()> {
+//! let w = Param::new(Tensor::randn(&[3, 2]).to_array());
+//! let x = Tensor::randn(&[4, 3]);
+//! let loss = x.matmul(&w.tensor())?.relu().mean_all();
+//! let grads = loss.backward()?;
+//! assert_eq!(grads.get_param(&w).unwrap().shape(), &[3, 2]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod autograd;
+mod custom_op;
+mod error;
+pub mod gemm;
+mod gradcheck;
+pub mod io;
+mod module;
+pub mod ops;
+pub mod optim;
+pub mod parallel;
+mod param;
+pub mod rng;
+pub mod shape;
+mod tensor;
+
+pub use autograd::{BackwardFn, GradModeGuard, Gradients, enable_grad, is_grad_enabled, no_grad};
+pub use custom_op::{CustomOp, apply_custom_op};
+pub use error::{Error, Result};
+pub use gradcheck::{GradcheckOptions, gradcheck};
+pub use module::{Entry, Module, TrainingFlag, Visitor};
+pub use param::{Buffer, Param, StateValue};
+pub use tensor::{Data, Tensor, TensorId};
+
+/// Re-export of the array crate our tensors are built on.
+pub use ndarray;

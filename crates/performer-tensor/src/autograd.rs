@@ -1,0 +1,341 @@
+//! Define-by-run reverse-mode differentiation.
+//!
+//! Every op whose inputs include a tracked tensor (while gradients are enabled) creates a
+//! [`Node`] holding its inputs and a backward closure. [`Tensor::backward`] sorts the nodes
+//! reachable from the root in reverse topological order and runs each closure once, handing it
+//! the gradients of the node's outputs. Gradients of intermediate tensors are dropped as soon
+//! as their producer has consumed them; the gradients of leaves (variables and parameters) are
+//! returned in a [`Gradients`] store keyed by [`TensorId`]. The graph itself is never mutated,
+//! so a graph can be differentiated twice and tensors stay `Send + Sync`.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use ndarray::{ArrayD, IxDyn, Zip};
+
+use crate::tensor::{Data, TensorId};
+use crate::{Error, Result, Tensor};
+
+/// Gradients of a node's outputs (`None` where no gradient reached an output) and which
+/// inputs need a gradient, in; gradients of the inputs (`None` where not needed), out.
+pub type BackwardFn =
+    dyn Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>> + Send + Sync;
+
+/// One recorded op (or a leaf variable, which has no backward).
+pub(crate) struct Node {
+    name: &'static str,
+    inputs: Vec<Tensor>,
+    outputs: Vec<(TensorId, Vec<usize>)>,
+    backward: Option<Box<BackwardFn>>,
+}
+
+/// Which output of which node a tensor is.
+#[derive(Clone)]
+pub(crate) struct GradLink {
+    pub(crate) node: Arc<Node>,
+    #[allow(dead_code)]
+    pub(crate) output: usize,
+}
+
+impl Node {
+    pub(crate) fn leaf(id: TensorId, shape: Vec<usize>) -> Self {
+        Node { name: "leaf", inputs: Vec::new(), outputs: vec![(id, shape)], backward: None }
+    }
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether ops on this thread record the graph.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// Restores the previous gradient mode when dropped.
+pub struct GradModeGuard {
+    previous: bool,
+}
+
+impl GradModeGuard {
+    /// Sets the gradient mode of this thread until the guard is dropped.
+    pub fn new(enabled: bool) -> Self {
+        let previous = GRAD_ENABLED.with(|g| g.replace(enabled));
+        GradModeGuard { previous }
+    }
+}
+
+impl Drop for GradModeGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.previous));
+    }
+}
+
+/// Runs `f` without recording the graph (inference, optimizer updates).
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let _guard = GradModeGuard::new(false);
+    f()
+}
+
+/// Runs `f` with graph recording on, even inside a `no_grad` scope or a backward pass
+/// (reversible layers recompute their blocks this way).
+pub fn enable_grad<R>(f: impl FnOnce() -> R) -> R {
+    let _guard = GradModeGuard::new(true);
+    f()
+}
+
+impl Tensor {
+    /// The result of an op with one output. Records `backward` when gradients are enabled and
+    /// some input is tracked; otherwise the closure is dropped unused.
+    pub fn from_op(
+        data: impl Into<Data>,
+        name: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(ArrayD<f32>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>> + Send + Sync + 'static,
+    ) -> Tensor {
+        let data = data.into();
+        if !needs_graph(inputs) {
+            return Tensor::new(data);
+        }
+        let wrapped = move |grads: Vec<Option<ArrayD<f32>>>, needs: &[bool]| {
+            match grads.into_iter().next().flatten() {
+                Some(g) => backward(g, needs),
+                None => Ok(vec![None; needs.len()]),
+            }
+        };
+        Self::from_multi_op(vec![data], name, inputs, wrapped).pop().expect("one output")
+    }
+
+    /// The results of an op with several outputs, sharing one backward.
+    pub fn from_multi_op(
+        datas: Vec<Data>,
+        name: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Vec<Tensor> {
+        if !needs_graph(inputs) {
+            return datas.into_iter().map(Tensor::new).collect();
+        }
+        let ids: Vec<TensorId> = datas.iter().map(|_| TensorId::fresh()).collect();
+        let node = Arc::new(Node {
+            name,
+            inputs: inputs.iter().map(|t| (*t).clone()).collect(),
+            outputs: ids.iter().zip(&datas).map(|(id, d)| (*id, d.shape().to_vec())).collect(),
+            backward: Some(Box::new(backward)),
+        });
+        datas
+            .into_iter()
+            .zip(ids)
+            .enumerate()
+            .map(|(output, (data, id))| {
+                Tensor::from_parts(id, data, Some(GradLink { node: node.clone(), output }))
+            })
+            .collect()
+    }
+
+    /// Differentiates this one-element tensor with respect to every leaf it depends on.
+    pub fn backward(&self) -> Result<Gradients> {
+        if self.numel() != 1 {
+            return Err(Error::Backward(format!(
+                "backward() needs a one-element tensor, got shape {:?}; use backward_with_grad",
+                self.shape()
+            )));
+        }
+        self.backward_with_grad(ArrayD::from_elem(IxDyn(self.shape()), 1.0))
+    }
+
+    /// Differentiates with `grad` as the gradient of this tensor (a vector-Jacobian product).
+    pub fn backward_with_grad(&self, grad: ArrayD<f32>) -> Result<Gradients> {
+        if grad.shape() != self.shape() {
+            return Err(Error::Backward(format!(
+                "seed gradient has shape {:?}, the tensor has shape {:?}",
+                grad.shape(),
+                self.shape()
+            )));
+        }
+        let Some(link) = self.grad_link() else {
+            return Err(Error::Backward(
+                "the tensor does not depend on any tracked tensor (was it computed under no_grad, \
+                 or from constants only?)"
+                    .into(),
+            ));
+        };
+        let order = topological_order(&link.node);
+        let mut grads: HashMap<TensorId, ArrayD<f32>> = HashMap::new();
+        grads.insert(self.id(), grad);
+        // Closures compute on arrays; ops they build from tensors are not part of this graph.
+        let _mode = GradModeGuard::new(false);
+        for node in order.iter().rev() {
+            let Some(backward) = &node.backward else { continue };
+            let out_grads: Vec<Option<ArrayD<f32>>> =
+                node.outputs.iter().map(|(id, _)| grads.remove(id)).collect();
+            if out_grads.iter().all(Option::is_none) {
+                continue;
+            }
+            let needs: Vec<bool> = node.inputs.iter().map(Tensor::is_tracked).collect();
+            let in_grads = backward(out_grads, &needs)?;
+            if in_grads.len() != node.inputs.len() {
+                return Err(Error::Backward(format!(
+                    "op `{}` returned {} input gradients for {} inputs",
+                    node.name,
+                    in_grads.len(),
+                    node.inputs.len()
+                )));
+            }
+            for (input, g) in node.inputs.iter().zip(in_grads) {
+                let Some(g) = g else { continue };
+                if !input.is_tracked() {
+                    continue;
+                }
+                if g.shape() != input.shape() {
+                    return Err(Error::Backward(format!(
+                        "op `{}` returned a gradient of shape {:?} for an input of shape {:?}",
+                        node.name,
+                        g.shape(),
+                        input.shape()
+                    )));
+                }
+                accumulate(&mut grads, input.id(), g);
+            }
+        }
+        Ok(Gradients { map: grads })
+    }
+}
+
+fn needs_graph(inputs: &[&Tensor]) -> bool {
+    is_grad_enabled() && inputs.iter().any(|t| t.is_tracked())
+}
+
+fn accumulate(grads: &mut HashMap<TensorId, ArrayD<f32>>, id: TensorId, g: ArrayD<f32>) {
+    match grads.get_mut(&id) {
+        Some(acc) => add_assign(acc, &g),
+        None => {
+            grads.insert(id, g);
+        }
+    }
+}
+
+/// `acc += g`, in parallel for large arrays.
+pub(crate) fn add_assign(acc: &mut ArrayD<f32>, g: &ArrayD<f32>) {
+    let z = Zip::from(acc).and(g);
+    if g.len() >= crate::parallel::PAR_THRESHOLD {
+        z.par_for_each(|a, &b| *a += b);
+    } else {
+        z.for_each(|a, &b| *a += b);
+    }
+}
+
+/// Nodes reachable from `root`, each after all of its inputs' nodes (iterative DFS, so deep
+/// graphs cannot overflow the stack).
+fn topological_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut order = Vec::new();
+    let mut visited: HashSet<*const Node> = HashSet::new();
+    let mut stack: Vec<(Arc<Node>, usize)> = vec![(root.clone(), 0)];
+    visited.insert(Arc::as_ptr(root));
+    while let Some((node, next_input)) = stack.pop() {
+        if next_input < node.inputs.len() {
+            let child = node.inputs[next_input].grad_link().map(|l| l.node.clone());
+            stack.push((node, next_input + 1));
+            if let Some(child) = child
+                && visited.insert(Arc::as_ptr(&child))
+            {
+                stack.push((child, 0));
+            }
+        } else {
+            order.push(node);
+        }
+    }
+    order
+}
+
+/// Gradients of the leaves of a graph, by tensor id (a parameter's id is stable, so
+/// `grads.get_param(&p)` finds its gradient).
+#[derive(Default, Debug, Clone)]
+pub struct Gradients {
+    map: HashMap<TensorId, ArrayD<f32>>,
+}
+
+impl Gradients {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The gradient of `t`, if one reached it.
+    pub fn get(&self, t: &Tensor) -> Option<&ArrayD<f32>> {
+        self.map.get(&t.id())
+    }
+
+    /// The gradient stored under `id`.
+    pub fn get_id(&self, id: TensorId) -> Option<&ArrayD<f32>> {
+        self.map.get(&id)
+    }
+
+    /// The gradient of a parameter.
+    pub fn get_param(&self, p: &crate::Param) -> Option<&ArrayD<f32>> {
+        self.map.get(&p.id())
+    }
+
+    /// Mutable access to the gradient under `id`.
+    pub fn get_mut(&mut self, id: TensorId) -> Option<&mut ArrayD<f32>> {
+        self.map.get_mut(&id)
+    }
+
+    /// Removes and returns the gradient under `id`.
+    pub fn remove(&mut self, id: TensorId) -> Option<ArrayD<f32>> {
+        self.map.remove(&id)
+    }
+
+    /// Adds `g` to the gradient under `id` (inserting it if absent).
+    pub fn accumulate(&mut self, id: TensorId, g: ArrayD<f32>) -> Result<()> {
+        if let Some(acc) = self.map.get(&id)
+            && acc.shape() != g.shape()
+        {
+            return Err(Error::shape(
+                "Gradients::accumulate",
+                format!("stored {:?}, adding {:?}", acc.shape(), g.shape()),
+            ));
+        }
+        accumulate(&mut self.map, id, g);
+        Ok(())
+    }
+
+    /// Adds every gradient of `other` into this store (gradient accumulation over micro-batches).
+    pub fn merge(&mut self, other: Gradients) -> Result<()> {
+        for (id, g) in other.map {
+            self.accumulate(id, g)?;
+        }
+        Ok(())
+    }
+
+    /// Multiplies every gradient by `factor`.
+    pub fn scale(&mut self, factor: f32) {
+        for g in self.map.values_mut() {
+            g.mapv_inplace(|x| x * factor);
+        }
+    }
+
+    /// Number of stored gradients.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no gradient is stored.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Iterates over (id, gradient).
+    pub fn iter(&self) -> impl Iterator<Item = (&TensorId, &ArrayD<f32>)> {
+        self.map.iter()
+    }
+
+    /// Whether every stored gradient is finite.
+    pub fn all_finite(&self) -> bool {
+        self.map.values().all(|g| g.iter().all(|x| x.is_finite()))
+    }
+}

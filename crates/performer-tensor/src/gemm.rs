@@ -1,0 +1,159 @@
+//! Matrix products on array views through the `gemm` crate's kernels.
+//!
+//! Operands are handed over with their strides, so transposed or sliced views cost no copy.
+//! Fused kernels in other crates (FAVOR+, local attention) call these directly on blocks of
+//! their own arrays.
+
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// How a product may use threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// One thread (the caller is already parallel, e.g. over heads).
+    Single,
+    /// All of rayon's threads.
+    All,
+}
+
+/// `c = beta * c + alpha * a @ b` on views of any strides.
+///
+/// Shapes: a (m, k), b (k, n), c (m, n). With `beta == 0` the old contents of `c` are ignored
+/// (they may be uninitialized garbage, NaN included).
+pub fn gemm_into(
+    c: &mut ArrayViewMut2<f32>,
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    alpha: f32,
+    beta: f32,
+    threads: Threads,
+) -> Result<()> {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    if k != k2 || c.dim() != (m, n) {
+        return Err(Error::shape(
+            "gemm",
+            format!("a {:?} @ b {:?} into c {:?}", a.shape(), b.shape(), c.shape()),
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if beta == 0.0 {
+            c.fill(0.0);
+        } else {
+            c.mapv_inplace(|x| x * beta);
+        }
+        return Ok(());
+    }
+    let [a_rs, a_cs] = [a.strides()[0], a.strides()[1]];
+    let [b_rs, b_cs] = [b.strides()[0], b.strides()[1]];
+    let [c_rs, c_cs] = [c.strides()[0], c.strides()[1]];
+    // SAFETY: the dimensions were checked above; the pointers and strides come from live
+    // ndarray views of exactly these shapes, and `c` is borrowed mutably, so it aliases
+    // neither `a` nor `b`.
+    unsafe {
+        gemm_raw(
+            MatDims { m, n, k },
+            (c.as_mut_ptr(), c_rs, c_cs),
+            (a.as_ptr(), a_rs, a_cs),
+            (b.as_ptr(), b_rs, b_cs),
+            alpha,
+            beta,
+            threads,
+        );
+    }
+    Ok(())
+}
+
+/// Sizes of a product: (m, k) @ (k, n).
+#[derive(Clone, Copy, Debug)]
+pub struct MatDims {
+    /// Rows of the result.
+    pub m: usize,
+    /// Columns of the result.
+    pub n: usize,
+    /// The contracted size.
+    pub k: usize,
+}
+
+/// `c = beta * c + alpha * a @ b` on raw strided matrices: each operand is
+/// (pointer, row stride, column stride) in elements.
+///
+/// # Safety
+/// Every pointer must address a matrix of the stated size and strides that stays valid for
+/// the call; `c` must not overlap `a` or `b`, and no other thread may access `c` meanwhile.
+/// With `beta == 0`, `c` may hold uninitialized values.
+pub unsafe fn gemm_raw(
+    dims: MatDims,
+    c: (*mut f32, isize, isize),
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+    threads: Threads,
+) {
+    let MatDims { m, n, k } = dims;
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = match threads {
+        Threads::All if m * n * k >= 64 * 64 * 64 => {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        }
+        _ => gemm::Parallelism::None,
+    };
+    // SAFETY: forwarded from the caller's contract. The `gemm` crate computes
+    // dst := alpha_g * dst + beta_g * lhs @ rhs, so our (alpha, beta) swap places.
+    unsafe {
+        gemm::gemm(
+            m, n, k, c.0, c.2, c.1, beta != 0.0, a.0, a.2, a.1, b.0, b.2, b.1, beta, alpha, false,
+            false, false, parallelism,
+        );
+    }
+}
+
+/// `a @ b` into a new array.
+pub fn matmul2(a: &ArrayView2<f32>, b: &ArrayView2<f32>, threads: Threads) -> Result<Array2<f32>> {
+    let mut c = Array2::<f32>::zeros((a.nrows(), b.ncols()));
+    gemm_into(&mut c.view_mut(), a, b, 1.0, 0.0, threads)?;
+    Ok(c)
+}
+
+/// Batched `a[i] @ b[i]`, parallel over the batch when it is large enough to feed every thread.
+pub fn matmul3(a: &ArrayView3<f32>, b: &ArrayView3<f32>) -> Result<Array3<f32>> {
+    let (batch, m, k) = a.dim();
+    let (batch2, k2, n) = b.dim();
+    if batch != batch2 || k != k2 {
+        return Err(Error::shape("matmul3", format!("a {:?} @ b {:?}", a.shape(), b.shape())));
+    }
+    let mut c = Array3::<f32>::zeros((batch, m, n));
+    let per_batch_parallel = batch >= rayon::current_num_threads();
+    if per_batch_parallel {
+        c.axis_iter_mut(Axis(0)).into_par_iter().enumerate().try_for_each(|(i, mut ci)| {
+            gemm_into(
+                &mut ci,
+                &a.index_axis(Axis(0), i),
+                &b.index_axis(Axis(0), i),
+                1.0,
+                0.0,
+                Threads::Single,
+            )
+        })?;
+    } else {
+        for (i, mut ci) in c.axis_iter_mut(Axis(0)).enumerate() {
+            gemm_into(
+                &mut ci,
+                &a.index_axis(Axis(0), i),
+                &b.index_axis(Axis(0), i),
+                1.0,
+                0.0,
+                Threads::All,
+            )?;
+        }
+    }
+    Ok(c)
+}

@@ -1,0 +1,249 @@
+//! Named tensors in safetensors files (the format PyTorch users already have), and atomic
+//! file writes: the data goes to a temporary file in the same directory, is synced, then
+//! renamed over the target, so a crash at any moment leaves either the old or the new file.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::param::StateValue;
+use crate::{Error, Result};
+
+/// A tensor as stored in a file: float, integer or boolean.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorData {
+    /// float32 (f64, f16 and bf16 files are converted to it on load).
+    F32(ArrayD<f32>),
+    /// int64 (int32 and uint8 files are widened on load).
+    I64(ArrayD<i64>),
+    /// bool.
+    Bool(ArrayD<bool>),
+}
+
+impl TensorData {
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            TensorData::F32(a) => a.shape(),
+            TensorData::I64(a) => a.shape(),
+            TensorData::Bool(a) => a.shape(),
+        }
+    }
+
+    /// The float array, or an error naming `name` and the actual dtype.
+    pub fn into_f32(self, name: &str) -> Result<ArrayD<f32>> {
+        match self {
+            TensorData::F32(a) => Ok(a),
+            other => Err(Error::Other(format!("tensor `{name}` is {}, expected float32", other.dtype_name()))),
+        }
+    }
+
+    /// The integer array, or an error.
+    pub fn into_i64(self, name: &str) -> Result<ArrayD<i64>> {
+        match self {
+            TensorData::I64(a) => Ok(a),
+            other => Err(Error::Other(format!("tensor `{name}` is {}, expected int64", other.dtype_name()))),
+        }
+    }
+
+    /// The boolean array, or an error.
+    pub fn into_bool(self, name: &str) -> Result<ArrayD<bool>> {
+        match self {
+            TensorData::Bool(a) => Ok(a),
+            other => Err(Error::Other(format!("tensor `{name}` is {}, expected bool", other.dtype_name()))),
+        }
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self {
+            TensorData::F32(_) => "float32",
+            TensorData::I64(_) => "int64",
+            TensorData::Bool(_) => "bool",
+        }
+    }
+}
+
+impl From<StateValue> for TensorData {
+    fn from(v: StateValue) -> Self {
+        match v {
+            StateValue::F32(a) => TensorData::F32(a.into_owned()),
+            StateValue::I64(a) => TensorData::I64(a),
+        }
+    }
+}
+
+impl TryFrom<TensorData> for StateValue {
+    type Error = Error;
+    fn try_from(v: TensorData) -> Result<Self> {
+        match v {
+            TensorData::F32(a) => Ok(StateValue::F32(a.into_shared())),
+            TensorData::I64(a) => Ok(StateValue::I64(a)),
+            TensorData::Bool(_) => Err(Error::Other("a bool tensor cannot be module state".into())),
+        }
+    }
+}
+
+/// Little-endian bytes of one tensor, for the safetensors writer.
+struct Encoded {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &Encoded {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn encode(t: &TensorData) -> Encoded {
+    let (dtype, bytes) = match t {
+        TensorData::F32(a) => (Dtype::F32, a.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        TensorData::I64(a) => (Dtype::I64, a.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        TensorData::Bool(a) => (Dtype::BOOL, a.iter().map(|&v| v as u8).collect()),
+    };
+    Encoded { dtype, shape: t.shape().to_vec(), bytes }
+}
+
+/// Serializes named tensors (and optional string metadata) to safetensors bytes.
+pub fn to_safetensors_bytes(
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let encoded: Vec<(String, Encoded)> = tensors.iter().map(|(k, v)| (k.clone(), encode(v))).collect();
+    let views = encoded.iter().map(|(k, e)| (k.as_str(), e));
+    safetensors::serialize(views, metadata).map_err(|e| Error::Other(format!("safetensors serialize: {e}")))
+}
+
+/// Writes named tensors to `path` atomically.
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes = to_safetensors_bytes(tensors, metadata)?;
+    write_atomic(path, &bytes)
+}
+
+fn read_all(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn load_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, TensorData>> {
+    let path = path.as_ref();
+    let bytes = read_all(path)?;
+    from_safetensors_bytes(&bytes).map_err(|e| match e {
+        Error::Other(detail) => Error::format(path, detail),
+        other => other,
+    })
+}
+
+/// Reads the string metadata of a safetensors file.
+pub fn load_safetensors_metadata(path: impl AsRef<Path>) -> Result<HashMap<String, String>> {
+    let path = path.as_ref();
+    let bytes = read_all(path)?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Parses safetensors bytes. The header's sizes and offsets are validated against the buffer
+/// before anything is allocated, so a corrupt header cannot cause a large allocation.
+pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, TensorData>> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Other(format!("invalid safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.iter() {
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let n: usize = shape.iter().product();
+        let bad = |what: &str| Error::Other(format!("tensor `{name}`: {what}"));
+        let width = view.dtype().bitsize() / 8;
+        if width == 0 || data.len() != n * width {
+            return Err(bad(&format!("{} bytes do not hold {:?} elements of {:?}", data.len(), shape, view.dtype())));
+        }
+        let floats = |f: &dyn Fn(&[u8]) -> f32| -> ArrayD<f32> {
+            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect()).expect("length checked")
+        };
+        let ints = |f: &dyn Fn(&[u8]) -> i64| -> ArrayD<i64> {
+            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect()).expect("length checked")
+        };
+        let t = match view.dtype() {
+            Dtype::F32 => TensorData::F32(floats(&|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))),
+            Dtype::F64 => TensorData::F32(floats(&|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)),
+            Dtype::BF16 => TensorData::F32(floats(&|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))),
+            Dtype::F16 => TensorData::F32(floats(&|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))),
+            Dtype::I64 => TensorData::I64(ints(&|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))),
+            Dtype::I32 => TensorData::I64(ints(&|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)),
+            Dtype::U8 => TensorData::I64(ints(&|c| c[0] as i64)),
+            Dtype::BOOL => {
+                if data.iter().any(|&b| b > 1) {
+                    return Err(bad("bool tensor holds bytes other than 0 and 1"));
+                }
+                TensorData::Bool(ArrayD::from_shape_vec(IxDyn(&shape), data.iter().map(|&b| b == 1).collect()).expect("length checked"))
+            }
+            other => return Err(bad(&format!("unsupported dtype {other:?}"))),
+        };
+        out.insert(name.to_string(), t);
+    }
+    Ok(out)
+}
+
+/// IEEE half to single precision.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: normalize it.
+            let shift = f.leading_zeros() - 21;
+            let f = (f << shift) & 0x3ff;
+            sign | ((127 - 15 + 1 - shift) << 23) | (f << 13)
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Writes `bytes` to `path` so that readers see either the old file or the complete new one:
+/// temp file in the same directory, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| Error::format(path, "not a file path"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            // Persist the rename itself; not every platform can sync a directory.
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| Error::io(path, e))
+}

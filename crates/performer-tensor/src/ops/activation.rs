@@ -1,0 +1,83 @@
+//! Activation functions, with the exact forms PyTorch uses (GELU in its erf form, softplus
+//! with beta 1 and threshold 20, ELU with alpha 1, leaky ReLU with a chosen slope).
+
+use super::elementwise::unary;
+use crate::Tensor;
+
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `0.5 x (1 + erf(x / sqrt 2))`.
+pub(crate) fn gelu_scalar(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Derivative of [`gelu_scalar`].
+pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
+/// The logistic function, stable for large |x|.
+pub(crate) fn sigmoid_scalar(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `log(1 + e^x)` with PyTorch's linear cut-off above 20.
+pub(crate) fn softplus_scalar(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+impl Tensor {
+    /// `max(x, 0)`.
+    pub fn relu(&self) -> Tensor {
+        unary(self, "relu", |x| x.max(0.0), |x, _| if x > 0.0 { 1.0 } else { 0.0 })
+    }
+
+    /// GELU, erf form (as `torch.nn.GELU()`).
+    pub fn gelu(&self) -> Tensor {
+        unary(self, "gelu", gelu_scalar, |x, _| gelu_grad_scalar(x))
+    }
+
+    /// ELU with alpha 1.
+    pub fn elu(&self) -> Tensor {
+        unary(self, "elu", |x| if x > 0.0 { x } else { x.exp_m1() }, |x, y| if x > 0.0 { 1.0 } else { y + 1.0 })
+    }
+
+    /// Softplus with beta 1 and threshold 20 (as `torch.nn.Softplus()`).
+    pub fn softplus(&self) -> Tensor {
+        unary(self, "softplus", softplus_scalar, |x, _| if x > 20.0 { 1.0 } else { sigmoid_scalar(x) })
+    }
+
+    /// The logistic sigmoid.
+    pub fn sigmoid(&self) -> Tensor {
+        unary(self, "sigmoid", sigmoid_scalar, |_, y| y * (1.0 - y))
+    }
+
+    /// Hyperbolic tangent.
+    pub fn tanh(&self) -> Tensor {
+        unary(self, "tanh", f32::tanh, |_, y| 1.0 - y * y)
+    }
+
+    /// SiLU (swish): `x * sigmoid(x)`.
+    pub fn silu(&self) -> Tensor {
+        unary(self, "silu", |x| x * sigmoid_scalar(x), |x, _| {
+            let s = sigmoid_scalar(x);
+            s * (1.0 + x * (1.0 - s))
+        })
+    }
+
+    /// Leaky ReLU with the given negative slope (PyTorch's default is 0.01).
+    pub fn leaky_relu(&self, negative_slope: f32) -> Tensor {
+        unary(
+            self,
+            "leaky_relu",
+            move |x| if x > 0.0 { x } else { negative_slope * x },
+            move |x, _| if x > 0.0 { 1.0 } else { negative_slope },
+        )
+    }
+}

@@ -1,0 +1,229 @@
+//! Arithmetic with PyTorch broadcasting, scalar forms, and element-wise math.
+
+use ndarray::IxDyn;
+
+use super::{map_array, zip_map, zip_map3};
+use crate::shape::{broadcast_shapes, sum_to_shape};
+use crate::{Result, Tensor};
+
+/// Which binary op: a closed set so forward and backward sit side by side.
+#[derive(Clone, Copy)]
+enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+    Pow,
+}
+
+impl Binary {
+    fn name(self) -> &'static str {
+        match self {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+            Binary::Maximum => "maximum",
+            Binary::Minimum => "minimum",
+            Binary::Pow => "pow",
+        }
+    }
+
+    fn apply(self, x: f32, y: f32) -> f32 {
+        match self {
+            Binary::Add => x + y,
+            Binary::Sub => x - y,
+            Binary::Mul => x * y,
+            Binary::Div => x / y,
+            Binary::Maximum => x.max(y),
+            Binary::Minimum => x.min(y),
+            Binary::Pow => x.powf(y),
+        }
+    }
+
+    /// d(x op y)/dx and d(x op y)/dy at (x, y). Ties of max/min split the gradient evenly,
+    /// as PyTorch does.
+    fn partials(self, x: f32, y: f32) -> (f32, f32) {
+        match self {
+            Binary::Add => (1.0, 1.0),
+            Binary::Sub => (1.0, -1.0),
+            Binary::Mul => (y, x),
+            Binary::Div => (1.0 / y, -x / (y * y)),
+            Binary::Maximum | Binary::Minimum => {
+                let first = matches!(self, Binary::Maximum) == (x > y);
+                if x == y {
+                    (0.5, 0.5)
+                } else if first {
+                    (1.0, 0.0)
+                } else {
+                    (0.0, 1.0)
+                }
+            }
+            Binary::Pow => {
+                let dx = if y == 0.0 { 0.0 } else { y * x.powf(y - 1.0) };
+                let dy = if x > 0.0 { x.powf(y) * x.ln() } else { 0.0 };
+                (dx, dy)
+            }
+        }
+    }
+}
+
+fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
+    let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
+    let ab = a.data().broadcast(IxDyn(&shape)).expect("broadcast shape checked");
+    let bb = b.data().broadcast(IxDyn(&shape)).expect("broadcast shape checked");
+    let out = zip_map(&ab, &bb, move |x, y| op.apply(x, y));
+    let (ad, bd) = (a.data().clone(), b.data().clone());
+    Ok(Tensor::from_op(out, op.name(), &[a, b], move |g, needs| {
+        let ab = ad.broadcast(IxDyn(g.shape())).expect("same broadcast as forward");
+        let bb = bd.broadcast(IxDyn(g.shape())).expect("same broadcast as forward");
+        let ga = match (needs[0], op) {
+            (false, _) => None,
+            (true, Binary::Add | Binary::Sub) => Some(g.clone()),
+            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| g * op.partials(x, y).0)),
+        };
+        let gb = match (needs[1], op) {
+            (false, _) => None,
+            (true, Binary::Add) => Some(g.clone()),
+            (true, Binary::Sub) => Some(g.mapv(|v| -v)),
+            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| g * op.partials(x, y).1)),
+        };
+        Ok(vec![ga.map(|g| sum_to_shape(g, ad.shape())), gb.map(|g| sum_to_shape(g, bd.shape()))])
+    }))
+}
+
+/// An element-wise function with its derivative, expressed through the input `x` and the
+/// output `y` (whichever is cheaper).
+pub(crate) fn unary(
+    x: &Tensor,
+    name: &'static str,
+    f: impl Fn(f32) -> f32 + Sync + Send,
+    df: impl Fn(f32, f32) -> f32 + Sync + Send + 'static,
+) -> Tensor {
+    let out = map_array(&x.view(), f);
+    if !crate::is_grad_enabled() || !x.is_tracked() {
+        return Tensor::new(out);
+    }
+    let xd = x.data().clone();
+    let yd = out.to_shared();
+    Tensor::from_op(yd.clone(), name, &[x], move |g, _| {
+        Ok(vec![Some(zip_map3(&g.view(), &xd.view(), &yd.view(), |g, x, y| g * df(x, y)))])
+    })
+}
+
+impl Tensor {
+    /// `self + other`, broadcasting.
+    pub fn add(&self, other: &Tensor) -> Result<Tensor> {
+        binary(self, other, Binary::Add)
+    }
+
+    /// `self - other`, broadcasting.
+    pub fn sub(&self, other: &Tensor) -> Result<Tensor> {
+        binary(self, other, Binary::Sub)
+    }
+
+    /// `self * other`, broadcasting.
+    pub fn mul(&self, other: &Tensor) -> Result<Tensor> {
+        binary(self, other, Binary::Mul)
+    }
+
+    /// `self / other`, broadcasting.
+    pub fn div(&self, other: &Tensor) -> Result<Tensor> {
+        binary(self, other, Binary::Div)
+    }
+
+    /// Element-wise maximum, broadcasting (ties share the gradient).
+    pub fn maximum(&self, other: &Tensor) -> Result<Tensor> {
+        binary(self, other, Binary::Maximum)
+    }
+
+    /// Element-wise minimum, broadcasting (ties share the gradient).
+    pub fn minimum(&self, other: &Tensor) -> Result<Tensor> {
+        binary(self, other, Binary::Minimum)
+    }
+
+    /// `self ^ other`, broadcasting (the exponent's gradient is 0 where the base is <= 0).
+    pub fn pow(&self, other: &Tensor) -> Result<Tensor> {
+        binary(self, other, Binary::Pow)
+    }
+
+    /// `self + s`.
+    pub fn add_scalar(&self, s: f32) -> Tensor {
+        unary(self, "add_scalar", move |x| x + s, |_, _| 1.0)
+    }
+
+    /// `self - s`.
+    pub fn sub_scalar(&self, s: f32) -> Tensor {
+        unary(self, "sub_scalar", move |x| x - s, |_, _| 1.0)
+    }
+
+    /// `self * s`.
+    pub fn mul_scalar(&self, s: f32) -> Tensor {
+        unary(self, "mul_scalar", move |x| x * s, move |_, _| s)
+    }
+
+    /// `self / s`.
+    pub fn div_scalar(&self, s: f32) -> Tensor {
+        unary(self, "div_scalar", move |x| x / s, move |_, _| 1.0 / s)
+    }
+
+    /// `s - self`.
+    pub fn rsub_scalar(&self, s: f32) -> Tensor {
+        unary(self, "rsub_scalar", move |x| s - x, |_, _| -1.0)
+    }
+
+    /// `self ^ p`.
+    pub fn powf(&self, p: f32) -> Tensor {
+        unary(self, "powf", move |x| x.powf(p), move |x, _| if p == 0.0 { 0.0 } else { p * x.powf(p - 1.0) })
+    }
+
+    /// `self * self`.
+    pub fn square(&self) -> Tensor {
+        unary(self, "square", |x| x * x, |x, _| 2.0 * x)
+    }
+
+    /// `-self`.
+    pub fn neg(&self) -> Tensor {
+        unary(self, "neg", |x| -x, |_, _| -1.0)
+    }
+
+    /// `e ^ self`.
+    pub fn exp(&self) -> Tensor {
+        unary(self, "exp", f32::exp, |_, y| y)
+    }
+
+    /// Natural logarithm.
+    pub fn log(&self) -> Tensor {
+        unary(self, "log", f32::ln, |x, _| 1.0 / x)
+    }
+
+    /// Square root.
+    pub fn sqrt(&self) -> Tensor {
+        unary(self, "sqrt", f32::sqrt, |_, y| 0.5 / y)
+    }
+
+    /// `1 / self`.
+    pub fn recip(&self) -> Tensor {
+        unary(self, "recip", |x| 1.0 / x, |_, y| -y * y)
+    }
+
+    /// Absolute value (gradient 0 at 0).
+    pub fn abs(&self) -> Tensor {
+        unary(self, "abs", f32::abs, |x, _| if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 })
+    }
+
+    /// Clamps into `[min, max]` (either bound optional). The gradient passes where the input
+    /// lies inside the closed interval, as in PyTorch.
+    pub fn clamp(&self, min: Option<f32>, max: Option<f32>) -> Tensor {
+        let lo = min.unwrap_or(f32::NEG_INFINITY);
+        let hi = max.unwrap_or(f32::INFINITY);
+        unary(
+            self,
+            "clamp",
+            move |x| if x < lo { lo } else if x > hi { hi } else { x },
+            move |x, _| if x >= lo && x <= hi { 1.0 } else { 0.0 },
+        )
+    }
+}

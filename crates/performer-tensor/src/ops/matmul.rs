@@ -1,0 +1,145 @@
+//! Matrix products with broadcast batch dimensions (PyTorch's `matmul`).
+//!
+//! Operands of any strides go to the GEMM kernel as they are: a transposed weight or a permuted
+//! head layout costs no copy. The batch is split over threads when it has enough matrices to
+//! feed them; otherwise each product uses every thread itself.
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use rayon::prelude::*;
+
+use crate::gemm::{MatDims, Threads, gemm_raw};
+use crate::shape::{broadcast_shapes, sum_to_shape};
+use crate::{Error, Result, Tensor};
+
+/// Pointers that may cross threads: each batch entry reads shared operands and writes its own
+/// disjoint output matrix.
+#[derive(Clone, Copy)]
+struct Shared {
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+}
+// SAFETY: see `Shared`: the operands are only read, output blocks are disjoint per task.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// `a @ b` for arrays of rank >= 2 with broadcast batch dimensions. The result is a new
+/// contiguous array of shape `batch ++ [m, n]`.
+pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD<f32>> {
+    let (ra, rb) = (a.ndim(), b.ndim());
+    if ra < 2 || rb < 2 {
+        return Err(Error::shape(
+            "matmul",
+            format!("operands need rank >= 2, got {:?} and {:?}", a.shape(), b.shape()),
+        ));
+    }
+    let (m, k) = (a.shape()[ra - 2], a.shape()[ra - 1]);
+    let (k2, n) = (b.shape()[rb - 2], b.shape()[rb - 1]);
+    if k != k2 {
+        return Err(Error::shape("matmul", format!("inner sizes differ: {:?} @ {:?}", a.shape(), b.shape())));
+    }
+    let batch = broadcast_shapes("matmul", &a.shape()[..ra - 2], &b.shape()[..rb - 2])?;
+    let with = |rows: usize, cols: usize| {
+        let mut s = batch.clone();
+        s.extend([rows, cols]);
+        s
+    };
+    let a_b = a.broadcast(IxDyn(&with(m, k))).expect("batch shape checked");
+    let b_b = b.broadcast(IxDyn(&with(k, n))).expect("batch shape checked");
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&with(m, n)));
+    let count: usize = batch.iter().product();
+    if count == 0 || m == 0 || n == 0 || k == 0 {
+        return Ok(out);
+    }
+    let nb = batch.len();
+    let (sa, sb) = (a_b.strides().to_vec(), b_b.strides().to_vec());
+    let offset = |strides: &[isize], i: usize| -> isize {
+        let (mut rem, mut off) = (i, 0isize);
+        for d in (0..nb).rev() {
+            off += (rem % batch[d]) as isize * strides[d];
+            rem /= batch[d];
+        }
+        off
+    };
+    let ptrs = Shared { a: a_b.as_ptr(), b: b_b.as_ptr(), c: out.as_mut_ptr() };
+    let dims = MatDims { m, n, k };
+    let run = |i: usize, threads: Threads| {
+        let p = ptrs;
+        // SAFETY: `offset` maps an in-range batch index through the broadcast views' own
+        // strides to the start of a valid (m, k) / (k, n) matrix; output block `i` of the
+        // contiguous result is written by this call only.
+        unsafe {
+            gemm_raw(
+                dims,
+                (p.c.add(i * m * n), n as isize, 1),
+                (p.a.offset(offset(&sa, i)), sa[nb], sa[nb + 1]),
+                (p.b.offset(offset(&sb, i)), sb[nb], sb[nb + 1]),
+                1.0,
+                0.0,
+                threads,
+            );
+        }
+    };
+    let threads = rayon::current_num_threads();
+    let small = m * n * k < 1 << 18;
+    if count > 1 && (count >= 2 * threads || small) {
+        (0..count).into_par_iter().for_each(|i| run(i, Threads::Single));
+    } else {
+        (0..count).for_each(|i| run(i, Threads::All));
+    }
+    Ok(out)
+}
+
+/// Swaps the last two axes of a view (no copy).
+fn t_last2<'a>(x: &'a ArrayViewD<'a, f32>) -> ArrayViewD<'a, f32> {
+    let r = x.ndim();
+    let mut v = x.view();
+    v.swap_axes(r - 2, r - 1);
+    v
+}
+
+impl Tensor {
+    /// Matrix product with PyTorch's rules: rank-1 operands are treated as a row (left) or a
+    /// column (right) vector and that axis is removed from the result; batch dimensions
+    /// broadcast.
+    pub fn matmul(&self, other: &Tensor) -> Result<Tensor> {
+        if self.rank() == 0 || other.rank() == 0 {
+            return Err(Error::shape(
+                "matmul",
+                format!("operands need rank >= 1, got {:?} and {:?}", self.shape(), other.shape()),
+            ));
+        }
+        let a = if self.rank() == 1 { self.unsqueeze(0)? } else { self.clone() };
+        let b = if other.rank() == 1 { other.unsqueeze(1)? } else { other.clone() };
+        let mut out = matmul_nd(&a, &b)?;
+        if other.rank() == 1 {
+            out = out.squeeze(-1)?;
+        }
+        if self.rank() == 1 {
+            out = out.squeeze(-2)?;
+        }
+        Ok(out)
+    }
+}
+
+fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let out = batched_matmul(&a.view(), &b.view())?;
+    let (ad, bd) = (a.data().clone(), b.data().clone());
+    Ok(Tensor::from_op(out, "matmul", &[a, b], move |g, needs| {
+        let gv = g.view();
+        let ga = if needs[0] {
+            let bv = bd.view();
+            Some(sum_to_shape(batched_matmul(&gv, &t_last2(&bv))?, ad.shape()))
+        } else {
+            None
+        };
+        let gb = if needs[1] {
+            let av = ad.view();
+            Some(sum_to_shape(batched_matmul(&t_last2(&av), &gv)?, bd.shape()))
+        } else {
+            None
+        };
+        Ok(vec![ga, gb])
+    }))
+}
+

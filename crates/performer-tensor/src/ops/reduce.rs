@@ -1,0 +1,108 @@
+//! Reductions over chosen axes: sum, mean, amax, L2 norm.
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use super::{zip_map, zip_map3};
+use crate::shape::normalize_axes;
+use crate::{Result, Tensor};
+
+/// Sums `x` over `axes` (sorted ascending), keeping them as size 1.
+fn sum_keep(x: &ndarray::ArrayViewD<f32>, axes: &[usize]) -> ArrayD<f32> {
+    let mut out = x.to_owned();
+    for &ax in axes.iter().rev() {
+        out = out.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+    }
+    out
+}
+
+/// The shape with `axes` set to 1.
+fn kept_shape(shape: &[usize], axes: &[usize]) -> Vec<usize> {
+    shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect()
+}
+
+/// The shape with `axes` removed.
+fn dropped_shape(shape: &[usize], axes: &[usize]) -> Vec<usize> {
+    shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+}
+
+/// Expands a reduced gradient (either keepdim layout) back over the reduced axes.
+fn expand_back(g: &ArrayD<f32>, in_shape: &[usize], axes: &[usize]) -> ArrayD<f32> {
+    let kept = kept_shape(in_shape, axes);
+    let g = super::reshape_array(g.clone(), &kept);
+    g.broadcast(IxDyn(in_shape)).expect("kept shape broadcasts").to_owned()
+}
+
+impl Tensor {
+    /// Sum over `axes` (negative axes count from the end; an empty list sums nothing).
+    pub fn sum(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        let axes = normalize_axes("sum", axes, self.rank())?;
+        let in_shape = self.shape().to_vec();
+        let kept = sum_keep(&self.view(), &axes);
+        let out = if keepdim {
+            kept
+        } else {
+            super::reshape_array(kept, &dropped_shape(&in_shape, &axes))
+        };
+        Ok(Tensor::from_op(out, "sum", &[self], move |g, _| Ok(vec![Some(expand_back(&g, &in_shape, &axes))])))
+    }
+
+    /// Sum of all elements (a rank-0 tensor).
+    pub fn sum_all(&self) -> Tensor {
+        let axes: Vec<isize> = (0..self.rank() as isize).collect();
+        self.sum(&axes, false).expect("all axes are valid")
+    }
+
+    /// Mean over `axes`.
+    pub fn mean(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        let norm = normalize_axes("mean", axes, self.rank())?;
+        let count: usize = norm.iter().map(|&a| self.shape()[a]).product();
+        Ok(self.sum(axes, keepdim)?.div_scalar(count.max(1) as f32))
+    }
+
+    /// Mean of all elements (a rank-0 tensor).
+    pub fn mean_all(&self) -> Tensor {
+        self.sum_all().div_scalar(self.numel().max(1) as f32)
+    }
+
+    /// Maximum over `axes`. The gradient is shared evenly among tied maxima (PyTorch's `amax`).
+    pub fn amax(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        let axes = normalize_axes("amax", axes, self.rank())?;
+        if let Some(&ax) = axes.iter().find(|&&a| self.shape()[a] == 0) {
+            return Err(crate::Error::shape("amax", format!("cannot reduce empty axis {ax} of {:?}", self.shape())));
+        }
+        let in_shape = self.shape().to_vec();
+        let mut m = self.view().to_owned();
+        for &ax in axes.iter().rev() {
+            m = m.fold_axis(Axis(ax), f32::NEG_INFINITY, |&a, &b| a.max(b)).insert_axis(Axis(ax));
+        }
+        let kept = m.clone();
+        let out = if keepdim { m } else { super::reshape_array(m, &dropped_shape(&in_shape, &axes)) };
+        let xd = self.data().clone();
+        Ok(Tensor::from_op(out, "amax", &[self], move |g, _| {
+            let mb = kept.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
+            let is_max = zip_map(&xd.view(), &mb, |x, m| if x == m { 1.0 } else { 0.0 });
+            let counts = sum_keep(&is_max.view(), &axes);
+            let gk = super::reshape_array(g, &kept_shape(&in_shape, &axes));
+            let scale = zip_map(&gk.view(), &counts.view(), |g, c| g / c);
+            let sb = scale.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
+            Ok(vec![Some(zip_map(&is_max.view(), &sb, |w, s| w * s))])
+        }))
+    }
+
+    /// Euclidean norm over `axes` (the gradient at a zero norm is 0).
+    pub fn norm(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
+        let axes = normalize_axes("norm", axes, self.rank())?;
+        let in_shape = self.shape().to_vec();
+        let sq = self.view().mapv(|x| x * x);
+        let n = sum_keep(&sq.view(), &axes).mapv(f32::sqrt);
+        let kept = n.clone();
+        let out = if keepdim { n } else { super::reshape_array(n, &dropped_shape(&in_shape, &axes)) };
+        let xd = self.data().clone();
+        Ok(Tensor::from_op(out, "norm", &[self], move |g, _| {
+            let gk = super::reshape_array(g, &kept_shape(&in_shape, &axes));
+            let gb = gk.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
+            let nb = kept.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
+            Ok(vec![Some(zip_map3(&xd.view(), &gb, &nb, |x, g, n| if n > 0.0 { g * x / n } else { 0.0 }))])
+        }))
+    }
+}

@@ -1,0 +1,274 @@
+//! Optimizers with PyTorch's update rules (SGD with momentum, Adam, AdamW) and
+//! `clip_grad_norm`. Their state saves to and loads from named tensors, so a training run can
+//! resume exactly.
+
+use std::collections::BTreeMap;
+
+use ndarray::{ArrayD, IxDyn, Zip};
+
+use crate::io::TensorData;
+use crate::{Error, Gradients, Param, Result};
+
+/// An optimizer over a fixed list of named parameters.
+pub trait Optimizer {
+    /// Applies one update from `grads` (parameters without a gradient are left alone).
+    fn step(&mut self, grads: &Gradients) -> Result<()>;
+    /// The learning rate.
+    fn lr(&self) -> f32;
+    /// Changes the learning rate (schedules).
+    fn set_lr(&mut self, lr: f32);
+    /// The state as named tensors (moments per parameter name, the step counter).
+    fn state_dict(&self) -> BTreeMap<String, TensorData>;
+    /// Restores the state saved by [`Optimizer::state_dict`].
+    fn load_state_dict(&mut self, state: &BTreeMap<String, TensorData>) -> Result<()>;
+}
+
+fn check_grad(name: &str, p: &Param, g: &ArrayD<f32>) -> Result<()> {
+    if g.shape() != p.shape().as_slice() {
+        return Err(Error::shape("optimizer step", format!("`{name}`: gradient {:?}, parameter {:?}", g.shape(), p.shape())));
+    }
+    Ok(())
+}
+
+fn load_moment(state: &BTreeMap<String, TensorData>, key: &str, p: &Param) -> Result<Option<ArrayD<f32>>> {
+    match state.get(key) {
+        None => Ok(None),
+        Some(TensorData::F32(a)) if a.shape() == p.shape().as_slice() => Ok(Some(a.clone())),
+        Some(other) => Err(Error::StateDict(format!(
+            "optimizer state `{key}` has shape {:?}, parameter {:?}",
+            other.shape(),
+            p.shape()
+        ))),
+    }
+}
+
+fn load_step(state: &BTreeMap<String, TensorData>) -> Result<u64> {
+    match state.get("step") {
+        Some(TensorData::I64(a)) if a.len() == 1 => Ok(a.iter().next().copied().unwrap_or(0).max(0) as u64),
+        Some(_) => Err(Error::StateDict("optimizer `step` must be one int64".into())),
+        None => Err(Error::StateDict("optimizer state has no `step`".into())),
+    }
+}
+
+fn step_tensor(step: u64) -> TensorData {
+    TensorData::I64(ArrayD::from_elem(IxDyn(&[]), step as i64))
+}
+
+/// Stochastic gradient descent with PyTorch's momentum (`buf = momentum * buf + (1 -
+/// dampening) * g`, the first step `buf = g`), optional Nesterov and L2 weight decay.
+pub struct Sgd {
+    params: Vec<(String, Param)>,
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum factor (0 disables it).
+    pub momentum: f32,
+    /// Dampening of the momentum.
+    pub dampening: f32,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    buffers: Vec<Option<ArrayD<f32>>>,
+    step: u64,
+}
+
+impl Sgd {
+    /// Plain SGD with the given learning rate; set the public fields for the rest.
+    pub fn new(params: Vec<(String, Param)>, lr: f32) -> Self {
+        let n = params.len();
+        Sgd { params, lr, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, buffers: vec![None; n], step: 0 }
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, grads: &Gradients) -> Result<()> {
+        for ((name, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
+            let Some(g) = grads.get_param(p) else { continue };
+            check_grad(name, p, g)?;
+            let mut d = g.clone();
+            if self.weight_decay != 0.0 {
+                let v = p.value();
+                Zip::from(&mut d).and(&v).for_each(|d, &w| *d += self.weight_decay * w);
+            }
+            if self.momentum != 0.0 {
+                let b = match buf {
+                    Some(b) => {
+                        Zip::from(&mut *b).and(&d).for_each(|b, &d| *b = self.momentum * *b + (1.0 - self.dampening) * d);
+                        b
+                    }
+                    None => buf.insert(d.clone()),
+                };
+                if self.nesterov {
+                    Zip::from(&mut d).and(&*b).for_each(|d, &b| *d += self.momentum * b);
+                } else {
+                    d.assign(b);
+                }
+            }
+            let lr = self.lr;
+            p.update(|w| Zip::from(w).and(&d).for_each(|w, &d| *w -= lr * d));
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    fn lr(&self) -> f32 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f32) {
+        self.lr = lr;
+    }
+
+    fn state_dict(&self) -> BTreeMap<String, TensorData> {
+        let mut out = BTreeMap::new();
+        out.insert("step".to_string(), step_tensor(self.step));
+        for ((name, _), b) in self.params.iter().zip(&self.buffers) {
+            if let Some(b) = b {
+                out.insert(format!("{name}.momentum_buffer"), TensorData::F32(b.clone()));
+            }
+        }
+        out
+    }
+
+    fn load_state_dict(&mut self, state: &BTreeMap<String, TensorData>) -> Result<()> {
+        let step = load_step(state)?;
+        let mut buffers = Vec::with_capacity(self.params.len());
+        for (name, p) in &self.params {
+            buffers.push(load_moment(state, &format!("{name}.momentum_buffer"), p)?);
+        }
+        self.step = step;
+        self.buffers = buffers;
+        Ok(())
+    }
+}
+
+/// Adam (`decoupled = false`, weight decay added to the gradient) and AdamW (`decoupled =
+/// true`, weights shrunk by `lr * weight_decay` before the update), with PyTorch's bias
+/// corrections.
+pub struct Adam {
+    params: Vec<(String, Param)>,
+    /// Learning rate.
+    pub lr: f32,
+    /// Decay rates of the first and second moments.
+    pub betas: (f32, f32),
+    /// Added to the denominator.
+    pub eps: f32,
+    /// Weight decay (L2 for Adam, decoupled for AdamW).
+    pub weight_decay: f32,
+    decoupled: bool,
+    moments: Vec<Option<(ArrayD<f32>, ArrayD<f32>)>>,
+    step: u64,
+}
+
+/// AdamW is [`Adam`] with decoupled weight decay.
+pub type AdamW = Adam;
+
+impl Adam {
+    /// Adam with PyTorch's defaults (betas 0.9, 0.999; eps 1e-8; no weight decay).
+    pub fn new(params: Vec<(String, Param)>, lr: f32) -> Self {
+        let n = params.len();
+        Adam { params, lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, decoupled: false, moments: vec![None; n], step: 0 }
+    }
+
+    /// AdamW with PyTorch's defaults (weight decay 0.01).
+    pub fn adamw(params: Vec<(String, Param)>, lr: f32) -> Self {
+        Adam { weight_decay: 0.01, decoupled: true, ..Adam::new(params, lr) }
+    }
+
+    /// Number of steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, grads: &Gradients) -> Result<()> {
+        for (name, p) in &self.params {
+            if let Some(g) = grads.get_param(p) {
+                check_grad(name, p, g)?;
+            }
+        }
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = self.betas;
+        let bias1 = 1.0 - b1.powi(t);
+        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = self.lr / bias1;
+        let (lr, wd, eps, decoupled) = (self.lr, self.weight_decay, self.eps, self.decoupled);
+        for ((_, p), slot) in self.params.iter().zip(self.moments.iter_mut()) {
+            let Some(g) = grads.get_param(p) else { continue };
+            let (m, v) = slot.get_or_insert_with(|| (ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())));
+            p.update(|w| {
+                if decoupled && wd != 0.0 {
+                    w.mapv_inplace(|x| x * (1.0 - lr * wd));
+                }
+                Zip::from(w).and(&mut *m).and(&mut *v).and(g).for_each(|w, m, v, &g| {
+                    let g = if !decoupled && wd != 0.0 { g + wd * *w } else { g };
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() / bias2_sqrt + eps;
+                    *w -= step_size * *m / denom;
+                });
+            });
+        }
+        Ok(())
+    }
+
+    fn lr(&self) -> f32 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f32) {
+        self.lr = lr;
+    }
+
+    fn state_dict(&self) -> BTreeMap<String, TensorData> {
+        let mut out = BTreeMap::new();
+        out.insert("step".to_string(), step_tensor(self.step));
+        for ((name, _), mv) in self.params.iter().zip(&self.moments) {
+            if let Some((m, v)) = mv {
+                out.insert(format!("{name}.exp_avg"), TensorData::F32(m.clone()));
+                out.insert(format!("{name}.exp_avg_sq"), TensorData::F32(v.clone()));
+            }
+        }
+        out
+    }
+
+    fn load_state_dict(&mut self, state: &BTreeMap<String, TensorData>) -> Result<()> {
+        let step = load_step(state)?;
+        let mut moments = Vec::with_capacity(self.params.len());
+        for (name, p) in &self.params {
+            let m = load_moment(state, &format!("{name}.exp_avg"), p)?;
+            let v = load_moment(state, &format!("{name}.exp_avg_sq"), p)?;
+            moments.push(match (m, v) {
+                (Some(m), Some(v)) => Some((m, v)),
+                (None, None) => None,
+                _ => return Err(Error::StateDict(format!("optimizer state for `{name}` has only one of its moments"))),
+            });
+        }
+        self.step = step;
+        self.moments = moments;
+        Ok(())
+    }
+}
+
+/// Scales the gradients of `params` so that their joint L2 norm is at most `max_norm`
+/// (PyTorch's `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`, applied only when below
+/// 1). Returns the norm before clipping, which may be infinite or NaN.
+pub fn clip_grad_norm(grads: &mut Gradients, params: &[Param], max_norm: f32) -> f32 {
+    let total: f64 = params
+        .iter()
+        .filter_map(|p| grads.get_param(p))
+        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .sum();
+    let norm = total.sqrt() as f32;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for p in params {
+            if let Some(g) = grads.get_mut(p.id()) {
+                g.mapv_inplace(|x| x * coef);
+            }
+        }
+    }
+    norm
+}

@@ -1,0 +1,200 @@
+//! The [`Tensor`] handle: shared f32 data plus an optional link into the autograd graph.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
+
+use crate::autograd::{GradLink, Node};
+use crate::{Error, Result};
+
+/// Stable identity of a tensor (or of a [`crate::Param`]): gradients are stored under it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    /// A fresh id, never handed out before in this process.
+    pub fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The shared storage type of tensors: reference counted, any rank, any strides.
+pub type Data = ArcArray<f32, IxDyn>;
+
+/// An f32 tensor of any rank.
+///
+/// Cloning is cheap (two reference counts). The data is immutable once created; views,
+/// transposes and slices share it. A tensor produced by an op on a *tracked* tensor while
+/// gradients are enabled (see [`crate::no_grad`]) records how to differentiate that op, and
+/// [`Tensor::backward`] walks those records.
+#[derive(Clone)]
+pub struct Tensor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: TensorId,
+    data: Data,
+    grad: Option<GradLink>,
+}
+
+impl Tensor {
+    pub(crate) fn from_parts(id: TensorId, data: Data, grad: Option<GradLink>) -> Self {
+        Tensor { inner: Arc::new(Inner { id, data, grad }) }
+    }
+
+    /// A constant (untracked) tensor over `data`.
+    pub fn new(data: impl Into<Data>) -> Self {
+        Self::from_parts(TensorId::fresh(), data.into(), None)
+    }
+
+    /// A leaf variable: gradients flow into it and [`crate::Gradients`] reports them under
+    /// its id. Outside a `no_grad` scope only.
+    pub fn var(data: impl Into<Data>) -> Self {
+        Self::leaf_with_id(TensorId::fresh(), data.into())
+    }
+
+    /// A leaf variable with a given id (used by [`crate::Param`], whose id is stable).
+    /// When gradients are disabled the result is untracked.
+    pub fn leaf_with_id(id: TensorId, data: Data) -> Self {
+        if !crate::is_grad_enabled() {
+            return Self::from_parts(id, data, None);
+        }
+        let node = Node::leaf(id, data.shape().to_vec());
+        Self::from_parts(id, data, Some(GradLink { node: Arc::new(node), output: 0 }))
+    }
+
+    /// A tensor of the given shape from row-major values.
+    pub fn from_vec(values: Vec<f32>, shape: &[usize]) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != values.len() {
+            return Err(Error::shape(
+                "from_vec",
+                format!("{} values cannot fill shape {:?} ({} elements)", values.len(), shape, n),
+            ));
+        }
+        let arr = ArrayD::from_shape_vec(IxDyn(shape), values)
+            .map_err(|e| Error::shape("from_vec", e.to_string()))?;
+        Ok(Self::new(arr))
+    }
+
+    /// A tensor filled with `value`.
+    pub fn full(shape: &[usize], value: f32) -> Self {
+        Self::new(ArrayD::from_elem(IxDyn(shape), value))
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Self {
+        Self::full(shape, 0.0)
+    }
+
+    /// A tensor of ones.
+    pub fn ones(shape: &[usize]) -> Self {
+        Self::full(shape, 1.0)
+    }
+
+    /// A rank-0 tensor.
+    pub fn scalar(value: f32) -> Self {
+        Self::new(ArrayD::from_elem(IxDyn(&[]), value))
+    }
+
+    /// Standard normal samples from the global generator ([`crate::rng`]).
+    pub fn randn(shape: &[usize]) -> Self {
+        Self::new(crate::rng::randn(shape))
+    }
+
+    /// Uniform samples in `[low, high)` from the global generator.
+    pub fn rand_uniform(shape: &[usize], low: f32, high: f32) -> Self {
+        Self::new(crate::rng::uniform(shape, low, high))
+    }
+
+    /// This tensor's id.
+    pub fn id(&self) -> TensorId {
+        self.inner.id
+    }
+
+    /// The shared data (any strides).
+    pub fn data(&self) -> &Data {
+        &self.inner.data
+    }
+
+    /// A view of the data.
+    pub fn view(&self) -> ArrayViewD<'_, f32> {
+        self.inner.data.view()
+    }
+
+    /// The data as an owned array (copies).
+    pub fn to_array(&self) -> ArrayD<f32> {
+        self.inner.data.to_owned()
+    }
+
+    /// The values in row-major order.
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.inner.data.iter().copied().collect()
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        self.inner.data.shape()
+    }
+
+    /// Number of axes.
+    pub fn rank(&self) -> usize {
+        self.inner.data.ndim()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.inner.data.len()
+    }
+
+    /// Size of `axis` (negative counts from the end).
+    pub fn dim(&self, axis: isize) -> Result<usize> {
+        let ax = crate::shape::normalize_axis("dim", axis, self.rank())?;
+        Ok(self.shape()[ax])
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn item(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(Error::shape(
+                "item",
+                format!("needs exactly one element, the tensor has shape {:?}", self.shape()),
+            ));
+        }
+        Ok(*self.inner.data.iter().next().expect("one element"))
+    }
+
+    /// Whether gradients flow through this tensor.
+    pub fn is_tracked(&self) -> bool {
+        self.inner.grad.is_some()
+    }
+
+    /// The same data, cut from the graph (a new id; no gradient flows through it).
+    pub fn detach(&self) -> Tensor {
+        Self::new(self.inner.data.clone())
+    }
+
+    pub(crate) fn grad_link(&self) -> Option<&GradLink> {
+        self.inner.grad.as_ref()
+    }
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor(id={:?}, shape={:?}, tracked={}", self.id(), self.shape(), self.is_tracked())?;
+        if self.numel() <= 16 {
+            write!(f, ", values={:?}", self.to_vec())?;
+        }
+        write!(f, ")")
+    }
+}
+
+impl From<ArrayD<f32>> for Tensor {
+    fn from(a: ArrayD<f32>) -> Self {
+        Tensor::new(a)
+    }
+}
