@@ -9,13 +9,6 @@
 //   G[i,j] = dfeat[i,j] * (feat[i,j] - r*eps)            (= dL/d(exponent))
 //   dx[i,:] = dn * sum_j G[i,j] P[j,:] - dn^2 * (sum_j G[i,j]) * x[i,:]
 
-// Fills `stab` with -inf so that the atomic max below starts from the identity.
-extern "C" __global__ void favor_fill_neg_inf(float* __restrict__ stab, i64 len) {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < len; i += (i64)gridDim.x * blockDim.x) {
-        stab[i] = __int_as_float(0xff800000);
-    }
-}
-
 // dd tile (64 positions x 64 features) with the stabiliser reduced by atomics.
 // grid: (ceil(n/64), ceil(m/64), bh); block: 256.
 // per_row != 0: stab has one slot per position (queries); else one slot per bh (keys).

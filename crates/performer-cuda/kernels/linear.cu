@@ -26,3 +26,12 @@ extern "C" __global__ void normalize_rows(const float* __restrict__ num_aug, flo
         out[idx] = num_aug[r * (e + 1) + c] / num_aug[r * (e + 1) + e];
     }
 }
+
+// x[0..len) = value. Starts the feature stabiliser at -inf (the identity of the atomic max),
+// and poisons fresh buffers in tests so that an element no kernel wrote cannot pass as zero.
+extern "C" __global__ void fill_f32(float* __restrict__ x, i64 len, float value)
+{
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < len; i += (i64)gridDim.x * blockDim.x) {
+        x[i] = value;
+    }
+}

@@ -94,7 +94,12 @@ impl CudaFastAttention {
         })
     }
 
-    fn check_projection(op: &'static str, len: usize, nb_features: usize, dim_qk: usize) -> Result<()> {
+    fn check_projection(
+        op: &'static str,
+        len: usize,
+        nb_features: usize,
+        dim_qk: usize,
+    ) -> Result<()> {
         if nb_features == 0 || dim_qk == 0 {
             return Err(Error::Shape {
                 op,
@@ -149,7 +154,14 @@ impl CudaFastAttention {
         Ok(())
     }
 
-    fn check_inputs(&self, op: &'static str, shape: &AttentionShape, q: usize, k: usize, v: usize) -> Result<()> {
+    fn check_inputs(
+        &self,
+        op: &'static str,
+        shape: &AttentionShape,
+        q: usize,
+        k: usize,
+        v: usize,
+    ) -> Result<()> {
         self.check_shape(op, shape)?;
         let s = format!("{shape:?}");
         expect_len(op, "q", q, shape.qk_len(), &s)?;
@@ -168,7 +180,12 @@ impl CudaFastAttention {
 
     /// The softmax feature map of `x` `(batch, heads, seq_len, dim_qk)` for queries or keys,
     /// `(batch, heads, seq_len, nb_features)`.
-    pub fn feature_map(&self, x: &CudaSlice<f32>, shape: AttentionShape, kind: FeatureKind) -> Result<CudaSlice<f32>> {
+    pub fn feature_map(
+        &self,
+        x: &CudaSlice<f32>,
+        shape: AttentionShape,
+        kind: FeatureKind,
+    ) -> Result<CudaSlice<f32>> {
         const OP: &str = "CudaFastAttention::feature_map";
         self.check_shape(OP, &shape)?;
         ops::softmax_features(
@@ -226,7 +243,13 @@ impl CudaFastAttention {
         const OP: &str = "CudaFastAttention::backward";
         let shape = fwd.shape;
         self.check_inputs(OP, &shape, q.len(), k.len(), v.len())?;
-        expect_len(OP, "grad_out", grad_out.len(), shape.v_len(), &format!("{shape:?}"))?;
+        expect_len(
+            OP,
+            "grad_out",
+            grad_out.len(),
+            shape.v_len(),
+            &format!("{shape:?}"),
+        )?;
         if fwd.causal != self.causal {
             return Err(Error::Shape {
                 op: OP,
@@ -241,12 +264,19 @@ impl CudaFastAttention {
         let dev = &self.device;
         let (qf, kf) = (&fwd.query_features, &fwd.key_features);
         let (dqf, dkf, dv) = match &fwd.saved {
-            Saved::Causal { den } => {
-                ops::causal_linear_attention_backward(dev, qf, kf, v, &fwd.out, den, grad_out, dims)?
+            Saved::Causal { den } => ops::causal_linear_attention_backward(
+                dev, qf, kf, v, &fwd.out, den, grad_out, dims,
+            )?,
+            Saved::NonCausal(saved) => {
+                ops::linear_attention_backward(dev, qf, kf, v, &fwd.out, saved, grad_out, dims)?
             }
-            Saved::NonCausal(saved) => ops::linear_attention_backward(dev, qf, kf, v, &fwd.out, saved, grad_out, dims)?,
         };
-        let (bh, n, d, m) = (shape.batch_heads(), shape.seq_len, shape.dim_qk, self.nb_features);
+        let (bh, n, d, m) = (
+            shape.batch_heads(),
+            shape.seq_len,
+            shape.dim_qk,
+            self.nb_features,
+        );
         let dq = ops::softmax_features_backward(dev, q, &self.projection, qf, &dqf, bh, n, d, m)?;
         let dk = ops::softmax_features_backward(dev, k, &self.projection, kf, &dkf, bh, n, d, m)?;
         Ok(AttentionGrads { dq, dk, dv })
@@ -264,7 +294,11 @@ impl CudaFastAttention {
     ) -> Result<(Vec<f32>, AttentionForward)> {
         const OP: &str = "CudaFastAttention::forward_host";
         self.check_inputs(OP, &shape, q.len(), k.len(), v.len())?;
-        let (qd, kd, vd) = (self.device.upload(q)?, self.device.upload(k)?, self.device.upload(v)?);
+        let (qd, kd, vd) = (
+            self.device.upload(q)?,
+            self.device.upload(k)?,
+            self.device.upload(v)?,
+        );
         let fwd = self.forward(&qd, &kd, &vd, shape)?;
         let out = self.device.download(&fwd.out)?;
         Ok((out, fwd))
@@ -284,9 +318,20 @@ impl CudaFastAttention {
         const OP: &str = "CudaFastAttention::backward_host";
         let shape = fwd.shape;
         self.check_inputs(OP, &shape, q.len(), k.len(), v.len())?;
-        expect_len(OP, "grad_out", grad_out.len(), shape.v_len(), &format!("{shape:?}"))?;
+        expect_len(
+            OP,
+            "grad_out",
+            grad_out.len(),
+            shape.v_len(),
+            &format!("{shape:?}"),
+        )?;
         let dev = &self.device;
-        let (qd, kd, vd, gd) = (dev.upload(q)?, dev.upload(k)?, dev.upload(v)?, dev.upload(grad_out)?);
+        let (qd, kd, vd, gd) = (
+            dev.upload(q)?,
+            dev.upload(k)?,
+            dev.upload(v)?,
+            dev.upload(grad_out)?,
+        );
         let g = self.backward(&qd, &kd, &vd, fwd, &gd)?;
         Ok(HostGrads {
             dq: dev.download(&g.dq)?,

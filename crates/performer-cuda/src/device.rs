@@ -95,6 +95,7 @@ pub struct CudaDevice {
     shared: Arc<Shared>,
     stream: Arc<CudaStream>,
     blas: Arc<OnceLock<std::result::Result<Arc<CudaBlas>, String>>>,
+    poison: Option<f32>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -119,6 +120,7 @@ impl CudaDevice {
             shared,
             stream,
             blas: Arc::new(OnceLock::new()),
+            poison: None,
         })
     }
 
@@ -127,7 +129,9 @@ impl CudaDevice {
         if !libs::driver_available() || cudarc::driver::result::init().is_err() {
             return 0;
         }
-        CudaContext::device_count().map(|c| c.max(0) as usize).unwrap_or(0)
+        CudaContext::device_count()
+            .map(|c| c.max(0) as usize)
+            .unwrap_or(0)
     }
 
     /// The device's architecture as NVRTC names it, e.g. `sm_90`.
@@ -160,9 +164,21 @@ impl CudaDevice {
         self.stream.clone_dtoh(buf).op("download")
     }
 
-    /// A zero-filled device buffer of `len` floats.
+    /// A testing aid: a handle whose every buffer allocated by this crate (outputs and
+    /// scratch) starts filled with `value` instead of zeros. With NaN, an output element that
+    /// no kernel wrote shows up in a comparison instead of passing as a plausible zero.
+    pub fn with_poison(mut self, value: f32) -> Self {
+        self.poison = Some(value);
+        self
+    }
+
+    /// A device buffer of `len` floats: zeros, or the poison value of [`Self::with_poison`].
     pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(len.max(1)).op("alloc")
+        let mut buf = self.stream.alloc_zeros::<f32>(len.max(1)).op("alloc")?;
+        if let Some(value) = self.poison {
+            crate::ops::fill(self, "alloc", &mut buf, value)?;
+        }
+        Ok(buf)
     }
 
     /// Waits for all work issued on this handle's stream.

@@ -31,12 +31,7 @@ pub struct KernelSource {
 pub const FAVOR: KernelSource = KernelSource {
     name: "favor.cu",
     source: include_str!("../kernels/favor.cu"),
-    functions: &[
-        "favor_fill_neg_inf",
-        "favor_project",
-        "favor_exp",
-        "favor_backward",
-    ],
+    functions: &["favor_project", "favor_exp", "favor_backward"],
 };
 
 /// Causal linear attention (chunkwise), forward and backward, and the shared gradient prep.
@@ -54,11 +49,11 @@ pub const CAUSAL: KernelSource = KernelSource {
     ],
 };
 
-/// Element-wise helpers of non-causal linear attention (its products are cuBLAS GEMMs).
+/// Element-wise helpers: non-causal linear attention (its products are cuBLAS GEMMs) and fill.
 pub const LINEAR: KernelSource = KernelSource {
     name: "linear.cu",
     source: include_str!("../kernels/linear.cu"),
-    functions: &["augment_ones", "normalize_rows"],
+    functions: &["augment_ones", "normalize_rows", "fill_f32"],
 };
 
 /// Every kernel source of the crate.
@@ -84,10 +79,7 @@ pub struct Compiled {
 /// The text handed to NVRTC for `src`: the common header, then the file.
 pub fn full_source(src: &KernelSource) -> String {
     // #line keeps NVRTC's error positions relative to the .cu file, not the concatenation.
-    format!(
-        "{COMMON_HEADER}\n#line 1 \"{}\"\n{}",
-        src.name, src.source
-    )
+    format!("{COMMON_HEADER}\n#line 1 \"{}\"\n{}", src.name, src.source)
 }
 
 /// NVRTC options used for every compile. No fast-math: expf and IEEE division keep the
@@ -104,7 +96,12 @@ fn options(arch_flag: String) -> Vec<String> {
 /// Compiles `src` to PTX for a virtual architecture (`arch` like `sm_90` is mapped to `compute_90`).
 pub fn compile_ptx(src: &KernelSource, arch: &str) -> Result<Compiled> {
     let virt = arch.replacen("sm_", "compute_", 1);
-    let mut out = compile(src, arch, options(format!("--gpu-architecture={virt}")), false)?;
+    let mut out = compile(
+        src,
+        arch,
+        options(format!("--gpu-architecture={virt}")),
+        false,
+    )?;
     // NVRTC's PTX ends with a NUL; keep it text.
     while out.image.last() == Some(&0) {
         out.image.pop();
@@ -114,7 +111,12 @@ pub fn compile_ptx(src: &KernelSource, arch: &str) -> Result<Compiled> {
 
 /// Compiles `src` to a CUBIN for a real architecture such as `sm_90`.
 pub fn compile_cubin(src: &KernelSource, arch: &str) -> Result<Compiled> {
-    compile(src, arch, options(format!("--gpu-architecture={arch}")), true)
+    compile(
+        src,
+        arch,
+        options(format!("--gpu-architecture={arch}")),
+        true,
+    )
 }
 
 fn compile(src: &KernelSource, arch: &str, opts: Vec<String>, cubin: bool) -> Result<Compiled> {
@@ -127,13 +129,20 @@ fn compile(src: &KernelSource, arch: &str, opts: Vec<String>, cubin: bool) -> Re
         message,
         log,
     };
-    if !arch.starts_with("sm_") || arch.len() < 5 || !arch[3..].bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(fail(format!("unsupported architecture name {arch:?}"), String::new()));
+    if !arch.starts_with("sm_")
+        || arch.len() < 5
+        || !arch[3..].bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(fail(
+            format!("unsupported architecture name {arch:?}"),
+            String::new(),
+        ));
     }
     let text = CString::new(full_source(src))
         .map_err(|_| fail("source contains a NUL byte".into(), String::new()))?;
     let name = CString::new(src.name).map_err(|_| fail("bad source name".into(), String::new()))?;
-    let prog = nvrtc::create_program(&text, Some(&name)).map_err(|e| fail(e.to_string(), String::new()))?;
+    let prog = nvrtc::create_program(&text, Some(&name))
+        .map_err(|e| fail(e.to_string(), String::new()))?;
     // Owns the program so it is destroyed on every path.
     struct Prog(nvrtc_sys::nvrtcProgram);
     impl Drop for Prog {
@@ -167,7 +176,8 @@ fn compile(src: &KernelSource, arch: &str, opts: Vec<String>, cubin: bool) -> Re
         }
     } else {
         // SAFETY: prog compiled successfully.
-        let raw = unsafe { nvrtc::get_ptx(prog.0) }.map_err(|e| fail(e.to_string(), log.clone()))?;
+        let raw =
+            unsafe { nvrtc::get_ptx(prog.0) }.map_err(|e| fail(e.to_string(), log.clone()))?;
         raw.iter().map(|&c| c as u8).collect()
     };
     Ok(Compiled { image, log })

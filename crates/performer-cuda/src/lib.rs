@@ -24,7 +24,9 @@ pub mod ops;
 pub mod reference;
 mod shape;
 
-pub use attention::{AttentionForward, AttentionGrads, CudaFastAttention, HostGrads, fast_attention_host};
+pub use attention::{
+    AttentionForward, AttentionGrads, CudaFastAttention, HostGrads, fast_attention_host,
+};
 pub use device::CudaDevice;
 pub use error::{Error, Result};
 pub use libs::{driver_available, nvrtc_available, search_dirs};

@@ -42,10 +42,7 @@ impl LinearDims {
         self.n.div_ceil(CHUNK)
     }
     fn describe(&self) -> String {
-        format!(
-            "bh={} n={} m={} e={}",
-            self.bh, self.n, self.m, self.e
-        )
+        format!("bh={} n={} m={} e={}", self.bh, self.n, self.m, self.e)
     }
     fn check(&self, op: &'static str, bufs: &[(&str, usize, usize)]) -> Result<()> {
         let s = self.describe();
@@ -73,6 +70,27 @@ fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Sets every element of `buf` to `value`.
+pub(crate) fn fill(
+    dev: &CudaDevice,
+    op: &'static str,
+    buf: &mut CudaSlice<f32>,
+    value: f32,
+) -> Result<()> {
+    let len = buf.len();
+    let len_i = len as i64;
+    unsafe {
+        dev.stream()
+            .launch_builder(dev.kernel("fill_f32")?)
+            .arg(buf)
+            .arg(&len_i)
+            .arg(&value)
+            .launch(grid_1d(len, THREADS))
+            .op(op)?;
+    }
+    Ok(())
 }
 
 fn grid_3d(x: usize, y: usize, z: usize) -> LaunchConfig {
@@ -108,15 +126,10 @@ pub fn softmax_features(
     let (ni, mi, di) = (n as i32, m as i32, d as i32);
     let dn = (d as f32).powf(-0.25);
     let ratio = (m as f32).powf(-0.5);
-    let stab_len_i = stab_len as i64;
     let total = (bh * n * m) as i64;
+    // The atomic max in favor_project starts from -inf, its identity.
+    fill(dev, OP, &mut stab, f32::NEG_INFINITY)?;
     unsafe {
-        stream
-            .launch_builder(dev.kernel("favor_fill_neg_inf")?)
-            .arg(&mut stab)
-            .arg(&stab_len_i)
-            .launch(grid_1d(stab_len, THREADS))
-            .op(OP)?;
         stream
             .launch_builder(dev.kernel("favor_project")?)
             .arg(x)
@@ -207,7 +220,11 @@ fn chunk_states(
 ) -> Result<()> {
     let (ni, mi, ei) = (dims.n as i32, dims.m as i32, dims.e as i32);
     let null: u64 = 0;
-    let name = if reverse { "chunk_state_rev" } else { "chunk_state_fwd" };
+    let name = if reverse {
+        "chunk_state_rev"
+    } else {
+        "chunk_state_fwd"
+    };
     let stream = dev.stream();
     let mut builder = stream.launch_builder(dev.kernel(name)?);
     builder.arg(a).arg(b);
@@ -379,7 +396,17 @@ pub fn causal_linear_attention_backward(
     }
 
     // Reverse states U, u into the same buffers.
-    chunk_states(dev, OP, qf, &dnum, Some(&dden), &mut states, &mut col, dims, true)?;
+    chunk_states(
+        dev,
+        OP,
+        qf,
+        &dnum,
+        Some(&dden),
+        &mut states,
+        &mut col,
+        dims,
+        true,
+    )?;
     let mut dkf = dev.zeros(bh * n * m)?;
     let mut dv = dev.zeros(bh * n * e)?;
     unsafe {
@@ -474,7 +501,12 @@ fn gemm_rm(
     unsafe { blas.gemm_strided_batched(cfg, b, a, c) }.op(op)
 }
 
-fn augment_ones(dev: &CudaDevice, op: &'static str, v: &CudaSlice<f32>, dims: LinearDims) -> Result<CudaSlice<f32>> {
+fn augment_ones(
+    dev: &CudaDevice,
+    op: &'static str,
+    v: &CudaSlice<f32>,
+    dims: LinearDims,
+) -> Result<CudaSlice<f32>> {
     let rows = dims.bh * dims.n;
     let mut vaug = dev.zeros(rows * (dims.e + 1))?;
     let rows_i = rows as i64;
@@ -514,9 +546,45 @@ pub fn linear_attention(
     let ea = e + 1;
     let vaug = augment_ones(dev, OP, v, dims)?;
     let mut context = dev.zeros(bh * m * ea)?;
-    gemm_rm(dev, OP, true, false, m, ea, n, kf, m, n * m, &vaug, ea, n * ea, &mut context, ea, m * ea, bh)?;
+    gemm_rm(
+        dev,
+        OP,
+        true,
+        false,
+        m,
+        ea,
+        n,
+        kf,
+        m,
+        n * m,
+        &vaug,
+        ea,
+        n * ea,
+        &mut context,
+        ea,
+        m * ea,
+        bh,
+    )?;
     let mut numerator = dev.zeros(bh * n * ea)?;
-    gemm_rm(dev, OP, false, false, n, ea, m, qf, m, n * m, &context, ea, m * ea, &mut numerator, ea, n * ea, bh)?;
+    gemm_rm(
+        dev,
+        OP,
+        false,
+        false,
+        n,
+        ea,
+        m,
+        qf,
+        m,
+        n * m,
+        &context,
+        ea,
+        m * ea,
+        &mut numerator,
+        ea,
+        n * ea,
+        bh,
+    )?;
     let mut out = dev.zeros(bh * n * e)?;
     let rows_i = (bh * n) as i64;
     let ei = e as i32;
@@ -577,13 +645,85 @@ pub fn linear_attention_backward(
         e,
     )?;
     let mut dqf = dev.zeros(bh * n * m)?;
-    gemm_rm(dev, OP, false, true, n, m, ea, &gaug, ea, n * ea, &saved.context, ea, m * ea, &mut dqf, m, n * m, bh)?;
+    gemm_rm(
+        dev,
+        OP,
+        false,
+        true,
+        n,
+        m,
+        ea,
+        &gaug,
+        ea,
+        n * ea,
+        &saved.context,
+        ea,
+        m * ea,
+        &mut dqf,
+        m,
+        n * m,
+        bh,
+    )?;
     let mut dctx = dev.zeros(bh * m * ea)?;
-    gemm_rm(dev, OP, true, false, m, ea, n, qf, m, n * m, &gaug, ea, n * ea, &mut dctx, ea, m * ea, bh)?;
+    gemm_rm(
+        dev,
+        OP,
+        true,
+        false,
+        m,
+        ea,
+        n,
+        qf,
+        m,
+        n * m,
+        &gaug,
+        ea,
+        n * ea,
+        &mut dctx,
+        ea,
+        m * ea,
+        bh,
+    )?;
     let vaug = augment_ones(dev, OP, v, dims)?;
     let mut dkf = dev.zeros(bh * n * m)?;
-    gemm_rm(dev, OP, false, true, n, m, ea, &vaug, ea, n * ea, &dctx, ea, m * ea, &mut dkf, m, n * m, bh)?;
+    gemm_rm(
+        dev,
+        OP,
+        false,
+        true,
+        n,
+        m,
+        ea,
+        &vaug,
+        ea,
+        n * ea,
+        &dctx,
+        ea,
+        m * ea,
+        &mut dkf,
+        m,
+        n * m,
+        bh,
+    )?;
     let mut dv = dev.zeros(bh * n * e)?;
-    gemm_rm(dev, OP, false, false, n, e, m, kf, m, n * m, &dctx, ea, m * ea, &mut dv, e, n * e, bh)?;
+    gemm_rm(
+        dev,
+        OP,
+        false,
+        false,
+        n,
+        e,
+        m,
+        kf,
+        m,
+        n * m,
+        &dctx,
+        ea,
+        m * ea,
+        &mut dv,
+        e,
+        n * e,
+        bh,
+    )?;
     Ok((dqf, dkf, dv))
 }

@@ -30,32 +30,61 @@ pub const CAUSAL_EPS: f64 = 1e-6;
 /// Softmax feature map of `x` `(bh, n, d)` under `proj` `(m, d)`; `is_query` picks the
 /// per-position stabiliser, else the per-(batch, head) one. Returns `(bh, n, m)`.
 pub fn softmax_features(x: &[f64], proj: &[f64], dims: Dims, is_query: bool) -> Vec<f64> {
+    let stab = feature_stabilizers(x, proj, dims, is_query);
+    softmax_features_stabilized(x, proj, dims, is_query, &stab)
+}
+
+/// `dn * x . P` for every position and feature, `(bh, n, m)`.
+fn projections(x: &[f64], proj: &[f64], dims: Dims) -> Vec<f64> {
     let Dims { bh, n, d, m, .. } = dims;
     let dn = (d as f64).powf(-0.25);
-    let ratio = (m as f64).powf(-0.5);
-    let mut out = vec![0.0; bh * n * m];
-    for b in 0..bh {
-        let mut dd = vec![0.0; n * m];
-        let mut diag = vec![0.0; n];
-        for i in 0..n {
-            let xi = &x[(b * n + i) * d..(b * n + i + 1) * d];
-            diag[i] = xi.iter().map(|v| v * v).sum::<f64>() * 0.5 * dn * dn;
-            for j in 0..m {
-                let pj = &proj[j * d..(j + 1) * d];
-                dd[i * m + j] = dn * xi.iter().zip(pj).map(|(a, p)| a * p).sum::<f64>();
-            }
+    let mut dd = vec![0.0; bh * n * m];
+    for r in 0..bh * n {
+        let xr = &x[r * d..(r + 1) * d];
+        for j in 0..m {
+            let pj = &proj[j * d..(j + 1) * d];
+            dd[r * m + j] = dn * xr.iter().zip(pj).map(|(a, p)| a * p).sum::<f64>();
         }
-        let gmax = dd.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        for i in 0..n {
-            let row = &dd[i * m..(i + 1) * m];
-            let stab = if is_query {
-                row.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
-            } else {
-                gmax
-            };
-            for j in 0..m {
-                out[(b * n + i) * m + j] = ratio * ((row[j] - diag[i] - stab).exp() + FEATURE_EPS);
-            }
+    }
+    dd
+}
+
+/// The stabilisers the reference subtracts (and detaches): per position for queries
+/// (`(bh, n)`: max over features), per (batch, head) for keys (`(bh)`: max over all).
+pub fn feature_stabilizers(x: &[f64], proj: &[f64], dims: Dims, is_query: bool) -> Vec<f64> {
+    let Dims { bh, n, m, .. } = dims;
+    let dd = projections(x, proj, dims);
+    let rows = if is_query { bh * n } else { bh };
+    let per = if is_query { m } else { n * m };
+    (0..rows)
+        .map(|r| {
+            dd[r * per..(r + 1) * per]
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect()
+}
+
+/// The feature map with given stabilisers (as from [`feature_stabilizers`]): the function whose
+/// derivative [`softmax_features_backward`] is, since the reference detaches the max.
+pub fn softmax_features_stabilized(
+    x: &[f64],
+    proj: &[f64],
+    dims: Dims,
+    is_query: bool,
+    stab: &[f64],
+) -> Vec<f64> {
+    let Dims { n, d, m, .. } = dims;
+    let dn = (d as f64).powf(-0.25);
+    let ratio = (m as f64).powf(-0.5);
+    let dd = projections(x, proj, dims);
+    let mut out = vec![0.0; dd.len()];
+    for (r, (orow, drow)) in out.chunks_mut(m).zip(dd.chunks(m)).enumerate() {
+        let diag = x[r * d..(r + 1) * d].iter().map(|v| v * v).sum::<f64>() * 0.5 * dn * dn;
+        let s = if is_query { stab[r] } else { stab[r / n] };
+        for (o, v) in orow.iter_mut().zip(drow) {
+            *o = ratio * ((v - diag - s).exp() + FEATURE_EPS);
         }
     }
     out
@@ -64,7 +93,13 @@ pub fn softmax_features(x: &[f64], proj: &[f64], dims: Dims, is_query: bool) -> 
 /// Backward of [`softmax_features`] (stabiliser constant): `dx` `(bh, n, d)` from the
 /// features `feat` and their gradient `gfeat` `(bh, n, m)`:
 /// `G = gfeat * (feat - r*eps)`, `dx = dn * G P - dn^2 * rowsum(G) * x`.
-pub fn softmax_features_backward(x: &[f64], proj: &[f64], feat: &[f64], gfeat: &[f64], dims: Dims) -> Vec<f64> {
+pub fn softmax_features_backward(
+    x: &[f64],
+    proj: &[f64],
+    feat: &[f64],
+    gfeat: &[f64],
+    dims: Dims,
+) -> Vec<f64> {
     let Dims { bh, n, d, m, .. } = dims;
     let dn = (d as f64).powf(-0.25);
     let ratio = (m as f64).powf(-0.5);
@@ -87,7 +122,12 @@ pub fn softmax_features_backward(x: &[f64], proj: &[f64], feat: &[f64], gfeat: &
 }
 
 /// Causal linear attention on features: `(out, den)`, `out` `(bh, n, e)`, `den` `(bh, n)`.
-pub fn causal_linear_attention(qf: &[f64], kf: &[f64], v: &[f64], dims: Dims) -> (Vec<f64>, Vec<f64>) {
+pub fn causal_linear_attention(
+    qf: &[f64],
+    kf: &[f64],
+    v: &[f64],
+    dims: Dims,
+) -> (Vec<f64>, Vec<f64>) {
     let Dims { bh, n, m, e, .. } = dims;
     let mut out = vec![0.0; bh * n * e];
     let mut den = vec![0.0; bh * n];
@@ -253,7 +293,8 @@ pub fn linear_attention_backward(
         for j in 0..n {
             let r = b * n + j;
             for f in 0..m {
-                dkf[r * m + f] = dksum[f] + (0..e).map(|c| v[r * e + c] * dctx[f * e + c]).sum::<f64>();
+                dkf[r * m + f] =
+                    dksum[f] + (0..e).map(|c| v[r * e + c] * dctx[f * e + c]).sum::<f64>();
             }
             for c in 0..e {
                 dv[r * e + c] = (0..m).map(|f| kf[r * m + f] * dctx[f * e + c]).sum();
@@ -264,7 +305,14 @@ pub fn linear_attention_backward(
 }
 
 /// Full FAVOR+ attention (softmax features, then causal or non-causal linear attention).
-pub fn fast_attention(q: &[f64], k: &[f64], v: &[f64], proj: &[f64], dims: Dims, causal: bool) -> Vec<f64> {
+pub fn fast_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    proj: &[f64],
+    dims: Dims,
+    causal: bool,
+) -> Vec<f64> {
     let qf = softmax_features(q, proj, dims, true);
     let kf = softmax_features(k, proj, dims, false);
     if causal {
@@ -327,18 +375,26 @@ impl Rng {
     /// `len` standard normal values scaled by `scale`, rounded to f32 precision so that the
     /// f32 kernels and the f64 reference see exactly the same inputs.
     pub fn normal_vec(&mut self, len: usize, scale: f64) -> Vec<f64> {
-        (0..len).map(|_| (self.normal() * scale) as f32 as f64).collect()
+        (0..len)
+            .map(|_| (self.normal() * scale) as f32 as f64)
+            .collect()
     }
 }
 
 /// Largest absolute difference divided by the largest magnitude of `reference`
 /// (the project's relative error measure for whole tensors).
 pub fn max_rel_err(actual: &[f64], reference: &[f64]) -> f64 {
-    let scale = reference.iter().fold(0.0f64, |a, b| a.max(b.abs())).max(f64::MIN_POSITIVE);
-    let diff = actual
+    let scale = reference
         .iter()
-        .zip(reference)
-        .fold(0.0f64, |a, (x, y)| if x.is_finite() { a.max((x - y).abs()) } else { f64::INFINITY });
+        .fold(0.0f64, |a, b| a.max(b.abs()))
+        .max(f64::MIN_POSITIVE);
+    let diff = actual.iter().zip(reference).fold(0.0f64, |a, (x, y)| {
+        if x.is_finite() {
+            a.max((x - y).abs())
+        } else {
+            f64::INFINITY
+        }
+    });
     if actual.len() != reference.len() {
         return f64::INFINITY;
     }

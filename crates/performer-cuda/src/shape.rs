@@ -74,7 +74,9 @@ impl AttentionShape {
         if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Shape {
                 op,
-                detail: format!("{name} is 0 in {self:?} with nb_features {nb_features}; every size must be at least 1"),
+                detail: format!(
+                    "{name} is 0 in {self:?} with nb_features {nb_features}; every size must be at least 1"
+                ),
             });
         }
         if let Some((name, v)) = dims.iter().find(|(_, v)| *v > i32::MAX as usize) {
@@ -102,7 +104,9 @@ impl AttentionShape {
         if total.is_none_or(|t| t > isize::MAX as usize) {
             return Err(Error::TooLarge {
                 op,
-                detail: format!("{self:?} with nb_features {nb_features} overflows the address space"),
+                detail: format!(
+                    "{self:?} with nb_features {nb_features} overflows the address space"
+                ),
             });
         }
         Ok(())
@@ -110,7 +114,13 @@ impl AttentionShape {
 }
 
 /// Checks that a buffer has the length its shape implies.
-pub(crate) fn expect_len(op: &'static str, what: &str, len: usize, expected: usize, shape: &str) -> Result<()> {
+pub(crate) fn expect_len(
+    op: &'static str,
+    what: &str,
+    len: usize,
+    expected: usize,
+    shape: &str,
+) -> Result<()> {
     if len == expected {
         Ok(())
     } else {

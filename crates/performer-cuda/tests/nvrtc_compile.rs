@@ -16,10 +16,10 @@ fn nvrtc_or_skip(test: &str) -> bool {
             performer_cuda::search_dirs()
         );
     }
-    eprintln!(
+    skip_note(format!(
         "SKIPPED {test}: libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.*); searched {:?}",
         performer_cuda::search_dirs()
-    );
+    ));
     false
 }
 
@@ -40,11 +40,19 @@ fn every_kernel_compiles_to_ptx_and_cubin() {
                 );
             }
             let cubin = kernels::compile_cubin(src, arch).unwrap_or_else(|e| panic!("{e}"));
-            assert!(cubin.image.starts_with(b"\x7fELF"), "{} {arch}: CUBIN is not an ELF image", src.name);
+            assert!(
+                cubin.image.starts_with(b"\x7fELF"),
+                "{} {arch}: CUBIN is not an ELF image",
+                src.name
+            );
             if !ptx.log.is_empty() || !cubin.log.is_empty() {
                 println!("{} {arch} NVRTC log:\n{}\n{}", src.name, ptx.log, cubin.log);
             }
-            println!("compiled {} for {arch}: {} kernels", src.name, src.functions.len());
+            println!(
+                "compiled {} for {arch}: {} kernels",
+                src.name,
+                src.functions.len()
+            );
         }
     }
 }
@@ -61,9 +69,15 @@ fn a_broken_kernel_is_rejected_with_the_log() {
     };
     let err = kernels::compile_ptx(&broken, "sm_90").unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("broken.cu") && msg.contains("undefined_name"), "{msg}");
+    assert!(
+        msg.contains("broken.cu") && msg.contains("undefined_name"),
+        "{msg}"
+    );
     let err = kernels::compile_cubin(&broken, "not_an_arch").unwrap_err();
-    assert!(err.to_string().contains("unsupported architecture"), "{err}");
+    assert!(
+        err.to_string().contains("unsupported architecture"),
+        "{err}"
+    );
 }
 
 /// The crate embeds no precompiled PTX: kernels are compiled from the embedded .cu sources at
@@ -84,13 +98,27 @@ fn embedded_ptx_is_fresh() {
 fn embedded_sources_match_files() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
     if !dir.is_dir() {
-        eprintln!("SKIPPED embedded_sources_match_files: {} not present (bundled binary)", dir.display());
+        skip_note(format!(
+            "SKIPPED embedded_sources_match_files: {} not present (bundled binary)",
+            dir.display()
+        ));
         return;
     }
     for src in SOURCES {
         let on_disk = std::fs::read_to_string(dir.join(src.name)).expect("kernel source readable");
-        assert_eq!(on_disk, src.source, "{} differs from the embedded copy", src.name);
+        assert_eq!(
+            on_disk, src.source,
+            "{} differs from the embedded copy",
+            src.name
+        );
     }
     let common = std::fs::read_to_string(dir.join("common.cuh")).expect("common.cuh readable");
     assert_eq!(common, kernels::COMMON_HEADER);
+}
+
+/// Prints a skip notice past libtest's output capture (which hides `eprintln!` of passing
+/// tests), so a skipped GPU/NVRTC test is visible in a plain `cargo test` log.
+fn skip_note(msg: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
 }

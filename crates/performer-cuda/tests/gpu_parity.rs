@@ -1,0 +1,221 @@
+//! The CUDA forward and backward against the f64 CPU reference on fresh random inputs, at the
+//! shapes of GPU.md: lengths not a multiple of the 64-position chunk, m in {64, 256, 266},
+//! d in {32, 64, 128}; max relative error (to the reference's largest magnitude) <= 1e-4.
+//! Every buffer the crate allocates is poisoned with NaN first, so an element no kernel wrote
+//! fails the comparison.
+//!
+//! Needs a GPU: where there is no driver or no device each test prints why it skipped.
+
+use performer_cuda::reference::{self as r, Dims, Rng};
+use performer_cuda::{AttentionShape, CudaDevice, CudaFastAttention, Error, FeatureKind};
+
+const TOL: f64 = 1e-4;
+
+fn device_or_skip(test: &str) -> Option<CudaDevice> {
+    if !performer_cuda::driver_available() {
+        skip_note(format!(
+            "SKIPPED {test}: no CUDA driver (libcuda.so) on this machine"
+        ));
+        return None;
+    }
+    if CudaDevice::count() == 0 {
+        skip_note(format!("SKIPPED {test}: the CUDA driver reports no device"));
+        return None;
+    }
+    // From here on a failure is a real failure (e.g. NVRTC missing on a GPU machine).
+    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("{test}: {e}"));
+    Some(dev.with_poison(f32::NAN))
+}
+
+/// (batch, heads, seq_len, dim_qk, dim_v, nb_features)
+const SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
+    (2, 2, 100, 32, 32, 64),
+    (1, 3, 200, 64, 64, 256),
+    (1, 2, 130, 128, 128, 266),
+    (2, 1, 77, 64, 40, 266),
+    (1, 2, 1000, 64, 64, 256),
+    (1, 1, 1, 32, 32, 64),
+];
+
+fn to_f32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn report(what: &str, got: &[f32], want: &[f64]) -> f64 {
+    let err = r::max_rel_err(&to_f64(got), want);
+    println!("  {what:<14} max rel err {err:.2e}");
+    err
+}
+
+fn run_case(
+    dev: &CudaDevice,
+    causal: bool,
+    case: (usize, usize, usize, usize, usize, usize),
+    seed: u64,
+) -> Vec<(String, f64)> {
+    let (b, h, n, d, e, m) = case;
+    let shape = AttentionShape {
+        batch: b,
+        heads: h,
+        seq_len: n,
+        dim_qk: d,
+        dim_v: e,
+    };
+    let dims = Dims {
+        bh: b * h,
+        n,
+        d,
+        m,
+        e,
+    };
+    let mut rng = Rng::new(seed);
+    // Scale 0.5 keeps the key features away from the flat eps floor so gradients are informative.
+    let q = rng.normal_vec(shape.qk_len(), 0.5);
+    let k = rng.normal_vec(shape.qk_len(), 0.5);
+    let v = rng.normal_vec(shape.v_len(), 1.0);
+    let proj = rng.normal_vec(m * d, 1.0);
+    let g = rng.normal_vec(shape.v_len(), 1.0);
+
+    let attn = CudaFastAttention::new(dev, &to_f32(&proj), m, d, causal).expect("attention");
+    let (qs, ks, vs, gs) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&g));
+    let (out, fwd) = attn.forward_host(&qs, &ks, &vs, shape).expect("forward");
+    let grads = attn
+        .backward_host(&qs, &ks, &vs, &fwd, &gs)
+        .expect("backward");
+
+    let qf = r::softmax_features(&q, &proj, dims, true);
+    let kf = r::softmax_features(&k, &proj, dims, false);
+    let want_out = r::fast_attention(&q, &k, &v, &proj, dims, causal);
+    let (dq, dk, dv) = r::fast_attention_backward(&q, &k, &v, &proj, &g, dims, causal);
+
+    println!(
+        "{} b{b} h{h} n{n} d{d} e{e} m{m}:",
+        if causal { "causal" } else { "non-causal" }
+    );
+    let dev_qf = dev.download(fwd.query_features()).expect("download");
+    let dev_kf = dev.download(fwd.key_features()).expect("download");
+    vec![
+        (
+            "query features".into(),
+            report("query features", &dev_qf, &qf),
+        ),
+        ("key features".into(), report("key features", &dev_kf, &kf)),
+        ("out".into(), report("out", &out, &want_out)),
+        ("dq".into(), report("dq", &grads.dq, &dq)),
+        ("dk".into(), report("dk", &grads.dk, &dk)),
+        ("dv".into(), report("dv", &grads.dv, &dv)),
+    ]
+}
+
+fn check_all(test: &str, causal: bool) {
+    let Some(dev) = device_or_skip(test) else {
+        return;
+    };
+    println!(
+        "device: {} ({})",
+        dev.name().unwrap_or_default(),
+        dev.arch()
+    );
+    let mut failures = Vec::new();
+    for (i, &case) in SHAPES.iter().enumerate() {
+        for (what, err) in run_case(&dev, causal, case, 100 + i as u64) {
+            // NaN (an unwritten, poisoned element) fails too: !(err <= TOL).
+            if !(err <= TOL) {
+                failures.push(format!("{case:?} {what}: {err:.3e}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{test}: max rel err above {TOL:e}:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn causal_attention_matches_reference() {
+    check_all("causal_attention_matches_reference", true);
+}
+
+#[test]
+fn non_causal_attention_matches_reference() {
+    check_all("non_causal_attention_matches_reference", false);
+}
+
+#[test]
+fn feature_maps_match_reference_for_both_kinds() {
+    let Some(dev) = device_or_skip("feature_maps_match_reference_for_both_kinds") else {
+        return;
+    };
+    let (b, h, n, d, m) = (1, 2, 333, 64, 266);
+    let dims = Dims {
+        bh: b * h,
+        n,
+        d,
+        m,
+        e: d,
+    };
+    let shape = AttentionShape::new(b, h, n, d);
+    let mut rng = Rng::new(7);
+    let x = rng.normal_vec(shape.qk_len(), 1.0);
+    let proj = rng.normal_vec(m * d, 1.0);
+    let attn = CudaFastAttention::new(&dev, &to_f32(&proj), m, d, true).expect("attention");
+    let xd = dev.upload(&to_f32(&x)).expect("upload");
+    for (kind, is_query) in [(FeatureKind::Query, true), (FeatureKind::Key, false)] {
+        let f = attn.feature_map(&xd, shape, kind).expect("features");
+        let got = dev.download(&f).expect("download");
+        let err = report(
+            &format!("{kind:?}"),
+            &got,
+            &r::softmax_features(&x, &proj, dims, is_query),
+        );
+        assert!(err <= TOL, "{kind:?} features: {err:.3e}");
+    }
+}
+
+#[test]
+fn bad_shapes_are_typed_errors_on_device() {
+    let Some(dev) = device_or_skip("bad_shapes_are_typed_errors_on_device") else {
+        return;
+    };
+    let err = CudaFastAttention::new(&dev, &[0.0; 10], 4, 3, true)
+        .err()
+        .expect("length mismatch");
+    assert!(matches!(err, Error::Shape { .. }), "{err}");
+    let attn = CudaFastAttention::new(&dev, &[0.5; 12], 4, 3, true).expect("attention");
+    let shape = AttentionShape::new(1, 1, 5, 3);
+    let err = attn
+        .forward_host(&[0.0; 14], &[0.0; 15], &[0.0; 15], shape)
+        .err()
+        .expect("q too short");
+    assert!(err.to_string().contains("q has 14 elements"), "{err}");
+    let err = attn
+        .forward_host(
+            &[0.0; 20],
+            &[0.0; 20],
+            &[0.0; 20],
+            AttentionShape::new(1, 1, 5, 4),
+        )
+        .err()
+        .expect("dim_qk mismatch");
+    assert!(err.to_string().contains("dim_qk"), "{err}");
+    let (_, fwd) = attn
+        .forward_host(&[0.1; 15], &[0.2; 15], &[0.3; 15], shape)
+        .expect("forward");
+    let err = attn
+        .backward_host(&[0.1; 15], &[0.2; 15], &[0.3; 15], &fwd, &[0.0; 3])
+        .err()
+        .expect("grad short");
+    assert!(err.to_string().contains("grad_out"), "{err}");
+}
+
+/// Prints a skip notice past libtest's output capture (which hides `eprintln!` of passing
+/// tests), so a skipped GPU/NVRTC test is visible in a plain `cargo test` log.
+fn skip_note(msg: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
