@@ -189,25 +189,31 @@ impl Optimizer for Adam {
             }
         }
         self.step += 1;
+        // PyTorch keeps hyper-parameters as Python floats (f64) and computes `1 - beta`,
+        // the bias corrections and the step size in f64 before they meet the f32 tensors.
+        // `1 - 0.999f32` is 1.3e-5 away from `1 - 0.999`, so do the same.
         let t = self.step as i32;
-        let (b1, b2) = self.betas;
-        let bias1 = 1.0 - b1.powi(t);
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let step_size = self.lr / bias1;
-        let (lr, wd, eps, decoupled) = (self.lr, self.weight_decay, self.eps, self.decoupled);
+        let (b1, b2) = (as_decimal_f64(self.betas.0), as_decimal_f64(self.betas.1));
+        let lr = as_decimal_f64(self.lr);
+        let wd = as_decimal_f64(self.weight_decay);
+        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
+        let neg_step_size = (-lr / (1.0 - b1.powi(t))) as f32;
+        let decay = (1.0 - lr * wd) as f32;
+        let (w1, b2f, w2) = ((1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
+        let (wdf, eps, decoupled) = (wd as f32, self.eps, self.decoupled);
         for ((_, p), slot) in self.params.iter().zip(self.moments.iter_mut()) {
             let Some(g) = grads.get_param(p) else { continue };
             let (m, v) = slot.get_or_insert_with(|| (ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())));
             p.update(|w| {
-                if decoupled && wd != 0.0 {
-                    w.mapv_inplace(|x| x * (1.0 - lr * wd));
+                if decoupled && wdf != 0.0 {
+                    w.mapv_inplace(|x| x * decay);
                 }
                 Zip::from(w).and(&mut *m).and(&mut *v).and(g).for_each(|w, m, v, &g| {
-                    let g = if !decoupled && wd != 0.0 { g + wd * *w } else { g };
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let g = if !decoupled && wdf != 0.0 { g + wdf * *w } else { g };
+                    *m = lerp(*m, g, w1);
+                    *v = *v * b2f + w2 * g * g;
                     let denom = v.sqrt() / bias2_sqrt + eps;
-                    *w -= step_size * *m / denom;
+                    *w += neg_step_size * (*m / denom);
                 });
             });
         }
@@ -250,6 +256,17 @@ impl Optimizer for Adam {
         self.moments = moments;
         Ok(())
     }
+}
+
+/// The f64 nearest to the shortest decimal that round-trips to `x`: `0.999f32` becomes
+/// `0.999f64`, the value a PyTorch user typed, not `0.99900001287...`.
+fn as_decimal_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// `a + w (b - a)` as ATen's CPU `lerp` computes it (from the far end when `w >= 0.5`).
+fn lerp(a: f32, b: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 { a + w * (b - a) } else { b - (b - a) * (1.0 - w) }
 }
 
 /// Scales the gradients of `params` so that their joint L2 norm is at most `max_norm`
