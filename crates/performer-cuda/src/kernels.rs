@@ -190,3 +190,105 @@ fn c_chars_to_string(raw: &[c_char]) -> String {
         Err(_) => String::from_utf8_lossy(&bytes).trim().to_string(),
     }
 }
+
+/// Register, spill and shared-memory use of one kernel as `ptxas -v` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    /// Kernel (function) name.
+    pub name: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of local-memory spill stores.
+    pub spill_stores: u32,
+    /// Bytes of local-memory spill loads.
+    pub spill_loads: u32,
+    /// Bytes of stack frame (local memory other than spills).
+    pub stack_frame: u32,
+    /// Bytes of static shared memory.
+    pub shared: u32,
+}
+
+/// `ptxas` from `$PATH`, `$CUDA_PATH/bin`, `$CUDA_HOME/bin`, `/usr/local/cuda/bin`, or the `bin`
+/// folder beside one of the library folders of [`crate::search_dirs`] (PyPI's
+/// `nvidia-cuda-nvcc` puts it in `nvidia/cu13/bin`).
+pub fn find_ptxas() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path));
+    }
+    for var in ["CUDA_PATH", "CUDA_HOME"] {
+        if let Some(root) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(root).join("bin"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/bin"));
+    for lib in crate::search_dirs() {
+        if let Some(parent) = lib.parent() {
+            candidates.push(parent.join("bin"));
+        }
+    }
+    candidates
+        .into_iter()
+        .map(|d| d.join("ptxas"))
+        .find(|p| p.is_file())
+}
+
+/// Assembles `ptx` with `ptxas -arch=<arch> -v` and parses its per-kernel resource report.
+pub fn ptxas_resources(
+    ptxas: &std::path::Path,
+    ptx: &[u8],
+    arch: &str,
+) -> std::result::Result<Vec<KernelResources>, String> {
+    let dir = std::env::temp_dir().join(format!("performer-cuda-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let input = dir.join(format!("kernel-{arch}.ptx"));
+    std::fs::write(&input, ptx).map_err(|e| format!("{}: {e}", input.display()))?;
+    let output = std::process::Command::new(ptxas)
+        .arg(format!("-arch={arch}"))
+        .arg("-v")
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.join(format!("kernel-{arch}.cubin")))
+        .output()
+        .map_err(|e| format!("running {}: {e}", ptxas.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&output.stderr).to_string()
+        + &String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!("ptxas failed ({}):\n{text}", output.status));
+    }
+    Ok(parse_ptxas(&text))
+}
+
+/// Parses `ptxas -v` output: a "Compiling entry function 'NAME'" line opens a kernel, the
+/// following "bytes stack frame" and "Used N registers" lines fill it.
+pub fn parse_ptxas(text: &str) -> Vec<KernelResources> {
+    let mut out: Vec<KernelResources> = Vec::new();
+    let num_before = |line: &str, key: &str| -> Option<u32> {
+        let idx = line.find(key)?;
+        line[..idx].split_whitespace().last()?.parse().ok()
+    };
+    for line in text.lines() {
+        if let Some(start) = line.find("entry function '") {
+            let rest = &line[start + "entry function '".len()..];
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources {
+                name,
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(cur) = out.last_mut() else { continue };
+        if line.contains("bytes stack frame") {
+            cur.stack_frame = num_before(line, "bytes stack frame").unwrap_or(0);
+            cur.spill_stores = num_before(line, "bytes spill stores").unwrap_or(0);
+            cur.spill_loads = num_before(line, "bytes spill loads").unwrap_or(0);
+        }
+        if line.contains("Used") && line.contains("registers") {
+            cur.registers = num_before(line, "registers").unwrap_or(0);
+            cur.shared = num_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}

@@ -1,0 +1,69 @@
+//! `ptxas -v` on the NVRTC PTX of every kernel for sm_80 and sm_90: no local-memory spills, no
+//! stack frame (local arrays) in any kernel, the causal ones above all. Prints the register
+//! table. Needs NVRTC and ptxas (`pip install nvidia-cuda-nvrtc==13.* nvidia-cuda-nvcc==13.*`);
+//! skips with a note where either is missing.
+
+use performer_cuda::kernels::{self, CHECKED_ARCHES, SOURCES};
+
+#[test]
+fn no_kernel_spills_to_local_memory() {
+    let note = |msg: String| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{msg}");
+    };
+    if !performer_cuda::nvrtc_available() {
+        note("SKIPPED no_kernel_spills_to_local_memory: libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.*)".into());
+        return;
+    }
+    let Some(ptxas) = kernels::find_ptxas() else {
+        note("SKIPPED no_kernel_spills_to_local_memory: ptxas not found (pip install nvidia-cuda-nvcc==13.*)".into());
+        return;
+    };
+    let mut bad = Vec::new();
+    for arch in CHECKED_ARCHES {
+        for src in SOURCES {
+            let ptx = kernels::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
+            let report = kernels::ptxas_resources(&ptxas, &ptx.image, arch)
+                .unwrap_or_else(|e| panic!("{e}"));
+            for f in src.functions {
+                let r = report.iter().find(|r| r.name == *f).unwrap_or_else(|| {
+                    panic!("{arch} {}: ptxas reported nothing for {f}", src.name)
+                });
+                println!(
+                    "{arch} {:<22} {:>3} registers {:>6} B smem {:>4} B stack {:>4} B spill st {:>4} B spill ld",
+                    r.name, r.registers, r.shared, r.stack_frame, r.spill_stores, r.spill_loads
+                );
+                if r.spill_stores + r.spill_loads + r.stack_frame > 0 {
+                    bad.push(format!("{arch} {}: {r:?}", r.name));
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "kernels using local memory:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn parses_ptxas_output() {
+    let text = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'chunk_output_fwd' for 'sm_90'\n\
+ptxas info    : Function properties for chunk_output_fwd\n\
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 96 registers, used 1 barriers, 33024 bytes smem, 432 bytes cmem[0]\n";
+    let r = kernels::parse_ptxas(text);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0],
+        kernels::KernelResources {
+            name: "chunk_output_fwd".into(),
+            registers: 96,
+            spill_stores: 4,
+            spill_loads: 12,
+            stack_frame: 8,
+            shared: 33024,
+        }
+    );
+}
