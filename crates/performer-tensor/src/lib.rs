@@ -19,6 +19,7 @@
 mod autograd;
 mod custom_op;
 mod error;
+pub mod fast_math;
 pub mod gemm;
 mod gradcheck;
 pub mod io;

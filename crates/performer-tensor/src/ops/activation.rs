@@ -81,3 +81,117 @@ impl Tensor {
         )
     }
 }
+
+/// An element-wise activation by name, for layers and kernels configured at run time
+/// (performer-pytorch's `kernel_fn`, the feed-forward activation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// GELU, erf form.
+    Gelu,
+    /// ELU with alpha 1.
+    Elu,
+    /// Softplus with beta 1, threshold 20.
+    Softplus,
+    /// Logistic sigmoid.
+    Sigmoid,
+    /// Hyperbolic tangent.
+    Tanh,
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// Leaky ReLU with the given negative slope.
+    LeakyRelu(f32),
+}
+
+impl Activation {
+    /// Parses PyTorch's module names in snake case (`relu`, `gelu`, `elu`, `softplus`,
+    /// `sigmoid`, `tanh`, `silu`, `leaky_relu` with slope 0.01).
+    pub fn from_name(name: &str) -> crate::Result<Self> {
+        Ok(match name.to_ascii_lowercase().as_str() {
+            "relu" => Activation::Relu,
+            "gelu" => Activation::Gelu,
+            "elu" => Activation::Elu,
+            "softplus" => Activation::Softplus,
+            "sigmoid" => Activation::Sigmoid,
+            "tanh" => Activation::Tanh,
+            "silu" | "swish" => Activation::Silu,
+            "leaky_relu" | "leakyrelu" => Activation::LeakyRelu(0.01),
+            other => {
+                return Err(crate::Error::invalid(
+                    "Activation::from_name",
+                    "name",
+                    other,
+                    "expected one of relu, gelu, elu, softplus, sigmoid, tanh, silu, leaky_relu",
+                ));
+            }
+        })
+    }
+
+    /// The name `from_name` accepts.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Activation::Relu => "relu",
+            Activation::Gelu => "gelu",
+            Activation::Elu => "elu",
+            Activation::Softplus => "softplus",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Tanh => "tanh",
+            Activation::Silu => "silu",
+            Activation::LeakyRelu(_) => "leaky_relu",
+        }
+    }
+
+    /// The function at one point.
+    #[inline]
+    pub fn f(&self, x: f32) -> f32 {
+        match *self {
+            Activation::Relu => x.max(0.0),
+            Activation::Gelu => gelu_scalar(x),
+            Activation::Elu => if x > 0.0 { x } else { x.exp_m1() },
+            Activation::Softplus => softplus_scalar(x),
+            Activation::Sigmoid => sigmoid_scalar(x),
+            Activation::Tanh => x.tanh(),
+            Activation::Silu => x * sigmoid_scalar(x),
+            Activation::LeakyRelu(s) => if x > 0.0 { x } else { s * x },
+        }
+    }
+
+    /// Its derivative at one point.
+    #[inline]
+    pub fn df(&self, x: f32) -> f32 {
+        match *self {
+            Activation::Relu => if x > 0.0 { 1.0 } else { 0.0 },
+            Activation::Gelu => gelu_grad_scalar(x),
+            Activation::Elu => if x > 0.0 { 1.0 } else { x.exp() },
+            Activation::Softplus => if x > 20.0 { 1.0 } else { sigmoid_scalar(x) },
+            Activation::Sigmoid => {
+                let s = sigmoid_scalar(x);
+                s * (1.0 - s)
+            }
+            Activation::Tanh => {
+                let t = x.tanh();
+                1.0 - t * t
+            }
+            Activation::Silu => {
+                let s = sigmoid_scalar(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            Activation::LeakyRelu(s) => if x > 0.0 { 1.0 } else { s },
+        }
+    }
+
+    /// Applies it to a tensor (differentiable).
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        match *self {
+            Activation::Relu => x.relu(),
+            Activation::Gelu => x.gelu(),
+            Activation::Elu => x.elu(),
+            Activation::Softplus => x.softplus(),
+            Activation::Sigmoid => x.sigmoid(),
+            Activation::Tanh => x.tanh(),
+            Activation::Silu => x.silu(),
+            Activation::LeakyRelu(s) => x.leaky_relu(s),
+        }
+    }
+}

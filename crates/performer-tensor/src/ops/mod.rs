@@ -14,6 +14,7 @@ mod matmul;
 mod reduce;
 mod softmax;
 
+pub use activation::Activation;
 pub use matmul::batched_matmul;
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn, Zip};
