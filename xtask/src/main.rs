@@ -1,5 +1,59 @@
-//! Project automation: `cargo xtask <bench|parity|kernels|device-bundle>`.
+//! Project automation: `cargo xtask <command> [args]`.
+//!
+//! One binary, one module per command (rust-analyzer's xtask layout). To add a command, add a
+//! module and a row to `COMMANDS`.
+
+mod device_bundle;
+mod kernels;
+
+use std::path::PathBuf;
+
+/// A command: name, one-line help, entry point taking the remaining arguments.
+type Command = (
+    &'static str,
+    &'static str,
+    fn(&[String]) -> Result<(), String>,
+);
+
+const COMMANDS: &[Command] = &[
+    (
+        "kernels",
+        "write NVRTC (and nvcc, when present) PTX of the CUDA kernels for sm_80/sm_90 and print ptxas register/spill use",
+        kernels::run,
+    ),
+    (
+        "device-bundle",
+        "build the CUDA test and benchmark binaries in release into .device/ with run.sh and the comparison wheels",
+        device_bundle::run,
+    ),
+];
+
+fn usage() -> String {
+    let mut s = String::from("usage: cargo xtask <command> [args]\n\ncommands:\n");
+    for (name, help, _) in COMMANDS {
+        s.push_str(&format!("  {name:<15} {help}\n"));
+    }
+    s
+}
+
+/// The workspace root (the parent of this crate's folder).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
 fn main() {
-    eprintln!("usage: cargo xtask <bench|parity|kernels|device-bundle>");
-    std::process::exit(2);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprint!("{}", usage());
+        std::process::exit(2);
+    };
+    let Some((_, _, run)) = COMMANDS.iter().find(|(name, _, _)| name == cmd) else {
+        eprint!("unknown command {cmd:?}\n\n{}", usage());
+        std::process::exit(2);
+    };
+    if let Err(e) = run(&args[1..]) {
+        eprintln!("xtask {cmd}: {e}");
+        std::process::exit(1);
+    }
 }

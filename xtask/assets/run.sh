@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Prepared GPU run of performer-cuda, written by `cargo xtask device-bundle`.
+# Usage on the GPU machine: bash .device/run.sh
+# Stages: environment, GPU tests, performer-cuda benchmark, performer-pytorch + fla benchmark,
+# table. A failing stage is reported and the later stages still run. Logs go to $OUT when set,
+# else .device/out; at most 8 files, so that all of them come back from a device run.
+set -u
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOGDIR="${OUT:-$HERE/out}"
+mkdir -p "$LOGDIR"
+SUMMARY="$LOGDIR/summary.txt"
+: > "$SUMMARY"
+START_ALL=$(date +%s)
+FAILED=0
+
+# run_stage NAME TIMEOUT_S LOGFILE CMD...: runs CMD with a time limit, appends its output to
+# LOGFILE, records the outcome in summary.txt and never stops the script.
+run_stage() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local t0 rc
+    t0=$(date +%s)
+    echo "=== [$name] $* (limit ${limit}s)" | tee -a "$log"
+    timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+    rc=$?
+    local secs=$(( $(date +%s) - t0 ))
+    local verdict="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        verdict="TIMED OUT"
+    elif [ "$rc" -ne 0 ]; then
+        verdict="FAILED (exit $rc)"
+    fi
+    [ "$verdict" = "ok" ] || FAILED=1
+    printf '%-44s %-18s %4ss\n' "$name" "$verdict" "$secs" | tee -a "$SUMMARY"
+    return 0
+}
+
+# --- environment -------------------------------------------------------------------------------
+ENVLOG="$LOGDIR/env.log"
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "host: $(uname -a)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1
+} > "$ENVLOG" 2>&1
+cat "$ENVLOG"
+
+# NVRTC / cuBLAS: the crate finds them itself (/usr/local/cuda/lib64, python's nvidia packages);
+# adding the toolkit folder first makes it prefer the toolkit matching the driver.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export PERFORMER_CUDA_REQUIRE_NVRTC=1
+
+# --- GPU tests ---------------------------------------------------------------------------------
+TESTLOG="$LOGDIR/tests.log"
+: > "$TESTLOG"
+for t in "$HERE"/bin/*; do
+    name=$(basename "$t")
+    [ "$name" = "cuda_bench" ] && continue
+    run_stage "test $name" 240 "$TESTLOG" "$t" --test-threads=1 --nocapture
+done
+grep -E "^(test result|SKIPPED|---- |thread .* panicked)|max rel err above" "$TESTLOG" || true
+
+# --- benchmarks --------------------------------------------------------------------------------
+CUDA_CSV="$LOGDIR/bench_cuda.csv"
+REF_CSV="$LOGDIR/bench_reference.csv"
+run_stage "bench performer-cuda" 150 "$LOGDIR/bench_cuda.log" \
+    "$HERE/bin/cuda_bench" --n 4096,16384,65536 --batch 1 --heads 8 --dim 64 --features 256 \
+    --warmup 3 --iters 10 --csv "$CUDA_CSV"
+grep BENCH "$LOGDIR/bench_cuda.log" || true
+
+PYDEPS="${TMPDIR:-/tmp}/performer-cuda-pydeps"
+REFLOG="$LOGDIR/bench_reference.log"
+: > "$REFLOG"
+rm -rf "$PYDEPS"
+run_stage "install comparison wheels" 120 "$REFLOG" \
+    python3 -m pip install --no-deps --no-index --disable-pip-version-check --target "$PYDEPS" "$HERE"/wheels/*.whl
+export PYTHONPATH="$PYDEPS${PYTHONPATH:+:$PYTHONPATH}"
+run_stage "bench performer-pytorch + fla" 300 "$REFLOG" \
+    python3 "$HERE/bench_reference.py" --n 4096,16384,65536 --batch 1 --heads 8 --dim 64 --features 256 \
+    --warmup 3 --iters 10 --csv "$REF_CSV"
+
+# --- table (last) ------------------------------------------------------------------------------
+TABLE="$LOGDIR/table.txt"
+python3 "$HERE/bench_table.py" "$CUDA_CSV" "$REF_CSV" > "$TABLE" 2>&1 || echo "table failed" >> "$TABLE"
+echo
+echo "=== summary ($(( $(date +%s) - START_ALL ))s, logs in $LOGDIR)"
+cat "$SUMMARY"
+echo
+cat "$TABLE"
+exit $FAILED
