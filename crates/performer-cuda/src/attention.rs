@@ -346,17 +346,30 @@ fn mode(causal: bool) -> &'static str {
 }
 
 /// One-shot host API: FAVOR+ attention of `q`, `k`, `v` on device `ordinal` with `projection`
-/// `(nb_features, dim_qk)`; returns the output `(batch, heads, seq_len, dim_v)`.
+/// `(nb_features, dim_qk)` (its length must be a multiple of `shape.dim_qk`); returns the
+/// output `(batch, heads, seq_len, dim_v)`.
 pub fn fast_attention_host(
     ordinal: usize,
     projection: &[f32],
-    nb_features: usize,
     causal: bool,
     q: &[f32],
     k: &[f32],
     v: &[f32],
     shape: AttentionShape,
 ) -> Result<Vec<f32>> {
+    const OP: &str = "fast_attention_host";
+    if shape.dim_qk == 0 || projection.is_empty() || !projection.len().is_multiple_of(shape.dim_qk)
+    {
+        return Err(Error::Shape {
+            op: OP,
+            detail: format!(
+                "projection has {} elements, not a positive multiple of dim_qk {} of {shape:?}",
+                projection.len(),
+                shape.dim_qk
+            ),
+        });
+    }
+    let nb_features = projection.len() / shape.dim_qk;
     let device = CudaDevice::new(ordinal)?;
     let attn = CudaFastAttention::new(&device, projection, nb_features, shape.dim_qk, causal)?;
     Ok(attn.forward_host(q, k, v, shape)?.0)

@@ -103,6 +103,7 @@ fn grid_3d(x: usize, y: usize, z: usize) -> LaunchConfig {
 
 /// The FAVOR+ softmax feature map of `x` `(bh, n, d)` under `projection` `(m, d)`:
 /// `m^-0.5 * (exp(dn x.P - dn^2 |x|^2 / 2 - stab) + 1e-4)` with `dn = d^-0.25`, `(bh, n, m)`.
+#[allow(clippy::too_many_arguments)]
 pub fn softmax_features(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,
