@@ -159,9 +159,13 @@ impl CudaDevice {
         self.stream.clone_htod(data).op("upload")
     }
 
-    /// Copies a device buffer (or view) to a new host vector (waits for the stream).
+    /// Copies a device buffer to a new host vector (waits for the stream).
     pub fn download(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        self.stream.clone_dtoh(buf).op("download")
+        let v = self.stream.clone_dtoh(buf).op("download")?;
+        // A copy to pageable memory already completes before returning; the explicit wait
+        // keeps that guarantee if cudarc ever switches to a pinned staging buffer.
+        self.synchronize()?;
+        Ok(v)
     }
 
     /// A testing aid: a handle whose every buffer allocated by this crate (outputs and
@@ -175,6 +179,18 @@ impl CudaDevice {
     /// A device buffer of `len` floats: zeros, or the poison value of [`Self::with_poison`].
     pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
         let mut buf = self.stream.alloc_zeros::<f32>(len.max(1)).op("alloc")?;
+        if let Some(value) = self.poison {
+            crate::ops::fill(self, "alloc", &mut buf, value)?;
+        }
+        Ok(buf)
+    }
+
+    /// A buffer for a kernel to fill completely: not zeroed (a memset would be a wasted pass
+    /// over memory), but poisoned under [`Self::with_poison`] so tests catch unwritten elements.
+    pub(crate) fn scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller hands the buffer to kernels that write each element before
+        // anything reads it (checked by the poisoned GPU tests).
+        let mut buf = unsafe { self.stream.alloc::<f32>(len.max(1)) }.op("alloc")?;
         if let Some(value) = self.poison {
             crate::ops::fill(self, "alloc", &mut buf, value)?;
         }

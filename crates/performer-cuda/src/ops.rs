@@ -121,9 +121,9 @@ pub fn softmax_features(
     let stream = dev.stream();
     let per_row: i32 = matches!(kind, FeatureKind::Query) as i32;
     let stab_len = if per_row != 0 { bh * n } else { bh };
-    let mut feat = dev.zeros(bh * n * m)?;
-    let mut diag = dev.zeros(bh * n)?;
-    let mut stab = dev.zeros(stab_len)?;
+    let mut feat = dev.scratch(bh * n * m)?;
+    let mut diag = dev.scratch(bh * n)?;
+    let mut stab = dev.scratch(stab_len)?;
     let (ni, mi, di) = (n as i32, m as i32, d as i32);
     let dn = (d as f32).powf(-0.25);
     let ratio = (m as f32).powf(-0.5);
@@ -182,7 +182,7 @@ pub fn softmax_features_backward(
     expect_len(OP, "projection", projection.len(), m * d, &dims)?;
     expect_len(OP, "features", features.len(), bh * n * m, &dims)?;
     expect_len(OP, "grad_features", grad_features.len(), bh * n * m, &dims)?;
-    let mut gx = dev.zeros(bh * n * d)?;
+    let mut gx = dev.scratch(bh * n * d)?;
     let (ni, mi, di) = (n as i32, m as i32, d as i32);
     let dn = (d as f32).powf(-0.25);
     let ratio_eps = (m as f32).powf(-0.5) * FEATURE_EPS;
@@ -261,11 +261,11 @@ pub fn causal_linear_attention(
         ],
     )?;
     let nt = dims.chunks();
-    let mut h = dev.zeros(bh * nt * m * e)?;
-    let mut z = dev.zeros(bh * nt * m)?;
+    let mut h = dev.scratch(bh * nt * m * e)?;
+    let mut z = dev.scratch(bh * nt * m)?;
     chunk_states(dev, OP, kf, v, None, &mut h, &mut z, dims, false)?;
-    let mut out = dev.zeros(bh * n * e)?;
-    let mut den = dev.zeros(bh * n)?;
+    let mut out = dev.scratch(bh * n * e)?;
+    let mut den = dev.scratch(bh * n)?;
     let (ni, mi, ei) = (n as i32, m as i32, e as i32);
     unsafe {
         dev.stream()
@@ -355,8 +355,8 @@ pub fn causal_linear_attention_backward(
     )?;
     let nt = dims.chunks();
     let (ni, mi, ei) = (n as i32, m as i32, e as i32);
-    let dnum = dev.zeros(bh * n * e)?;
-    let dden = dev.zeros(bh * n)?;
+    let dnum = dev.scratch(bh * n * e)?;
+    let dden = dev.scratch(bh * n)?;
     grad_prep(
         dev,
         OP,
@@ -373,10 +373,10 @@ pub fn causal_linear_attention_backward(
     )?;
 
     // Forward states again (recomputed rather than kept: they are nt*m*e per head).
-    let mut states = dev.zeros(bh * nt * m * e)?;
-    let mut col = dev.zeros(bh * nt * m)?;
+    let mut states = dev.scratch(bh * nt * m * e)?;
+    let mut col = dev.scratch(bh * nt * m)?;
     chunk_states(dev, OP, kf, v, None, &mut states, &mut col, dims, false)?;
-    let mut dqf = dev.zeros(bh * n * m)?;
+    let mut dqf = dev.scratch(bh * n * m)?;
     let stream = dev.stream();
     unsafe {
         stream
@@ -408,8 +408,8 @@ pub fn causal_linear_attention_backward(
         dims,
         true,
     )?;
-    let mut dkf = dev.zeros(bh * n * m)?;
-    let mut dv = dev.zeros(bh * n * e)?;
+    let mut dkf = dev.scratch(bh * n * m)?;
+    let mut dv = dev.scratch(bh * n * e)?;
     unsafe {
         stream
             .launch_builder(dev.kernel("chunk_grad_feat_rev")?)
@@ -509,7 +509,7 @@ fn augment_ones(
     dims: LinearDims,
 ) -> Result<CudaSlice<f32>> {
     let rows = dims.bh * dims.n;
-    let mut vaug = dev.zeros(rows * (dims.e + 1))?;
+    let mut vaug = dev.scratch(rows * (dims.e + 1))?;
     let rows_i = rows as i64;
     let ei = dims.e as i32;
     unsafe {
@@ -546,7 +546,7 @@ pub fn linear_attention(
     )?;
     let ea = e + 1;
     let vaug = augment_ones(dev, OP, v, dims)?;
-    let mut context = dev.zeros(bh * m * ea)?;
+    let mut context = dev.scratch(bh * m * ea)?;
     gemm_rm(
         dev,
         OP,
@@ -566,7 +566,7 @@ pub fn linear_attention(
         m * ea,
         bh,
     )?;
-    let mut numerator = dev.zeros(bh * n * ea)?;
+    let mut numerator = dev.scratch(bh * n * ea)?;
     gemm_rm(
         dev,
         OP,
@@ -586,7 +586,7 @@ pub fn linear_attention(
         n * ea,
         bh,
     )?;
-    let mut out = dev.zeros(bh * n * e)?;
+    let mut out = dev.scratch(bh * n * e)?;
     let rows_i = (bh * n) as i64;
     let ei = e as i32;
     unsafe {
@@ -630,7 +630,7 @@ pub fn linear_attention_backward(
         ],
     )?;
     // [dnum | dden] in one (e+1)-column buffer, so each gradient is a single GEMM.
-    let gaug = dev.zeros(bh * n * ea)?;
+    let gaug = dev.scratch(bh * n * ea)?;
     grad_prep(
         dev,
         OP,
@@ -645,7 +645,7 @@ pub fn linear_attention_backward(
         bh * n,
         e,
     )?;
-    let mut dqf = dev.zeros(bh * n * m)?;
+    let mut dqf = dev.scratch(bh * n * m)?;
     gemm_rm(
         dev,
         OP,
@@ -665,7 +665,7 @@ pub fn linear_attention_backward(
         n * m,
         bh,
     )?;
-    let mut dctx = dev.zeros(bh * m * ea)?;
+    let mut dctx = dev.scratch(bh * m * ea)?;
     gemm_rm(
         dev,
         OP,
@@ -686,7 +686,7 @@ pub fn linear_attention_backward(
         bh,
     )?;
     let vaug = augment_ones(dev, OP, v, dims)?;
-    let mut dkf = dev.zeros(bh * n * m)?;
+    let mut dkf = dev.scratch(bh * n * m)?;
     gemm_rm(
         dev,
         OP,
@@ -706,7 +706,7 @@ pub fn linear_attention_backward(
         n * m,
         bh,
     )?;
-    let mut dv = dev.zeros(bh * n * e)?;
+    let mut dv = dev.scratch(bh * n * e)?;
     gemm_rm(
         dev,
         OP,
