@@ -42,6 +42,23 @@ def cuda_time(fn, warmup, iters):
     return times[len(times) // 2]
 
 
+class Rows(list):
+    """Rows that are also appended to the CSV at once, so a run cut short by the stage's time
+    limit still leaves every finished measurement behind."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.file = open(path, "w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["impl", "n", "fwd_ms", "fwd_bwd_ms", "note"])
+        self.file.flush()
+
+    def append(self, row):
+        super().append(row)
+        self.writer.writerow(row)
+        self.file.flush()
+
+
 def guarded(rows, impl, n, note, fwd_fn, both_fn, warmup, iters):
     try:
         fwd = cuda_time(fwd_fn, warmup, iters)
@@ -73,7 +90,7 @@ def main():
     ap.add_argument("--csv", required=True)
     a = ap.parse_args()
     b, h, d, m = a.batch, a.heads, a.dim, a.features
-    rows = []
+    rows = Rows(a.csv)
     print("torch", torch.__version__, "device", torch.cuda.get_device_name(0), flush=True)
 
     try:
@@ -159,10 +176,7 @@ def main():
         del q, k, v, g, qf, kf
         torch.cuda.empty_cache()
 
-    with open(a.csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["impl", "n", "fwd_ms", "fwd_bwd_ms", "note"])
-        w.writerows(rows)
+    rows.file.close()
     return 0
 
 

@@ -60,14 +60,14 @@ TESTLOG="$LOGDIR/tests.log"
 for t in "$HERE"/bin/*; do
     name=$(basename "$t")
     [ "$name" = "cuda_bench" ] && continue
-    run_stage "test $name" 240 "$TESTLOG" "$t" --test-threads=1 --nocapture
+    run_stage "test $name" 180 "$TESTLOG" "$t" --test-threads=1 --nocapture
 done
 grep -E "^(test result|SKIPPED|---- |thread .* panicked)|max rel err above" "$TESTLOG" || true
 
 # --- benchmarks --------------------------------------------------------------------------------
 CUDA_CSV="$LOGDIR/bench_cuda.csv"
 REF_CSV="$LOGDIR/bench_reference.csv"
-run_stage "bench performer-cuda" 150 "$LOGDIR/bench_cuda.log" \
+run_stage "bench performer-cuda" 120 "$LOGDIR/bench_cuda.log" \
     "$HERE/bin/cuda_bench" --n 4096,16384,65536 --batch 1 --heads 8 --dim 64 --features 256 \
     --warmup 3 --iters 10 --csv "$CUDA_CSV"
 grep BENCH "$LOGDIR/bench_cuda.log" || true
@@ -76,10 +76,10 @@ PYDEPS="${TMPDIR:-/tmp}/performer-cuda-pydeps"
 REFLOG="$LOGDIR/bench_reference.log"
 : > "$REFLOG"
 rm -rf "$PYDEPS"
-run_stage "install comparison wheels" 120 "$REFLOG" \
+run_stage "install comparison wheels" 60 "$REFLOG" \
     python3 -m pip install --no-deps --no-index --disable-pip-version-check --target "$PYDEPS" "$HERE"/wheels/*.whl
 export PYTHONPATH="$PYDEPS${PYTHONPATH:+:$PYTHONPATH}"
-run_stage "bench performer-pytorch + fla" 300 "$REFLOG" \
+run_stage "bench performer-pytorch + fla" 270 "$REFLOG" \
     python3 "$HERE/bench_reference.py" --n 4096,16384,65536 --batch 1 --heads 8 --dim 64 --features 256 \
     --warmup 3 --iters 10 --csv "$REF_CSV"
 
