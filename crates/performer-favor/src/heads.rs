@@ -1,0 +1,72 @@
+//! Treating `(..., n, d)` arrays as a list of heads: leading axes (batch, heads) flatten into
+//! one head index; views of any strides are used as they are.
+
+use ndarray::{
+    Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut1, ArrayViewMut2, Axis, IxDyn,
+};
+use performer_tensor::{Error, Result};
+
+/// The leading (head) shape of a `(..., rows, cols)` array, checked to be of rank >= 2.
+pub(crate) fn lead_shape<'a>(op: &str, name: &str, shape: &'a [usize]) -> Result<&'a [usize]> {
+    if shape.len() < 2 {
+        return Err(Error::shape(
+            op,
+            format!("`{name}` must be (..., n, d), got {shape:?}"),
+        ));
+    }
+    Ok(&shape[..shape.len() - 2])
+}
+
+/// Head `i` (in row-major order of the leading axes) as a 2-D view.
+pub(crate) fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f32> {
+    let lead = &x.shape()[..x.ndim() - 2];
+    let mut v = x.view();
+    let mut rem = i;
+    let mut idx = vec![0; lead.len()];
+    for (ax, &d) in lead.iter().enumerate().rev() {
+        idx[ax] = rem % d;
+        rem /= d;
+    }
+    for &k in &idx {
+        v = v.index_axis_move(Axis(0), k);
+    }
+    v.into_dimensionality().expect("two axes remain")
+}
+
+/// A contiguous `(heads, rows, cols)` output with its final `lead ++ [rows, cols]` shape.
+pub(crate) struct HeadsOut {
+    pub data: Array3<f32>,
+    shape: Vec<usize>,
+}
+
+impl HeadsOut {
+    pub fn zeros(lead: &[usize], rows: usize, cols: usize) -> Self {
+        let heads = lead.iter().product();
+        let mut shape = lead.to_vec();
+        shape.extend([rows, cols]);
+        HeadsOut {
+            data: Array3::zeros((heads, rows, cols)),
+            shape,
+        }
+    }
+
+    pub fn views(&mut self) -> Vec<ArrayViewMut2<'_, f32>> {
+        self.data.axis_iter_mut(Axis(0)).collect()
+    }
+
+    pub fn into_array(self) -> ArrayD<f32> {
+        self.data
+            .into_shape_with_order(IxDyn(&self.shape))
+            .expect("same element count")
+    }
+}
+
+/// Per-head row vectors (normalizers), `(heads, rows)`.
+pub(crate) fn row_vectors(heads: usize, rows: usize) -> Array2<f32> {
+    Array2::zeros((heads, rows))
+}
+
+/// Mutable rows of a `(heads, rows)` array.
+pub(crate) fn vector_views(a: &mut Array2<f32>) -> Vec<ArrayViewMut1<'_, f32>> {
+    a.axis_iter_mut(Axis(0)).collect()
+}

@@ -1,0 +1,41 @@
+//! performer-favor: FAVOR+ (Fast Attention Via positive Orthogonal Random features), exactly as
+//! performer-pytorch 1.1.4 computes it.
+//!
+//! - [`gaussian_orthogonal_random_matrix`]: the random projection (QR through faer, or a system
+//!   LAPACK with the `lapack` feature);
+//! - [`softmax_kernel`], [`generalized_kernel`]: the feature maps;
+//! - [`linear_attention`], [`causal_linear_attention`]: attention on features, as fused ops
+//!   with analytic backward, chunked so that no `(n, m, d)` tensor is ever built;
+//! - [`favor_attention`]: feature maps and attention fused, recomputing features in the backward;
+//! - [`FastAttention`] and [`ProjectionUpdater`]: the modules.
+//!
+//! ```
+//! use performer_favor::{FastAttention, FastAttentionConfig};
+//! use performer_tensor::Tensor;
+//! # fn main() -> performer_tensor::Result<()> {
+//! let attn = FastAttention::new(FastAttentionConfig { nb_features: Some(32), ..FastAttentionConfig::new(16) })?;
+//! let (q, k, v) = (Tensor::randn(&[1, 2, 50, 16]), Tensor::randn(&[1, 2, 50, 16]), Tensor::randn(&[1, 2, 50, 16]));
+//! let out = attn.forward(&q, &k, &v)?;
+//! assert_eq!(out.shape(), &[1, 2, 50, 16]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod fast_attention;
+mod feature;
+mod heads;
+mod kernels;
+mod ops;
+mod projection;
+
+pub use fast_attention::{
+    FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,
+};
+pub use feature::FeatureMap;
+pub use ops::{
+    CAUSAL_EPS, DEFAULT_CHUNK, causal_linear_attention, favor_attention, generalized_kernel,
+    linear_attention, linear_attention_chunked, softmax_kernel,
+};
+pub use projection::{
+    OrthoScaling, gaussian_orthogonal_random_matrix, gaussian_orthogonal_random_matrix_with,
+};
