@@ -44,6 +44,22 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// Frees the graph behind this node with an explicit stack: the default drop would
+    /// recurse once per op of a chain, and a 100k-op graph would overflow the thread's stack.
+    /// Nodes still referenced from elsewhere are left to their other owners.
+    fn drop(&mut self) {
+        let mut pending = std::mem::take(&mut self.inputs);
+        while let Some(tensor) = pending.pop() {
+            let Some(link) = tensor.into_unique_grad_link() else { continue };
+            if let Ok(mut node) = Arc::try_unwrap(link.node) {
+                pending.append(&mut node.inputs);
+                // `node` drops here with no inputs left, so this does not recurse.
+            }
+        }
+    }
+}
+
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
 }

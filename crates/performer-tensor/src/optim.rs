@@ -82,9 +82,14 @@ impl Sgd {
 
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &Gradients) -> Result<()> {
-        for ((name, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
+        // Check every gradient first, so a bad one leaves all parameters untouched.
+        for (name, p) in &self.params {
+            if let Some(g) = grads.get_param(p) {
+                check_grad(name, p, g)?;
+            }
+        }
+        for ((_, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
             let Some(g) = grads.get_param(p) else { continue };
-            check_grad(name, p, g)?;
             let mut d = g.clone();
             if self.weight_decay != 0.0 {
                 let v = p.value();

@@ -81,9 +81,11 @@ impl Generator {
         x as f32
     }
 
-    /// A uniform integer in `0..n` (n > 0), without modulo bias.
+    /// A uniform integer in `0..n`, without modulo bias (0 for `n == 0`, an empty range).
     pub fn below(&mut self, n: u64) -> u64 {
-        debug_assert!(n > 0);
+        if n == 0 {
+            return 0;
+        }
         let zone = u64::MAX - (u64::MAX % n);
         loop {
             let v = self.next_u64();

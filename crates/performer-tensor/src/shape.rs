@@ -44,10 +44,17 @@ pub fn broadcast_shapes(op: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>
             return Err(Error::shape(op, format!("shapes {a:?} and {b:?} do not broadcast")));
         };
     }
+    if checked_numel(&out).is_none() {
+        return Err(Error::shape(op, format!("shapes {a:?} and {b:?} broadcast to {out:?}, too large to allocate")));
+    }
     Ok(out)
 }
 
 /// Sums a gradient of a broadcast result down to the shape of the operand that was broadcast.
+///
+/// # Panics
+/// If `shape` does not broadcast to `g`'s shape (a broken caller contract, not bad user input:
+/// the ops only call it with the operand shape they broadcast in the forward).
 pub fn sum_to_shape(g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
     if g.shape() == shape {
         return g;
@@ -67,4 +74,11 @@ pub fn sum_to_shape(g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
 /// Product of the dimensions.
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
+}
+
+/// Product of the dimensions if an f32 array of that shape is addressable (its size in bytes
+/// fits in `isize`, ndarray's limit); `None` otherwise.
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    (n <= isize::MAX as usize / std::mem::size_of::<f32>()).then_some(n)
 }

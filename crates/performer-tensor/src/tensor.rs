@@ -69,12 +69,8 @@ impl Tensor {
 
     /// A tensor of the given shape from row-major values.
     pub fn from_vec(values: Vec<f32>, shape: &[usize]) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        if n != values.len() {
-            return Err(Error::shape(
-                "from_vec",
-                format!("{} values cannot fill shape {:?} ({} elements)", values.len(), shape, n),
-            ));
+        if crate::shape::checked_numel(shape) != Some(values.len()) {
+            return Err(Error::shape("from_vec", format!("{} values cannot fill shape {:?}", values.len(), shape)));
         }
         let arr = ArrayD::from_shape_vec(IxDyn(shape), values)
             .map_err(|e| Error::shape("from_vec", e.to_string()))?;
@@ -82,16 +78,28 @@ impl Tensor {
     }
 
     /// A tensor filled with `value`.
+    ///
+    /// # Panics
+    /// If the shape's size in bytes overflows `isize` (see [`Tensor::try_full`] for shapes
+    /// that come from outside the program).
     pub fn full(shape: &[usize], value: f32) -> Self {
         Self::new(ArrayD::from_elem(IxDyn(shape), value))
     }
 
-    /// A tensor of zeros.
+    /// A tensor filled with `value`, or a shape error if no array of that shape can exist.
+    pub fn try_full(shape: &[usize], value: f32) -> Result<Self> {
+        if crate::shape::checked_numel(shape).is_none() {
+            return Err(Error::shape("full", format!("{shape:?} is too large to allocate")));
+        }
+        Ok(Self::full(shape, value))
+    }
+
+    /// A tensor of zeros (panics like [`Tensor::full`]).
     pub fn zeros(shape: &[usize]) -> Self {
         Self::full(shape, 0.0)
     }
 
-    /// A tensor of ones.
+    /// A tensor of ones (panics like [`Tensor::full`]).
     pub fn ones(shape: &[usize]) -> Self {
         Self::full(shape, 1.0)
     }
@@ -101,12 +109,13 @@ impl Tensor {
         Self::new(ArrayD::from_elem(IxDyn(&[]), value))
     }
 
-    /// Standard normal samples from the global generator ([`crate::rng`]).
+    /// Standard normal samples from the global generator ([`crate::rng`]); panics like
+    /// [`Tensor::full`].
     pub fn randn(shape: &[usize]) -> Self {
         Self::new(crate::rng::randn(shape))
     }
 
-    /// Uniform samples in `[low, high)` from the global generator.
+    /// Uniform samples in `[low, high)` from the global generator; panics like [`Tensor::full`].
     pub fn rand_uniform(shape: &[usize], low: f32, high: f32) -> Self {
         Self::new(crate::rng::uniform(shape, low, high))
     }
@@ -180,6 +189,12 @@ impl Tensor {
 
     pub(crate) fn grad_link(&self) -> Option<&GradLink> {
         self.inner.grad.as_ref()
+    }
+
+    /// Consumes this handle; if it was the last one, returns its graph link (for the
+    /// iterative drop of graphs in `autograd`).
+    pub(crate) fn into_unique_grad_link(self) -> Option<GradLink> {
+        Arc::try_unwrap(self.inner).ok().and_then(|inner| inner.grad)
     }
 }
 

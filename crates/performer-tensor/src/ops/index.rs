@@ -38,6 +38,10 @@ impl Tensor {
         if self.rank() != 2 {
             return Err(Error::shape("embedding", format!("the table must be 2-D, got {:?}", self.shape())));
         }
+        let num = self.shape()[0];
+        for &id in ids.iter() {
+            check_index("embedding", id, num)?;
+        }
         let flat: Vec<i64> = ids.iter().copied().collect();
         let rows = self.index_select(0, &flat)?;
         let mut shape: Vec<isize> = ids.shape().iter().map(|&d| d as isize).collect();

@@ -69,7 +69,8 @@ impl Tensor {
         let ax = normalize_axis("narrow", axis, self.rank())?;
         let size = self.shape()[ax];
         if start.checked_add(len).is_none_or(|end| end > size) {
-            return Err(Error::Index { op: "narrow".into(), index: (start + len) as i64, size });
+            let end = start.saturating_add(len);
+            return Err(Error::Index { op: "narrow".into(), index: i64::try_from(end).unwrap_or(i64::MAX), size });
         }
         let mut data = self.data().clone();
         data.slice_axis_inplace(Axis(ax), Slice::from(start..start + len));
@@ -83,6 +84,11 @@ impl Tensor {
 
     /// Entry `index` of `axis`, with that axis removed (a view).
     pub fn select(&self, axis: isize, index: usize) -> Result<Tensor> {
+        let ax = normalize_axis("select", axis, self.rank())?;
+        let size = self.shape()[ax];
+        if index >= size {
+            return Err(Error::Index { op: "select".into(), index: i64::try_from(index).unwrap_or(i64::MAX), size });
+        }
         self.narrow(axis, index, 1)?.squeeze(axis)
     }
 
@@ -129,7 +135,20 @@ impl Tensor {
         let ax = normalize_axis("pad", axis, self.rank())?;
         let mut shape = self.shape().to_vec();
         let len = shape[ax];
-        shape[ax] += before + after;
+        let padded = before.checked_add(after).and_then(|p| p.checked_add(len));
+        let fits = padded.is_some_and(|p| {
+            shape.iter().enumerate().try_fold(1usize, |acc, (i, &d)| acc.checked_mul(if i == ax { p } else { d }))
+                .is_some_and(|n| n <= isize::MAX as usize / std::mem::size_of::<f32>())
+        });
+        let Some(padded) = padded.filter(|_| fits) else {
+            return Err(Error::invalid(
+                "pad",
+                "before + after",
+                format!("{before} + {after}"),
+                format!("the padded shape of {:?} along axis {axis} overflows memory", self.shape()),
+            ));
+        };
+        shape[ax] = padded;
         let mut out = ArrayD::from_elem(IxDyn(&shape), value);
         out.slice_axis_mut(Axis(ax), Slice::from(before..before + len)).assign(&self.view());
         Ok(Tensor::from_op(out, "pad", &[self], move |g, _| {
@@ -151,7 +170,7 @@ impl Tensor {
     pub fn split_sizes(&self, sizes: &[usize], axis: isize) -> Result<Vec<Tensor>> {
         let ax = normalize_axis("split_sizes", axis, self.rank())?;
         let len = self.shape()[ax];
-        if sizes.iter().sum::<usize>() != len {
+        if sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(s)) != Some(len) {
             return Err(Error::invalid("split_sizes", "sizes", format!("{sizes:?}"), format!("must add up to {len}")));
         }
         let mut start = 0;
