@@ -3,6 +3,7 @@
 //! One binary, one module per command (rust-analyzer's xtask layout). To add a command, add a
 //! module and a row to `COMMANDS`.
 
+mod bench;
 mod device_bundle;
 mod kernels;
 
@@ -16,6 +17,11 @@ type Command = (
 );
 
 const COMMANDS: &[Command] = &[
+    (
+        "bench",
+        "run the BENCHMARKS.md workloads, one process each: table, target/bench/report.json, scaling.svg (--reference: vs performer-pytorch)",
+        bench::run,
+    ),
     (
         "kernels",
         "write NVRTC (and nvcc, when present) PTX of the CUDA kernels for sm_80/sm_90 and print ptxas register/spill use",

@@ -1,0 +1,294 @@
+//! One benchmark workload of `BENCHMARKS.md`, timed in this process; `cargo xtask bench` runs it.
+//!
+//! ```text
+//! cargo build --release --example bench_workload
+//! target/release/examples/bench_workload --workload NAME [--n N] [--reps R] [--seed S]
+//! target/release/examples/bench_workload --list
+//! ```
+//!
+//! The process builds its seeded inputs (not timed), runs one warm-up repetition, then `R` (default
+//! 3) timed ones, and prints one JSON line on stdout:
+//! `{"median_ms": .., "times_ms": [..], "tokens": .., "peak_rss_mib": ..}` (`peak_rss_mib` is this
+//! process's own `VmHWM`, for standalone use; xtask measures it from outside with `wait4`).
+//! Threads: rayon's global pool, sized by `RAYON_NUM_THREADS` (xtask sets it) or all cores.
+//!
+//! Exit status: 0 measured; 2 bad arguments; 3 the workload is not implemented yet (the reason is
+//! the last line of stderr; xtask shows `n/a`); 1 it failed.
+//!
+//! # Adding a workload
+//!
+//! Write one function `fn(n: usize) -> Result<Prepared, BenchError>` that builds the model and
+//! inputs and returns a [`Prepared`]: the closure that runs one repetition and the tokens it
+//! processes. Put it in [`WORKLOADS`] under the name `tools/bench_reference.py` and
+//! `xtask/src/bench/workloads.rs` use (the shapes and FLOP counts live there).
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use performer::tensor::{Tensor, rng};
+
+/// One repetition of a workload, ready to run.
+struct Prepared {
+    /// Runs one repetition: forward, backward, optimizer step, sampling... Called once to warm
+    /// up, then once per timed repetition; keep setup (weights, inputs) out of it.
+    step: Box<dyn FnMut() -> Result<(), String>>,
+    /// Tokens one repetition processes (sequence positions; sampled tokens for generation).
+    tokens: usize,
+}
+
+/// Why a workload gives no measurement.
+enum BenchError {
+    /// The API it needs does not exist yet.
+    NotImplemented(String),
+    /// Setup failed.
+    Failed(String),
+}
+
+impl From<performer::tensor::Error> for BenchError {
+    fn from(e: performer::tensor::Error) -> Self {
+        BenchError::Failed(e.to_string())
+    }
+}
+
+/// Builds a workload for length `n`.
+type Builder = fn(usize) -> Result<Prepared, BenchError>;
+
+/// Name, default `n` (`None`: `--n` is required), builder. The named workloads are the rows of
+/// BENCHMARKS.md; `attn-noncausal` / `attn-causal` are the scaling sweep's families.
+const WORKLOADS: &[(&str, Option<usize>, Builder)] = &[
+    ("attn-noncausal-4k", Some(4096), attn_noncausal),
+    ("attn-causal-1k", Some(1024), attn_causal),
+    ("attn-causal-4k", Some(4096), attn_causal),
+    ("attn-causal-64k", Some(65536), attn_causal),
+    ("attn-noncausal", None, attn_noncausal),
+    ("attn-causal", None, attn_causal),
+    ("lm-causal-1k", Some(1024), lm_causal),
+    ("lm-noncausal-1k", Some(1024), lm_noncausal),
+    ("lm-full-1k", Some(1024), lm_full),
+    ("generate-512", Some(512), generate),
+    ("matmul-4k", Some(4096), matmul),
+];
+
+// ---------------------------------------------------------------------------------------------
+// Workloads
+
+/// FastAttention heads / head width / random features of the `attn-*` workloads.
+#[allow(dead_code)]
+const ATTN: (usize, usize, usize) = (8, 64, 256);
+
+fn attn_noncausal(n: usize) -> Result<Prepared, BenchError> {
+    attention(false, n)
+}
+
+fn attn_causal(n: usize) -> Result<Prepared, BenchError> {
+    attention(true, n)
+}
+
+/// FastAttention(dim_heads 64, nb_features 256, causal) on q, k, v of shape (1, 8, n, 64) drawn
+/// from the seeded generator; one repetition is the forward and the backward of `out.sum()`.
+/// tokens = n.
+fn attention(causal: bool, n: usize) -> Result<Prepared, BenchError> {
+    let _ = (causal, n, ATTN);
+    not_implemented("FastAttention (performer-favor) is not wired into the benchmark yet")
+}
+
+fn lm_causal(n: usize) -> Result<Prepared, BenchError> {
+    lm_train(LmVariant::Causal, n)
+}
+
+fn lm_noncausal(n: usize) -> Result<Prepared, BenchError> {
+    lm_train(LmVariant::NonCausal, n)
+}
+
+fn lm_full(n: usize) -> Result<Prepared, BenchError> {
+    lm_train(LmVariant::Full, n)
+}
+
+/// Which PerformerLM a training workload builds.
+#[derive(Clone, Copy, Debug)]
+enum LmVariant {
+    /// vocab 256, dim 256, depth 4, heads 4, dim_head 64, nb_features 256, causal.
+    Causal,
+    /// The same, non-causal.
+    NonCausal,
+    /// Causal + reversible, ff_glu, use_scalenorm, local_attn_heads 2 (window 256), shift_tokens.
+    Full,
+}
+
+/// PerformerLM (max_seq_len n) in an AutoregressiveWrapper; one repetition is the loss on n + 1
+/// seeded random tokens, backward, an Adam step (lr 1e-4) and zeroing the gradients.
+/// tokens = n.
+fn lm_train(variant: LmVariant, n: usize) -> Result<Prepared, BenchError> {
+    let _ = n;
+    not_implemented(&format!(
+        "PerformerLM ({variant:?}) training step (performer-models) is not wired into the benchmark yet"
+    ))
+}
+
+/// The lm-causal-1k model with max_seq_len 2048; one repetition primes with `prompt` random
+/// tokens and samples 64 more (top-k, filter_thres 0.9). tokens = 64.
+fn generate(prompt: usize) -> Result<Prepared, BenchError> {
+    let _ = prompt;
+    not_implemented(
+        "AutoregressiveWrapper::generate (performer-models) is not wired into the benchmark yet",
+    )
+}
+
+/// `(n x 512) @ (512 x 2048)` through performer-tensor: the machine's GEMM floor in the same run,
+/// and the self-test of the benchmark pipeline. tokens = n.
+fn matmul(n: usize) -> Result<Prepared, BenchError> {
+    let a = Tensor::randn(&[n, 512]);
+    let b = Tensor::randn(&[512, 2048]);
+    Ok(Prepared {
+        step: Box::new(move || {
+            let c = a.matmul(&b).map_err(|e| e.to_string())?;
+            std::hint::black_box(c);
+            Ok(())
+        }),
+        tokens: n,
+    })
+}
+
+fn not_implemented(why: &str) -> Result<Prepared, BenchError> {
+    Err(BenchError::NotImplemented(why.to_string()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+
+struct Options {
+    workload: String,
+    n: Option<usize>,
+    reps: usize,
+    seed: u64,
+}
+
+const USAGE: &str = "usage: bench_workload --workload NAME [--n N] [--reps R] [--seed S] | --list";
+
+fn parse_args() -> Result<Option<Options>, String> {
+    let mut args = std::env::args().skip(1);
+    let mut opts = Options {
+        workload: String::new(),
+        n: None,
+        reps: 3,
+        seed: 0,
+    };
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--workload" => opts.workload = value("--workload")?,
+            "--n" => opts.n = Some(value("--n")?.parse().map_err(|e| format!("--n: {e}"))?),
+            "--reps" => {
+                opts.reps = value("--reps")?
+                    .parse()
+                    .map_err(|e| format!("--reps: {e}"))?
+            }
+            "--seed" => {
+                opts.seed = value("--seed")?
+                    .parse()
+                    .map_err(|e| format!("--seed: {e}"))?
+            }
+            "--list" => return Ok(None),
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if opts.workload.is_empty() {
+        return Err(format!("--workload is required\n{USAGE}"));
+    }
+    if opts.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    Ok(Some(opts))
+}
+
+fn median(times: &[f64]) -> f64 {
+    let mut v = times.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        0.5 * (v[mid - 1] + v[mid])
+    }
+}
+
+/// This process's peak resident set (`VmHWM`), MiB, where /proc has it.
+fn own_peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args() {
+        Ok(Some(opts)) => opts,
+        Ok(None) => {
+            for (name, _, _) in WORKLOADS {
+                println!("{name}");
+            }
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("bench_workload: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(&(name, default_n, build)) =
+        WORKLOADS.iter().find(|(name, _, _)| *name == opts.workload)
+    else {
+        let known: Vec<&str> = WORKLOADS.iter().map(|w| w.0).collect();
+        eprintln!(
+            "bench_workload: unknown workload {:?}; known: {}",
+            opts.workload,
+            known.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let Some(n) = opts.n.or(default_n) else {
+        eprintln!("bench_workload: workload {name} needs --n");
+        return ExitCode::from(2);
+    };
+
+    rng::manual_seed(opts.seed);
+    let mut prepared = match build(n) {
+        Ok(p) => p,
+        Err(BenchError::NotImplemented(why)) => {
+            eprintln!("bench_workload: {name}: not implemented yet ({why})");
+            return ExitCode::from(3);
+        }
+        Err(BenchError::Failed(why)) => {
+            eprintln!("bench_workload: {name}: setup failed: {why}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut times_ms = Vec::with_capacity(opts.reps);
+    for rep in 0..=opts.reps {
+        let start = Instant::now();
+        if let Err(e) = (prepared.step)() {
+            eprintln!("bench_workload: {name}: repetition {rep} failed: {e}");
+            return ExitCode::FAILURE;
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if rep > 0 {
+            times_ms.push(ms); // rep 0 is the warm-up
+        }
+    }
+
+    let times: Vec<String> = times_ms.iter().map(|t| format!("{t:.6}")).collect();
+    let rss = own_peak_rss_mib().map_or(String::new(), |m| format!(", \"peak_rss_mib\": {m:.3}"));
+    println!(
+        "{{\"median_ms\": {:.6}, \"times_ms\": [{}], \"tokens\": {}{rss}}}",
+        median(&times_ms),
+        times.join(", "),
+        prepared.tokens
+    );
+    ExitCode::SUCCESS
+}
