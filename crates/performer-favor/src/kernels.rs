@@ -1,19 +1,20 @@
 //! Linear attention on one head, given its features: the non-causal product and the causal
-//! prefix sums, each forward and backward, in chunks of rows so the working set stays in cache
-//! and no (n, m, d) tensor ever exists.
+//! prefix sums, each forward and backward; no (n, m, d) tensor ever exists.
 //!
-//! Notation per head: features `q'`, `k'` (n, m), values `v` (n, d), `v+ = [v | 1]` (n, d+1)
-//! so that one product yields the numerator and the normalizer together.
+//! Notation per head: features `q'` (n, m), `k'` (nk, m), values `v` (nk, d), and `v+ = [v | 1]`
+//! (nk, d+1) so that one product yields the numerator and the normalizer together.
 //! - non-causal: `[num | den] = q' (k'^T v+)`, `out = num / den` (no epsilon, as the reference);
 //! - causal: `[num_i | den_i] = q'_i (sum_{j<=i} k'_j v+_j^T)`, `den_i += eps * sum(q'_i)`
 //!   (the reference adds eps to every element of the key prefix sum), `out = num / den`.
 //!
-//! Causal chunks: with `S` the state of all earlier chunks (m, d+1), a chunk's result is
-//! `q'_c S + mask(q'_c k'_c^T) v+_c` and then `S += k'_c^T v+_c`. The backward runs one sweep
-//! forward (gradients of `q'`, needing `S`) and one backward (gradients of `k'` and `v`, needing
-//! the reverse state `R = sum_{i after the chunk} q'_i dnum+_i^T`), so nothing per chunk is stored.
+//! Causal attention runs over chunks of rows: with `S` the state of all earlier chunks
+//! (m, d+1), a chunk's result is `q'_c S + mask(q'_c k'_c^T) v+_c`, then `S += k'_c^T v+_c`.
+//! The backward runs one sweep forward (gradients of `q'`, which need `S`) and one backward
+//! (gradients of `k'` and `v`, which need the reverse state `R = sum over later rows of
+//! q'_i dnum+_i^T`). The forward may keep each chunk's incoming state and its masked score
+//! block ([`CausalCache`]) so the backward need not recompute them.
 
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, s};
+use ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip, s};
 use performer_tensor::Result;
 use performer_tensor::gemm::{Threads, gemm_into};
 
@@ -31,190 +32,142 @@ fn mm(
 
 /// Zeroes the strictly upper triangle (j > i): position i sees positions <= i.
 fn mask_future(a: &mut ArrayViewMut2<f32>) {
-    let n = a.nrows();
-    for i in 0..n {
-        for j in i + 1..a.ncols() {
-            a[[i, j]] = 0.0;
-        }
+    for (i, mut row) in a.rows_mut().into_iter().enumerate() {
+        row.slice_mut(s![i + 1..]).fill(0.0);
     }
 }
 
-/// Rows `range` of `v` with a column of ones appended, into `buf`'s first rows.
-fn augmented<'b>(
-    v: &ArrayView2<f32>,
-    start: usize,
-    end: usize,
-    buf: &'b mut Array2<f32>,
-) -> ArrayViewMut2<'b, f32> {
-    let d = v.ncols();
-    let mut va = buf.slice_mut(s![..end - start, ..]);
-    va.slice_mut(s![.., ..d])
-        .assign(&v.slice(s![start..end, ..]));
-    va.column_mut(d).fill(1.0);
+/// `[v | 1]` for all rows.
+pub(crate) fn augment(v: &ArrayView2<f32>) -> Array2<f32> {
+    let (n, d) = v.dim();
+    let mut va = Array2::<f32>::ones((n, d + 1));
+    va.slice_mut(s![.., ..d]).assign(v);
     va
 }
 
 /// Gradient of `[num | den]` from the output's gradient: `dnum = g / den`,
 /// `dden = -(g . out) / den`.
-fn augmented_grad<'b>(
+pub(crate) fn augmented_grad(
     g: &ArrayView2<f32>,
     out: &ArrayView2<f32>,
     den: &ArrayView1<f32>,
-    start: usize,
-    end: usize,
-    buf: &'b mut Array2<f32>,
-) -> ArrayViewMut2<'b, f32> {
-    let d = g.ncols();
-    let mut dna = buf.slice_mut(s![..end - start, ..]);
-    for (r, i) in (start..end).enumerate() {
-        let inv = 1.0 / den[i];
-        let mut dot = 0.0f32;
-        for e in 0..d {
-            let gv = g[[i, e]];
-            dot += gv * out[[i, e]];
-            dna[[r, e]] = gv * inv;
-        }
-        dna[[r, d]] = -dot * inv;
-    }
+) -> Array2<f32> {
+    let (n, d) = g.dim();
+    let mut dna = Array2::<f32>::zeros((n, d + 1));
+    Zip::from(dna.rows_mut())
+        .and(g.rows())
+        .and(out.rows())
+        .and(den)
+        .for_each(|mut r, gr, or, &dv| {
+            let inv = 1.0 / dv;
+            let mut dot = 0.0f32;
+            for ((dst, &gv), &ov) in r.iter_mut().zip(gr).zip(or) {
+                dot += gv * ov;
+                *dst = gv * inv;
+            }
+            r[d] = -dot * inv;
+        });
     dna
 }
 
-/// Writes `out = num / den` for a chunk and records `den`.
+/// `out = num / den` from `[num | den]` rows, with `extra(r)` added to each normalizer.
 fn normalize(
     na: &ArrayView2<f32>,
-    extra_den: impl Fn(usize) -> f32,
-    start: usize,
+    extra: impl Fn(usize) -> f32,
     out: &mut ArrayViewMut2<f32>,
     den: &mut ArrayViewMut1<f32>,
 ) {
     let d = out.ncols();
-    for r in 0..na.nrows() {
-        let dv = na[[r, d]] + extra_den(r);
-        den[start + r] = dv;
-        let inv = 1.0 / dv;
-        for e in 0..d {
-            out[[start + r, e]] = na[[r, e]] * inv;
-        }
+    for (r, ((nr, mut or), dv)) in na
+        .rows()
+        .into_iter()
+        .zip(out.rows_mut())
+        .zip(den.iter_mut())
+        .enumerate()
+    {
+        let total = nr[d] + extra(r);
+        *dv = total;
+        let inv = 1.0 / total;
+        Zip::from(&mut or)
+            .and(&nr.slice(s![..d]))
+            .for_each(|o, &x| *o = x * inv);
     }
 }
 
-/// Non-causal linear attention forward of one head into `out` (n, d) and `den` (n).
+/// Non-causal forward of one head: fills `out` (n, d), `den` (n), and returns `k'^T v+`
+/// (m, d+1) for the backward.
 pub(crate) fn noncausal_forward(
     qf: &ArrayView2<f32>,
     kf: &ArrayView2<f32>,
     v: &ArrayView2<f32>,
-    chunk: usize,
     out: &mut ArrayViewMut2<f32>,
     den: &mut ArrayViewMut1<f32>,
-) -> Result<()> {
+) -> Result<Array2<f32>> {
     let (n, m) = qf.dim();
     let d = v.ncols();
-    let mut va_buf = Array2::<f32>::zeros((chunk, d + 1));
+    let va = augment(v);
     let mut kv = Array2::<f32>::zeros((m, d + 1));
-    for start in (0..kf.nrows()).step_by(chunk) {
-        let end = (start + chunk).min(kf.nrows());
-        let va = augmented(v, start, end, &mut va_buf);
-        mm(
-            &mut kv.view_mut(),
-            &kf.slice(s![start..end, ..]).t(),
-            &va.view(),
-            1.0,
-            1.0,
-        )?;
-    }
-    let mut na = Array2::<f32>::zeros((chunk, d + 1));
-    for start in (0..n).step_by(chunk) {
-        let end = (start + chunk).min(n);
-        let mut na_c = na.slice_mut(s![..end - start, ..]);
-        mm(
-            &mut na_c,
-            &qf.slice(s![start..end, ..]),
-            &kv.view(),
-            1.0,
-            0.0,
-        )?;
-        normalize(&na_c.view(), |_| 0.0, start, out, den);
-    }
-    Ok(())
+    mm(&mut kv.view_mut(), &kf.t(), &va.view(), 1.0, 0.0)?;
+    let mut na = Array2::<f32>::zeros((n, d + 1));
+    mm(&mut na.view_mut(), qf, &kv.view(), 1.0, 0.0)?;
+    normalize(&na.view(), |_| 0.0, out, den);
+    Ok(kv)
 }
 
-/// Non-causal backward of one head: gradients of `q'`, `k'` (n, m) and `v` (n, d).
+/// Non-causal backward of one head: gradients of `q'`, `k'` (n, m) and `v` (n, d), from the
+/// `k'^T v+` of the forward.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn noncausal_backward(
     qf: &ArrayView2<f32>,
     kf: &ArrayView2<f32>,
     v: &ArrayView2<f32>,
+    kv: &ArrayView2<f32>,
     g: &ArrayView2<f32>,
     out: &ArrayView2<f32>,
     den: &ArrayView1<f32>,
-    chunk: usize,
     dqf: &mut ArrayViewMut2<f32>,
     dkf: &mut ArrayViewMut2<f32>,
     dv: &mut ArrayViewMut2<f32>,
 ) -> Result<()> {
-    let (n, m) = qf.dim();
-    let nk = kf.nrows();
+    let m = qf.ncols();
     let d = v.ncols();
-    let mut va_buf = Array2::<f32>::zeros((chunk, d + 1));
-    let mut kv = Array2::<f32>::zeros((m, d + 1));
-    for start in (0..nk).step_by(chunk) {
-        let end = (start + chunk).min(nk);
-        let va = augmented(v, start, end, &mut va_buf);
-        mm(
-            &mut kv.view_mut(),
-            &kf.slice(s![start..end, ..]).t(),
-            &va.view(),
-            1.0,
-            1.0,
-        )?;
-    }
-    // dq' = dnum+ kv^T; T = q'^T dnum+ collects what the keys see.
-    let mut dna_buf = Array2::<f32>::zeros((chunk, d + 1));
+    let dna = augmented_grad(g, out, den);
+    mm(dqf, &dna.view(), &kv.t(), 1.0, 0.0)?;
+    // T = q'^T dnum+ is what every key sees.
     let mut t = Array2::<f32>::zeros((m, d + 1));
-    for start in (0..n).step_by(chunk) {
-        let end = (start + chunk).min(n);
-        let dna = augmented_grad(g, out, den, start, end, &mut dna_buf);
-        mm(
-            &mut dqf.slice_mut(s![start..end, ..]),
-            &dna.view(),
-            &kv.t(),
-            1.0,
-            0.0,
-        )?;
-        mm(
-            &mut t.view_mut(),
-            &qf.slice(s![start..end, ..]).t(),
-            &dna.view(),
-            1.0,
-            1.0,
-        )?;
-    }
-    let mut dva = Array2::<f32>::zeros((chunk, d + 1));
-    for start in (0..nk).step_by(chunk) {
-        let end = (start + chunk).min(nk);
-        let va = augmented(v, start, end, &mut va_buf);
-        mm(
-            &mut dkf.slice_mut(s![start..end, ..]),
-            &va.view(),
-            &t.t(),
-            1.0,
-            0.0,
-        )?;
-        let mut dva_c = dva.slice_mut(s![..end - start, ..]);
-        mm(
-            &mut dva_c,
-            &kf.slice(s![start..end, ..]),
-            &t.view(),
-            1.0,
-            0.0,
-        )?;
-        dv.slice_mut(s![start..end, ..])
-            .assign(&dva_c.slice(s![.., ..d]));
-    }
+    mm(&mut t.view_mut(), &qf.t(), &dna.view(), 1.0, 0.0)?;
+    let va = augment(v);
+    mm(dkf, &va.view(), &t.t(), 1.0, 0.0)?;
+    let mut dva = Array2::<f32>::zeros((kf.nrows(), d + 1));
+    mm(&mut dva.view_mut(), kf, &t.view(), 1.0, 0.0)?;
+    dv.assign(&dva.slice(s![.., ..d]));
     Ok(())
 }
 
-/// Causal linear attention forward of one head into `out` (n, d) and `den` (n).
+/// What a causal forward may keep for its backward: the state entering each chunk
+/// (chunks, m, d+1) and each chunk's masked score block `mask(q'_c k'_c^T)` (chunks, C, C).
+pub(crate) struct CausalCache {
+    pub states: Array3<f32>,
+    pub scores: Array3<f32>,
+}
+
+impl CausalCache {
+    pub fn new(n: usize, m: usize, d: usize, chunk: usize) -> Self {
+        let chunks = n.div_ceil(chunk);
+        CausalCache {
+            states: Array3::zeros((chunks, m, d + 1)),
+            scores: Array3::zeros((chunks, chunk, chunk)),
+        }
+    }
+
+    /// Bytes it takes for one head.
+    pub fn bytes(n: usize, m: usize, d: usize, chunk: usize) -> usize {
+        n.div_ceil(chunk) * (m * (d + 1) + chunk * chunk) * 4
+    }
+}
+
+/// Causal forward of one head into `out` (n, d) and `den` (n); fills `cache` when given.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_forward(
     qf: &ArrayView2<f32>,
     kf: &ArrayView2<f32>,
@@ -223,26 +176,43 @@ pub(crate) fn causal_forward(
     chunk: usize,
     out: &mut ArrayViewMut2<f32>,
     den: &mut ArrayViewMut1<f32>,
+    mut cache: Option<&mut CausalCache>,
 ) -> Result<()> {
     let (n, m) = qf.dim();
     let d = v.ncols();
+    let va = augment(v);
     let mut state = Array2::<f32>::zeros((m, d + 1));
-    let mut va_buf = Array2::<f32>::zeros((chunk, d + 1));
     let mut na = Array2::<f32>::zeros((chunk, d + 1));
     let mut a = Array2::<f32>::zeros((chunk, chunk));
-    for start in (0..n).step_by(chunk) {
+    for (c, start) in (0..n).step_by(chunk).enumerate() {
         let end = (start + chunk).min(n);
         let l = end - start;
-        let (q_c, k_c) = (qf.slice(s![start..end, ..]), kf.slice(s![start..end, ..]));
-        let va = augmented(v, start, end, &mut va_buf);
+        let (q_c, k_c, va_c) = (
+            qf.slice(s![start..end, ..]),
+            kf.slice(s![start..end, ..]),
+            va.slice(s![start..end, ..]),
+        );
         let mut na_c = na.slice_mut(s![..l, ..]);
         mm(&mut na_c, &q_c, &state.view(), 1.0, 0.0)?;
         let mut a_c = a.slice_mut(s![..l, ..l]);
         mm(&mut a_c, &q_c, &k_c.t(), 1.0, 0.0)?;
         mask_future(&mut a_c);
-        mm(&mut na_c, &a_c.view(), &va.view(), 1.0, 1.0)?;
-        normalize(&na_c.view(), |r| eps * q_c.row(r).sum(), start, out, den);
-        mm(&mut state.view_mut(), &k_c.t(), &va.view(), 1.0, 1.0)?;
+        mm(&mut na_c, &a_c.view(), &va_c, 1.0, 1.0)?;
+        normalize(
+            &na_c.view(),
+            |r| eps * q_c.row(r).sum(),
+            &mut out.slice_mut(s![start..end, ..]),
+            &mut den.slice_mut(s![start..end]),
+        );
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.states.index_axis_mut(Axis(0), c).assign(&state);
+            cache
+                .scores
+                .index_axis_mut(Axis(0), c)
+                .slice_mut(s![..l, ..l])
+                .assign(&a_c);
+        }
+        mm(&mut state.view_mut(), &k_c.t(), &va_c, 1.0, 1.0)?;
     }
     Ok(())
 }
@@ -258,62 +228,86 @@ pub(crate) fn causal_backward(
     den: &ArrayView1<f32>,
     eps: f32,
     chunk: usize,
+    cache: Option<&CausalCache>,
     dqf: &mut ArrayViewMut2<f32>,
     dkf: &mut ArrayViewMut2<f32>,
     dv: &mut ArrayViewMut2<f32>,
 ) -> Result<()> {
     let (n, m) = qf.dim();
     let d = v.ncols();
-    let mut va_buf = Array2::<f32>::zeros((chunk, d + 1));
-    let mut dna_buf = Array2::<f32>::zeros((chunk, d + 1));
+    let va = augment(v);
+    let dna = augmented_grad(g, out, den);
     let mut a = Array2::<f32>::zeros((chunk, chunk));
     let mut dva = Array2::<f32>::zeros((chunk, d + 1));
+    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
 
     // Forward sweep: dq'_c = dnum+_c S^T + mask(dnum+_c v+_c^T) k'_c + eps * dden_c.
-    let mut state = Array2::<f32>::zeros((m, d + 1));
-    for start in (0..n).step_by(chunk) {
+    let mut running = Array2::<f32>::zeros((m, d + 1));
+    for (c, &start) in starts.iter().enumerate() {
         let end = (start + chunk).min(n);
         let l = end - start;
-        let k_c = kf.slice(s![start..end, ..]);
-        let va = augmented(v, start, end, &mut va_buf);
-        let dna = augmented_grad(g, out, den, start, end, &mut dna_buf);
+        let (k_c, va_c, dna_c) = (
+            kf.slice(s![start..end, ..]),
+            va.slice(s![start..end, ..]),
+            dna.slice(s![start..end, ..]),
+        );
+        let state = match cache {
+            Some(cache) => cache.states.index_axis(Axis(0), c),
+            None => running.view(),
+        };
         let mut dq_c = dqf.slice_mut(s![start..end, ..]);
-        mm(&mut dq_c, &dna.view(), &state.t(), 1.0, 0.0)?;
+        mm(&mut dq_c, &dna_c, &state.t(), 1.0, 0.0)?;
         let mut a_c = a.slice_mut(s![..l, ..l]);
-        mm(&mut a_c, &dna.view(), &va.t(), 1.0, 0.0)?;
+        mm(&mut a_c, &dna_c, &va_c.t(), 1.0, 0.0)?;
         mask_future(&mut a_c);
         mm(&mut dq_c, &a_c.view(), &k_c, 1.0, 1.0)?;
-        for r in 0..l {
-            let e = eps * dna[[r, d]];
-            dq_c.row_mut(r).mapv_inplace(|x| x + e);
+        Zip::from(dq_c.rows_mut())
+            .and(dna_c.column(d))
+            .for_each(|mut row, &dden| {
+                let e = eps * dden;
+                row.mapv_inplace(|x| x + e);
+            });
+        if cache.is_none() {
+            mm(&mut running.view_mut(), &k_c.t(), &va_c, 1.0, 1.0)?;
         }
-        mm(&mut state.view_mut(), &k_c.t(), &va.view(), 1.0, 1.0)?;
     }
 
     // Backward sweep with R = sum over later rows of q'_i dnum+_i^T:
     // dk'_c = v+_c R^T + mask(dnum+_c v+_c^T)^T q'_c,  dv+_c = k'_c R + mask(q'_c k'_c^T)^T dnum+_c.
     let mut rev = Array2::<f32>::zeros((m, d + 1));
-    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
-    for &start in starts.iter().rev() {
+    for (c, &start) in starts.iter().enumerate().rev() {
         let end = (start + chunk).min(n);
         let l = end - start;
         let (q_c, k_c) = (qf.slice(s![start..end, ..]), kf.slice(s![start..end, ..]));
-        let va = augmented(v, start, end, &mut va_buf);
-        let dna = augmented_grad(g, out, den, start, end, &mut dna_buf);
+        let (va_c, dna_c) = (va.slice(s![start..end, ..]), dna.slice(s![start..end, ..]));
         let mut dk_c = dkf.slice_mut(s![start..end, ..]);
-        mm(&mut dk_c, &va.view(), &rev.t(), 1.0, 0.0)?;
+        mm(&mut dk_c, &va_c, &rev.t(), 1.0, 0.0)?;
         let mut a_c = a.slice_mut(s![..l, ..l]);
-        mm(&mut a_c, &dna.view(), &va.t(), 1.0, 0.0)?;
+        mm(&mut a_c, &dna_c, &va_c.t(), 1.0, 0.0)?;
         mask_future(&mut a_c);
         mm(&mut dk_c, &a_c.t(), &q_c, 1.0, 1.0)?;
-        mm(&mut a_c, &q_c, &k_c.t(), 1.0, 0.0)?;
-        mask_future(&mut a_c);
         let mut dva_c = dva.slice_mut(s![..l, ..]);
         mm(&mut dva_c, &k_c, &rev.view(), 1.0, 0.0)?;
-        mm(&mut dva_c, &a_c.t(), &dna.view(), 1.0, 1.0)?;
+        match cache {
+            Some(cache) => {
+                let scores = cache.scores.index_axis(Axis(0), c);
+                mm(
+                    &mut dva_c,
+                    &scores.slice(s![..l, ..l]).t(),
+                    &dna_c,
+                    1.0,
+                    1.0,
+                )?;
+            }
+            None => {
+                mm(&mut a_c, &q_c, &k_c.t(), 1.0, 0.0)?;
+                mask_future(&mut a_c);
+                mm(&mut dva_c, &a_c.t(), &dna_c, 1.0, 1.0)?;
+            }
+        }
         dv.slice_mut(s![start..end, ..])
             .assign(&dva_c.slice(s![.., ..d]));
-        mm(&mut rev.view_mut(), &q_c.t(), &dna.view(), 1.0, 1.0)?;
+        mm(&mut rev.view_mut(), &q_c.t(), &dna_c, 1.0, 1.0)?;
     }
     Ok(())
 }

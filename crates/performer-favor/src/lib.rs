@@ -33,8 +33,8 @@ pub use fast_attention::{
 };
 pub use feature::FeatureMap;
 pub use ops::{
-    CAUSAL_EPS, DEFAULT_CHUNK, causal_linear_attention, favor_attention, generalized_kernel,
-    linear_attention, linear_attention_chunked, softmax_kernel,
+    CAUSAL_EPS, DEFAULT_CHUNK, SAVE_BUDGET_BYTES, causal_linear_attention, favor_attention,
+    generalized_kernel, linear_attention, linear_attention_chunked, softmax_kernel,
 };
 pub use projection::{
     OrthoScaling, gaussian_orthogonal_random_matrix, gaussian_orthogonal_random_matrix_with,

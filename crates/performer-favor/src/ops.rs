@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::feature::{FeatureMap, FeatureSpec, check_projection};
 use crate::heads::{HeadsOut, head, lead_shape, row_vectors, vector_views};
-use crate::kernels;
+use crate::kernels::{self, CausalCache};
 
 /// Rows per chunk of the linear attention kernels unless set otherwise.
 pub const DEFAULT_CHUNK: usize = 64;
@@ -209,6 +209,55 @@ fn attention_shapes(
     Ok(AttnShapes { lead, n, nk, m, e })
 }
 
+/// Bytes of per-head context (features, causal chunk states and score blocks) that a forward
+/// may keep for its backward; above this the backward recomputes them. At the benchmark's
+/// n = 4096 everything is kept; at n = 65536 the features are recomputed.
+pub const SAVE_BUDGET_BYTES: usize = 512 << 20;
+
+/// What one head's forward keeps for the backward.
+#[derive(Default)]
+struct HeadContext {
+    /// `k'^T v+` (non-causal).
+    kv: Option<Array2<f32>>,
+    /// Chunk states and score blocks (causal).
+    cache: Option<CausalCache>,
+    /// The features (fused op only).
+    features: Option<(Array2<f32>, Array2<f32>)>,
+}
+
+/// Normalizers `(heads, n)`, the output, and each head's context.
+type AttentionSaved = (Array2<f32>, Data, Vec<HeadContext>);
+
+/// What to keep, given the sizes: causal caches first (they save the most work per byte),
+/// then features if they fit too.
+fn save_plan(
+    save: bool,
+    causal: bool,
+    heads: usize,
+    n: usize,
+    nk: usize,
+    m: usize,
+    e: usize,
+    chunk: usize,
+    with_features: bool,
+) -> (bool, bool) {
+    if !save {
+        return (false, false);
+    }
+    let cache_bytes = if causal {
+        heads * CausalCache::bytes(n, m, e, chunk)
+    } else {
+        0
+    };
+    let keep_cache = causal && cache_bytes <= SAVE_BUDGET_BYTES;
+    let used = if keep_cache { cache_bytes } else { 0 };
+    let feature_bytes = heads * (n + nk) * m * 4;
+    (
+        keep_cache,
+        with_features && used + feature_bytes <= SAVE_BUDGET_BYTES,
+    )
+}
+
 struct LinearAttentionOp {
     causal: bool,
     eps: f32,
@@ -216,8 +265,7 @@ struct LinearAttentionOp {
 }
 
 impl CustomOp for LinearAttentionOp {
-    /// Normalizers `(heads, n)` and the output, for the backward.
-    type Saved = (Array2<f32>, Data);
+    type Saved = AttentionSaved;
 
     fn name(&self) -> &'static str {
         if self.causal {
@@ -237,26 +285,46 @@ impl CustomOp for LinearAttentionOp {
         )?;
         let (q, k, v) = (inputs[0].view(), inputs[1].view(), inputs[2].view());
         let mut out = HeadsOut::zeros(&sh.lead, sh.n, sh.e);
-        let mut den = row_vectors(out.data.len_of(ndarray::Axis(0)), sh.n);
-        out.views()
+        let heads = out.data.len_of(ndarray::Axis(0));
+        let mut den = row_vectors(heads, sh.n);
+        let (keep_cache, _) = save_plan(
+            save,
+            self.causal,
+            heads,
+            sh.n,
+            sh.nk,
+            sh.m,
+            sh.e,
+            self.chunk,
+            false,
+        );
+        let contexts: Vec<HeadContext> = out
+            .views()
             .into_par_iter()
             .zip(vector_views(&mut den))
             .enumerate()
-            .try_for_each(|(i, (mut o, mut dn))| {
+            .map(|(i, (mut o, mut dn))| {
                 let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
-                if self.causal {
-                    kernels::causal_forward(&qi, &ki, &vi, self.eps, self.chunk, &mut o, &mut dn)
-                } else {
-                    kernels::noncausal_forward(&qi, &ki, &vi, self.chunk, &mut o, &mut dn)
-                }
-            })?;
+                attend_head(
+                    &qi,
+                    &ki,
+                    &vi,
+                    self.causal,
+                    self.eps,
+                    self.chunk,
+                    keep_cache,
+                    &mut o,
+                    &mut dn,
+                )
+            })
+            .collect::<Result<_>>()?;
         let out = out.into_array();
         let kept = if save {
             out.clone().into_shared()
         } else {
             ArrayD::zeros(ndarray::IxDyn(&[0])).into_shared()
         };
-        Ok((vec![out], (den, kept)))
+        Ok((vec![out], (den, kept, contexts)))
     }
 
     fn backward(
@@ -276,7 +344,7 @@ impl CustomOp for LinearAttentionOp {
             inputs[2].shape(),
             self.causal,
         )?;
-        let (den, out) = saved;
+        let (den, out, contexts) = saved;
         let (q, k, v, ov, gv) = (
             inputs[0].view(),
             inputs[1].view(),
@@ -293,47 +361,130 @@ impl CustomOp for LinearAttentionOp {
             .zip(dv.views())
             .enumerate()
             .try_for_each(|(i, ((mut dqi, mut dki), mut dvi))| {
-                let (qi, ki, vi, gi, oi) = (
-                    head(&q, i),
-                    head(&k, i),
-                    head(&v, i),
-                    head(&gv, i),
-                    head(&ov, i),
-                );
-                if self.causal {
-                    kernels::causal_backward(
-                        &qi,
-                        &ki,
-                        &vi,
-                        &gi,
-                        &oi,
-                        &den.row(i),
-                        self.eps,
-                        self.chunk,
-                        &mut dqi,
-                        &mut dki,
-                        &mut dvi,
-                    )
-                } else {
-                    kernels::noncausal_backward(
-                        &qi,
-                        &ki,
-                        &vi,
-                        &gi,
-                        &oi,
-                        &den.row(i),
-                        self.chunk,
-                        &mut dqi,
-                        &mut dki,
-                        &mut dvi,
-                    )
-                }
+                let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
+                let grad = HeadGrad {
+                    g: head(&gv, i),
+                    out: head(&ov, i),
+                    den: den.row(i),
+                };
+                attend_head_backward(
+                    &qi,
+                    &ki,
+                    &vi,
+                    &grad,
+                    &contexts[i],
+                    self.causal,
+                    self.eps,
+                    self.chunk,
+                    &mut dqi,
+                    &mut dki,
+                    &mut dvi,
+                )
             })?;
         Ok(vec![
             needs[0].then(|| dq.into_array()),
             needs[1].then(|| dk.into_array()),
             needs[2].then(|| dv.into_array()),
         ])
+    }
+}
+
+/// One head's attention forward on features; returns what its backward needs.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    qf: &ArrayView2<f32>,
+    kf: &ArrayView2<f32>,
+    v: &ArrayView2<f32>,
+    causal: bool,
+    eps: f32,
+    chunk: usize,
+    keep_cache: bool,
+    out: &mut ndarray::ArrayViewMut2<f32>,
+    den: &mut ndarray::ArrayViewMut1<f32>,
+) -> Result<HeadContext> {
+    if causal {
+        let mut cache =
+            keep_cache.then(|| CausalCache::new(qf.nrows(), qf.ncols(), v.ncols(), chunk));
+        kernels::causal_forward(qf, kf, v, eps, chunk, out, den, cache.as_mut())?;
+        Ok(HeadContext {
+            cache,
+            ..Default::default()
+        })
+    } else {
+        let kv = kernels::noncausal_forward(qf, kf, v, out, den)?;
+        Ok(HeadContext {
+            kv: Some(kv),
+            ..Default::default()
+        })
+    }
+}
+
+/// The output side of one head's backward: the gradient, the output and its normalizers.
+struct HeadGrad<'a> {
+    g: ArrayView2<'a, f32>,
+    out: ArrayView2<'a, f32>,
+    den: ndarray::ArrayView1<'a, f32>,
+}
+
+/// One head's attention backward on features.
+#[allow(clippy::too_many_arguments)]
+fn attend_head_backward(
+    qf: &ArrayView2<f32>,
+    kf: &ArrayView2<f32>,
+    v: &ArrayView2<f32>,
+    grad: &HeadGrad<'_>,
+    ctx: &HeadContext,
+    causal: bool,
+    eps: f32,
+    chunk: usize,
+    dqf: &mut ndarray::ArrayViewMut2<f32>,
+    dkf: &mut ndarray::ArrayViewMut2<f32>,
+    dv: &mut ndarray::ArrayViewMut2<f32>,
+) -> Result<()> {
+    if causal {
+        kernels::causal_backward(
+            qf,
+            kf,
+            v,
+            &grad.g,
+            &grad.out,
+            &grad.den,
+            eps,
+            chunk,
+            ctx.cache.as_ref(),
+            dqf,
+            dkf,
+            dv,
+        )
+    } else {
+        let kv = match &ctx.kv {
+            Some(kv) => kv.clone(),
+            None => {
+                let va = kernels::augment(v);
+                let mut kv = Array2::<f32>::zeros((qf.ncols(), va.ncols()));
+                performer_tensor::gemm::gemm_into(
+                    &mut kv.view_mut(),
+                    &kf.t(),
+                    &va.view(),
+                    1.0,
+                    0.0,
+                    performer_tensor::gemm::Threads::Single,
+                )?;
+                kv
+            }
+        };
+        kernels::noncausal_backward(
+            qf,
+            kf,
+            v,
+            &kv.view(),
+            &grad.g,
+            &grad.out,
+            &grad.den,
+            dqf,
+            dkf,
+            dv,
+        )
     }
 }
 
@@ -395,7 +546,7 @@ struct FavorAttentionOp {
 }
 
 impl FavorAttentionOp {
-    fn specs(&self, d: usize, m: usize) -> FeatureSpec {
+    fn spec(&self, d: usize, m: usize) -> FeatureSpec {
         FeatureSpec::new(self.map, d, m, true, self.eps)
     }
 
@@ -411,11 +562,26 @@ impl FavorAttentionOp {
         check_projection(self.name(), inputs[3].shape(), d)?;
         Ok((sh, d, inputs[3].shape()[0]))
     }
+
+    /// Features of head `i`'s queries and keys.
+    fn head_features(
+        &self,
+        spec: &FeatureSpec,
+        qi: &ArrayView2<f32>,
+        ki: &ArrayView2<f32>,
+        p: &ArrayView2<f32>,
+    ) -> Result<(Array2<f32>, Array2<f32>)> {
+        let m = p.nrows();
+        let mut qf = Array2::<f32>::zeros((qi.nrows(), m));
+        let mut kf = Array2::<f32>::zeros((ki.nrows(), m));
+        spec.features(qi, p, true, &mut qf.view_mut())?;
+        spec.features(ki, p, false, &mut kf.view_mut())?;
+        Ok((qf, kf))
+    }
 }
 
 impl CustomOp for FavorAttentionOp {
-    /// Normalizers `(heads, n)` and the output, for the backward.
-    type Saved = (Array2<f32>, Data);
+    type Saved = AttentionSaved;
 
     fn name(&self) -> &'static str {
         "favor_attention"
@@ -423,49 +589,55 @@ impl CustomOp for FavorAttentionOp {
 
     fn forward(&self, inputs: &[&Data], save: bool) -> Result<(Vec<ArrayD<f32>>, Self::Saved)> {
         let (sh, d, m) = self.check(inputs)?;
-        let spec = self.specs(d, m);
+        let spec = self.spec(d, m);
         let (q, k, v) = (inputs[0].view(), inputs[1].view(), inputs[2].view());
         let p: ArrayView2<f32> = inputs[3].view().into_dimensionality().expect("checked 2-D");
         let mut out = HeadsOut::zeros(&sh.lead, sh.n, sh.e);
-        let mut den = row_vectors(out.data.len_of(ndarray::Axis(0)), sh.n);
-        out.views()
+        let heads = out.data.len_of(ndarray::Axis(0));
+        let mut den = row_vectors(heads, sh.n);
+        let (keep_cache, keep_features) = save_plan(
+            save,
+            self.causal,
+            heads,
+            sh.n,
+            sh.nk,
+            m,
+            sh.e,
+            self.chunk,
+            true,
+        );
+        let contexts: Vec<HeadContext> = out
+            .views()
             .into_par_iter()
             .zip(vector_views(&mut den))
             .enumerate()
-            .try_for_each(|(i, (mut o, mut dn))| {
+            .map(|(i, (mut o, mut dn))| {
                 let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
-                let mut qf = Array2::<f32>::zeros((sh.n, m));
-                let mut kf = Array2::<f32>::zeros((sh.nk, m));
-                spec.features(&qi, &p, true, &mut qf.view_mut())?;
-                spec.features(&ki, &p, false, &mut kf.view_mut())?;
-                if self.causal {
-                    kernels::causal_forward(
-                        &qf.view(),
-                        &kf.view(),
-                        &vi,
-                        CAUSAL_EPS,
-                        self.chunk,
-                        &mut o,
-                        &mut dn,
-                    )
-                } else {
-                    kernels::noncausal_forward(
-                        &qf.view(),
-                        &kf.view(),
-                        &vi,
-                        self.chunk,
-                        &mut o,
-                        &mut dn,
-                    )
+                let (qf, kf) = self.head_features(&spec, &qi, &ki, &p)?;
+                let mut ctx = attend_head(
+                    &qf.view(),
+                    &kf.view(),
+                    &vi,
+                    self.causal,
+                    CAUSAL_EPS,
+                    self.chunk,
+                    keep_cache,
+                    &mut o,
+                    &mut dn,
+                )?;
+                if keep_features {
+                    ctx.features = Some((qf, kf));
                 }
-            })?;
+                Ok(ctx)
+            })
+            .collect::<Result<_>>()?;
         let out = out.into_array();
-        let saved = if save {
+        let kept = if save {
             out.clone().into_shared()
         } else {
             ArrayD::zeros(ndarray::IxDyn(&[0])).into_shared()
         };
-        Ok((vec![out], (den, saved)))
+        Ok((vec![out], (den, kept, contexts)))
     }
 
     fn backward(
@@ -480,8 +652,8 @@ impl CustomOp for FavorAttentionOp {
         };
         let refs: Vec<&Data> = inputs.iter().collect();
         let (sh, d, m) = self.check(&refs)?;
-        let spec = self.specs(d, m);
-        let (den, out) = saved;
+        let spec = self.spec(d, m);
+        let (den, out, contexts) = saved;
         let (q, k, v, ov, gv) = (
             inputs[0].view(),
             inputs[1].view(),
@@ -501,41 +673,35 @@ impl CustomOp for FavorAttentionOp {
             .enumerate()
             .map(|(i, ((mut dqi, mut dki), mut dvi))| {
                 let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
-                let mut qf = Array2::<f32>::zeros((sh.n, m));
-                let mut kf = Array2::<f32>::zeros((sh.nk, m));
-                spec.features(&qi, &p, true, &mut qf.view_mut())?;
-                spec.features(&ki, &p, false, &mut kf.view_mut())?;
+                let ctx = &contexts[i];
+                let recomputed;
+                let (qf, kf) = match &ctx.features {
+                    Some((qf, kf)) => (qf, kf),
+                    None => {
+                        recomputed = self.head_features(&spec, &qi, &ki, &p)?;
+                        (&recomputed.0, &recomputed.1)
+                    }
+                };
                 let mut dqf = Array2::<f32>::zeros((sh.n, m));
                 let mut dkf = Array2::<f32>::zeros((sh.nk, m));
-                let (gi, oi, deni) = (head(&gv, i), head(&ov, i), den.row(i));
-                if self.causal {
-                    kernels::causal_backward(
-                        &qf.view(),
-                        &kf.view(),
-                        &vi,
-                        &gi,
-                        &oi,
-                        &deni,
-                        CAUSAL_EPS,
-                        self.chunk,
-                        &mut dqf.view_mut(),
-                        &mut dkf.view_mut(),
-                        &mut dvi,
-                    )?;
-                } else {
-                    kernels::noncausal_backward(
-                        &qf.view(),
-                        &kf.view(),
-                        &vi,
-                        &gi,
-                        &oi,
-                        &deni,
-                        self.chunk,
-                        &mut dqf.view_mut(),
-                        &mut dkf.view_mut(),
-                        &mut dvi,
-                    )?;
-                }
+                let grad = HeadGrad {
+                    g: head(&gv, i),
+                    out: head(&ov, i),
+                    den: den.row(i),
+                };
+                attend_head_backward(
+                    &qf.view(),
+                    &kf.view(),
+                    &vi,
+                    &grad,
+                    ctx,
+                    self.causal,
+                    CAUSAL_EPS,
+                    self.chunk,
+                    &mut dqf.view_mut(),
+                    &mut dkf.view_mut(),
+                    &mut dvi,
+                )?;
                 let mut dp = needs[3].then(|| Array2::<f32>::zeros((m, d)));
                 spec.backward(
                     &qi,

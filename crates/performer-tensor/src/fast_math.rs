@@ -12,13 +12,19 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const MAX_X: f32 = 88.722_83;
 const MIN_X: f32 = -87.336_55;
 
+/// Adding 1.5 * 2^23 rounds a float of magnitude < 2^22 to an integer held in the low
+/// mantissa bits, readable with a bit cast (vectorizes, unlike a saturating `as i32`).
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
 /// `e^x`, branch-free for vectorization.
 #[inline(always)]
 pub fn exp(x_in: f32) -> f32 {
     // Comparisons instead of f32::max/min, which would turn NaN into the bound.
     let x = if x_in > MAX_X { MAX_X } else { x_in };
     let x = if x < MIN_X { MIN_X } else { x };
-    let k = (x * LOG2E + 0.5).floor();
+    let t = x * LOG2E + ROUND_MAGIC;
+    let k = t - ROUND_MAGIC;
+    let ki = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
     let r = x - k * LN2_HI - k * LN2_LO;
     let r2 = r * r;
     let mut p = 1.987_569_1e-4f32;
@@ -26,14 +32,14 @@ pub fn exp(x_in: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r2 + r + 1.0;
-    // 2^k by building the exponent bits (k is in [-126, 128] after clamping; 128 only for
-    // x = MAX_X, where p < 1 keeps the product finite via the multiply below).
-    let ki = k as i32;
-    let pow2 = f32::from_bits(((ki.min(127) + 127) as u32) << 23);
-    let y = y * pow2;
-    let y = if ki > 127 { y * 2.0 } else { y };
+    // 2^k from exponent bits; k is in [-126, 128] after clamping, and 2^128 is not a float, so
+    // the top case takes 2^127 and one more factor of 2.
+    let big = ki > 127;
+    let ke = if big { ki - 1 } else { ki };
+    let pow2 = f32::from_bits(((ke + 127) as u32) << 23);
+    let y = y * pow2 * if big { 2.0 } else { 1.0 };
     let y = if x_in > MAX_X { f32::INFINITY } else { y };
     // Below the smallest normal result the true value is (nearly) 0.
     if x_in < MIN_X { 0.0 } else { y }
