@@ -12,8 +12,8 @@
 //! process's own `VmHWM`, for standalone use; xtask measures it from outside with `wait4`).
 //! Threads: rayon's global pool, sized by `RAYON_NUM_THREADS` (xtask sets it) or all cores.
 //!
-//! Exit status: 0 measured; 2 bad arguments; 3 the workload is not implemented yet (the reason is
-//! the last line of stderr; xtask shows `n/a`); 1 it failed.
+//! Exit status: 0 measured; 2 bad arguments; 3 the workload is not implemented yet (the last
+//! stderr line is `not implemented yet: REASON`; xtask shows `n/a` and the reason); 1 it failed.
 //!
 //! # Adding a workload
 //!
@@ -260,7 +260,7 @@ fn main() -> ExitCode {
     let mut prepared = match build(n) {
         Ok(p) => p,
         Err(BenchError::NotImplemented(why)) => {
-            eprintln!("bench_workload: {name}: not implemented yet ({why})");
+            eprintln!("not implemented yet: {why}");
             return ExitCode::from(3);
         }
         Err(BenchError::Failed(why)) => {

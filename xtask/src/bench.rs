@@ -294,11 +294,11 @@ impl Ctx {
     fn reference_skip(&self, w: &Workload) -> Option<String> {
         match w.kind {
             Kind::Attention { causal: true, n } if n > self.ref_max_causal => Some(format!(
-                "skipped: n {n} > --ref-max-causal {}",
+                "skipped: longer than --ref-max-causal {}",
                 self.ref_max_causal
             )),
             Kind::Attention { causal: false, n } if n > self.ref_max_noncausal => Some(format!(
-                "skipped: n {n} > --ref-max-noncausal {}",
+                "skipped: longer than --ref-max-noncausal {}",
                 self.ref_max_noncausal
             )),
             _ => None,
@@ -446,10 +446,10 @@ fn scaling_series(
             }),
             _ => {
                 let why = r.error.as_deref().unwrap_or("no data");
-                // Group by the reason's first words ("skipped: n 16384 > --ref-max-causal 8192" ->
-                // "skipped: over --ref-max-causal 8192").
-                let short = if let Some((_, cap)) = why.split_once(" > ") {
-                    format!("skipped, over {cap}")
+                // Group by reason: "skipped: ..." as it is, failures by their first words
+                // ("timed out after ...", "failed", "not implemented yet").
+                let short = if why.starts_with("skipped") {
+                    why.to_string()
                 } else {
                     why.split(':').next().unwrap_or(why).to_string()
                 };
@@ -501,7 +501,8 @@ fn format_table(workloads: &[Workload], records: &[Record], with_reference: bool
     }
     header.push("target");
     let mut rows: Vec<Vec<String>> = Vec::new();
-    let mut notes = Vec::new();
+    // (impl, reason) -> workloads, in order of first appearance.
+    let mut notes: Vec<((&str, String), Vec<String>)> = Vec::new();
     for w in workloads {
         for imp in [OURS, REFERENCE] {
             let Some(r) = find(&w.name, imp) else {
@@ -531,7 +532,13 @@ fn format_table(workloads: &[Workload], records: &[Record], with_reference: bool
                 String::new()
             });
             if let Some(e) = &r.error {
-                notes.push(format!("  {} {imp}: {e}", w.name));
+                match notes
+                    .iter_mut()
+                    .find(|(key, _)| key.0 == imp && key.1 == *e)
+                {
+                    Some((_, names)) => names.push(w.name.clone()),
+                    None => notes.push(((imp, e.clone()), vec![w.name.clone()])),
+                }
             }
             rows.push(row);
         }
@@ -564,9 +571,8 @@ fn format_table(workloads: &[Workload], records: &[Record], with_reference: bool
     }
     if !notes.is_empty() {
         out.push_str("n/a:\n");
-        for n in notes {
-            out.push_str(&n);
-            out.push('\n');
+        for ((imp, e), names) in notes {
+            out.push_str(&format!("  {} {imp}: {e}\n", names.join(", ")));
         }
     }
     out
@@ -748,7 +754,7 @@ mod tests {
                 "attn-causal@16384",
                 REFERENCE,
                 16384,
-                "skipped: n 16384 > --ref-max-causal 8192",
+                "skipped: longer than --ref-max-causal 8192",
             ),
         ];
         let s = scaling_series(
@@ -761,7 +767,7 @@ mod tests {
         assert_eq!(s.points.len(), 1);
         assert!(
             s.label
-                .contains("[skipped, over --ref-max-causal 8192: n = 16k]"),
+                .contains("[skipped: longer than --ref-max-causal 8192: n = 16k]"),
             "{}",
             s.label
         );

@@ -16,6 +16,10 @@ use serde::Deserialize;
 /// Exit status with which `bench_workload` says a workload is not implemented yet.
 pub const EXIT_NOT_IMPLEMENTED: i32 = 3;
 
+/// How `bench_workload` starts the last stderr line when it exits with
+/// [`EXIT_NOT_IMPLEMENTED`]: `not implemented yet: REASON`.
+pub const NOT_IMPLEMENTED: &str = "not implemented yet";
+
 /// The JSON line a workload process prints last on stdout.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct ProcessLine {
@@ -51,7 +55,8 @@ pub enum Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::NotImplemented(why) => write!(f, "not implemented yet: {why}"),
+            Failure::NotImplemented(why) if why.starts_with(NOT_IMPLEMENTED) => f.write_str(why),
+            Failure::NotImplemented(why) => write!(f, "{NOT_IMPLEMENTED}: {why}"),
             Failure::TimedOut(limit) => {
                 write!(f, "timed out after {} s and was killed", limit.as_secs())
             }

@@ -55,8 +55,24 @@ fn length_label(log2n: &f64) -> String {
     }
 }
 
-/// Draws the two panels into an SVG at `path`; `lengths` spans the x axis even where nothing
-/// was measured.
+/// Compact axis numbers: `0.01`, `0.5`, `2`, `300`, `10000`.
+fn compact(v: &f64) -> String {
+    let v = *v;
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// Pixel size of the image; the legend strip sits under the two panels.
+const SIZE: (u32, u32) = (1400, 720);
+const LEGEND_HEIGHT: u32 = 110;
+
+/// Draws the two panels into an SVG at `path`, with the legend (one line per series, saying
+/// which lengths have no point and why) under them; `lengths` spans the x axis even where
+/// nothing was measured.
 pub fn draw_scaling(path: &Path, lengths: &[usize], series: &[Series]) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
     let log2 = |n: usize| (n.max(1) as f64).log2();
@@ -68,16 +84,21 @@ pub fn draw_scaling(path: &Path, lengths: &[usize], series: &[Series]) -> Result
     let time_range = bounds(all().map(|p| p.seconds), (1e-3, 100.0));
     let mem_range = bounds(all().map(|p| p.peak_mib), (10.0, 30000.0));
     let x_ticks = ((xhi - xlo).round() as usize + 1).clamp(2, 24);
+    let style_of = |s: &Series| {
+        let color = if s.causal { RED } else { BLUE };
+        (color, color.stroke_width(if s.reference { 1 } else { 3 }))
+    };
 
-    let root = SVGBackend::new(path, (1400, 600)).into_drawing_area();
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let root = root
         .titled(
-            "FastAttention forward + backward (h8, d64, m256, batch 1, f32)",
+            "FastAttention forward + backward of out.sum() (h8, d64, m256, batch 1, f32)",
             ("sans-serif", 22),
         )
         .map_err(|e| err(&e))?;
-    let (left, right) = root.split_horizontally(700);
+    let (panels, legend) = root.split_vertically(root.dim_in_pixel().1 - LEGEND_HEIGHT);
+    let (left, right) = panels.split_horizontally(SIZE.0 / 2);
 
     for (area, title, y_desc, range, pick) in [
         (
@@ -108,6 +129,8 @@ pub fn draw_scaling(path: &Path, lengths: &[usize], series: &[Series]) -> Result
             .y_desc(y_desc)
             .x_labels(x_ticks)
             .x_label_formatter(&length_label)
+            .y_label_formatter(&compact)
+            .light_line_style(BLACK.mix(0.04))
             .draw()
             .map_err(|e| err(&e))?;
         if series.iter().all(|s| s.points.is_empty()) {
@@ -119,40 +142,59 @@ pub fn draw_scaling(path: &Path, lengths: &[usize], series: &[Series]) -> Result
             .map_err(|e| err(&e))?;
         }
         for s in series {
-            let color = if s.causal { RED } else { BLUE };
+            let (color, line_style) = style_of(s);
             let mut pts: Vec<(f64, f64)> = s.points.iter().map(|p| (log2(p.n), pick(p))).collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let line_style = color.stroke_width(if s.reference { 1 } else { 3 });
-            let legend_style = line_style;
-            let annotation = if s.reference {
+            if s.reference {
                 chart
                     .draw_series(DashedLineSeries::new(pts.clone(), 6, 4, line_style))
                     .map_err(|e| err(&e))?;
                 chart
                     .draw_series(
                         pts.iter()
-                            .map(|&p| TriangleMarker::new(p, 6, color.stroke_width(1))),
+                            .map(|&p| TriangleMarker::new(p, 6, color.filled())),
                     )
-                    .map_err(|e| err(&e))?
+                    .map_err(|e| err(&e))?;
             } else {
                 chart
                     .draw_series(LineSeries::new(pts.clone(), line_style))
                     .map_err(|e| err(&e))?;
                 chart
                     .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                    .map_err(|e| err(&e))?
-            };
-            annotation
-                .label(s.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], legend_style));
+                    .map_err(|e| err(&e))?;
+            }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.85))
-            .label_font(("sans-serif", 13))
-            .draw()
+    }
+
+    // The legend strip: a line sample and marker, then the label, one series per row.
+    let row = 22;
+    for (i, s) in series.iter().enumerate() {
+        let (color, line_style) = style_of(s);
+        let y = 12 + row * i as i32;
+        let (x0, x1) = (40, 80);
+        if s.reference {
+            for x in (x0..x1).step_by(10) {
+                legend
+                    .draw(&PathElement::new(vec![(x, y), (x + 6, y)], line_style))
+                    .map_err(|e| err(&e))?;
+            }
+            legend
+                .draw(&TriangleMarker::new(((x0 + x1) / 2, y), 6, color.filled()))
+                .map_err(|e| err(&e))?;
+        } else {
+            legend
+                .draw(&PathElement::new(vec![(x0, y), (x1, y)], line_style))
+                .map_err(|e| err(&e))?;
+            legend
+                .draw(&Circle::new(((x0 + x1) / 2, y), 4, color.filled()))
+                .map_err(|e| err(&e))?;
+        }
+        legend
+            .draw(&Text::new(
+                s.label.clone(),
+                (x1 + 12, y - 7),
+                ("sans-serif", 14),
+            ))
             .map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))
@@ -204,6 +246,9 @@ mod tests {
         ];
         let lengths: Vec<usize> = (10..=16).map(|p| 1 << p).collect();
         draw_scaling(&path, &lengths, &series).unwrap();
+        if let Some(keep) = std::env::var_os("XTASK_BENCH_KEEP_PLOT") {
+            std::fs::copy(&path, keep).unwrap(); // to look at the drawing
+        }
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"));
         for text in [
