@@ -7,7 +7,8 @@ use ndarray::{
 use performer_tensor::{Error, Result};
 
 /// The leading (head) shape of a `(..., rows, cols)` array, checked to be of rank >= 2.
-pub(crate) fn lead_shape<'a>(op: &str, name: &str, shape: &'a [usize]) -> Result<&'a [usize]> {
+/// (Public for the layer crates, which lay out heads the same way.)
+pub fn lead_shape<'a>(op: &str, name: &str, shape: &'a [usize]) -> Result<&'a [usize]> {
     if shape.len() < 2 {
         return Err(Error::shape(
             op,
@@ -18,7 +19,7 @@ pub(crate) fn lead_shape<'a>(op: &str, name: &str, shape: &'a [usize]) -> Result
 }
 
 /// Head `i` (in row-major order of the leading axes) as a 2-D view.
-pub(crate) fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f32> {
+pub fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f32> {
     let lead = &x.shape()[..x.ndim() - 2];
     let mut v = x.view();
     let mut rem = i;
@@ -34,12 +35,14 @@ pub(crate) fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f
 }
 
 /// A contiguous `(heads, rows, cols)` output with its final `lead ++ [rows, cols]` shape.
-pub(crate) struct HeadsOut {
+pub struct HeadsOut {
+    /// `(heads, rows, cols)`.
     pub data: Array3<f32>,
     shape: Vec<usize>,
 }
 
 impl HeadsOut {
+    /// Zeros of `lead ++ [rows, cols]`.
     pub fn zeros(lead: &[usize], rows: usize, cols: usize) -> Self {
         let heads = lead.iter().product();
         let mut shape = lead.to_vec();
@@ -50,10 +53,12 @@ impl HeadsOut {
         }
     }
 
+    /// One mutable `(rows, cols)` view per head.
     pub fn views(&mut self) -> Vec<ArrayViewMut2<'_, f32>> {
         self.data.axis_iter_mut(Axis(0)).collect()
     }
 
+    /// The array in its final shape.
     pub fn into_array(self) -> ArrayD<f32> {
         self.data
             .into_shape_with_order(IxDyn(&self.shape))

@@ -23,7 +23,7 @@
 
 mod fast_attention;
 mod feature;
-mod heads;
+pub mod heads;
 mod kernels;
 mod ops;
 mod projection;
