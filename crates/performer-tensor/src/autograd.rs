@@ -40,7 +40,12 @@ pub(crate) struct GradLink {
 
 impl Node {
     pub(crate) fn leaf(id: TensorId, shape: Vec<usize>) -> Self {
-        Node { name: "leaf", inputs: Vec::new(), outputs: vec![(id, shape)], backward: None }
+        Node {
+            name: "leaf",
+            inputs: Vec::new(),
+            outputs: vec![(id, shape)],
+            backward: None,
+        }
     }
 }
 
@@ -51,7 +56,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         let mut pending = std::mem::take(&mut self.inputs);
         while let Some(tensor) = pending.pop() {
-            let Some(link) = tensor.into_unique_grad_link() else { continue };
+            let Some(link) = tensor.into_unique_grad_link() else {
+                continue;
+            };
             if let Ok(mut node) = Arc::try_unwrap(link.node) {
                 pending.append(&mut node.inputs);
                 // `node` drops here with no inputs left, so this does not recurse.
@@ -108,19 +115,26 @@ impl Tensor {
         data: impl Into<Data>,
         name: &'static str,
         inputs: &[&Tensor],
-        backward: impl Fn(ArrayD<f32>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>> + Send + Sync + 'static,
+        backward: impl Fn(ArrayD<f32>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
+        + Send
+        + Sync
+        + 'static,
     ) -> Tensor {
         let data = data.into();
         if !needs_graph(inputs) {
             return Tensor::new(data);
         }
-        let wrapped = move |grads: Vec<Option<ArrayD<f32>>>, needs: &[bool]| {
-            match grads.into_iter().next().flatten() {
-                Some(g) => backward(g, needs),
-                None => Ok(vec![None; needs.len()]),
-            }
+        let wrapped = move |grads: Vec<Option<ArrayD<f32>>>, needs: &[bool]| match grads
+            .into_iter()
+            .next()
+            .flatten()
+        {
+            Some(g) => backward(g, needs),
+            None => Ok(vec![None; needs.len()]),
         };
-        Self::from_multi_op(vec![data], name, inputs, wrapped).pop().expect("one output")
+        Self::from_multi_op(vec![data], name, inputs, wrapped)
+            .pop()
+            .expect("one output")
     }
 
     /// The results of an op with several outputs, sharing one backward.
@@ -140,7 +154,11 @@ impl Tensor {
         let node = Arc::new(Node {
             name,
             inputs: inputs.iter().map(|t| (*t).clone()).collect(),
-            outputs: ids.iter().zip(&datas).map(|(id, d)| (*id, d.shape().to_vec())).collect(),
+            outputs: ids
+                .iter()
+                .zip(&datas)
+                .map(|(id, d)| (*id, d.shape().to_vec()))
+                .collect(),
             backward: Some(Box::new(backward)),
         });
         datas
@@ -148,7 +166,14 @@ impl Tensor {
             .zip(ids)
             .enumerate()
             .map(|(output, (data, id))| {
-                Tensor::from_parts(id, data, Some(GradLink { node: node.clone(), output }))
+                Tensor::from_parts(
+                    id,
+                    data,
+                    Some(GradLink {
+                        node: node.clone(),
+                        output,
+                    }),
+                )
             })
             .collect()
     }
@@ -186,9 +211,14 @@ impl Tensor {
         // Closures compute on arrays; ops they build from tensors are not part of this graph.
         let _mode = GradModeGuard::new(false);
         for node in order.iter().rev() {
-            let Some(backward) = &node.backward else { continue };
-            let out_grads: Vec<Option<ArrayD<f32>>> =
-                node.outputs.iter().map(|(id, _)| grads.remove(id)).collect();
+            let Some(backward) = &node.backward else {
+                continue;
+            };
+            let out_grads: Vec<Option<ArrayD<f32>>> = node
+                .outputs
+                .iter()
+                .map(|(id, _)| grads.remove(id))
+                .collect();
             if out_grads.iter().all(Option::is_none) {
                 continue;
             }

@@ -20,7 +20,11 @@ pub trait CustomOp: Send + Sync + 'static {
 
     /// Computes the outputs. When `save_for_backward` is false no gradient will be asked
     /// for, and the op may skip keeping anything (the returned `Saved` is dropped at once).
-    fn forward(&self, inputs: &[&Data], save_for_backward: bool) -> Result<(Vec<ArrayD<f32>>, Self::Saved)>;
+    fn forward(
+        &self,
+        inputs: &[&Data],
+        save_for_backward: bool,
+    ) -> Result<(Vec<ArrayD<f32>>, Self::Saved)>;
 
     /// Gradients of the inputs (None where `needs_input_grad` is false or the gradient is
     /// zero) from the gradients of the outputs (None where no gradient reached an output).
@@ -43,7 +47,10 @@ pub fn apply_custom_op<O: CustomOp>(op: O, inputs: &[&Tensor]) -> Result<Vec<Ten
         return Ok(outputs.into_iter().map(Tensor::new).collect());
     }
     let kept_inputs: Vec<Data> = datas.into_iter().cloned().collect();
-    Ok(Tensor::from_multi_op(outputs, op.name(), inputs, move |grads, needs| {
-        op.backward(&kept_inputs, &saved, &grads, needs)
-    }))
+    Ok(Tensor::from_multi_op(
+        outputs,
+        op.name(),
+        inputs,
+        move |grads, needs| op.backward(&kept_inputs, &saved, &grads, needs),
+    ))
 }

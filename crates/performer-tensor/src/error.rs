@@ -85,7 +85,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A [`Error::Shape`] for `op`.
     pub fn shape(op: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Shape { op: op.into(), detail: detail.into() }
+        Error::Shape {
+            op: op.into(),
+            detail: detail.into(),
+        }
     }
 
     /// An [`Error::InvalidArgument`] for `op`.
@@ -105,11 +108,17 @@ impl Error {
 
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// An [`Error::Format`] for `path`.
     pub fn format(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
-        Error::Format { path: path.into(), detail: detail.into() }
+        Error::Format {
+            path: path.into(),
+            detail: detail.into(),
+        }
     }
 }

@@ -35,7 +35,12 @@ pub fn gemm_into(
     if k != k2 || c.dim() != (m, n) {
         return Err(Error::shape(
             "gemm",
-            format!("a {:?} @ b {:?} into c {:?}", a.shape(), b.shape(), c.shape()),
+            format!(
+                "a {:?} @ b {:?} into c {:?}",
+                a.shape(),
+                b.shape(),
+                c.shape()
+            ),
         ));
     }
     if m == 0 || n == 0 {
@@ -110,8 +115,25 @@ pub unsafe fn gemm_raw(
     // dst := alpha_g * dst + beta_g * lhs @ rhs, so our (alpha, beta) swap places.
     unsafe {
         gemm::gemm(
-            m, n, k, c.0, c.2, c.1, beta != 0.0, a.0, a.2, a.1, b.0, b.2, b.1, beta, alpha, false,
-            false, false, parallelism,
+            m,
+            n,
+            k,
+            c.0,
+            c.2,
+            c.1,
+            beta != 0.0,
+            a.0,
+            a.2,
+            a.1,
+            b.0,
+            b.2,
+            b.1,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
         );
     }
 }
@@ -128,21 +150,27 @@ pub fn matmul3(a: &ArrayView3<f32>, b: &ArrayView3<f32>) -> Result<Array3<f32>> 
     let (batch, m, k) = a.dim();
     let (batch2, k2, n) = b.dim();
     if batch != batch2 || k != k2 {
-        return Err(Error::shape("matmul3", format!("a {:?} @ b {:?}", a.shape(), b.shape())));
+        return Err(Error::shape(
+            "matmul3",
+            format!("a {:?} @ b {:?}", a.shape(), b.shape()),
+        ));
     }
     let mut c = Array3::<f32>::zeros((batch, m, n));
     let per_batch_parallel = batch >= rayon::current_num_threads();
     if per_batch_parallel {
-        c.axis_iter_mut(Axis(0)).into_par_iter().enumerate().try_for_each(|(i, mut ci)| {
-            gemm_into(
-                &mut ci,
-                &a.index_axis(Axis(0), i),
-                &b.index_axis(Axis(0), i),
-                1.0,
-                0.0,
-                Threads::Single,
-            )
-        })?;
+        c.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .enumerate()
+            .try_for_each(|(i, mut ci)| {
+                gemm_into(
+                    &mut ci,
+                    &a.index_axis(Axis(0), i),
+                    &b.index_axis(Axis(0), i),
+                    1.0,
+                    0.0,
+                    Threads::Single,
+                )
+            })?;
     } else {
         for (i, mut ci) in c.axis_iter_mut(Axis(0)).enumerate() {
             gemm_into(

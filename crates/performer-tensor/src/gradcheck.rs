@@ -21,18 +21,30 @@ pub struct GradcheckOptions {
 
 impl Default for GradcheckOptions {
     fn default() -> Self {
-        GradcheckOptions { eps: 1e-2, tolerance: 2e-3, seed: 7 }
+        GradcheckOptions {
+            eps: 1e-2,
+            tolerance: 2e-3,
+            seed: 7,
+        }
     }
 }
 
 fn probe_dot(out: &Tensor, probe: &ArrayD<f32>) -> f64 {
-    out.view().iter().zip(probe.iter()).map(|(&o, &p)| o as f64 * p as f64).sum()
+    out.view()
+        .iter()
+        .zip(probe.iter())
+        .map(|(&o, &p)| o as f64 * p as f64)
+        .sum()
 }
 
 /// Checks the gradients of `f` with respect to every input. Inputs keep their layout
 /// (pass permuted or sliced arrays to check non-contiguous operands). Returns the worst
 /// relative error, or an error naming the input and element that disagree.
-pub fn gradcheck(f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[ArrayD<f32>], opts: GradcheckOptions) -> Result<f32> {
+pub fn gradcheck(
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[ArrayD<f32>],
+    opts: GradcheckOptions,
+) -> Result<f32> {
     let vars: Vec<Tensor> = inputs.iter().map(|a| Tensor::var(a.clone())).collect();
     let out = f(&vars)?;
     let mut g = crate::rng::Generator::seeded(opts.seed);
@@ -41,7 +53,10 @@ pub fn gradcheck(f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[ArrayD<f32>]
     let grads = loss.backward()?;
     let mut worst = 0.0f32;
     for (i, x) in inputs.iter().enumerate() {
-        let analytic = grads.get(&vars[i]).cloned().unwrap_or_else(|| ArrayD::zeros(x.raw_dim()));
+        let analytic = grads
+            .get(&vars[i])
+            .cloned()
+            .unwrap_or_else(|| ArrayD::zeros(x.raw_dim()));
         let mut numeric = ArrayD::<f32>::zeros(x.raw_dim());
         for (pos, _) in x.indexed_iter() {
             let eval = |delta: f32| -> Result<f64> {
@@ -59,8 +74,7 @@ pub fn gradcheck(f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[ArrayD<f32>]
             if !err.is_finite() || err > opts.tolerance {
                 return Err(Error::Other(format!(
                     "gradcheck: input {i} element {:?}: analytic {a}, numeric {n} (relative error {err}, tolerance {})",
-                    pos,
-                    opts.tolerance
+                    pos, opts.tolerance
                 )));
             }
             worst = worst.max(err);

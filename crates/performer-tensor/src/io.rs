@@ -38,7 +38,10 @@ impl TensorData {
     pub fn into_f32(self, name: &str) -> Result<ArrayD<f32>> {
         match self {
             TensorData::F32(a) => Ok(a),
-            other => Err(Error::Other(format!("tensor `{name}` is {}, expected float32", other.dtype_name()))),
+            other => Err(Error::Other(format!(
+                "tensor `{name}` is {}, expected float32",
+                other.dtype_name()
+            ))),
         }
     }
 
@@ -46,7 +49,10 @@ impl TensorData {
     pub fn into_i64(self, name: &str) -> Result<ArrayD<i64>> {
         match self {
             TensorData::I64(a) => Ok(a),
-            other => Err(Error::Other(format!("tensor `{name}` is {}, expected int64", other.dtype_name()))),
+            other => Err(Error::Other(format!(
+                "tensor `{name}` is {}, expected int64",
+                other.dtype_name()
+            ))),
         }
     }
 
@@ -54,7 +60,10 @@ impl TensorData {
     pub fn into_bool(self, name: &str) -> Result<ArrayD<bool>> {
         match self {
             TensorData::Bool(a) => Ok(a),
-            other => Err(Error::Other(format!("tensor `{name}` is {}, expected bool", other.dtype_name()))),
+            other => Err(Error::Other(format!(
+                "tensor `{name}` is {}, expected bool",
+                other.dtype_name()
+            ))),
         }
     }
 
@@ -115,7 +124,11 @@ fn encode(t: &TensorData) -> Encoded {
         TensorData::I64(a) => (Dtype::I64, a.iter().flat_map(|v| v.to_le_bytes()).collect()),
         TensorData::Bool(a) => (Dtype::BOOL, a.iter().map(|&v| v as u8).collect()),
     };
-    Encoded { dtype, shape: t.shape().to_vec(), bytes }
+    Encoded {
+        dtype,
+        shape: t.shape().to_vec(),
+        bytes,
+    }
 }
 
 /// Serializes named tensors (and optional string metadata) to safetensors bytes.
@@ -123,9 +136,13 @@ pub fn to_safetensors_bytes(
     tensors: &BTreeMap<String, TensorData>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let encoded: Vec<(String, Encoded)> = tensors.iter().map(|(k, v)| (k.clone(), encode(v))).collect();
+    let encoded: Vec<(String, Encoded)> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), encode(v)))
+        .collect();
     let views = encoded.iter().map(|(k, e)| (k.as_str(), e));
-    safetensors::serialize(views, metadata).map_err(|e| Error::Other(format!("safetensors serialize: {e}")))
+    safetensors::serialize(views, metadata)
+        .map_err(|e| Error::Other(format!("safetensors serialize: {e}")))
 }
 
 /// Writes named tensors to `path` atomically.
@@ -156,14 +173,16 @@ pub fn load_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, Tenso
 pub fn load_safetensors_metadata(path: impl AsRef<Path>) -> Result<HashMap<String, String>> {
     let path = path.as_ref();
     let bytes = read_all(path)?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(path, format!("invalid safetensors file: {e}")))?;
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 /// Parses safetensors bytes. The header's sizes and offsets are validated against the buffer
 /// before anything is allocated, so a corrupt header cannot cause a large allocation.
 pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, TensorData>> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Other(format!("invalid safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Other(format!("invalid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.iter() {
         let shape = view.shape().to_vec();
@@ -172,27 +191,49 @@ pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, TensorDat
         let bad = |what: &str| Error::Other(format!("tensor `{name}`: {what}"));
         let width = view.dtype().bitsize() / 8;
         if width == 0 || data.len() != n * width {
-            return Err(bad(&format!("{} bytes do not hold {:?} elements of {:?}", data.len(), shape, view.dtype())));
+            return Err(bad(&format!(
+                "{} bytes do not hold {:?} elements of {:?}",
+                data.len(),
+                shape,
+                view.dtype()
+            )));
         }
         let floats = |f: &dyn Fn(&[u8]) -> f32| -> ArrayD<f32> {
-            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect()).expect("length checked")
+            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect())
+                .expect("length checked")
         };
         let ints = |f: &dyn Fn(&[u8]) -> i64| -> ArrayD<i64> {
-            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect()).expect("length checked")
+            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect())
+                .expect("length checked")
         };
         let t = match view.dtype() {
-            Dtype::F32 => TensorData::F32(floats(&|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))),
-            Dtype::F64 => TensorData::F32(floats(&|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)),
-            Dtype::BF16 => TensorData::F32(floats(&|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))),
-            Dtype::F16 => TensorData::F32(floats(&|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))),
-            Dtype::I64 => TensorData::I64(ints(&|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))),
-            Dtype::I32 => TensorData::I64(ints(&|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)),
+            Dtype::F32 => TensorData::F32(floats(&|c| {
+                f32::from_le_bytes(c.try_into().expect("4 bytes"))
+            })),
+            Dtype::F64 => TensorData::F32(floats(&|c| {
+                f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32
+            })),
+            Dtype::BF16 => TensorData::F32(floats(&|c| {
+                f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
+            })),
+            Dtype::F16 => {
+                TensorData::F32(floats(&|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+            }
+            Dtype::I64 => TensorData::I64(ints(&|c| {
+                i64::from_le_bytes(c.try_into().expect("8 bytes"))
+            })),
+            Dtype::I32 => TensorData::I64(ints(&|c| {
+                i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64
+            })),
             Dtype::U8 => TensorData::I64(ints(&|c| c[0] as i64)),
             Dtype::BOOL => {
                 if data.iter().any(|&b| b > 1) {
                     return Err(bad("bool tensor holds bytes other than 0 and 1"));
                 }
-                TensorData::Bool(ArrayD::from_shape_vec(IxDyn(&shape), data.iter().map(|&b| b == 1).collect()).expect("length checked"))
+                TensorData::Bool(
+                    ArrayD::from_shape_vec(IxDyn(&shape), data.iter().map(|&b| b == 1).collect())
+                        .expect("length checked"),
+                )
             }
             other => return Err(bad(&format!("unsupported dtype {other:?}"))),
         };
@@ -228,8 +269,14 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| Error::format(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::format(path, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -50,11 +50,18 @@ pub struct Visitor<'a> {
 impl<'a> Visitor<'a> {
     /// A visitor calling `f` with each entry's full dotted name.
     pub fn new(f: &'a mut dyn FnMut(&str, Entry<'_>)) -> Self {
-        Visitor { path: String::new(), f }
+        Visitor {
+            path: String::new(),
+            f,
+        }
     }
 
     fn full(&self, name: &str) -> String {
-        if self.path.is_empty() { name.to_string() } else { format!("{}.{}", self.path, name) }
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.path, name)
+        }
     }
 
     /// Shows a parameter named `name` under the current path.
@@ -78,7 +85,11 @@ impl<'a> Visitor<'a> {
     /// Visits a child module under `name`.
     pub fn child(&mut self, name: &str, m: &dyn Module) {
         let saved = std::mem::replace(&mut self.path, String::new());
-        self.path = if saved.is_empty() { name.to_string() } else { format!("{saved}.{name}") };
+        self.path = if saved.is_empty() {
+            name.to_string()
+        } else {
+            format!("{saved}.{name}")
+        };
         m.visit(self);
         self.path = saved;
     }
@@ -107,7 +118,10 @@ pub trait Module: Send + Sync {
 
     /// The parameters, without names.
     fn parameters(&self) -> Vec<Param> {
-        self.named_parameters().into_iter().map(|(_, p)| p).collect()
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
     }
 
     /// Total number of trainable scalars.
@@ -166,13 +180,27 @@ pub trait Module: Send + Sync {
         };
         self.visit(&mut Visitor::new(&mut f));
         let known: BTreeSet<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
-        let missing: Vec<&str> = known.iter().copied().filter(|n| !state.contains_key(*n)).collect();
+        let missing: Vec<&str> = known
+            .iter()
+            .copied()
+            .filter(|n| !state.contains_key(*n))
+            .collect();
         if !missing.is_empty() {
-            return Err(Error::StateDict(format!("missing keys: {}", missing.join(", "))));
+            return Err(Error::StateDict(format!(
+                "missing keys: {}",
+                missing.join(", ")
+            )));
         }
-        let unexpected: Vec<&str> = state.keys().map(String::as_str).filter(|k| !known.contains(k)).collect();
+        let unexpected: Vec<&str> = state
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !known.contains(k))
+            .collect();
         if !unexpected.is_empty() {
-            return Err(Error::StateDict(format!("unexpected keys: {}", unexpected.join(", "))));
+            return Err(Error::StateDict(format!(
+                "unexpected keys: {}",
+                unexpected.join(", ")
+            )));
         }
         for (name, target) in &targets {
             let value = &state[name];

@@ -25,12 +25,23 @@ pub trait Optimizer {
 
 fn check_grad(name: &str, p: &Param, g: &ArrayD<f32>) -> Result<()> {
     if g.shape() != p.shape().as_slice() {
-        return Err(Error::shape("optimizer step", format!("`{name}`: gradient {:?}, parameter {:?}", g.shape(), p.shape())));
+        return Err(Error::shape(
+            "optimizer step",
+            format!(
+                "`{name}`: gradient {:?}, parameter {:?}",
+                g.shape(),
+                p.shape()
+            ),
+        ));
     }
     Ok(())
 }
 
-fn load_moment(state: &BTreeMap<String, TensorData>, key: &str, p: &Param) -> Result<Option<ArrayD<f32>>> {
+fn load_moment(
+    state: &BTreeMap<String, TensorData>,
+    key: &str,
+    p: &Param,
+) -> Result<Option<ArrayD<f32>>> {
     match state.get(key) {
         None => Ok(None),
         Some(TensorData::F32(a)) if a.shape() == p.shape().as_slice() => Ok(Some(a.clone())),
@@ -44,8 +55,12 @@ fn load_moment(state: &BTreeMap<String, TensorData>, key: &str, p: &Param) -> Re
 
 fn load_step(state: &BTreeMap<String, TensorData>) -> Result<u64> {
     match state.get("step") {
-        Some(TensorData::I64(a)) if a.len() == 1 => Ok(a.iter().next().copied().unwrap_or(0).max(0) as u64),
-        Some(_) => Err(Error::StateDict("optimizer `step` must be one int64".into())),
+        Some(TensorData::I64(a)) if a.len() == 1 => {
+            Ok(a.iter().next().copied().unwrap_or(0).max(0) as u64)
+        }
+        Some(_) => Err(Error::StateDict(
+            "optimizer `step` must be one int64".into(),
+        )),
         None => Err(Error::StateDict("optimizer state has no `step`".into())),
     }
 }
@@ -76,7 +91,16 @@ impl Sgd {
     /// Plain SGD with the given learning rate; set the public fields for the rest.
     pub fn new(params: Vec<(String, Param)>, lr: f32) -> Self {
         let n = params.len();
-        Sgd { params, lr, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, buffers: vec![None; n], step: 0 }
+        Sgd {
+            params,
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            buffers: vec![None; n],
+            step: 0,
+        }
     }
 }
 
@@ -89,22 +113,30 @@ impl Optimizer for Sgd {
             }
         }
         for ((_, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
-            let Some(g) = grads.get_param(p) else { continue };
+            let Some(g) = grads.get_param(p) else {
+                continue;
+            };
             let mut d = g.clone();
             if self.weight_decay != 0.0 {
                 let v = p.value();
-                Zip::from(&mut d).and(&v).for_each(|d, &w| *d += self.weight_decay * w);
+                Zip::from(&mut d)
+                    .and(&v)
+                    .for_each(|d, &w| *d += self.weight_decay * w);
             }
             if self.momentum != 0.0 {
                 let b = match buf {
                     Some(b) => {
-                        Zip::from(&mut *b).and(&d).for_each(|b, &d| *b = self.momentum * *b + (1.0 - self.dampening) * d);
+                        Zip::from(&mut *b)
+                            .and(&d)
+                            .for_each(|b, &d| *b = self.momentum * *b + (1.0 - self.dampening) * d);
                         b
                     }
                     None => buf.insert(d.clone()),
                 };
                 if self.nesterov {
-                    Zip::from(&mut d).and(&*b).for_each(|d, &b| *d += self.momentum * b);
+                    Zip::from(&mut d)
+                        .and(&*b)
+                        .for_each(|d, &b| *d += self.momentum * b);
                 } else {
                     d.assign(b);
                 }
@@ -129,7 +161,10 @@ impl Optimizer for Sgd {
         out.insert("step".to_string(), step_tensor(self.step));
         for ((name, _), b) in self.params.iter().zip(&self.buffers) {
             if let Some(b) = b {
-                out.insert(format!("{name}.momentum_buffer"), TensorData::F32(b.clone()));
+                out.insert(
+                    format!("{name}.momentum_buffer"),
+                    TensorData::F32(b.clone()),
+                );
             }
         }
         out
@@ -172,12 +207,25 @@ impl Adam {
     /// Adam with PyTorch's defaults (betas 0.9, 0.999; eps 1e-8; no weight decay).
     pub fn new(params: Vec<(String, Param)>, lr: f32) -> Self {
         let n = params.len();
-        Adam { params, lr, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, decoupled: false, moments: vec![None; n], step: 0 }
+        Adam {
+            params,
+            lr,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: false,
+            moments: vec![None; n],
+            step: 0,
+        }
     }
 
     /// AdamW with PyTorch's defaults (weight decay 0.01).
     pub fn adamw(params: Vec<(String, Param)>, lr: f32) -> Self {
-        Adam { weight_decay: 0.01, decoupled: true, ..Adam::new(params, lr) }
+        Adam {
+            weight_decay: 0.01,
+            decoupled: true,
+            ..Adam::new(params, lr)
+        }
     }
 
     /// Number of steps taken.
@@ -207,19 +255,30 @@ impl Optimizer for Adam {
         let (w1, b2f, w2) = ((1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
         let (wdf, eps, decoupled) = (wd as f32, self.eps, self.decoupled);
         for ((_, p), slot) in self.params.iter().zip(self.moments.iter_mut()) {
-            let Some(g) = grads.get_param(p) else { continue };
-            let (m, v) = slot.get_or_insert_with(|| (ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())));
+            let Some(g) = grads.get_param(p) else {
+                continue;
+            };
+            let (m, v) = slot
+                .get_or_insert_with(|| (ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())));
             p.update(|w| {
                 if decoupled && wdf != 0.0 {
                     w.mapv_inplace(|x| x * decay);
                 }
-                Zip::from(w).and(&mut *m).and(&mut *v).and(g).for_each(|w, m, v, &g| {
-                    let g = if !decoupled && wdf != 0.0 { g + wdf * *w } else { g };
-                    *m = lerp(*m, g, w1);
-                    *v = *v * b2f + w2 * g * g;
-                    let denom = v.sqrt() / bias2_sqrt + eps;
-                    *w += neg_step_size * (*m / denom);
-                });
+                Zip::from(w)
+                    .and(&mut *m)
+                    .and(&mut *v)
+                    .and(g)
+                    .for_each(|w, m, v, &g| {
+                        let g = if !decoupled && wdf != 0.0 {
+                            g + wdf * *w
+                        } else {
+                            g
+                        };
+                        *m = lerp(*m, g, w1);
+                        *v = *v * b2f + w2 * g * g;
+                        let denom = v.sqrt() / bias2_sqrt + eps;
+                        *w += neg_step_size * (*m / denom);
+                    });
             });
         }
         Ok(())
@@ -254,7 +313,11 @@ impl Optimizer for Adam {
             moments.push(match (m, v) {
                 (Some(m), Some(v)) => Some((m, v)),
                 (None, None) => None,
-                _ => return Err(Error::StateDict(format!("optimizer state for `{name}` has only one of its moments"))),
+                _ => {
+                    return Err(Error::StateDict(format!(
+                        "optimizer state for `{name}` has only one of its moments"
+                    )));
+                }
             });
         }
         self.step = step;
@@ -271,7 +334,11 @@ fn as_decimal_f64(x: f32) -> f64 {
 
 /// `a + w (b - a)` as ATen's CPU `lerp` computes it (from the far end when `w >= 0.5`).
 fn lerp(a: f32, b: f32, w: f32) -> f32 {
-    if w.abs() < 0.5 { a + w * (b - a) } else { b - (b - a) * (1.0 - w) }
+    if w.abs() < 0.5 {
+        a + w * (b - a)
+    } else {
+        b - (b - a) * (1.0 - w)
+    }
 }
 
 /// Scales the gradients of `params` so that their joint L2 norm is at most `max_norm`

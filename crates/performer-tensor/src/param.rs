@@ -23,7 +23,10 @@ pub struct Param(Arc<ParamInner>);
 impl Param {
     /// A parameter with the given initial value.
     pub fn new(value: impl Into<Data>) -> Self {
-        Param(Arc::new(ParamInner { id: TensorId::fresh(), value: RwLock::new(value.into()) }))
+        Param(Arc::new(ParamInner {
+            id: TensorId::fresh(),
+            value: RwLock::new(value.into()),
+        }))
     }
 
     /// The stable id its gradients are stored under.
@@ -38,7 +41,11 @@ impl Param {
 
     /// The current value (shared, no copy).
     pub fn value(&self) -> Data {
-        self.0.value.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .value
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The shape.
@@ -56,7 +63,14 @@ impl Param {
         let value = value.into();
         let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
         if slot.shape() != value.shape() {
-            return Err(Error::shape("Param::set", format!("parameter {:?}, new value {:?}", slot.shape(), value.shape())));
+            return Err(Error::shape(
+                "Param::set",
+                format!(
+                    "parameter {:?}, new value {:?}",
+                    slot.shape(),
+                    value.shape()
+                ),
+            ));
         }
         *slot = value;
         Ok(())
@@ -65,7 +79,8 @@ impl Param {
     /// Updates the value in place (copy-on-write if a graph still holds the old value).
     pub fn update(&self, f: impl FnOnce(&mut ArrayD<f32>)) {
         let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
-        let mut owned = std::mem::replace(&mut *slot, ArrayD::zeros(IxDyn(&[0])).into_shared()).into_owned();
+        let mut owned =
+            std::mem::replace(&mut *slot, ArrayD::zeros(IxDyn(&[0])).into_shared()).into_owned();
         f(&mut owned);
         *slot = owned.into_shared();
     }
@@ -133,9 +148,15 @@ impl Buffer {
     /// Replaces the value; kind and shape must match.
     pub fn set(&self, value: StateValue) -> Result<()> {
         let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
-        let same_kind = matches!((&*slot, &value), (StateValue::F32(_), StateValue::F32(_)) | (StateValue::I64(_), StateValue::I64(_)));
+        let same_kind = matches!(
+            (&*slot, &value),
+            (StateValue::F32(_), StateValue::F32(_)) | (StateValue::I64(_), StateValue::I64(_))
+        );
         if !same_kind || slot.shape() != value.shape() {
-            return Err(Error::shape("Buffer::set", format!("buffer {:?}, new value {:?}", slot.shape(), value.shape())));
+            return Err(Error::shape(
+                "Buffer::set",
+                format!("buffer {:?}, new value {:?}", slot.shape(), value.shape()),
+            ));
         }
         *slot = value;
         Ok(())

@@ -33,7 +33,12 @@ impl Generator {
     /// A generator seeded from one number (through splitmix64, so nearby seeds diverge).
     pub fn seeded(seed: u64) -> Self {
         let mut x = seed;
-        let s = [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)];
+        let s = [
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+        ];
         Generator { s }
     }
 

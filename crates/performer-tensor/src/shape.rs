@@ -10,7 +10,11 @@ pub fn normalize_axis(op: &str, axis: isize, rank: usize) -> Result<usize> {
     let r = rank as isize;
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a >= r {
-        return Err(Error::Axis { op: op.to_string(), axis, rank });
+        return Err(Error::Axis {
+            op: op.to_string(),
+            axis,
+            rank,
+        });
     }
     Ok(a as usize)
 }
@@ -21,7 +25,12 @@ pub fn normalize_axes(op: &str, axes: &[isize], rank: usize) -> Result<Vec<usize
     for &a in axes {
         let n = normalize_axis(op, a, rank)?;
         if out.contains(&n) {
-            return Err(Error::invalid(op, "axes", format!("{axes:?}"), "an axis appears twice"));
+            return Err(Error::invalid(
+                op,
+                "axes",
+                format!("{axes:?}"),
+                "an axis appears twice",
+            ));
         }
         out.push(n);
     }
@@ -34,18 +43,32 @@ pub fn broadcast_shapes(op: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        let da = if i + a.len() >= rank {
+            a[i + a.len() - rank]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= rank {
+            b[i + b.len() - rank]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
             db
         } else {
-            return Err(Error::shape(op, format!("shapes {a:?} and {b:?} do not broadcast")));
+            return Err(Error::shape(
+                op,
+                format!("shapes {a:?} and {b:?} do not broadcast"),
+            ));
         };
     }
     if checked_numel(&out).is_none() {
-        return Err(Error::shape(op, format!("shapes {a:?} and {b:?} broadcast to {out:?}, too large to allocate")));
+        return Err(Error::shape(
+            op,
+            format!("shapes {a:?} and {b:?} broadcast to {out:?}, too large to allocate"),
+        ));
     }
     Ok(out)
 }
@@ -68,7 +91,8 @@ pub fn sum_to_shape(g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
             g = g.sum_axis(Axis(ax)).insert_axis(Axis(ax));
         }
     }
-    g.into_shape_with_order(IxDyn(shape)).expect("sum_to_shape keeps the element count")
+    g.into_shape_with_order(IxDyn(shape))
+        .expect("sum_to_shape keeps the element count")
 }
 
 /// Product of the dimensions.
@@ -79,6 +103,8 @@ pub fn numel(shape: &[usize]) -> usize {
 /// Product of the dimensions if an f32 array of that shape is addressable (its size in bytes
 /// fits in `isize`, ndarray's limit); `None` otherwise.
 pub fn checked_numel(shape: &[usize]) -> Option<usize> {
-    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
     (n <= isize::MAX as usize / std::mem::size_of::<f32>()).then_some(n)
 }

@@ -43,7 +43,9 @@ struct Inner {
 
 impl Tensor {
     pub(crate) fn from_parts(id: TensorId, data: Data, grad: Option<GradLink>) -> Self {
-        Tensor { inner: Arc::new(Inner { id, data, grad }) }
+        Tensor {
+            inner: Arc::new(Inner { id, data, grad }),
+        }
     }
 
     /// A constant (untracked) tensor over `data`.
@@ -64,13 +66,23 @@ impl Tensor {
             return Self::from_parts(id, data, None);
         }
         let node = Node::leaf(id, data.shape().to_vec());
-        Self::from_parts(id, data, Some(GradLink { node: Arc::new(node), output: 0 }))
+        Self::from_parts(
+            id,
+            data,
+            Some(GradLink {
+                node: Arc::new(node),
+                output: 0,
+            }),
+        )
     }
 
     /// A tensor of the given shape from row-major values.
     pub fn from_vec(values: Vec<f32>, shape: &[usize]) -> Result<Self> {
         if crate::shape::checked_numel(shape) != Some(values.len()) {
-            return Err(Error::shape("from_vec", format!("{} values cannot fill shape {:?}", values.len(), shape)));
+            return Err(Error::shape(
+                "from_vec",
+                format!("{} values cannot fill shape {:?}", values.len(), shape),
+            ));
         }
         let arr = ArrayD::from_shape_vec(IxDyn(shape), values)
             .map_err(|e| Error::shape("from_vec", e.to_string()))?;
@@ -89,7 +101,10 @@ impl Tensor {
     /// A tensor filled with `value`, or a shape error if no array of that shape can exist.
     pub fn try_full(shape: &[usize], value: f32) -> Result<Self> {
         if crate::shape::checked_numel(shape).is_none() {
-            return Err(Error::shape("full", format!("{shape:?} is too large to allocate")));
+            return Err(Error::shape(
+                "full",
+                format!("{shape:?} is too large to allocate"),
+            ));
         }
         Ok(Self::full(shape, value))
     }
@@ -171,7 +186,10 @@ impl Tensor {
         if self.numel() != 1 {
             return Err(Error::shape(
                 "item",
-                format!("needs exactly one element, the tensor has shape {:?}", self.shape()),
+                format!(
+                    "needs exactly one element, the tensor has shape {:?}",
+                    self.shape()
+                ),
             ));
         }
         Ok(*self.inner.data.iter().next().expect("one element"))
@@ -194,13 +212,21 @@ impl Tensor {
     /// Consumes this handle; if it was the last one, returns its graph link (for the
     /// iterative drop of graphs in `autograd`).
     pub(crate) fn into_unique_grad_link(self) -> Option<GradLink> {
-        Arc::try_unwrap(self.inner).ok().and_then(|inner| inner.grad)
+        Arc::try_unwrap(self.inner)
+            .ok()
+            .and_then(|inner| inner.grad)
     }
 }
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor(id={:?}, shape={:?}, tracked={}", self.id(), self.shape(), self.is_tracked())?;
+        write!(
+            f,
+            "Tensor(id={:?}, shape={:?}, tracked={}",
+            self.id(),
+            self.shape(),
+            self.is_tracked()
+        )?;
         if self.numel() <= 16 {
             write!(f, ", values={:?}", self.to_vec())?;
         }

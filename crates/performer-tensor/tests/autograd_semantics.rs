@@ -76,7 +76,14 @@ fn detach_cuts_the_graph() {
 fn backward_twice_gives_the_same_gradients() {
     let x = Tensor::var(randn(&[4, 5], 5));
     let w = Param::new(randn(&[5, 3], 6));
-    let loss = x.matmul(&w.tensor()).unwrap().gelu().softmax(-1).unwrap().log().mean_all();
+    let loss = x
+        .matmul(&w.tensor())
+        .unwrap()
+        .gelu()
+        .softmax(-1)
+        .unwrap()
+        .log()
+        .mean_all();
     let first = loss.backward().unwrap();
     let second = loss.backward().unwrap();
     assert_eq!(first.get(&x), second.get(&x));
@@ -89,7 +96,9 @@ fn a_graph_can_be_differentiated_on_another_thread() {
     let x = Tensor::var(randn(&[8], 7));
     let loss = x.tanh().sum_all();
     let here = loss.backward().unwrap();
-    let there = std::thread::spawn(move || loss.backward().unwrap()).join().unwrap();
+    let there = std::thread::spawn(move || loss.backward().unwrap())
+        .join()
+        .unwrap();
     assert_eq!(here.get(&x), there.get(&x));
 }
 
@@ -108,7 +117,9 @@ impl CustomOp for TanhMulRecompute {
     }
 
     fn forward(&self, inputs: &[&Data], _save: bool) -> Result<(Vec<ArrayD<f32>>, ())> {
-        let out = Zip::from(inputs[0]).and(inputs[1]).map_collect(|&x, &w| (x * w).tanh());
+        let out = Zip::from(inputs[0])
+            .and(inputs[1])
+            .map_collect(|&x, &w| (x * w).tanh());
         Ok((vec![out], ()))
     }
 
@@ -119,14 +130,22 @@ impl CustomOp for TanhMulRecompute {
         grad_outputs: &[Option<ArrayD<f32>>],
         needs: &[bool],
     ) -> Result<Vec<Option<ArrayD<f32>>>> {
-        assert!(!is_grad_enabled(), "backward closures run with recording off");
-        let Some(g) = &grad_outputs[0] else { return Ok(vec![None, None]) };
+        assert!(
+            !is_grad_enabled(),
+            "backward closures run with recording off"
+        );
+        let Some(g) = &grad_outputs[0] else {
+            return Ok(vec![None, None]);
+        };
         enable_grad(|| {
             let x = Tensor::var(inputs[0].clone());
             let w = Tensor::var(inputs[1].clone());
             let y = x.mul(&w)?.tanh();
             let grads = y.backward_with_grad(g.clone())?;
-            Ok(vec![needs[0].then(|| grads.get(&x).cloned()).flatten(), needs[1].then(|| grads.get(&w).cloned()).flatten()])
+            Ok(vec![
+                needs[0].then(|| grads.get(&x).cloned()).flatten(),
+                needs[1].then(|| grads.get(&w).cloned()).flatten(),
+            ])
         })
     }
 }
@@ -143,7 +162,9 @@ impl CustomOp for ExpOfRecompute {
     }
 
     fn forward(&self, inputs: &[&Data], _save: bool) -> Result<(Vec<ArrayD<f32>>, ())> {
-        let out = Zip::from(inputs[0]).and(inputs[1]).map_collect(|&x, &w| (x * w).tanh().exp());
+        let out = Zip::from(inputs[0])
+            .and(inputs[1])
+            .map_collect(|&x, &w| (x * w).tanh().exp());
         Ok((vec![out], ()))
     }
 
@@ -154,11 +175,15 @@ impl CustomOp for ExpOfRecompute {
         grad_outputs: &[Option<ArrayD<f32>>],
         _needs: &[bool],
     ) -> Result<Vec<Option<ArrayD<f32>>>> {
-        let Some(g) = &grad_outputs[0] else { return Ok(vec![None, None]) };
+        let Some(g) = &grad_outputs[0] else {
+            return Ok(vec![None, None]);
+        };
         enable_grad(|| {
             let x = Tensor::var(inputs[0].clone());
             let w = Tensor::var(inputs[1].clone());
-            let y = apply_custom_op(TanhMulRecompute, &[&x, &w])?.remove(0).exp();
+            let y = apply_custom_op(TanhMulRecompute, &[&x, &w])?
+                .remove(0)
+                .exp();
             let grads = y.backward_with_grad(g.clone())?;
             Ok(vec![grads.get(&x).cloned(), grads.get(&w).cloned()])
         })
@@ -169,7 +194,9 @@ impl CustomOp for ExpOfRecompute {
 fn custom_op_with_a_nested_backward_passes_gradcheck() {
     let opts = GradcheckOptions::default();
     // alone
-    let f = |t: &[Tensor]| -> Result<Tensor> { Ok(apply_custom_op(TanhMulRecompute, &[&t[0], &t[1]])?.remove(0)) };
+    let f = |t: &[Tensor]| -> Result<Tensor> {
+        Ok(apply_custom_op(TanhMulRecompute, &[&t[0], &t[1]])?.remove(0))
+    };
     gradcheck(f, &[randn(&[3, 4], 8), randn(&[3, 4], 9)], opts).unwrap();
     // inside a larger graph, with a parameter used before and after the op
     let p = Param::new(randn(&[4], 10));
@@ -182,7 +209,9 @@ fn custom_op_with_a_nested_backward_passes_gradcheck() {
     };
     gradcheck(f, &[randn(&[3, 4], 11), randn(&[3, 4], 12)], opts).unwrap();
     // two levels of nested backward
-    let f = |t: &[Tensor]| -> Result<Tensor> { Ok(apply_custom_op(ExpOfRecompute, &[&t[0], &t[1]])?.remove(0)) };
+    let f = |t: &[Tensor]| -> Result<Tensor> {
+        Ok(apply_custom_op(ExpOfRecompute, &[&t[0], &t[1]])?.remove(0))
+    };
     gradcheck(f, &[randn(&[2, 3], 13), randn(&[2, 3], 14)], opts).unwrap();
 }
 
@@ -192,7 +221,9 @@ fn nested_backward_leaves_the_outer_parameters_gradient_whole() {
     let p = Param::new(randn(&[5], 15));
     let x = Tensor::new(randn(&[5], 16));
     let pt = p.tensor();
-    let y = apply_custom_op(TanhMulRecompute, &[&x, &pt]).unwrap().remove(0);
+    let y = apply_custom_op(TanhMulRecompute, &[&x, &pt])
+        .unwrap()
+        .remove(0);
     let loss = y.add(&pt).unwrap().sum_all();
     let g = loss.backward().unwrap();
     let got = g.get_param(&p).unwrap();
@@ -216,7 +247,10 @@ impl CustomOp for TwoOutputs {
     }
 
     fn forward(&self, inputs: &[&Data], _save: bool) -> Result<(Vec<ArrayD<f32>>, ())> {
-        Ok((vec![inputs[0].mapv(|v| 2.0 * v), inputs[0].mapv(|v| 3.0 * v)], ()))
+        Ok((
+            vec![inputs[0].mapv(|v| 2.0 * v), inputs[0].mapv(|v| 3.0 * v)],
+            (),
+        ))
     }
 
     fn backward(
@@ -266,16 +300,22 @@ fn multi_output_custom_op_with_one_output_used() {
 fn gradients_merge_and_scale() {
     let (a, b) = (Param::new(randn(&[2], 17)), Param::new(randn(&[3], 18)));
     let mut g1 = Gradients::new();
-    g1.accumulate(a.id(), arr1(&[1.0f32, 2.0]).into_dyn()).unwrap();
+    g1.accumulate(a.id(), arr1(&[1.0f32, 2.0]).into_dyn())
+        .unwrap();
     let mut g2 = Gradients::new();
-    g2.accumulate(a.id(), arr1(&[10.0f32, 20.0]).into_dyn()).unwrap();
-    g2.accumulate(b.id(), arr1(&[1.0f32, 1.0, 1.0]).into_dyn()).unwrap();
+    g2.accumulate(a.id(), arr1(&[10.0f32, 20.0]).into_dyn())
+        .unwrap();
+    g2.accumulate(b.id(), arr1(&[1.0f32, 1.0, 1.0]).into_dyn())
+        .unwrap();
     g1.merge(g2).unwrap();
     assert_eq!(g1.len(), 2);
     assert_eq!(g1.get_param(&a).unwrap().as_slice().unwrap(), &[11.0, 22.0]);
     g1.scale(0.5);
     assert_eq!(g1.get_param(&a).unwrap().as_slice().unwrap(), &[5.5, 11.0]);
-    assert_eq!(g1.get_param(&b).unwrap().as_slice().unwrap(), &[0.5, 0.5, 0.5]);
+    assert_eq!(
+        g1.get_param(&b).unwrap().as_slice().unwrap(),
+        &[0.5, 0.5, 0.5]
+    );
     assert!(g1.all_finite());
     g1.get_mut(b.id()).unwrap()[[0]] = f32::NAN;
     assert!(!g1.all_finite());
@@ -286,7 +326,12 @@ fn gradients_merge_and_scale() {
     let x = randn(&[6, 4], 20);
     let loss = |rows: std::ops::Range<usize>| {
         let xs = Tensor::new(x.slice_axis(ndarray::Axis(0), rows.into()).to_owned());
-        xs.matmul(&w.tensor()).unwrap().tanh().sum_all().backward().unwrap()
+        xs.matmul(&w.tensor())
+            .unwrap()
+            .tanh()
+            .sum_all()
+            .backward()
+            .unwrap()
     };
     let mut acc = loss(0..3);
     acc.merge(loss(3..6)).unwrap();
@@ -297,10 +342,15 @@ fn gradients_merge_and_scale() {
 
 #[test]
 fn clip_grad_norm_matches_a_hand_computation() {
-    let (a, b, unused) = (Param::new(randn(&[2], 21)), Param::new(randn(&[1], 22)), Param::new(randn(&[1], 23)));
+    let (a, b, unused) = (
+        Param::new(randn(&[2], 21)),
+        Param::new(randn(&[1], 22)),
+        Param::new(randn(&[1], 23)),
+    );
     let fresh = || {
         let mut g = Gradients::new();
-        g.accumulate(a.id(), arr1(&[3.0f32, 4.0]).into_dyn()).unwrap();
+        g.accumulate(a.id(), arr1(&[3.0f32, 4.0]).into_dyn())
+            .unwrap();
         g.accumulate(b.id(), arr1(&[12.0f32]).into_dyn()).unwrap();
         g
     };
@@ -310,9 +360,16 @@ fn clip_grad_norm_matches_a_hand_computation() {
     let norm = clip_grad_norm(&mut g, &params, 6.5);
     assert_eq!(norm, 13.0);
     let coef = 6.5f32 / (13.0 + 1e-6);
-    assert_eq!(g.get_param(&a).unwrap().as_slice().unwrap(), &[3.0 * coef, 4.0 * coef]);
+    assert_eq!(
+        g.get_param(&a).unwrap().as_slice().unwrap(),
+        &[3.0 * coef, 4.0 * coef]
+    );
     assert_eq!(g.get_param(&b).unwrap().as_slice().unwrap(), &[12.0 * coef]);
-    let clipped: f32 = g.iter().flat_map(|(_, v)| v.iter().map(|x| x * x)).sum::<f32>().sqrt();
+    let clipped: f32 = g
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|x| x * x))
+        .sum::<f32>()
+        .sqrt();
     assert!((clipped - 6.5).abs() < 1e-5);
     // below the limit nothing changes
     let mut g = fresh();
@@ -359,8 +416,14 @@ impl Module for Tied {
 fn tied() -> Tied {
     let shared = Param::new(randn(&[5, 3], 24));
     Tied {
-        embed: Leaf { weight: shared.clone(), training: Default::default() },
-        to_logits: Leaf { weight: shared, training: Default::default() },
+        embed: Leaf {
+            weight: shared.clone(),
+            training: Default::default(),
+        },
+        to_logits: Leaf {
+            weight: shared,
+            training: Default::default(),
+        },
         bias: Param::new(randn(&[5], 25)),
         steps: Buffer::new_i64(ArrayD::zeros(IxDyn(&[]))),
     }
@@ -380,8 +443,15 @@ fn shared_parameters_are_listed_once_and_saved_under_every_name() {
     // a tied weight's gradient adds both uses under one id
     let ids = ArrayD::from_shape_vec(IxDyn(&[2]), vec![1i64, 4]).unwrap();
     let h = m.embed.weight.tensor().embedding(&ids.view()).unwrap();
-    let logits = h.matmul(&m.to_logits.weight.tensor().transpose(0, 1).unwrap()).unwrap();
-    let g = logits.add(&m.bias.tensor()).unwrap().sum_all().backward().unwrap();
+    let logits = h
+        .matmul(&m.to_logits.weight.tensor().transpose(0, 1).unwrap())
+        .unwrap();
+    let g = logits
+        .add(&m.bias.tensor())
+        .unwrap()
+        .sum_all()
+        .backward()
+        .unwrap();
     assert_eq!(g.len(), 2);
     assert_eq!(g.get_param(&m.embed.weight).unwrap().shape(), &[5, 3]);
 
@@ -389,7 +459,10 @@ fn shared_parameters_are_listed_once_and_saved_under_every_name() {
     let other = tied();
     other.load_state_dict(&sd).unwrap();
     assert_eq!(other.state_dict(), sd);
-    assert!(other.embed.weight.same_as(&other.to_logits.weight), "loading must not untie");
+    assert!(
+        other.embed.weight.same_as(&other.to_logits.weight),
+        "loading must not untie"
+    );
 
     // train/eval reaches every flag
     m.set_training(false);
@@ -405,8 +478,14 @@ fn state_dict_values_are_snapshots() {
     m.bias.update(|w| w.mapv_inplace(|x| x + 1.0));
     let after = m.state_dict();
     assert_ne!(before["bias"], after["bias"]);
-    let (StateValue::F32(b), StateValue::F32(a)) = (&before["bias"], &after["bias"]) else { panic!() };
-    assert!(a.iter().zip(b.iter()).all(|(a, b)| (a - b - 1.0).abs() < 1e-6));
+    let (StateValue::F32(b), StateValue::F32(a)) = (&before["bias"], &after["bias"]) else {
+        panic!()
+    };
+    assert!(
+        a.iter()
+            .zip(b.iter())
+            .all(|(a, b)| (a - b - 1.0).abs() < 1e-6)
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -434,7 +513,11 @@ fn a_chain_of_100k_ops_differentiates_and_drops_without_overflowing_the_stack() 
             let x = Tensor::var(arr1(&[1.0f32, 2.0]).into_dyn());
             let mut y = x.clone();
             for i in 0..DEPTH {
-                y = if i % 2 == 0 { y.mul_scalar(1.0001) } else { y.add_scalar(0.0) };
+                y = if i % 2 == 0 {
+                    y.mul_scalar(1.0001)
+                } else {
+                    y.add_scalar(0.0)
+                };
             }
             let loss = y.sum_all();
             let g = loss.backward().unwrap();
@@ -461,7 +544,11 @@ fn a_wide_and_deep_graph_drops_without_overflowing_the_stack() {
             let mut y = a.clone();
             for _ in 0..DEPTH / 4 {
                 let z = y.mul_scalar(0.5);
-                y = Tensor::cat(&[z.clone(), y.clone()], 0).unwrap().sum_all().reshape(&[1]).unwrap();
+                y = Tensor::cat(&[z.clone(), y.clone()], 0)
+                    .unwrap()
+                    .sum_all()
+                    .reshape(&[1])
+                    .unwrap();
             }
             drop(a);
             drop(y);

@@ -18,9 +18,18 @@ macro_rules! assert_err {
     ($expr:expr, $pat:pat, $op:expr) => {{
         match $expr {
             Err(e) => {
-                assert!(matches!(e, $pat), "{}: wrong variant {e:?}", stringify!($expr));
+                assert!(
+                    matches!(e, $pat),
+                    "{}: wrong variant {e:?}",
+                    stringify!($expr)
+                );
                 let msg = e.to_string();
-                assert!(msg.contains($op), "{}: message `{msg}` does not name `{}`", stringify!($expr), $op);
+                assert!(
+                    msg.contains($op),
+                    "{}: message `{msg}` does not name `{}`",
+                    stringify!($expr),
+                    $op
+                );
             }
             Ok(_) => panic!("{} succeeded", stringify!($expr)),
         }
@@ -49,19 +58,46 @@ fn binary_ops_reject_shapes_that_do_not_broadcast() {
     assert_err!(a.maximum(&b), Error::Shape { .. }, "maximum");
     assert_err!(a.minimum(&b), Error::Shape { .. }, "minimum");
     assert_err!(a.pow(&b), Error::Shape { .. }, "pow");
-    assert_err!(t(&[2, 3, 1]).add(&t(&[2, 2])), Error::Shape { .. }, "[2, 3, 1]");
+    assert_err!(
+        t(&[2, 3, 1]).add(&t(&[2, 2])),
+        Error::Shape { .. },
+        "[2, 3, 1]"
+    );
 }
 
 #[test]
 fn matmul_rejects_bad_shapes() {
-    assert_err!(t(&[2, 3]).matmul(&t(&[4, 5])), Error::Shape { .. }, "matmul");
+    assert_err!(
+        t(&[2, 3]).matmul(&t(&[4, 5])),
+        Error::Shape { .. },
+        "matmul"
+    );
     assert_err!(t(&[3]).matmul(&t(&[4])), Error::Shape { .. }, "matmul");
-    assert_err!(Tensor::scalar(1.0).matmul(&t(&[1, 1])), Error::Shape { .. }, "matmul");
-    assert_err!(t(&[2, 3]).matmul(&Tensor::scalar(1.0)), Error::Shape { .. }, "matmul");
+    assert_err!(
+        Tensor::scalar(1.0).matmul(&t(&[1, 1])),
+        Error::Shape { .. },
+        "matmul"
+    );
+    assert_err!(
+        t(&[2, 3]).matmul(&Tensor::scalar(1.0)),
+        Error::Shape { .. },
+        "matmul"
+    );
     // batch dims that do not broadcast
-    assert_err!(t(&[2, 3, 4]).matmul(&t(&[3, 4, 5])), Error::Shape { .. }, "matmul");
-    let (a, b) = (ArrayD::<f32>::zeros(IxDyn(&[3])), ArrayD::<f32>::zeros(IxDyn(&[3, 2])));
-    assert_err!(performer_tensor::ops::batched_matmul(&a.view(), &b.view()), Error::Shape { .. }, "matmul");
+    assert_err!(
+        t(&[2, 3, 4]).matmul(&t(&[3, 4, 5])),
+        Error::Shape { .. },
+        "matmul"
+    );
+    let (a, b) = (
+        ArrayD::<f32>::zeros(IxDyn(&[3])),
+        ArrayD::<f32>::zeros(IxDyn(&[3, 2])),
+    );
+    assert_err!(
+        performer_tensor::ops::batched_matmul(&a.view(), &b.view()),
+        Error::Shape { .. },
+        "matmul"
+    );
 }
 
 #[test]
@@ -70,30 +106,68 @@ fn gemm_entry_points_reject_bad_shapes() {
     let b = ndarray::Array2::<f32>::zeros((5, 2));
     let mut c = ndarray::Array2::<f32>::zeros((3, 2));
     assert_err!(
-        gemm::gemm_into(&mut c.view_mut(), &a.view(), &b.view(), 1.0, 0.0, gemm::Threads::Single),
+        gemm::gemm_into(
+            &mut c.view_mut(),
+            &a.view(),
+            &b.view(),
+            1.0,
+            0.0,
+            gemm::Threads::Single
+        ),
         Error::Shape { .. },
         "gemm"
     );
     let b = ndarray::Array2::<f32>::zeros((4, 2));
     let mut wrong_c = ndarray::Array2::<f32>::zeros((2, 2));
     assert_err!(
-        gemm::gemm_into(&mut wrong_c.view_mut(), &a.view(), &b.view(), 1.0, 0.0, gemm::Threads::All),
+        gemm::gemm_into(
+            &mut wrong_c.view_mut(),
+            &a.view(),
+            &b.view(),
+            1.0,
+            0.0,
+            gemm::Threads::All
+        ),
         Error::Shape { .. },
         "gemm"
     );
-    assert_err!(gemm::matmul2(&a.view(), &a.view(), gemm::Threads::All), Error::Shape { .. }, "gemm");
+    assert_err!(
+        gemm::matmul2(&a.view(), &a.view(), gemm::Threads::All),
+        Error::Shape { .. },
+        "gemm"
+    );
     let a3 = ndarray::Array3::<f32>::zeros((2, 3, 4));
     let b3 = ndarray::Array3::<f32>::zeros((3, 4, 5));
-    assert_err!(gemm::matmul3(&a3.view(), &b3.view()), Error::Shape { .. }, "matmul3");
+    assert_err!(
+        gemm::matmul3(&a3.view(), &b3.view()),
+        Error::Shape { .. },
+        "matmul3"
+    );
 }
 
 #[test]
 fn cat_and_stack_reject_mismatched_operands() {
-    assert_err!(Tensor::cat(&[t(&[2, 3]), t(&[2, 4])], 0), Error::Shape { .. }, "cat");
-    assert_err!(Tensor::cat(&[t(&[2, 3]), t(&[2, 3, 1])], 0), Error::Shape { .. }, "cat");
+    assert_err!(
+        Tensor::cat(&[t(&[2, 3]), t(&[2, 4])], 0),
+        Error::Shape { .. },
+        "cat"
+    );
+    assert_err!(
+        Tensor::cat(&[t(&[2, 3]), t(&[2, 3, 1])], 0),
+        Error::Shape { .. },
+        "cat"
+    );
     assert_err!(Tensor::cat(&[], 0), Error::InvalidArgument { .. }, "cat");
-    assert_err!(Tensor::stack(&[t(&[2, 3]), t(&[3, 2])], 0), Error::Shape { .. }, "stack");
-    assert_err!(Tensor::stack(&[], 0), Error::InvalidArgument { .. }, "stack");
+    assert_err!(
+        Tensor::stack(&[t(&[2, 3]), t(&[3, 2])], 0),
+        Error::Shape { .. },
+        "stack"
+    );
+    assert_err!(
+        Tensor::stack(&[], 0),
+        Error::InvalidArgument { .. },
+        "stack"
+    );
 }
 
 #[test]
@@ -104,9 +178,21 @@ fn reshape_rejects_wrong_element_counts() {
     assert_err!(a.reshape(&[-2, 3]), Error::Shape { .. }, "reshape");
     assert_err!(a.reshape(&[4, -1]), Error::Shape { .. }, "reshape");
     assert_err!(a.reshape(&[0, -1]), Error::Shape { .. }, "reshape");
-    assert_err!(a.reshape(&[isize::MAX, isize::MAX, 2]), Error::Shape { .. }, "reshape");
-    assert_err!(Tensor::from_vec(vec![1.0; 5], &[2, 3]), Error::Shape { .. }, "from_vec");
-    assert_err!(Tensor::from_vec(vec![1.0; 4], &[usize::MAX, 2, 2]), Error::Shape { .. }, "from_vec");
+    assert_err!(
+        a.reshape(&[isize::MAX, isize::MAX, 2]),
+        Error::Shape { .. },
+        "reshape"
+    );
+    assert_err!(
+        Tensor::from_vec(vec![1.0; 5], &[2, 3]),
+        Error::Shape { .. },
+        "from_vec"
+    );
+    assert_err!(
+        Tensor::from_vec(vec![1.0; 4], &[usize::MAX, 2, 2]),
+        Error::Shape { .. },
+        "from_vec"
+    );
     assert_err!(a.broadcast_to(&[3, 3]), Error::Shape { .. }, "broadcast_to");
     assert_err!(a.broadcast_to(&[3]), Error::Shape { .. }, "broadcast_to");
     assert_err!(a.squeeze(0), Error::Shape { .. }, "squeeze");
@@ -116,23 +202,59 @@ fn reshape_rejects_wrong_element_counts() {
 #[test]
 fn layer_norm_rejects_bad_affine_shapes() {
     let x = t(&[2, 4]);
-    assert_err!(x.layer_norm(Some(&t(&[3])), None, 1e-5), Error::Shape { .. }, "layer_norm");
-    assert_err!(x.layer_norm(None, Some(&t(&[4, 1])), 1e-5), Error::Shape { .. }, "layer_norm");
-    assert_err!(x.layer_norm(Some(&t(&[4])), Some(&t(&[2])), 1e-5), Error::Shape { .. }, "bias");
-    assert_err!(Tensor::scalar(1.0).layer_norm(None, None, 1e-5), Error::Shape { .. }, "layer_norm");
+    assert_err!(
+        x.layer_norm(Some(&t(&[3])), None, 1e-5),
+        Error::Shape { .. },
+        "layer_norm"
+    );
+    assert_err!(
+        x.layer_norm(None, Some(&t(&[4, 1])), 1e-5),
+        Error::Shape { .. },
+        "layer_norm"
+    );
+    assert_err!(
+        x.layer_norm(Some(&t(&[4])), Some(&t(&[2])), 1e-5),
+        Error::Shape { .. },
+        "bias"
+    );
+    assert_err!(
+        Tensor::scalar(1.0).layer_norm(None, None, 1e-5),
+        Error::Shape { .. },
+        "layer_norm"
+    );
 }
 
 #[test]
 fn cross_entropy_rejects_bad_targets() {
     let logits = t(&[2, 5, 3]);
     let wrong = ArrayD::<i64>::zeros(IxDyn(&[2, 5]));
-    assert_err!(logits.cross_entropy(&wrong.view(), None), Error::Shape { .. }, "cross_entropy");
+    assert_err!(
+        logits.cross_entropy(&wrong.view(), None),
+        Error::Shape { .. },
+        "cross_entropy"
+    );
     let flat = ArrayD::<i64>::zeros(IxDyn(&[5]));
-    assert_err!(t(&[5]).cross_entropy(&flat.view(), None), Error::Shape { .. }, "cross_entropy");
+    assert_err!(
+        t(&[5]).cross_entropy(&flat.view(), None),
+        Error::Shape { .. },
+        "cross_entropy"
+    );
     let too_big = arr2(&[[0i64, 5, 1], [0, 0, 0]]).into_dyn();
-    assert_err!(logits.cross_entropy(&too_big.view(), None), Error::Index { index: 5, size: 5, .. }, "cross_entropy");
+    assert_err!(
+        logits.cross_entropy(&too_big.view(), None),
+        Error::Index {
+            index: 5,
+            size: 5,
+            ..
+        },
+        "cross_entropy"
+    );
     let negative = arr2(&[[0i64, -1, 1], [0, 0, 0]]).into_dyn();
-    assert_err!(logits.cross_entropy(&negative.view(), Some(-100)), Error::Index { index: -1, .. }, "cross_entropy");
+    assert_err!(
+        logits.cross_entropy(&negative.view(), Some(-100)),
+        Error::Index { index: -1, .. },
+        "cross_entropy"
+    );
     // the ignored value may lie outside 0..C
     let ignored = arr2(&[[0i64, -100, 1], [0, 0, 0]]).into_dyn();
     assert!(logits.cross_entropy(&ignored.view(), Some(-100)).is_ok());
@@ -146,13 +268,29 @@ fn index_ops_reject_bad_shapes() {
     let idx = ArrayD::<i64>::zeros(IxDyn(&[4, 2]));
     assert_err!(x.gather(1, &idx.view()), Error::Shape { .. }, "gather");
     let mask = ArrayD::<bool>::from_elem(IxDyn(&[3]), true);
-    assert_err!(x.masked_fill(&mask.view(), 0.0), Error::Shape { .. }, "masked_fill");
+    assert_err!(
+        x.masked_fill(&mask.view(), 0.0),
+        Error::Shape { .. },
+        "masked_fill"
+    );
     let cond = ArrayD::<bool>::from_elem(IxDyn(&[2, 1]), true);
-    assert_err!(Tensor::where_cond(&cond.view(), &x, &x), Error::Shape { .. }, "where");
+    assert_err!(
+        Tensor::where_cond(&cond.view(), &x, &x),
+        Error::Shape { .. },
+        "where"
+    );
     let cond = ArrayD::<bool>::from_elem(IxDyn(&[1]), true);
-    assert_err!(Tensor::where_cond(&cond.view(), &x, &t(&[3])), Error::Shape { .. }, "where");
+    assert_err!(
+        Tensor::where_cond(&cond.view(), &x, &t(&[3])),
+        Error::Shape { .. },
+        "where"
+    );
     let ids = ArrayD::<i64>::zeros(IxDyn(&[2]));
-    assert_err!(t(&[5]).embedding(&ids.view()), Error::Shape { .. }, "embedding");
+    assert_err!(
+        t(&[5]).embedding(&ids.view()),
+        Error::Shape { .. },
+        "embedding"
+    );
 }
 
 #[test]
@@ -185,10 +323,22 @@ fn every_op_taking_an_axis_rejects_a_bad_one() {
         assert_err!(x.squeeze(bad), Error::Axis { .. }, "squeeze");
         assert_err!(x.pad(bad, 1, 1, 0.0), Error::Axis { .. }, "pad");
         assert_err!(x.split(1, bad), Error::Axis { .. }, "split");
-        assert_err!(x.split_sizes(&[1, 1], bad), Error::Axis { .. }, "split_sizes");
+        assert_err!(
+            x.split_sizes(&[1, 1], bad),
+            Error::Axis { .. },
+            "split_sizes"
+        );
         assert_err!(x.chunk(2, bad), Error::Axis { .. }, "chunk");
-        assert_err!(Tensor::cat(&[x.clone(), x.clone()], bad), Error::Axis { .. }, "cat");
-        assert_err!(x.index_select(bad, &[0]), Error::Axis { .. }, "index_select");
+        assert_err!(
+            Tensor::cat(&[x.clone(), x.clone()], bad),
+            Error::Axis { .. },
+            "cat"
+        );
+        assert_err!(
+            x.index_select(bad, &[0]),
+            Error::Axis { .. },
+            "index_select"
+        );
         assert_err!(x.gather(bad, &idx.view()), Error::Axis { .. }, "gather");
     }
     // unsqueeze and stack accept rank + 1 positions
@@ -196,21 +346,41 @@ fn every_op_taking_an_axis_rejects_a_bad_one() {
     assert_err!(x.unsqueeze(3), Error::Axis { .. }, "unsqueeze");
     assert_err!(x.unsqueeze(-4), Error::Axis { .. }, "unsqueeze");
     assert!(Tensor::stack(&[x.clone(), x.clone()], 2).is_ok());
-    assert_err!(Tensor::stack(&[x.clone(), x.clone()], 3), Error::Axis { .. }, "stack");
-    assert_err!(Tensor::stack(&[x.clone(), x.clone()], -4), Error::Axis { .. }, "stack");
+    assert_err!(
+        Tensor::stack(&[x.clone(), x.clone()], 3),
+        Error::Axis { .. },
+        "stack"
+    );
+    assert_err!(
+        Tensor::stack(&[x.clone(), x.clone()], -4),
+        Error::Axis { .. },
+        "stack"
+    );
     // rank 0 has no axis at all
     let s = Tensor::scalar(1.0);
     assert_err!(s.softmax(0), Error::Axis { .. }, "softmax");
     assert_err!(s.sum(&[0], false), Error::Axis { .. }, "sum");
-    assert_err!(Tensor::cat(&[s.clone(), s.clone()], 0), Error::Axis { .. }, "cat");
+    assert_err!(
+        Tensor::cat(&[s.clone(), s.clone()], 0),
+        Error::Axis { .. },
+        "cat"
+    );
 }
 
 #[test]
 fn repeated_or_missing_axes_are_invalid_arguments() {
     let x = t(&[2, 3]);
     assert_err!(x.sum(&[1, -1], false), Error::InvalidArgument { .. }, "sum");
-    assert_err!(x.amax(&[0, 0], false), Error::InvalidArgument { .. }, "amax");
-    assert_err!(x.norm(&[0, -2], false), Error::InvalidArgument { .. }, "norm");
+    assert_err!(
+        x.amax(&[0, 0], false),
+        Error::InvalidArgument { .. },
+        "amax"
+    );
+    assert_err!(
+        x.norm(&[0, -2], false),
+        Error::InvalidArgument { .. },
+        "norm"
+    );
     assert_err!(x.permute(&[0, 0]), Error::InvalidArgument { .. }, "permute");
     assert_err!(x.permute(&[0]), Error::InvalidArgument { .. }, "permute");
     assert_err!(x.flatten(1, 0), Error::InvalidArgument { .. }, "flatten");
@@ -222,20 +392,60 @@ fn repeated_or_missing_axes_are_invalid_arguments() {
 #[test]
 fn out_of_range_indices_are_index_errors() {
     let x = t(&[3, 4]);
-    assert_err!(x.index_select(0, &[0, 3]), Error::Index { index: 3, size: 3, .. }, "index_select");
-    assert_err!(x.index_select(1, &[-1]), Error::Index { index: -1, .. }, "index_select");
+    assert_err!(
+        x.index_select(0, &[0, 3]),
+        Error::Index {
+            index: 3,
+            size: 3,
+            ..
+        },
+        "index_select"
+    );
+    assert_err!(
+        x.index_select(1, &[-1]),
+        Error::Index { index: -1, .. },
+        "index_select"
+    );
     let ids = arr2(&[[0i64, 1], [3, 0]]).into_dyn();
-    assert_err!(x.embedding(&ids.view()), Error::Index { index: 3, size: 3, .. }, "embedding");
+    assert_err!(
+        x.embedding(&ids.view()),
+        Error::Index {
+            index: 3,
+            size: 3,
+            ..
+        },
+        "embedding"
+    );
     let ids = arr1(&[i64::MIN]).into_dyn();
     assert_err!(x.embedding(&ids.view()), Error::Index { .. }, "embedding");
     let idx = arr2(&[[0i64, 4], [1, 1], [2, 0]]).into_dyn();
-    assert_err!(x.gather(1, &idx.view()), Error::Index { index: 4, size: 4, .. }, "gather");
+    assert_err!(
+        x.gather(1, &idx.view()),
+        Error::Index {
+            index: 4,
+            size: 4,
+            ..
+        },
+        "gather"
+    );
     let idx = arr2(&[[0i64], [-1], [2]]).into_dyn();
-    assert_err!(x.gather(1, &idx.view()), Error::Index { index: -1, .. }, "gather");
+    assert_err!(
+        x.gather(1, &idx.view()),
+        Error::Index { index: -1, .. },
+        "gather"
+    );
     assert_err!(x.narrow(1, 2, 3), Error::Index { .. }, "narrow");
     assert_err!(x.narrow(1, usize::MAX, 2), Error::Index { .. }, "narrow");
     assert_err!(x.narrow(0, 4, 0), Error::Index { .. }, "narrow");
-    assert_err!(x.select(0, 3), Error::Index { index: 3, size: 3, .. }, "select");
+    assert_err!(
+        x.select(0, 3),
+        Error::Index {
+            index: 3,
+            size: 3,
+            ..
+        },
+        "select"
+    );
     assert_err!(x.select(1, usize::MAX), Error::Index { .. }, "select");
     // an empty selection is fine
     assert_eq!(x.index_select(0, &[]).unwrap().shape(), &[0, 4]);
@@ -250,13 +460,29 @@ fn invalid_arguments_are_rejected() {
     let x = t(&[4, 6]);
     for p in [-0.1f32, 1.5, f32::NAN, f32::INFINITY] {
         assert_err!(x.dropout(p, true), Error::InvalidArgument { .. }, "dropout");
-        assert_err!(x.dropout(p, false), Error::InvalidArgument { .. }, "dropout");
+        assert_err!(
+            x.dropout(p, false),
+            Error::InvalidArgument { .. },
+            "dropout"
+        );
     }
     assert_err!(x.chunk(0, 1), Error::InvalidArgument { .. }, "chunk");
     assert_err!(x.split(0, 1), Error::InvalidArgument { .. }, "split");
-    assert_err!(x.split_sizes(&[2, 3], 1), Error::InvalidArgument { .. }, "split_sizes");
-    assert_err!(x.split_sizes(&[usize::MAX, 7], 1), Error::InvalidArgument { .. }, "split_sizes");
-    assert_err!(x.pad(0, usize::MAX, 1, 0.0), Error::InvalidArgument { .. }, "pad");
+    assert_err!(
+        x.split_sizes(&[2, 3], 1),
+        Error::InvalidArgument { .. },
+        "split_sizes"
+    );
+    assert_err!(
+        x.split_sizes(&[usize::MAX, 7], 1),
+        Error::InvalidArgument { .. },
+        "split_sizes"
+    );
+    assert_err!(
+        x.pad(0, usize::MAX, 1, 0.0),
+        Error::InvalidArgument { .. },
+        "pad"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -268,8 +494,16 @@ fn backward_needs_a_tracked_scalar() {
     let y = x.mul_scalar(2.0);
     assert_err!(y.backward(), Error::Backward(_), "one-element");
     assert_err!(t(&[1]).backward(), Error::Backward(_), "tracked");
-    assert_err!(no_grad(|| x.sum_all()).backward(), Error::Backward(_), "no_grad");
-    assert_err!(y.backward_with_grad(ArrayD::zeros(IxDyn(&[3, 2]))), Error::Backward(_), "seed gradient");
+    assert_err!(
+        no_grad(|| x.sum_all()).backward(),
+        Error::Backward(_),
+        "no_grad"
+    );
+    assert_err!(
+        y.backward_with_grad(ArrayD::zeros(IxDyn(&[3, 2]))),
+        Error::Backward(_),
+        "seed gradient"
+    );
     assert!(y.backward_with_grad(ArrayD::ones(IxDyn(&[2, 3]))).is_ok());
 }
 
@@ -289,7 +523,13 @@ impl CustomOp for Faulty {
         }
         Ok((vec![inputs[0].to_owned()], ()))
     }
-    fn backward(&self, inputs: &[Data], _: &(), g: &[Option<ArrayD<f32>>], _: &[bool]) -> Result<Vec<Option<ArrayD<f32>>>> {
+    fn backward(
+        &self,
+        inputs: &[Data],
+        _: &(),
+        g: &[Option<ArrayD<f32>>],
+        _: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
         match self.mode {
             0 => Ok(vec![]),
             1 => Ok(vec![Some(ArrayD::zeros(IxDyn(&[7])))]),
@@ -308,7 +548,11 @@ fn custom_op_errors_surface_from_backward() {
     assert_err!(y.sum_all().backward(), Error::Backward(_), "faulty_op");
     let y = &apply_custom_op(Faulty { mode: 2 }, &[&x]).unwrap()[0];
     assert_err!(y.sum_all().backward(), Error::Other(_), "faulty_op");
-    assert_err!(apply_custom_op(Faulty { mode: 9 }, &[&x]), Error::InvalidArgument { .. }, "faulty_op");
+    assert_err!(
+        apply_custom_op(Faulty { mode: 9 }, &[&x]),
+        Error::InvalidArgument { .. },
+        "faulty_op"
+    );
     let y = &apply_custom_op(Faulty { mode: 3 }, &[&x]).unwrap()[0];
     assert!(y.sum_all().backward().is_ok());
 }
@@ -318,9 +562,15 @@ fn gradients_reject_mismatched_accumulation() {
     let x = v(&[2]);
     let mut g = Gradients::new();
     g.accumulate(x.id(), ArrayD::ones(IxDyn(&[2]))).unwrap();
-    assert_err!(g.accumulate(x.id(), ArrayD::ones(IxDyn(&[3]))), Error::Shape { .. }, "Gradients::accumulate");
+    assert_err!(
+        g.accumulate(x.id(), ArrayD::ones(IxDyn(&[3]))),
+        Error::Shape { .. },
+        "Gradients::accumulate"
+    );
     let mut other = Gradients::new();
-    other.accumulate(x.id(), ArrayD::ones(IxDyn(&[1, 2]))).unwrap();
+    other
+        .accumulate(x.id(), ArrayD::ones(IxDyn(&[1, 2])))
+        .unwrap();
     assert_err!(g.merge(other), Error::Shape { .. }, "Gradients::accumulate");
 }
 
@@ -330,11 +580,23 @@ fn gradients_reject_mismatched_accumulation() {
 #[test]
 fn param_and_buffer_setters_check_shapes() {
     let p = Param::new(ArrayD::<f32>::zeros(IxDyn(&[2, 3])));
-    assert_err!(p.set(ArrayD::<f32>::zeros(IxDyn(&[3, 2]))), Error::Shape { .. }, "Param::set");
+    assert_err!(
+        p.set(ArrayD::<f32>::zeros(IxDyn(&[3, 2]))),
+        Error::Shape { .. },
+        "Param::set"
+    );
     assert_eq!(p.shape(), vec![2, 3]);
     let b = Buffer::new(ArrayD::<f32>::zeros(IxDyn(&[4])));
-    assert_err!(b.set(StateValue::F32(ArrayD::zeros(IxDyn(&[5])).into_shared())), Error::Shape { .. }, "Buffer::set");
-    assert_err!(b.set(StateValue::I64(ArrayD::zeros(IxDyn(&[4])))), Error::Shape { .. }, "Buffer::set");
+    assert_err!(
+        b.set(StateValue::F32(ArrayD::zeros(IxDyn(&[5])).into_shared())),
+        Error::Shape { .. },
+        "Buffer::set"
+    );
+    assert_err!(
+        b.set(StateValue::I64(ArrayD::zeros(IxDyn(&[4])))),
+        Error::Shape { .. },
+        "Buffer::set"
+    );
     let counter = Buffer::new_i64(ArrayD::zeros(IxDyn(&[])));
     assert_err!(counter.tensor(), Error::Other(_), "integer buffer");
 }
@@ -386,33 +648,69 @@ fn load_state_dict_rejects_missing_unexpected_and_misshaped_keys() {
 
     let mut missing = good.clone();
     missing.remove("proj.bias");
-    assert_err!(m.load_state_dict(&missing), Error::StateDict(_), "missing keys: proj.bias");
+    assert_err!(
+        m.load_state_dict(&missing),
+        Error::StateDict(_),
+        "missing keys: proj.bias"
+    );
 
     let mut unexpected = good.clone();
-    unexpected.insert("proj.gamma".into(), StateValue::F32(ArrayD::zeros(IxDyn(&[3])).into_shared()));
-    assert_err!(m.load_state_dict(&unexpected), Error::StateDict(_), "unexpected keys: proj.gamma");
+    unexpected.insert(
+        "proj.gamma".into(),
+        StateValue::F32(ArrayD::zeros(IxDyn(&[3])).into_shared()),
+    );
+    assert_err!(
+        m.load_state_dict(&unexpected),
+        Error::StateDict(_),
+        "unexpected keys: proj.gamma"
+    );
 
     // a mis-shaped key after a good one: nothing may be changed
     let mut misshaped = good.clone();
-    misshaped.insert("proj.bias".into(), StateValue::F32(ArrayD::from_elem(IxDyn(&[3]), 7.0).into_shared()));
-    misshaped.insert("scale".into(), StateValue::F32(ArrayD::zeros(IxDyn(&[1])).into_shared()));
+    misshaped.insert(
+        "proj.bias".into(),
+        StateValue::F32(ArrayD::from_elem(IxDyn(&[3]), 7.0).into_shared()),
+    );
+    misshaped.insert(
+        "scale".into(),
+        StateValue::F32(ArrayD::zeros(IxDyn(&[1])).into_shared()),
+    );
     assert_err!(m.load_state_dict(&misshaped), Error::StateDict(_), "scale");
-    assert!(m.proj.bias.value().iter().all(|&x| x == 1.0), "a failed load changed a parameter");
+    assert!(
+        m.proj.bias.value().iter().all(|&x| x == 1.0),
+        "a failed load changed a parameter"
+    );
 
     let mut wrong_kind = good.clone();
-    wrong_kind.insert("counter".into(), StateValue::F32(ArrayD::zeros(IxDyn(&[])).into_shared()));
-    assert_err!(m.load_state_dict(&wrong_kind), Error::StateDict(_), "counter");
+    wrong_kind.insert(
+        "counter".into(),
+        StateValue::F32(ArrayD::zeros(IxDyn(&[])).into_shared()),
+    );
+    assert_err!(
+        m.load_state_dict(&wrong_kind),
+        Error::StateDict(_),
+        "counter"
+    );
     let mut wrong_kind = good.clone();
     wrong_kind.insert("scale".into(), StateValue::I64(ArrayD::zeros(IxDyn(&[]))));
     assert_err!(m.load_state_dict(&wrong_kind), Error::StateDict(_), "scale");
 
     // and the good dict loads, values and all
     let mut changed = good.clone();
-    changed.insert("proj.weight".into(), StateValue::F32(ArrayD::from_elem(IxDyn(&[2, 3]), 0.5).into_shared()));
-    changed.insert("counter".into(), StateValue::I64(ArrayD::from_elem(IxDyn(&[]), 41)));
+    changed.insert(
+        "proj.weight".into(),
+        StateValue::F32(ArrayD::from_elem(IxDyn(&[2, 3]), 0.5).into_shared()),
+    );
+    changed.insert(
+        "counter".into(),
+        StateValue::I64(ArrayD::from_elem(IxDyn(&[]), 41)),
+    );
     m.load_state_dict(&changed).unwrap();
     assert!(m.proj.weight.value().iter().all(|&x| x == 0.5));
-    assert_eq!(m.counter.get(), StateValue::I64(ArrayD::from_elem(IxDyn(&[]), 41)));
+    assert_eq!(
+        m.counter.get(),
+        StateValue::I64(ArrayD::from_elem(IxDyn(&[]), 41))
+    );
 }
 
 #[test]
@@ -429,15 +727,38 @@ fn optimizers_reject_mismatched_gradients_and_state() {
 
     let mut state = BTreeMap::new();
     assert_err!(adam.load_state_dict(&state), Error::StateDict(_), "step");
-    state.insert("step".to_string(), TensorData::F32(ArrayD::zeros(IxDyn(&[]))));
+    state.insert(
+        "step".to_string(),
+        TensorData::F32(ArrayD::zeros(IxDyn(&[]))),
+    );
     assert_err!(adam.load_state_dict(&state), Error::StateDict(_), "step");
-    state.insert("step".to_string(), TensorData::I64(ArrayD::from_elem(IxDyn(&[]), 3)));
-    state.insert("w.exp_avg".to_string(), TensorData::F32(ArrayD::zeros(IxDyn(&[2, 2]))));
+    state.insert(
+        "step".to_string(),
+        TensorData::I64(ArrayD::from_elem(IxDyn(&[]), 3)),
+    );
+    state.insert(
+        "w.exp_avg".to_string(),
+        TensorData::F32(ArrayD::zeros(IxDyn(&[2, 2]))),
+    );
     assert_err!(adam.load_state_dict(&state), Error::StateDict(_), "w");
-    state.insert("w.exp_avg_sq".to_string(), TensorData::F32(ArrayD::zeros(IxDyn(&[3]))));
-    assert_err!(adam.load_state_dict(&state), Error::StateDict(_), "w.exp_avg_sq");
-    state.insert("w.momentum_buffer".to_string(), TensorData::I64(ArrayD::zeros(IxDyn(&[2, 2]))));
-    assert_err!(sgd.load_state_dict(&state), Error::StateDict(_), "w.momentum_buffer");
+    state.insert(
+        "w.exp_avg_sq".to_string(),
+        TensorData::F32(ArrayD::zeros(IxDyn(&[3]))),
+    );
+    assert_err!(
+        adam.load_state_dict(&state),
+        Error::StateDict(_),
+        "w.exp_avg_sq"
+    );
+    state.insert(
+        "w.momentum_buffer".to_string(),
+        TensorData::I64(ArrayD::zeros(IxDyn(&[2, 2]))),
+    );
+    assert_err!(
+        sgd.load_state_dict(&state),
+        Error::StateDict(_),
+        "w.momentum_buffer"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -452,11 +773,26 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
 
 fn sample_tensors() -> BTreeMap<String, TensorData> {
     let mut m = BTreeMap::new();
-    m.insert("f".into(), TensorData::F32(arr2(&[[1.5f32, -2.0, f32::INFINITY], [0.0, -0.0, 1e-30]]).into_dyn()));
-    m.insert("i".into(), TensorData::I64(arr1(&[i64::MIN, -1, 0, i64::MAX]).into_dyn()));
-    m.insert("b".into(), TensorData::Bool(arr2(&[[true, false], [false, true]]).into_dyn()));
-    m.insert("scalar".into(), TensorData::F32(ArrayD::from_elem(IxDyn(&[]), 3.25)));
-    m.insert("empty".into(), TensorData::F32(ArrayD::zeros(IxDyn(&[0, 4]))));
+    m.insert(
+        "f".into(),
+        TensorData::F32(arr2(&[[1.5f32, -2.0, f32::INFINITY], [0.0, -0.0, 1e-30]]).into_dyn()),
+    );
+    m.insert(
+        "i".into(),
+        TensorData::I64(arr1(&[i64::MIN, -1, 0, i64::MAX]).into_dyn()),
+    );
+    m.insert(
+        "b".into(),
+        TensorData::Bool(arr2(&[[true, false], [false, true]]).into_dyn()),
+    );
+    m.insert(
+        "scalar".into(),
+        TensorData::F32(ArrayD::from_elem(IxDyn(&[]), 3.25)),
+    );
+    m.insert(
+        "empty".into(),
+        TensorData::F32(ArrayD::zeros(IxDyn(&[0, 4]))),
+    );
     m
 }
 
@@ -467,7 +803,10 @@ fn safetensors_round_trip_f32_i64_bool() {
     let meta: HashMap<String, String> = [("k".to_string(), "v".to_string())].into();
     save_safetensors(&path, &sample_tensors(), Some(meta.clone())).unwrap();
     assert_eq!(load_safetensors(&path).unwrap(), sample_tensors());
-    assert_eq!(performer_tensor::io::load_safetensors_metadata(&path).unwrap(), meta);
+    assert_eq!(
+        performer_tensor::io::load_safetensors_metadata(&path).unwrap(),
+        meta
+    );
     // a non-contiguous array is written in logical (row-major) order
     let mut m = BTreeMap::new();
     let a = arr2(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]]);
@@ -475,7 +814,10 @@ fn safetensors_round_trip_f32_i64_bool() {
     m.insert("v".into(), TensorData::F32(a.t().into_dyn().to_owned()));
     save_safetensors(&path, &m, None).unwrap();
     let back = load_safetensors(&path).unwrap();
-    assert_eq!(back["t"], TensorData::F32(arr2(&[[1.0f32, 4.0], [2.0, 5.0], [3.0, 6.0]]).into_dyn()));
+    assert_eq!(
+        back["t"],
+        TensorData::F32(arr2(&[[1.0f32, 4.0], [2.0, 5.0], [3.0, 6.0]]).into_dyn())
+    );
     assert_eq!(back["v"], back["t"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -483,10 +825,26 @@ fn safetensors_round_trip_f32_i64_bool() {
 #[test]
 fn wrong_dtype_access_names_the_tensor() {
     let m = sample_tensors();
-    assert_err!(m["i"].clone().into_f32("i"), Error::Other(_), "`i` is int64");
-    assert_err!(m["f"].clone().into_i64("f"), Error::Other(_), "`f` is float32");
-    assert_err!(m["f"].clone().into_bool("f"), Error::Other(_), "`f` is float32");
-    assert_err!(StateValue::try_from(m["b"].clone()), Error::Other(_), "bool");
+    assert_err!(
+        m["i"].clone().into_f32("i"),
+        Error::Other(_),
+        "`i` is int64"
+    );
+    assert_err!(
+        m["f"].clone().into_i64("f"),
+        Error::Other(_),
+        "`f` is float32"
+    );
+    assert_err!(
+        m["f"].clone().into_bool("f"),
+        Error::Other(_),
+        "`f` is float32"
+    );
+    assert_err!(
+        StateValue::try_from(m["b"].clone()),
+        Error::Other(_),
+        "bool"
+    );
 }
 
 /// A safetensors buffer from a raw JSON header and data bytes.
@@ -513,12 +871,48 @@ fn corrupt_safetensors_are_format_errors() {
             b.extend_from_slice(b"{}");
             b
         }),
-        ("offsets past the end", raw_file(r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8000000000]}}"#, &[0; 8])),
-        ("absurd shape", raw_file(r#"{"x":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#, &[0; 8])),
-        ("shape and bytes disagree", raw_file(r#"{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8])),
-        ("unknown dtype", raw_file(r#"{"x":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#, &[0; 1])),
-        ("bool byte out of range", raw_file(r#"{"x":{"dtype":"BOOL","shape":[2],"data_offsets":[0,2]}}"#, &[1, 2])),
-        ("unsupported dtype", raw_file(r#"{"x":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#, &[0; 8])),
+        (
+            "offsets past the end",
+            raw_file(
+                r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8000000000]}}"#,
+                &[0; 8],
+            ),
+        ),
+        (
+            "absurd shape",
+            raw_file(
+                r#"{"x":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+        ),
+        (
+            "shape and bytes disagree",
+            raw_file(
+                r#"{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+        ),
+        (
+            "unknown dtype",
+            raw_file(
+                r#"{"x":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#,
+                &[0; 1],
+            ),
+        ),
+        (
+            "bool byte out of range",
+            raw_file(
+                r#"{"x":{"dtype":"BOOL","shape":[2],"data_offsets":[0,2]}}"#,
+                &[1, 2],
+            ),
+        ),
+        (
+            "unsupported dtype",
+            raw_file(
+                r#"{"x":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+        ),
     ];
     for (what, bytes) in cases {
         assert!(from_safetensors_bytes(&bytes).is_err(), "{what}: parsed");
@@ -526,12 +920,19 @@ fn corrupt_safetensors_are_format_errors() {
         std::fs::write(&path, &bytes).unwrap();
         match load_safetensors(&path) {
             Err(e @ Error::Format { .. }) => {
-                assert!(e.to_string().contains(path.to_str().unwrap()), "{what}: {e} does not name the file")
+                assert!(
+                    e.to_string().contains(path.to_str().unwrap()),
+                    "{what}: {e} does not name the file"
+                )
             }
             other => panic!("{what}: expected a format error, got {other:?}"),
         }
     }
-    assert_err!(load_safetensors(dir.join("absent.safetensors")), Error::Io { .. }, "absent.safetensors");
+    assert_err!(
+        load_safetensors(dir.join("absent.safetensors")),
+        Error::Io { .. },
+        "absent.safetensors"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -540,12 +941,34 @@ fn half_precision_files_are_widened() {
     // 1.0, -2.0, the smallest subnormal, +inf, 65504 (largest half)
     let halves: [u16; 5] = [0x3C00, 0xC000, 0x0001, 0x7C00, 0x7BFF];
     let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
-    let f16 = raw_file(r#"{"x":{"dtype":"F16","shape":[5],"data_offsets":[0,10]}}"#, &bytes);
-    let got = from_safetensors_bytes(&f16).unwrap().remove("x").unwrap().into_f32("x").unwrap();
-    assert_eq!(got.as_slice().unwrap(), &[1.0, -2.0, 2f32.powi(-24), f32::INFINITY, 65504.0]);
-    let bf: Vec<u8> = [0x3F80u16, 0xC040].iter().flat_map(|h| h.to_le_bytes()).collect();
-    let bf16 = raw_file(r#"{"x":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#, &bf);
-    let got = from_safetensors_bytes(&bf16).unwrap().remove("x").unwrap().into_f32("x").unwrap();
+    let f16 = raw_file(
+        r#"{"x":{"dtype":"F16","shape":[5],"data_offsets":[0,10]}}"#,
+        &bytes,
+    );
+    let got = from_safetensors_bytes(&f16)
+        .unwrap()
+        .remove("x")
+        .unwrap()
+        .into_f32("x")
+        .unwrap();
+    assert_eq!(
+        got.as_slice().unwrap(),
+        &[1.0, -2.0, 2f32.powi(-24), f32::INFINITY, 65504.0]
+    );
+    let bf: Vec<u8> = [0x3F80u16, 0xC040]
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    let bf16 = raw_file(
+        r#"{"x":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#,
+        &bf,
+    );
+    let got = from_safetensors_bytes(&bf16)
+        .unwrap()
+        .remove("x")
+        .unwrap()
+        .into_f32("x")
+        .unwrap();
     assert_eq!(got.as_slice().unwrap(), &[1.0, -3.0]);
 }
 
@@ -558,24 +981,44 @@ fn atomic_write_replaces_the_file_and_leaves_no_temporaries() {
     assert_eq!(std::fs::read(&path).unwrap(), b"short");
     save_safetensors(&path, &sample_tensors(), None).unwrap();
     assert_eq!(load_safetensors(&path).unwrap(), sample_tensors());
-    let names: Vec<String> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, ["ckpt.safetensors"], "temporary files left behind");
     // a target whose directory does not exist fails cleanly
-    assert_err!(write_atomic(dir.join("no/such/dir/x"), b"x"), Error::Io { .. }, "x");
+    assert_err!(
+        write_atomic(dir.join("no/such/dir/x"), b"x"),
+        Error::Io { .. },
+        "x"
+    );
     // a directory in the way of the rename fails and leaves the directory and no temp file
     let blocker = dir.join("blocker");
     std::fs::create_dir(&blocker).unwrap();
     std::fs::write(blocker.join("inside"), b"keep").unwrap();
     assert_err!(write_atomic(&blocker, b"x"), Error::Io { .. }, "blocker");
     assert_eq!(std::fs::read(blocker.join("inside")).unwrap(), b"keep");
-    let mut names: Vec<String> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
-    assert_eq!(names, ["blocker", "ckpt.safetensors"], "temporary files left behind");
+    assert_eq!(
+        names,
+        ["blocker", "ckpt.safetensors"],
+        "temporary files left behind"
+    );
     // a path without a file name
-    assert_err!(write_atomic("", b"x"), Error::Format { .. }, "not a file path");
-    assert_err!(write_atomic(dir.join(".."), b"x"), Error::Format { .. }, "not a file path");
+    assert_err!(
+        write_atomic("", b"x"),
+        Error::Format { .. },
+        "not a file path"
+    );
+    assert_err!(
+        write_atomic(dir.join(".."), b"x"),
+        Error::Format { .. },
+        "not a file path"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -588,7 +1031,11 @@ fn rng_below_zero_does_not_panic() {
 
 #[test]
 fn absurd_sizes_are_shape_errors_not_aborts() {
-    assert_err!(Tensor::try_full(&[usize::MAX, 2], 0.0), Error::Shape { .. }, "full");
+    assert_err!(
+        Tensor::try_full(&[usize::MAX, 2], 0.0),
+        Error::Shape { .. },
+        "full"
+    );
     assert_eq!(Tensor::try_full(&[2, 0], 1.0).unwrap().shape(), &[2, 0]);
     // shapes that broadcast, but to more elements than memory can address
     let huge = performer_tensor::shape::broadcast_shapes("add", &[1 << 40, 1], &[1 << 40]);

@@ -17,7 +17,13 @@ fn uniform(shape: &[usize], lo: f32, hi: f32, seed: u64) -> ArrayD<f32> {
 
 /// Values whose magnitude stays away from 0 (kinks of relu, abs, ...).
 fn away_from_zero(shape: &[usize], seed: u64) -> ArrayD<f32> {
-    randn(shape, seed).mapv(|v| if v.abs() < 0.1 { v.signum() * 0.1 + v } else { v })
+    randn(shape, seed).mapv(|v| {
+        if v.abs() < 0.1 {
+            v.signum() * 0.1 + v
+        } else {
+            v
+        }
+    })
 }
 
 fn check(f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[ArrayD<f32>]) {
@@ -80,9 +86,21 @@ fn scalar_and_unary_math() {
     let k = away_from_zero(&[2, 5], 12);
     check(|x| Ok(x[0].abs()), std::slice::from_ref(&k));
     // clamp bounds away from the sample points
-    let c = uniform(&[3, 4], -2.0, 2.0, 13).mapv(|v| if (v.abs() - 1.0).abs() < 0.1 { v * 0.8 } else { v });
-    check(|x| Ok(x[0].clamp(Some(-1.0), Some(1.0))), std::slice::from_ref(&c));
-    check(|x| Ok(x[0].clamp(Some(-1.0), None)), std::slice::from_ref(&c));
+    let c = uniform(&[3, 4], -2.0, 2.0, 13).mapv(|v| {
+        if (v.abs() - 1.0).abs() < 0.1 {
+            v * 0.8
+        } else {
+            v
+        }
+    });
+    check(
+        |x| Ok(x[0].clamp(Some(-1.0), Some(1.0))),
+        std::slice::from_ref(&c),
+    );
+    check(
+        |x| Ok(x[0].clamp(Some(-1.0), None)),
+        std::slice::from_ref(&c),
+    );
 }
 
 #[test]
@@ -118,29 +136,49 @@ fn reductions() {
 fn amax_ties_share_the_gradient() {
     let x = Tensor::var(ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 3.0, 3.0, 2.0]).unwrap());
     let g = x.amax(&[0], false).unwrap().backward().unwrap();
-    assert_eq!(g.get(&x).unwrap().as_slice().unwrap(), &[0.0, 0.5, 0.5, 0.0]);
+    assert_eq!(
+        g.get(&x).unwrap().as_slice().unwrap(),
+        &[0.0, 0.5, 0.5, 0.0]
+    );
 }
 
 #[test]
 fn matmul_shapes() {
-    check(|x| x[0].matmul(&x[1]), &[randn(&[3, 4], 17), randn(&[4, 5], 18)]);
+    check(
+        |x| x[0].matmul(&x[1]),
+        &[randn(&[3, 4], 17), randn(&[4, 5], 18)],
+    );
     // batched with broadcast batch dims
-    check(|x| x[0].matmul(&x[1]), &[randn(&[2, 1, 3, 4], 19), randn(&[3, 4, 2], 20)]);
+    check(
+        |x| x[0].matmul(&x[1]),
+        &[randn(&[2, 1, 3, 4], 19), randn(&[3, 4, 2], 20)],
+    );
     // vector operands
-    check(|x| x[0].matmul(&x[1]), &[randn(&[4], 21), randn(&[4, 3], 22)]);
-    check(|x| x[0].matmul(&x[1]), &[randn(&[2, 3, 4], 23), randn(&[4], 24)]);
+    check(
+        |x| x[0].matmul(&x[1]),
+        &[randn(&[4], 21), randn(&[4, 3], 22)],
+    );
+    check(
+        |x| x[0].matmul(&x[1]),
+        &[randn(&[2, 3, 4], 23), randn(&[4], 24)],
+    );
     // transposed operands without copies
     let at = transposed_layout(&randn(&[3, 4], 25));
     let bt = transposed_layout(&randn(&[4, 5], 26));
     check(|x| x[0].matmul(&x[1]), &[at, bt]);
-    check(|x| x[0].matmul(&x[1].transpose(0, 1)?), &[randn(&[3, 4], 27), randn(&[5, 4], 28)]);
+    check(
+        |x| x[0].matmul(&x[1].transpose(0, 1)?),
+        &[randn(&[3, 4], 27), randn(&[5, 4], 28)],
+    );
 }
 
 #[test]
 fn matmul_matches_naive_product() {
     let a = randn(&[2, 17, 33], 29);
     let b = randn(&[33, 9], 30);
-    let c = Tensor::new(a.clone()).matmul(&Tensor::new(b.clone())).unwrap();
+    let c = Tensor::new(a.clone())
+        .matmul(&Tensor::new(b.clone()))
+        .unwrap();
     for bi in 0..2 {
         for i in 0..17 {
             for j in 0..9 {
@@ -155,14 +193,23 @@ fn matmul_matches_naive_product() {
 fn layout_ops() {
     let a = randn(&[2, 3, 4], 31);
     check(|x| x[0].reshape(&[6, -1]), std::slice::from_ref(&a));
-    check(|x| x[0].permute(&[2, 0, 1])?.reshape(&[-1]), std::slice::from_ref(&a));
+    check(
+        |x| x[0].permute(&[2, 0, 1])?.reshape(&[-1]),
+        std::slice::from_ref(&a),
+    );
     check(|x| x[0].transpose(0, 2), std::slice::from_ref(&a));
     check(|x| x[0].narrow(1, 1, 2), std::slice::from_ref(&a));
     check(|x| x[0].select(2, 3), std::slice::from_ref(&a));
     check(|x| x[0].unsqueeze(1)?.squeeze(1), std::slice::from_ref(&a));
     check(|x| x[0].flatten(1, 2), std::slice::from_ref(&a));
-    check(|x| x[0].broadcast_to(&[5, 2, 3, 4]), std::slice::from_ref(&a));
-    check(|x| Ok(x[0].transpose(0, 1)?.contiguous()), std::slice::from_ref(&a));
+    check(
+        |x| x[0].broadcast_to(&[5, 2, 3, 4]),
+        std::slice::from_ref(&a),
+    );
+    check(
+        |x| Ok(x[0].transpose(0, 1)?.contiguous()),
+        std::slice::from_ref(&a),
+    );
     check(|x| x[0].pad(1, 2, 1, 0.5), std::slice::from_ref(&a));
     check(
         |x| {
@@ -178,8 +225,14 @@ fn layout_ops() {
         },
         std::slice::from_ref(&a),
     );
-    check(|x| Tensor::cat(&[x[0].clone(), x[1].clone()], 0), &[randn(&[2, 3], 32), randn(&[4, 3], 33)]);
-    check(|x| Tensor::stack(&[x[0].clone(), x[1].clone()], 1), &[randn(&[2, 3], 34), randn(&[2, 3], 35)]);
+    check(
+        |x| Tensor::cat(&[x[0].clone(), x[1].clone()], 0),
+        &[randn(&[2, 3], 32), randn(&[4, 3], 33)],
+    );
+    check(
+        |x| Tensor::stack(&[x[0].clone(), x[1].clone()], 1),
+        &[randn(&[2, 3], 34), randn(&[2, 3], 35)],
+    );
     // reshape of a non-contiguous tensor copies
     let t = transposed_layout(&randn(&[4, 6], 36));
     check(|x| x[0].reshape(&[3, 8]), std::slice::from_ref(&t));
@@ -188,7 +241,12 @@ fn layout_ops() {
 #[test]
 fn chunk_follows_pytorch() {
     let x = Tensor::zeros(&[10]);
-    let sizes: Vec<usize> = x.chunk(4, 0).unwrap().iter().map(|t| t.shape()[0]).collect();
+    let sizes: Vec<usize> = x
+        .chunk(4, 0)
+        .unwrap()
+        .iter()
+        .map(|t| t.shape()[0])
+        .collect();
     assert_eq!(sizes, vec![3, 3, 3, 1]);
     let x = Tensor::zeros(&[6]);
     assert_eq!(x.chunk(4, 0).unwrap().len(), 3); // torch.arange(6).chunk(4) has 3 pieces
@@ -198,14 +256,29 @@ fn chunk_follows_pytorch() {
 fn index_ops() {
     let table = randn(&[5, 3], 37);
     let ids = ndarray::arr2(&[[0i64, 4, 4], [2, 1, 0]]).into_dyn();
-    check(|x| x[0].embedding(&ids.view()), std::slice::from_ref(&table));
-    check(|x| x[0].index_select(1, &[2, 0, 2]), std::slice::from_ref(&table));
+    check(
+        |x| x[0].embedding(&ids.view()),
+        std::slice::from_ref(&table),
+    );
+    check(
+        |x| x[0].index_select(1, &[2, 0, 2]),
+        std::slice::from_ref(&table),
+    );
     let idx = ndarray::arr2(&[[0i64, 2], [1, 1], [2, 0], [0, 0], [1, 2]]).into_dyn();
-    check(|x| x[0].gather(1, &idx.view()), std::slice::from_ref(&table));
+    check(
+        |x| x[0].gather(1, &idx.view()),
+        std::slice::from_ref(&table),
+    );
     let mask = ndarray::arr1(&[true, false, true]).into_dyn();
-    check(|x| x[0].masked_fill(&mask.view(), -3.0), std::slice::from_ref(&table));
+    check(
+        |x| x[0].masked_fill(&mask.view(), -3.0),
+        std::slice::from_ref(&table),
+    );
     let cond = ndarray::arr2(&[[true], [false], [true], [false], [true]]).into_dyn();
-    check(|x| Tensor::where_cond(&cond.view(), &x[0], &x[1]), &[table.clone(), randn(&[3], 38)]);
+    check(
+        |x| Tensor::where_cond(&cond.view(), &x[0], &x[1]),
+        &[table.clone(), randn(&[3], 38)],
+    );
 }
 
 #[test]
@@ -218,14 +291,26 @@ fn softmax_family_and_losses() {
     check(|x| x[0].softmax(1), std::slice::from_ref(&t));
     let logits = randn(&[2, 5, 3], 41);
     let target = ndarray::arr2(&[[0i64, 4, -100], [3, 3, 1]]).into_dyn();
-    check(|x| x[0].cross_entropy(&target.view(), Some(-100)), std::slice::from_ref(&logits));
+    check(
+        |x| x[0].cross_entropy(&target.view(), Some(-100)),
+        std::slice::from_ref(&logits),
+    );
     let flat = randn(&[4, 6], 42);
     let target = ndarray::arr1(&[5i64, 0, 2, 0]).into_dyn();
-    check(|x| x[0].cross_entropy(&target.view(), Some(0)), std::slice::from_ref(&flat));
+    check(
+        |x| x[0].cross_entropy(&target.view(), Some(0)),
+        std::slice::from_ref(&flat),
+    );
     // classes on axis 1 of a permuted (b, n, c) -> (b, c, n) view, as language models use it
     let bnc = randn(&[2, 3, 5], 43);
     let target = ndarray::arr2(&[[1i64, 2, 3], [4, 0, 1]]).into_dyn();
-    check(|x| x[0].permute(&[0, 2, 1])?.cross_entropy(&target.view(), None), std::slice::from_ref(&bnc));
+    check(
+        |x| {
+            x[0].permute(&[0, 2, 1])?
+                .cross_entropy(&target.view(), None)
+        },
+        std::slice::from_ref(&bnc),
+    );
 }
 
 #[test]
@@ -233,10 +318,19 @@ fn layer_norm_all_inputs() {
     let x = randn(&[2, 3, 6], 44);
     let w = randn(&[6], 45);
     let b = randn(&[6], 46);
-    check(|t| t[0].layer_norm(Some(&t[1]), Some(&t[2]), 1e-5), &[x.clone(), w, b]);
-    check(|t| t[0].layer_norm(None, None, 1e-5), std::slice::from_ref(&x));
+    check(
+        |t| t[0].layer_norm(Some(&t[1]), Some(&t[2]), 1e-5),
+        &[x.clone(), w, b],
+    );
+    check(
+        |t| t[0].layer_norm(None, None, 1e-5),
+        std::slice::from_ref(&x),
+    );
     let nc = transposed_layout(&randn(&[6, 4], 47));
-    check(|t| t[0].layer_norm(None, None, 1e-5), std::slice::from_ref(&nc));
+    check(
+        |t| t[0].layer_norm(None, None, 1e-5),
+        std::slice::from_ref(&nc),
+    );
 }
 
 #[test]
@@ -265,7 +359,12 @@ fn dropout_replays_with_the_rng_state() {
 #[test]
 fn gradient_accumulates_over_shared_uses() {
     let x = Tensor::var(ndarray::arr1(&[1.0f32, 2.0]).into_dyn());
-    let y = x.mul(&x).unwrap().add(&x.mul_scalar(3.0)).unwrap().sum_all();
+    let y = x
+        .mul(&x)
+        .unwrap()
+        .add(&x.mul_scalar(3.0))
+        .unwrap()
+        .sum_all();
     let g = y.backward().unwrap();
     assert_eq!(g.get(&x).unwrap().as_slice().unwrap(), &[5.0, 7.0]);
 }
@@ -275,11 +374,20 @@ fn gradient_accumulates_over_shared_uses() {
 fn gradcheck_catches_a_wrong_gradient() {
     let wrong_square = |x: &[Tensor]| -> Result<Tensor> {
         let xd = x[0].data().clone();
-        Ok(Tensor::from_op(xd.mapv(|v| v * v), "wrong_square", &[&x[0]], move |g, _| {
-            // d(x^2)/dx is 2x; returning x is wrong by a factor of 2
-            Ok(vec![Some(&g * &xd)])
-        }))
+        Ok(Tensor::from_op(
+            xd.mapv(|v| v * v),
+            "wrong_square",
+            &[&x[0]],
+            move |g, _| {
+                // d(x^2)/dx is 2x; returning x is wrong by a factor of 2
+                Ok(vec![Some(&g * &xd)])
+            },
+        ))
     };
-    let err = gradcheck(wrong_square, &[randn(&[3], 50)], GradcheckOptions::default());
+    let err = gradcheck(
+        wrong_square,
+        &[randn(&[3], 50)],
+        GradcheckOptions::default(),
+    );
     assert!(err.is_err(), "a wrong gradient passed gradcheck");
 }

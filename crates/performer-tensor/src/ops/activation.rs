@@ -35,7 +35,12 @@ pub(crate) fn softplus_scalar(x: f32) -> f32 {
 impl Tensor {
     /// `max(x, 0)`.
     pub fn relu(&self) -> Tensor {
-        unary(self, "relu", |x| x.max(0.0), |x, _| if x > 0.0 { 1.0 } else { 0.0 })
+        unary(
+            self,
+            "relu",
+            |x| x.max(0.0),
+            |x, _| if x > 0.0 { 1.0 } else { 0.0 },
+        )
     }
 
     /// GELU, erf form (as `torch.nn.GELU()`).
@@ -45,12 +50,19 @@ impl Tensor {
 
     /// ELU with alpha 1.
     pub fn elu(&self) -> Tensor {
-        unary(self, "elu", |x| if x > 0.0 { x } else { x.exp_m1() }, |x, y| if x > 0.0 { 1.0 } else { y + 1.0 })
+        unary(
+            self,
+            "elu",
+            |x| if x > 0.0 { x } else { x.exp_m1() },
+            |x, y| if x > 0.0 { 1.0 } else { y + 1.0 },
+        )
     }
 
     /// Softplus with beta 1 and threshold 20 (as `torch.nn.Softplus()`).
     pub fn softplus(&self) -> Tensor {
-        unary(self, "softplus", softplus_scalar, |x, _| if x > 20.0 { 1.0 } else { sigmoid_scalar(x) })
+        unary(self, "softplus", softplus_scalar, |x, _| {
+            if x > 20.0 { 1.0 } else { sigmoid_scalar(x) }
+        })
     }
 
     /// The logistic sigmoid.
@@ -65,10 +77,15 @@ impl Tensor {
 
     /// SiLU (swish): `x * sigmoid(x)`.
     pub fn silu(&self) -> Tensor {
-        unary(self, "silu", |x| x * sigmoid_scalar(x), |x, _| {
-            let s = sigmoid_scalar(x);
-            s * (1.0 + x * (1.0 - s))
-        })
+        unary(
+            self,
+            "silu",
+            |x| x * sigmoid_scalar(x),
+            |x, _| {
+                let s = sigmoid_scalar(x);
+                s * (1.0 + x * (1.0 - s))
+            },
+        )
     }
 
     /// Leaky ReLU with the given negative slope (PyTorch's default is 0.01).
@@ -148,12 +165,24 @@ impl Activation {
         match *self {
             Activation::Relu => x.max(0.0),
             Activation::Gelu => gelu_scalar(x),
-            Activation::Elu => if x > 0.0 { x } else { x.exp_m1() },
+            Activation::Elu => {
+                if x > 0.0 {
+                    x
+                } else {
+                    x.exp_m1()
+                }
+            }
             Activation::Softplus => softplus_scalar(x),
             Activation::Sigmoid => sigmoid_scalar(x),
             Activation::Tanh => x.tanh(),
             Activation::Silu => x * sigmoid_scalar(x),
-            Activation::LeakyRelu(s) => if x > 0.0 { x } else { s * x },
+            Activation::LeakyRelu(s) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    s * x
+                }
+            }
         }
     }
 
@@ -161,10 +190,28 @@ impl Activation {
     #[inline]
     pub fn df(&self, x: f32) -> f32 {
         match *self {
-            Activation::Relu => if x > 0.0 { 1.0 } else { 0.0 },
+            Activation::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
             Activation::Gelu => gelu_grad_scalar(x),
-            Activation::Elu => if x > 0.0 { 1.0 } else { x.exp() },
-            Activation::Softplus => if x > 20.0 { 1.0 } else { sigmoid_scalar(x) },
+            Activation::Elu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    x.exp()
+                }
+            }
+            Activation::Softplus => {
+                if x > 20.0 {
+                    1.0
+                } else {
+                    sigmoid_scalar(x)
+                }
+            }
             Activation::Sigmoid => {
                 let s = sigmoid_scalar(x);
                 s * (1.0 - s)
@@ -177,7 +224,13 @@ impl Activation {
                 let s = sigmoid_scalar(x);
                 s * (1.0 + x * (1.0 - s))
             }
-            Activation::LeakyRelu(s) => if x > 0.0 { 1.0 } else { s },
+            Activation::LeakyRelu(s) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    s
+                }
+            }
         }
     }
 

@@ -18,9 +18,13 @@ impl Tensor {
         }
         let scale = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
         let mask: ArrayD<f32> = crate::rng::with_rng(|g| {
-            ArrayD::from_shape_simple_fn(self.data().raw_dim(), || if g.next_f32() < p { 0.0 } else { scale })
+            ArrayD::from_shape_simple_fn(self.data().raw_dim(), || {
+                if g.next_f32() < p { 0.0 } else { scale }
+            })
         });
         let out = zip_map(&self.view(), &mask.view(), |x, m| x * m);
-        Ok(Tensor::from_op(out, "dropout", &[self], move |g, _| Ok(vec![Some(zip_map(&g.view(), &mask.view(), |g, m| g * m))])))
+        Ok(Tensor::from_op(out, "dropout", &[self], move |g, _| {
+            Ok(vec![Some(zip_map(&g.view(), &mask.view(), |g, m| g * m))])
+        }))
     }
 }

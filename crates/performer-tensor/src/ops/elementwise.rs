@@ -72,25 +72,42 @@ impl Binary {
 
 fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
     let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
-    let ab = a.data().broadcast(IxDyn(&shape)).expect("broadcast shape checked");
-    let bb = b.data().broadcast(IxDyn(&shape)).expect("broadcast shape checked");
+    let ab = a
+        .data()
+        .broadcast(IxDyn(&shape))
+        .expect("broadcast shape checked");
+    let bb = b
+        .data()
+        .broadcast(IxDyn(&shape))
+        .expect("broadcast shape checked");
     let out = zip_map(&ab, &bb, move |x, y| op.apply(x, y));
     let (ad, bd) = (a.data().clone(), b.data().clone());
     Ok(Tensor::from_op(out, op.name(), &[a, b], move |g, needs| {
-        let ab = ad.broadcast(IxDyn(g.shape())).expect("same broadcast as forward");
-        let bb = bd.broadcast(IxDyn(g.shape())).expect("same broadcast as forward");
+        let ab = ad
+            .broadcast(IxDyn(g.shape()))
+            .expect("same broadcast as forward");
+        let bb = bd
+            .broadcast(IxDyn(g.shape()))
+            .expect("same broadcast as forward");
         let ga = match (needs[0], op) {
             (false, _) => None,
             (true, Binary::Add | Binary::Sub) => Some(g.clone()),
-            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| g * op.partials(x, y).0)),
+            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
+                g * op.partials(x, y).0
+            })),
         };
         let gb = match (needs[1], op) {
             (false, _) => None,
             (true, Binary::Add) => Some(g.clone()),
             (true, Binary::Sub) => Some(g.mapv(|v| -v)),
-            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| g * op.partials(x, y).1)),
+            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
+                g * op.partials(x, y).1
+            })),
         };
-        Ok(vec![ga.map(|g| sum_to_shape(g, ad.shape())), gb.map(|g| sum_to_shape(g, bd.shape()))])
+        Ok(vec![
+            ga.map(|g| sum_to_shape(g, ad.shape())),
+            gb.map(|g| sum_to_shape(g, bd.shape())),
+        ])
     }))
 }
 
@@ -109,7 +126,12 @@ pub(crate) fn unary(
     let xd = x.data().clone();
     let yd = out.to_shared();
     Tensor::from_op(yd.clone(), name, &[x], move |g, _| {
-        Ok(vec![Some(zip_map3(&g.view(), &xd.view(), &yd.view(), |g, x, y| g * df(x, y)))])
+        Ok(vec![Some(zip_map3(
+            &g.view(),
+            &xd.view(),
+            &yd.view(),
+            |g, x, y| g * df(x, y),
+        ))])
     })
 }
 
@@ -176,7 +198,12 @@ impl Tensor {
 
     /// `self ^ p`.
     pub fn powf(&self, p: f32) -> Tensor {
-        unary(self, "powf", move |x| x.powf(p), move |x, _| if p == 0.0 { 0.0 } else { p * x.powf(p - 1.0) })
+        unary(
+            self,
+            "powf",
+            move |x| x.powf(p),
+            move |x, _| if p == 0.0 { 0.0 } else { p * x.powf(p - 1.0) },
+        )
     }
 
     /// `self * self`.
@@ -211,7 +238,15 @@ impl Tensor {
 
     /// Absolute value (gradient 0 at 0).
     pub fn abs(&self) -> Tensor {
-        unary(self, "abs", f32::abs, |x, _| if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 })
+        unary(self, "abs", f32::abs, |x, _| {
+            if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        })
     }
 
     /// Clamps into `[min, max]` (either bound optional). The gradient passes where the input
@@ -222,7 +257,15 @@ impl Tensor {
         unary(
             self,
             "clamp",
-            move |x| if x < lo { lo } else if x > hi { hi } else { x },
+            move |x| {
+                if x < lo {
+                    lo
+                } else if x > hi {
+                    hi
+                } else {
+                    x
+                }
+            },
             move |x, _| if x >= lo && x <= hi { 1.0 } else { 0.0 },
         )
     }

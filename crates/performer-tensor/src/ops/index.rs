@@ -8,7 +8,11 @@ use crate::{Error, Result, Tensor};
 
 fn check_index(op: &str, index: i64, size: usize) -> Result<usize> {
     if index < 0 || index as u64 >= size as u64 {
-        return Err(Error::Index { op: op.into(), index, size });
+        return Err(Error::Index {
+            op: op.into(),
+            index,
+            size,
+        });
     }
     Ok(index as usize)
 }
@@ -19,24 +23,35 @@ impl Tensor {
     pub fn index_select(&self, axis: isize, indices: &[i64]) -> Result<Tensor> {
         let ax = normalize_axis("index_select", axis, self.rank())?;
         let size = self.shape()[ax];
-        let idx: Vec<usize> = indices.iter().map(|&i| check_index("index_select", i, size)).collect::<Result<_>>()?;
+        let idx: Vec<usize> = indices
+            .iter()
+            .map(|&i| check_index("index_select", i, size))
+            .collect::<Result<_>>()?;
         let out = self.view().select(Axis(ax), &idx);
         let in_shape = self.shape().to_vec();
-        Ok(Tensor::from_op(out, "index_select", &[self], move |g, _| {
-            let mut full = ArrayD::<f32>::zeros(IxDyn(&in_shape));
-            for (j, &i) in idx.iter().enumerate() {
-                let mut dst = full.index_axis_mut(Axis(ax), i);
-                dst += &g.index_axis(Axis(ax), j);
-            }
-            Ok(vec![Some(full)])
-        }))
+        Ok(Tensor::from_op(
+            out,
+            "index_select",
+            &[self],
+            move |g, _| {
+                let mut full = ArrayD::<f32>::zeros(IxDyn(&in_shape));
+                for (j, &i) in idx.iter().enumerate() {
+                    let mut dst = full.index_axis_mut(Axis(ax), i);
+                    dst += &g.index_axis(Axis(ax), j);
+                }
+                Ok(vec![Some(full)])
+            },
+        ))
     }
 
     /// Rows of this (num_embeddings, dim) table for each id: the result has shape
     /// `ids.shape ++ [dim]`. An id outside `0..num_embeddings` is an error.
     pub fn embedding(&self, ids: &ArrayViewD<i64>) -> Result<Tensor> {
         if self.rank() != 2 {
-            return Err(Error::shape("embedding", format!("the table must be 2-D, got {:?}", self.shape())));
+            return Err(Error::shape(
+                "embedding",
+                format!("the table must be 2-D, got {:?}", self.shape()),
+            ));
         }
         let num = self.shape()[0];
         for &id in ids.iter() {
@@ -54,11 +69,20 @@ impl Tensor {
     pub fn gather(&self, axis: isize, index: &ArrayViewD<i64>) -> Result<Tensor> {
         let ax = normalize_axis("gather", axis, self.rank())?;
         if index.ndim() != self.rank()
-            || index.shape().iter().zip(self.shape()).enumerate().any(|(i, (&a, &b))| i != ax && a > b)
+            || index
+                .shape()
+                .iter()
+                .zip(self.shape())
+                .enumerate()
+                .any(|(i, (&a, &b))| i != ax && a > b)
         {
             return Err(Error::shape(
                 "gather",
-                format!("index {:?} does not fit input {:?} along axis {axis}", index.shape(), self.shape()),
+                format!(
+                    "index {:?} does not fit input {:?} along axis {axis}",
+                    index.shape(),
+                    self.shape()
+                ),
             ));
         }
         let size = self.shape()[ax];
@@ -85,9 +109,18 @@ impl Tensor {
     /// `value` where `mask` is true (the mask broadcasts to this tensor's shape).
     pub fn masked_fill(&self, mask: &ArrayViewD<bool>, value: f32) -> Result<Tensor> {
         let m = mask.broadcast(IxDyn(self.shape())).ok_or_else(|| {
-            Error::shape("masked_fill", format!("mask {:?} does not broadcast to {:?}", mask.shape(), self.shape()))
+            Error::shape(
+                "masked_fill",
+                format!(
+                    "mask {:?} does not broadcast to {:?}",
+                    mask.shape(),
+                    self.shape()
+                ),
+            )
         })?;
-        let out = Zip::from(&self.view()).and(&m).map_collect(|&x, &mk| if mk { value } else { x });
+        let out = Zip::from(&self.view())
+            .and(&m)
+            .map_collect(|&x, &mk| if mk { value } else { x });
         let keep: ArrayD<bool> = m.to_owned();
         Ok(Tensor::from_op(out, "masked_fill", &[self], move |g, _| {
             let mut g = g;
@@ -109,12 +142,17 @@ impl Tensor {
             a.data().broadcast(IxDyn(&shape)).expect("checked"),
             b.data().broadcast(IxDyn(&shape)).expect("checked"),
         );
-        let out = Zip::from(&c).and(&av).and(&bv).map_collect(|&c, &x, &y| if c { x } else { y });
+        let out = Zip::from(&c)
+            .and(&av)
+            .and(&bv)
+            .map_collect(|&c, &x, &y| if c { x } else { y });
         let cond = c.to_owned();
         let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
         Ok(Tensor::from_op(out, "where", &[a, b], move |g, needs| {
             let pick = |take: bool| {
-                Zip::from(&g).and(&cond).map_collect(|&g, &c| if c == take { g } else { 0.0 })
+                Zip::from(&g)
+                    .and(&cond)
+                    .map_collect(|&g, &c| if c == take { g } else { 0.0 })
             };
             Ok(vec![
                 needs[0].then(|| sum_to_shape(pick(true), &sa)),

@@ -17,15 +17,25 @@ impl Tensor {
             Ok(view) => view,
             Err(_) => reshape_array(self.to_array(), &target).into_shared(),
         };
-        Ok(Tensor::from_op(data, "reshape", &[self], move |g, _| Ok(vec![Some(reshape_array(g, &in_shape))])))
+        Ok(Tensor::from_op(data, "reshape", &[self], move |g, _| {
+            Ok(vec![Some(reshape_array(g, &in_shape))])
+        }))
     }
 
     /// Flattens axes `start..=end` into one.
     pub fn flatten(&self, start: isize, end: isize) -> Result<Tensor> {
         let r = self.rank();
-        let (s, e) = (normalize_axis("flatten", start, r)?, normalize_axis("flatten", end, r)?);
+        let (s, e) = (
+            normalize_axis("flatten", start, r)?,
+            normalize_axis("flatten", end, r)?,
+        );
         if s > e {
-            return Err(Error::invalid("flatten", "start", start, format!("must not come after end {end}")));
+            return Err(Error::invalid(
+                "flatten",
+                "start",
+                start,
+                format!("must not come after end {end}"),
+            ));
         }
         let mut shape: Vec<isize> = self.shape()[..s].iter().map(|&d| d as isize).collect();
         shape.push(self.shape()[s..=e].iter().product::<usize>() as isize);
@@ -37,13 +47,23 @@ impl Tensor {
     pub fn permute(&self, axes: &[isize]) -> Result<Tensor> {
         let r = self.rank();
         if axes.len() != r {
-            return Err(Error::invalid("permute", "axes", format!("{axes:?}"), format!("needs {r} axes")));
+            return Err(Error::invalid(
+                "permute",
+                "axes",
+                format!("{axes:?}"),
+                format!("needs {r} axes"),
+            ));
         }
         let mut perm = Vec::with_capacity(r);
         for &a in axes {
             let n = normalize_axis("permute", a, r)?;
             if perm.contains(&n) {
-                return Err(Error::invalid("permute", "axes", format!("{axes:?}"), "an axis appears twice"));
+                return Err(Error::invalid(
+                    "permute",
+                    "axes",
+                    format!("{axes:?}"),
+                    "an axis appears twice",
+                ));
             }
             perm.push(n);
         }
@@ -52,13 +72,18 @@ impl Tensor {
         for (i, &p) in perm.iter().enumerate() {
             inverse[p] = i;
         }
-        Ok(Tensor::from_op(data, "permute", &[self], move |g, _| Ok(vec![Some(g.permuted_axes(IxDyn(&inverse)))])))
+        Ok(Tensor::from_op(data, "permute", &[self], move |g, _| {
+            Ok(vec![Some(g.permuted_axes(IxDyn(&inverse)))])
+        }))
     }
 
     /// Swaps two axes (a view).
     pub fn transpose(&self, a: isize, b: isize) -> Result<Tensor> {
         let r = self.rank();
-        let (a, b) = (normalize_axis("transpose", a, r)?, normalize_axis("transpose", b, r)?);
+        let (a, b) = (
+            normalize_axis("transpose", a, r)?,
+            normalize_axis("transpose", b, r)?,
+        );
         let mut perm: Vec<isize> = (0..r as isize).collect();
         perm.swap(a, b);
         self.permute(&perm)
@@ -70,14 +95,19 @@ impl Tensor {
         let size = self.shape()[ax];
         if start.checked_add(len).is_none_or(|end| end > size) {
             let end = start.saturating_add(len);
-            return Err(Error::Index { op: "narrow".into(), index: i64::try_from(end).unwrap_or(i64::MAX), size });
+            return Err(Error::Index {
+                op: "narrow".into(),
+                index: i64::try_from(end).unwrap_or(i64::MAX),
+                size,
+            });
         }
         let mut data = self.data().clone();
         data.slice_axis_inplace(Axis(ax), Slice::from(start..start + len));
         let in_shape = self.shape().to_vec();
         Ok(Tensor::from_op(data, "narrow", &[self], move |g, _| {
             let mut full = ArrayD::<f32>::zeros(IxDyn(&in_shape));
-            full.slice_axis_mut(Axis(ax), Slice::from(start..start + len)).assign(&g);
+            full.slice_axis_mut(Axis(ax), Slice::from(start..start + len))
+                .assign(&g);
             Ok(vec![Some(full)])
         }))
     }
@@ -87,7 +117,11 @@ impl Tensor {
         let ax = normalize_axis("select", axis, self.rank())?;
         let size = self.shape()[ax];
         if index >= size {
-            return Err(Error::Index { op: "select".into(), index: i64::try_from(index).unwrap_or(i64::MAX), size });
+            return Err(Error::Index {
+                op: "select".into(),
+                index: i64::try_from(index).unwrap_or(i64::MAX),
+                size,
+            });
         }
         self.narrow(axis, index, 1)?.squeeze(axis)
     }
@@ -104,7 +138,10 @@ impl Tensor {
     pub fn squeeze(&self, axis: isize) -> Result<Tensor> {
         let ax = normalize_axis("squeeze", axis, self.rank())?;
         if self.shape()[ax] != 1 {
-            return Err(Error::shape("squeeze", format!("axis {axis} of {:?} is not of size 1", self.shape())));
+            return Err(Error::shape(
+                "squeeze",
+                format!("axis {axis} of {:?} is not of size 1", self.shape()),
+            ));
         }
         let mut shape: Vec<isize> = self.shape().iter().map(|&d| d as isize).collect();
         shape.remove(ax);
@@ -114,11 +151,19 @@ impl Tensor {
     /// Broadcasts to `shape` (a view with zero strides; the gradient is summed back).
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
         let data = self.data().broadcast(IxDyn(shape)).ok_or_else(|| {
-            Error::shape("broadcast_to", format!("{:?} does not broadcast to {:?}", self.shape(), shape))
+            Error::shape(
+                "broadcast_to",
+                format!("{:?} does not broadcast to {:?}", self.shape(), shape),
+            )
         })?;
         let data = data.to_owned();
         let in_shape = self.shape().to_vec();
-        Ok(Tensor::from_op(data, "broadcast_to", &[self], move |g, _| Ok(vec![Some(sum_to_shape(g, &in_shape))])))
+        Ok(Tensor::from_op(
+            data,
+            "broadcast_to",
+            &[self],
+            move |g, _| Ok(vec![Some(sum_to_shape(g, &in_shape))]),
+        ))
     }
 
     /// A copy in row-major (C) order; a no-op view if already contiguous.
@@ -137,7 +182,12 @@ impl Tensor {
         let len = shape[ax];
         let padded = before.checked_add(after).and_then(|p| p.checked_add(len));
         let fits = padded.is_some_and(|p| {
-            shape.iter().enumerate().try_fold(1usize, |acc, (i, &d)| acc.checked_mul(if i == ax { p } else { d }))
+            shape
+                .iter()
+                .enumerate()
+                .try_fold(1usize, |acc, (i, &d)| {
+                    acc.checked_mul(if i == ax { p } else { d })
+                })
                 .is_some_and(|n| n <= isize::MAX as usize / std::mem::size_of::<f32>())
         });
         let Some(padded) = padded.filter(|_| fits) else {
@@ -145,14 +195,21 @@ impl Tensor {
                 "pad",
                 "before + after",
                 format!("{before} + {after}"),
-                format!("the padded shape of {:?} along axis {axis} overflows memory", self.shape()),
+                format!(
+                    "the padded shape of {:?} along axis {axis} overflows memory",
+                    self.shape()
+                ),
             ));
         };
         shape[ax] = padded;
         let mut out = ArrayD::from_elem(IxDyn(&shape), value);
-        out.slice_axis_mut(Axis(ax), Slice::from(before..before + len)).assign(&self.view());
+        out.slice_axis_mut(Axis(ax), Slice::from(before..before + len))
+            .assign(&self.view());
         Ok(Tensor::from_op(out, "pad", &[self], move |g, _| {
-            Ok(vec![Some(g.slice_axis(Axis(ax), Slice::from(before..before + len)).to_owned())])
+            Ok(vec![Some(
+                g.slice_axis(Axis(ax), Slice::from(before..before + len))
+                    .to_owned(),
+            )])
         }))
     }
 
@@ -163,7 +220,10 @@ impl Tensor {
             return Err(Error::invalid("split", "size", 0, "must be positive"));
         }
         let len = self.shape()[ax];
-        (0..len).step_by(size).map(|s| self.narrow(ax as isize, s, size.min(len - s))).collect()
+        (0..len)
+            .step_by(size)
+            .map(|s| self.narrow(ax as isize, s, size.min(len - s)))
+            .collect()
     }
 
     /// Splits `axis` into pieces of the given sizes, which must add up to its length.
@@ -171,7 +231,12 @@ impl Tensor {
         let ax = normalize_axis("split_sizes", axis, self.rank())?;
         let len = self.shape()[ax];
         if sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(s)) != Some(len) {
-            return Err(Error::invalid("split_sizes", "sizes", format!("{sizes:?}"), format!("must add up to {len}")));
+            return Err(Error::invalid(
+                "split_sizes",
+                "sizes",
+                format!("{sizes:?}"),
+                format!("must add up to {len}"),
+            ));
         }
         let mut start = 0;
         let mut out = Vec::with_capacity(sizes.len());
@@ -198,26 +263,41 @@ impl Tensor {
 
     /// Concatenates tensors along `axis`; all other sizes must agree.
     pub fn cat(tensors: &[Tensor], axis: isize) -> Result<Tensor> {
-        let first = tensors.first().ok_or_else(|| Error::invalid("cat", "tensors", "[]", "needs at least one tensor"))?;
+        let first = tensors
+            .first()
+            .ok_or_else(|| Error::invalid("cat", "tensors", "[]", "needs at least one tensor"))?;
         let ax = normalize_axis("cat", axis, first.rank())?;
         for t in tensors {
             let same_rank = t.rank() == first.rank();
-            if !same_rank || t.shape().iter().enumerate().any(|(i, &d)| i != ax && d != first.shape()[i]) {
+            if !same_rank
+                || t.shape()
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &d)| i != ax && d != first.shape()[i])
+            {
                 return Err(Error::shape(
                     "cat",
-                    format!("{:?} and {:?} differ outside axis {axis}", first.shape(), t.shape()),
+                    format!(
+                        "{:?} and {:?} differ outside axis {axis}",
+                        first.shape(),
+                        t.shape()
+                    ),
                 ));
             }
         }
         let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
-        let out = ndarray::concatenate(Axis(ax), &views).map_err(|e| Error::shape("cat", e.to_string()))?;
+        let out = ndarray::concatenate(Axis(ax), &views)
+            .map_err(|e| Error::shape("cat", e.to_string()))?;
         let sizes: Vec<usize> = tensors.iter().map(|t| t.shape()[ax]).collect();
         let refs: Vec<&Tensor> = tensors.iter().collect();
         Ok(Tensor::from_op(out, "cat", &refs, move |g, needs| {
             let mut start = 0;
             let mut grads = Vec::with_capacity(sizes.len());
             for (&s, &need) in sizes.iter().zip(needs) {
-                grads.push(need.then(|| g.slice_axis(Axis(ax), Slice::from(start..start + s)).to_owned()));
+                grads.push(need.then(|| {
+                    g.slice_axis(Axis(ax), Slice::from(start..start + s))
+                        .to_owned()
+                }));
                 start += s;
             }
             Ok(grads)
@@ -226,11 +306,16 @@ impl Tensor {
 
     /// Stacks tensors of one shape along a new axis.
     pub fn stack(tensors: &[Tensor], axis: isize) -> Result<Tensor> {
-        let first = tensors.first().ok_or_else(|| Error::invalid("stack", "tensors", "[]", "needs at least one tensor"))?;
+        let first = tensors
+            .first()
+            .ok_or_else(|| Error::invalid("stack", "tensors", "[]", "needs at least one tensor"))?;
         let ax = normalize_axis("stack", axis, first.rank() + 1)?;
         let expanded = tensors.iter().map(|t| {
             if t.shape() != first.shape() {
-                return Err(Error::shape("stack", format!("{:?} and {:?} differ", first.shape(), t.shape())));
+                return Err(Error::shape(
+                    "stack",
+                    format!("{:?} and {:?} differ", first.shape(), t.shape()),
+                ));
             }
             t.unsqueeze(ax as isize)
         });
@@ -242,7 +327,12 @@ impl Tensor {
 /// Resolves a target shape with at most one -1 against an element count.
 fn infer_shape(current: &[usize], target: &[isize]) -> Result<Vec<usize>> {
     let total = numel(current);
-    let bad = || Error::shape("reshape", format!("cannot view {current:?} ({total} elements) as {target:?}"));
+    let bad = || {
+        Error::shape(
+            "reshape",
+            format!("cannot view {current:?} ({total} elements) as {target:?}"),
+        )
+    };
     let mut inferred = None;
     let mut known = 1usize;
     for (i, &d) in target.iter().enumerate() {

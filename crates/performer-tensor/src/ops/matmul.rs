@@ -30,13 +30,20 @@ pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD
     if ra < 2 || rb < 2 {
         return Err(Error::shape(
             "matmul",
-            format!("operands need rank >= 2, got {:?} and {:?}", a.shape(), b.shape()),
+            format!(
+                "operands need rank >= 2, got {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            ),
         ));
     }
     let (m, k) = (a.shape()[ra - 2], a.shape()[ra - 1]);
     let (k2, n) = (b.shape()[rb - 2], b.shape()[rb - 1]);
     if k != k2 {
-        return Err(Error::shape("matmul", format!("inner sizes differ: {:?} @ {:?}", a.shape(), b.shape())));
+        return Err(Error::shape(
+            "matmul",
+            format!("inner sizes differ: {:?} @ {:?}", a.shape(), b.shape()),
+        ));
     }
     let batch = broadcast_shapes("matmul", &a.shape()[..ra - 2], &b.shape()[..rb - 2])?;
     let with = |rows: usize, cols: usize| {
@@ -44,8 +51,12 @@ pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD
         s.extend([rows, cols]);
         s
     };
-    let a_b = a.broadcast(IxDyn(&with(m, k))).expect("batch shape checked");
-    let b_b = b.broadcast(IxDyn(&with(k, n))).expect("batch shape checked");
+    let a_b = a
+        .broadcast(IxDyn(&with(m, k)))
+        .expect("batch shape checked");
+    let b_b = b
+        .broadcast(IxDyn(&with(k, n)))
+        .expect("batch shape checked");
     let mut out = ArrayD::<f32>::zeros(IxDyn(&with(m, n)));
     let count: usize = batch.iter().product();
     if count == 0 || m == 0 || n == 0 || k == 0 {
@@ -61,7 +72,11 @@ pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD
         }
         off
     };
-    let ptrs = Shared { a: a_b.as_ptr(), b: b_b.as_ptr(), c: out.as_mut_ptr() };
+    let ptrs = Shared {
+        a: a_b.as_ptr(),
+        b: b_b.as_ptr(),
+        c: out.as_mut_ptr(),
+    };
     let dims = MatDims { m, n, k };
     let run = |i: usize, threads: Threads| {
         let p = ptrs;
@@ -83,7 +98,9 @@ pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD
     let threads = rayon::current_num_threads();
     let small = m * n * k < 1 << 18;
     if count > 1 && (count >= 2 * threads || small) {
-        (0..count).into_par_iter().for_each(|i| run(i, Threads::Single));
+        (0..count)
+            .into_par_iter()
+            .for_each(|i| run(i, Threads::Single));
     } else {
         (0..count).for_each(|i| run(i, Threads::All));
     }
@@ -106,11 +123,23 @@ impl Tensor {
         if self.rank() == 0 || other.rank() == 0 {
             return Err(Error::shape(
                 "matmul",
-                format!("operands need rank >= 1, got {:?} and {:?}", self.shape(), other.shape()),
+                format!(
+                    "operands need rank >= 1, got {:?} and {:?}",
+                    self.shape(),
+                    other.shape()
+                ),
             ));
         }
-        let a = if self.rank() == 1 { self.unsqueeze(0)? } else { self.clone() };
-        let b = if other.rank() == 1 { other.unsqueeze(1)? } else { other.clone() };
+        let a = if self.rank() == 1 {
+            self.unsqueeze(0)?
+        } else {
+            self.clone()
+        };
+        let b = if other.rank() == 1 {
+            other.unsqueeze(1)?
+        } else {
+            other.clone()
+        };
         let mut out = matmul_nd(&a, &b)?;
         if other.rank() == 1 {
             out = out.squeeze(-1)?;
@@ -129,17 +158,22 @@ fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let gv = g.view();
         let ga = if needs[0] {
             let bv = bd.view();
-            Some(sum_to_shape(batched_matmul(&gv, &t_last2(&bv))?, ad.shape()))
+            Some(sum_to_shape(
+                batched_matmul(&gv, &t_last2(&bv))?,
+                ad.shape(),
+            ))
         } else {
             None
         };
         let gb = if needs[1] {
             let av = ad.view();
-            Some(sum_to_shape(batched_matmul(&t_last2(&av), &gv)?, bd.shape()))
+            Some(sum_to_shape(
+                batched_matmul(&t_last2(&av), &gv)?,
+                bd.shape(),
+            ))
         } else {
             None
         };
         Ok(vec![ga, gb])
     }))
 }
-

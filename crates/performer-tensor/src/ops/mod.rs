@@ -24,7 +24,11 @@ use crate::parallel::PAR_THRESHOLD;
 /// `f` over every element, in parallel when large. The result has the operand's shape.
 pub(crate) fn map_array(x: &ArrayViewD<f32>, f: impl Fn(f32) -> f32 + Sync + Send) -> ArrayD<f32> {
     let z = Zip::from(x);
-    if x.len() >= PAR_THRESHOLD { z.par_map_collect(|&v| f(v)) } else { z.map_collect(|&v| f(v)) }
+    if x.len() >= PAR_THRESHOLD {
+        z.par_map_collect(|&v| f(v))
+    } else {
+        z.map_collect(|&v| f(v))
+    }
 }
 
 /// `f` over pairs of elements of two arrays of the same shape.
@@ -59,7 +63,9 @@ pub(crate) fn zip_map3(
 /// Reshapes an array of any layout, copying only when its strides do not allow a view.
 pub(crate) fn reshape_array(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
     if a.is_standard_layout() {
-        return a.into_shape_with_order(IxDyn(shape)).expect("element count checked by caller");
+        return a
+            .into_shape_with_order(IxDyn(shape))
+            .expect("element count checked by caller");
     }
     a.as_standard_layout()
         .into_owned()

@@ -17,19 +17,30 @@ fn sum_keep(x: &ndarray::ArrayViewD<f32>, axes: &[usize]) -> ArrayD<f32> {
 
 /// The shape with `axes` set to 1.
 fn kept_shape(shape: &[usize], axes: &[usize]) -> Vec<usize> {
-    shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect()
+    shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect()
 }
 
 /// The shape with `axes` removed.
 fn dropped_shape(shape: &[usize], axes: &[usize]) -> Vec<usize> {
-    shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect()
+    shape
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !axes.contains(i))
+        .map(|(_, &d)| d)
+        .collect()
 }
 
 /// Expands a reduced gradient (either keepdim layout) back over the reduced axes.
 fn expand_back(g: &ArrayD<f32>, in_shape: &[usize], axes: &[usize]) -> ArrayD<f32> {
     let kept = kept_shape(in_shape, axes);
     let g = super::reshape_array(g.clone(), &kept);
-    g.broadcast(IxDyn(in_shape)).expect("kept shape broadcasts").to_owned()
+    g.broadcast(IxDyn(in_shape))
+        .expect("kept shape broadcasts")
+        .to_owned()
 }
 
 impl Tensor {
@@ -43,7 +54,9 @@ impl Tensor {
         } else {
             super::reshape_array(kept, &dropped_shape(&in_shape, &axes))
         };
-        Ok(Tensor::from_op(out, "sum", &[self], move |g, _| Ok(vec![Some(expand_back(&g, &in_shape, &axes))])))
+        Ok(Tensor::from_op(out, "sum", &[self], move |g, _| {
+            Ok(vec![Some(expand_back(&g, &in_shape, &axes))])
+        }))
     }
 
     /// Sum of all elements (a rank-0 tensor).
@@ -68,23 +81,36 @@ impl Tensor {
     pub fn amax(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
         let axes = normalize_axes("amax", axes, self.rank())?;
         if let Some(&ax) = axes.iter().find(|&&a| self.shape()[a] == 0) {
-            return Err(crate::Error::shape("amax", format!("cannot reduce empty axis {ax} of {:?}", self.shape())));
+            return Err(crate::Error::shape(
+                "amax",
+                format!("cannot reduce empty axis {ax} of {:?}", self.shape()),
+            ));
         }
         let in_shape = self.shape().to_vec();
         let mut m = self.view().to_owned();
         for &ax in axes.iter().rev() {
-            m = m.fold_axis(Axis(ax), f32::NEG_INFINITY, |&a, &b| a.max(b)).insert_axis(Axis(ax));
+            m = m
+                .fold_axis(Axis(ax), f32::NEG_INFINITY, |&a, &b| a.max(b))
+                .insert_axis(Axis(ax));
         }
         let kept = m.clone();
-        let out = if keepdim { m } else { super::reshape_array(m, &dropped_shape(&in_shape, &axes)) };
+        let out = if keepdim {
+            m
+        } else {
+            super::reshape_array(m, &dropped_shape(&in_shape, &axes))
+        };
         let xd = self.data().clone();
         Ok(Tensor::from_op(out, "amax", &[self], move |g, _| {
-            let mb = kept.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
+            let mb = kept
+                .broadcast(IxDyn(&in_shape))
+                .expect("kept shape broadcasts");
             let is_max = zip_map(&xd.view(), &mb, |x, m| if x == m { 1.0 } else { 0.0 });
             let counts = sum_keep(&is_max.view(), &axes);
             let gk = super::reshape_array(g, &kept_shape(&in_shape, &axes));
             let scale = zip_map(&gk.view(), &counts.view(), |g, c| g / c);
-            let sb = scale.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
+            let sb = scale
+                .broadcast(IxDyn(&in_shape))
+                .expect("kept shape broadcasts");
             Ok(vec![Some(zip_map(&is_max.view(), &sb, |w, s| w * s))])
         }))
     }
@@ -96,13 +122,23 @@ impl Tensor {
         let sq = self.view().mapv(|x| x * x);
         let n = sum_keep(&sq.view(), &axes).mapv(f32::sqrt);
         let kept = n.clone();
-        let out = if keepdim { n } else { super::reshape_array(n, &dropped_shape(&in_shape, &axes)) };
+        let out = if keepdim {
+            n
+        } else {
+            super::reshape_array(n, &dropped_shape(&in_shape, &axes))
+        };
         let xd = self.data().clone();
         Ok(Tensor::from_op(out, "norm", &[self], move |g, _| {
             let gk = super::reshape_array(g, &kept_shape(&in_shape, &axes));
-            let gb = gk.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
-            let nb = kept.broadcast(IxDyn(&in_shape)).expect("kept shape broadcasts");
-            Ok(vec![Some(zip_map3(&xd.view(), &gb, &nb, |x, g, n| if n > 0.0 { g * x / n } else { 0.0 }))])
+            let gb = gk
+                .broadcast(IxDyn(&in_shape))
+                .expect("kept shape broadcasts");
+            let nb = kept
+                .broadcast(IxDyn(&in_shape))
+                .expect("kept shape broadcasts");
+            Ok(vec![Some(zip_map3(&xd.view(), &gb, &nb, |x, g, n| {
+                if n > 0.0 { g * x / n } else { 0.0 }
+            }))])
         }))
     }
 }

@@ -56,10 +56,14 @@ impl Tensor {
         Ok(Tensor::from_op(y, "softmax", &[self], move |g, _| {
             // dx = y * (g - sum(g * y))
             let mut gx = g;
-            Zip::from(gx.lanes_mut(Axis(ax))).and(yd.lanes(Axis(ax))).for_each(|mut gl, yl| {
-                let dot: f32 = gl.iter().zip(yl.iter()).map(|(a, b)| a * b).sum();
-                Zip::from(&mut gl).and(&yl).for_each(|g, &y| *g = y * (*g - dot));
-            });
+            Zip::from(gx.lanes_mut(Axis(ax)))
+                .and(yd.lanes(Axis(ax)))
+                .for_each(|mut gl, yl| {
+                    let dot: f32 = gl.iter().zip(yl.iter()).map(|(a, b)| a * b).sum();
+                    Zip::from(&mut gl)
+                        .and(&yl)
+                        .for_each(|g, &y| *g = y * (*g - dot));
+                });
             Ok(vec![Some(gx)])
         }))
     }
@@ -72,10 +76,14 @@ impl Tensor {
         Ok(Tensor::from_op(y, "log_softmax", &[self], move |g, _| {
             // dx = g - exp(y) * sum(g)
             let mut gx = g;
-            Zip::from(gx.lanes_mut(Axis(ax))).and(yd.lanes(Axis(ax))).for_each(|mut gl, yl| {
-                let s: f32 = gl.sum();
-                Zip::from(&mut gl).and(&yl).for_each(|g, &y| *g -= y.exp() * s);
-            });
+            Zip::from(gx.lanes_mut(Axis(ax)))
+                .and(yd.lanes(Axis(ax)))
+                .for_each(|mut gl, yl| {
+                    let s: f32 = gl.sum();
+                    Zip::from(&mut gl)
+                        .and(&yl)
+                        .for_each(|g, &y| *g -= y.exp() * s);
+                });
             Ok(vec![Some(gx)])
         }))
     }
