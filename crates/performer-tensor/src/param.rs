@@ -34,7 +34,7 @@ impl Param {
         self.0.id
     }
 
-    /// The current value as a leaf tensor (tracked unless inside `no_grad`).
+    /// The current value as a leaf tensor (ops record it only while gradients are enabled).
     pub fn tensor(&self) -> Tensor {
         Tensor::leaf_with_id(self.0.id, self.value())
     }

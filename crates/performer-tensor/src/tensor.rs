@@ -54,17 +54,14 @@ impl Tensor {
     }
 
     /// A leaf variable: gradients flow into it and [`crate::Gradients`] reports them under
-    /// its id. Outside a `no_grad` scope only.
+    /// its id. Like a PyTorch tensor with `requires_grad`, it is a leaf whatever the gradient
+    /// mode; ops only record it while gradients are enabled.
     pub fn var(data: impl Into<Data>) -> Self {
         Self::leaf_with_id(TensorId::fresh(), data.into())
     }
 
     /// A leaf variable with a given id (used by [`crate::Param`], whose id is stable).
-    /// When gradients are disabled the result is untracked.
     pub fn leaf_with_id(id: TensorId, data: Data) -> Self {
-        if !crate::is_grad_enabled() {
-            return Self::from_parts(id, data, None);
-        }
         let node = Node::leaf(id, data.shape().to_vec());
         Self::from_parts(
             id,

@@ -1,0 +1,35 @@
+//! performer-layers: every building block that performer-pytorch 1.1.4 puts into a Performer,
+//! each usable on its own.
+//!
+//! - [`Linear`], [`Embedding`], [`LayerNorm`], [`Dropout`];
+//! - [`PreLayerNorm`], [`PreScaleNorm`], [`ReZero`], [`PreShiftTokens`];
+//! - [`FeedForward`] and [`Chunk`];
+//! - [`FixedPositionalEmbedding`], [`apply_rotary_pos_emb`], [`AbsolutePositionalEmbedding`],
+//!   [`AxialPositionalEmbedding`];
+//! - [`LocalAttention`]; [`Attention`], [`SelfAttention`], [`CrossAttention`];
+//! - [`SequentialSequence`] and [`ReversibleSequence`] with argument routing.
+//!
+//! Blocks of a stack implement [`Block`]: `forward(x, inputs)` with the keyword inputs
+//! (`mask`, `pos_emb`, `context`, `context_mask`) the reference routes to them.
+
+mod attention;
+mod basic;
+mod block;
+mod feed_forward;
+pub mod init;
+mod local_attention;
+mod position;
+mod sequence;
+mod wrappers;
+
+pub use attention::{Attention, AttentionConfig, CrossAttention, SelfAttention};
+pub use basic::{Dropout, Embedding, LayerNorm, Linear};
+pub use block::{Block, BlockInputs};
+pub use feed_forward::{Chunk, FeedForward};
+pub use local_attention::LocalAttention;
+pub use position::{
+    AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding,
+    apply_rotary_pos_emb, rotate_every_two,
+};
+pub use sequence::{Layer, ReversibleSequence, Route, SequentialSequence};
+pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero};

@@ -1,0 +1,539 @@
+//! Windowed softmax attention with the semantics of local-attention 1.11.2 as performer-pytorch
+//! configures it (`autopad`, `look_backward = 1`, `look_forward = 1` unless causal, rotary
+//! positions inside each window, scale `dim_head^-1/2`).
+//!
+//! Each window of `w` queries attends to the `L` keys of its look-around (the previous window,
+//! its own, and when not causal the next). The reference's quirks are reproduced exactly:
+//! - the sequence is padded with zeros to a multiple of `w`; padded keys are real keys of value
+//!   0 (masked only by an input mask or, for causal attention, as future positions);
+//! - windows outside the sequence contribute "filler" keys and values equal to -1, masked;
+//! - masked scores are set to `-f32::MAX`, not `-inf`, so a query whose keys are all masked
+//!   attends uniformly to all `L` slots (fillers and padding included);
+//! - rotary embeddings use the half-split layout with positions `0..L` for the keys of the
+//!   look-around and the last `w` of those for the queries.
+//!
+//! The op works window by window and never builds anything `n x n`: its memory is
+//! O(n * L) for the backward's per-window key/value gradients. The backward recomputes the
+//! scores (nothing but a dropout seed is saved).
+
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, ArrayViewMut2, Zip, s};
+use performer_favor::heads::{HeadsOut, head, lead_shape};
+use performer_tensor::fast_math::softmax_inplace;
+use performer_tensor::gemm::{Threads, gemm_into};
+use performer_tensor::rng::Generator;
+use performer_tensor::{
+    Buffer, CustomOp, Data, Error, Module, Result, StateValue, Tensor, TrainingFlag, Visitor,
+    apply_custom_op,
+};
+use rayon::prelude::*;
+
+const MASKED: f32 = -f32::MAX;
+
+/// Local (windowed) attention over `(b, h, n, d)` queries, keys and values.
+pub struct LocalAttention {
+    /// Queries per window.
+    pub window_size: usize,
+    /// Queries see no later keys.
+    pub causal: bool,
+    /// Windows looked at before each window (1 in performer-pytorch).
+    pub look_backward: usize,
+    /// Windows looked at after each window (1 when not causal).
+    pub look_forward: usize,
+    /// Dropout on the attention weights.
+    pub dropout: f32,
+    /// Rotary frequencies `rel_pos.inv_freq` `(dim_head / 2)`.
+    pub inv_freq: Buffer,
+    training: TrainingFlag,
+}
+
+impl LocalAttention {
+    /// performer-pytorch's configuration: `LocalAttention(window_size, causal, autopad=True,
+    /// dropout, look_forward=int(not causal), rel_pos_emb_config=(dim_head, heads))`.
+    pub fn new(window_size: usize, causal: bool, dropout: f32, dim_head: usize) -> Result<Self> {
+        if window_size == 0 {
+            return Err(Error::invalid(
+                "LocalAttention",
+                "local_window_size",
+                0,
+                "must be positive",
+            ));
+        }
+        if dim_head == 0 || dim_head % 2 != 0 {
+            return Err(Error::invalid(
+                "LocalAttention",
+                "dim_head",
+                dim_head,
+                "rotary embeddings need an even, positive head size",
+            ));
+        }
+        let inv_freq = Array1::from_iter(
+            (0..dim_head)
+                .step_by(2)
+                .map(|i| 1.0 / 10000f32.powf(i as f32 / dim_head as f32)),
+        );
+        Ok(LocalAttention {
+            window_size,
+            causal,
+            look_backward: 1,
+            look_forward: usize::from(!causal),
+            dropout,
+            inv_freq: Buffer::new(inv_freq.into_dyn()),
+            training: TrainingFlag::default(),
+        })
+    }
+
+    /// Attention of `q` over `k`, `v`, all `(..., n, d)` with the same leading axes; `mask`
+    /// `(b, n)` marks real tokens, `b` being the first axis.
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<ndarray::ArrayView2<'_, bool>>,
+    ) -> Result<Tensor> {
+        let lead = lead_shape("LocalAttention", "q", q.shape())?.to_vec();
+        if k.shape() != q.shape() || v.shape() != q.shape() {
+            return Err(Error::shape(
+                "LocalAttention",
+                format!(
+                    "q {:?}, k {:?}, v {:?} must have one shape",
+                    q.shape(),
+                    k.shape(),
+                    v.shape()
+                ),
+            ));
+        }
+        let (n, d) = (q.shape()[q.rank() - 2], q.shape()[q.rank() - 1]);
+        let freqs = match self.inv_freq.get() {
+            StateValue::F32(a) => a.iter().copied().collect::<Vec<f32>>(),
+            StateValue::I64(_) => {
+                return Err(Error::Other(
+                    "LocalAttention: inv_freq must be float".into(),
+                ));
+            }
+        };
+        if 2 * freqs.len() != d {
+            return Err(Error::shape(
+                "LocalAttention",
+                format!(
+                    "head size {d} does not match rotary frequencies of size {}",
+                    2 * freqs.len()
+                ),
+            ));
+        }
+        let heads: usize = lead.iter().product();
+        let mask = match mask {
+            Some(m) => {
+                let b = lead.first().copied().unwrap_or(1);
+                if m.shape() != [b, n] {
+                    return Err(Error::shape(
+                        "LocalAttention",
+                        format!("mask {:?} must be (b, n) = ({b}, {n})", m.shape()),
+                    ));
+                }
+                Some(m.to_owned())
+            }
+            None => None,
+        };
+        let training = self.training.get() && self.dropout > 0.0;
+        let seed = if training {
+            performer_tensor::rng::with_rng(|g| g.next_u64())
+        } else {
+            0
+        };
+        let op = LocalAttentionOp {
+            window: self.window_size,
+            causal: self.causal,
+            back: self.look_backward,
+            fwd: self.look_forward,
+            dropout: if training { self.dropout } else { 0.0 },
+            seed,
+            freqs,
+            mask,
+            heads_per_mask_row: heads / lead.first().copied().unwrap_or(1).max(1),
+        };
+        Ok(apply_custom_op(op, &[q, k, v])?.remove(0))
+    }
+}
+
+impl Module for LocalAttention {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.buffer("rel_pos.inv_freq", &self.inv_freq);
+        v.training(&self.training);
+    }
+}
+
+struct LocalAttentionOp {
+    window: usize,
+    causal: bool,
+    back: usize,
+    fwd: usize,
+    dropout: f32,
+    seed: u64,
+    freqs: Vec<f32>,
+    mask: Option<ndarray::Array2<bool>>,
+    heads_per_mask_row: usize,
+}
+
+/// One window's look-around: the key slots' absolute positions (-1 for fillers) and rotated keys.
+struct WindowKeys {
+    positions: Vec<i64>,
+    k_rot: Array2<f32>,
+    v: Array2<f32>,
+}
+
+impl LocalAttentionOp {
+    fn slots(&self) -> usize {
+        self.window * (self.back + self.fwd + 1)
+    }
+
+    /// `x cos(p f) + rotate_half(x) sin(p f)` for one row at position `p` (in place).
+    fn rotate(&self, row: &mut [f32], p: usize, inverse: bool) {
+        let half = self.freqs.len();
+        for j in 0..half {
+            let a = p as f32 * self.freqs[j];
+            let (sn, cs) = a.sin_cos();
+            let sn = if inverse { -sn } else { sn };
+            let (x1, x2) = (row[j], row[j + half]);
+            row[j] = x1 * cs - x2 * sn;
+            row[j + half] = x2 * cs + x1 * sn;
+        }
+    }
+
+    /// Gathers window `w_idx`'s key slots for one head (fillers -1, padding 0) and rotates them.
+    fn window_keys(
+        &self,
+        k: &ArrayView2<f32>,
+        v: &ArrayView2<f32>,
+        w_idx: usize,
+        windows: usize,
+    ) -> WindowKeys {
+        let (n, d) = k.dim();
+        let l = self.slots();
+        let mut positions = vec![-1i64; l];
+        let mut k_rot = Array2::<f32>::from_elem((l, d), -1.0);
+        let mut vs = Array2::<f32>::from_elem((l, d), -1.0);
+        for (o, block) in (0..=self.back + self.fwd).enumerate() {
+            let j = w_idx as i64 + block as i64 - self.back as i64;
+            if j < 0 || j >= windows as i64 {
+                continue;
+            }
+            for r in 0..self.window {
+                let slot = o * self.window + r;
+                let p = j as usize * self.window + r;
+                positions[slot] = p as i64;
+                if p < n {
+                    k_rot.row_mut(slot).assign(&k.row(p));
+                    vs.row_mut(slot).assign(&v.row(p));
+                } else {
+                    k_rot.row_mut(slot).fill(0.0);
+                    vs.row_mut(slot).fill(0.0);
+                }
+            }
+        }
+        for (slot, mut row) in k_rot.rows_mut().into_iter().enumerate() {
+            self.rotate(
+                row.as_slice_mut().expect("owned rows are contiguous"),
+                slot,
+                false,
+            );
+        }
+        WindowKeys {
+            positions,
+            k_rot,
+            v: vs,
+        }
+    }
+
+    /// Scaled, rotated queries of window `w_idx` (rows past the sequence are zeros).
+    fn window_queries(&self, q: &ArrayView2<f32>, w_idx: usize) -> Array2<f32> {
+        let (n, d) = q.dim();
+        let l = self.slots();
+        let scale = (d as f32).powf(-0.5);
+        let mut out = Array2::<f32>::zeros((self.window, d));
+        for r in 0..self.window {
+            let p = w_idx * self.window + r;
+            if p < n {
+                Zip::from(out.row_mut(r))
+                    .and(q.row(p))
+                    .for_each(|o, &x| *o = x * scale);
+            }
+            self.rotate(
+                out.row_mut(r).as_slice_mut().expect("contiguous"),
+                l - self.window + r,
+                false,
+            );
+        }
+        out
+    }
+
+    /// Whether query at position `qp` may not see the key slot at position `kp`.
+    fn masked(&self, mask_row: Option<ndarray::ArrayView1<bool>>, qp: usize, kp: i64) -> bool {
+        if kp < 0 {
+            return true;
+        }
+        if self.causal && (qp as i64) < kp {
+            return true;
+        }
+        match mask_row {
+            Some(m) => (kp as usize) >= m.len() || !m[kp as usize],
+            None => false,
+        }
+    }
+
+    /// Attention weights of one window after softmax (before dropout): `(w, L)`.
+    fn weights(
+        &self,
+        qr: &Array2<f32>,
+        keys: &WindowKeys,
+        w_idx: usize,
+        mask_row: Option<ndarray::ArrayView1<bool>>,
+    ) -> Result<Array2<f32>> {
+        let mut sim = Array2::<f32>::zeros((self.window, self.slots()));
+        gemm_into(
+            &mut sim.view_mut(),
+            &qr.view(),
+            &keys.k_rot.t(),
+            1.0,
+            0.0,
+            Threads::Single,
+        )?;
+        for (r, mut row) in sim.rows_mut().into_iter().enumerate() {
+            let qp = w_idx * self.window + r;
+            for (slot, x) in row.iter_mut().enumerate() {
+                if self.masked(mask_row, qp, keys.positions[slot]) {
+                    *x = MASKED;
+                }
+            }
+            softmax_inplace(row.as_slice_mut().expect("contiguous"));
+        }
+        Ok(sim)
+    }
+
+    /// The dropout mask (already scaled by 1/(1-p)) of one window of one head.
+    fn dropout_mask(&self, head_idx: usize, w_idx: usize) -> Option<Array2<f32>> {
+        if self.dropout == 0.0 {
+            return None;
+        }
+        let mut g = Generator::seeded(
+            self.seed ^ ((head_idx as u64) << 32) ^ (w_idx as u64).wrapping_mul(0x9E37_79B9),
+        );
+        let keep = 1.0 / (1.0 - self.dropout);
+        Some(Array2::from_shape_simple_fn(
+            (self.window, self.slots()),
+            || {
+                if g.next_f32() < self.dropout {
+                    0.0
+                } else {
+                    keep
+                }
+            },
+        ))
+    }
+
+    fn mask_row(&self, head_idx: usize) -> Option<ndarray::ArrayView1<'_, bool>> {
+        self.mask
+            .as_ref()
+            .map(|m| m.row(head_idx / self.heads_per_mask_row.max(1)))
+    }
+}
+
+impl CustomOp for LocalAttentionOp {
+    type Saved = ();
+
+    fn name(&self) -> &'static str {
+        "local_attention"
+    }
+
+    fn forward(&self, inputs: &[&Data], _save: bool) -> Result<(Vec<ArrayD<f32>>, ())> {
+        let shape = inputs[0].shape().to_vec();
+        let lead = &shape[..shape.len() - 2];
+        let (n, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let (q, k, v) = (inputs[0].view(), inputs[1].view(), inputs[2].view());
+        let windows = n.div_ceil(self.window);
+        let mut out = HeadsOut::zeros(lead, n, d);
+        out.views()
+            .into_par_iter()
+            .enumerate()
+            .try_for_each(|(h, mut o)| -> Result<()> {
+                let (qh, kh, vh) = (head(&q, h), head(&k, h), head(&v, h));
+                for w_idx in 0..windows {
+                    let keys = self.window_keys(&kh, &vh, w_idx, windows);
+                    let qr = self.window_queries(&qh, w_idx);
+                    let mut attn = self.weights(&qr, &keys, w_idx, self.mask_row(h))?;
+                    if let Some(dm) = self.dropout_mask(h, w_idx) {
+                        attn *= &dm;
+                    }
+                    let mut ow = Array2::<f32>::zeros((self.window, d));
+                    gemm_into(
+                        &mut ow.view_mut(),
+                        &attn.view(),
+                        &keys.v.view(),
+                        1.0,
+                        0.0,
+                        Threads::Single,
+                    )?;
+                    let start = w_idx * self.window;
+                    let rows = self.window.min(n - start);
+                    o.slice_mut(s![start..start + rows, ..])
+                        .assign(&ow.slice(s![..rows, ..]));
+                }
+                Ok(())
+            })?;
+        Ok((vec![out.into_array()], ()))
+    }
+
+    fn backward(
+        &self,
+        inputs: &[Data],
+        _: &(),
+        grads: &[Option<ArrayD<f32>>],
+        needs: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let Some(g) = &grads[0] else {
+            return Ok(vec![None; 3]);
+        };
+        let shape = inputs[0].shape().to_vec();
+        let lead = &shape[..shape.len() - 2];
+        let (n, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let (q, k, v, gv) = (
+            inputs[0].view(),
+            inputs[1].view(),
+            inputs[2].view(),
+            g.view(),
+        );
+        let windows = n.div_ceil(self.window);
+        let scale = (d as f32).powf(-0.5);
+        let l = self.slots();
+        let mut dq = HeadsOut::zeros(lead, n, d);
+        let mut dk = HeadsOut::zeros(lead, n, d);
+        let mut dv = HeadsOut::zeros(lead, n, d);
+        dq.views()
+            .into_par_iter()
+            .zip(dk.views())
+            .zip(dv.views())
+            .enumerate()
+            .try_for_each(|(h, ((mut dqh, mut dkh), mut dvh))| -> Result<()> {
+                let (qh, kh, vh, gh) = (head(&q, h), head(&k, h), head(&v, h), head(&gv, h));
+                for w_idx in 0..windows {
+                    let keys = self.window_keys(&kh, &vh, w_idx, windows);
+                    let qr = self.window_queries(&qh, w_idx);
+                    let attn = self.weights(&qr, &keys, w_idx, self.mask_row(h))?;
+                    let dmask = self.dropout_mask(h, w_idx);
+                    let start = w_idx * self.window;
+                    let rows = self.window.min(n - start);
+                    let mut go = Array2::<f32>::zeros((self.window, d));
+                    go.slice_mut(s![..rows, ..])
+                        .assign(&gh.slice(s![start..start + rows, ..]));
+                    // dv_slots = attn_d^T dO; d_attn = (dO v_slots^T) * dropout
+                    let attn_d = match &dmask {
+                        Some(m) => &attn * m,
+                        None => attn.clone(),
+                    };
+                    let mut dv_slots = Array2::<f32>::zeros((l, d));
+                    gemm_into(
+                        &mut dv_slots.view_mut(),
+                        &attn_d.t(),
+                        &go.view(),
+                        1.0,
+                        0.0,
+                        Threads::Single,
+                    )?;
+                    let mut da = Array2::<f32>::zeros((self.window, l));
+                    gemm_into(
+                        &mut da.view_mut(),
+                        &go.view(),
+                        &keys.v.t(),
+                        1.0,
+                        0.0,
+                        Threads::Single,
+                    )?;
+                    if let Some(m) = &dmask {
+                        da *= m;
+                    }
+                    // softmax backward, zero where masked (masked_fill blocks the gradient)
+                    let mask_row = self.mask_row(h);
+                    for (r, (mut dr, ar)) in da.rows_mut().into_iter().zip(attn.rows()).enumerate()
+                    {
+                        let dot: f32 = dr.iter().zip(ar.iter()).map(|(x, y)| x * y).sum();
+                        let qp = start + r;
+                        for (slot, (x, &a)) in dr.iter_mut().zip(ar.iter()).enumerate() {
+                            *x = if self.masked(mask_row, qp, keys.positions[slot]) {
+                                0.0
+                            } else {
+                                a * (*x - dot)
+                            };
+                        }
+                    }
+                    let mut dqr = Array2::<f32>::zeros((self.window, d));
+                    gemm_into(
+                        &mut dqr.view_mut(),
+                        &da.view(),
+                        &keys.k_rot.view(),
+                        1.0,
+                        0.0,
+                        Threads::Single,
+                    )?;
+                    let mut dkr = Array2::<f32>::zeros((l, d));
+                    gemm_into(
+                        &mut dkr.view_mut(),
+                        &da.t(),
+                        &qr.view(),
+                        1.0,
+                        0.0,
+                        Threads::Single,
+                    )?;
+                    for r in 0..rows {
+                        let mut row = dqr.row_mut(r);
+                        self.rotate(
+                            row.as_slice_mut().expect("contiguous"),
+                            l - self.window + r,
+                            true,
+                        );
+                        Zip::from(dqh.row_mut(start + r))
+                            .and(&row)
+                            .for_each(|o, &x| *o = x * scale);
+                    }
+                    scatter_slots(
+                        &mut dkr,
+                        &dv_slots,
+                        &keys.positions,
+                        n,
+                        |slot, row| self.rotate(row, slot, true),
+                        &mut dkh,
+                        &mut dvh,
+                    );
+                }
+                Ok(())
+            })?;
+        Ok(vec![
+            needs[0].then(|| dq.into_array()),
+            needs[1].then(|| dk.into_array()),
+            needs[2].then(|| dv.into_array()),
+        ])
+    }
+}
+
+/// Adds per-slot key (after un-rotating) and value gradients into the rows they came from;
+/// fillers and padding rows are dropped.
+fn scatter_slots(
+    dkr: &mut Array2<f32>,
+    dv_slots: &Array2<f32>,
+    positions: &[i64],
+    n: usize,
+    unrotate: impl Fn(usize, &mut [f32]),
+    dk: &mut ArrayViewMut2<f32>,
+    dv: &mut ArrayViewMut2<f32>,
+) {
+    for (slot, &p) in positions.iter().enumerate() {
+        if p < 0 || p as usize >= n {
+            continue;
+        }
+        let mut row = dkr.row_mut(slot);
+        unrotate(slot, row.as_slice_mut().expect("contiguous"));
+        let mut dst = dk.row_mut(p as usize);
+        dst += &row;
+        let mut dst = dv.row_mut(p as usize);
+        dst += &dv_slots.row(slot);
+    }
+}

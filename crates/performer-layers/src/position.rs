@@ -1,0 +1,226 @@
+//! Position information: the fixed sinusoidal table (added to token embeddings, and used as the
+//! rotary table of the FAVOR+ heads), learned absolute embeddings, and axial embeddings with
+//! the semantics of axial-positional-embedding 0.3.12.
+
+use ndarray::Array2;
+use performer_tensor::{Buffer, Error, Module, Param, Result, Tensor, Visitor};
+
+use crate::basic::Embedding;
+use crate::init;
+
+/// `[sin(t f) | cos(t f)]` for `t < max_seq_len` and `f = 10000^(-2i/dim)`, stored as the
+/// buffer `emb` `(max_seq_len, dim)`.
+pub struct FixedPositionalEmbedding {
+    /// The table.
+    pub emb: Buffer,
+    max_seq_len: usize,
+}
+
+impl FixedPositionalEmbedding {
+    /// The table for `dim` features (even) and `max_seq_len` positions.
+    pub fn new(dim: usize, max_seq_len: usize) -> Self {
+        let half = dim.div_ceil(2);
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        let mut emb = Array2::<f32>::zeros((max_seq_len, 2 * half));
+        for t in 0..max_seq_len {
+            for (i, f) in inv_freq.iter().enumerate() {
+                let a = t as f32 * f;
+                emb[[t, i]] = a.sin();
+                emb[[t, half + i]] = a.cos();
+            }
+        }
+        FixedPositionalEmbedding {
+            emb: Buffer::new(emb.into_dyn()),
+            max_seq_len,
+        }
+    }
+
+    /// The first `n` rows as `(1, n, dim)`.
+    pub fn forward(&self, n: usize) -> Result<Tensor> {
+        if n > self.max_seq_len {
+            return Err(Error::invalid(
+                "FixedPositionalEmbedding",
+                "sequence length",
+                n,
+                format!("must be at most max_seq_len {}", self.max_seq_len),
+            ));
+        }
+        self.emb.tensor()?.narrow(0, 0, n)?.unsqueeze(0)
+    }
+}
+
+impl Module for FixedPositionalEmbedding {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.buffer("emb", &self.emb);
+    }
+}
+
+/// Swaps each pair of features `(x0, x1) -> (-x1, x0)` along the last axis.
+pub fn rotate_every_two(x: &Tensor) -> Result<Tensor> {
+    let d = *x.shape().last().unwrap_or(&0);
+    if d % 2 != 0 {
+        return Err(Error::shape(
+            "rotate_every_two",
+            format!("the last axis of {:?} must be even", x.shape()),
+        ));
+    }
+    let mut pairs: Vec<isize> = x.shape()[..x.rank() - 1]
+        .iter()
+        .map(|&s| s as isize)
+        .collect();
+    pairs.extend([(d / 2) as isize, 2]);
+    let p = x.reshape(&pairs)?;
+    let rotated = Tensor::stack(&[p.select(-1, 1)?.neg(), p.select(-1, 0)?], -1)?;
+    let shape: Vec<isize> = x.shape().iter().map(|&s| s as isize).collect();
+    rotated.reshape(&shape)
+}
+
+/// performer-pytorch's `apply_rotary_pos_emb`: with `sinu_pos` `(1, n, d)` holding
+/// `[sin | cos]`, each frequency is repeated for a pair of features and
+/// `x -> x cos + rotate_every_two(x) sin` for both `q` and `k` `(..., n, d)`.
+pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, d) = match sinu_pos.shape() {
+        [1, n, d] if d % 2 == 0 => (*n, *d),
+        other => {
+            return Err(Error::shape(
+                "apply_rotary_pos_emb",
+                format!("sinu_pos must be (1, n, even d), got {other:?}"),
+            ));
+        }
+    };
+    for t in [q, k] {
+        if t.rank() < 2 || t.shape()[t.rank() - 2] != n || t.shape()[t.rank() - 1] != d {
+            return Err(Error::shape(
+                "apply_rotary_pos_emb",
+                format!("{:?} does not end in (n, d) = ({n}, {d})", t.shape()),
+            ));
+        }
+    }
+    let table = sinu_pos
+        .view()
+        .into_shape_with_order((n, d))
+        .map_err(|e| Error::shape("apply_rotary_pos_emb", e.to_string()))?
+        .to_owned();
+    let half = d / 2;
+    let sin = Array2::from_shape_fn((n, d), |(t, j)| table[[t, j / 2]]);
+    let cos = Array2::from_shape_fn((n, d), |(t, j)| table[[t, half + j / 2]]);
+    let (sin, cos) = (Tensor::new(sin.into_dyn()), Tensor::new(cos.into_dyn()));
+    let rot = |x: &Tensor| -> Result<Tensor> { x.mul(&cos)?.add(&rotate_every_two(x)?.mul(&sin)?) };
+    Ok((rot(q)?, rot(k)?))
+}
+
+/// A learned table `emb` `(max_seq_len, dim)`; `forward(n)` gives its first `n` rows.
+pub struct AbsolutePositionalEmbedding {
+    /// The table, named `emb`.
+    pub emb: Embedding,
+}
+
+impl AbsolutePositionalEmbedding {
+    /// A table of `max_seq_len` positions.
+    pub fn new(dim: usize, max_seq_len: usize) -> Self {
+        AbsolutePositionalEmbedding {
+            emb: Embedding::new(max_seq_len, dim),
+        }
+    }
+
+    /// Rows `0..n` as `(n, dim)`.
+    pub fn forward(&self, n: usize) -> Result<Tensor> {
+        let ids = ndarray::Array1::from_iter(0..n as i64).into_dyn();
+        self.emb.forward(&ids.view()).map_err(|_| {
+            Error::invalid(
+                "AbsolutePositionalEmbedding",
+                "sequence length",
+                n,
+                format!("must be at most max_seq_len {}", self.emb.num_embeddings()),
+            )
+        })
+    }
+}
+
+impl Module for AbsolutePositionalEmbedding {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.child("emb", &self.emb);
+    }
+}
+
+/// Axial position embedding (summed variant): one parameter per axis of `axial_shape`,
+/// `weights.i` of shape `(1, 1.., s_i, ..1, dim)`, broadcast over the other axes, summed, and
+/// flattened in row-major order to `prod(axial_shape)` positions.
+pub struct AxialPositionalEmbedding {
+    /// One table per axis.
+    pub weights: Vec<Param>,
+    shape: Vec<usize>,
+    dim: usize,
+}
+
+impl AxialPositionalEmbedding {
+    /// Tables for positions laid out as `axial_shape` (initialized N(0, 1)).
+    pub fn new(dim: usize, axial_shape: &[usize]) -> Result<Self> {
+        if axial_shape.is_empty() || axial_shape.contains(&0) {
+            return Err(Error::invalid(
+                "AxialPositionalEmbedding",
+                "axial_position_shape",
+                format!("{axial_shape:?}"),
+                "needs at least one axis, none of size 0",
+            ));
+        }
+        let weights = (0..axial_shape.len())
+            .map(|i| {
+                let mut s = vec![1usize; axial_shape.len() + 2];
+                s[i + 1] = axial_shape[i];
+                s[axial_shape.len() + 1] = dim;
+                Param::new(init::normal(&s))
+            })
+            .collect();
+        Ok(AxialPositionalEmbedding {
+            weights,
+            shape: axial_shape.to_vec(),
+            dim,
+        })
+    }
+
+    /// Number of positions covered.
+    pub fn max_seq_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Embeddings of positions `0..n` as `(1, n, dim)`.
+    pub fn forward(&self, n: usize) -> Result<Tensor> {
+        let max = self.max_seq_len();
+        if n > max {
+            return Err(Error::invalid(
+                "AxialPositionalEmbedding",
+                "sequence length",
+                n,
+                format!(
+                    "must be at most the axial shape's {max} positions {:?}",
+                    self.shape
+                ),
+            ));
+        }
+        let mut full = self.shape.clone();
+        full.insert(0, 1);
+        full.push(self.dim);
+        let mut sum: Option<Tensor> = None;
+        for w in &self.weights {
+            let e = w.tensor().broadcast_to(&full)?;
+            sum = Some(match sum {
+                Some(s) => s.add(&e)?,
+                None => e,
+            });
+        }
+        let sum = sum.expect("at least one axis");
+        sum.reshape(&[1, max as isize, self.dim as isize])?
+            .narrow(1, 0, n)
+    }
+}
+
+impl Module for AxialPositionalEmbedding {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        for (i, w) in self.weights.iter().enumerate() {
+            v.param(&format!("weights.{i}"), w);
+        }
+    }
+}

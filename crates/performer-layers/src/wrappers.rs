@@ -1,0 +1,229 @@
+//! Residual-branch wrappers: PreLayerNorm, PreScaleNorm, ReZero and PreShiftTokens, each
+//! holding the wrapped block under the name `fn` as performer-pytorch does.
+
+use std::sync::Arc;
+
+use ndarray::{ArrayD, IxDyn};
+use performer_favor::FastAttention;
+use performer_tensor::{Error, Module, Param, Result, Tensor, Visitor};
+
+use crate::basic::LayerNorm;
+use crate::block::{Block, BlockInputs};
+
+/// `fn(LayerNorm(x))`.
+pub struct PreLayerNorm {
+    /// The norm, named `norm`.
+    pub norm: LayerNorm,
+    /// The wrapped block, named `fn`.
+    pub inner: Arc<dyn Block>,
+}
+
+impl PreLayerNorm {
+    /// Wraps `inner` with a LayerNorm over `dim`.
+    pub fn new(dim: usize, inner: Arc<dyn Block>) -> Self {
+        PreLayerNorm {
+            norm: LayerNorm::new(dim),
+            inner,
+        }
+    }
+}
+
+impl Module for PreLayerNorm {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.child("norm", &self.norm);
+        v.child("fn", self.inner.as_ref());
+    }
+}
+
+impl Block for PreLayerNorm {
+    fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
+        self.inner.forward(&self.norm.forward(x)?, inputs)
+    }
+
+    fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
+        self.inner.for_each_fast_attention(f)
+    }
+}
+
+/// ScaleNorm ("Transformers without Tears"): `fn(x / max(|x|, eps) * g)`, `g` of shape `[1]`
+/// initialized to 1.
+pub struct PreScaleNorm {
+    /// The learned scale, named `g`.
+    pub g: Param,
+    /// Floor of the norm.
+    pub eps: f32,
+    /// The wrapped block.
+    pub inner: Arc<dyn Block>,
+}
+
+impl PreScaleNorm {
+    /// Wraps `inner` (eps 1e-5 as the reference).
+    pub fn new(inner: Arc<dyn Block>) -> Self {
+        PreScaleNorm {
+            g: Param::new(ArrayD::from_elem(IxDyn(&[1]), 1.0)),
+            eps: 1e-5,
+            inner,
+        }
+    }
+
+    /// The normalization alone.
+    pub fn normalize(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.norm(&[-1], true)?.clamp(Some(self.eps), None);
+        x.div(&n)?.mul(&self.g.tensor())
+    }
+}
+
+impl Module for PreScaleNorm {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.param("g", &self.g);
+        v.child("fn", self.inner.as_ref());
+    }
+}
+
+impl Block for PreScaleNorm {
+    fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
+        self.inner.forward(&self.normalize(x)?, inputs)
+    }
+
+    fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
+        self.inner.for_each_fast_attention(f)
+    }
+}
+
+/// ReZero: `fn(x) * g` with a scalar `g` initialized to 1e-3.
+pub struct ReZero {
+    /// The gate, a rank-0 parameter named `g`.
+    pub g: Param,
+    /// The wrapped block.
+    pub inner: Arc<dyn Block>,
+}
+
+impl ReZero {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Block>) -> Self {
+        ReZero {
+            g: Param::new(ArrayD::from_elem(IxDyn(&[]), 1e-3)),
+            inner,
+        }
+    }
+}
+
+impl Module for ReZero {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.param("g", &self.g);
+        v.child("fn", self.inner.as_ref());
+    }
+}
+
+impl Block for ReZero {
+    fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
+        self.inner.forward(x, inputs)?.mul(&self.g.tensor())
+    }
+
+    fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
+        self.inner.for_each_fast_attention(f)
+    }
+}
+
+/// Token shift: the first `len(shifts)` segments of `dim / len(shifts)` features are moved
+/// along the sequence by their shift (+1: each position sees the previous token's features,
+/// zeros at the start; -1: the next token's); the remaining features stay. With a mask, padded
+/// positions are zeroed before shifting.
+pub struct PreShiftTokens {
+    /// One shift per segment.
+    pub shifts: Vec<i64>,
+    /// The wrapped block.
+    pub inner: Arc<dyn Block>,
+}
+
+impl PreShiftTokens {
+    /// Wraps `inner`; performer-pytorch uses `(0, 1)` when causal and `(-1, 0, 1)` otherwise.
+    pub fn new(shifts: Vec<i64>, inner: Arc<dyn Block>) -> Self {
+        PreShiftTokens { shifts, inner }
+    }
+
+    /// The shifted input alone.
+    pub fn shift(&self, x: &Tensor, mask: Option<ndarray::ArrayView2<'_, bool>>) -> Result<Tensor> {
+        if x.rank() != 3 {
+            return Err(Error::shape(
+                "PreShiftTokens",
+                format!("input must be (b, n, dim), got {:?}", x.shape()),
+            ));
+        }
+        let segments = self.shifts.len();
+        let dim = x.shape()[2];
+        if segments == 0 || dim < segments {
+            return Err(Error::invalid(
+                "PreShiftTokens",
+                "shifts",
+                format!("{:?}", self.shifts),
+                format!("need 1..={dim} segments for dim {dim}"),
+            ));
+        }
+        let pieces = x.split(dim / segments, -1)?;
+        let masked_out = match mask {
+            Some(m) => {
+                if m.shape() != &x.shape()[..2] {
+                    return Err(Error::shape(
+                        "PreShiftTokens",
+                        format!(
+                            "mask {:?} must be (b, n) = {:?}",
+                            m.shape(),
+                            &x.shape()[..2]
+                        ),
+                    ));
+                }
+                Some(
+                    m.mapv(|keep| !keep)
+                        .insert_axis(ndarray::Axis(2))
+                        .into_dyn(),
+                )
+            }
+            None => None,
+        };
+        let mut parts = Vec::with_capacity(pieces.len());
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let amount = if i < segments { self.shifts[i] } else { 0 };
+            parts.push(shift_along_sequence(&piece, amount, masked_out.as_ref())?);
+        }
+        Tensor::cat(&parts, -1)
+    }
+}
+
+/// Moves `t` `(b, n, f)` by `amount` positions along the sequence, filling with zeros.
+fn shift_along_sequence(
+    t: &Tensor,
+    amount: i64,
+    masked_out: Option<&ArrayD<bool>>,
+) -> Result<Tensor> {
+    if amount == 0 {
+        return Ok(t.clone());
+    }
+    let t = match masked_out {
+        Some(m) => t.masked_fill(&m.view(), 0.0)?,
+        None => t.clone(),
+    };
+    let n = t.shape()[1];
+    let k = (amount.unsigned_abs() as usize).min(n);
+    if amount > 0 {
+        t.narrow(1, 0, n - k)?.pad(1, k, 0, 0.0)
+    } else {
+        t.narrow(1, k, n - k)?.pad(1, 0, k, 0.0)
+    }
+}
+
+impl Module for PreShiftTokens {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.child("fn", self.inner.as_ref());
+    }
+}
+
+impl Block for PreShiftTokens {
+    fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
+        self.inner.forward(&self.shift(x, inputs.mask)?, inputs)
+    }
+
+    fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
+        self.inner.for_each_fast_attention(f)
+    }
+}
