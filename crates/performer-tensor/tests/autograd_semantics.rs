@@ -34,7 +34,10 @@ fn no_grad_produces_untracked_tensors() {
     });
     assert!(is_grad_enabled(), "no_grad did not restore the mode");
     assert!(!y.is_tracked());
-    assert!(!leaf.is_tracked());
+    // A parameter's tensor is a leaf in any mode (PyTorch: requires_grad stays true under
+    // no_grad), but ops on it record nothing under no_grad.
+    assert!(leaf.is_tracked());
+    assert!(!no_grad(|| leaf.exp()).is_tracked());
     assert!(y.backward().is_err());
     // the guard restores the mode even when the closure panics
     let caught = std::panic::catch_unwind(|| no_grad(|| panic!("inside no_grad")));
