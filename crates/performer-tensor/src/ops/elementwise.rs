@@ -1,9 +1,9 @@
 //! Arithmetic with PyTorch broadcasting, scalar forms, and element-wise math.
 
-use ndarray::IxDyn;
+use ndarray::{ArrayD, IxDyn};
 
 use super::{map_array, zip_map, zip_map3};
-use crate::shape::{broadcast_shapes, sum_to_shape};
+use crate::shape::broadcast_shapes;
 use crate::{Result, Tensor};
 
 /// Which binary op: a closed set so forward and backward sit side by side.
@@ -89,24 +89,28 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
         let bb = bd
             .broadcast(IxDyn(g.shape()))
             .expect("same broadcast as forward");
-        let ga = match (needs[0], op) {
-            (false, _) => None,
-            (true, Binary::Add | Binary::Sub) => Some(g.clone()),
-            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
-                g * op.partials(x, y).0
-            })),
+        // `g` itself is handed on where the local derivative is 1, cloned only when both
+        // operands need it.
+        let mut g = Some(g);
+        let partial = |g: &ArrayD<f32>, which: usize| {
+            zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
+                let (da, db) = op.partials(x, y);
+                g * if which == 0 { da } else { db }
+            })
         };
-        let gb = match (needs[1], op) {
-            (false, _) => None,
-            (true, Binary::Add) => Some(g.clone()),
-            (true, Binary::Sub) => Some(g.mapv(|v| -v)),
-            (true, _) => Some(zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
-                g * op.partials(x, y).1
-            })),
-        };
+        let gb = needs[1].then(|| match op {
+            Binary::Add if needs[0] => g.clone().expect("present"),
+            Binary::Add => g.take().expect("present"),
+            Binary::Sub => map_array(&g.as_ref().expect("present").view(), |v| -v),
+            _ => partial(g.as_ref().expect("present"), 1),
+        });
+        let ga = needs[0].then(|| match op {
+            Binary::Add | Binary::Sub => g.take().expect("present"),
+            _ => partial(g.as_ref().expect("present"), 0),
+        });
         Ok(vec![
-            ga.map(|g| sum_to_shape(g, ad.shape())),
-            gb.map(|g| sum_to_shape(g, bd.shape())),
+            ga.map(|g| super::sum_to(g, ad.shape())),
+            gb.map(|g| super::sum_to(g, bd.shape())),
         ])
     }))
 }
@@ -124,7 +128,7 @@ pub(crate) fn unary(
         return Tensor::new(out);
     }
     let xd = x.data().clone();
-    let yd = out.to_shared();
+    let yd = out.into_shared();
     Tensor::from_op(yd.clone(), name, &[x], move |g, _| {
         Ok(vec![Some(zip_map3(
             &g.view(),

@@ -3,7 +3,8 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
-use crate::shape::{broadcast_shapes, normalize_axis, sum_to_shape};
+use super::sum_to;
+use crate::shape::{broadcast_shapes, normalize_axis};
 use crate::{Error, Result, Tensor};
 
 fn check_index(op: &str, index: i64, size: usize) -> Result<usize> {
@@ -155,8 +156,8 @@ impl Tensor {
                     .map_collect(|&g, &c| if c == take { g } else { 0.0 })
             };
             Ok(vec![
-                needs[0].then(|| sum_to_shape(pick(true), &sa)),
-                needs[1].then(|| sum_to_shape(pick(false), &sb)),
+                needs[0].then(|| sum_to(pick(true), &sa)),
+                needs[1].then(|| sum_to(pick(false), &sb)),
             ])
         }))
     }

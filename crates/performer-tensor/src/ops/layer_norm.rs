@@ -1,9 +1,22 @@
 //! Layer normalization over the last axis, fused: one pass for the statistics and the output,
-//! one for all three gradients.
+//! one for the input's gradient and one for the affine parameters' gradients. Rows are split
+//! over threads when the tensor is large. The forward keeps only the per-row mean and inverse
+//! standard deviation (the input is shared, not copied); the backward recomputes the
+//! normalized values from them.
 
-use ndarray::{Array1, Array2, ArrayD, Axis, IxDyn, Zip};
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, IxDyn, Zip};
+use rayon::prelude::*;
 
+use crate::parallel::PAR_THRESHOLD;
 use crate::{Error, Result, Tensor};
+
+/// Rows per task of the parameter-gradient reduction.
+const ROWS_PER_TASK: usize = 64;
+
+/// The values of a 1-D tensor (the affine parameters), as a vector.
+fn values(t: Option<&Tensor>) -> Option<Vec<f32>> {
+    t.map(|t| t.data().iter().copied().collect())
+}
 
 impl Tensor {
     /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis (biased variance, as
@@ -28,37 +41,54 @@ impl Tensor {
             }
         }
         let rows = self.numel() / d.max(1);
-        let x2 = self
-            .data()
-            .as_standard_layout()
-            .into_owned()
+        let large = self.numel() >= PAR_THRESHOLD;
+        let x = self.data().as_standard_layout();
+        let x2 = x
+            .view()
             .into_shape_with_order((rows, d))
-            .expect("size");
-        let w = weight.map(|t| t.data().clone());
-        let b = bias.map(|t| t.data().clone());
-        let mut xhat = Array2::<f32>::zeros((rows, d));
+            .expect("standard layout");
+        let (w, b) = (values(weight), values(bias));
+        let mut mean = Array1::<f32>::zeros(rows);
         let mut rstd = Array1::<f32>::zeros(rows);
         let mut y = Array2::<f32>::zeros((rows, d));
+        let inv_d = 1.0 / d as f32;
         let body = |xr: ndarray::ArrayView1<f32>,
-                    mut hr: ndarray::ArrayViewMut1<f32>,
+                    mu: &mut f32,
                     r: &mut f32,
                     mut yr: ndarray::ArrayViewMut1<f32>| {
-            let mean = xr.sum() / d as f32;
-            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-            *r = 1.0 / (var + eps).sqrt();
-            for j in 0..d {
-                let h = (xr[j] - mean) * *r;
-                hr[j] = h;
-                let wj = w.as_ref().map_or(1.0, |w| w[[j]]);
-                let bj = b.as_ref().map_or(0.0, |b| b[[j]]);
-                yr[j] = h * wj + bj;
+            let (xr, yr) = (xr.as_slice().expect("row"), yr.as_slice_mut().expect("row"));
+            let m = xr.iter().sum::<f32>() * inv_d;
+            let var = xr.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() * inv_d;
+            let rs = 1.0 / (var + eps).sqrt();
+            (*mu, *r) = (m, rs);
+            match (&w, &b) {
+                (Some(w), Some(b)) => {
+                    for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                        *y = (x - m) * rs * w + b;
+                    }
+                }
+                (Some(w), None) => {
+                    for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
+                        *y = (x - m) * rs * w;
+                    }
+                }
+                (None, Some(b)) => {
+                    for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
+                        *y = (x - m) * rs + b;
+                    }
+                }
+                (None, None) => {
+                    for (y, &x) in yr.iter_mut().zip(xr) {
+                        *y = (x - m) * rs;
+                    }
+                }
             }
         };
         let z = Zip::from(x2.rows())
-            .and(xhat.rows_mut())
+            .and(&mut mean)
             .and(&mut rstd)
             .and(y.rows_mut());
-        if self.numel() >= crate::parallel::PAR_THRESHOLD {
+        if large {
             z.par_for_each(body);
         } else {
             z.for_each(body);
@@ -74,57 +104,129 @@ impl Tensor {
             inputs.push(b);
             inputs.len() - 1
         });
-        let wd = weight.map(|t| t.data().clone());
+        let xd = self.data().clone();
         Ok(Tensor::from_op(
             y,
             "layer_norm",
             &inputs,
             move |g, needs| {
-                let g2 = g
-                    .as_standard_layout()
-                    .into_owned()
+                let xs = xd.as_standard_layout();
+                let x2 = xs
+                    .view()
                     .into_shape_with_order((rows, d))
-                    .expect("size");
+                    .expect("standard layout");
+                let gs = g.as_standard_layout();
+                let g2 = gs
+                    .view()
+                    .into_shape_with_order((rows, d))
+                    .expect("standard layout");
                 let mut grads: Vec<Option<ArrayD<f32>>> = vec![None; needs.len()];
                 if needs[0] {
-                    let mut dx = Array2::<f32>::zeros((rows, d));
-                    let body =
-                        |gr: ndarray::ArrayView1<f32>,
-                         hr: ndarray::ArrayView1<f32>,
-                         &r: &f32,
-                         mut dr: ndarray::ArrayViewMut1<f32>| {
-                            let (mut m1, mut m2) = (0.0f32, 0.0f32);
-                            for j in 0..d {
-                                let gh = gr[j] * wd.as_ref().map_or(1.0, |w| w[[j]]);
-                                m1 += gh;
-                                m2 += gh * hr[j];
-                            }
-                            m1 /= d as f32;
-                            m2 /= d as f32;
-                            for j in 0..d {
-                                let gh = gr[j] * wd.as_ref().map_or(1.0, |w| w[[j]]);
-                                dr[j] = r * (gh - m1 - hr[j] * m2);
-                            }
-                        };
-                    let z = Zip::from(g2.rows())
-                        .and(xhat.rows())
-                        .and(&rstd)
-                        .and(dx.rows_mut());
-                    if rows * d >= crate::parallel::PAR_THRESHOLD {
-                        z.par_for_each(body);
-                    } else {
-                        z.for_each(body);
-                    }
+                    let dx = input_grad(&x2, &g2, &mean, &rstd, w.as_deref(), large);
                     grads[0] = Some(dx.into_shape_with_order(IxDyn(&shape)).expect("size"));
                 }
-                if let Some(i) = wi.filter(|&i| needs[i]) {
-                    grads[i] = Some((&g2 * &xhat).sum_axis(Axis(0)).into_dyn());
-                }
-                if let Some(i) = bi.filter(|&i| needs[i]) {
-                    grads[i] = Some(g2.sum_axis(Axis(0)).into_dyn());
+                let need_w = wi.is_some_and(|i| needs[i]);
+                let need_b = bi.is_some_and(|i| needs[i]);
+                if need_w || need_b {
+                    let (dw, db) = affine_grads(&x2, &g2, &mean, &rstd, large);
+                    if let Some(i) = wi.filter(|_| need_w) {
+                        grads[i] = Some(dw.into_dyn());
+                    }
+                    if let Some(i) = bi.filter(|_| need_b) {
+                        grads[i] = Some(db.into_dyn());
+                    }
                 }
                 Ok(grads)
             },
         ))
     }
+}
+
+/// `dx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat))` per row, with `gh = g * weight`.
+fn input_grad(
+    x2: &ArrayView2<f32>,
+    g2: &ArrayView2<f32>,
+    mean: &Array1<f32>,
+    rstd: &Array1<f32>,
+    w: Option<&[f32]>,
+    large: bool,
+) -> Array2<f32> {
+    let d = x2.ncols();
+    let inv_d = 1.0 / d.max(1) as f32;
+    let mut dx = Array2::<f32>::zeros(x2.raw_dim());
+    let body = |xr: ndarray::ArrayView1<f32>,
+                gr: ndarray::ArrayView1<f32>,
+                &m: &f32,
+                &r: &f32,
+                mut dr: ndarray::ArrayViewMut1<f32>| {
+        let (xr, gr, dr) = (
+            xr.as_slice().expect("row"),
+            gr.as_slice().expect("row"),
+            dr.as_slice_mut().expect("row"),
+        );
+        let gh = |j: usize| gr[j] * w.map_or(1.0, |w| w[j]);
+        let (mut m1, mut m2) = (0.0f32, 0.0f32);
+        for j in 0..d {
+            let g = gh(j);
+            m1 += g;
+            m2 += g * (xr[j] - m) * r;
+        }
+        let (m1, m2) = (m1 * inv_d, m2 * inv_d);
+        for j in 0..d {
+            dr[j] = r * (gh(j) - m1 - (xr[j] - m) * r * m2);
+        }
+    };
+    let z = Zip::from(x2.rows())
+        .and(g2.rows())
+        .and(mean)
+        .and(rstd)
+        .and(dx.rows_mut());
+    if large {
+        z.par_for_each(body);
+    } else {
+        z.for_each(body);
+    }
+    dx
+}
+
+/// Gradients of the weight (`sum over rows of g * xhat`) and the bias (`sum of g`), summed by
+/// blocks of rows in parallel.
+fn affine_grads(
+    x2: &ArrayView2<f32>,
+    g2: &ArrayView2<f32>,
+    mean: &Array1<f32>,
+    rstd: &Array1<f32>,
+    large: bool,
+) -> (Array1<f32>, Array1<f32>) {
+    let (rows, d) = x2.dim();
+    let block = |start: usize| {
+        let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
+        for i in start..(start + ROWS_PER_TASK).min(rows) {
+            let (xr, gr) = (x2.row(i), g2.row(i));
+            let (xr, gr) = (xr.as_slice().expect("row"), gr.as_slice().expect("row"));
+            let (m, r) = (mean[i], rstd[i]);
+            for j in 0..d {
+                dw[j] += gr[j] * (xr[j] - m) * r;
+                db[j] += gr[j];
+            }
+        }
+        (dw, db)
+    };
+    let add = |(mut aw, mut ab): (Vec<f32>, Vec<f32>), (bw, bb): (Vec<f32>, Vec<f32>)| {
+        aw.iter_mut().zip(&bw).for_each(|(a, b)| *a += b);
+        ab.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
+        (aw, ab)
+    };
+    let zero = || (vec![0.0f32; d], vec![0.0f32; d]);
+    let starts = (0..rows).step_by(ROWS_PER_TASK);
+    let (dw, db) = if large {
+        starts
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(block)
+            .reduce(zero, add)
+    } else {
+        starts.map(block).fold(zero(), add)
+    };
+    (Array1::from(dw), Array1::from(db))
 }

@@ -4,7 +4,8 @@
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
 use super::reshape_array;
-use crate::shape::{normalize_axis, numel, sum_to_shape};
+use super::sum_to;
+use crate::shape::{normalize_axis, numel};
 use crate::{Error, Result, Tensor};
 
 impl Tensor {
@@ -162,7 +163,7 @@ impl Tensor {
             data,
             "broadcast_to",
             &[self],
-            move |g, _| Ok(vec![Some(sum_to_shape(g, &in_shape))]),
+            move |g, _| Ok(vec![Some(sum_to(g, &in_shape))]),
         ))
     }
 

@@ -1,7 +1,10 @@
 //! Cross-entropy over logits with PyTorch's semantics: classes on axis 1, an optional ignored
 //! target value, mean over the targets that are not ignored.
 
-use ndarray::{ArrayD, ArrayViewD, Axis, Zip};
+use ndarray::{ArrayD, ArrayView1, ArrayViewD, ArrayViewMut1, Axis, IxDyn, Zip};
+
+use crate::fast_math;
+use crate::parallel::PAR_THRESHOLD;
 
 use crate::{Error, Result, Tensor};
 
@@ -48,18 +51,32 @@ impl Tensor {
             count += 1;
         }
         let x = self.view();
-        // Per position: log-sum-exp minus the target's logit.
-        let mut total = 0.0f64;
+        let large = x.len() >= PAR_THRESHOLD;
+        // Per position: log-sum-exp of the lane, then minus the target's logit.
         let mut lse = ArrayD::<f32>::zeros(target.raw_dim());
-        Zip::from(&mut lse)
+        let lane_lse = |l: &mut f32, lane: ArrayView1<f32>| {
+            *l = match lane.as_slice() {
+                Some(xs) => super::softmax::logsumexp(xs),
+                None => {
+                    let m = lane.fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                    let s: f32 = lane.iter().map(|&v| fast_math::exp(v - m)).sum();
+                    m + s.ln()
+                }
+            };
+        };
+        let z = Zip::from(&mut lse).and(x.lanes(Axis(1)));
+        if large {
+            z.par_for_each(lane_lse);
+        } else {
+            z.for_each(lane_lse);
+        }
+        let mut total = 0.0f64;
+        Zip::from(&lse)
             .and(x.lanes(Axis(1)))
             .and(target)
-            .for_each(|l, lane, &t| {
-                let m = lane.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let s: f32 = lane.iter().map(|&v| (v - m).exp()).sum();
-                *l = m + s.ln();
+            .for_each(|&l, lane, &t| {
                 if !ignored(t) {
-                    total += (*l - lane[t as usize]) as f64;
+                    total += (l - lane[t as usize]) as f64;
                 }
             });
         let loss = (total / count as f64) as f32;
@@ -72,22 +89,42 @@ impl Tensor {
             &[self],
             move |g, _| {
                 let scale = g.iter().next().copied().unwrap_or(0.0) / count as f32;
-                let mut gx = ArrayD::<f32>::zeros(xd.raw_dim());
-                Zip::from(gx.lanes_mut(Axis(1)))
-                    .and(xd.lanes(Axis(1)))
-                    .and(&target)
-                    .and(&lse)
-                    .for_each(|mut gl, xl, &t, &l| {
+                // The gradient takes the logits' memory order, so that its class lanes are
+                // as contiguous as theirs (logits are usually a permuted (b, n, c) view).
+                let mut gx = zeros_in_layout_of(&xd.view());
+                let lane_grad =
+                    |mut gl: ArrayViewMut1<f32>, xl: ArrayView1<f32>, &t: &i64, &l: &f32| {
                         if ignored(t) {
                             return;
                         }
                         Zip::from(&mut gl)
                             .and(&xl)
-                            .for_each(|g, &x| *g = (x - l).exp() * scale);
+                            .for_each(|g, &x| *g = fast_math::exp(x - l) * scale);
                         gl[t as usize] -= scale;
-                    });
+                    };
+                let z = Zip::from(gx.lanes_mut(Axis(1)))
+                    .and(xd.lanes(Axis(1)))
+                    .and(&target)
+                    .and(&lse);
+                if large {
+                    z.par_for_each(lane_grad);
+                } else {
+                    z.for_each(lane_grad);
+                }
                 Ok(vec![Some(gx)])
             },
         ))
     }
+}
+
+/// Zeros of `x`'s shape whose axes lie in memory in the same order as `x`'s.
+fn zeros_in_layout_of(x: &ArrayViewD<f32>) -> ArrayD<f32> {
+    let mut order: Vec<usize> = (0..x.ndim()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(x.strides()[i].unsigned_abs()));
+    let shape: Vec<usize> = order.iter().map(|&i| x.shape()[i]).collect();
+    let mut inverse = vec![0; order.len()];
+    for (k, &i) in order.iter().enumerate() {
+        inverse[i] = k;
+    }
+    ArrayD::zeros(IxDyn(&shape)).permuted_axes(IxDyn(&inverse))
 }

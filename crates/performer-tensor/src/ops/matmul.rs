@@ -7,8 +7,9 @@
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
+use super::sum_to;
 use crate::gemm::{MatDims, Threads, gemm_raw};
-use crate::shape::{broadcast_shapes, sum_to_shape};
+use crate::shape::broadcast_shapes;
 use crate::{Error, Result, Tensor};
 
 /// Pointers that may cross threads: each batch entry reads shared operands and writes its own
@@ -158,19 +159,13 @@ fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let gv = g.view();
         let ga = if needs[0] {
             let bv = bd.view();
-            Some(sum_to_shape(
-                batched_matmul(&gv, &t_last2(&bv))?,
-                ad.shape(),
-            ))
+            Some(sum_to(batched_matmul(&gv, &t_last2(&bv))?, ad.shape()))
         } else {
             None
         };
         let gb = if needs[1] {
             let av = ad.view();
-            Some(sum_to_shape(
-                batched_matmul(&t_last2(&av), &gv)?,
-                bd.shape(),
-            ))
+            Some(sum_to(batched_matmul(&t_last2(&av), &gv)?, bd.shape()))
         } else {
             None
         };

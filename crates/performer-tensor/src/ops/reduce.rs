@@ -1,18 +1,54 @@
 //! Reductions over chosen axes: sum, mean, amax, L2 norm.
 
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, ArrayView1, ArrayViewD, Axis, IxDyn, Zip};
 
-use super::{zip_map, zip_map3};
+use super::{map_array, zip_map, zip_map3};
+use crate::parallel::PAR_THRESHOLD;
 use crate::shape::normalize_axes;
 use crate::{Result, Tensor};
 
-/// Sums `x` over `axes` (sorted ascending), keeping them as size 1.
-fn sum_keep(x: &ndarray::ArrayViewD<f32>, axes: &[usize]) -> ArrayD<f32> {
-    let mut out = x.to_owned();
-    for &ax in axes.iter().rev() {
-        out = out.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+/// Folds every lane along `ax` to one value with `f`, keeping `ax` as size 1. Reads the input
+/// in place (no copy) and splits the lanes over threads when the input is large.
+fn reduce_axis(
+    x: &ArrayViewD<f32>,
+    ax: usize,
+    f: &(impl Fn(ArrayView1<f32>) -> f32 + Sync),
+) -> ArrayD<f32> {
+    let z = Zip::from(x.lanes(Axis(ax)));
+    let out = if x.len() >= PAR_THRESHOLD {
+        z.par_map_collect(|l| f(l))
+    } else {
+        z.map_collect(|l| f(l))
+    };
+    out.insert_axis(Axis(ax))
+}
+
+/// Reduces `x` over `axes` (sorted ascending) with `f`, last axis first, keeping them as size 1.
+/// `f` must be associative over the lanes (sum, max).
+fn reduce_keep(
+    x: &ArrayViewD<f32>,
+    axes: &[usize],
+    f: &(impl Fn(ArrayView1<f32>) -> f32 + Sync),
+) -> ArrayD<f32> {
+    let Some((&last, rest)) = axes.split_last() else {
+        return x.to_owned();
+    };
+    let mut out = reduce_axis(x, last, f);
+    for &ax in rest.iter().rev() {
+        out = reduce_axis(&out.view(), ax, f);
     }
     out
+}
+
+/// Sums `x` over `axes` (sorted ascending), keeping them as size 1.
+pub(crate) fn sum_keep(x: &ArrayViewD<f32>, axes: &[usize]) -> ArrayD<f32> {
+    reduce_keep(x, axes, &|l| l.sum())
+}
+
+/// Maximum of a lane (NaN entries are skipped, as `f32::max` does; written as a comparison so
+/// that it vectorizes).
+fn lane_max(l: ArrayView1<f32>) -> f32 {
+    l.fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 /// The shape with `axes` set to 1.
@@ -38,9 +74,10 @@ fn dropped_shape(shape: &[usize], axes: &[usize]) -> Vec<usize> {
 fn expand_back(g: &ArrayD<f32>, in_shape: &[usize], axes: &[usize]) -> ArrayD<f32> {
     let kept = kept_shape(in_shape, axes);
     let g = super::reshape_array(g.clone(), &kept);
-    g.broadcast(IxDyn(in_shape))
-        .expect("kept shape broadcasts")
-        .to_owned()
+    map_array(
+        &g.broadcast(IxDyn(in_shape)).expect("kept shape broadcasts"),
+        |v| v,
+    )
 }
 
 impl Tensor {
@@ -87,12 +124,7 @@ impl Tensor {
             ));
         }
         let in_shape = self.shape().to_vec();
-        let mut m = self.view().to_owned();
-        for &ax in axes.iter().rev() {
-            m = m
-                .fold_axis(Axis(ax), f32::NEG_INFINITY, |&a, &b| a.max(b))
-                .insert_axis(Axis(ax));
-        }
+        let m = reduce_keep(&self.view(), &axes, &lane_max);
         let kept = m.clone();
         let out = if keepdim {
             m
@@ -119,7 +151,7 @@ impl Tensor {
     pub fn norm(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
         let axes = normalize_axes("norm", axes, self.rank())?;
         let in_shape = self.shape().to_vec();
-        let sq = self.view().mapv(|x| x * x);
+        let sq = map_array(&self.view(), |x| x * x);
         let n = sum_keep(&sq.view(), &axes).mapv(f32::sqrt);
         let kept = n.clone();
         let out = if keepdim {
