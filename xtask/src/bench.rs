@@ -62,9 +62,10 @@ struct Args {
     /// Sequence lengths of the sweep.
     #[arg(long, value_delimiter = ',', value_name = "N[,N]")]
     scaling_lengths: Option<Vec<usize>>,
-    /// Longest causal length the reference runs (its causal attention materializes an
-    /// n x m x d tensor: at 16k it takes > 60 s and > 10 GiB).
-    #[arg(long, default_value_t = 8192, value_name = "N")]
+    /// Longest causal length the reference runs. Its causal attention materializes the
+    /// n x m x d prefix sums (n1024: 2.7 GiB, n4096: 7-9 GiB peak RSS; BENCHMARKS.md: n16384
+    /// 62.5 s, 10.2 GiB); 8192 would risk the OOM killer on a shared 24 GiB machine.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
     ref_max_causal: usize,
     /// Longest non-causal length the reference runs.
     #[arg(long, default_value_t = 16384, value_name = "N")]
@@ -323,6 +324,9 @@ impl Ctx {
                     );
                 }
                 let median = report::median(&m.line.times_ms).unwrap_or(m.line.median_ms);
+                let times: Vec<String> =
+                    m.line.times_ms.iter().map(|t| format!("{t:.1}")).collect();
+                eprint!("[{}] ", times.join(", "));
                 Record::measured(
                     &w.name,
                     implementation,
@@ -337,7 +341,7 @@ impl Ctx {
             }
         };
         match (&record.median_ms, &record.peak_rss_mib, &record.error) {
-            (Some(ms), Some(mib), _) => eprintln!("{ms:.1} ms, {mib:.0} MiB"),
+            (Some(ms), Some(mib), _) => eprintln!("median {ms:.1} ms, {mib:.0} MiB"),
             (_, _, Some(e)) => eprintln!("n/a ({e})"),
             _ => eprintln!(),
         }
