@@ -232,8 +232,9 @@ impl ProjectionUpdater {
             .set(StateValue::I64(ArrayD::from_elem(IxDyn(&[]), calls)))
     }
 
-    /// One forward call's worth of bookkeeping; redraws `attentions` when due.
-    pub fn redraw_projections(&self, attentions: &[&FastAttention]) -> Result<()> {
+    /// One forward call's worth of bookkeeping; calls `redraw` (which should redraw every
+    /// FastAttention of the model) when due.
+    pub fn redraw_projections(&self, redraw: impl FnOnce() -> Result<()>) -> Result<()> {
         if !self.training.get() {
             return Ok(());
         }
@@ -241,9 +242,7 @@ impl ProjectionUpdater {
         if let Some(interval) = self.interval()
             && calls >= interval as i64
         {
-            for a in attentions {
-                a.redraw_projection_matrix()?;
-            }
+            redraw()?;
             return self.set_calls(0);
         }
         self.set_calls(calls + 1)

@@ -1,0 +1,50 @@
+//! performer-models: the public face of performer-rs — `Performer`, `PerformerLM`,
+//! `PerformerEncDec` and `AutoregressiveWrapper` with performer-pytorch 1.1.4's knobs and
+//! defaults, checkpoints that move between PyTorch and Rust, and the parity runner.
+//!
+//! ```
+//! use performer_models::{PerformerLM, PerformerLMConfig, LmInputs};
+//! # fn main() -> performer_tensor::Result<()> {
+//! let model = PerformerLM::new(PerformerLMConfig {
+//!     num_tokens: 100, max_seq_len: 64, dim: 32, depth: 2, heads: 4, dim_head: 8, causal: true,
+//!     ..Default::default()
+//! })?;
+//! let x = ndarray::Array2::<i64>::zeros((1, 16));
+//! let logits = model.forward(&x.view(), &LmInputs::default())?;
+//! assert_eq!(logits.shape(), &[1, 16, 100]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod autoregressive;
+pub mod checkpoint;
+mod config;
+mod enc_dec;
+mod lm;
+pub mod parity;
+mod performer;
+pub mod sampling;
+
+pub use autoregressive::{AutoregressiveWrapper, SeqInputs};
+pub use checkpoint::{AnyModel, ModelConfig, load_pretrained, save_pretrained};
+pub use config::{KernelFn, LocalAttnHeads, PerformerConfig, PerformerEncDecConfig, PerformerLMConfig};
+pub use enc_dec::PerformerEncDec;
+pub use lm::{LmInputs, PerformerLM, PositionEmbedding};
+pub use performer::Performer;
+pub use sampling::{Filter, GenerateOptions};
+
+use performer_tensor::{Entry, Module, Visitor};
+
+/// Whether a module is in training mode (the first train/eval flag found; true if none).
+pub fn is_training(m: &dyn Module) -> bool {
+    let mut found = None;
+    let mut f = |_: &str, e: Entry<'_>| {
+        if let Entry::Training(t) = e
+            && found.is_none()
+        {
+            found = Some(t.get());
+        }
+    };
+    m.visit(&mut Visitor::new(&mut f));
+    found.unwrap_or(true)
+}

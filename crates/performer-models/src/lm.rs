@@ -1,0 +1,213 @@
+//! `PerformerLM`: token and position embeddings, a Performer, a final LayerNorm and logits
+//! (performer-pytorch's class of the same name).
+
+use ndarray::ArrayView2;
+use performer_favor::FastAttention;
+use performer_layers::{AbsolutePositionalEmbedding, AxialPositionalEmbedding, Dropout, Embedding, FixedPositionalEmbedding, LayerNorm, Linear};
+use performer_tensor::{Error, Module, Result, Tensor, Visitor};
+
+use crate::config::PerformerLMConfig;
+use crate::performer::Performer;
+
+/// How positions enter the model.
+pub enum PositionEmbedding {
+    /// Rotary (default): a fixed sinusoidal table added to the tokens, and a per-head table for
+    /// the rotary embedding of the FAVOR+ heads.
+    Rotary {
+        /// Added to the token embeddings (`pos_emb.emb`).
+        pos_emb: FixedPositionalEmbedding,
+        /// Rotary table of the heads (`layer_pos_emb.emb`).
+        layer_pos_emb: FixedPositionalEmbedding,
+    },
+    /// Axial embeddings (`pos_emb.weights.*`).
+    Axial(AxialPositionalEmbedding),
+    /// Learned absolute embeddings (`pos_emb.emb.weight`).
+    Absolute(AbsolutePositionalEmbedding),
+}
+
+/// Optional inputs of [`PerformerLM::forward`].
+#[derive(Clone, Copy, Default)]
+pub struct LmInputs<'a> {
+    /// Padding mask `(b, n)`, true for real tokens.
+    pub mask: Option<ArrayView2<'a, bool>>,
+    /// Encoder output for cross-attention `(b, nc, dim)`.
+    pub context: Option<&'a Tensor>,
+    /// Its padding mask `(b, nc)`.
+    pub context_mask: Option<ArrayView2<'a, bool>>,
+    /// Return the final normalized hidden states instead of logits.
+    pub return_encodings: bool,
+}
+
+/// A Performer language model.
+pub struct PerformerLM {
+    config: PerformerLMConfig,
+    /// Token embedding (`token_emb.weight`).
+    pub token_emb: Embedding,
+    /// Position information.
+    pub pos: PositionEmbedding,
+    /// Dropout after the embeddings.
+    pub dropout: Dropout,
+    /// The layers.
+    pub performer: Performer,
+    /// Final norm.
+    pub norm: LayerNorm,
+    /// Logits projection (absent when `tie_embed`).
+    pub to_out: Option<Linear>,
+}
+
+impl PerformerLM {
+    /// Builds the model (random initialization from the global generator, as PyTorch's defaults).
+    pub fn new(config: PerformerLMConfig) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let token_emb = Embedding::new(c.num_tokens, c.dim);
+        Self::with_token_embedding(config.clone(), token_emb)
+    }
+
+    /// Builds the model around a given token embedding (shared embeddings of encoder-decoders).
+    pub fn with_token_embedding(config: PerformerLMConfig, token_emb: Embedding) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        if token_emb.weight.shape() != [c.num_tokens, c.dim] {
+            return Err(Error::shape("PerformerLM", format!("token embedding {:?} must be (num_tokens, dim) = ({}, {})", token_emb.weight.shape(), c.num_tokens, c.dim)));
+        }
+        let pos = if c.rotary_position_emb {
+            PositionEmbedding::Rotary {
+                pos_emb: FixedPositionalEmbedding::new(c.dim, c.max_seq_len),
+                layer_pos_emb: FixedPositionalEmbedding::new(c.dim_head, c.max_seq_len),
+            }
+        } else if c.axial_position_emb {
+            PositionEmbedding::Axial(AxialPositionalEmbedding::new(c.dim, &c.resolved_axial_shape())?)
+        } else {
+            PositionEmbedding::Absolute(AbsolutePositionalEmbedding::new(c.dim, c.max_seq_len))
+        };
+        Ok(PerformerLM {
+            token_emb,
+            pos,
+            dropout: Dropout::new(c.emb_dropout),
+            performer: Performer::new(c.performer())?,
+            norm: LayerNorm::new(c.dim),
+            to_out: (!c.tie_embed).then(|| Linear::new(c.dim, c.num_tokens, true)),
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PerformerLMConfig {
+        &self.config
+    }
+
+    /// Stops projection redraws (`fix_projection_matrices_`).
+    pub fn fix_projection_matrices(&self) {
+        self.performer.fix_projection_matrices();
+    }
+
+    /// Checks token ids and masks against the model; errors name the argument and the limit.
+    pub fn check_inputs(&self, x: &ArrayView2<i64>, inputs: &LmInputs<'_>) -> Result<()> {
+        let (b, n) = x.dim();
+        if n > self.config.max_seq_len {
+            return Err(Error::invalid("PerformerLM", "sequence length", n, format!("must be at most max_seq_len = {}", self.config.max_seq_len)));
+        }
+        if n == 0 || b == 0 {
+            return Err(Error::invalid("PerformerLM", "x", format!("shape {:?}", x.shape()), "needs at least one sequence of one token"));
+        }
+        if let Some(&bad) = x.iter().find(|&&t| t < 0 || t as usize >= self.config.num_tokens) {
+            return Err(Error::Index { op: "PerformerLM token ids".into(), index: bad, size: self.config.num_tokens });
+        }
+        if let Some(m) = inputs.mask
+            && m.dim() != (b, n)
+        {
+            return Err(Error::shape("PerformerLM", format!("mask {:?} must have the tokens' shape ({b}, {n})", m.shape())));
+        }
+        if self.config.cross_attend && inputs.context.is_none() {
+            return Err(Error::invalid("PerformerLM", "context", "None", "a cross-attending model needs a context"));
+        }
+        if !self.config.cross_attend && inputs.context.is_some() {
+            return Err(Error::invalid("PerformerLM", "context", "given", "the model has no cross-attention (cross_attend = false)"));
+        }
+        if let Some(ctx) = inputs.context {
+            if ctx.rank() != 3 || ctx.shape()[0] != b || ctx.shape()[2] != self.config.dim {
+                return Err(Error::shape("PerformerLM", format!("context {:?} must be (b = {b}, nc, dim = {})", ctx.shape(), self.config.dim)));
+            }
+            if let Some(cm) = inputs.context_mask
+                && cm.dim() != (b, ctx.shape()[1])
+            {
+                return Err(Error::shape("PerformerLM", format!("context_mask {:?} must be (b, nc) = ({b}, {})", cm.shape(), ctx.shape()[1])));
+            }
+        }
+        Ok(())
+    }
+
+    /// The embeddings entering the layers, `(b, n, dim)` (tokens + positions, dropout).
+    pub fn embed(&self, x: &ArrayView2<i64>) -> Result<Tensor> {
+        let n = x.ncols();
+        let tokens = self.token_emb.forward(&x.into_dyn())?;
+        let with_pos = match &self.pos {
+            PositionEmbedding::Rotary { pos_emb, .. } => tokens.add(&pos_emb.forward(n)?)?,
+            PositionEmbedding::Axial(a) => tokens.add(&a.forward(n)?)?,
+            PositionEmbedding::Absolute(a) => tokens.add(&a.forward(n)?)?,
+        };
+        self.dropout.forward(&with_pos)
+    }
+
+    /// The rotary table of the heads for `n` positions, if rotary.
+    pub fn layer_pos_emb(&self, n: usize) -> Result<Option<Tensor>> {
+        match &self.pos {
+            PositionEmbedding::Rotary { layer_pos_emb, .. } => Ok(Some(layer_pos_emb.forward(n)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Logits `(..., num_tokens)` from final hidden states (already normalized).
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.to_out {
+            Some(l) => l.forward(h),
+            None => h.matmul(&self.token_emb.weight.tensor().transpose(0, 1)?),
+        }
+    }
+
+    /// Logits `(b, n, num_tokens)` for tokens `x` `(b, n)`, or the encodings `(b, n, dim)`.
+    pub fn forward(&self, x: &ArrayView2<i64>, inputs: &LmInputs<'_>) -> Result<Tensor> {
+        self.check_inputs(x, inputs)?;
+        let h = self.embed(x)?;
+        let pos = self.layer_pos_emb(x.ncols())?;
+        let h = self.performer.forward(&h, inputs.mask, pos.as_ref(), inputs.context, inputs.context_mask)?;
+        let h = self.norm.forward(&h)?;
+        if inputs.return_encodings { Ok(h) } else { self.logits(&h) }
+    }
+
+    /// Logits of the last position of each sequence `(b, num_tokens)`.
+    pub fn last_logits(&self, x: &ArrayView2<i64>, inputs: &LmInputs<'_>) -> Result<ndarray::Array2<f32>> {
+        performer_tensor::no_grad(|| {
+            let h = self.forward(x, &LmInputs { return_encodings: true, ..*inputs })?;
+            let last = h.select(1, x.ncols() - 1)?;
+            let logits = self.logits(&last)?;
+            logits.view().into_dimensionality::<ndarray::Ix2>().map(|a| a.to_owned()).map_err(|e| Error::shape("PerformerLM", e.to_string()))
+        })
+    }
+
+    /// Calls `f` on every FastAttention.
+    pub fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
+        self.performer.for_each_fast_attention(f)
+    }
+}
+
+impl Module for PerformerLM {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.child("token_emb", &self.token_emb);
+        match &self.pos {
+            PositionEmbedding::Rotary { pos_emb, layer_pos_emb } => {
+                v.child("pos_emb", pos_emb);
+                v.child("layer_pos_emb", layer_pos_emb);
+            }
+            PositionEmbedding::Axial(a) => v.child("pos_emb", a),
+            PositionEmbedding::Absolute(a) => v.child("pos_emb", a),
+        }
+        v.child("dropout", &self.dropout);
+        v.child("performer", &self.performer);
+        v.child("norm", &self.norm);
+        if let Some(l) = &self.to_out {
+            v.child("to_out", l);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! `Performer`: a stack of FAVOR+ attention and feed-forward layers (performer-pytorch's class
+//! of the same name), with its projection-redraw bookkeeping.
+
+use std::sync::Arc;
+
+use ndarray::ArrayView2;
+use performer_favor::{FastAttention, ProjectionUpdater};
+use performer_layers::{
+    AttentionConfig, Block, BlockInputs, Chunk, CrossAttention, FeedForward, Layer, PreLayerNorm, PreScaleNorm, PreShiftTokens,
+    ReZero, ReversibleSequence, Route, SelfAttention, SequentialSequence,
+};
+use performer_tensor::{Module, Result, Tensor, Visitor};
+
+use crate::config::PerformerConfig;
+
+/// The layer stack, sequential or reversible.
+enum Net {
+    Sequential(SequentialSequence),
+    Reversible(ReversibleSequence),
+}
+
+impl Net {
+    fn block(&self) -> &dyn Block {
+        match self {
+            Net::Sequential(s) => s,
+            Net::Reversible(r) => r,
+        }
+    }
+}
+
+/// A Performer: `depth` layers of (self-attention, feed-forward), each followed by a
+/// (cross-attention, feed-forward) layer when `cross_attend`.
+pub struct Performer {
+    config: PerformerConfig,
+    net: Net,
+    /// Redraw bookkeeping (`proj_updater.calls_since_last_redraw`).
+    pub proj_updater: ProjectionUpdater,
+}
+
+impl Performer {
+    /// Builds the stack from a validated configuration.
+    pub fn new(config: PerformerConfig) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let dim_head = c.resolved_dim_head();
+        let local = c.local_attn_heads.per_layer(c.depth, c.heads)?;
+        let wrap = |inner: Arc<dyn Block>| -> Arc<dyn Block> {
+            if c.use_scalenorm {
+                Arc::new(PreScaleNorm::new(inner))
+            } else if c.use_rezero {
+                Arc::new(ReZero::new(inner))
+            } else {
+                Arc::new(PreLayerNorm::new(c.dim, inner))
+            }
+        };
+        let attention = |local_heads: usize, causal: bool| AttentionConfig {
+            causal,
+            heads: c.heads,
+            dim_head: Some(dim_head),
+            local_heads,
+            local_window_size: c.local_window_size,
+            nb_features: c.nb_features,
+            generalized_attention: c.generalized_attention,
+            kernel_fn: c.kernel_fn.0,
+            dropout: c.attn_dropout,
+            no_projection: c.no_projection,
+            qkv_bias: c.qkv_bias,
+            attn_out_bias: c.attn_out_bias,
+            ..AttentionConfig::new(c.dim)
+        };
+        let feed_forward = || -> Result<Arc<dyn Block>> {
+            Ok(Arc::new(Chunk::new(c.ff_chunks, Arc::new(FeedForward::new(c.dim, c.ff_mult, c.ff_dropout, c.ff_glu)))?))
+        };
+        let mut layers = Vec::new();
+        for &local_heads in &local {
+            let mut attn: Arc<dyn Block> = Arc::new(SelfAttention::new(attention(local_heads, c.causal))?);
+            let mut ff = feed_forward()?;
+            if c.shift_tokens {
+                let shifts = if c.causal { vec![0, 1] } else { vec![-1, 0, 1] };
+                attn = Arc::new(PreShiftTokens::new(shifts.clone(), attn));
+                ff = Arc::new(PreShiftTokens::new(shifts, ff));
+            }
+            layers.push(Layer { f: wrap(attn), g: wrap(ff), route: Route::SelfAttention });
+            if c.cross_attend {
+                // The reference builds cross-attention without `causal` (it attends to a whole context).
+                let cross: Arc<dyn Block> = Arc::new(CrossAttention::new(attention(0, false))?);
+                layers.push(Layer { f: wrap(cross), g: wrap(feed_forward()?), route: Route::CrossAttention });
+            }
+        }
+        let net = if c.reversible { Net::Reversible(ReversibleSequence { layers }) } else { Net::Sequential(SequentialSequence { layers }) };
+        let proj_updater = ProjectionUpdater::new(c.feature_redraw_interval);
+        Ok(Performer { config, net, proj_updater })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PerformerConfig {
+        &self.config
+    }
+
+    /// Calls `f` on every FastAttention of the stack.
+    pub fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
+        self.net.block().for_each_fast_attention(f)
+    }
+
+    /// Redraws every projection now.
+    pub fn redraw_projections_now(&self) -> Result<()> {
+        let mut result = Ok(());
+        self.for_each_fast_attention(&mut |fa| {
+            if result.is_ok() {
+                result = fa.redraw_projection_matrix();
+            }
+        });
+        result
+    }
+
+    /// Counts one training call and redraws the projections when due (the reference's
+    /// `redraw_projections`; `forward` does this itself when `auto_check_redraw`).
+    pub fn check_redraw_projections(&self) -> Result<()> {
+        self.proj_updater.redraw_projections(|| self.redraw_projections_now())
+    }
+
+    /// Stops redrawing: the projections stay fixed from now on (`fix_projection_matrices_`).
+    pub fn fix_projection_matrices(&self) {
+        self.proj_updater.fix_projections();
+    }
+
+    /// Applies the stack to `x` `(b, n, dim)`. `pos_emb` is the rotary table of the FAVOR+
+    /// heads; `mask` `(b, n)`; `context` `(b, nc, dim)` and `context_mask` `(b, nc)` for
+    /// cross-attention.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<ArrayView2<'_, bool>>,
+        pos_emb: Option<&Tensor>,
+        context: Option<&Tensor>,
+        context_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<Tensor> {
+        if self.config.cross_attend && context.is_none() {
+            return Err(performer_tensor::Error::invalid("Performer", "context", "None", "cross_attend needs a context"));
+        }
+        if self.config.auto_check_redraw {
+            self.check_redraw_projections()?;
+        }
+        self.net.block().forward(x, &BlockInputs { mask, pos_emb, context, context_mask })
+    }
+}
+
+impl Module for Performer {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        v.child("net", self.net.block());
+        v.child("proj_updater", &self.proj_updater);
+    }
+}
+
+impl Block for Performer {
+    fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
+        Performer::forward(self, x, inputs.mask, inputs.pos_emb, inputs.context, inputs.context_mask)
+    }
+
+    fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
+        self.net.block().for_each_fast_attention(f)
+    }
+}
