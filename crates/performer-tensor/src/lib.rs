@@ -16,6 +16,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod autograd;
 mod custom_op;
 mod error;

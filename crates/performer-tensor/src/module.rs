@@ -84,7 +84,7 @@ impl<'a> Visitor<'a> {
 
     /// Visits a child module under `name`.
     pub fn child(&mut self, name: &str, m: &dyn Module) {
-        let saved = std::mem::replace(&mut self.path, String::new());
+        let saved = std::mem::take(&mut self.path);
         self.path = if saved.is_empty() {
             name.to_string()
         } else {

@@ -380,7 +380,7 @@ fn clip_grad_norm_matches_a_hand_computation() {
     assert_eq!(g.get_param(&a).unwrap().as_slice().unwrap(), &[3.0, 4.0]);
     // only the listed parameters count and are scaled
     let mut g = fresh();
-    assert_eq!(clip_grad_norm(&mut g, &[a.clone()], 1.0), 5.0);
+    assert_eq!(clip_grad_norm(&mut g, std::slice::from_ref(&a), 1.0), 5.0);
     assert_eq!(g.get_param(&b).unwrap().as_slice().unwrap(), &[12.0]);
 }
 

@@ -164,16 +164,16 @@ fn input_grad(
             gr.as_slice().expect("row"),
             dr.as_slice_mut().expect("row"),
         );
-        let gh = |j: usize| gr[j] * w.map_or(1.0, |w| w[j]);
+        let gh = |j: usize, g: f32| g * w.map_or(1.0, |w| w[j]);
         let (mut m1, mut m2) = (0.0f32, 0.0f32);
-        for j in 0..d {
-            let g = gh(j);
+        for (j, (&g, &x)) in gr.iter().zip(xr).enumerate() {
+            let g = gh(j, g);
             m1 += g;
-            m2 += g * (xr[j] - m) * r;
+            m2 += g * (x - m) * r;
         }
         let (m1, m2) = (m1 * inv_d, m2 * inv_d);
-        for j in 0..d {
-            dr[j] = r * (gh(j) - m1 - (xr[j] - m) * r * m2);
+        for (j, ((d, &g), &x)) in dr.iter_mut().zip(gr).zip(xr).enumerate() {
+            *d = r * (gh(j, g) - m1 - (x - m) * r * m2);
         }
     };
     let z = Zip::from(x2.rows())

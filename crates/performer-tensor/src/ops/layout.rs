@@ -345,7 +345,7 @@ fn infer_shape(current: &[usize], target: &[isize]) -> Result<Vec<usize>> {
     }
     let mut out: Vec<usize> = target.iter().map(|&d| d.max(0) as usize).collect();
     if let Some(i) = inferred {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(bad());
         }
         out[i] = total / known;

@@ -16,9 +16,9 @@ fn reduce_axis(
 ) -> ArrayD<f32> {
     let z = Zip::from(x.lanes(Axis(ax)));
     let out = if x.len() >= PAR_THRESHOLD {
-        z.par_map_collect(|l| f(l))
+        z.par_map_collect(f)
     } else {
-        z.map_collect(|l| f(l))
+        z.map_collect(f)
     };
     out.insert_axis(Axis(ax))
 }
