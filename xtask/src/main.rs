@@ -6,6 +6,7 @@
 mod bench;
 mod device_bundle;
 mod kernels;
+mod parity;
 
 use std::path::PathBuf;
 
@@ -21,6 +22,11 @@ const COMMANDS: &[Command] = &[
         "bench",
         "run the BENCHMARKS.md workloads, one process each: table, target/bench/report.json, scaling.svg (--reference: vs performer-pytorch)",
         bench::run,
+    ),
+    (
+        "parity",
+        "run performer-pytorch parity fixtures (FIXTURES.md layout): DIR... or the committed fixtures/",
+        parity::run,
     ),
     (
         "kernels",

@@ -93,7 +93,7 @@ impl Attention {
         if c.heads == 0 {
             return Err(Error::invalid("Attention", "heads", 0, "must be positive"));
         }
-        if c.dim == 0 || c.dim % c.heads != 0 {
+        if c.dim == 0 || !c.dim.is_multiple_of(c.heads) {
             return Err(Error::invalid(
                 "Attention",
                 "dim",
@@ -243,10 +243,8 @@ impl Attention {
             );
             if let Some(m) = context_mask {
                 // (b, nc) -> (b, 1, nc, 1): zero the values of padded keys
-                let padded = m
-                    .mapv(|keep| !keep)
-                    .into_shape_with_order((b, 1, nc, 1))
-                    .map_err(|e| Error::shape("Attention", e.to_string()))?;
+                let padded =
+                    ndarray::Array4::from_shape_fn((b, 1, nc, 1), |(i, _, j, _)| !m[[i, j]]);
                 gv = gv.masked_fill(&padded.into_dyn().view(), 0.0)?;
             }
             if let Some(pos) = inputs.pos_emb

@@ -58,7 +58,7 @@ impl LocalAttention {
                 "must be positive",
             ));
         }
-        if dim_head == 0 || dim_head % 2 != 0 {
+        if dim_head == 0 || !dim_head.is_multiple_of(2) {
             return Err(Error::invalid(
                 "LocalAttention",
                 "dim_head",

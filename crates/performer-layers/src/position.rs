@@ -60,7 +60,7 @@ impl Module for FixedPositionalEmbedding {
 /// Swaps each pair of features `(x0, x1) -> (-x1, x0)` along the last axis.
 pub fn rotate_every_two(x: &Tensor) -> Result<Tensor> {
     let d = *x.shape().last().unwrap_or(&0);
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         return Err(Error::shape(
             "rotate_every_two",
             format!("the last axis of {:?} must be even", x.shape()),

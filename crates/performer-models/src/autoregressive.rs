@@ -32,7 +32,11 @@ pub struct SeqInputs<'a> {
 impl AutoregressiveWrapper {
     /// Wraps `net` (ignore_index 0, pad_value 0, as the reference's defaults).
     pub fn new(net: PerformerLM) -> Self {
-        AutoregressiveWrapper { net, ignore_index: 0, pad_value: 0 }
+        AutoregressiveWrapper {
+            net,
+            ignore_index: 0,
+            pad_value: 0,
+        }
     }
 
     /// Mean cross-entropy of predicting `x[:, 1:]` from `x[:, :-1]`. A mask of the full length
@@ -40,14 +44,35 @@ impl AutoregressiveWrapper {
     pub fn loss(&self, x: &ArrayView2<i64>, inputs: &SeqInputs<'_>) -> Result<Tensor> {
         let (b, n) = x.dim();
         if n < 2 {
-            return Err(Error::invalid("AutoregressiveWrapper::loss", "sequence length", n, "needs at least 2 tokens (input and target)"));
+            return Err(Error::invalid(
+                "AutoregressiveWrapper::loss",
+                "sequence length",
+                n,
+                "needs at least 2 tokens (input and target)",
+            ));
         }
         let xi = x.slice(s![.., ..n - 1]);
         let xo = x.slice(s![.., 1..]).to_owned();
-        let mask = inputs.mask.map(|m| if m.ncols() == n { m.slice_move(s![.., ..n - 1]) } else { m });
-        let logits = self.net.forward(&xi, &LmInputs { mask, context: inputs.context, context_mask: inputs.context_mask, return_encodings: false })?;
+        let mask = inputs.mask.map(|m| {
+            if m.ncols() == n {
+                m.slice_move(s![.., ..n - 1])
+            } else {
+                m
+            }
+        });
+        let logits = self.net.forward(
+            &xi,
+            &LmInputs {
+                mask,
+                context: inputs.context,
+                context_mask: inputs.context_mask,
+                return_encodings: false,
+            },
+        )?;
         let _ = b;
-        logits.permute(&[0, 2, 1])?.cross_entropy(&xo.into_dyn().view(), Some(self.ignore_index))
+        logits
+            .permute(&[0, 2, 1])?
+            .cross_entropy(&xo.into_dyn().view(), Some(self.ignore_index))
     }
 
     /// Generates `seq_len` tokens after `start` `(b, t)` by re-running the model over the last
@@ -55,15 +80,34 @@ impl AutoregressiveWrapper {
     /// seq_len)`: generation stops early once every sequence has produced `eos_token`; a
     /// sequence that has ended is filled with `pad_value` (the reference stops only when all
     /// sequences produce the end token at the same step).
-    pub fn generate_recompute(&self, start: &ArrayView2<i64>, seq_len: usize, opts: &GenerateOptions, inputs: &SeqInputs<'_>) -> Result<Array2<i64>> {
+    pub fn generate_recompute(
+        &self,
+        start: &ArrayView2<i64>,
+        seq_len: usize,
+        opts: &GenerateOptions,
+        inputs: &SeqInputs<'_>,
+    ) -> Result<Array2<i64>> {
         opts.validate()?;
         let (b, t) = start.dim();
         if t == 0 {
-            return Err(Error::invalid("generate", "start_tokens", "empty", "needs at least one token per sequence"));
+            return Err(Error::invalid(
+                "generate",
+                "start_tokens",
+                "empty",
+                "needs at least one token per sequence",
+            ));
         }
         let mut out = start.to_owned();
         let mut mask = match inputs.mask {
-            Some(m) if m.dim() != (b, t) => return Err(Error::shape("generate", format!("mask {:?} must match the start tokens ({b}, {t})", m.shape()))),
+            Some(m) if m.dim() != (b, t) => {
+                return Err(Error::shape(
+                    "generate",
+                    format!(
+                        "mask {:?} must match the start tokens ({b}, {t})",
+                        m.shape()
+                    ),
+                ));
+            }
             Some(m) => m.to_owned(),
             None => Array2::from_elem((b, t), true),
         };
@@ -81,7 +125,15 @@ impl AutoregressiveWrapper {
                 let from = len.saturating_sub(self.net.config().max_seq_len);
                 let x = out.slice(s![.., from..]);
                 let m = mask.slice(s![.., from..]);
-                let mut logits = self.net.last_logits(&x, &LmInputs { mask: Some(m), context: inputs.context, context_mask: context_mask.as_ref().map(|m| m.view()), return_encodings: false })?;
+                let mut logits = self.net.last_logits(
+                    &x,
+                    &LmInputs {
+                        mask: Some(m),
+                        context: inputs.context,
+                        context_mask: context_mask.as_ref().map(|m| m.view()),
+                        return_encodings: false,
+                    },
+                )?;
                 let mut next = Vec::with_capacity(b);
                 for (i, mut row) in logits.axis_iter_mut(Axis(0)).enumerate() {
                     if done[i] {
@@ -90,7 +142,11 @@ impl AutoregressiveWrapper {
                     }
                     if opts.repetition_penalty != 1.0 {
                         let seq = out.row(i);
-                        let recent: Vec<i64> = seq.iter().skip(len.saturating_sub(opts.repetition_penalty_ctx)).copied().collect();
+                        let recent: Vec<i64> = seq
+                            .iter()
+                            .skip(len.saturating_sub(opts.repetition_penalty_ctx))
+                            .copied()
+                            .collect();
                         apply_repetition_penalty(&mut row, &recent, opts.repetition_penalty);
                     }
                     let tok = sample(&row.view(), opts, &mut rng)?;
@@ -100,8 +156,13 @@ impl AutoregressiveWrapper {
                     next.push(tok);
                 }
                 let col = Array2::from_shape_vec((b, 1), next).expect("b tokens");
-                out = ndarray::concatenate(Axis(1), &[out.view(), col.view()]).map_err(|e| Error::shape("generate", e.to_string()))?;
-                mask = ndarray::concatenate(Axis(1), &[mask.view(), Array2::from_elem((b, 1), true).view()]).map_err(|e| Error::shape("generate", e.to_string()))?;
+                out = ndarray::concatenate(Axis(1), &[out.view(), col.view()])
+                    .map_err(|e| Error::shape("generate", e.to_string()))?;
+                mask = ndarray::concatenate(
+                    Axis(1),
+                    &[mask.view(), Array2::from_elem((b, 1), true).view()],
+                )
+                .map_err(|e| Error::shape("generate", e.to_string()))?;
                 if done.iter().all(|&d| d) {
                     break;
                 }

@@ -20,11 +20,22 @@ const ALIAS: &str = "proj_updater.instance.";
 /// `proj_updater.calls_since_last_redraw`), every key under its `net.` appears again under
 /// `proj_updater.instance.`.
 pub fn add_aliases(state: &mut BTreeMap<String, StateValue>) {
-    let prefixes: Vec<String> = state.keys().filter_map(|k| k.strip_suffix("proj_updater.calls_since_last_redraw").map(str::to_string)).collect();
+    let prefixes: Vec<String> = state
+        .keys()
+        .filter_map(|k| {
+            k.strip_suffix("proj_updater.calls_since_last_redraw")
+                .map(str::to_string)
+        })
+        .collect();
     for p in prefixes {
         let net = format!("{p}net.");
-        let extra: Vec<(String, StateValue)> =
-            state.iter().filter_map(|(k, v)| k.strip_prefix(&net).map(|rest| (format!("{p}{ALIAS}{rest}"), v.clone()))).collect();
+        let extra: Vec<(String, StateValue)> = state
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(&net)
+                    .map(|rest| (format!("{p}{ALIAS}{rest}"), v.clone()))
+            })
+            .collect();
         state.extend(extra);
     }
 }
@@ -32,12 +43,17 @@ pub fn add_aliases(state: &mut BTreeMap<String, StateValue>) {
 /// Removes the alias keys, checking that each equals the key it repeats (an alias without its
 /// original, or with a different value, is an error naming the key).
 pub fn strip_aliases(state: BTreeMap<String, StateValue>) -> Result<BTreeMap<String, StateValue>> {
-    let (aliases, mut originals): (BTreeMap<_, _>, BTreeMap<_, _>) = state.into_iter().partition(|(k, _)| k.contains(ALIAS));
+    let (aliases, mut originals): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        state.into_iter().partition(|(k, _)| k.contains(ALIAS));
     for (k, v) in aliases {
         let original = k.replacen(ALIAS, "net.", 1);
         match originals.get(&original) {
             Some(o) if *o == v => {}
-            Some(_) => return Err(Error::StateDict(format!("`{k}` differs from `{original}`, which it should repeat"))),
+            Some(_) => {
+                return Err(Error::StateDict(format!(
+                    "`{k}` differs from `{original}`, which it should repeat"
+                )));
+            }
             None => {
                 // Only the alias is present: keep its value under the original name.
                 originals.insert(original, v);
@@ -51,7 +67,11 @@ pub fn strip_aliases(state: BTreeMap<String, StateValue>) -> Result<BTreeMap<Str
 pub fn to_state(tensors: BTreeMap<String, TensorData>) -> Result<BTreeMap<String, StateValue>> {
     tensors
         .into_iter()
-        .map(|(k, v)| StateValue::try_from(v).map(|s| (k.clone(), s)).map_err(|_| Error::StateDict(format!("`{k}` is a bool tensor"))))
+        .map(|(k, v)| {
+            StateValue::try_from(v)
+                .map(|s| (k.clone(), s))
+                .map_err(|_| Error::StateDict(format!("`{k}` is a bool tensor")))
+        })
         .collect()
 }
 
@@ -70,11 +90,15 @@ pub fn pytorch_state_dict(model: &dyn Module) -> BTreeMap<String, StateValue> {
 
 /// Saves `model`'s state dict (aliases included) as safetensors, atomically.
 pub fn save_state_dict_file(model: &dyn Module, path: impl AsRef<Path>) -> Result<()> {
-    let tensors: BTreeMap<String, TensorData> = pytorch_state_dict(model).into_iter().map(|(k, v)| (k, v.into())).collect();
+    let tensors: BTreeMap<String, TensorData> = pytorch_state_dict(model)
+        .into_iter()
+        .map(|(k, v)| (k, v.into()))
+        .collect();
     save_safetensors(path, &tensors, None)
 }
 
 /// A model class and its keyword arguments, as in `config.json`.
+#[allow(clippy::large_enum_variant)] // built once per model; boxing would only add noise
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelConfig {
     /// `Performer(...)`.
@@ -91,29 +115,53 @@ impl ModelConfig {
         match self {
             ModelConfig::Performer(c) => json!({"model": "Performer", "kwargs": c}),
             ModelConfig::PerformerLM(c) => json!({"model": "PerformerLM", "kwargs": c}),
-            ModelConfig::PerformerEncDec(c) => json!({"model": "PerformerEncDec", "kwargs": c.to_kwargs()}),
+            ModelConfig::PerformerEncDec(c) => {
+                json!({"model": "PerformerEncDec", "kwargs": c.to_kwargs()})
+            }
         }
     }
 
     /// Parses `{"model": CLASS, "kwargs": {...}}`; unknown classes and unknown or mistyped
     /// arguments are errors naming them.
     pub fn from_json(v: &Value) -> Result<Self> {
-        let class = v.get("model").and_then(Value::as_str).ok_or_else(|| Error::invalid("config.json", "model", "missing", "needs a \"model\" class name"))?;
+        let class = v.get("model").and_then(Value::as_str).ok_or_else(|| {
+            Error::invalid(
+                "config.json",
+                "model",
+                "missing",
+                "needs a \"model\" class name",
+            )
+        })?;
         let kwargs = v.get("kwargs").cloned().unwrap_or_else(|| json!({}));
-        let parse_err = |e: serde_json::Error| Error::invalid("config.json", "kwargs", class, e.to_string());
+        let parse_err =
+            |e: serde_json::Error| Error::invalid("config.json", "kwargs", class, e.to_string());
         match class {
-            "Performer" => Ok(ModelConfig::Performer(serde_json::from_value(kwargs).map_err(parse_err)?)),
-            "PerformerLM" => Ok(ModelConfig::PerformerLM(serde_json::from_value(kwargs).map_err(parse_err)?)),
+            "Performer" => Ok(ModelConfig::Performer(
+                serde_json::from_value(kwargs).map_err(parse_err)?,
+            )),
+            "PerformerLM" => Ok(ModelConfig::PerformerLM(
+                serde_json::from_value(kwargs).map_err(parse_err)?,
+            )),
             "PerformerEncDec" => {
-                let map = kwargs.as_object().ok_or_else(|| Error::invalid("config.json", "kwargs", class, "must be an object"))?;
-                Ok(ModelConfig::PerformerEncDec(PerformerEncDecConfig::from_kwargs(map)?))
+                let map = kwargs.as_object().ok_or_else(|| {
+                    Error::invalid("config.json", "kwargs", class, "must be an object")
+                })?;
+                Ok(ModelConfig::PerformerEncDec(
+                    PerformerEncDecConfig::from_kwargs(map)?,
+                ))
             }
-            other => Err(Error::invalid("config.json", "model", other, "expected Performer, PerformerLM or PerformerEncDec")),
+            other => Err(Error::invalid(
+                "config.json",
+                "model",
+                other,
+                "expected Performer, PerformerLM or PerformerEncDec",
+            )),
         }
     }
 }
 
 /// Any of the model classes, built from a [`ModelConfig`].
+#[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum AnyModel {
     /// A Performer.
     Performer(Performer),
@@ -129,7 +177,9 @@ impl AnyModel {
         Ok(match config {
             ModelConfig::Performer(c) => AnyModel::Performer(Performer::new(c.clone())?),
             ModelConfig::PerformerLM(c) => AnyModel::PerformerLM(PerformerLM::new(c.clone())?),
-            ModelConfig::PerformerEncDec(c) => AnyModel::PerformerEncDec(PerformerEncDec::new(c.clone())?),
+            ModelConfig::PerformerEncDec(c) => {
+                AnyModel::PerformerEncDec(PerformerEncDec::new(c.clone())?)
+            }
         })
     }
 
@@ -144,10 +194,15 @@ impl AnyModel {
 }
 
 /// Writes `config.json` and `model.safetensors` into `dir` (created if needed), each atomically.
-pub fn save_pretrained(dir: impl AsRef<Path>, model: &dyn Module, config: &ModelConfig) -> Result<()> {
+pub fn save_pretrained(
+    dir: impl AsRef<Path>,
+    model: &dyn Module,
+    config: &ModelConfig,
+) -> Result<()> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let text = serde_json::to_string_pretty(&config.to_json()).map_err(|e| Error::Other(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&config.to_json()).map_err(|e| Error::Other(e.to_string()))?;
     performer_tensor::io::write_atomic(dir.join("config.json"), text.as_bytes())?;
     save_state_dict_file(model, dir.join("model.safetensors"))
 }
@@ -156,7 +211,8 @@ pub fn save_pretrained(dir: impl AsRef<Path>, model: &dyn Module, config: &Model
 pub fn load_config(dir: impl AsRef<Path>) -> Result<ModelConfig> {
     let path = dir.as_ref().join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
     ModelConfig::from_json(&v)
 }
 
@@ -173,6 +229,11 @@ pub fn load_pretrained(dir: impl AsRef<Path>) -> Result<(ModelConfig, AnyModel)>
 pub fn into_autoregressive(model: AnyModel) -> Result<AutoregressiveWrapper> {
     match model {
         AnyModel::PerformerLM(lm) => Ok(AutoregressiveWrapper::new(lm)),
-        _ => Err(Error::invalid("into_autoregressive", "model", "not a PerformerLM", "only language models can be wrapped")),
+        _ => Err(Error::invalid(
+            "into_autoregressive",
+            "model",
+            "not a PerformerLM",
+            "only language models can be wrapped",
+        )),
     }
 }

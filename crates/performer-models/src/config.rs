@@ -44,7 +44,12 @@ impl LocalAttnHeads {
             ));
         }
         if let Some(&bad) = v.iter().find(|&&n| n > heads) {
-            return Err(Error::invalid("Performer", "local_attn_heads", format!("{v:?}"), format!("{bad} local heads exceed heads = {heads}")));
+            return Err(Error::invalid(
+                "Performer",
+                "local_attn_heads",
+                format!("{v:?}"),
+                format!("{bad} local heads exceed heads = {heads}"),
+            ));
         }
         Ok(v)
     }
@@ -69,7 +74,9 @@ impl Serialize for KernelFn {
 impl<'de> Deserialize<'de> for KernelFn {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let name = String::deserialize(d)?;
-        Activation::from_name(&name).map(KernelFn).map_err(serde::de::Error::custom)
+        Activation::from_name(&name)
+            .map(KernelFn)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -213,13 +220,25 @@ impl PerformerConfig {
     /// Checks every argument and their combinations; errors name the argument and the limit.
     pub fn validate(&self) -> Result<()> {
         let op = "Performer";
-        for (name, v) in [("dim", self.dim), ("depth", self.depth), ("heads", self.heads), ("ff_mult", self.ff_mult), ("ff_chunks", self.ff_chunks), ("local_window_size", self.local_window_size)] {
+        for (name, v) in [
+            ("dim", self.dim),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("ff_mult", self.ff_mult),
+            ("ff_chunks", self.ff_chunks),
+            ("local_window_size", self.local_window_size),
+        ] {
             if v == 0 {
                 return Err(Error::invalid(op, name, 0, "must be positive"));
             }
         }
-        if self.dim % self.heads != 0 {
-            return Err(Error::invalid(op, "dim", self.dim, format!("must be divisible by heads = {}", self.heads)));
+        if !self.dim.is_multiple_of(self.heads) {
+            return Err(Error::invalid(
+                op,
+                "dim",
+                self.dim,
+                format!("must be divisible by heads = {}", self.heads),
+            ));
         }
         if self.dim_head == Some(0) {
             return Err(Error::invalid(op, "dim_head", 0, "must be positive"));
@@ -231,7 +250,12 @@ impl PerformerConfig {
         check_prob(op, "ff_dropout", self.ff_dropout)?;
         check_prob(op, "attn_dropout", self.attn_dropout)?;
         if self.use_scalenorm && self.use_rezero {
-            return Err(Error::invalid(op, "use_rezero", true, "use_scalenorm and use_rezero exclude each other"));
+            return Err(Error::invalid(
+                op,
+                "use_rezero",
+                true,
+                "use_scalenorm and use_rezero exclude each other",
+            ));
         }
         Ok(())
     }
@@ -412,23 +436,39 @@ impl PerformerLMConfig {
 
     /// The axial shape in effect.
     pub fn resolved_axial_shape(&self) -> Vec<usize> {
-        self.axial_position_shape.clone().unwrap_or_else(|| vec![self.max_seq_len.div_ceil(64), 64])
+        self.axial_position_shape
+            .clone()
+            .unwrap_or_else(|| vec![self.max_seq_len.div_ceil(64), 64])
     }
 
     /// Checks every argument; errors name the argument and the limit.
     pub fn validate(&self) -> Result<()> {
         let op = "PerformerLM";
-        for (name, v) in [("num_tokens", self.num_tokens), ("max_seq_len", self.max_seq_len), ("dim_head", self.dim_head)] {
+        for (name, v) in [
+            ("num_tokens", self.num_tokens),
+            ("max_seq_len", self.max_seq_len),
+            ("dim_head", self.dim_head),
+        ] {
             if v == 0 {
                 return Err(Error::invalid(op, name, 0, "must be positive"));
             }
         }
         check_prob(op, "emb_dropout", self.emb_dropout)?;
-        if self.rotary_position_emb && self.dim % 2 != 0 {
-            return Err(Error::invalid(op, "dim", self.dim, "the sinusoidal table added to the embeddings needs an even dim"));
+        if self.rotary_position_emb && !self.dim.is_multiple_of(2) {
+            return Err(Error::invalid(
+                op,
+                "dim",
+                self.dim,
+                "the sinusoidal table added to the embeddings needs an even dim",
+            ));
         }
-        if self.rotary_position_emb && self.dim_head % 2 != 0 {
-            return Err(Error::invalid(op, "dim_head", self.dim_head, "rotary embeddings need an even dim_head"));
+        if self.rotary_position_emb && !self.dim_head.is_multiple_of(2) {
+            return Err(Error::invalid(
+                op,
+                "dim_head",
+                self.dim_head,
+                "rotary embeddings need an even dim_head",
+            ));
         }
         if !self.rotary_position_emb && self.axial_position_emb {
             let shape = self.resolved_axial_shape();
@@ -438,7 +478,10 @@ impl PerformerLMConfig {
                     op,
                     "axial_position_shape",
                     format!("{shape:?}"),
-                    format!("must cover max_seq_len = {} positions (covers {covered})", self.max_seq_len),
+                    format!(
+                        "must cover max_seq_len = {} positions (covers {covered})",
+                        self.max_seq_len
+                    ),
                 ));
             }
         }
@@ -484,12 +527,22 @@ impl Default for PerformerEncDecConfig {
 impl PerformerEncDecConfig {
     /// The encoder's effective configuration.
     pub fn encoder(&self) -> PerformerLMConfig {
-        PerformerLMConfig { dim: self.dim, no_projection: self.no_projection, ..self.enc.clone() }
+        PerformerLMConfig {
+            dim: self.dim,
+            no_projection: self.no_projection,
+            ..self.enc.clone()
+        }
     }
 
     /// The decoder's effective configuration.
     pub fn decoder(&self) -> PerformerLMConfig {
-        PerformerLMConfig { dim: self.dim, no_projection: self.no_projection, causal: true, cross_attend: true, ..self.dec.clone() }
+        PerformerLMConfig {
+            dim: self.dim,
+            no_projection: self.no_projection,
+            causal: true,
+            cross_attend: true,
+            ..self.dec.clone()
+        }
     }
 
     /// Checks both halves.
@@ -497,7 +550,15 @@ impl PerformerEncDecConfig {
         self.encoder().validate()?;
         self.decoder().validate()?;
         if self.tie_token_embeds && self.enc.num_tokens != self.dec.num_tokens {
-            return Err(Error::invalid("PerformerEncDec", "tie_token_embeds", true, format!("needs enc_num_tokens ({}) = dec_num_tokens ({})", self.enc.num_tokens, self.dec.num_tokens)));
+            return Err(Error::invalid(
+                "PerformerEncDec",
+                "tie_token_embeds",
+                true,
+                format!(
+                    "needs enc_num_tokens ({}) = dec_num_tokens ({})",
+                    self.enc.num_tokens, self.dec.num_tokens
+                ),
+            ));
         }
         Ok(())
     }
@@ -516,32 +577,63 @@ impl PerformerEncDecConfig {
                 top.insert(k.clone(), v.clone());
             }
         }
-        let bad = |e: serde_json::Error| Error::invalid("PerformerEncDec", "kwargs", "…", e.to_string());
-        let dim = top.remove("dim").ok_or_else(|| Error::invalid("PerformerEncDec", "dim", "missing", "dim is required"))?;
+        let bad =
+            |e: serde_json::Error| Error::invalid("PerformerEncDec", "kwargs", "…", e.to_string());
+        let dim = top.remove("dim").ok_or_else(|| {
+            Error::invalid("PerformerEncDec", "dim", "missing", "dim is required")
+        })?;
         let dim: usize = serde_json::from_value(dim).map_err(bad)?;
-        let int = |top: &mut serde_json::Map<String, serde_json::Value>, name: &str, default: i64| -> Result<i64> {
-            top.remove(name).map_or(Ok(default), |v| serde_json::from_value(v).map_err(bad))
+        let int = |top: &mut serde_json::Map<String, serde_json::Value>,
+                   name: &str,
+                   default: i64|
+         -> Result<i64> {
+            top.remove(name)
+                .map_or(Ok(default), |v| serde_json::from_value(v).map_err(bad))
         };
-        let flag = |top: &mut serde_json::Map<String, serde_json::Value>, name: &str| -> Result<bool> {
-            top.remove(name).map_or(Ok(false), |v| serde_json::from_value(v).map_err(bad))
-        };
+        let flag =
+            |top: &mut serde_json::Map<String, serde_json::Value>, name: &str| -> Result<bool> {
+                top.remove(name)
+                    .map_or(Ok(false), |v| serde_json::from_value(v).map_err(bad))
+            };
         let ignore_index = int(&mut top, "ignore_index", 0)?;
         let pad_value = int(&mut top, "pad_value", 0)?;
         let tie_token_embeds = flag(&mut top, "tie_token_embeds")?;
         let no_projection = flag(&mut top, "no_projection")?;
         if let Some(k) = top.keys().next() {
-            return Err(Error::invalid("PerformerEncDec", k, "given", "unknown keyword argument (encoder and decoder arguments take enc_ / dec_ prefixes)"));
+            return Err(Error::invalid(
+                "PerformerEncDec",
+                k,
+                "given",
+                "unknown keyword argument (encoder and decoder arguments take enc_ / dec_ prefixes)",
+            ));
         }
         for (side, m) in [("enc", &mut enc), ("dec", &mut dec)] {
             if m.contains_key("dim") {
-                return Err(Error::invalid("PerformerEncDec", format!("{side}_dim"), "given", "set dim once for both encoder and decoder"));
+                return Err(Error::invalid(
+                    "PerformerEncDec",
+                    format!("{side}_dim"),
+                    "given",
+                    "set dim once for both encoder and decoder",
+                ));
             }
             m.insert("dim".into(), serde_json::json!(dim));
         }
-        let lm = |m: serde_json::Map<String, serde_json::Value>, side: &str| -> Result<PerformerLMConfig> {
-            serde_json::from_value(serde_json::Value::Object(m)).map_err(|e| Error::invalid("PerformerEncDec", format!("{side}_*"), "…", e.to_string()))
+        let lm = |m: serde_json::Map<String, serde_json::Value>,
+                  side: &str|
+         -> Result<PerformerLMConfig> {
+            serde_json::from_value(serde_json::Value::Object(m)).map_err(|e| {
+                Error::invalid("PerformerEncDec", format!("{side}_*"), "…", e.to_string())
+            })
         };
-        Ok(PerformerEncDecConfig { dim, ignore_index, pad_value, tie_token_embeds, no_projection, enc: lm(enc, "enc")?, dec: lm(dec, "dec")? })
+        Ok(PerformerEncDecConfig {
+            dim,
+            ignore_index,
+            pad_value,
+            tie_token_embeds,
+            no_projection,
+            enc: lm(enc, "enc")?,
+            dec: lm(dec, "dec")?,
+        })
     }
 
     /// The flat keyword form.
@@ -550,8 +642,14 @@ impl PerformerEncDecConfig {
         out.insert("dim".into(), serde_json::json!(self.dim));
         out.insert("ignore_index".into(), serde_json::json!(self.ignore_index));
         out.insert("pad_value".into(), serde_json::json!(self.pad_value));
-        out.insert("tie_token_embeds".into(), serde_json::json!(self.tie_token_embeds));
-        out.insert("no_projection".into(), serde_json::json!(self.no_projection));
+        out.insert(
+            "tie_token_embeds".into(),
+            serde_json::json!(self.tie_token_embeds),
+        );
+        out.insert(
+            "no_projection".into(),
+            serde_json::json!(self.no_projection),
+        );
         for (prefix, c) in [("enc_", &self.enc), ("dec_", &self.dec)] {
             if let Ok(serde_json::Value::Object(m)) = serde_json::to_value(c) {
                 for (k, v) in m {

@@ -26,12 +26,18 @@ impl PerformerEncDec {
         let dec_cfg = config.decoder();
         let dec_lm = PerformerLM::new(dec_cfg)?;
         let enc = if config.tie_token_embeds {
-            let shared = Embedding { weight: Param::clone(&dec_lm.token_emb.weight) };
+            let shared = Embedding {
+                weight: Param::clone(&dec_lm.token_emb.weight),
+            };
             PerformerLM::with_token_embedding(config.encoder(), shared)?
         } else {
             PerformerLM::new(config.encoder())?
         };
-        let dec = AutoregressiveWrapper { net: dec_lm, ignore_index: config.ignore_index, pad_value: config.pad_value };
+        let dec = AutoregressiveWrapper {
+            net: dec_lm,
+            ignore_index: config.ignore_index,
+            pad_value: config.pad_value,
+        };
         Ok(PerformerEncDec { config, enc, dec })
     }
 
@@ -41,19 +47,50 @@ impl PerformerEncDec {
     }
 
     /// The encoder's output for `src` `(b, ns)`.
-    pub fn encode(&self, src: &ArrayView2<i64>, enc_mask: Option<ArrayView2<'_, bool>>) -> Result<Tensor> {
-        self.enc.forward(src, &LmInputs { mask: enc_mask, return_encodings: true, ..Default::default() })
+    pub fn encode(
+        &self,
+        src: &ArrayView2<i64>,
+        enc_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<Tensor> {
+        self.enc.forward(
+            src,
+            &LmInputs {
+                mask: enc_mask,
+                return_encodings: true,
+                ..Default::default()
+            },
+        )
     }
 
     /// The decoder's next-token loss on `tgt` `(b, nt)` given `src`; the encoder mask is also
     /// the decoder's context mask, as in the reference.
-    pub fn loss(&self, src: &ArrayView2<i64>, tgt: &ArrayView2<i64>, enc_mask: Option<ArrayView2<'_, bool>>, dec_mask: Option<ArrayView2<'_, bool>>) -> Result<Tensor> {
+    pub fn loss(
+        &self,
+        src: &ArrayView2<i64>,
+        tgt: &ArrayView2<i64>,
+        enc_mask: Option<ArrayView2<'_, bool>>,
+        dec_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<Tensor> {
         let encodings = self.encode(src, enc_mask)?;
-        self.dec.loss(tgt, &SeqInputs { mask: dec_mask, context: Some(&encodings), context_mask: enc_mask })
+        self.dec.loss(
+            tgt,
+            &SeqInputs {
+                mask: dec_mask,
+                context: Some(&encodings),
+                context_mask: enc_mask,
+            },
+        )
     }
 
     /// Generates up to `seq_len` target tokens after `tgt_start` `(b, t)` for `src`.
-    pub fn generate_recompute(&self, src: &ArrayView2<i64>, tgt_start: &ArrayView2<i64>, seq_len: usize, enc_mask: Option<ArrayView2<'_, bool>>, opts: &GenerateOptions) -> Result<Array2<i64>> {
+    pub fn generate_recompute(
+        &self,
+        src: &ArrayView2<i64>,
+        tgt_start: &ArrayView2<i64>,
+        seq_len: usize,
+        enc_mask: Option<ArrayView2<'_, bool>>,
+        opts: &GenerateOptions,
+    ) -> Result<Array2<i64>> {
         let encodings = performer_tensor::no_grad(|| {
             let was = crate::is_training(&self.enc);
             self.enc.set_training(false);
@@ -61,7 +98,16 @@ impl PerformerEncDec {
             self.enc.set_training(was);
             e
         })?;
-        self.dec.generate_recompute(tgt_start, seq_len, opts, &SeqInputs { mask: None, context: Some(&encodings), context_mask: enc_mask })
+        self.dec.generate_recompute(
+            tgt_start,
+            seq_len,
+            opts,
+            &SeqInputs {
+                mask: None,
+                context: Some(&encodings),
+                context_mask: enc_mask,
+            },
+        )
     }
 }
 

@@ -27,7 +27,9 @@ pub mod sampling;
 
 pub use autoregressive::{AutoregressiveWrapper, SeqInputs};
 pub use checkpoint::{AnyModel, ModelConfig, load_pretrained, save_pretrained};
-pub use config::{KernelFn, LocalAttnHeads, PerformerConfig, PerformerEncDecConfig, PerformerLMConfig};
+pub use config::{
+    KernelFn, LocalAttnHeads, PerformerConfig, PerformerEncDecConfig, PerformerLMConfig,
+};
 pub use enc_dec::PerformerEncDec;
 pub use lm::{LmInputs, PerformerLM, PositionEmbedding};
 pub use performer::Performer;

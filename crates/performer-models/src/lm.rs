@@ -3,7 +3,10 @@
 
 use ndarray::ArrayView2;
 use performer_favor::FastAttention;
-use performer_layers::{AbsolutePositionalEmbedding, AxialPositionalEmbedding, Dropout, Embedding, FixedPositionalEmbedding, LayerNorm, Linear};
+use performer_layers::{
+    AbsolutePositionalEmbedding, AxialPositionalEmbedding, Dropout, Embedding,
+    FixedPositionalEmbedding, LayerNorm, Linear,
+};
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 
 use crate::config::PerformerLMConfig;
@@ -69,7 +72,15 @@ impl PerformerLM {
         config.validate()?;
         let c = &config;
         if token_emb.weight.shape() != [c.num_tokens, c.dim] {
-            return Err(Error::shape("PerformerLM", format!("token embedding {:?} must be (num_tokens, dim) = ({}, {})", token_emb.weight.shape(), c.num_tokens, c.dim)));
+            return Err(Error::shape(
+                "PerformerLM",
+                format!(
+                    "token embedding {:?} must be (num_tokens, dim) = ({}, {})",
+                    token_emb.weight.shape(),
+                    c.num_tokens,
+                    c.dim
+                ),
+            ));
         }
         let pos = if c.rotary_position_emb {
             PositionEmbedding::Rotary {
@@ -77,7 +88,10 @@ impl PerformerLM {
                 layer_pos_emb: FixedPositionalEmbedding::new(c.dim_head, c.max_seq_len),
             }
         } else if c.axial_position_emb {
-            PositionEmbedding::Axial(AxialPositionalEmbedding::new(c.dim, &c.resolved_axial_shape())?)
+            PositionEmbedding::Axial(AxialPositionalEmbedding::new(
+                c.dim,
+                &c.resolved_axial_shape(),
+            )?)
         } else {
             PositionEmbedding::Absolute(AbsolutePositionalEmbedding::new(c.dim, c.max_seq_len))
         };
@@ -106,33 +120,80 @@ impl PerformerLM {
     pub fn check_inputs(&self, x: &ArrayView2<i64>, inputs: &LmInputs<'_>) -> Result<()> {
         let (b, n) = x.dim();
         if n > self.config.max_seq_len {
-            return Err(Error::invalid("PerformerLM", "sequence length", n, format!("must be at most max_seq_len = {}", self.config.max_seq_len)));
+            return Err(Error::invalid(
+                "PerformerLM",
+                "sequence length",
+                n,
+                format!("must be at most max_seq_len = {}", self.config.max_seq_len),
+            ));
         }
         if n == 0 || b == 0 {
-            return Err(Error::invalid("PerformerLM", "x", format!("shape {:?}", x.shape()), "needs at least one sequence of one token"));
+            return Err(Error::invalid(
+                "PerformerLM",
+                "x",
+                format!("shape {:?}", x.shape()),
+                "needs at least one sequence of one token",
+            ));
         }
-        if let Some(&bad) = x.iter().find(|&&t| t < 0 || t as usize >= self.config.num_tokens) {
-            return Err(Error::Index { op: "PerformerLM token ids".into(), index: bad, size: self.config.num_tokens });
+        if let Some(&bad) = x
+            .iter()
+            .find(|&&t| t < 0 || t as usize >= self.config.num_tokens)
+        {
+            return Err(Error::Index {
+                op: "PerformerLM token ids".into(),
+                index: bad,
+                size: self.config.num_tokens,
+            });
         }
         if let Some(m) = inputs.mask
             && m.dim() != (b, n)
         {
-            return Err(Error::shape("PerformerLM", format!("mask {:?} must have the tokens' shape ({b}, {n})", m.shape())));
+            return Err(Error::shape(
+                "PerformerLM",
+                format!(
+                    "mask {:?} must have the tokens' shape ({b}, {n})",
+                    m.shape()
+                ),
+            ));
         }
         if self.config.cross_attend && inputs.context.is_none() {
-            return Err(Error::invalid("PerformerLM", "context", "None", "a cross-attending model needs a context"));
+            return Err(Error::invalid(
+                "PerformerLM",
+                "context",
+                "None",
+                "a cross-attending model needs a context",
+            ));
         }
         if !self.config.cross_attend && inputs.context.is_some() {
-            return Err(Error::invalid("PerformerLM", "context", "given", "the model has no cross-attention (cross_attend = false)"));
+            return Err(Error::invalid(
+                "PerformerLM",
+                "context",
+                "given",
+                "the model has no cross-attention (cross_attend = false)",
+            ));
         }
         if let Some(ctx) = inputs.context {
             if ctx.rank() != 3 || ctx.shape()[0] != b || ctx.shape()[2] != self.config.dim {
-                return Err(Error::shape("PerformerLM", format!("context {:?} must be (b = {b}, nc, dim = {})", ctx.shape(), self.config.dim)));
+                return Err(Error::shape(
+                    "PerformerLM",
+                    format!(
+                        "context {:?} must be (b = {b}, nc, dim = {})",
+                        ctx.shape(),
+                        self.config.dim
+                    ),
+                ));
             }
             if let Some(cm) = inputs.context_mask
                 && cm.dim() != (b, ctx.shape()[1])
             {
-                return Err(Error::shape("PerformerLM", format!("context_mask {:?} must be (b, nc) = ({b}, {})", cm.shape(), ctx.shape()[1])));
+                return Err(Error::shape(
+                    "PerformerLM",
+                    format!(
+                        "context_mask {:?} must be (b, nc) = ({b}, {})",
+                        cm.shape(),
+                        ctx.shape()[1]
+                    ),
+                ));
             }
         }
         Ok(())
@@ -171,18 +232,42 @@ impl PerformerLM {
         self.check_inputs(x, inputs)?;
         let h = self.embed(x)?;
         let pos = self.layer_pos_emb(x.ncols())?;
-        let h = self.performer.forward(&h, inputs.mask, pos.as_ref(), inputs.context, inputs.context_mask)?;
+        let h = self.performer.forward(
+            &h,
+            inputs.mask,
+            pos.as_ref(),
+            inputs.context,
+            inputs.context_mask,
+        )?;
         let h = self.norm.forward(&h)?;
-        if inputs.return_encodings { Ok(h) } else { self.logits(&h) }
+        if inputs.return_encodings {
+            Ok(h)
+        } else {
+            self.logits(&h)
+        }
     }
 
     /// Logits of the last position of each sequence `(b, num_tokens)`.
-    pub fn last_logits(&self, x: &ArrayView2<i64>, inputs: &LmInputs<'_>) -> Result<ndarray::Array2<f32>> {
+    pub fn last_logits(
+        &self,
+        x: &ArrayView2<i64>,
+        inputs: &LmInputs<'_>,
+    ) -> Result<ndarray::Array2<f32>> {
         performer_tensor::no_grad(|| {
-            let h = self.forward(x, &LmInputs { return_encodings: true, ..*inputs })?;
+            let h = self.forward(
+                x,
+                &LmInputs {
+                    return_encodings: true,
+                    ..*inputs
+                },
+            )?;
             let last = h.select(1, x.ncols() - 1)?;
             let logits = self.logits(&last)?;
-            logits.view().into_dimensionality::<ndarray::Ix2>().map(|a| a.to_owned()).map_err(|e| Error::shape("PerformerLM", e.to_string()))
+            logits
+                .view()
+                .into_dimensionality::<ndarray::Ix2>()
+                .map(|a| a.to_owned())
+                .map_err(|e| Error::shape("PerformerLM", e.to_string()))
         })
     }
 
@@ -196,7 +281,10 @@ impl Module for PerformerLM {
     fn visit(&self, v: &mut Visitor<'_>) {
         v.child("token_emb", &self.token_emb);
         match &self.pos {
-            PositionEmbedding::Rotary { pos_emb, layer_pos_emb } => {
+            PositionEmbedding::Rotary {
+                pos_emb,
+                layer_pos_emb,
+            } => {
                 v.child("pos_emb", pos_emb);
                 v.child("layer_pos_emb", layer_pos_emb);
             }

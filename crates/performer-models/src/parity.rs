@@ -73,9 +73,16 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         return Ok(());
     }
     if !p.is_dir() {
-        return Err(Error::format(p, "not a fixture directory (no config.json) nor a folder of them"));
+        return Err(Error::format(
+            p,
+            "not a fixture directory (no config.json) nor a folder of them",
+        ));
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(p).map_err(|e| Error::io(p, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|e| e.is_dir()).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+        .map_err(|e| Error::io(p, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|e| e.is_dir())
+        .collect();
     entries.sort();
     for e in entries {
         collect(&e, out)?;
@@ -111,7 +118,8 @@ struct Fixture {
 fn load(dir: &Path) -> Result<Fixture> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let config = serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
+    let config = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
     Ok(Fixture {
         config,
         weights: load_safetensors(dir.join("weights.safetensors"))?,
@@ -122,13 +130,33 @@ fn load(dir: &Path) -> Result<Fixture> {
 
 impl Fixture {
     fn f32(&self, name: &str) -> Result<Option<ArrayD<f32>>> {
-        self.inputs.get(name).cloned().map(|t| t.into_f32(name)).transpose()
+        self.inputs
+            .get(name)
+            .cloned()
+            .map(|t| t.into_f32(name))
+            .transpose()
     }
     fn i64_2d(&self, name: &str) -> Result<Option<ndarray::Array2<i64>>> {
-        self.inputs.get(name).cloned().map(|t| t.into_i64(name)?.into_dimensionality::<Ix2>().map_err(|e| Error::shape(name, e.to_string()))).transpose()
+        self.inputs
+            .get(name)
+            .cloned()
+            .map(|t| {
+                t.into_i64(name)?
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|e| Error::shape(name, e.to_string()))
+            })
+            .transpose()
     }
     fn mask(&self, name: &str) -> Result<Option<ndarray::Array2<bool>>> {
-        self.inputs.get(name).cloned().map(|t| t.into_bool(name)?.into_dimensionality::<Ix2>().map_err(|e| Error::shape(name, e.to_string()))).transpose()
+        self.inputs
+            .get(name)
+            .cloned()
+            .map(|t| {
+                t.into_bool(name)?
+                    .into_dimensionality::<Ix2>()
+                    .map_err(|e| Error::shape(name, e.to_string()))
+            })
+            .transpose()
     }
     fn kw(&self) -> &Value {
         &self.config["kwargs"]
@@ -138,21 +166,28 @@ impl Fixture {
 fn kw_usize(kw: &Value, name: &str, default: Option<usize>) -> Result<Option<usize>> {
     match kw.get(name) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| Error::invalid("fixture kwargs", name, v, "must be a non-negative integer")),
+        Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+            Error::invalid("fixture kwargs", name, v, "must be a non-negative integer")
+        }),
     }
 }
 
 fn kw_bool(kw: &Value, name: &str, default: bool) -> Result<bool> {
     match kw.get(name) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_bool().ok_or_else(|| Error::invalid("fixture kwargs", name, v, "must be a boolean")),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| Error::invalid("fixture kwargs", name, v, "must be a boolean")),
     }
 }
 
 fn kw_f32(kw: &Value, name: &str, default: f32) -> Result<f32> {
     match kw.get(name) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| Error::invalid("fixture kwargs", name, v, "must be a number")),
+        Some(v) => v
+            .as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| Error::invalid("fixture kwargs", name, v, "must be a number")),
     }
 }
 
@@ -160,18 +195,44 @@ fn kw_kernel(kw: &Value) -> Result<Activation> {
     match kw.get("kernel_fn") {
         None | Some(Value::Null) => Ok(Activation::Relu),
         Some(Value::String(s)) => Activation::from_name(s),
-        Some(v) => Err(Error::invalid("fixture kwargs", "kernel_fn", v, "must be a name")),
+        Some(v) => Err(Error::invalid(
+            "fixture kwargs",
+            "kernel_fn",
+            v,
+            "must be a name",
+        )),
     }
 }
 
 fn attention_config(kw: &Value) -> Result<AttentionConfig> {
-    let known = ["dim", "causal", "heads", "dim_head", "local_heads", "local_window_size", "nb_features", "feature_redraw_interval", "generalized_attention", "kernel_fn", "dropout", "no_projection", "qkv_bias", "attn_out_bias"];
+    let known = [
+        "dim",
+        "causal",
+        "heads",
+        "dim_head",
+        "local_heads",
+        "local_window_size",
+        "nb_features",
+        "feature_redraw_interval",
+        "generalized_attention",
+        "kernel_fn",
+        "dropout",
+        "no_projection",
+        "qkv_bias",
+        "attn_out_bias",
+    ];
     if let Some(obj) = kw.as_object()
         && let Some(k) = obj.keys().find(|k| !known.contains(&k.as_str()))
     {
-        return Err(Error::invalid("Attention", k, "given", "unknown keyword argument"));
+        return Err(Error::invalid(
+            "Attention",
+            k,
+            "given",
+            "unknown keyword argument",
+        ));
     }
-    let dim = kw_usize(kw, "dim", None)?.ok_or_else(|| Error::invalid("Attention", "dim", "missing", "required"))?;
+    let dim = kw_usize(kw, "dim", None)?
+        .ok_or_else(|| Error::invalid("Attention", "dim", "missing", "required"))?;
     let base = AttentionConfig::new(dim);
     Ok(AttentionConfig {
         causal: kw_bool(kw, "causal", base.causal)?,
@@ -181,9 +242,11 @@ fn attention_config(kw: &Value) -> Result<AttentionConfig> {
             _ => kw_usize(kw, "dim_head", base.dim_head)?,
         },
         local_heads: kw_usize(kw, "local_heads", Some(0))?.unwrap_or(0),
-        local_window_size: kw_usize(kw, "local_window_size", Some(base.local_window_size))?.unwrap_or(base.local_window_size),
+        local_window_size: kw_usize(kw, "local_window_size", Some(base.local_window_size))?
+            .unwrap_or(base.local_window_size),
         nb_features: kw_usize(kw, "nb_features", None)?,
-        feature_redraw_interval: kw_usize(kw, "feature_redraw_interval", Some(1000))?.unwrap_or(1000),
+        feature_redraw_interval: kw_usize(kw, "feature_redraw_interval", Some(1000))?
+            .unwrap_or(1000),
         generalized_attention: kw_bool(kw, "generalized_attention", false)?,
         kernel_fn: kw_kernel(kw)?,
         dropout: kw_f32(kw, "dropout", 0.0)?,
@@ -202,12 +265,25 @@ struct Run {
     float_inputs: Vec<(String, Tensor)>,
 }
 
-fn backprop(out: Tensor, probe: &ArrayD<f32>, module: &dyn Module, float_inputs: Vec<(String, Tensor)>) -> Result<Run> {
+fn backprop(
+    out: Tensor,
+    probe: &ArrayD<f32>,
+    module: &dyn Module,
+    float_inputs: Vec<(String, Tensor)>,
+) -> Result<Run> {
     if probe.shape() != out.shape() {
-        return Err(Error::shape("parity", format!("probe {:?} vs output {:?}", probe.shape(), out.shape())));
+        return Err(Error::shape(
+            "parity",
+            format!("probe {:?} vs output {:?}", probe.shape(), out.shape()),
+        ));
     }
     let grads = out.mul(&Tensor::new(probe.clone()))?.sum_all().backward()?;
-    Ok(Run { out, grads, params: module.named_parameters(), float_inputs })
+    Ok(Run {
+        out,
+        grads,
+        params: module.named_parameters(),
+        float_inputs,
+    })
 }
 
 fn load_weights(module: &dyn Module, fx: &Fixture) -> Result<()> {
@@ -215,17 +291,30 @@ fn load_weights(module: &dyn Module, fx: &Fixture) -> Result<()> {
 }
 
 fn run_module(fx: &Fixture) -> Result<Run> {
-    let class = fx.config["model"].as_str().ok_or_else(|| Error::invalid("fixture", "model", "missing", "config.json needs a model class"))?;
+    let class = fx.config["model"].as_str().ok_or_else(|| {
+        Error::invalid(
+            "fixture",
+            "model",
+            "missing",
+            "config.json needs a model class",
+        )
+    })?;
     let train = fx.config["train"].as_bool().unwrap_or(false);
-    let probe = fx.f32("probe")?.ok_or_else(|| Error::invalid("fixture", "probe", "missing", "inputs need a probe"))?;
+    let probe = fx
+        .f32("probe")?
+        .ok_or_else(|| Error::invalid("fixture", "probe", "missing", "inputs need a probe"))?;
     let var = |name: &str| -> Result<Option<Tensor>> { Ok(fx.f32(name)?.map(Tensor::var)) };
     let kw = fx.kw();
     match class {
         "FastAttention" => {
-            let dim = kw_usize(kw, "dim_heads", None)?.ok_or_else(|| Error::invalid("FastAttention", "dim_heads", "missing", "required"))?;
+            let dim = kw_usize(kw, "dim_heads", None)?.ok_or_else(|| {
+                Error::invalid("FastAttention", "dim_heads", "missing", "required")
+            })?;
             let attn = FastAttention::new(FastAttentionConfig {
                 nb_features: kw_usize(kw, "nb_features", None)?,
-                ortho_scaling: OrthoScaling::from_code(kw.get("ortho_scaling").and_then(Value::as_i64).unwrap_or(0))?,
+                ortho_scaling: OrthoScaling::from_code(
+                    kw.get("ortho_scaling").and_then(Value::as_i64).unwrap_or(0),
+                )?,
                 causal: kw_bool(kw, "causal", false)?,
                 generalized_attention: kw_bool(kw, "generalized_attention", false)?,
                 kernel_fn: kw_kernel(kw)?,
@@ -233,21 +322,40 @@ fn run_module(fx: &Fixture) -> Result<Run> {
                 ..FastAttentionConfig::new(dim)
             })?;
             load_weights(&attn, fx)?;
-            let missing = || Error::invalid("fixture", "q/k/v", "missing", "FastAttention needs q, k, v");
-            let (q, k, v) = (var("q")?.ok_or_else(missing)?, var("k")?.ok_or_else(missing)?, var("v")?.ok_or_else(missing)?);
+            let missing =
+                || Error::invalid("fixture", "q/k/v", "missing", "FastAttention needs q, k, v");
+            let (q, k, v) = (
+                var("q")?.ok_or_else(missing)?,
+                var("k")?.ok_or_else(missing)?,
+                var("v")?.ok_or_else(missing)?,
+            );
             let out = attn.forward(&q, &k, &v)?;
-            backprop(out, &probe, &attn, vec![("q".into(), q), ("k".into(), k), ("v".into(), v)])
+            backprop(
+                out,
+                &probe,
+                &attn,
+                vec![("q".into(), q), ("k".into(), k), ("v".into(), v)],
+            )
         }
         "SelfAttention" | "CrossAttention" => {
             let cfg = attention_config(kw)?;
-            let module: Box<dyn performer_layers::Block> =
-                if class == "SelfAttention" { Box::new(SelfAttention::new(cfg)?) } else { Box::new(CrossAttention::new(cfg)?) };
+            let module: Box<dyn performer_layers::Block> = if class == "SelfAttention" {
+                Box::new(SelfAttention::new(cfg)?)
+            } else {
+                Box::new(CrossAttention::new(cfg)?)
+            };
             load_weights(module.as_ref(), fx)?;
             module.set_training(train);
-            let x = var("x")?.ok_or_else(|| Error::invalid("fixture", "x", "missing", "needs x"))?;
+            let x =
+                var("x")?.ok_or_else(|| Error::invalid("fixture", "x", "missing", "needs x"))?;
             let context = var("context")?;
             let (mask, context_mask) = (fx.mask("mask")?, fx.mask("context_mask")?);
-            let inputs = BlockInputs { mask: mask.as_ref().map(|m| m.view()), pos_emb: None, context: context.as_ref(), context_mask: context_mask.as_ref().map(|m| m.view()) };
+            let inputs = BlockInputs {
+                mask: mask.as_ref().map(|m| m.view()),
+                pos_emb: None,
+                context: context.as_ref(),
+                context_mask: context_mask.as_ref().map(|m| m.view()),
+            };
             let out = module.forward(&x, &inputs)?;
             let mut floats = vec![("x".to_string(), x.clone())];
             if let Some(c) = context {
@@ -261,10 +369,17 @@ fn run_module(fx: &Fixture) -> Result<Run> {
             model.module().set_training(train);
             match &model {
                 AnyModel::Performer(p) => {
-                    let x = var("x")?.ok_or_else(|| Error::invalid("fixture", "x", "missing", "needs x"))?;
+                    let x = var("x")?
+                        .ok_or_else(|| Error::invalid("fixture", "x", "missing", "needs x"))?;
                     let context = var("context")?;
                     let (mask, context_mask) = (fx.mask("mask")?, fx.mask("context_mask")?);
-                    let out = p.forward(&x, mask.as_ref().map(|m| m.view()), None, context.as_ref(), context_mask.as_ref().map(|m| m.view()))?;
+                    let out = p.forward(
+                        &x,
+                        mask.as_ref().map(|m| m.view()),
+                        None,
+                        context.as_ref(),
+                        context_mask.as_ref().map(|m| m.view()),
+                    )?;
                     let mut floats = vec![("x".to_string(), x.clone())];
                     if let Some(c) = context {
                         floats.push(("context".into(), c));
@@ -272,10 +387,21 @@ fn run_module(fx: &Fixture) -> Result<Run> {
                     backprop(out, &probe, p, floats)
                 }
                 AnyModel::PerformerLM(lm) => {
-                    let x = fx.i64_2d("x")?.ok_or_else(|| Error::invalid("fixture", "x", "missing", "needs x"))?;
+                    let x = fx
+                        .i64_2d("x")?
+                        .ok_or_else(|| Error::invalid("fixture", "x", "missing", "needs x"))?;
                     let mask = fx.mask("mask")?;
-                    let return_encodings = fx.config["call"]["return_encodings"].as_bool().unwrap_or(false);
-                    let out = lm.forward(&x.view(), &LmInputs { mask: mask.as_ref().map(|m| m.view()), return_encodings, ..Default::default() })?;
+                    let return_encodings = fx.config["call"]["return_encodings"]
+                        .as_bool()
+                        .unwrap_or(false);
+                    let out = lm.forward(
+                        &x.view(),
+                        &LmInputs {
+                            mask: mask.as_ref().map(|m| m.view()),
+                            return_encodings,
+                            ..Default::default()
+                        },
+                    )?;
                     backprop(out, &probe, lm, vec![])
                 }
                 AnyModel::PerformerEncDec(ed) => run_enc_dec(fx, ed, &probe),
@@ -286,24 +412,56 @@ fn run_module(fx: &Fixture) -> Result<Run> {
 }
 
 fn run_enc_dec(fx: &Fixture, ed: &PerformerEncDec, probe: &ArrayD<f32>) -> Result<Run> {
-    let missing = |n: &str| Error::invalid("fixture", n.to_string(), "missing", "PerformerEncDec needs x and y");
+    let missing = |n: &str| {
+        Error::invalid(
+            "fixture",
+            n.to_string(),
+            "missing",
+            "PerformerEncDec needs x and y",
+        )
+    };
     let x = fx.i64_2d("x")?.ok_or_else(|| missing("x"))?;
     let y = fx.i64_2d("y")?.ok_or_else(|| missing("y"))?;
     let (enc_mask, dec_mask) = (fx.mask("enc_mask")?, fx.mask("dec_mask")?);
-    let loss = ed.loss(&x.view(), &y.view(), enc_mask.as_ref().map(|m| m.view()), dec_mask.as_ref().map(|m| m.view()))?;
-    let probe = if probe.ndim() == 0 { probe.clone() } else { probe.clone().into_shape_with_order(ndarray::IxDyn(&[])).map_err(|e| Error::shape("probe", e.to_string()))? };
+    let loss = ed.loss(
+        &x.view(),
+        &y.view(),
+        enc_mask.as_ref().map(|m| m.view()),
+        dec_mask.as_ref().map(|m| m.view()),
+    )?;
+    let probe = if probe.ndim() == 0 {
+        probe.clone()
+    } else {
+        probe
+            .clone()
+            .into_shape_with_order(ndarray::IxDyn(&[]))
+            .map_err(|e| Error::shape("probe", e.to_string()))?
+    };
     backprop(loss, &probe, ed, vec![])
 }
 
 /// Runs one fixture directory.
 pub fn run_fixture(dir: &Path) -> FixtureReport {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let group = dir.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let group = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
     let name = match group {
         Some(g) => format!("{g}/{name}"),
         None => name,
     };
-    let fail = |name: String, why: String| FixtureReport { name, forward_error: f32::INFINITY, gradient_error: f32::INFINITY, worst_gradient: String::new(), passed: false, problems: vec![why] };
+    let fail = |name: String, why: String| FixtureReport {
+        name,
+        forward_error: f32::INFINITY,
+        gradient_error: f32::INFINITY,
+        worst_gradient: String::new(),
+        passed: false,
+        problems: vec![why],
+    };
     let fx = match load(dir) {
         Ok(f) => f,
         Err(e) => return fail(name, format!("cannot load: {e}")),
@@ -327,7 +485,7 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
             gradient_error = if err.is_nan() { f32::INFINITY } else { err };
             worst_gradient = label.clone();
         }
-        if !(err <= GRADIENT_TOLERANCE) {
+        if err.is_nan() || err > GRADIENT_TOLERANCE {
             problems.push(format!("{label}: error {err:.2e}"));
         }
     };
@@ -343,17 +501,29 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
                         continue;
                     }
                 };
-                let ours = ours.cloned().unwrap_or_else(|| ArrayD::zeros(want.raw_dim()));
+                let ours = ours
+                    .cloned()
+                    .unwrap_or_else(|| ArrayD::zeros(want.raw_dim()));
                 record(key, relative_error(&ours, &want), &mut problems);
             }
             (None, Some(g)) if g.iter().any(|v| v.abs() > 0.0) => {
-                problems.push(format!("{key}: the reference has no gradient here, ours is nonzero"));
+                problems.push(format!(
+                    "{key}: the reference has no gradient here, ours is nonzero"
+                ));
             }
             _ => {}
         }
     }
-    let ours_names: std::collections::BTreeSet<String> = run.params.iter().map(|(n, _)| format!("grad.{n}")).collect();
-    for key in fx.expected.keys().filter(|k| k.starts_with("grad.") && !k.starts_with("grad.input.")) {
+    let ours_names: std::collections::BTreeSet<String> = run
+        .params
+        .iter()
+        .map(|(n, _)| format!("grad.{n}"))
+        .collect();
+    for key in fx
+        .expected
+        .keys()
+        .filter(|k| k.starts_with("grad.") && !k.starts_with("grad.input."))
+    {
         if !ours_names.contains(key) {
             problems.push(format!("{key}: no such parameter in the Rust model"));
         }
@@ -362,15 +532,26 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
         let key = format!("grad.input.{name}");
         match fx.expected.get(&key).cloned().map(|w| w.into_f32(&key)) {
             Some(Ok(want)) => {
-                let ours = run.grads.get(t).cloned().unwrap_or_else(|| ArrayD::zeros(want.raw_dim()));
+                let ours = run
+                    .grads
+                    .get(t)
+                    .cloned()
+                    .unwrap_or_else(|| ArrayD::zeros(want.raw_dim()));
                 record(key, relative_error(&ours, &want), &mut problems);
             }
             Some(Err(e)) => problems.push(e.to_string()),
             None => {}
         }
     }
-    if !(forward_error <= FORWARD_TOLERANCE) {
+    if forward_error.is_nan() || forward_error > FORWARD_TOLERANCE {
         problems.push(format!("forward error {forward_error:.2e}"));
     }
-    FixtureReport { name, forward_error, gradient_error, worst_gradient, passed: problems.is_empty(), problems }
+    FixtureReport {
+        name,
+        forward_error,
+        gradient_error,
+        worst_gradient,
+        passed: problems.is_empty(),
+        problems,
+    }
 }

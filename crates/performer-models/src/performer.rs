@@ -6,8 +6,9 @@ use std::sync::Arc;
 use ndarray::ArrayView2;
 use performer_favor::{FastAttention, ProjectionUpdater};
 use performer_layers::{
-    AttentionConfig, Block, BlockInputs, Chunk, CrossAttention, FeedForward, Layer, PreLayerNorm, PreScaleNorm, PreShiftTokens,
-    ReZero, ReversibleSequence, Route, SelfAttention, SequentialSequence,
+    AttentionConfig, Block, BlockInputs, Chunk, CrossAttention, FeedForward, Layer, PreLayerNorm,
+    PreScaleNorm, PreShiftTokens, ReZero, ReversibleSequence, Route, SelfAttention,
+    SequentialSequence,
 };
 use performer_tensor::{Module, Result, Tensor, Visitor};
 
@@ -69,27 +70,47 @@ impl Performer {
             ..AttentionConfig::new(c.dim)
         };
         let feed_forward = || -> Result<Arc<dyn Block>> {
-            Ok(Arc::new(Chunk::new(c.ff_chunks, Arc::new(FeedForward::new(c.dim, c.ff_mult, c.ff_dropout, c.ff_glu)))?))
+            Ok(Arc::new(Chunk::new(
+                c.ff_chunks,
+                Arc::new(FeedForward::new(c.dim, c.ff_mult, c.ff_dropout, c.ff_glu)),
+            )?))
         };
         let mut layers = Vec::new();
         for &local_heads in &local {
-            let mut attn: Arc<dyn Block> = Arc::new(SelfAttention::new(attention(local_heads, c.causal))?);
+            let mut attn: Arc<dyn Block> =
+                Arc::new(SelfAttention::new(attention(local_heads, c.causal))?);
             let mut ff = feed_forward()?;
             if c.shift_tokens {
                 let shifts = if c.causal { vec![0, 1] } else { vec![-1, 0, 1] };
                 attn = Arc::new(PreShiftTokens::new(shifts.clone(), attn));
                 ff = Arc::new(PreShiftTokens::new(shifts, ff));
             }
-            layers.push(Layer { f: wrap(attn), g: wrap(ff), route: Route::SelfAttention });
+            layers.push(Layer {
+                f: wrap(attn),
+                g: wrap(ff),
+                route: Route::SelfAttention,
+            });
             if c.cross_attend {
                 // The reference builds cross-attention without `causal` (it attends to a whole context).
                 let cross: Arc<dyn Block> = Arc::new(CrossAttention::new(attention(0, false))?);
-                layers.push(Layer { f: wrap(cross), g: wrap(feed_forward()?), route: Route::CrossAttention });
+                layers.push(Layer {
+                    f: wrap(cross),
+                    g: wrap(feed_forward()?),
+                    route: Route::CrossAttention,
+                });
             }
         }
-        let net = if c.reversible { Net::Reversible(ReversibleSequence { layers }) } else { Net::Sequential(SequentialSequence { layers }) };
+        let net = if c.reversible {
+            Net::Reversible(ReversibleSequence { layers })
+        } else {
+            Net::Sequential(SequentialSequence { layers })
+        };
         let proj_updater = ProjectionUpdater::new(c.feature_redraw_interval);
-        Ok(Performer { config, net, proj_updater })
+        Ok(Performer {
+            config,
+            net,
+            proj_updater,
+        })
     }
 
     /// The configuration.
@@ -116,7 +137,8 @@ impl Performer {
     /// Counts one training call and redraws the projections when due (the reference's
     /// `redraw_projections`; `forward` does this itself when `auto_check_redraw`).
     pub fn check_redraw_projections(&self) -> Result<()> {
-        self.proj_updater.redraw_projections(|| self.redraw_projections_now())
+        self.proj_updater
+            .redraw_projections(|| self.redraw_projections_now())
     }
 
     /// Stops redrawing: the projections stay fixed from now on (`fix_projection_matrices_`).
@@ -136,12 +158,25 @@ impl Performer {
         context_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<Tensor> {
         if self.config.cross_attend && context.is_none() {
-            return Err(performer_tensor::Error::invalid("Performer", "context", "None", "cross_attend needs a context"));
+            return Err(performer_tensor::Error::invalid(
+                "Performer",
+                "context",
+                "None",
+                "cross_attend needs a context",
+            ));
         }
         if self.config.auto_check_redraw {
             self.check_redraw_projections()?;
         }
-        self.net.block().forward(x, &BlockInputs { mask, pos_emb, context, context_mask })
+        self.net.block().forward(
+            x,
+            &BlockInputs {
+                mask,
+                pos_emb,
+                context,
+                context_mask,
+            },
+        )
     }
 }
 
@@ -154,7 +189,14 @@ impl Module for Performer {
 
 impl Block for Performer {
     fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
-        Performer::forward(self, x, inputs.mask, inputs.pos_emb, inputs.context, inputs.context_mask)
+        Performer::forward(
+            self,
+            x,
+            inputs.mask,
+            inputs.pos_emb,
+            inputs.context,
+            inputs.context_mask,
+        )
     }
 
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {

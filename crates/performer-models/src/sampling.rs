@@ -44,7 +44,14 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { temperature: 1.0, filter: Filter::TopK { thres: 0.9 }, eos_token: None, repetition_penalty: 1.0, repetition_penalty_ctx: 32, seed: 0 }
+        GenerateOptions {
+            temperature: 1.0,
+            filter: Filter::TopK { thres: 0.9 },
+            eos_token: None,
+            repetition_penalty: 1.0,
+            repetition_penalty_ctx: 32,
+            seed: 0,
+        }
     }
 }
 
@@ -52,14 +59,29 @@ impl GenerateOptions {
     /// Checks the settings.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(Error::invalid("generate", "temperature", self.temperature, "must be positive and finite"));
+            return Err(Error::invalid(
+                "generate",
+                "temperature",
+                self.temperature,
+                "must be positive and finite",
+            ));
         }
         match self.filter {
             Filter::TopK { thres } | Filter::TopP { thres } if !(0.0..=1.0).contains(&thres) => {
-                Err(Error::invalid("generate", "filter_thres", thres, "must lie in [0, 1]"))
+                Err(Error::invalid(
+                    "generate",
+                    "filter_thres",
+                    thres,
+                    "must lie in [0, 1]",
+                ))
             }
             _ if self.repetition_penalty <= 0.0 || !self.repetition_penalty.is_finite() => {
-                Err(Error::invalid("generate", "repetition_penalty", self.repetition_penalty, "must be positive and finite"))
+                Err(Error::invalid(
+                    "generate",
+                    "repetition_penalty",
+                    self.repetition_penalty,
+                    "must be positive and finite",
+                ))
             }
             _ => Ok(()),
         }
@@ -73,7 +95,12 @@ pub fn top_k(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
     let v = logits.len();
     let k = (((1.0 - thres) * v as f32) as usize).clamp(1, v.max(1));
     let mut order: Vec<usize> = (0..v).collect();
-    order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        logits[b]
+            .partial_cmp(&logits[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     let mut out = Array1::from_elem(v, f32::NEG_INFINITY);
     for &i in order.iter().take(k) {
         out[i] = logits[i];
@@ -87,7 +114,12 @@ pub fn top_k(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
 pub fn top_p(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
     let v = logits.len();
     let mut order: Vec<usize> = (0..v).collect();
-    order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        logits[b]
+            .partial_cmp(&logits[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     let probs = softmax(&Array1::from_iter(order.iter().map(|&i| logits[i])).view());
     let mut out = logits.to_owned();
     let mut cum = 0.0f32;
@@ -125,7 +157,11 @@ pub fn apply_repetition_penalty(logits: &mut ArrayViewMut1<f32>, recent: &[i64],
 }
 
 /// Draws one token from logits after filtering and temperature.
-pub fn sample(logits: &ArrayView1<f32>, opts: &GenerateOptions, rng: &mut Generator) -> Result<i64> {
+pub fn sample(
+    logits: &ArrayView1<f32>,
+    opts: &GenerateOptions,
+    rng: &mut Generator,
+) -> Result<i64> {
     let filtered = match opts.filter {
         Filter::TopK { thres } => top_k(logits, thres),
         Filter::TopP { thres } => top_p(logits, thres),
@@ -133,7 +169,9 @@ pub fn sample(logits: &ArrayView1<f32>, opts: &GenerateOptions, rng: &mut Genera
     };
     let probs = softmax(&(filtered / opts.temperature).view());
     if probs.iter().any(|p| !p.is_finite()) {
-        return Err(Error::NonFinite("generate: the logits are not finite; cannot sample".into()));
+        return Err(Error::NonFinite(
+            "generate: the logits are not finite; cannot sample".into(),
+        ));
     }
     let u = rng.next_f64() * probs.iter().map(|&p| p as f64).sum::<f64>();
     let mut acc = 0.0f64;

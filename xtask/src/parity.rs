@@ -1,0 +1,42 @@
+//! `cargo xtask parity DIR [DIR...]`: runs performer-pytorch parity fixtures (the layout of
+//! ../shared/FIXTURES.md) through the Rust models. A DIR is a fixture directory or a folder of
+//! them (searched recursively). Prints one line per fixture and fails if any fails.
+
+use std::path::PathBuf;
+
+use performer_models::parity::{find_fixtures, run_fixture};
+
+/// Entry point.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let paths: Vec<PathBuf> = if args.is_empty() {
+        vec![crate::workspace_root().join("fixtures")]
+    } else {
+        args.iter().map(PathBuf::from).collect()
+    };
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("usage: cargo xtask parity [DIR...]   (default: the committed fixtures/)");
+        return Ok(());
+    }
+    let dirs = find_fixtures(&paths).map_err(|e| e.to_string())?;
+    if dirs.is_empty() {
+        return Err(format!(
+            "no fixtures (directories with config.json) under {paths:?}"
+        ));
+    }
+    let mut failed = 0;
+    for d in &dirs {
+        let report = run_fixture(d);
+        println!("{report}");
+        failed += usize::from(!report.passed);
+    }
+    println!(
+        "{} fixtures, {} passed, {failed} failed",
+        dirs.len(),
+        dirs.len() - failed
+    );
+    if failed > 0 {
+        Err(format!("{failed} fixture(s) failed"))
+    } else {
+        Ok(())
+    }
+}
