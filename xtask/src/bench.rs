@@ -154,6 +154,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         args.reps,
         cpu_name()
     );
+    let load_before = load_average();
 
     let mut records = Vec::new();
     for (i, w) in selected.iter().enumerate() {
@@ -233,6 +234,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "{}",
             format_table(&points, &scaling_records, reference.is_some())
         );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let (Some(before), Some(after)) = (load_before, load_average()) {
+        println!(
+            "\nload average (1 min): {before:.2} at the start, {after:.2} at the end, {cores} core(s)"
+        );
+        if before.max(after) > cores as f64 + 0.5 {
+            println!(
+                "warning: the machine was busy with other work; times (the reference's multi-threaded \
+                 small ops most of all) are inflated: rerun on a quiet machine before quoting them"
+            );
+        }
     }
     println!();
     for p in &wrote {
@@ -418,6 +431,16 @@ fn build_workload_binary(root: &Path) -> Result<(), String> {
     } else {
         Err(format!("building bench_workload failed ({status})"))
     }
+}
+
+/// The 1-minute load average (Linux `/proc/loadavg`).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn cpu_name() -> String {
