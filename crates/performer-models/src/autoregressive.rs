@@ -75,6 +75,18 @@ impl AutoregressiveWrapper {
             .cross_entropy(&xo.into_dyn().view(), Some(self.ignore_index))
     }
 
+    /// Generates up to `seq_len` tokens after `start` `(b, t)`; see
+    /// [`AutoregressiveWrapper::generate_recompute`] for the semantics.
+    pub fn generate(
+        &self,
+        start: &ArrayView2<i64>,
+        seq_len: usize,
+        opts: &GenerateOptions,
+        inputs: &SeqInputs<'_>,
+    ) -> Result<Array2<i64>> {
+        self.generate_recompute(start, seq_len, opts, inputs)
+    }
+
     /// Generates `seq_len` tokens after `start` `(b, t)` by re-running the model over the last
     /// `max_seq_len` tokens for each new token (performer-pytorch's way). Returns `(b, <=
     /// seq_len)`: generation stops early once every sequence has produced `eos_token`; a

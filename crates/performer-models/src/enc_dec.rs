@@ -83,6 +83,18 @@ impl PerformerEncDec {
     }
 
     /// Generates up to `seq_len` target tokens after `tgt_start` `(b, t)` for `src`.
+    pub fn generate(
+        &self,
+        src: &ArrayView2<i64>,
+        tgt_start: &ArrayView2<i64>,
+        seq_len: usize,
+        enc_mask: Option<ArrayView2<'_, bool>>,
+        opts: &GenerateOptions,
+    ) -> Result<Array2<i64>> {
+        self.generate_recompute(src, tgt_start, seq_len, enc_mask, opts)
+    }
+
+    /// [`PerformerEncDec::generate`] by re-running the decoder over the prefix for each token.
     pub fn generate_recompute(
         &self,
         src: &ArrayView2<i64>,
