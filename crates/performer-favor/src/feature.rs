@@ -7,8 +7,15 @@
 //!   m^-1/2`, with the stabilizer `s_i` the row max of `u` for queries and the max of `u` over
 //!   the whole head for keys (a constant for the gradient, as the reference detaches it);
 //! - generalized kernel: `x'_ij = f(u_ij) + eps`.
+//!
+//! The fused attention works on transposed blocks of features, (m, l) for l positions
+//! ([`FeatureSpec::project_t`], [`FeatureSpec::activate_t`], [`FeatureSpec::backward_t`]): in
+//! that layout every product of the linear attention kernels reads its right-hand operand with
+//! unit column stride, which the GEMM packs fastest.
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Zip};
+
+use crate::simd;
 use performer_tensor::fast_math::scaled_exp_inplace;
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
@@ -165,6 +172,153 @@ impl FeatureSpec {
             gemm_into(
                 &mut dp.view_mut(),
                 &dfeat.t(),
+                x,
+                self.dn,
+                1.0,
+                Threads::Single,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A row of an internal buffer as a slice (internal feature blocks have unit column stride).
+pub(crate) fn row_slice<'a>(a: &'a ArrayView2<f32>, j: usize) -> &'a [f32] {
+    let (rows, cols) = a.dim();
+    assert!(
+        j < rows && (cols <= 1 || a.strides()[1] == 1),
+        "feature rows are contiguous"
+    );
+    // SAFETY: row j exists and its `cols` elements are contiguous (checked above); the slice
+    // borrows `a`.
+    unsafe { std::slice::from_raw_parts(a.as_ptr().offset(j as isize * a.strides()[0]), cols) }
+}
+
+/// A mutable row of an internal buffer as a slice.
+pub(crate) fn row_slice_mut<'a>(a: &'a mut ArrayViewMut2<f32>, j: usize) -> &'a mut [f32] {
+    let (rows, cols) = a.dim();
+    assert!(
+        j < rows && (cols <= 1 || a.strides()[1] == 1),
+        "feature rows are contiguous"
+    );
+    let stride = a.strides()[0];
+    // SAFETY: as in `row_slice`, and `a` is borrowed mutably for the slice's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr().offset(j as isize * stride), cols) }
+}
+
+impl FeatureSpec {
+    /// `u^T = dn * P x^T` for a block: `xt` (d, l), `proj` (m, d), `out` (m, l).
+    pub fn project_t(
+        &self,
+        xt: &ArrayView2<f32>,
+        proj: &ArrayView2<f32>,
+        out: &mut ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        gemm_into(out, proj, xt, self.dn, 0.0, Threads::Single)
+    }
+
+    /// The keys' stabilizer: the max of `u^T` over a whole head (softmax only).
+    pub fn key_stabilizer(&self, u: &ArrayView2<f32>) -> f32 {
+        (0..u.nrows())
+            .map(|j| simd::max_of(row_slice(u, j)))
+            .fold(
+                f32::NEG_INFINITY,
+                |m, v| if v > m || v.is_nan() { v } else { m },
+            )
+    }
+
+    /// Turns a transposed block of projections `u` (m, l) of the rows `x` (l, d) into
+    /// features in place; `stab` is the keys' fixed stabilizer, or `None` for queries (the
+    /// max over each position's features).
+    pub fn activate_t(&self, x: &ArrayView2<f32>, u: &mut ArrayViewMut2<f32>, stab: Option<f32>) {
+        let (m, l) = u.dim();
+        match self.map {
+            FeatureMap::Softmax => {
+                let half_dn2 = 0.5 * self.dn * self.dn;
+                let mut shift: Vec<f32> = x
+                    .rows()
+                    .into_iter()
+                    .map(|r| half_dn2 * r.iter().map(|v| v * v).sum::<f32>())
+                    .collect();
+                match stab {
+                    Some(s) => shift.iter_mut().for_each(|v| *v += s),
+                    None => {
+                        let mut mx = vec![f32::NEG_INFINITY; l];
+                        for j in 0..m {
+                            simd::max_into(&mut mx, row_slice(&u.view(), j));
+                        }
+                        shift.iter_mut().zip(&mx).for_each(|(v, s)| *v += s);
+                    }
+                }
+                let (ratio, add) = (self.ratio, self.ratio * self.eps);
+                for j in 0..m {
+                    simd::exp_shifted(row_slice_mut(u, j), &shift, ratio, add);
+                }
+            }
+            FeatureMap::Generalized(f) => {
+                let eps = self.eps;
+                u.mapv_inplace(|v| f.f(v) + eps);
+            }
+        }
+    }
+
+    /// Backward of [`FeatureSpec::project_t`] + [`FeatureSpec::activate_t`] on a block:
+    /// from the features `feat` (m, l) and their gradient `g` (m, l; overwritten with the
+    /// gradient of `u`), writes the gradient of the rows `x` (l, d)
+    /// (transpose `xt`) into `dx` and adds the projection's gradient into `dproj` when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_t(
+        &self,
+        x: &ArrayView2<f32>,
+        xt: Option<&ArrayView2<f32>>,
+        proj: &ArrayView2<f32>,
+        feat: &ArrayView2<f32>,
+        g: &mut ArrayViewMut2<f32>,
+        dx: &mut ArrayViewMut2<f32>,
+        dproj: Option<&mut Array2<f32>>,
+    ) -> Result<()> {
+        let (m, l) = g.dim();
+        let mut colsum = vec![0f32; l];
+        match self.map {
+            FeatureMap::Softmax => {
+                // d feat / d u = feat - ratio * eps (the exponential part).
+                let floor = self.ratio * self.eps;
+                for j in 0..m {
+                    simd::softmax_grad_row(
+                        row_slice_mut(g, j),
+                        row_slice(feat, j),
+                        floor,
+                        &mut colsum,
+                    );
+                }
+            }
+            FeatureMap::Generalized(f) => {
+                let xt = xt.ok_or_else(|| {
+                    Error::invalid("generalized_kernel", "transposed rows", 0, "missing")
+                })?;
+                let mut u = Array2::<f32>::zeros((m, l));
+                self.project_t(xt, proj, &mut u.view_mut())?;
+                Zip::from(&mut *g)
+                    .and(&u)
+                    .for_each(|gv, &uv| *gv *= f.df(uv));
+            }
+        }
+        gemm_into(dx, &g.t(), proj, self.dn, 0.0, Threads::Single)?;
+        if self.map == FeatureMap::Softmax {
+            // The diagonal term -dn^2 |x|^2 / 2 contributes -dn^2 x * colsum(g_u).
+            let dn2 = self.dn * self.dn;
+            Zip::from(dx.rows_mut())
+                .and(x.rows())
+                .and(&colsum)
+                .for_each(|mut dr, xr, &c| {
+                    let s = c * dn2;
+                    Zip::from(&mut dr).and(&xr).for_each(|d, &x| *d -= s * x);
+                });
+        }
+        if let Some(dp) = dproj {
+            gemm_into(
+                &mut dp.view_mut(),
+                &g.view(),
                 x,
                 self.dn,
                 1.0,

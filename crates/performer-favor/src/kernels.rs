@@ -1,22 +1,31 @@
 //! Linear attention on one head, given its features: the non-causal product and the causal
 //! prefix sums, each forward and backward; no (n, m, d) tensor ever exists.
 //!
-//! Notation per head: features `q'` (n, m), `k'` (nk, m), values `v` (nk, d), and `v+ = [v | 1]`
-//! (nk, d+1) so that one product yields the numerator and the normalizer together.
-//! - non-causal: `[num | den] = q' (k'^T v+)`, `out = num / den` (no epsilon, as the reference);
-//! - causal: `[num_i | den_i] = q'_i (sum_{j<=i} k'_j v+_j^T)`, `den_i += eps * sum(q'_i)`
-//!   (the reference adds eps to every element of the key prefix sum), `out = num / den`.
+//! Features are held transposed, `q'^T` (m, n) and `k'^T` (m, nk), in column blocks
+//! ([`Blocks`]), next to values `v` (nk, e): in that layout every product below reads its
+//! right-hand operand with unit column stride, which the GEMM packs fastest.
+//! - non-causal: `out = q' (k'^T v) / q' (k'^T 1)` (no epsilon, as the reference);
+//! - causal: `out_i = q'_i S_i / q'_i z_i` with `S_i = sum_{j<=i} k'_j v_j^T` and
+//!   `z_i = eps + sum_{j<=i} k'_j` (the reference adds eps to every element of the key prefix
+//!   sum).
 //!
-//! Causal attention runs over chunks of rows: with `S` the state of all earlier chunks
-//! (m, d+1), a chunk's result is `q'_c S + mask(q'_c k'_c^T) v+_c`, then `S += k'_c^T v+_c`.
-//! The backward runs one sweep forward (gradients of `q'`, which need `S`) and one backward
-//! (gradients of `k'` and `v`, which need the reverse state `R = sum over later rows of
-//! q'_i dnum+_i^T`). The forward may keep each chunk's incoming state and its masked score
-//! block ([`CausalCache`]) so the backward need not recompute them.
+//! Causal attention runs over chunks of `C` positions (the feature blocks): with `S`, `z` the
+//! state of all earlier chunks, a chunk's numerator is `q'_c S + mask(q'_c k'_c^T) v_c` and its
+//! normalizer `q'_c z + rowsum(mask(q'_c k'_c^T))`; then `S += k'_c^T v_c`, `z += k'_c^T 1`.
+//! The normalizer is kept apart from the numerator (no `[v | 1]` column) so that every product
+//! has widths the GEMM tiles evenly. The backward is one reverse sweep ([`CausalBackward`]) with
+//! the state of later rows `R = sum q'_i dnum_i^T`, `rz = sum q'_i dden_i`; it needs each
+//! chunk's `S`, `z`, which the forward saves for every chunk or every few chunks
+//! ([`CausalStates`]; the caller recomputes the rest with [`advance_state`]).
 
-use ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, Zip, s};
+use ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, s};
 use performer_tensor::Result;
 use performer_tensor::gemm::{Threads, gemm_into};
+
+use crate::blocks::Blocks;
+use crate::feature::{row_slice, row_slice_mut};
+use crate::heads::for_overwrite;
+use crate::simd;
 
 /// `c = beta * c + alpha * a @ b`, single-threaded (callers are parallel over heads).
 #[inline]
@@ -30,284 +39,372 @@ fn mm(
     gemm_into(c, a, b, alpha, beta, Threads::Single)
 }
 
-/// Zeroes the strictly upper triangle (j > i): position i sees positions <= i.
-fn mask_future(a: &mut ArrayViewMut2<f32>) {
-    for (i, mut row) in a.rows_mut().into_iter().enumerate() {
-        row.slice_mut(s![i + 1..]).fill(0.0);
-    }
-}
-
-/// `[v | 1]` for all rows.
-pub(crate) fn augment(v: &ArrayView2<f32>) -> Array2<f32> {
-    let (n, d) = v.dim();
-    let mut va = Array2::<f32>::ones((n, d + 1));
-    va.slice_mut(s![.., ..d]).assign(v);
-    va
-}
-
-/// Gradient of `[num | den]` from the output's gradient: `dnum = g / den`,
-/// `dden = -(g . out) / den`.
-pub(crate) fn augmented_grad(
+/// Gradients of a block's numerator and normalizer from its output's gradient `g`:
+/// `dnum = g / den` (also transposed, into `dnum_t`) and `dden = -(g . out) / den`.
+fn output_grad(
     g: &ArrayView2<f32>,
     out: &ArrayView2<f32>,
     den: &ArrayView1<f32>,
-) -> Array2<f32> {
-    let (n, d) = g.dim();
-    let mut dna = Array2::<f32>::zeros((n, d + 1));
-    Zip::from(dna.rows_mut())
-        .and(g.rows())
-        .and(out.rows())
-        .and(den)
-        .for_each(|mut r, gr, or, &dv| {
-            let inv = 1.0 / dv;
-            let mut dot = 0.0f32;
-            for ((dst, &gv), &ov) in r.iter_mut().zip(gr).zip(or) {
-                dot += gv * ov;
-                *dst = gv * inv;
-            }
-            r[d] = -dot * inv;
-        });
-    dna
-}
-
-/// `out = num / den` from `[num | den]` rows, with `extra(r)` added to each normalizer.
-fn normalize(
-    na: &ArrayView2<f32>,
-    extra: impl Fn(usize) -> f32,
-    out: &mut ArrayViewMut2<f32>,
-    den: &mut ArrayViewMut1<f32>,
+    dnum: &mut ArrayViewMut2<f32>,
+    dnum_t: &mut ArrayViewMut2<f32>,
+    dden: &mut [f32],
 ) {
-    let d = out.ncols();
-    for (r, ((nr, mut or), dv)) in na
-        .rows()
-        .into_iter()
-        .zip(out.rows_mut())
-        .zip(den.iter_mut())
-        .enumerate()
-    {
-        let total = nr[d] + extra(r);
-        *dv = total;
-        let inv = 1.0 / total;
-        Zip::from(&mut or)
-            .and(&nr.slice(s![..d]))
-            .for_each(|o, &x| *o = x * inv);
+    for (i, ((gr, or), &dv)) in g.rows().into_iter().zip(out.rows()).zip(den).enumerate() {
+        let inv = 1.0 / dv;
+        let dst = row_slice_mut(dnum, i);
+        let dot = match (gr.as_slice(), or.as_slice()) {
+            (Some(gs), Some(os)) => {
+                for (d, &gv) in dst.iter_mut().zip(gs) {
+                    *d = gv * inv;
+                }
+                simd::dot(gs, os)
+            }
+            _ => {
+                for (d, &gv) in dst.iter_mut().zip(&gr) {
+                    *d = gv * inv;
+                }
+                gr.dot(&or)
+            }
+        };
+        dden[i] = -dot * inv;
+    }
+    dnum_t.assign(&dnum.t());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-causal
+
+/// What the non-causal forward keeps: `k'^T v` (m, e) and the key sums `k'^T 1` (m).
+pub(crate) struct NonCausalContext {
+    pub kv: Array2<f32>,
+    pub ksum: Vec<f32>,
+}
+
+impl NonCausalContext {
+    pub fn new(m: usize, e: usize) -> Self {
+        NonCausalContext {
+            kv: Array2::zeros((m, e)),
+            ksum: vec![0.0; m],
+        }
+    }
+
+    /// Adds a block of keys `kt` (m, l) and their values `v` (l, e).
+    pub fn add(&mut self, kt: &ArrayView2<f32>, v: &ArrayView2<f32>) -> Result<()> {
+        mm(&mut self.kv.view_mut(), kt, v, 1.0, 1.0)?;
+        for (f, ks) in self.ksum.iter_mut().enumerate() {
+            *ks += simd::sum(row_slice(kt, f));
+        }
+        Ok(())
+    }
+
+    /// Output of a block of queries `qt` (m, l) into `out` (l, e) and `den` (l).
+    pub fn readout(
+        &self,
+        qt: &ArrayView2<f32>,
+        out: &mut ArrayViewMut2<f32>,
+        den: &mut ArrayViewMut1<f32>,
+    ) -> Result<()> {
+        mm(out, &qt.t(), &self.kv.view(), 1.0, 0.0)?;
+        let mut dsum = vec![0f32; qt.ncols()];
+        for (f, &ks) in self.ksum.iter().enumerate() {
+            simd::axpy(&mut dsum, ks, row_slice(qt, f));
+        }
+        for ((mut or, dv), &total) in out.rows_mut().into_iter().zip(den.iter_mut()).zip(&dsum) {
+            *dv = total;
+            let inv = 1.0 / total;
+            or.mapv_inplace(|x| x * inv);
+        }
+        Ok(())
     }
 }
 
-/// Non-causal forward of one head: fills `out` (n, d), `den` (n), and returns `k'^T v+`
-/// (m, d+1) for the backward.
-pub(crate) fn noncausal_forward(
-    qf: &ArrayView2<f32>,
-    kf: &ArrayView2<f32>,
-    v: &ArrayView2<f32>,
-    out: &mut ArrayViewMut2<f32>,
-    den: &mut ArrayViewMut1<f32>,
-) -> Result<Array2<f32>> {
-    let (n, m) = qf.dim();
-    let d = v.ncols();
-    let va = augment(v);
-    let mut kv = Array2::<f32>::zeros((m, d + 1));
-    mm(&mut kv.view_mut(), &kf.t(), &va.view(), 1.0, 0.0)?;
-    let mut na = Array2::<f32>::zeros((n, d + 1));
-    mm(&mut na.view_mut(), qf, &kv.view(), 1.0, 0.0)?;
-    normalize(&na.view(), |_| 0.0, out, den);
-    Ok(kv)
+/// The non-causal backward of one head, in two passes over blocks: all query blocks first
+/// ([`NonCausalBackward::queries`], which also sum `T = q'^T dnum` and `tz = q'^T dden`), then
+/// the key blocks ([`NonCausalBackward::keys`]).
+pub(crate) struct NonCausalBackward {
+    t: Array2<f32>,
+    tz: Vec<f32>,
+    dnum: Array2<f32>,
+    dnum_t: Array2<f32>,
+    dden: Vec<f32>,
 }
 
-/// Non-causal backward of one head: gradients of `q'`, `k'` (n, m) and `v` (n, d), from the
-/// `k'^T v+` of the forward.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn noncausal_backward(
-    qf: &ArrayView2<f32>,
-    kf: &ArrayView2<f32>,
-    v: &ArrayView2<f32>,
-    kv: &ArrayView2<f32>,
-    g: &ArrayView2<f32>,
-    out: &ArrayView2<f32>,
-    den: &ArrayView1<f32>,
-    dqf: &mut ArrayViewMut2<f32>,
-    dkf: &mut ArrayViewMut2<f32>,
-    dv: &mut ArrayViewMut2<f32>,
-) -> Result<()> {
-    let m = qf.ncols();
-    let d = v.ncols();
-    let dna = augmented_grad(g, out, den);
-    mm(dqf, &dna.view(), &kv.t(), 1.0, 0.0)?;
-    // T = q'^T dnum+ is what every key sees.
-    let mut t = Array2::<f32>::zeros((m, d + 1));
-    mm(&mut t.view_mut(), &qf.t(), &dna.view(), 1.0, 0.0)?;
-    let va = augment(v);
-    mm(dkf, &va.view(), &t.t(), 1.0, 0.0)?;
-    let mut dva = Array2::<f32>::zeros((kf.nrows(), d + 1));
-    mm(&mut dva.view_mut(), kf, &t.view(), 1.0, 0.0)?;
-    dv.assign(&dva.slice(s![.., ..d]));
-    Ok(())
+impl NonCausalBackward {
+    pub fn new(m: usize, e: usize, block: usize) -> Self {
+        NonCausalBackward {
+            t: Array2::zeros((m, e)),
+            tz: vec![0.0; m],
+            dnum: Array2::zeros((block, e)),
+            dnum_t: Array2::zeros((e, block)),
+            dden: vec![0.0; block],
+        }
+    }
+
+    /// A block of queries: `dq'^T` (m, l) `= (k'^T v) dnum^T + (k'^T 1) dden^T`.
+    pub fn queries(
+        &mut self,
+        qt: &ArrayView2<f32>,
+        g: &ArrayView2<f32>,
+        out: &ArrayView2<f32>,
+        den: &ArrayView1<f32>,
+        ctx: &NonCausalContext,
+        dqt: &mut ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        let l = qt.ncols();
+        let mut dnum = self.dnum.slice_mut(s![..l, ..]);
+        let mut dnum_t = self.dnum_t.slice_mut(s![.., ..l]);
+        let dden = &mut self.dden[..l];
+        output_grad(g, out, den, &mut dnum, &mut dnum_t, dden);
+        mm(dqt, &ctx.kv.view(), &dnum_t.view(), 1.0, 0.0)?;
+        for (f, &ks) in ctx.ksum.iter().enumerate() {
+            simd::axpy(row_slice_mut(dqt, f), ks, dden);
+        }
+        mm(&mut self.t.view_mut(), qt, &dnum.view(), 1.0, 1.0)?;
+        for (f, tz) in self.tz.iter_mut().enumerate() {
+            *tz += simd::dot(row_slice(qt, f), dden);
+        }
+        Ok(())
+    }
+
+    /// A block of keys `kt` (m, l) with values transposed `vt` (e, l), after every query
+    /// block: `dk'^T = T v^T + tz 1^T`, `dv = k' T`.
+    pub fn keys(
+        &self,
+        kt: &ArrayView2<f32>,
+        vt: &ArrayView2<f32>,
+        dkt: &mut ArrayViewMut2<f32>,
+        dv: &mut ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        mm(dkt, &self.t.view(), vt, 1.0, 0.0)?;
+        for (f, &tz) in self.tz.iter().enumerate() {
+            simd::add_scalar(row_slice_mut(dkt, f), tz);
+        }
+        mm(dv, &kt.t(), &self.t.view(), 1.0, 0.0)
+    }
 }
 
-/// What a causal forward may keep for its backward: the state entering each chunk
-/// (chunks, m, d+1) and each chunk's masked score block `mask(q'_c k'_c^T)` (chunks, C, C).
-pub(crate) struct CausalCache {
-    pub states: Array3<f32>,
-    pub scores: Array3<f32>,
+// ---------------------------------------------------------------------------------------------
+// Causal
+
+/// Causal states `S` (count, m, e) and `z` (count, m) saved by the forward at the start of
+/// every `every`-th chunk, and with `every == 1` each chunk's masked scores
+/// `mask(q'_c k'_c^T)` (chunks, C, C), which the backward would otherwise recompute.
+pub(crate) struct CausalStates {
+    pub s: Array3<f32>,
+    pub z: Array2<f32>,
+    pub scores: Option<Array3<f32>>,
+    pub every: usize,
 }
 
-impl CausalCache {
-    pub fn new(n: usize, m: usize, d: usize, chunk: usize) -> Self {
-        let chunks = n.div_ceil(chunk);
-        CausalCache {
-            states: Array3::zeros((chunks, m, d + 1)),
-            scores: Array3::zeros((chunks, chunk, chunk)),
+impl CausalStates {
+    pub fn new(chunks: usize, m: usize, e: usize, chunk: usize, every: usize) -> Self {
+        let count = chunks.div_ceil(every).max(1);
+        CausalStates {
+            // The forward writes every saved state (and score block) it keeps.
+            s: for_overwrite((count, m, e)),
+            z: Array2::zeros((count, m)),
+            scores: (every == 1).then(|| for_overwrite((chunks, chunk, chunk))),
+            every,
         }
     }
 
     /// Bytes it takes for one head.
-    pub fn bytes(n: usize, m: usize, d: usize, chunk: usize) -> usize {
-        n.div_ceil(chunk) * (m * (d + 1) + chunk * chunk) * 4
+    pub fn bytes(chunks: usize, m: usize, e: usize, chunk: usize, every: usize) -> usize {
+        let scores = if every == 1 {
+            chunks * chunk * chunk
+        } else {
+            0
+        };
+        (chunks.div_ceil(every).max(1) * m * (e + 1) + scores) * 4
     }
 }
 
-/// Causal forward of one head into `out` (n, d) and `den` (n); fills `cache` when given.
-#[allow(clippy::too_many_arguments)]
+/// Zeroes the strictly upper triangle (j > i) of a square block: position i sees positions <= i.
+fn mask_future(a: &mut ArrayViewMut2<f32>) {
+    for i in 0..a.nrows() {
+        row_slice_mut(a, i)[i + 1..].fill(0.0);
+    }
+}
+
+/// `S += k'_c^T v_c`, `z += k'_c^T 1` for a chunk's keys `kt` (m, l) and values `v` (l, e).
+pub(crate) fn advance_state(
+    state: &mut ArrayViewMut2<f32>,
+    z: &mut ArrayViewMut1<f32>,
+    kt: &ArrayView2<f32>,
+    v: &ArrayView2<f32>,
+) -> Result<()> {
+    mm(state, kt, v, 1.0, 1.0)?;
+    for (f, zf) in z.iter_mut().enumerate() {
+        *zf += simd::sum(row_slice(kt, f));
+    }
+    Ok(())
+}
+
+/// Causal forward of one head on transposed features `qf`, `kf` (m, n; blocks = chunks) and
+/// values `v` (n, e), into `out` (n, e) and `den` (n); saves the state into `states` at its
+/// interval.
 pub(crate) fn causal_forward(
-    qf: &ArrayView2<f32>,
-    kf: &ArrayView2<f32>,
+    qf: &Blocks,
+    kf: &Blocks,
     v: &ArrayView2<f32>,
     eps: f32,
-    chunk: usize,
     out: &mut ArrayViewMut2<f32>,
     den: &mut ArrayViewMut1<f32>,
-    mut cache: Option<&mut CausalCache>,
+    mut states: Option<&mut CausalStates>,
 ) -> Result<()> {
-    let (n, m) = qf.dim();
-    let d = v.ncols();
-    let va = augment(v);
-    let mut state = Array2::<f32>::zeros((m, d + 1));
-    let mut na = Array2::<f32>::zeros((chunk, d + 1));
+    let m = qf.rows();
+    let chunk = qf.width();
+    let e = v.ncols();
+    let mut state = Array2::<f32>::zeros((m, e));
+    let mut z = ndarray::Array1::from_elem(m, eps);
     let mut a = Array2::<f32>::zeros((chunk, chunk));
-    for (c, start) in (0..n).step_by(chunk).enumerate() {
-        let end = (start + chunk).min(n);
+    let mut dsum = vec![0f32; chunk];
+    for b in 0..qf.count() {
+        let (start, end) = qf.range(b);
         let l = end - start;
-        let (q_c, k_c, va_c) = (
-            qf.slice(s![start..end, ..]),
-            kf.slice(s![start..end, ..]),
-            va.slice(s![start..end, ..]),
-        );
-        let mut na_c = na.slice_mut(s![..l, ..]);
-        mm(&mut na_c, &q_c, &state.view(), 1.0, 0.0)?;
-        let mut a_c = a.slice_mut(s![..l, ..l]);
-        mm(&mut a_c, &q_c, &k_c.t(), 1.0, 0.0)?;
-        mask_future(&mut a_c);
-        mm(&mut na_c, &a_c.view(), &va_c, 1.0, 1.0)?;
-        normalize(
-            &na_c.view(),
-            |r| eps * q_c.row(r).sum(),
-            &mut out.slice_mut(s![start..end, ..]),
-            &mut den.slice_mut(s![start..end]),
-        );
-        if let Some(cache) = cache.as_deref_mut() {
-            cache.states.index_axis_mut(Axis(0), c).assign(&state);
-            cache
-                .scores
-                .index_axis_mut(Axis(0), c)
-                .slice_mut(s![..l, ..l])
-                .assign(&a_c);
+        if let Some(st) = states.as_deref_mut()
+            && b % st.every == 0
+        {
+            let idx = b / st.every;
+            st.s.index_axis_mut(Axis(0), idx).assign(&state);
+            st.z.row_mut(idx).assign(&z);
         }
-        mm(&mut state.view_mut(), &k_c.t(), &va_c, 1.0, 1.0)?;
+        let (qc, kc) = (qf.block(b), kf.block(b));
+        let vc = v.slice(s![start..end, ..]);
+        let mut oc = out.slice_mut(s![start..end, ..]);
+        mm(&mut oc, &qc.t(), &state.view(), 1.0, 0.0)?;
+        let mut ac = a.slice_mut(s![..l, ..l]);
+        mm(&mut ac, &qc.t(), &kc, 1.0, 0.0)?;
+        mask_future(&mut ac);
+        let ds = &mut dsum[..l];
+        ds.fill(0.0);
+        for (f, &zf) in z.iter().enumerate() {
+            simd::axpy(ds, zf, row_slice(&qc, f));
+        }
+        for (i, d) in ds.iter_mut().enumerate() {
+            *d += simd::sum(&row_slice(&ac.view(), i)[..=i]);
+        }
+        mm(&mut oc, &ac.view(), &vc, 1.0, 1.0)?;
+        if let Some(scores) = states.as_deref_mut().and_then(|st| st.scores.as_mut()) {
+            scores
+                .index_axis_mut(Axis(0), b)
+                .slice_mut(s![..l, ..l])
+                .assign(&ac);
+        }
+        for ((mut or, dv), &total) in oc
+            .rows_mut()
+            .into_iter()
+            .zip(den.slice_mut(s![start..end]).iter_mut())
+            .zip(ds.iter())
+        {
+            *dv = total;
+            let inv = 1.0 / total;
+            or.mapv_inplace(|x| x * inv);
+        }
+        advance_state(&mut state.view_mut(), &mut z.view_mut(), &kc, &vc)?;
     }
     Ok(())
 }
 
-/// Causal backward of one head: gradients of `q'`, `k'` (n, m) and `v` (n, d).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn causal_backward(
-    qf: &ArrayView2<f32>,
-    kf: &ArrayView2<f32>,
-    v: &ArrayView2<f32>,
-    g: &ArrayView2<f32>,
-    out: &ArrayView2<f32>,
-    den: &ArrayView1<f32>,
-    eps: f32,
-    chunk: usize,
-    cache: Option<&CausalCache>,
-    dqf: &mut ArrayViewMut2<f32>,
-    dkf: &mut ArrayViewMut2<f32>,
-    dv: &mut ArrayViewMut2<f32>,
-) -> Result<()> {
-    let (n, m) = qf.dim();
-    let d = v.ncols();
-    let va = augment(v);
-    let dna = augmented_grad(g, out, den);
-    let mut a = Array2::<f32>::zeros((chunk, chunk));
-    let mut dva = Array2::<f32>::zeros((chunk, d + 1));
-    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
+/// The inputs of one chunk of the causal backward: transposed features `qt`, `kt` (m, l),
+/// values `v` (l, e) and `vt` (e, l), the output side `g`, `out` (l, e), `den` (l), the
+/// state `s` (m, e), `z` (m) of all earlier chunks, and the chunk's masked scores if saved.
+pub(crate) struct CausalChunk<'a> {
+    pub qt: ArrayView2<'a, f32>,
+    pub kt: ArrayView2<'a, f32>,
+    pub v: ArrayView2<'a, f32>,
+    pub vt: ArrayView2<'a, f32>,
+    pub g: ArrayView2<'a, f32>,
+    pub out: ArrayView2<'a, f32>,
+    pub den: ArrayView1<'a, f32>,
+    pub s: ArrayView2<'a, f32>,
+    pub z: ArrayView1<'a, f32>,
+    pub scores: Option<ArrayView2<'a, f32>>,
+}
 
-    // Forward sweep: dq'_c = dnum+_c S^T + mask(dnum+_c v+_c^T) k'_c + eps * dden_c.
-    let mut running = Array2::<f32>::zeros((m, d + 1));
-    for (c, &start) in starts.iter().enumerate() {
-        let end = (start + chunk).min(n);
-        let l = end - start;
-        let (k_c, va_c, dna_c) = (
-            kf.slice(s![start..end, ..]),
-            va.slice(s![start..end, ..]),
-            dna.slice(s![start..end, ..]),
-        );
-        let state = match cache {
-            Some(cache) => cache.states.index_axis(Axis(0), c),
-            None => running.view(),
-        };
-        let mut dq_c = dqf.slice_mut(s![start..end, ..]);
-        mm(&mut dq_c, &dna_c, &state.t(), 1.0, 0.0)?;
-        let mut a_c = a.slice_mut(s![..l, ..l]);
-        mm(&mut a_c, &dna_c, &va_c.t(), 1.0, 0.0)?;
-        mask_future(&mut a_c);
-        mm(&mut dq_c, &a_c.view(), &k_c, 1.0, 1.0)?;
-        Zip::from(dq_c.rows_mut())
-            .and(dna_c.column(d))
-            .for_each(|mut row, &dden| {
-                let e = eps * dden;
-                row.mapv_inplace(|x| x + e);
-            });
-        if cache.is_none() {
-            mm(&mut running.view_mut(), &k_c.t(), &va_c, 1.0, 1.0)?;
+/// The causal backward of one head: the reverse state and scratch, fed chunks from the last to
+/// the first.
+pub(crate) struct CausalBackward {
+    r: Array2<f32>,
+    rz: Vec<f32>,
+    a: Array2<f32>,
+    b: Array2<f32>,
+    bt: Array2<f32>,
+    dnum: Array2<f32>,
+    dnum_t: Array2<f32>,
+    dden: Vec<f32>,
+}
+
+impl CausalBackward {
+    /// For heads of `m` features and value width `e`, chunks of at most `chunk` positions.
+    pub fn new(m: usize, e: usize, chunk: usize) -> Self {
+        CausalBackward {
+            r: Array2::zeros((m, e)),
+            rz: vec![0.0; m],
+            a: Array2::zeros((chunk, chunk)),
+            b: Array2::zeros((chunk, chunk)),
+            bt: Array2::zeros((chunk, chunk)),
+            dnum: Array2::zeros((chunk, e)),
+            dnum_t: Array2::zeros((e, chunk)),
+            dden: vec![0.0; chunk],
         }
     }
 
-    // Backward sweep with R = sum over later rows of q'_i dnum+_i^T:
-    // dk'_c = v+_c R^T + mask(dnum+_c v+_c^T)^T q'_c,  dv+_c = k'_c R + mask(q'_c k'_c^T)^T dnum+_c.
-    let mut rev = Array2::<f32>::zeros((m, d + 1));
-    for (c, &start) in starts.iter().enumerate().rev() {
-        let end = (start + chunk).min(n);
-        let l = end - start;
-        let (q_c, k_c) = (qf.slice(s![start..end, ..]), kf.slice(s![start..end, ..]));
-        let (va_c, dna_c) = (va.slice(s![start..end, ..]), dna.slice(s![start..end, ..]));
-        let mut dk_c = dkf.slice_mut(s![start..end, ..]);
-        mm(&mut dk_c, &va_c, &rev.t(), 1.0, 0.0)?;
-        let mut a_c = a.slice_mut(s![..l, ..l]);
-        mm(&mut a_c, &dna_c, &va_c.t(), 1.0, 0.0)?;
-        mask_future(&mut a_c);
-        mm(&mut dk_c, &a_c.t(), &q_c, 1.0, 1.0)?;
-        let mut dva_c = dva.slice_mut(s![..l, ..]);
-        mm(&mut dva_c, &k_c, &rev.view(), 1.0, 0.0)?;
-        match cache {
-            Some(cache) => {
-                let scores = cache.scores.index_axis(Axis(0), c);
-                mm(
-                    &mut dva_c,
-                    &scores.slice(s![..l, ..l]).t(),
-                    &dna_c,
-                    1.0,
-                    1.0,
-                )?;
+    /// One chunk (chunks fed from the last to the first): writes the gradients of the
+    /// transposed features `dqt`, `dkt` (m, l) and of the values `dv` (l, e).
+    pub fn chunk(
+        &mut self,
+        c: &CausalChunk<'_>,
+        dqt: &mut ArrayViewMut2<f32>,
+        dkt: &mut ArrayViewMut2<f32>,
+        dv: &mut ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        let l = c.qt.ncols();
+        let mut dnum = self.dnum.slice_mut(s![..l, ..]);
+        let mut dnum_t = self.dnum_t.slice_mut(s![.., ..l]);
+        let dden = &mut self.dden[..l];
+        output_grad(&c.g, &c.out, &c.den, &mut dnum, &mut dnum_t, dden);
+        // B^T with B_ij = dnum_i . v_j + dden_i for j <= i, else 0.
+        let mut bt = self.bt.slice_mut(s![..l, ..l]);
+        mm(&mut bt, &c.v, &dnum_t.view(), 1.0, 0.0)?;
+        for j in 0..l {
+            let row = row_slice_mut(&mut bt, j);
+            row[..j].fill(0.0);
+            for (x, &dd) in row[j..].iter_mut().zip(&dden[j..]) {
+                *x += dd;
             }
+        }
+        let mut b = self.b.slice_mut(s![..l, ..l]);
+        b.assign(&bt.t());
+        // dq'^T = S dnum^T + k'^T B^T + z dden^T
+        mm(dqt, &c.s, &dnum_t.view(), 1.0, 0.0)?;
+        mm(dqt, &c.kt, &bt.view(), 1.0, 1.0)?;
+        for (f, &zf) in c.z.iter().enumerate() {
+            simd::axpy(row_slice_mut(dqt, f), zf, dden);
+        }
+        // dk'^T = R v^T + q'^T B + rz 1^T
+        mm(dkt, &self.r.view(), &c.vt, 1.0, 0.0)?;
+        mm(dkt, &c.qt, &b.view(), 1.0, 1.0)?;
+        for (f, &rz) in self.rz.iter().enumerate() {
+            simd::add_scalar(row_slice_mut(dkt, f), rz);
+        }
+        // dv = k' R + mask(q' k'^T)^T dnum
+        let scores = match &c.scores {
+            Some(a) => a.view(),
             None => {
-                mm(&mut a_c, &q_c, &k_c.t(), 1.0, 0.0)?;
-                mask_future(&mut a_c);
-                mm(&mut dva_c, &a_c.t(), &dna_c, 1.0, 1.0)?;
+                let mut ac = self.a.slice_mut(s![..l, ..l]);
+                mm(&mut ac, &c.qt.t(), &c.kt, 1.0, 0.0)?;
+                mask_future(&mut ac);
+                self.a.slice(s![..l, ..l])
             }
+        };
+        mm(dv, &c.kt.t(), &self.r.view(), 1.0, 0.0)?;
+        mm(dv, &scores.t(), &dnum.view(), 1.0, 1.0)?;
+        // R += q'^T dnum, rz += q'^T dden
+        mm(&mut self.r.view_mut(), &c.qt, &dnum.view(), 1.0, 1.0)?;
+        for (f, rz) in self.rz.iter_mut().enumerate() {
+            *rz += simd::dot(row_slice(&c.qt, f), dden);
         }
-        dv.slice_mut(s![start..end, ..])
-            .assign(&dva_c.slice(s![.., ..d]));
-        mm(&mut rev.view_mut(), &q_c.t(), &dna_c, 1.0, 1.0)?;
+        Ok(())
     }
-    Ok(())
 }

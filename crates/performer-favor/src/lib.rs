@@ -21,12 +21,14 @@
 //! # }
 //! ```
 
+mod blocks;
 mod fast_attention;
 mod feature;
 pub mod heads;
 mod kernels;
 mod ops;
 mod projection;
+mod simd;
 
 pub use fast_attention::{
     FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,

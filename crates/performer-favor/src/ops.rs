@@ -3,13 +3,18 @@
 //! and the fused op that FastAttention runs, which never stores the features: its backward
 //! recomputes them head by head, so memory stays O(n (m + d)) per head in flight.
 
-use ndarray::{Array2, ArrayD, ArrayView2};
+use ndarray::{
+    Array2, Array3, ArrayD, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, s,
+};
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 use rayon::prelude::*;
 
+use crate::blocks::Blocks;
 use crate::feature::{FeatureMap, FeatureSpec, check_projection};
 use crate::heads::{HeadsOut, head, lead_shape, row_vectors, vector_views};
-use crate::kernels::{self, CausalCache};
+use crate::kernels::{
+    self, CausalBackward, CausalChunk, CausalStates, NonCausalBackward, NonCausalContext,
+};
 
 /// Rows per chunk of the linear attention kernels unless set otherwise.
 pub const DEFAULT_CHUNK: usize = 64;
@@ -209,59 +214,428 @@ fn attention_shapes(
     Ok(AttnShapes { lead, n, nk, m, e })
 }
 
-/// Bytes of per-head context (features, causal chunk states and score blocks) that a forward
-/// may keep for its backward; above this the backward recomputes them. At the benchmark's
-/// n = 4096 everything is kept; at n = 65536 the features are recomputed.
+/// Bytes of context (features, causal chunk states) that one attention call may keep for its
+/// backward, over all heads; above this the backward recomputes features block by block and
+/// causal states from one checkpoint per segment of chunks. At the benchmark's n = 4096
+/// everything is kept; at n = 65536 features and most states are recomputed.
 pub const SAVE_BUDGET_BYTES: usize = 512 << 20;
+
+/// Positions per segment of the causal backward when states are checkpointed (rounded to
+/// whole chunks): the segment's features are recomputed once and its states rebuilt.
+const SEGMENT: usize = 256;
+
+/// Positions per block of non-causal attention (its results do not depend on a chunk).
+const NONCAUSAL_BLOCK: usize = 256;
+
+/// Feature block width: the chunk for causal attention.
+fn block_width(causal: bool, chunk: usize) -> usize {
+    if causal { chunk } else { NONCAUSAL_BLOCK }
+}
+
+/// What a forward keeps for its backward.
+#[derive(Clone, Copy, Debug)]
+struct SavePlan {
+    save: bool,
+    /// Keep the transposed features (fused op only).
+    features: bool,
+    /// Causal: chunks between saved states (1, or a segment's worth).
+    state_every: usize,
+}
+
+impl SavePlan {
+    /// Features first (they save the most work per byte), then a state for every chunk if
+    /// that fits too, else one per segment.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        save: bool,
+        causal: bool,
+        heads: usize,
+        n: usize,
+        nk: usize,
+        m: usize,
+        e: usize,
+        chunk: usize,
+        with_features: bool,
+        budget: usize,
+    ) -> Self {
+        let w = block_width(causal, chunk);
+        let chunks = n.div_ceil(chunk);
+        let segment = SEGMENT.div_ceil(chunk).max(1);
+        let states = |every| {
+            if causal {
+                heads * CausalStates::bytes(chunks, m, e, chunk, every)
+            } else {
+                0
+            }
+        };
+        let feature_bytes = heads * (Blocks::bytes(m, n, w) + Blocks::bytes(m, nk, w));
+        let features = save && with_features && feature_bytes + states(segment) <= budget;
+        let used = if features { feature_bytes } else { 0 };
+        let state_every = if used + states(1) <= budget {
+            1
+        } else {
+            segment
+        };
+        SavePlan {
+            save,
+            features,
+            state_every,
+        }
+    }
+}
 
 /// What one head's forward keeps for the backward.
 #[derive(Default)]
 struct HeadContext {
-    /// `k'^T v+` (non-causal).
-    kv: Option<Array2<f32>>,
-    /// Chunk states and score blocks (causal).
-    cache: Option<CausalCache>,
-    /// The features (fused op only).
-    features: Option<(Array2<f32>, Array2<f32>)>,
+    /// Non-causal: `k'^T v` and `k'^T 1`.
+    noncausal: Option<NonCausalContext>,
+    /// Causal: saved states.
+    states: Option<CausalStates>,
+    /// Transposed features `q'^T`, `k'^T` (fused op only, when the plan keeps them).
+    features: Option<(Blocks, Blocks)>,
+    /// The keys' softmax stabilizer (fused op only).
+    key_stab: f32,
 }
 
 /// Normalizers `(heads, n)`, the output, and each head's context.
 type AttentionSaved = (Array2<f32>, Data, Vec<HeadContext>);
 
-/// What to keep, given the sizes: causal caches first (they save the most work per byte),
-/// then features if they fit too.
-fn save_plan(
-    save: bool,
+/// One head's attention forward on transposed features; returns what its backward needs.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    qf: &Blocks,
+    kf: &Blocks,
+    v: &ArrayView2<f32>,
     causal: bool,
-    heads: usize,
-    n: usize,
-    nk: usize,
-    m: usize,
-    e: usize,
-    chunk: usize,
-    with_features: bool,
-) -> (bool, bool) {
-    if !save {
-        return (false, false);
-    }
-    let cache_bytes = if causal {
-        heads * CausalCache::bytes(n, m, e, chunk)
+    eps: f32,
+    plan: SavePlan,
+    out: &mut ArrayViewMut2<f32>,
+    den: &mut ArrayViewMut1<f32>,
+) -> Result<HeadContext> {
+    let (m, e) = (qf.rows(), v.ncols());
+    if causal {
+        let mut states = plan
+            .save
+            .then(|| CausalStates::new(qf.count(), m, e, qf.width(), plan.state_every));
+        kernels::causal_forward(qf, kf, v, eps, out, den, states.as_mut())?;
+        Ok(HeadContext {
+            states,
+            ..Default::default()
+        })
     } else {
-        0
+        let mut ctx = NonCausalContext::new(m, e);
+        for b in 0..kf.count() {
+            let (c0, c1) = kf.range(b);
+            ctx.add(&kf.block(b), &v.slice(s![c0..c1, ..]))?;
+        }
+        for b in 0..qf.count() {
+            let (c0, c1) = qf.range(b);
+            ctx.readout(
+                &qf.block(b),
+                &mut out.slice_mut(s![c0..c1, ..]),
+                &mut den.slice_mut(s![c0..c1]),
+            )?;
+        }
+        Ok(HeadContext {
+            noncausal: plan.save.then_some(ctx),
+            ..Default::default()
+        })
+    }
+}
+
+/// Transposed features of rows `x` (n, d), given their transpose `xt` (d, n) in blocks:
+/// queries stabilized per position (`stab` None), keys by `stab`.
+fn features_into(
+    spec: &FeatureSpec,
+    x: &ArrayView2<f32>,
+    xt: &Blocks,
+    proj: &ArrayView2<f32>,
+    out: &mut Blocks,
+    key: bool,
+) -> Result<f32> {
+    for b in 0..xt.count() {
+        spec.project_t(&xt.block(b), proj, &mut out.block_mut(b))?;
+    }
+    let stab = match (key, spec.map) {
+        (true, FeatureMap::Softmax) => (0..out.count())
+            .map(|b| spec.key_stabilizer(&out.block(b)))
+            .fold(
+                f32::NEG_INFINITY,
+                |m, v| if v > m || v.is_nan() { v } else { m },
+            ),
+        _ => 0.0,
     };
-    let keep_cache = causal && cache_bytes <= SAVE_BUDGET_BYTES;
-    let used = if keep_cache { cache_bytes } else { 0 };
-    let feature_bytes = heads * (n + nk) * m * 4;
-    (
-        keep_cache,
-        with_features && used + feature_bytes <= SAVE_BUDGET_BYTES,
-    )
+    for b in 0..xt.count() {
+        let (c0, c1) = xt.range(b);
+        spec.activate_t(
+            &x.slice(s![c0..c1, ..]),
+            &mut out.block_mut(b),
+            key.then_some(stab),
+        );
+    }
+    Ok(stab)
+}
+
+/// Where a backward finds blocks of transposed features (m, l).
+enum FeatureSource<'a> {
+    /// The whole head's, kept or given.
+    Kept(&'a Blocks),
+    /// Recomputed from the rows `x` (n, d) and their transpose `xt` (d, n).
+    Recompute {
+        spec: FeatureSpec,
+        x: ArrayView2<'a, f32>,
+        xt: &'a Blocks,
+        proj: ArrayView2<'a, f32>,
+        stab: Option<f32>,
+    },
+}
+
+impl FeatureSource<'_> {
+    /// Blocks `b0..b1`, recomputed into `scratch` (at least `b1 - b0` blocks) when needed.
+    fn blocks<'s>(
+        &'s self,
+        b0: usize,
+        b1: usize,
+        scratch: &'s mut Blocks,
+    ) -> Result<Vec<ArrayView2<'s, f32>>> {
+        match self {
+            FeatureSource::Kept(f) => Ok((b0..b1).map(|b| f.block(b)).collect()),
+            FeatureSource::Recompute {
+                spec,
+                x,
+                xt,
+                proj,
+                stab,
+            } => {
+                let mut widths = Vec::with_capacity(b1 - b0);
+                for (t, b) in (b0..b1).enumerate() {
+                    let (c0, c1) = xt.range(b);
+                    let mut dst = scratch.block_mut(t);
+                    let mut dst = dst.slice_mut(s![.., ..c1 - c0]);
+                    spec.project_t(&xt.block(b), proj, &mut dst)?;
+                    spec.activate_t(&x.slice(s![c0..c1, ..]), &mut dst, *stab);
+                    widths.push(c1 - c0);
+                }
+                let scratch = &*scratch;
+                Ok(widths
+                    .into_iter()
+                    .enumerate()
+                    .map(|(t, l)| scratch.block(t).slice_move(s![.., ..l]))
+                    .collect())
+            }
+        }
+    }
+
+    /// Scratch for up to `count` blocks of `m` features and `width` positions (none when kept).
+    fn scratch(&self, m: usize, count: usize, width: usize) -> Blocks {
+        match self {
+            FeatureSource::Kept(_) => Blocks::zeros(m, 0, width),
+            // Recomputation writes each block before it is handed out.
+            FeatureSource::Recompute { .. } => Blocks::for_overwrite(m, count * width, width),
+        }
+    }
+}
+
+/// Where a backward sends a block of transposed feature gradients (m, l).
+enum GradSink<'a> {
+    /// The op's inputs are the features: their gradient `(n, m)`.
+    Features(ArrayViewMut2<'a, f32>),
+    /// Through the feature map into the gradient `dx` (n, d) of the rows `x` (transpose `xt`,
+    /// which the generalized kernel needs).
+    Rows {
+        spec: FeatureSpec,
+        x: ArrayView2<'a, f32>,
+        xt: Option<&'a Blocks>,
+        proj: ArrayView2<'a, f32>,
+        dx: ArrayViewMut2<'a, f32>,
+    },
+}
+
+impl GradSink<'_> {
+    /// Takes the gradient `g` of the features `feat` of block `b` (positions `c0..c1`; `g`
+    /// may be overwritten), adding the projection's gradient into `dproj` when given.
+    fn block(
+        &mut self,
+        b: usize,
+        (c0, c1): (usize, usize),
+        feat: &ArrayView2<f32>,
+        g: &mut ArrayViewMut2<f32>,
+        dproj: Option<&mut Array2<f32>>,
+    ) -> Result<()> {
+        match self {
+            GradSink::Features(dq) => {
+                dq.slice_mut(s![c0..c1, ..]).assign(&g.t());
+                Ok(())
+            }
+            GradSink::Rows {
+                spec,
+                x,
+                xt,
+                proj,
+                dx,
+            } => spec.backward_t(
+                &x.slice(s![c0..c1, ..]),
+                xt.map(|t| t.block(b)).as_ref(),
+                proj,
+                feat,
+                g,
+                &mut dx.slice_mut(s![c0..c1, ..]),
+                dproj,
+            ),
+        }
+    }
+}
+
+/// The output side of one head's backward: the gradient, the output and its normalizers.
+struct HeadGrad<'a> {
+    g: ArrayView2<'a, f32>,
+    out: ArrayView2<'a, f32>,
+    den: ArrayView1<'a, f32>,
+}
+
+/// One head's attention backward over blocks of `width` positions: features from `q_src`,
+/// `k_src`, their gradients to `q_sink`, `k_sink`, the values' into `dv`.
+#[allow(clippy::too_many_arguments)]
+fn attend_head_backward(
+    causal: bool,
+    width: usize,
+    ctx: &HeadContext,
+    q_src: &FeatureSource<'_>,
+    k_src: &FeatureSource<'_>,
+    v: &ArrayView2<f32>,
+    grad: &HeadGrad<'_>,
+    q_sink: &mut GradSink<'_>,
+    k_sink: &mut GradSink<'_>,
+    dv: &mut ArrayViewMut2<f32>,
+    mut dproj: Option<&mut Array2<f32>>,
+    m: usize,
+) -> Result<()> {
+    let e = v.ncols();
+    let vt = Blocks::transpose_of(v, width);
+    let mut dqbuf = Array2::<f32>::zeros((m, width));
+    let mut dkbuf = Array2::<f32>::zeros((m, width));
+    let n = grad.g.nrows();
+    if causal {
+        let states = ctx.states.as_ref().ok_or_else(|| {
+            Error::invalid("causal_linear_attention", "saved states", 0, "missing")
+        })?;
+        let every = states.every;
+        let chunks = n.div_ceil(width);
+        let mut qscratch = q_src.scratch(m, every, width);
+        let mut kscratch = k_src.scratch(m, every, width);
+        let mut seg_s = Array3::<f32>::zeros((if every > 1 { every } else { 0 }, m, e));
+        let mut seg_z = Array2::<f32>::zeros((if every > 1 { every } else { 0 }, m));
+        let mut bw = CausalBackward::new(m, e, width);
+        for seg in (0..chunks.div_ceil(every)).rev() {
+            let (b0, b1) = (seg * every, ((seg + 1) * every).min(chunks));
+            let qs = q_src.blocks(b0, b1, &mut qscratch)?;
+            let ks = k_src.blocks(b0, b1, &mut kscratch)?;
+            let rows = |b: usize| (b * width, ((b + 1) * width).min(n));
+            if every > 1 {
+                seg_s
+                    .index_axis_mut(Axis(0), 0)
+                    .assign(&states.s.index_axis(Axis(0), seg));
+                seg_z.row_mut(0).assign(&states.z.row(seg));
+                for t in 1..b1 - b0 {
+                    let (c0, c1) = rows(b0 + t - 1);
+                    let (prev, mut next) =
+                        seg_s.multi_slice_mut((s![t - 1, .., ..], s![t, .., ..]));
+                    next.assign(&prev);
+                    let (zp, mut zn) = seg_z.multi_slice_mut((s![t - 1, ..], s![t, ..]));
+                    zn.assign(&zp);
+                    kernels::advance_state(
+                        &mut next,
+                        &mut zn,
+                        &ks[t - 1],
+                        &v.slice(s![c0..c1, ..]),
+                    )?;
+                }
+            }
+            for t in (0..b1 - b0).rev() {
+                let b = b0 + t;
+                let (c0, c1) = rows(b);
+                let l = c1 - c0;
+                let (st, z) = if every > 1 {
+                    (seg_s.index_axis(Axis(0), t), seg_z.row(t))
+                } else {
+                    (states.s.index_axis(Axis(0), b), states.z.row(b))
+                };
+                let chunk = CausalChunk {
+                    qt: qs[t].view(),
+                    kt: ks[t].view(),
+                    v: v.slice(s![c0..c1, ..]),
+                    vt: vt.block(b),
+                    g: grad.g.slice(s![c0..c1, ..]),
+                    out: grad.out.slice(s![c0..c1, ..]),
+                    den: grad.den.slice(s![c0..c1]),
+                    s: st,
+                    z,
+                    scores: states
+                        .scores
+                        .as_ref()
+                        .map(|a| a.index_axis(Axis(0), b).slice_move(s![..l, ..l])),
+                };
+                let mut dq = dqbuf.slice_mut(s![.., ..l]);
+                let mut dk = dkbuf.slice_mut(s![.., ..l]);
+                bw.chunk(&chunk, &mut dq, &mut dk, &mut dv.slice_mut(s![c0..c1, ..]))?;
+                q_sink.block(b, (c0, c1), &qs[t], &mut dq, dproj.as_deref_mut())?;
+                k_sink.block(b, (c0, c1), &ks[t], &mut dk, dproj.as_deref_mut())?;
+            }
+        }
+    } else {
+        let nc = ctx
+            .noncausal
+            .as_ref()
+            .ok_or_else(|| Error::invalid("linear_attention", "saved context", 0, "missing"))?;
+        let nk = v.nrows();
+        let mut qscratch = q_src.scratch(m, 1, width);
+        let mut kscratch = k_src.scratch(m, 1, width);
+        let mut bw = NonCausalBackward::new(m, e, width);
+        for b in 0..n.div_ceil(width) {
+            let (c0, c1) = (b * width, ((b + 1) * width).min(n));
+            let qs = q_src.blocks(b, b + 1, &mut qscratch)?;
+            let mut dq = dqbuf.slice_mut(s![.., ..c1 - c0]);
+            bw.queries(
+                &qs[0],
+                &grad.g.slice(s![c0..c1, ..]),
+                &grad.out.slice(s![c0..c1, ..]),
+                &grad.den.slice(s![c0..c1]),
+                nc,
+                &mut dq,
+            )?;
+            q_sink.block(b, (c0, c1), &qs[0], &mut dq, dproj.as_deref_mut())?;
+        }
+        for b in 0..nk.div_ceil(width) {
+            let (c0, c1) = (b * width, ((b + 1) * width).min(nk));
+            let ks = k_src.blocks(b, b + 1, &mut kscratch)?;
+            let mut dk = dkbuf.slice_mut(s![.., ..c1 - c0]);
+            bw.keys(
+                &ks[0],
+                &vt.block(b),
+                &mut dk,
+                &mut dv.slice_mut(s![c0..c1, ..]),
+            )?;
+            k_sink.block(b, (c0, c1), &ks[0], &mut dk, dproj.as_deref_mut())?;
+        }
+    }
+    Ok(())
+}
+
+/// The saved output, or an empty placeholder when nothing is saved.
+fn kept_output(out: &ArrayD<f32>, save: bool) -> Data {
+    if save {
+        out.clone().into_shared()
+    } else {
+        ArrayD::zeros(ndarray::IxDyn(&[0])).into_shared()
+    }
 }
 
 struct LinearAttentionOp {
     causal: bool,
     eps: f32,
     chunk: usize,
+    /// Bytes the forward may keep ([`SAVE_BUDGET_BYTES`]).
+    budget: usize,
 }
 
 impl CustomOp for LinearAttentionOp {
@@ -284,10 +658,11 @@ impl CustomOp for LinearAttentionOp {
             self.causal,
         )?;
         let (q, k, v) = (inputs[0].view(), inputs[1].view(), inputs[2].view());
-        let mut out = HeadsOut::zeros(&sh.lead, sh.n, sh.e);
-        let heads = out.data.len_of(ndarray::Axis(0));
+        // Every row of every head is written by the forward.
+        let mut out = HeadsOut::for_overwrite(&sh.lead, sh.n, sh.e);
+        let heads = out.data.len_of(Axis(0));
         let mut den = row_vectors(heads, sh.n);
-        let (keep_cache, _) = save_plan(
+        let plan = SavePlan::new(
             save,
             self.causal,
             heads,
@@ -297,33 +672,31 @@ impl CustomOp for LinearAttentionOp {
             sh.e,
             self.chunk,
             false,
+            self.budget,
         );
+        let w = block_width(self.causal, self.chunk);
         let contexts: Vec<HeadContext> = out
             .views()
             .into_par_iter()
             .zip(vector_views(&mut den))
             .enumerate()
             .map(|(i, (mut o, mut dn))| {
-                let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
+                let qf = Blocks::transpose_of(&head(&q, i), w);
+                let kf = Blocks::transpose_of(&head(&k, i), w);
                 attend_head(
-                    &qi,
-                    &ki,
-                    &vi,
+                    &qf,
+                    &kf,
+                    &head(&v, i),
                     self.causal,
                     self.eps,
-                    self.chunk,
-                    keep_cache,
+                    plan,
                     &mut o,
                     &mut dn,
                 )
             })
             .collect::<Result<_>>()?;
         let out = out.into_array();
-        let kept = if save {
-            out.clone().into_shared()
-        } else {
-            ArrayD::zeros(ndarray::IxDyn(&[0])).into_shared()
-        };
+        let kept = kept_output(&out, save);
         Ok((vec![out], (den, kept, contexts)))
     }
 
@@ -352,33 +725,37 @@ impl CustomOp for LinearAttentionOp {
             out.view(),
             g.view(),
         );
-        let mut dq = HeadsOut::zeros(&sh.lead, sh.n, sh.m);
-        let mut dk = HeadsOut::zeros(&sh.lead, sh.nk, sh.m);
-        let mut dv = HeadsOut::zeros(&sh.lead, sh.nk, sh.e);
+        let w = block_width(self.causal, self.chunk);
+        // The backward writes every block of every gradient.
+        let mut dq = HeadsOut::for_overwrite(&sh.lead, sh.n, sh.m);
+        let mut dk = HeadsOut::for_overwrite(&sh.lead, sh.nk, sh.m);
+        let mut dv = HeadsOut::for_overwrite(&sh.lead, sh.nk, sh.e);
         dq.views()
             .into_par_iter()
             .zip(dk.views())
             .zip(dv.views())
             .enumerate()
-            .try_for_each(|(i, ((mut dqi, mut dki), mut dvi))| {
-                let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
+            .try_for_each(|(i, ((dqi, dki), mut dvi))| {
+                let qf = Blocks::transpose_of(&head(&q, i), w);
+                let kf = Blocks::transpose_of(&head(&k, i), w);
                 let grad = HeadGrad {
                     g: head(&gv, i),
                     out: head(&ov, i),
                     den: den.row(i),
                 };
                 attend_head_backward(
-                    &qi,
-                    &ki,
-                    &vi,
-                    &grad,
-                    &contexts[i],
                     self.causal,
-                    self.eps,
-                    self.chunk,
-                    &mut dqi,
-                    &mut dki,
+                    w,
+                    &contexts[i],
+                    &FeatureSource::Kept(&qf),
+                    &FeatureSource::Kept(&kf),
+                    &head(&v, i),
+                    &grad,
+                    &mut GradSink::Features(dqi),
+                    &mut GradSink::Features(dki),
                     &mut dvi,
+                    None,
+                    sh.m,
                 )
             })?;
         Ok(vec![
@@ -386,105 +763,6 @@ impl CustomOp for LinearAttentionOp {
             needs[1].then(|| dk.into_array()),
             needs[2].then(|| dv.into_array()),
         ])
-    }
-}
-
-/// One head's attention forward on features; returns what its backward needs.
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    qf: &ArrayView2<f32>,
-    kf: &ArrayView2<f32>,
-    v: &ArrayView2<f32>,
-    causal: bool,
-    eps: f32,
-    chunk: usize,
-    keep_cache: bool,
-    out: &mut ndarray::ArrayViewMut2<f32>,
-    den: &mut ndarray::ArrayViewMut1<f32>,
-) -> Result<HeadContext> {
-    if causal {
-        let mut cache =
-            keep_cache.then(|| CausalCache::new(qf.nrows(), qf.ncols(), v.ncols(), chunk));
-        kernels::causal_forward(qf, kf, v, eps, chunk, out, den, cache.as_mut())?;
-        Ok(HeadContext {
-            cache,
-            ..Default::default()
-        })
-    } else {
-        let kv = kernels::noncausal_forward(qf, kf, v, out, den)?;
-        Ok(HeadContext {
-            kv: Some(kv),
-            ..Default::default()
-        })
-    }
-}
-
-/// The output side of one head's backward: the gradient, the output and its normalizers.
-struct HeadGrad<'a> {
-    g: ArrayView2<'a, f32>,
-    out: ArrayView2<'a, f32>,
-    den: ndarray::ArrayView1<'a, f32>,
-}
-
-/// One head's attention backward on features.
-#[allow(clippy::too_many_arguments)]
-fn attend_head_backward(
-    qf: &ArrayView2<f32>,
-    kf: &ArrayView2<f32>,
-    v: &ArrayView2<f32>,
-    grad: &HeadGrad<'_>,
-    ctx: &HeadContext,
-    causal: bool,
-    eps: f32,
-    chunk: usize,
-    dqf: &mut ndarray::ArrayViewMut2<f32>,
-    dkf: &mut ndarray::ArrayViewMut2<f32>,
-    dv: &mut ndarray::ArrayViewMut2<f32>,
-) -> Result<()> {
-    if causal {
-        kernels::causal_backward(
-            qf,
-            kf,
-            v,
-            &grad.g,
-            &grad.out,
-            &grad.den,
-            eps,
-            chunk,
-            ctx.cache.as_ref(),
-            dqf,
-            dkf,
-            dv,
-        )
-    } else {
-        let kv = match &ctx.kv {
-            Some(kv) => kv.clone(),
-            None => {
-                let va = kernels::augment(v);
-                let mut kv = Array2::<f32>::zeros((qf.ncols(), va.ncols()));
-                performer_tensor::gemm::gemm_into(
-                    &mut kv.view_mut(),
-                    &kf.t(),
-                    &va.view(),
-                    1.0,
-                    0.0,
-                    performer_tensor::gemm::Threads::Single,
-                )?;
-                kv
-            }
-        };
-        kernels::noncausal_backward(
-            qf,
-            kf,
-            v,
-            &kv.view(),
-            &grad.g,
-            &grad.out,
-            &grad.den,
-            dqf,
-            dkf,
-            dv,
-        )
     }
 }
 
@@ -507,6 +785,7 @@ pub fn linear_attention_chunked(
             causal: false,
             eps: 0.0,
             chunk,
+            budget: SAVE_BUDGET_BYTES,
         },
         &[q, k, v],
     )?
@@ -529,6 +808,7 @@ pub fn causal_linear_attention(
             causal: true,
             eps,
             chunk,
+            budget: SAVE_BUDGET_BYTES,
         },
         &[q, k, v],
     )?
@@ -543,6 +823,8 @@ struct FavorAttentionOp {
     eps: f32,
     causal: bool,
     chunk: usize,
+    /// Bytes the forward may keep ([`SAVE_BUDGET_BYTES`]).
+    budget: usize,
 }
 
 impl FavorAttentionOp {
@@ -562,22 +844,6 @@ impl FavorAttentionOp {
         check_projection(self.name(), inputs[3].shape(), d)?;
         Ok((sh, d, inputs[3].shape()[0]))
     }
-
-    /// Features of head `i`'s queries and keys.
-    fn head_features(
-        &self,
-        spec: &FeatureSpec,
-        qi: &ArrayView2<f32>,
-        ki: &ArrayView2<f32>,
-        p: &ArrayView2<f32>,
-    ) -> Result<(Array2<f32>, Array2<f32>)> {
-        let m = p.nrows();
-        let mut qf = Array2::<f32>::zeros((qi.nrows(), m));
-        let mut kf = Array2::<f32>::zeros((ki.nrows(), m));
-        spec.features(qi, p, true, &mut qf.view_mut())?;
-        spec.features(ki, p, false, &mut kf.view_mut())?;
-        Ok((qf, kf))
-    }
 }
 
 impl CustomOp for FavorAttentionOp {
@@ -592,10 +858,11 @@ impl CustomOp for FavorAttentionOp {
         let spec = self.spec(d, m);
         let (q, k, v) = (inputs[0].view(), inputs[1].view(), inputs[2].view());
         let p: ArrayView2<f32> = inputs[3].view().into_dimensionality().expect("checked 2-D");
-        let mut out = HeadsOut::zeros(&sh.lead, sh.n, sh.e);
-        let heads = out.data.len_of(ndarray::Axis(0));
+        // Every row of every head is written by the forward.
+        let mut out = HeadsOut::for_overwrite(&sh.lead, sh.n, sh.e);
+        let heads = out.data.len_of(Axis(0));
         let mut den = row_vectors(heads, sh.n);
-        let (keep_cache, keep_features) = save_plan(
+        let plan = SavePlan::new(
             save,
             self.causal,
             heads,
@@ -605,7 +872,9 @@ impl CustomOp for FavorAttentionOp {
             sh.e,
             self.chunk,
             true,
+            self.budget,
         );
+        let w = block_width(self.causal, self.chunk);
         let contexts: Vec<HeadContext> = out
             .views()
             .into_par_iter()
@@ -613,30 +882,38 @@ impl CustomOp for FavorAttentionOp {
             .enumerate()
             .map(|(i, (mut o, mut dn))| {
                 let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
-                let (qf, kf) = self.head_features(&spec, &qi, &ki, &p)?;
+                // Projections write every block.
+                let mut qf = Blocks::for_overwrite(m, sh.n, w);
+                features_into(
+                    &spec,
+                    &qi,
+                    &Blocks::transpose_of(&qi, w),
+                    &p,
+                    &mut qf,
+                    false,
+                )?;
+                let mut kf = Blocks::for_overwrite(m, sh.nk, w);
+                let key_stab =
+                    features_into(&spec, &ki, &Blocks::transpose_of(&ki, w), &p, &mut kf, true)?;
                 let mut ctx = attend_head(
-                    &qf.view(),
-                    &kf.view(),
+                    &qf,
+                    &kf,
                     &vi,
                     self.causal,
                     CAUSAL_EPS,
-                    self.chunk,
-                    keep_cache,
+                    plan,
                     &mut o,
                     &mut dn,
                 )?;
-                if keep_features {
+                ctx.key_stab = key_stab;
+                if plan.features {
                     ctx.features = Some((qf, kf));
                 }
                 Ok(ctx)
             })
             .collect::<Result<_>>()?;
         let out = out.into_array();
-        let kept = if save {
-            out.clone().into_shared()
-        } else {
-            ArrayD::zeros(ndarray::IxDyn(&[0])).into_shared()
-        };
+        let kept = kept_output(&out, save);
         Ok((vec![out], (den, kept, contexts)))
     }
 
@@ -662,62 +939,75 @@ impl CustomOp for FavorAttentionOp {
             g.view(),
         );
         let p: ArrayView2<f32> = inputs[3].view().into_dimensionality().expect("checked 2-D");
-        let mut dq = HeadsOut::zeros(&sh.lead, sh.n, d);
-        let mut dk = HeadsOut::zeros(&sh.lead, sh.nk, d);
-        let mut dv = HeadsOut::zeros(&sh.lead, sh.nk, sh.e);
+        let w = block_width(self.causal, self.chunk);
+        // The backward writes every block of every gradient.
+        let mut dq = HeadsOut::for_overwrite(&sh.lead, sh.n, d);
+        let mut dk = HeadsOut::for_overwrite(&sh.lead, sh.nk, d);
+        let mut dv = HeadsOut::for_overwrite(&sh.lead, sh.nk, sh.e);
         let parts: Vec<Option<Array2<f32>>> = dq
             .views()
             .into_par_iter()
             .zip(dk.views())
             .zip(dv.views())
             .enumerate()
-            .map(|(i, ((mut dqi, mut dki), mut dvi))| {
+            .map(|(i, ((dqi, dki), mut dvi))| {
                 let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
                 let ctx = &contexts[i];
-                let recomputed;
-                let (qf, kf) = match &ctx.features {
-                    Some((qf, kf)) => (qf, kf),
-                    None => {
-                        recomputed = self.head_features(&spec, &qi, &ki, &p)?;
-                        (&recomputed.0, &recomputed.1)
-                    }
+                // The rows' transposes serve recomputing features and the generalized kernel.
+                let need_t = ctx.features.is_none() || self.map != FeatureMap::Softmax;
+                let qx = need_t.then(|| Blocks::transpose_of(&qi, w));
+                let kx = need_t.then(|| Blocks::transpose_of(&ki, w));
+                let (q_src, k_src) = match (&ctx.features, &qx, &kx) {
+                    (Some((qf, kf)), _, _) => (FeatureSource::Kept(qf), FeatureSource::Kept(kf)),
+                    (None, Some(qx), Some(kx)) => (
+                        FeatureSource::Recompute {
+                            spec,
+                            x: qi.view(),
+                            xt: qx,
+                            proj: p.view(),
+                            stab: None,
+                        },
+                        FeatureSource::Recompute {
+                            spec,
+                            x: ki.view(),
+                            xt: kx,
+                            proj: p.view(),
+                            stab: Some(ctx.key_stab),
+                        },
+                    ),
+                    _ => unreachable!("transposes are made whenever features are not kept"),
                 };
-                let mut dqf = Array2::<f32>::zeros((sh.n, m));
-                let mut dkf = Array2::<f32>::zeros((sh.nk, m));
                 let grad = HeadGrad {
                     g: head(&gv, i),
                     out: head(&ov, i),
                     den: den.row(i),
                 };
+                let mut dp = needs[3].then(|| Array2::<f32>::zeros((m, d)));
                 attend_head_backward(
-                    &qf.view(),
-                    &kf.view(),
+                    self.causal,
+                    w,
+                    ctx,
+                    &q_src,
+                    &k_src,
                     &vi,
                     &grad,
-                    ctx,
-                    self.causal,
-                    CAUSAL_EPS,
-                    self.chunk,
-                    &mut dqf.view_mut(),
-                    &mut dkf.view_mut(),
+                    &mut GradSink::Rows {
+                        spec,
+                        x: qi.view(),
+                        xt: qx.as_ref(),
+                        proj: p.view(),
+                        dx: dqi,
+                    },
+                    &mut GradSink::Rows {
+                        spec,
+                        x: ki.view(),
+                        xt: kx.as_ref(),
+                        proj: p.view(),
+                        dx: dki,
+                    },
                     &mut dvi,
-                )?;
-                let mut dp = needs[3].then(|| Array2::<f32>::zeros((m, d)));
-                spec.backward(
-                    &qi,
-                    &p,
-                    &qf.view(),
-                    &mut dqf.view_mut(),
-                    &mut dqi,
                     dp.as_mut(),
-                )?;
-                spec.backward(
-                    &ki,
-                    &p,
-                    &kf.view(),
-                    &mut dkf.view_mut(),
-                    &mut dki,
-                    dp.as_mut(),
+                    m,
                 )?;
                 Ok(dp)
             })
@@ -735,8 +1025,8 @@ impl CustomOp for FavorAttentionOp {
 /// FAVOR+ attention in one fused op: features of `q` and `k` `(..., n, d)` through
 /// `projection` `(m, d)` with the given map, then non-causal or causal linear attention with
 /// `v` `(..., nk, e)`. Equal to composing [`softmax_kernel`] (or [`generalized_kernel`]) with
-/// [`linear_attention`] / [`causal_linear_attention`], without storing the features: the
-/// backward recomputes them per head.
+/// [`linear_attention`] / [`causal_linear_attention`]; the features are kept for the backward
+/// only while they fit [`SAVE_BUDGET_BYTES`], else recomputed block by block.
 pub fn favor_attention(
     q: &Tensor,
     k: &Tensor,
@@ -757,8 +1047,119 @@ pub fn favor_attention(
             eps,
             causal,
             chunk,
+            budget: SAVE_BUDGET_BYTES,
         },
         &[q, k, v, projection],
     )?
     .remove(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::{OrthoScaling, gaussian_orthogonal_random_matrix_with};
+    use ndarray::IxDyn;
+    use performer_tensor::ops::Activation;
+    use performer_tensor::rng::Generator;
+
+    fn randn(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
+        let mut g = Generator::seeded(seed);
+        ArrayD::from_shape_simple_fn(IxDyn(shape), || scale * g.normal())
+    }
+
+    fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+        let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// Output and gradients of (q, k, v, projection) of the fused op with a given budget.
+    fn run_fused(
+        map: FeatureMap,
+        causal: bool,
+        chunk: usize,
+        budget: usize,
+        n: usize,
+    ) -> Vec<ArrayD<f32>> {
+        let (d, m) = (8, 12);
+        let q = Tensor::var(randn(&[1, 2, n, d], 1, 0.7));
+        let k = Tensor::var(randn(&[1, 2, n, d], 2, 0.7));
+        let v = Tensor::var(randn(&[1, 2, n, d], 3, 1.0));
+        let p = Tensor::var(
+            gaussian_orthogonal_random_matrix_with(
+                m,
+                d,
+                OrthoScaling::Gaussian,
+                &mut Generator::seeded(4),
+            )
+            .unwrap()
+            .into_dyn(),
+        );
+        let eps = if map == FeatureMap::Softmax {
+            1e-4
+        } else {
+            1e-3
+        };
+        let op = FavorAttentionOp {
+            map,
+            eps,
+            causal,
+            chunk,
+            budget,
+        };
+        let out = apply_custom_op(op, &[&q, &k, &v, &p]).unwrap().remove(0);
+        let probe = Tensor::new(randn(out.shape(), 5, 1.0));
+        let g = out.mul(&probe).unwrap().sum_all().backward().unwrap();
+        let mut res = vec![out.to_array()];
+        res.extend([&q, &k, &v, &p].map(|t| g.get(t).unwrap().clone()));
+        res
+    }
+
+    /// With no budget the backward recomputes features per segment and causal states from one
+    /// checkpoint per segment; results equal those of keeping everything.
+    #[test]
+    fn recomputing_equals_keeping() {
+        let n = 300; // two segments, the last with a partial chunk
+        assert_eq!(
+            SavePlan::new(true, true, 2, n, n, 12, 8, 16, true, 0).state_every,
+            16
+        );
+        assert!(!SavePlan::new(true, true, 2, n, n, 12, 8, 16, true, 0).features);
+        let full = SavePlan::new(true, true, 2, n, n, 12, 8, 16, true, usize::MAX);
+        assert!(full.features && full.state_every == 1);
+        for causal in [false, true] {
+            for map in [
+                FeatureMap::Softmax,
+                FeatureMap::Generalized(Activation::Relu),
+            ] {
+                let kept = run_fused(map, causal, 16, usize::MAX, n);
+                let redone = run_fused(map, causal, 16, 0, n);
+                for (i, (a, b)) in redone.iter().zip(&kept).enumerate() {
+                    let err = rel_err(a, b);
+                    assert!(
+                        err < 1e-5,
+                        "{map:?} causal {causal}: output {i} differs by {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Chunk sizes that do and do not divide the segment give the same results.
+    #[test]
+    fn chunk_size_does_not_change_results() {
+        let n = 300;
+        let base = run_fused(FeatureMap::Softmax, true, 16, 0, n);
+        for chunk in [1, 7, 64, 100, 512] {
+            for budget in [0, usize::MAX] {
+                let other = run_fused(FeatureMap::Softmax, true, chunk, budget, n);
+                for (i, (a, b)) in other.iter().zip(&base).enumerate() {
+                    let err = rel_err(a, b);
+                    assert!(
+                        err < 2e-5,
+                        "chunk {chunk} budget {budget}: output {i} differs by {err}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -353,3 +353,108 @@ fn bad_shapes_are_errors() {
         "int(1 ln 1) = 0 features"
     );
 }
+
+/// Causal linear attention written quadratically with tensor ops (the masked n x n product):
+/// `out = mask(q k^T) v / (mask(q k^T) 1 + eps * q 1)`.
+fn quadratic_causal(q: &Tensor, k: &Tensor, v: &Tensor, eps: f32) -> Tensor {
+    let n = q.shape()[2];
+    let mask = Tensor::new(ArrayD::from_shape_fn(IxDyn(&[n, n]), |ix| {
+        if ix[1] <= ix[0] { 1.0 } else { 0.0 }
+    }));
+    let a = q
+        .matmul(&k.transpose(2, 3).unwrap())
+        .unwrap()
+        .mul(&mask)
+        .unwrap();
+    let den = a
+        .sum(&[-1], true)
+        .unwrap()
+        .add(&q.sum(&[-1], true).unwrap().mul_scalar(eps))
+        .unwrap();
+    a.matmul(v).unwrap().div(&den).unwrap()
+}
+
+/// Forward and input gradients (under a random probe) of two attention implementations agree
+/// within `tol` of the largest magnitude.
+fn assert_same_attention(
+    name: &str,
+    inputs: [&ArrayD<f32>; 3],
+    ours: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+    reference: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+    tol: f32,
+) {
+    let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+        let [q, k, v] = inputs.map(|a| Tensor::var(a.clone()));
+        let out = f(&q, &k, &v);
+        let probe = Tensor::new(randn(out.shape(), 99, 1.0));
+        let g = out.mul(&probe).unwrap().sum_all().backward().unwrap();
+        let mut res = vec![out.to_array()];
+        res.extend([&q, &k, &v].map(|t| g.get(t).unwrap().clone()));
+        res
+    };
+    let (a, b) = (run(&ours), run(&reference));
+    for (what, x, y) in ["out", "dq", "dk", "dv"]
+        .iter()
+        .zip(&a)
+        .zip(&b)
+        .map(|((w, x), y)| (w, x, y))
+    {
+        let scale = y.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let err = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
+        assert!(err < tol, "{name}: {what} differs by {err}");
+    }
+}
+
+/// Several backward segments (256 positions each), chunks that do not divide them, and a
+/// partial last chunk, against the quadratic form.
+#[test]
+fn causal_matches_quadratic_form_over_many_segments() {
+    let n = 600;
+    let q = positive(&[1, 2, n, 6], 30);
+    let k = positive(&[1, 2, n, 6], 31);
+    let v = randn(&[1, 2, n, 5], 32, 1.0);
+    for chunk in [16, 48, 64, 256] {
+        assert_same_attention(
+            &format!("causal chunk {chunk}"),
+            [&q, &k, &v],
+            |q, k, v| causal_linear_attention(q, k, v, 1e-6, chunk).unwrap(),
+            |q, k, v| quadratic_causal(q, k, v, 1e-6),
+            2e-5,
+        );
+    }
+    assert_same_attention(
+        "non-causal",
+        [&q, &k, &v],
+        |q, k, v| linear_attention(q, k, v).unwrap(),
+        |q, k, v| {
+            let a = q.matmul(&k.transpose(2, 3).unwrap()).unwrap();
+            let den = a.sum(&[-1], true).unwrap();
+            a.matmul(v).unwrap().div(&den).unwrap()
+        },
+        2e-5,
+    );
+}
+
+/// The fused op (FastAttention's) over many segments equals the reference feature map followed
+/// by the quadratic causal form.
+#[test]
+fn fused_causal_matches_quadratic_form_over_many_segments() {
+    let n = 520;
+    let q = randn(&[1, 2, n, 8], 33, 0.8);
+    let k = randn(&[1, 2, n, 8], 34, 0.8);
+    let v = randn(&[1, 2, n, 8], 35, 1.0);
+    let p = Tensor::new(proj(20, 8, 36));
+    for chunk in [32, 64] {
+        assert_same_attention(
+            &format!("fused chunk {chunk}"),
+            [&q, &k, &v],
+            |q, k, v| favor_attention(q, k, v, &p, FeatureMap::Softmax, true, chunk).unwrap(),
+            |q, k, v| {
+                let qf = composed_features(q, &p, FeatureMap::Softmax, true);
+                let kf = composed_features(k, &p, FeatureMap::Softmax, false);
+                quadratic_causal(&qf, &kf, v, 1e-6)
+            },
+            1e-4,
+        );
+    }
+}
