@@ -22,6 +22,7 @@
 //! ```
 
 mod blocks;
+mod decoding;
 mod fast_attention;
 mod feature;
 pub mod heads;
@@ -30,6 +31,7 @@ mod ops;
 mod projection;
 mod simd;
 
+pub use decoding::{CausalState, ContextState};
 pub use fast_attention::{
     FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,
 };

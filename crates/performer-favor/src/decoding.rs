@@ -1,0 +1,372 @@
+//! Incremental (recurrent) FAVOR+: causal linear attention is an RNN ("Transformers are RNNs",
+//! Katharopoulos et al. 2020). [`CausalState`] carries, per head, the sums over all keys seen so
+//! far, so attending from one new position costs O(m d) whatever the length, and equals the
+//! reference's parallel forward over the whole prefix.
+//!
+//! The softmax kernel needs care: the reference shifts every key feature by the max over the
+//! sequence it sees (the key stabilizer), so at step t all keys use the max `M_t` over positions
+//! `<= t`. With `a_j = u_j - dn^2 |k_j|^2 / 2`, `k'_j = r (exp(a_j - M_t) + eps)`, the state keeps
+//! `A = sum_j exp(a_j - R) v_j^T`, `Z = sum_j exp(a_j - R)` with a running reference `R` (= the
+//! running max, rescaled when it grows), and `B = sum_j v_j`, `count` for the eps term, and
+//! combines them at read time: `sum_j k'_j v_j^T = r A + r eps 1 B^T`. [`ContextState`] does the
+//! same for a fixed context (cross-attention): its sums are computed once.
+
+use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
+use performer_tensor::ops::Activation;
+use performer_tensor::{Error, Result};
+
+use crate::fast_attention::FastAttention;
+use crate::ops::CAUSAL_EPS;
+
+/// How features are computed, with their constants.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Softmax {
+        dn: f32,
+        ratio: f32,
+        eps: f32,
+    },
+    Generalized {
+        dn: f32,
+        eps: f32,
+        kernel: Activation,
+    },
+    /// `no_projection`: queries softmaxed over the head's features, keys `exp(k)` (causal) or
+    /// softmaxed over positions (a context).
+    NoProjection,
+}
+
+fn kind_of(fa: &FastAttention) -> Kind {
+    let c = fa.config();
+    let dn = (c.dim_heads as f32).powf(-0.25);
+    if c.no_projection {
+        Kind::NoProjection
+    } else if c.generalized_attention {
+        Kind::Generalized {
+            dn,
+            eps: 1e-3,
+            kernel: c.kernel_fn,
+        }
+    } else {
+        Kind::Softmax {
+            dn,
+            ratio: (fa.nb_features() as f32).powf(-0.5),
+            eps: 1e-4,
+        }
+    }
+}
+
+/// `u = dn * x P^T` for the rows of `x` (n, d): (n, m).
+fn project(x: &ArrayView2<f32>, p: &ArrayView2<f32>, dn: f32) -> Array2<f32> {
+    let mut u = x.dot(&p.t());
+    u.mapv_inplace(|v| v * dn);
+    u
+}
+
+fn half_sq_norm(x: &ndarray::ArrayView1<f32>, dn: f32) -> f32 {
+    0.5 * dn * dn * x.iter().map(|v| v * v).sum::<f32>()
+}
+
+/// The query's features (m): per-row stabilizer, as the reference.
+fn query_features(kind: Kind, q: &ndarray::ArrayView1<f32>, p: &ArrayView2<f32>) -> Array1<f32> {
+    match kind {
+        Kind::Softmax { dn, ratio, eps } => {
+            let u = p.dot(q) * dn;
+            let diag = half_sq_norm(q, dn);
+            let s = u.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            u.mapv(|v| ratio * ((v - diag - s).exp() + eps))
+        }
+        Kind::Generalized { dn, eps, kernel } => (p.dot(q) * dn).mapv(|v| kernel.f(v) + eps),
+        Kind::NoProjection => {
+            let m = q.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let e = q.mapv(|v| (v - m).exp());
+            let s = e.sum();
+            e / s
+        }
+    }
+}
+
+fn check_heads(op: &str, what: &str, shape: &[usize], heads: usize, dim: usize) -> Result<()> {
+    if shape[0] != heads || shape[shape.len() - 1] != dim {
+        return Err(Error::shape(
+            op,
+            format!("{what} {shape:?} must be (heads = {heads}, ..., {dim})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Running sums of a causal FastAttention over the keys and values seen so far, per head.
+#[derive(Clone, Debug)]
+pub struct CausalState {
+    heads: usize,
+    m: usize,
+    e: usize,
+    /// `sum exp(a_j - R) v_j^T` (softmax) or `sum k'_j v_j^T` (others): (heads, m, e).
+    kv: Array3<f32>,
+    /// `sum exp(a_j - R)` or `sum k'_j`: (heads, m).
+    z: Array2<f32>,
+    /// `sum v_j` (softmax only): (heads, e).
+    v_sum: Array2<f32>,
+    /// Running max of the key projections (softmax only).
+    reference: Array1<f32>,
+    count: usize,
+}
+
+impl CausalState {
+    /// Number of positions seen.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether no position has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes held (constant in the number of positions).
+    pub fn bytes(&self) -> usize {
+        4 * (self.kv.len() + self.z.len() + self.v_sum.len() + self.reference.len())
+    }
+}
+
+/// Precomputed sums of a non-causal FastAttention over a fixed context, per head.
+#[derive(Clone, Debug)]
+pub struct ContextState {
+    heads: usize,
+    /// `k'^T v`: (heads, m, e).
+    kv: Array3<f32>,
+    /// `k'^T 1`: (heads, m).
+    z: Array2<f32>,
+}
+
+impl FastAttention {
+    /// An empty causal state for `heads` heads with values of size `value_dim`.
+    pub fn causal_state(&self, heads: usize, value_dim: usize) -> CausalState {
+        let m = match kind_of(self) {
+            Kind::NoProjection => self.config().dim_heads,
+            _ => self.nb_features(),
+        };
+        CausalState {
+            heads,
+            m,
+            e: value_dim,
+            kv: Array3::zeros((heads, m, value_dim)),
+            z: Array2::zeros((heads, m)),
+            v_sum: Array2::zeros((heads, value_dim)),
+            reference: Array1::from_elem(heads, f32::NEG_INFINITY),
+            count: 0,
+        }
+    }
+
+    /// Appends keys `k` (heads, n, d) and values `v` (heads, n, e), in order, to `state`.
+    pub fn extend_state(
+        &self,
+        state: &mut CausalState,
+        k: &ArrayView3<f32>,
+        v: &ArrayView3<f32>,
+    ) -> Result<()> {
+        let d = self.config().dim_heads;
+        check_heads(
+            "FastAttention::extend_state",
+            "k",
+            k.shape(),
+            state.heads,
+            d,
+        )?;
+        check_heads(
+            "FastAttention::extend_state",
+            "v",
+            v.shape(),
+            state.heads,
+            state.e,
+        )?;
+        if k.shape()[1] != v.shape()[1] {
+            return Err(Error::shape(
+                "FastAttention::extend_state",
+                format!("k {:?} and v {:?} differ in length", k.shape(), v.shape()),
+            ));
+        }
+        let p = self.projection_matrix()?;
+        let p = p
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::shape("FastAttention", e.to_string()))?;
+        let kind = kind_of(self);
+        for h in 0..state.heads {
+            let (kh, vh) = (k.index_axis(Axis(0), h), v.index_axis(Axis(0), h));
+            let mut kv = state.kv.index_axis_mut(Axis(0), h);
+            let mut z = state.z.index_axis_mut(Axis(0), h);
+            match kind {
+                Kind::Softmax { dn, .. } => {
+                    let u = project(&kh, &p, dn);
+                    let new_max = u.fold(state.reference[h], |a, &b| a.max(b));
+                    if new_max > state.reference[h] && state.reference[h].is_finite() {
+                        let scale = (state.reference[h] - new_max).exp();
+                        kv.mapv_inplace(|x| x * scale);
+                        z.mapv_inplace(|x| x * scale);
+                    }
+                    state.reference[h] = new_max;
+                    // w_j = exp(a_j - R), a_j = u_j - dn^2 |k_j|^2 / 2
+                    let mut w = u;
+                    for (mut row, kr) in w.rows_mut().into_iter().zip(kh.rows()) {
+                        let diag = half_sq_norm(&kr, dn);
+                        row.mapv_inplace(|x| (x - diag - new_max).exp());
+                    }
+                    kv += &w.t().dot(&vh);
+                    z += &w.sum_axis(Axis(0));
+                    let mut vs = state.v_sum.index_axis_mut(Axis(0), h);
+                    vs += &vh.sum_axis(Axis(0));
+                }
+                Kind::Generalized { dn, eps, kernel } => {
+                    let kf = project(&kh, &p, dn).mapv(|x| kernel.f(x) + eps);
+                    kv += &kf.t().dot(&vh);
+                    z += &kf.sum_axis(Axis(0));
+                }
+                Kind::NoProjection => {
+                    let kf = kh.mapv(f32::exp);
+                    kv += &kf.t().dot(&vh);
+                    z += &kf.sum_axis(Axis(0));
+                }
+            }
+        }
+        state.count += k.shape()[1];
+        Ok(())
+    }
+
+    /// Attention of one query per head `q` (heads, d) over every key in `state`: (heads, e).
+    pub fn query_state(&self, state: &CausalState, q: &ArrayView2<f32>) -> Result<Array2<f32>> {
+        check_heads(
+            "FastAttention::query_state",
+            "q",
+            q.shape(),
+            state.heads,
+            self.config().dim_heads,
+        )?;
+        if state.count == 0 {
+            return Err(Error::invalid(
+                "FastAttention::query_state",
+                "state",
+                "empty",
+                "extend it with the current position's key first",
+            ));
+        }
+        let p = self.projection_matrix()?;
+        let p = p
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::shape("FastAttention", e.to_string()))?;
+        let kind = kind_of(self);
+        let mut out = Array2::<f32>::zeros((state.heads, state.e));
+        for h in 0..state.heads {
+            let qf = query_features(kind, &q.row(h), &p);
+            let (kv, z) = (
+                state.kv.index_axis(Axis(0), h),
+                state.z.index_axis(Axis(0), h),
+            );
+            let qsum = qf.sum();
+            let (num, den) = match kind {
+                Kind::Softmax { ratio, eps, .. } => {
+                    let vs = state.v_sum.row(h);
+                    let num = qf.dot(&kv) * ratio + &(vs.to_owned() * (ratio * eps * qsum));
+                    let den = ratio * qf.dot(&z)
+                        + ratio * eps * state.count as f32 * qsum
+                        + CAUSAL_EPS * qsum;
+                    (num, den)
+                }
+                _ => (qf.dot(&kv), qf.dot(&z) + CAUSAL_EPS * qsum),
+            };
+            Zip::from(out.row_mut(h))
+                .and(&num)
+                .for_each(|o, &x| *o = x / den);
+        }
+        Ok(out)
+    }
+
+    /// The sums of a fixed context `k` (heads, nc, d), `v` (heads, nc, e) for non-causal
+    /// attention (cross-attention while decoding), computed once.
+    pub fn context_state(&self, k: &ArrayView3<f32>, v: &ArrayView3<f32>) -> Result<ContextState> {
+        let heads = k.shape()[0];
+        let d = self.config().dim_heads;
+        check_heads("FastAttention::context_state", "k", k.shape(), heads, d)?;
+        if v.shape()[0] != heads || v.shape()[1] != k.shape()[1] {
+            return Err(Error::shape(
+                "FastAttention::context_state",
+                format!("k {:?} and v {:?} do not match", k.shape(), v.shape()),
+            ));
+        }
+        let p = self.projection_matrix()?;
+        let p = p
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::shape("FastAttention", e.to_string()))?;
+        let kind = kind_of(self);
+        let e = v.shape()[2];
+        let m = if matches!(kind, Kind::NoProjection) {
+            d
+        } else {
+            self.nb_features()
+        };
+        let mut kv = Array3::<f32>::zeros((heads, m, e));
+        let mut z = Array2::<f32>::zeros((heads, m));
+        for h in 0..heads {
+            let (kh, vh) = (k.index_axis(Axis(0), h), v.index_axis(Axis(0), h));
+            let kf = match kind {
+                Kind::Softmax { dn, ratio, eps } => {
+                    let u = project(&kh, &p, dn);
+                    let s = u.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mut kf = u;
+                    for (mut row, kr) in kf.rows_mut().into_iter().zip(kh.rows()) {
+                        let diag = half_sq_norm(&kr, dn);
+                        row.mapv_inplace(|x| ratio * ((x - diag - s).exp() + eps));
+                    }
+                    kf
+                }
+                Kind::Generalized { dn, eps, kernel } => {
+                    project(&kh, &p, dn).mapv(|x| kernel.f(x) + eps)
+                }
+                Kind::NoProjection => {
+                    // softmax over positions, per feature
+                    let mut kf = kh.to_owned();
+                    for mut col in kf.columns_mut() {
+                        let mx = col.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        col.mapv_inplace(|x| (x - mx).exp());
+                        let s = col.sum();
+                        col.mapv_inplace(|x| x / s);
+                    }
+                    kf
+                }
+            };
+            kv.index_axis_mut(Axis(0), h).assign(&kf.t().dot(&vh));
+            z.index_axis_mut(Axis(0), h).assign(&kf.sum_axis(Axis(0)));
+        }
+        Ok(ContextState { heads, kv, z })
+    }
+
+    /// Attention of one query per head `q` (heads, d) over a fixed context: (heads, e).
+    pub fn query_context(&self, state: &ContextState, q: &ArrayView2<f32>) -> Result<Array2<f32>> {
+        check_heads(
+            "FastAttention::query_context",
+            "q",
+            q.shape(),
+            state.heads,
+            self.config().dim_heads,
+        )?;
+        let p = self.projection_matrix()?;
+        let p = p
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::shape("FastAttention", e.to_string()))?;
+        let kind = kind_of(self);
+        let mut out = Array2::<f32>::zeros((state.heads, state.kv.shape()[2]));
+        for h in 0..state.heads {
+            let qf = query_features(kind, &q.row(h), &p);
+            let num = qf.dot(&state.kv.index_axis(Axis(0), h));
+            let den = qf.dot(&state.z.row(h));
+            Zip::from(out.row_mut(h))
+                .and(&num)
+                .for_each(|o, &x| *o = x / den);
+        }
+        Ok(out)
+    }
+}

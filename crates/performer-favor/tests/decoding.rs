@@ -1,0 +1,142 @@
+//! The recurrent state reproduces the parallel forward over every prefix (the reference's way
+//! of generating), for each feature map, including keys whose projections keep raising the
+//! running max of the softmax kernel's stabilizer.
+
+use ndarray::{ArrayD, Axis, IxDyn, s};
+use performer_favor::{FastAttention, FastAttentionConfig};
+use performer_tensor::ops::Activation;
+use performer_tensor::rng::Generator;
+use performer_tensor::{Tensor, no_grad};
+
+fn randn(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
+    let mut g = Generator::seeded(seed);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || scale * g.normal())
+}
+
+fn check(cfg: FastAttentionConfig, label: &str) {
+    performer_tensor::rng::manual_seed(1);
+    let fa = FastAttention::new(cfg).unwrap();
+    let (h, n, d) = (3, 40, 8);
+    // growing key norms make the running max increase along the sequence
+    let mut k = randn(&[1, h, n, d], 2, 1.0);
+    for t in 0..n {
+        k.slice_mut(s![.., .., t, ..])
+            .mapv_inplace(|x| x * (0.5 + t as f32 / 20.0));
+    }
+    let q = randn(&[1, h, n, d], 3, 1.0);
+    let v = randn(&[1, h, n, d], 4, 1.0);
+    let mut state = fa.causal_state(h, d);
+    let mut worst = 0f32;
+    for t in 0..n {
+        let kt = k
+            .slice(s![0, .., t..t + 1, ..])
+            .to_owned()
+            .into_dimensionality()
+            .unwrap();
+        let vt = v
+            .slice(s![0, .., t..t + 1, ..])
+            .to_owned()
+            .into_dimensionality()
+            .unwrap();
+        fa.extend_state(&mut state, &kt.view(), &vt.view()).unwrap();
+        let qt = q.slice(s![0, .., t, ..]).to_owned();
+        let ours = fa.query_state(&state, &qt.view()).unwrap();
+        let prefix =
+            |a: &ArrayD<f32>| Tensor::new(a.slice(s![.., .., ..=t, ..]).to_owned().into_dyn());
+        let full = no_grad(|| fa.forward(&prefix(&q), &prefix(&k), &prefix(&v))).unwrap();
+        let want = full
+            .view()
+            .index_axis(Axis(2), t)
+            .index_axis(Axis(0), 0)
+            .to_owned();
+        let scale = want.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        let err = ours
+            .iter()
+            .zip(want.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        worst = worst.max(err);
+    }
+    assert!(worst < 1e-4, "{label}: worst relative error {worst}");
+    assert_eq!(state.len(), n);
+}
+
+#[test]
+fn causal_state_matches_the_parallel_forward_on_every_prefix() {
+    let base = FastAttentionConfig {
+        nb_features: Some(20),
+        causal: true,
+        ..FastAttentionConfig::new(8)
+    };
+    check(base.clone(), "softmax");
+    check(
+        FastAttentionConfig {
+            generalized_attention: true,
+            ..base.clone()
+        },
+        "generalized relu",
+    );
+    check(
+        FastAttentionConfig {
+            generalized_attention: true,
+            kernel_fn: Activation::Softplus,
+            ..base.clone()
+        },
+        "generalized softplus",
+    );
+    check(
+        FastAttentionConfig {
+            no_projection: true,
+            ..base
+        },
+        "no projection",
+    );
+}
+
+#[test]
+fn context_state_matches_non_causal_attention() {
+    performer_tensor::rng::manual_seed(5);
+    for cfg in [
+        FastAttentionConfig {
+            nb_features: Some(20),
+            ..FastAttentionConfig::new(8)
+        },
+        FastAttentionConfig {
+            nb_features: Some(20),
+            generalized_attention: true,
+            ..FastAttentionConfig::new(8)
+        },
+        FastAttentionConfig {
+            no_projection: true,
+            ..FastAttentionConfig::new(8)
+        },
+    ] {
+        let fa = FastAttention::new(cfg).unwrap();
+        let (k, v) = (randn(&[1, 2, 13, 8], 6, 1.0), randn(&[1, 2, 13, 8], 7, 1.0));
+        let q = randn(&[1, 2, 5, 8], 8, 1.0);
+        let st = fa
+            .context_state(
+                &k.index_axis(Axis(0), 0).into_dimensionality().unwrap(),
+                &v.index_axis(Axis(0), 0).into_dimensionality().unwrap(),
+            )
+            .unwrap();
+        let full = no_grad(|| {
+            fa.forward(
+                &Tensor::new(q.clone()),
+                &Tensor::new(k.clone()),
+                &Tensor::new(v.clone()),
+            )
+        })
+        .unwrap();
+        for t in 0..5 {
+            let qt = q.slice(s![0, .., t, ..]).to_owned();
+            let ours = fa.query_context(&st, &qt.view()).unwrap();
+            let want = full.view().slice(s![0, .., t, ..]).to_owned();
+            let err = ours
+                .iter()
+                .zip(want.iter())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-5, "{err}");
+        }
+    }
+}
