@@ -101,15 +101,35 @@ pub unsafe fn gemm_raw(
     beta: f32,
     threads: Threads,
 ) {
+    let threads = match threads {
+        Threads::All => rayon::current_num_threads(),
+        Threads::Single => 1,
+    };
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { gemm_raw_threads(dims, c, a, b, alpha, beta, threads) }
+}
+
+/// [`gemm_raw`] on up to `threads` of rayon's threads (products under 64^3 use one).
+///
+/// # Safety
+/// As for [`gemm_raw`].
+pub(crate) unsafe fn gemm_raw_threads(
+    dims: MatDims,
+    c: (*mut f32, isize, isize),
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) {
     let MatDims { m, n, k } = dims;
     if m == 0 || n == 0 {
         return;
     }
-    let parallelism = match threads {
-        Threads::All if m * n * k >= 64 * 64 * 64 => {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        }
-        _ => gemm::Parallelism::None,
+    let parallelism = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= 64 * 64 * 64 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
     };
     // SAFETY: forwarded from the caller's contract. The `gemm` crate computes
     // dst := alpha_g * dst + beta_g * lhs @ rhs, so our (alpha, beta) swap places.
@@ -140,9 +160,32 @@ pub unsafe fn gemm_raw(
 
 /// `a @ b` into a new array.
 pub fn matmul2(a: &ArrayView2<f32>, b: &ArrayView2<f32>, threads: Threads) -> Result<Array2<f32>> {
-    let mut c = Array2::<f32>::zeros((a.nrows(), b.ncols()));
-    gemm_into(&mut c.view_mut(), a, b, 1.0, 0.0, threads)?;
-    Ok(c)
+    let ((m, k), (k2, n)) = (a.dim(), b.dim());
+    if k != k2 {
+        return Err(Error::shape(
+            "gemm",
+            format!("a {:?} @ b {:?}", a.shape(), b.shape()),
+        ));
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(Array2::zeros((m, n)));
+    }
+    let mut c = crate::alloc::uninit_array(&[m, n]);
+    // SAFETY: `c` is a fresh contiguous (m, n) buffer, written in full (beta = 0 never reads
+    // it); `a` and `b` are live views of the checked sizes.
+    unsafe {
+        gemm_raw(
+            MatDims { m, n, k },
+            (c.as_mut_ptr().cast::<f32>(), n as isize, 1),
+            (a.as_ptr(), a.strides()[0], a.strides()[1]),
+            (b.as_ptr(), b.strides()[0], b.strides()[1]),
+            1.0,
+            0.0,
+            threads,
+        );
+        let c = crate::alloc::assume_init(c);
+        Ok(c.into_dimensionality().expect("rank 2"))
+    }
 }
 
 /// Batched `a[i] @ b[i]`, parallel over the batch when it is large enough to feed every thread.

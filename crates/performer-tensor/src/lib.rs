@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod alloc;
 mod autograd;
 mod custom_op;
 mod error;

@@ -303,3 +303,126 @@ fn large_cross_entropy_matches_f64_and_the_serial_gradients() {
         );
     }
 }
+
+/// `a @ b` of the trailing two axes in f64, with broadcast batch axes (rank 3 or 4 here).
+fn naive_matmul(a: &ArrayD<f32>, b: &ArrayD<f32>) -> ArrayD<f32> {
+    let a4 = a
+        .view()
+        .into_shape_with_order(IxDyn(
+            &[1usize, 1, 1, 1][..4 - a.ndim()]
+                .iter()
+                .chain(a.shape())
+                .copied()
+                .collect::<Vec<_>>(),
+        ))
+        .unwrap();
+    let b4 = b
+        .view()
+        .into_shape_with_order(IxDyn(
+            &[1usize, 1, 1, 1][..4 - b.ndim()]
+                .iter()
+                .chain(b.shape())
+                .copied()
+                .collect::<Vec<_>>(),
+        ))
+        .unwrap();
+    let (s0, s1) = (
+        a4.shape()[0].max(b4.shape()[0]),
+        a4.shape()[1].max(b4.shape()[1]),
+    );
+    let (m, k, n) = (a4.shape()[2], a4.shape()[3], b4.shape()[3]);
+    let out = ArrayD::from_shape_fn(IxDyn(&[s0, s1, m, n]), |ix| {
+        let (i0a, i1a) = (ix[0].min(a4.shape()[0] - 1), ix[1].min(a4.shape()[1] - 1));
+        let (i0b, i1b) = (ix[0].min(b4.shape()[0] - 1), ix[1].min(b4.shape()[1] - 1));
+        (0..k)
+            .map(|p| a4[[i0a, i1a, ix[2], p]] as f64 * b4[[i0b, i1b, p, ix[3]]] as f64)
+            .sum::<f64>() as f32
+    });
+    let rank = a.ndim().max(b.ndim());
+    let keep: Vec<usize> = out.shape()[4 - rank..].to_vec();
+    out.into_shape_with_order(IxDyn(&keep)).unwrap()
+}
+
+#[test]
+fn large_matmuls_write_every_element_under_every_thread_policy() {
+    let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
+        (vec![300, 70], vec![70, 200]),         // one product on all threads
+        (vec![5, 64, 40], vec![5, 40, 48]),     // small products side by side
+        (vec![3, 128, 64], vec![3, 64, 40]),    // a few large products
+        (vec![9, 128, 64], vec![9, 64, 40]),    // many large products
+        (vec![2, 1, 128, 64], vec![3, 64, 40]), // broadcast batch axes
+    ];
+    for threads in [1, 2, 3, 8] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (i, (sa, sb)) in cases.iter().enumerate() {
+                let (a, b) = (randn(sa, 20 + i as u64), randn(sb, 40 + i as u64));
+                let got = Tensor::new(a.clone())
+                    .matmul(&Tensor::new(b.clone()))
+                    .unwrap()
+                    .to_array();
+                assert_close(
+                    &format!("{threads} threads, {sa:?} @ {sb:?}"),
+                    &got,
+                    &naive_matmul(&a, &b),
+                    2e-5,
+                );
+            }
+            let (a, b) = (randn(&[400, 90], 60), randn(&[90, 150], 61));
+            let a2 = a.view().into_dimensionality::<ndarray::Ix2>().unwrap();
+            let b2 = b.view().into_dimensionality::<ndarray::Ix2>().unwrap();
+            for t in [
+                performer_tensor::gemm::Threads::All,
+                performer_tensor::gemm::Threads::Single,
+            ] {
+                let got = performer_tensor::gemm::matmul2(&a2, &b2, t)
+                    .unwrap()
+                    .into_dyn();
+                assert_close(&format!("matmul2 {t:?}"), &got, &naive_matmul(&a, &b), 2e-5);
+            }
+        });
+    }
+}
+
+#[test]
+fn large_elementwise_ops_match_and_follow_their_operands_layout() {
+    let x = randn(&SHAPE, 70);
+    let xt = Tensor::new(x.clone()).permute(&[2, 0, 1]).unwrap(); // non-contiguous
+    let e = xt.exp();
+    assert_close(
+        "exp of a permuted view",
+        &e.to_array(),
+        &x.clone().permuted_axes(IxDyn(&[2, 0, 1])).mapv(f32::exp),
+        0.0,
+    );
+    assert_eq!(
+        e.data().strides(),
+        xt.data().strides(),
+        "the result keeps the operand's memory order"
+    );
+    let row = randn(&[90], 71);
+    let sum = Tensor::new(x.clone())
+        .add(&Tensor::new(row.clone()))
+        .unwrap();
+    assert!(sum.data().is_standard_layout());
+    assert_close("broadcast add", &sum.to_array(), &(&x + &row), 0.0);
+    let prod = xt.mul(&xt).unwrap();
+    assert_close(
+        "square of a view",
+        &prod.to_array(),
+        &xt.to_array().mapv(|v| v * v),
+        0.0,
+    );
+    // a tracked unary op's backward over a large input
+    let v = Tensor::var(x.clone());
+    let g = v.tanh().sum_all().backward().unwrap();
+    assert_close(
+        "tanh gradient",
+        g.get(&v).unwrap(),
+        &x.mapv(|v| 1.0 - v.tanh().powi(2)),
+        1e-6,
+    );
+}

@@ -119,12 +119,7 @@ impl Tensor {
 
 /// Zeros of `x`'s shape whose axes lie in memory in the same order as `x`'s.
 fn zeros_in_layout_of(x: &ArrayViewD<f32>) -> ArrayD<f32> {
-    let mut order: Vec<usize> = (0..x.ndim()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(x.strides()[i].unsigned_abs()));
+    let order = crate::alloc::memory_order(x);
     let shape: Vec<usize> = order.iter().map(|&i| x.shape()[i]).collect();
-    let mut inverse = vec![0; order.len()];
-    for (k, &i) in order.iter().enumerate() {
-        inverse[i] = k;
-    }
-    ArrayD::zeros(IxDyn(&shape)).permuted_axes(IxDyn(&inverse))
+    ArrayD::zeros(IxDyn(&shape)).permuted_axes(IxDyn(&crate::alloc::inverse(&order)))
 }

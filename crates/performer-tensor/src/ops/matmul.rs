@@ -8,7 +8,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
 use super::sum_to;
-use crate::gemm::{MatDims, Threads, gemm_raw};
+use crate::gemm::{MatDims, gemm_raw_threads};
 use crate::shape::broadcast_shapes;
 use crate::{Error, Result, Tensor};
 
@@ -58,11 +58,12 @@ pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD
     let b_b = b
         .broadcast(IxDyn(&with(k, n)))
         .expect("batch shape checked");
-    let mut out = ArrayD::<f32>::zeros(IxDyn(&with(m, n)));
     let count: usize = batch.iter().product();
     if count == 0 || m == 0 || n == 0 || k == 0 {
-        return Ok(out);
+        return Ok(ArrayD::<f32>::zeros(IxDyn(&with(m, n))));
     }
+    // Every element is written by the products below (beta = 0 never reads the output).
+    let mut out = crate::alloc::uninit_array(&with(m, n));
     let nb = batch.len();
     let (sa, sb) = (a_b.strides().to_vec(), b_b.strides().to_vec());
     let offset = |strides: &[isize], i: usize| -> isize {
@@ -76,16 +77,16 @@ pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD
     let ptrs = Shared {
         a: a_b.as_ptr(),
         b: b_b.as_ptr(),
-        c: out.as_mut_ptr(),
+        c: out.as_mut_ptr().cast::<f32>(),
     };
     let dims = MatDims { m, n, k };
-    let run = |i: usize, threads: Threads| {
+    let run = |i: usize, threads: usize| {
         let p = ptrs;
         // SAFETY: `offset` maps an in-range batch index through the broadcast views' own
         // strides to the start of a valid (m, k) / (k, n) matrix; output block `i` of the
         // contiguous result is written by this call only.
         unsafe {
-            gemm_raw(
+            gemm_raw_threads(
                 dims,
                 (p.c.add(i * m * n), n as isize, 1),
                 (p.a.offset(offset(&sa, i)), sa[nb], sa[nb + 1]),
@@ -97,15 +98,21 @@ pub fn batched_matmul(a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Result<ArrayD
         }
     };
     let threads = rayon::current_num_threads();
-    let small = m * n * k < 1 << 18;
-    if count > 1 && (count >= 2 * threads || small) {
+    let small = m.saturating_mul(n).saturating_mul(k) < 1 << 18;
+    if count == 1 {
+        run(0, threads);
+    } else if small || count >= 2 * threads {
+        (0..count).into_par_iter().for_each(|i| run(i, 1));
+    } else if count >= threads {
+        (0..count).for_each(|i| run(i, threads));
+    } else {
+        // Fewer products than threads: run them side by side, sharing the threads out.
         (0..count)
             .into_par_iter()
-            .for_each(|i| run(i, Threads::Single));
-    } else {
-        (0..count).for_each(|i| run(i, Threads::All));
+            .for_each(|i| run(i, threads / count));
     }
-    Ok(out)
+    // SAFETY: every output matrix was written in full above.
+    Ok(unsafe { crate::alloc::assume_init(out) })
 }
 
 /// Swaps the last two axes of a view (no copy).

@@ -23,12 +23,27 @@ use crate::parallel::PAR_THRESHOLD;
 
 /// `f` over every element, in parallel when large. The result has the operand's shape.
 pub(crate) fn map_array(x: &ArrayViewD<f32>, f: impl Fn(f32) -> f32 + Sync + Send) -> ArrayD<f32> {
-    let z = Zip::from(x);
-    if x.len() >= PAR_THRESHOLD {
-        z.par_map_collect(|&v| f(v))
-    } else {
-        z.map_collect(|&v| f(v))
+    if x.len() < PAR_THRESHOLD {
+        return Zip::from(x).map_collect(|&v| f(v));
     }
+    let mut out = crate::alloc::uninit_in_layout_of(x);
+    Zip::from(&mut out).and(x).par_for_each(|o, &v| {
+        o.write(f(v));
+    });
+    // SAFETY: the loop above wrote every element.
+    unsafe { crate::alloc::assume_init(out) }
+}
+
+/// The first operand that is not broadcast (no zero stride on an axis longer than 1), whose
+/// memory order the result should follow; the first operand if all are broadcast.
+fn layout_source<'a, 'b>(xs: &'a [&'a ArrayViewD<'b, f32>]) -> &'a ArrayViewD<'b, f32> {
+    let real = |x: &ArrayViewD<f32>| {
+        x.shape()
+            .iter()
+            .zip(x.strides())
+            .all(|(&d, &s)| d <= 1 || s != 0)
+    };
+    xs.iter().copied().find(|x| real(x)).unwrap_or(xs[0])
 }
 
 /// `f` over pairs of elements of two arrays of the same shape.
@@ -37,12 +52,15 @@ pub(crate) fn zip_map(
     b: &ArrayViewD<f32>,
     f: impl Fn(f32, f32) -> f32 + Sync + Send,
 ) -> ArrayD<f32> {
-    let z = Zip::from(a).and(b);
-    if a.len() >= PAR_THRESHOLD {
-        z.par_map_collect(|&x, &y| f(x, y))
-    } else {
-        z.map_collect(|&x, &y| f(x, y))
+    if a.len() < PAR_THRESHOLD {
+        return Zip::from(a).and(b).map_collect(|&x, &y| f(x, y));
     }
+    let mut out = crate::alloc::uninit_in_layout_of(layout_source(&[a, b]));
+    Zip::from(&mut out).and(a).and(b).par_for_each(|o, &x, &y| {
+        o.write(f(x, y));
+    });
+    // SAFETY: the loop above wrote every element.
+    unsafe { crate::alloc::assume_init(out) }
 }
 
 /// `f` over triples of elements of three arrays of the same shape.
@@ -52,12 +70,22 @@ pub(crate) fn zip_map3(
     c: &ArrayViewD<f32>,
     f: impl Fn(f32, f32, f32) -> f32 + Sync + Send,
 ) -> ArrayD<f32> {
-    let z = Zip::from(a).and(b).and(c);
-    if a.len() >= PAR_THRESHOLD {
-        z.par_map_collect(|&x, &y, &w| f(x, y, w))
-    } else {
-        z.map_collect(|&x, &y, &w| f(x, y, w))
+    if a.len() < PAR_THRESHOLD {
+        return Zip::from(a)
+            .and(b)
+            .and(c)
+            .map_collect(|&x, &y, &w| f(x, y, w));
     }
+    let mut out = crate::alloc::uninit_in_layout_of(layout_source(&[a, b, c]));
+    Zip::from(&mut out)
+        .and(a)
+        .and(b)
+        .and(c)
+        .par_for_each(|o, &x, &y, &w| {
+            o.write(f(x, y, w));
+        });
+    // SAFETY: the loop above wrote every element.
+    unsafe { crate::alloc::assume_init(out) }
 }
 
 /// Reshapes an array of any layout, copying only when its strides do not allow a view.
