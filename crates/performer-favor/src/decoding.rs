@@ -100,7 +100,6 @@ fn check_heads(op: &str, what: &str, shape: &[usize], heads: usize, dim: usize) 
 #[derive(Clone, Debug)]
 pub struct CausalState {
     heads: usize,
-    m: usize,
     e: usize,
     /// `sum exp(a_j - R) v_j^T` (softmax) or `sum k'_j v_j^T` (others): (heads, m, e).
     kv: Array3<f32>,
@@ -149,7 +148,6 @@ impl FastAttention {
         };
         CausalState {
             heads,
-            m,
             e: value_dim,
             kv: Array3::zeros((heads, m, value_dim)),
             z: Array2::zeros((heads, m)),

@@ -1,13 +1,14 @@
 //! Multi-head attention with FAVOR+ global heads and windowed local heads (performer-pytorch's
 //! `Attention`), and its self- and cross-attention forms.
 
-use performer_favor::{FastAttention, FastAttentionConfig};
+use performer_favor::{CausalState, ContextState, FastAttention, FastAttentionConfig};
 use performer_tensor::ops::Activation;
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 
 use crate::basic::{Dropout, Linear};
-use crate::block::{Block, BlockInputs};
+use crate::block::{Block, BlockInputs, BlockState, check_decode_length};
 use crate::local_attention::LocalAttention;
+use crate::local_attention::LocalCache;
 use crate::position::apply_rotary_pos_emb;
 
 /// Settings of [`Attention`], with performer-pytorch's names and defaults.
@@ -277,6 +278,226 @@ impl Attention {
     }
 }
 
+/// What an attention layer remembers while decoding.
+#[derive(Default)]
+pub struct AttentionState {
+    /// Positions seen.
+    pos: usize,
+    /// Running sums of the FAVOR+ heads (causal self-attention).
+    favor: Option<CausalState>,
+    /// Sums over the context (cross-attention), computed on the first call.
+    context: Option<ContextState>,
+    /// Recent keys and values of the local heads.
+    local: Option<LocalCache>,
+}
+
+impl AttentionState {
+    /// Positions seen.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+}
+
+/// `(b, h, n, d)` -> `(b * h, n, d)` as an owned array.
+fn heads_first(t: &Tensor) -> Result<ndarray::Array3<f32>> {
+    let s = t.shape().to_vec();
+    t.data()
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((s[0] * s[1], s[2], s[3]))
+        .map_err(|e| Error::shape("Attention::decode", e.to_string()))
+}
+
+/// `(b * h, d)` -> `(b, h, 1, d)`.
+fn one_position(a: ndarray::Array2<f32>, b: usize) -> Result<Tensor> {
+    let (bh, d) = a.dim();
+    Ok(Tensor::new(
+        a.into_shape_with_order((b, bh / b, 1, d))
+            .map_err(|e| Error::shape("Attention::decode", e.to_string()))?
+            .into_dyn(),
+    ))
+}
+
+impl Attention {
+    /// Incremental decoding (see [`Block::decode`]): causal self-attention keeps running FAVOR+
+    /// sums and its local heads' recent keys; cross-attention computes the context's sums once.
+    pub fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let cross = inputs.context.is_some();
+        if !cross && !c.causal {
+            return Err(Error::invalid(
+                "Attention::decode",
+                "causal",
+                false,
+                "non-causal self-attention needs every position at once",
+            ));
+        }
+        if x.rank() != 3 || x.shape()[2] != c.dim {
+            return Err(Error::shape(
+                "Attention::decode",
+                format!("input must be (b, n, dim = {}), got {:?}", c.dim, x.shape()),
+            ));
+        }
+        if matches!(state, BlockState::Empty) {
+            *state = BlockState::Attention(Box::default());
+        }
+        let BlockState::Attention(st) = state else {
+            return Err(Error::Other(
+                "Attention::decode: the state belongs to another block".into(),
+            ));
+        };
+        let (b, n) = (x.shape()[0], x.shape()[1]);
+        let fresh = st.pos == 0;
+        check_decode_length("Attention::decode", n, fresh)?;
+        if let Some(m) = inputs.mask
+            && m.shape() != [b, n]
+        {
+            return Err(Error::shape(
+                "Attention::decode",
+                format!(
+                    "mask {:?} must cover the new positions ({b}, {n})",
+                    m.shape()
+                ),
+            ));
+        }
+        let global = c.heads - c.local_heads;
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let mut outs = Vec::with_capacity(2);
+        if cross {
+            let context = inputs.context.expect("checked");
+            if st.context.is_none() {
+                let (k, v) = (
+                    self.split_heads(&self.to_k.forward(context)?)?,
+                    self.split_heads(&self.to_v.forward(context)?)?,
+                );
+                let v = match inputs.context_mask {
+                    Some(m) => {
+                        let nc = context.shape()[1];
+                        if m.shape() != [b, nc] {
+                            return Err(Error::shape(
+                                "Attention::decode",
+                                format!("context_mask {:?} must be ({b}, {nc})", m.shape()),
+                            ));
+                        }
+                        let padded =
+                            ndarray::Array4::from_shape_fn((b, 1, nc, 1), |(i, _, j, _)| {
+                                !m[[i, j]]
+                            });
+                        v.masked_fill(&padded.into_dyn().view(), 0.0)?
+                    }
+                    None => v,
+                };
+                st.context = Some(
+                    self.fast_attention
+                        .context_state(&heads_first(&k)?.view(), &heads_first(&v)?.view())?,
+                );
+            }
+            let ctx = st.context.as_ref().expect("set above");
+            let qs = heads_first(&q)?;
+            let mut rows = Vec::with_capacity(n);
+            for t in 0..n {
+                rows.push(one_position(
+                    self.fast_attention
+                        .query_context(ctx, &qs.index_axis(ndarray::Axis(1), t))?,
+                    b,
+                )?);
+            }
+            outs.push(if n == 1 {
+                rows.remove(0)
+            } else {
+                Tensor::cat(&rows, 2)?
+            });
+        } else {
+            let k = self.split_heads(&self.to_k.forward(x)?)?;
+            let v = self.split_heads(&self.to_v.forward(x)?)?;
+            if global > 0 {
+                let (mut gq, mut gk, mut gv) = (
+                    q.narrow(1, 0, global)?,
+                    k.narrow(1, 0, global)?,
+                    v.narrow(1, 0, global)?,
+                );
+                if let Some(m) = inputs.mask {
+                    let padded =
+                        ndarray::Array4::from_shape_fn((b, 1, n, 1), |(i, _, j, _)| !m[[i, j]]);
+                    gv = gv.masked_fill(&padded.into_dyn().view(), 0.0)?;
+                }
+                if let Some(pos) = inputs.pos_emb {
+                    (gq, gk) = apply_rotary_pos_emb(&gq, &gk, pos)?;
+                }
+                let favor = st.favor.get_or_insert_with(|| {
+                    self.fast_attention.causal_state(b * global, self.dim_head)
+                });
+                self.fast_attention.extend_state(
+                    favor,
+                    &heads_first(&gk)?.view(),
+                    &heads_first(&gv)?.view(),
+                )?;
+                if fresh {
+                    outs.push(self.fast_attention.forward(&gq, &gk, &gv)?);
+                } else {
+                    let qs = heads_first(&gq)?;
+                    outs.push(one_position(
+                        self.fast_attention
+                            .query_state(favor, &qs.index_axis(ndarray::Axis(1), 0))?,
+                        b,
+                    )?);
+                }
+            }
+            if let Some(local) = &self.local_attn {
+                let lh = c.local_heads;
+                let (lq, lk, lv) = (
+                    q.narrow(1, global, lh)?,
+                    k.narrow(1, global, lh)?,
+                    v.narrow(1, global, lh)?,
+                );
+                if fresh {
+                    outs.push(local.forward(&lq, &lk, &lv, inputs.mask)?);
+                    st.local = Some(local.cache_from(
+                        &heads_first(&lk)?.view(),
+                        &heads_first(&lv)?.view(),
+                        inputs.mask,
+                        b,
+                    )?);
+                } else {
+                    let cache = st.local.as_mut().ok_or_else(|| {
+                        Error::Other("Attention::decode: local cache missing".into())
+                    })?;
+                    let (qs, ks, vs) = (heads_first(&lq)?, heads_first(&lk)?, heads_first(&lv)?);
+                    let keep = inputs.mask.map(|m| m.index_axis_move(ndarray::Axis(1), 0));
+                    let ax = ndarray::Axis(1);
+                    outs.push(one_position(
+                        local.step(
+                            cache,
+                            &qs.index_axis(ax, 0),
+                            &ks.index_axis(ax, 0),
+                            &vs.index_axis(ax, 0),
+                            keep,
+                        )?,
+                        b,
+                    )?);
+                }
+            }
+        }
+        st.pos += n;
+        let out = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 1)?
+        };
+        let out = out.permute(&[0, 2, 1, 3])?.reshape(&[
+            b as isize,
+            n as isize,
+            (c.heads * self.dim_head) as isize,
+        ])?;
+        self.dropout.forward(&self.to_out.forward(&out)?)
+    }
+}
+
 impl Module for Attention {
     fn visit(&self, v: &mut Visitor<'_>) {
         v.child("fast_attention", &self.fast_attention);
@@ -323,6 +544,23 @@ impl Block for SelfAttention {
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         f(&self.0.fast_attention)
     }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        if inputs.context.is_some() {
+            return Err(Error::invalid(
+                "SelfAttention",
+                "context",
+                "given",
+                "self attention should not receive context",
+            ));
+        }
+        self.0.decode(x, inputs, state)
+    }
 }
 
 /// Cross-attention: an [`Attention`] that requires a context and has no local heads.
@@ -364,5 +602,22 @@ impl Block for CrossAttention {
 
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         f(&self.0.fast_attention)
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        if inputs.context.is_none() {
+            return Err(Error::invalid(
+                "CrossAttention",
+                "context",
+                "None",
+                "cross attention should receive context",
+            ));
+        }
+        self.0.decode(x, inputs, state)
     }
 }

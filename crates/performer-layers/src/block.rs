@@ -3,7 +3,10 @@
 
 use ndarray::ArrayView2;
 use performer_favor::FastAttention;
-use performer_tensor::{Module, Result, Tensor};
+use performer_tensor::{Error, Module, Result, Tensor};
+
+use crate::attention::AttentionState;
+use crate::wrappers::ShiftState;
 
 /// The keyword inputs a block may receive. Sequences route them as the reference does: mask
 /// and position embedding to the attention of every layer, context and its mask to the
@@ -27,6 +30,23 @@ impl<'a> BlockInputs<'a> {
     }
 }
 
+/// What a block remembers of earlier positions while decoding (see [`Block::decode`]). Every
+/// state starts [`BlockState::Empty`] and takes its shape the first time its block decodes.
+#[derive(Default)]
+pub enum BlockState {
+    /// Nothing seen yet.
+    #[default]
+    Empty,
+    /// A position-wise block: nothing to remember.
+    Stateless,
+    /// Attention: running FAVOR+ sums, the local heads' recent keys, the context sums.
+    Attention(Box<AttentionState>),
+    /// Token shift: the previous position's features, and the wrapped block's state.
+    Shift(Box<ShiftState>),
+    /// A stack: the states of each layer's two branches.
+    Layers(Vec<[BlockState; 2]>),
+}
+
 /// A layer of a Performer stack.
 pub trait Block: Module {
     /// Applies the block to `x` `(b, n, dim)`.
@@ -34,4 +54,37 @@ pub trait Block: Module {
 
     /// Shows every FastAttention inside (for projection redraws).
     fn for_each_fast_attention(&self, _f: &mut dyn FnMut(&FastAttention)) {}
+
+    /// Incremental decoding: applies the block to `x` `(b, n, dim)`, the next `n` positions of
+    /// sequences whose earlier positions `state` summarizes, with the same result as
+    /// [`Block::forward`] over the whole prefix would give for those positions. From an empty
+    /// state `n` may be anything (a prompt, in one parallel pass); afterwards positions come one
+    /// at a time. `inputs.mask` covers the new positions only. Blocks that are not causal
+    /// cannot decode and return an error.
+    fn decode(
+        &self,
+        _x: &Tensor,
+        _inputs: &BlockInputs<'_>,
+        _state: &mut BlockState,
+    ) -> Result<Tensor> {
+        Err(Error::invalid(
+            "decode",
+            "block",
+            std::any::type_name::<Self>(),
+            "does not support incremental decoding",
+        ))
+    }
+}
+
+/// The number of positions a decode call may take: any from an empty state, else one.
+pub(crate) fn check_decode_length(op: &str, n: usize, fresh: bool) -> Result<()> {
+    if n == 0 || (!fresh && n != 1) {
+        return Err(Error::invalid(
+            op,
+            "positions",
+            n,
+            "decode takes a prompt (any length) first, then one position at a time",
+        ));
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ use performer_tensor::{
 };
 
 use crate::basic::{Dropout, Linear};
-use crate::block::{Block, BlockInputs};
+use crate::block::{Block, BlockInputs, BlockState};
 
 /// `w2(dropout(act(w1 x)))`, or with GLU `w2(dropout(act(a) * b))` where `[a | b] = w1 x`.
 pub struct FeedForward {
@@ -61,6 +61,16 @@ impl Block for FeedForward {
             self.activation.apply(&h)
         };
         self.w2.forward(&self.dropout.forward(&h)?)
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        *state = BlockState::Stateless;
+        self.forward(x, inputs)
     }
 }
 
@@ -113,6 +123,16 @@ impl Block for Chunk {
             params,
         };
         Ok(apply_custom_op(op, &refs)?.remove(0))
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        // Pieces of a sequence only matter for memory in training; decoding is position-wise here.
+        self.inner.decode(x, inputs, state)
     }
 }
 

@@ -22,14 +22,14 @@ mod position;
 mod sequence;
 mod wrappers;
 
-pub use attention::{Attention, AttentionConfig, CrossAttention, SelfAttention};
+pub use attention::{Attention, AttentionConfig, AttentionState, CrossAttention, SelfAttention};
 pub use basic::{Dropout, Embedding, LayerNorm, Linear};
-pub use block::{Block, BlockInputs};
+pub use block::{Block, BlockInputs, BlockState};
 pub use feed_forward::{Chunk, FeedForward};
-pub use local_attention::LocalAttention;
+pub use local_attention::{LocalAttention, LocalCache};
 pub use position::{
     AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding,
     apply_rotary_pos_emb, rotate_every_two,
 };
 pub use sequence::{Layer, ReversibleSequence, Route, SequentialSequence};
-pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero};
+pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero, ShiftState};

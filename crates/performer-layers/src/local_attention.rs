@@ -189,15 +189,7 @@ impl LocalAttentionOp {
 
     /// `x cos(p f) + rotate_half(x) sin(p f)` for one row at position `p` (in place).
     fn rotate(&self, row: &mut [f32], p: usize, inverse: bool) {
-        let half = self.freqs.len();
-        for j in 0..half {
-            let a = p as f32 * self.freqs[j];
-            let (sn, cs) = a.sin_cos();
-            let sn = if inverse { -sn } else { sn };
-            let (x1, x2) = (row[j], row[j + half]);
-            row[j] = x1 * cs - x2 * sn;
-            row[j + half] = x2 * cs + x1 * sn;
-        }
+        rotate_half_split(&self.freqs, row, p, inverse)
     }
 
     /// Gathers window `w_idx`'s key slots for one head (fillers -1, padding 0) and rotates them.
@@ -535,5 +527,237 @@ fn scatter_slots(
         dst += &row;
         let mut dst = dv.row_mut(p as usize);
         dst += &dv_slots.row(slot);
+    }
+}
+
+/// `x cos(p f) + rotate_half(x) sin(p f)` for one row at position `p`, in place (`inverse`:
+/// the transpose, for gradients). The half-split layout of local-attention's rotary embedding.
+fn rotate_half_split(freqs: &[f32], row: &mut [f32], p: usize, inverse: bool) {
+    let half = freqs.len();
+    for j in 0..half {
+        let a = p as f32 * freqs[j];
+        let (sn, cs) = a.sin_cos();
+        let sn = if inverse { -sn } else { sn };
+        let (x1, x2) = (row[j], row[j + half]);
+        row[j] = x1 * cs - x2 * sn;
+        row[j + half] = x2 * cs + x1 * sn;
+    }
+}
+
+/// A key slot of a decoding query's look-around, as the reference's parallel forward over the
+/// prefix would see it.
+#[derive(Clone, Copy)]
+enum Slot {
+    /// Before the sequence: key and value -1, masked.
+    Filler,
+    /// After the newest position (autopad): key and value 0, masked as future.
+    Padding,
+    /// A cached position (row index).
+    Cached(usize),
+}
+
+/// The recent keys, values and mask a causal local head needs while decoding: the positions of
+/// the current window and the one before it (at most `2 w` rows), unrotated.
+#[derive(Clone, Debug)]
+pub struct LocalCache {
+    /// Absolute position of row 0.
+    start: usize,
+    /// Rows in use.
+    len: usize,
+    /// (heads, 2w, d).
+    k: ndarray::Array3<f32>,
+    v: ndarray::Array3<f32>,
+    /// (b, 2w): whether each cached position is a real token.
+    keep: ndarray::Array2<bool>,
+    heads_per_row: usize,
+}
+
+impl LocalCache {
+    /// Number of positions seen.
+    pub fn position(&self) -> usize {
+        self.start + self.len
+    }
+}
+
+impl LocalAttention {
+    fn freqs(&self) -> Result<Vec<f32>> {
+        match self.inv_freq.get() {
+            StateValue::F32(a) => Ok(a.iter().copied().collect()),
+            StateValue::I64(_) => Err(Error::Other(
+                "LocalAttention: inv_freq must be float".into(),
+            )),
+        }
+    }
+
+    /// First position the cache must keep once position `p` is the newest: the start of the
+    /// window before `p`'s window.
+    fn keep_from(&self, p: usize) -> usize {
+        (p / self.window_size).saturating_sub(1) * self.window_size
+    }
+
+    /// A decoding cache from a prompt's keys and values `(heads, n, d)` (heads = b * local
+    /// heads, batch-major) and its mask `(b, n)`.
+    pub fn cache_from(
+        &self,
+        k: &ndarray::ArrayView3<f32>,
+        v: &ndarray::ArrayView3<f32>,
+        mask: Option<ndarray::ArrayView2<'_, bool>>,
+        batch: usize,
+    ) -> Result<LocalCache> {
+        if !self.causal {
+            return Err(Error::invalid(
+                "LocalAttention::cache_from",
+                "causal",
+                false,
+                "only causal local attention decodes incrementally",
+            ));
+        }
+        let (heads, n, d) = k.dim();
+        if v.dim() != (heads, n, d) || batch == 0 || heads % batch != 0 || n == 0 {
+            return Err(Error::shape(
+                "LocalAttention::cache_from",
+                format!("k {:?}, v {:?} for batch {batch}", k.shape(), v.shape()),
+            ));
+        }
+        let cap = 2 * self.window_size;
+        let start = self.keep_from(n - 1);
+        let len = n - start;
+        let mut cache = LocalCache {
+            start,
+            len,
+            k: ndarray::Array3::zeros((heads, cap, d)),
+            v: ndarray::Array3::zeros((heads, cap, d)),
+            keep: ndarray::Array2::from_elem((batch, cap), true),
+            heads_per_row: heads / batch,
+        };
+        cache
+            .k
+            .slice_mut(s![.., ..len, ..])
+            .assign(&k.slice(s![.., start.., ..]));
+        cache
+            .v
+            .slice_mut(s![.., ..len, ..])
+            .assign(&v.slice(s![.., start.., ..]));
+        if let Some(m) = mask {
+            if m.dim() != (batch, n) {
+                return Err(Error::shape(
+                    "LocalAttention::cache_from",
+                    format!("mask {:?} must be ({batch}, {n})", m.shape()),
+                ));
+            }
+            cache
+                .keep
+                .slice_mut(s![.., ..len])
+                .assign(&m.slice(s![.., start..]));
+        }
+        Ok(cache)
+    }
+
+    /// Attention of the next position: appends its key, value and mask entry to `cache` and
+    /// returns the output of its query `(heads, d)`, equal to the parallel forward over the
+    /// whole prefix at that position (reference quirks included).
+    pub fn step(
+        &self,
+        cache: &mut LocalCache,
+        q: &ArrayView2<f32>,
+        k: &ArrayView2<f32>,
+        v: &ArrayView2<f32>,
+        keep: Option<ndarray::ArrayView1<'_, bool>>,
+    ) -> Result<Array2<f32>> {
+        let (heads, d) = q.dim();
+        if k.dim() != (heads, d)
+            || v.dim() != (heads, d)
+            || cache.k.shape()[0] != heads
+            || cache.k.shape()[2] != d
+        {
+            return Err(Error::shape(
+                "LocalAttention::step",
+                format!(
+                    "q {:?}, k {:?}, v {:?} vs cache {:?}",
+                    q.shape(),
+                    k.shape(),
+                    v.shape(),
+                    cache.k.shape()
+                ),
+            ));
+        }
+        let w = self.window_size;
+        let p = cache.position();
+        // drop the window that fell out of reach
+        let from = self.keep_from(p);
+        if from > cache.start {
+            let drop = from - cache.start;
+            let rest = cache.len - drop;
+            for arr in [&mut cache.k, &mut cache.v] {
+                let moved = arr.slice(s![.., drop..drop + rest, ..]).to_owned();
+                arr.slice_mut(s![.., ..rest, ..]).assign(&moved);
+            }
+            let moved = cache.keep.slice(s![.., drop..drop + rest]).to_owned();
+            cache.keep.slice_mut(s![.., ..rest]).assign(&moved);
+            cache.start = from;
+            cache.len = rest;
+        }
+        let row = cache.len;
+        cache.k.slice_mut(s![.., row, ..]).assign(k);
+        cache.v.slice_mut(s![.., row, ..]).assign(v);
+        match keep {
+            Some(m) => cache.keep.column_mut(row).assign(&m),
+            None => cache.keep.column_mut(row).fill(true),
+        }
+        cache.len += 1;
+        let freqs = self.freqs()?;
+        let scale = (d as f32).powf(-0.5);
+        let i = p / w;
+        let base = i as i64 - 1;
+        let mut out = Array2::<f32>::zeros((heads, d));
+        let mut scores = vec![0f32; 2 * w];
+        let mut key = vec![0f32; d];
+        for h in 0..heads {
+            let mut qr: Vec<f32> = q.row(h).iter().map(|x| x * scale).collect();
+            rotate_half_split(&freqs, &mut qr, w + p % w, false);
+            let b = h / cache.heads_per_row;
+            let mut slots: Vec<Slot> = Vec::with_capacity(2 * w);
+            for (index, score) in scores.iter_mut().enumerate() {
+                let pos = base * w as i64 + index as i64;
+                let slot = if pos < 0 {
+                    Slot::Filler
+                } else if pos as usize > p {
+                    Slot::Padding
+                } else {
+                    Slot::Cached(pos as usize - cache.start)
+                };
+                let masked = match slot {
+                    Slot::Filler | Slot::Padding => true,
+                    Slot::Cached(r) => !cache.keep[[b, r]],
+                };
+                match slot {
+                    Slot::Filler => key.fill(-1.0),
+                    Slot::Padding => key.fill(0.0),
+                    Slot::Cached(r) => key
+                        .iter_mut()
+                        .zip(cache.k.slice(s![h, r, ..]))
+                        .for_each(|(x, &y)| *x = y),
+                }
+                rotate_half_split(&freqs, &mut key, index, false);
+                *score = if masked {
+                    MASKED
+                } else {
+                    qr.iter().zip(&key).map(|(a, b)| a * b).sum()
+                };
+                slots.push(slot);
+            }
+            softmax_inplace(&mut scores);
+            let mut o = out.row_mut(h);
+            for (wgt, slot) in scores.iter().zip(&slots) {
+                match slot {
+                    Slot::Filler => o.iter_mut().for_each(|x| *x -= wgt),
+                    Slot::Padding => {}
+                    Slot::Cached(r) => Zip::from(&mut o)
+                        .and(cache.v.slice(s![h, *r, ..]))
+                        .for_each(|x, &y| *x += wgt * y),
+                }
+            }
+        }
+        Ok(out)
     }
 }

@@ -13,7 +13,7 @@ use performer_tensor::{
     no_grad,
 };
 
-use crate::block::{Block, BlockInputs};
+use crate::block::{Block, BlockInputs, BlockState};
 
 /// Whether a layer's attention branch attends to the context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,26 @@ impl Layer {
             },
             Route::CrossAttention => *inputs,
         }
+    }
+}
+
+/// The per-layer states of a stack, created on first use.
+fn layer_states(
+    state: &mut BlockState,
+    layers: usize,
+) -> Result<&mut Vec<[BlockState; 2]>> {
+    if matches!(state, BlockState::Empty) {
+        *state = BlockState::Layers(
+            (0..layers)
+                .map(|_| [BlockState::Empty, BlockState::Empty])
+                .collect(),
+        );
+    }
+    match state {
+        BlockState::Layers(v) if v.len() == layers => Ok(v),
+        _ => Err(Error::Other(
+            "decode: the state belongs to another block".into(),
+        )),
     }
 }
 
@@ -83,6 +103,22 @@ impl Block for SequentialSequence {
 
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         for_each_fast_attention(&self.layers, f)
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        let states = layer_states(state, self.layers.len())?;
+        let mut x = x.clone();
+        for (l, st) in self.layers.iter().zip(states.iter_mut()) {
+            let [sf, sg] = st;
+            x = x.add(&l.f.decode(&x, &l.f_inputs(inputs), sf)?)?;
+            x = x.add(&l.g.decode(&x, &BlockInputs::none(), sg)?)?;
+        }
+        Ok(x)
     }
 }
 
@@ -138,6 +174,24 @@ impl Block for ReversibleSequence {
 
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         for_each_fast_attention(&self.layers, f)
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        // Without gradients the coupling is computed directly: y1 = x1 + f(x2), y2 = x2 + g(y1).
+        let states = layer_states(state, self.layers.len())?;
+        let (mut x1, mut x2) = (x.clone(), x.clone());
+        for (l, st) in self.layers.iter().zip(states.iter_mut()) {
+            let [sf, sg] = st;
+            let y1 = x1.add(&l.f.decode(&x2, &l.f_inputs(inputs), sf)?)?;
+            let y2 = x2.add(&l.g.decode(&y1, &BlockInputs::none(), sg)?)?;
+            (x1, x2) = (y1, y2);
+        }
+        x1.add(&x2)
     }
 }
 

@@ -8,7 +8,7 @@ use performer_favor::FastAttention;
 use performer_tensor::{Error, Module, Param, Result, Tensor, Visitor};
 
 use crate::basic::LayerNorm;
-use crate::block::{Block, BlockInputs};
+use crate::block::{Block, BlockInputs, BlockState, check_decode_length};
 
 /// `fn(LayerNorm(x))`.
 pub struct PreLayerNorm {
@@ -42,6 +42,15 @@ impl Block for PreLayerNorm {
 
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         self.inner.for_each_fast_attention(f)
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.inner.decode(&self.norm.forward(x)?, inputs, state)
     }
 }
 
@@ -88,6 +97,15 @@ impl Block for PreScaleNorm {
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         self.inner.for_each_fast_attention(f)
     }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.inner.decode(&self.normalize(x)?, inputs, state)
+    }
 }
 
 /// ReZero: `fn(x) * g` with a scalar `g` initialized to 1e-3.
@@ -122,6 +140,15 @@ impl Block for ReZero {
 
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         self.inner.for_each_fast_attention(f)
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.inner.decode(x, inputs, state)?.mul(&self.g.tensor())
     }
 }
 
@@ -212,6 +239,17 @@ fn shift_along_sequence(
     }
 }
 
+/// What token shift remembers while decoding.
+#[derive(Default)]
+pub struct ShiftState {
+    /// The previous position's input `(b, dim)`.
+    prev: Option<ndarray::Array2<f32>>,
+    /// Whether the previous position was a real token, per sequence (None: no mask given).
+    prev_keep: Option<Vec<bool>>,
+    /// The wrapped block's state.
+    inner: BlockState,
+}
+
 impl Module for PreShiftTokens {
     fn visit(&self, v: &mut Visitor<'_>) {
         v.child("fn", self.inner.as_ref());
@@ -225,5 +263,62 @@ impl Block for PreShiftTokens {
 
     fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         self.inner.for_each_fast_attention(f)
+    }
+
+    fn decode(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        if self.shifts.iter().any(|&s| s < 0) {
+            return Err(Error::invalid(
+                "PreShiftTokens::decode",
+                "shifts",
+                format!("{:?}", self.shifts),
+                "shifts from later tokens cannot decode incrementally",
+            ));
+        }
+        if matches!(state, BlockState::Empty) {
+            *state = BlockState::Shift(Box::default());
+        }
+        let BlockState::Shift(st) = state else {
+            return Err(Error::Other(
+                "PreShiftTokens::decode: the state belongs to another block".into(),
+            ));
+        };
+        let n = x.shape().get(1).copied().unwrap_or(0);
+        check_decode_length("PreShiftTokens::decode", n, st.prev.is_none())?;
+        let shifted = match &st.prev {
+            None => self.shift(x, inputs.mask)?,
+            Some(prev) => {
+                // The previous position, zeroed where it was a padding token (the reference masks
+                // before shifting), then shifted in: one step of `shift`.
+                let mut prev = prev.clone();
+                if let Some(keep) = &st.prev_keep {
+                    for (mut row, &k) in prev.rows_mut().into_iter().zip(keep) {
+                        if !k {
+                            row.fill(0.0);
+                        }
+                    }
+                }
+                let both = Tensor::cat(
+                    &[
+                        Tensor::new(prev.insert_axis(ndarray::Axis(1)).into_dyn()),
+                        x.clone(),
+                    ],
+                    1,
+                )?;
+                self.shift(&both, None)?.narrow(1, 1, 1)?
+            }
+        };
+        st.prev = Some(
+            x.select(1, n - 1)?
+                .to_array()
+                .into_dimensionality()
+                .map_err(|e| Error::shape("PreShiftTokens::decode", e.to_string()))?,
+        );
+        st.prev_keep = inputs.mask.map(|m| m.column(n - 1).to_vec());
+        self.inner.decode(&shifted, inputs, &mut st.inner)
     }
 }

@@ -75,8 +75,19 @@ impl AutoregressiveWrapper {
             .cross_entropy(&xo.into_dyn().view(), Some(self.ignore_index))
     }
 
-    /// Generates up to `seq_len` tokens after `start` `(b, t)`; see
-    /// [`AutoregressiveWrapper::generate_recompute`] for the semantics.
+    /// Generates up to `seq_len` tokens after `start` `(b, t)` and returns them `(b, <=
+    /// seq_len)`.
+    ///
+    /// A causal model generates in constant time per token: the prompt primes a
+    /// [`crate::DecodingState`] in one parallel pass, then each token is one step of the state, with
+    /// the logits of a full forward over the prefix. Once the sequence reaches `max_seq_len` it
+    /// falls back to the reference's sliding window (re-running the model over the last
+    /// `max_seq_len` tokens for each new token), which a state cannot do since it cannot forget
+    /// tokens. Non-causal models always re-run.
+    ///
+    /// Generation stops early once every sequence has produced `eos_token`; a sequence that has
+    /// ended is filled with `pad_value` (the reference stops only when all sequences produce the
+    /// end token at the same step).
     pub fn generate(
         &self,
         start: &ArrayView2<i64>,
@@ -84,14 +95,11 @@ impl AutoregressiveWrapper {
         opts: &GenerateOptions,
         inputs: &SeqInputs<'_>,
     ) -> Result<Array2<i64>> {
-        self.generate_recompute(start, seq_len, opts, inputs)
+        self.generate_impl(start, seq_len, opts, inputs, self.net.config().causal)
     }
 
-    /// Generates `seq_len` tokens after `start` `(b, t)` by re-running the model over the last
-    /// `max_seq_len` tokens for each new token (performer-pytorch's way). Returns `(b, <=
-    /// seq_len)`: generation stops early once every sequence has produced `eos_token`; a
-    /// sequence that has ended is filled with `pad_value` (the reference stops only when all
-    /// sequences produce the end token at the same step).
+    /// [`AutoregressiveWrapper::generate`] re-running the model over the last `max_seq_len`
+    /// tokens for every new token, as performer-pytorch does (for comparison and tests).
     pub fn generate_recompute(
         &self,
         start: &ArrayView2<i64>,
@@ -99,13 +107,24 @@ impl AutoregressiveWrapper {
         opts: &GenerateOptions,
         inputs: &SeqInputs<'_>,
     ) -> Result<Array2<i64>> {
+        self.generate_impl(start, seq_len, opts, inputs, false)
+    }
+
+    fn generate_impl(
+        &self,
+        start: &ArrayView2<i64>,
+        seq_len: usize,
+        opts: &GenerateOptions,
+        inputs: &SeqInputs<'_>,
+        use_state: bool,
+    ) -> Result<Array2<i64>> {
         opts.validate()?;
         let (b, t) = start.dim();
-        if t == 0 {
+        if t == 0 || b == 0 {
             return Err(Error::invalid(
                 "generate",
                 "start_tokens",
-                "empty",
+                format!("shape {:?}", start.shape()),
                 "needs at least one token per sequence",
             ));
         }
@@ -124,28 +143,45 @@ impl AutoregressiveWrapper {
             None => Array2::from_elem((b, t), true),
         };
         let context_mask = match (inputs.context, inputs.context_mask) {
-            (Some(c), None) => Some(Array2::from_elem((b, c.shape()[1]), true)),
+            (Some(c), None) => Some(Array2::from_elem(
+                (b, c.shape().get(1).copied().unwrap_or(0)),
+                true,
+            )),
             (_, m) => m.map(|m| m.to_owned()),
         };
+        let max = self.net.config().max_seq_len;
         let was_training = crate::is_training(&self.net);
         self.net.set_training(false);
-        let mut rng = Generator::seeded(opts.seed);
-        let mut done = vec![false; b];
         let result = (|| -> Result<()> {
+            let mut state = match use_state && t <= max {
+                true => Some(self.net.decoding_state(
+                    b,
+                    inputs.context,
+                    context_mask.as_ref().map(|m| m.view()),
+                )?),
+                false => None,
+            };
+            let mut next_logits = match state.as_mut() {
+                Some(st) => Some(self.net.decode(st, &out.view(), Some(mask.view()))?),
+                None => None,
+            };
+            let mut rng = Generator::seeded(opts.seed);
+            let mut done = vec![false; b];
             for _ in 0..seq_len {
                 let len = out.ncols();
-                let from = len.saturating_sub(self.net.config().max_seq_len);
-                let x = out.slice(s![.., from..]);
-                let m = mask.slice(s![.., from..]);
-                let mut logits = self.net.last_logits(
-                    &x,
-                    &LmInputs {
-                        mask: Some(m),
-                        context: inputs.context,
-                        context_mask: context_mask.as_ref().map(|m| m.view()),
-                        return_encodings: false,
-                    },
-                )?;
+                let mut logits = match next_logits.take() {
+                    Some(l) => l,
+                    None => {
+                        let from = len.saturating_sub(max);
+                        let window = LmInputs {
+                            mask: Some(mask.slice(s![.., from..])),
+                            context: inputs.context,
+                            context_mask: context_mask.as_ref().map(|m| m.view()),
+                            return_encodings: false,
+                        };
+                        self.net.last_logits(&out.slice(s![.., from..]), &window)?
+                    }
+                };
                 let mut next = Vec::with_capacity(b);
                 for (i, mut row) in logits.axis_iter_mut(Axis(0)).enumerate() {
                     if done[i] {
@@ -153,8 +189,8 @@ impl AutoregressiveWrapper {
                         continue;
                     }
                     if opts.repetition_penalty != 1.0 {
-                        let seq = out.row(i);
-                        let recent: Vec<i64> = seq
+                        let recent: Vec<i64> = out
+                            .row(i)
                             .iter()
                             .skip(len.saturating_sub(opts.repetition_penalty_ctx))
                             .copied()
@@ -162,12 +198,11 @@ impl AutoregressiveWrapper {
                         apply_repetition_penalty(&mut row, &recent, opts.repetition_penalty);
                     }
                     let tok = sample(&row.view(), opts, &mut rng)?;
-                    if opts.eos_token == Some(tok) {
-                        done[i] = true;
-                    }
+                    done[i] |= opts.eos_token == Some(tok);
                     next.push(tok);
                 }
-                let col = Array2::from_shape_vec((b, 1), next).expect("b tokens");
+                let col = Array2::from_shape_vec((b, 1), next)
+                    .map_err(|e| Error::shape("generate", e.to_string()))?;
                 out = ndarray::concatenate(Axis(1), &[out.view(), col.view()])
                     .map_err(|e| Error::shape("generate", e.to_string()))?;
                 mask = ndarray::concatenate(
@@ -177,6 +212,13 @@ impl AutoregressiveWrapper {
                 .map_err(|e| Error::shape("generate", e.to_string()))?;
                 if done.iter().all(|&d| d) {
                     break;
+                }
+                // Within max_seq_len the state takes the new token; past it, the sliding window.
+                if out.ncols() > max {
+                    state = None;
+                }
+                if let Some(st) = state.as_mut() {
+                    next_logits = Some(self.net.decode(st, &col.view(), None)?);
                 }
             }
             Ok(())

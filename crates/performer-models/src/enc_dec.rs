@@ -91,7 +91,17 @@ impl PerformerEncDec {
         enc_mask: Option<ArrayView2<'_, bool>>,
         opts: &GenerateOptions,
     ) -> Result<Array2<i64>> {
-        self.generate_recompute(src, tgt_start, seq_len, enc_mask, opts)
+        let encodings = self.encode_for_generation(src, enc_mask)?;
+        self.dec.generate(
+            tgt_start,
+            seq_len,
+            opts,
+            &SeqInputs {
+                mask: None,
+                context: Some(&encodings),
+                context_mask: enc_mask,
+            },
+        )
     }
 
     /// [`PerformerEncDec::generate`] by re-running the decoder over the prefix for each token.
@@ -103,13 +113,7 @@ impl PerformerEncDec {
         enc_mask: Option<ArrayView2<'_, bool>>,
         opts: &GenerateOptions,
     ) -> Result<Array2<i64>> {
-        let encodings = performer_tensor::no_grad(|| {
-            let was = crate::is_training(&self.enc);
-            self.enc.set_training(false);
-            let e = self.encode(src, enc_mask);
-            self.enc.set_training(was);
-            e
-        })?;
+        let encodings = self.encode_for_generation(src, enc_mask)?;
         self.dec.generate_recompute(
             tgt_start,
             seq_len,
@@ -120,6 +124,23 @@ impl PerformerEncDec {
                 context_mask: enc_mask,
             },
         )
+    }
+}
+
+impl PerformerEncDec {
+    /// The encoder output in eval mode, without gradients.
+    fn encode_for_generation(
+        &self,
+        src: &ArrayView2<i64>,
+        enc_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<Tensor> {
+        performer_tensor::no_grad(|| {
+            let was = crate::is_training(&self.enc);
+            self.enc.set_training(false);
+            let e = self.encode(src, enc_mask);
+            self.enc.set_training(was);
+            e
+        })
     }
 }
 

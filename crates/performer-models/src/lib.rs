@@ -31,7 +31,7 @@ pub use config::{
     KernelFn, LocalAttnHeads, PerformerConfig, PerformerEncDecConfig, PerformerLMConfig,
 };
 pub use enc_dec::PerformerEncDec;
-pub use lm::{LmInputs, PerformerLM, PositionEmbedding};
+pub use lm::{DecodingState, LmInputs, PerformerLM, PositionEmbedding};
 pub use performer::Performer;
 pub use sampling::{Filter, GenerateOptions};
 

@@ -4,7 +4,7 @@
 use ndarray::ArrayView2;
 use performer_favor::FastAttention;
 use performer_layers::{
-    AbsolutePositionalEmbedding, AxialPositionalEmbedding, Dropout, Embedding,
+    AbsolutePositionalEmbedding, AxialPositionalEmbedding, BlockState, Dropout, Embedding,
     FixedPositionalEmbedding, LayerNorm, Linear,
 };
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
@@ -201,20 +201,34 @@ impl PerformerLM {
 
     /// The embeddings entering the layers, `(b, n, dim)` (tokens + positions, dropout).
     pub fn embed(&self, x: &ArrayView2<i64>) -> Result<Tensor> {
+        self.embed_at(x, 0)
+    }
+
+    /// Embeddings of tokens `x` `(b, n)` standing at positions `start..start + n`.
+    pub fn embed_at(&self, x: &ArrayView2<i64>, start: usize) -> Result<Tensor> {
         let n = x.ncols();
         let tokens = self.token_emb.forward(&x.into_dyn())?;
-        let with_pos = match &self.pos {
-            PositionEmbedding::Rotary { pos_emb, .. } => tokens.add(&pos_emb.forward(n)?)?,
-            PositionEmbedding::Axial(a) => tokens.add(&a.forward(n)?)?,
-            PositionEmbedding::Absolute(a) => tokens.add(&a.forward(n)?)?,
+        let positions = match &self.pos {
+            PositionEmbedding::Rotary { pos_emb, .. } => {
+                pos_emb.forward(start + n)?.narrow(1, start, n)?
+            }
+            PositionEmbedding::Axial(a) => a.forward(start + n)?.narrow(1, start, n)?,
+            PositionEmbedding::Absolute(a) => a.forward(start + n)?.narrow(0, start, n)?,
         };
-        self.dropout.forward(&with_pos)
+        self.dropout.forward(&tokens.add(&positions)?)
     }
 
     /// The rotary table of the heads for `n` positions, if rotary.
     pub fn layer_pos_emb(&self, n: usize) -> Result<Option<Tensor>> {
+        self.layer_pos_emb_at(0, n)
+    }
+
+    /// The rotary table rows of positions `start..start + n`, if rotary.
+    pub fn layer_pos_emb_at(&self, start: usize, n: usize) -> Result<Option<Tensor>> {
         match &self.pos {
-            PositionEmbedding::Rotary { layer_pos_emb, .. } => Ok(Some(layer_pos_emb.forward(n)?)),
+            PositionEmbedding::Rotary { layer_pos_emb, .. } => {
+                Ok(Some(layer_pos_emb.forward(start + n)?.narrow(1, start, n)?))
+            }
             _ => Ok(None),
         }
     }
@@ -297,5 +311,127 @@ impl Module for PerformerLM {
         if let Some(l) = &self.to_out {
             v.child("to_out", l);
         }
+    }
+}
+
+/// The state of a causal [`PerformerLM`] while it generates: per layer the running FAVOR+ sums,
+/// the local heads' recent keys, the token-shift features and the cross-attention context's
+/// sums, so each new token costs the same whatever the position. Feed it the prompt once (one
+/// parallel pass), then one token at a time; it is for inference (use the model in eval mode).
+pub struct DecodingState {
+    net: BlockState,
+    pos: usize,
+    batch: usize,
+    context: Option<Tensor>,
+    context_mask: Option<ndarray::Array2<bool>>,
+}
+
+impl DecodingState {
+    /// Positions fed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Sequences decoded together.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+}
+
+impl PerformerLM {
+    /// A fresh decoding state for `batch` sequences (with the encoder output for a decoder).
+    pub fn decoding_state(
+        &self,
+        batch: usize,
+        context: Option<&Tensor>,
+        context_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<DecodingState> {
+        if !self.config.causal {
+            return Err(Error::invalid(
+                "PerformerLM::decoding_state",
+                "causal",
+                false,
+                "only causal models decode token by token",
+            ));
+        }
+        if batch == 0 {
+            return Err(Error::invalid(
+                "PerformerLM::decoding_state",
+                "batch",
+                0,
+                "must be positive",
+            ));
+        }
+        Ok(DecodingState {
+            net: BlockState::Empty,
+            pos: 0,
+            batch,
+            context: context.map(Tensor::detach),
+            context_mask: context_mask.map(|m| m.to_owned()),
+        })
+    }
+
+    /// Feeds tokens `(b, n)` to `state` (any `n` for a fresh state — the prompt, in one parallel
+    /// pass — then one token at a time) and returns the logits of the last position `(b,
+    /// num_tokens)`, equal to those of a full forward over the prefix. `mask` marks real tokens of
+    /// the new positions.
+    pub fn decode(
+        &self,
+        state: &mut DecodingState,
+        tokens: &ArrayView2<i64>,
+        mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<ndarray::Array2<f32>> {
+        let (b, n) = tokens.dim();
+        if b != state.batch {
+            return Err(Error::shape(
+                "PerformerLM::decode",
+                format!("{b} sequences for a state of {}", state.batch),
+            ));
+        }
+        if state.pos + n > self.config.max_seq_len {
+            return Err(Error::invalid(
+                "PerformerLM::decode",
+                "position",
+                state.pos + n,
+                format!(
+                    "must be at most max_seq_len = {} (generate falls back to a sliding window beyond it)",
+                    self.config.max_seq_len
+                ),
+            ));
+        }
+        let inputs = LmInputs {
+            mask,
+            context: state.context.as_ref(),
+            context_mask: state.context_mask.as_ref().map(|m| m.view()),
+            return_encodings: true,
+        };
+        // The checks of a full forward, on the new tokens (length vs max_seq_len is checked above).
+        self.check_inputs(tokens, &inputs)?;
+        performer_tensor::no_grad(|| {
+            let h = self.embed_at(tokens, state.pos)?;
+            let pos_emb = self.layer_pos_emb_at(state.pos, n)?;
+            let h = self.performer.decode(
+                &h,
+                mask,
+                pos_emb.as_ref(),
+                inputs.context,
+                inputs.context_mask,
+                &mut state.net,
+            )?;
+            state.pos += n;
+            let last = self.norm.forward(&h.select(1, n - 1)?)?;
+            self.logits(&last)?
+                .view()
+                .into_dimensionality::<ndarray::Ix2>()
+                .map(|a| a.to_owned())
+                .map_err(|e| Error::shape("PerformerLM::decode", e.to_string()))
+        })
+    }
+
+    /// One token per sequence (`(b)`): [`PerformerLM::decode`] of a single position.
+    pub fn step(&self, state: &mut DecodingState, tokens: &[i64]) -> Result<ndarray::Array2<f32>> {
+        let x = ndarray::Array2::from_shape_vec((tokens.len(), 1), tokens.to_vec())
+            .map_err(|e| Error::shape("PerformerLM::step", e.to_string()))?;
+        self.decode(state, &x.view(), None)
     }
 }

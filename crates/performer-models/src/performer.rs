@@ -6,8 +6,8 @@ use std::sync::Arc;
 use ndarray::ArrayView2;
 use performer_favor::{FastAttention, ProjectionUpdater};
 use performer_layers::{
-    AttentionConfig, Block, BlockInputs, Chunk, CrossAttention, FeedForward, Layer, PreLayerNorm,
-    PreScaleNorm, PreShiftTokens, ReZero, ReversibleSequence, Route, SelfAttention,
+    AttentionConfig, Block, BlockInputs, BlockState, Chunk, CrossAttention, FeedForward, Layer,
+    PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero, ReversibleSequence, Route, SelfAttention,
     SequentialSequence,
 };
 use performer_tensor::{Module, Result, Tensor, Visitor};
@@ -176,6 +176,30 @@ impl Performer {
                 context,
                 context_mask,
             },
+        )
+    }
+}
+
+impl Performer {
+    /// Incremental decoding of the stack (see `Block::decode`); no redraw bookkeeping.
+    pub fn decode(
+        &self,
+        x: &Tensor,
+        mask: Option<ArrayView2<'_, bool>>,
+        pos_emb: Option<&Tensor>,
+        context: Option<&Tensor>,
+        context_mask: Option<ArrayView2<'_, bool>>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.net.block().decode(
+            x,
+            &BlockInputs {
+                mask,
+                pos_emb,
+                context,
+                context_mask,
+            },
+            state,
         )
     }
 }
