@@ -105,7 +105,7 @@ fn lm_full(n: usize) -> Result<Prepared, BenchError> {
 }
 
 /// Which PerformerLM a training workload builds.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum LmVariant {
     /// vocab 256, dim 256, depth 4, heads 4, dim_head 64, nb_features 256, causal.
     Causal,
@@ -119,19 +119,86 @@ enum LmVariant {
 /// seeded random tokens, backward, an Adam step (lr 1e-4) and zeroing the gradients.
 /// tokens = n.
 fn lm_train(variant: LmVariant, n: usize) -> Result<Prepared, BenchError> {
-    let _ = n;
-    not_implemented(&format!(
-        "PerformerLM ({variant:?}) training step (performer-models) is not wired into the benchmark yet"
-    ))
+    use performer::models::{LocalAttnHeads, PerformerLMConfig};
+    use performer::tensor::Module;
+    use performer::tensor::optim::{Adam, Optimizer};
+    use performer::{AutoregressiveWrapper, PerformerLM, SeqInputs};
+
+    let base = lm_config(n, variant != LmVariant::NonCausal);
+    let config = match variant {
+        LmVariant::Causal | LmVariant::NonCausal => base,
+        LmVariant::Full => PerformerLMConfig {
+            reversible: true,
+            ff_glu: true,
+            use_scalenorm: true,
+            local_attn_heads: LocalAttnHeads::All(2),
+            local_window_size: 256,
+            shift_tokens: true,
+            ..base
+        },
+    };
+    let model = AutoregressiveWrapper::new(PerformerLM::new(config)?);
+    model.set_training(true);
+    let mut opt = Adam::new(model.named_parameters(), 1e-4);
+    let x = random_tokens(n + 1, 256);
+    Ok(Prepared {
+        step: Box::new(move || {
+            let loss = model
+                .loss(&x.view(), &SeqInputs::default())
+                .map_err(|e| e.to_string())?;
+            // Gradients are returned fresh by each backward: dropping them is zero_grad.
+            let grads = loss.backward().map_err(|e| e.to_string())?;
+            opt.step(&grads).map_err(|e| e.to_string())?;
+            Ok(())
+        }),
+        tokens: n,
+    })
+}
+
+/// The lm-* model shape: vocab 256, dim 256, depth 4, heads 4, dim_head 64, nb_features 256.
+fn lm_config(max_seq_len: usize, causal: bool) -> performer::PerformerLMConfig {
+    performer::PerformerLMConfig {
+        num_tokens: 256,
+        max_seq_len,
+        dim: 256,
+        depth: 4,
+        heads: 4,
+        dim_head: 64,
+        nb_features: Some(256),
+        causal,
+        ..Default::default()
+    }
+}
+
+/// `(1, n)` tokens uniform in `0..vocab` from the global seeded generator.
+fn random_tokens(n: usize, vocab: u64) -> ndarray::Array2<i64> {
+    rng::with_rng(|g| ndarray::Array2::from_shape_simple_fn((1, n), || g.below(vocab) as i64))
 }
 
 /// The lm-causal-1k model with max_seq_len 2048; one repetition primes with `prompt` random
 /// tokens and samples 64 more (top-k, filter_thres 0.9). tokens = 64.
 fn generate(prompt: usize) -> Result<Prepared, BenchError> {
-    let _ = prompt;
-    not_implemented(
-        "AutoregressiveWrapper::generate (performer-models) is not wired into the benchmark yet",
-    )
+    use performer::{AutoregressiveWrapper, GenerateOptions, PerformerLM, SeqInputs};
+
+    const NEW_TOKENS: usize = 64;
+    let model = AutoregressiveWrapper::new(PerformerLM::new(lm_config(2048, true))?);
+    let prime = random_tokens(prompt, 256);
+    let opts = GenerateOptions::default(); // top-k, filter_thres 0.9, temperature 1
+    Ok(Prepared {
+        step: Box::new(move || {
+            let out = model
+                .generate(&prime.view(), NEW_TOKENS, &opts, &SeqInputs::default())
+                .map_err(|e| e.to_string())?;
+            if out.ncols() != NEW_TOKENS {
+                return Err(format!(
+                    "generated {} tokens, expected {NEW_TOKENS}",
+                    out.ncols()
+                ));
+            }
+            Ok(())
+        }),
+        tokens: NEW_TOKENS,
+    })
 }
 
 /// `(n x 512) @ (512 x 2048)` through performer-tensor: the machine's GEMM floor in the same run,
