@@ -343,35 +343,38 @@ fn attend_head(
     }
 }
 
-/// Transposed features of rows `x` (n, d), given their transpose `xt` (d, n) in blocks:
-/// queries stabilized per position (`stab` None), keys by `stab`.
+/// Transposed features of rows `x` (n, d) into `out`, block by block while each block is in
+/// cache: queries are stabilized per position; keys by the max of all their projections,
+/// which is returned (softmax only).
 fn features_into(
     spec: &FeatureSpec,
     x: &ArrayView2<f32>,
-    xt: &Blocks,
     proj: &ArrayView2<f32>,
     out: &mut Blocks,
     key: bool,
 ) -> Result<f32> {
-    for b in 0..xt.count() {
-        spec.project_t(&xt.block(b), proj, &mut out.block_mut(b))?;
+    let softmax_key = key && spec.map == FeatureMap::Softmax;
+    let mut stab = f32::NEG_INFINITY;
+    for b in 0..out.count() {
+        let (c0, c1) = out.range(b);
+        let xb = x.slice(s![c0..c1, ..]);
+        let mut blk = out.block_mut(b);
+        // The GEMM reads the rows' transpose through strides (cheaper than copying it).
+        spec.project_t(&xb.t(), proj, &mut blk)?;
+        if softmax_key {
+            let m = spec.key_stabilizer(&blk.view());
+            stab = if m > stab || m.is_nan() { m } else { stab };
+        } else if !key {
+            spec.activate_t(&xb, &mut blk, None);
+        }
     }
-    let stab = match (key, spec.map) {
-        (true, FeatureMap::Softmax) => (0..out.count())
-            .map(|b| spec.key_stabilizer(&out.block(b)))
-            .fold(
-                f32::NEG_INFINITY,
-                |m, v| if v > m || v.is_nan() { v } else { m },
-            ),
-        _ => 0.0,
-    };
-    for b in 0..xt.count() {
-        let (c0, c1) = xt.range(b);
-        spec.activate_t(
-            &x.slice(s![c0..c1, ..]),
-            &mut out.block_mut(b),
-            key.then_some(stab),
-        );
+    if !key {
+        return Ok(0.0);
+    }
+    let stab = if softmax_key { stab } else { 0.0 };
+    for b in 0..out.count() {
+        let (c0, c1) = out.range(b);
+        spec.activate_t(&x.slice(s![c0..c1, ..]), &mut out.block_mut(b), Some(stab));
     }
     Ok(stab)
 }
@@ -380,11 +383,11 @@ fn features_into(
 enum FeatureSource<'a> {
     /// The whole head's, kept or given.
     Kept(&'a Blocks),
-    /// Recomputed from the rows `x` (n, d) and their transpose `xt` (d, n).
+    /// Recomputed from the rows `x` (n, d) in blocks of `width`.
     Recompute {
         spec: FeatureSpec,
         x: ArrayView2<'a, f32>,
-        xt: &'a Blocks,
+        width: usize,
         proj: ArrayView2<'a, f32>,
         stab: Option<f32>,
     },
@@ -403,17 +406,18 @@ impl FeatureSource<'_> {
             FeatureSource::Recompute {
                 spec,
                 x,
-                xt,
+                width,
                 proj,
                 stab,
             } => {
                 let mut widths = Vec::with_capacity(b1 - b0);
                 for (t, b) in (b0..b1).enumerate() {
-                    let (c0, c1) = xt.range(b);
+                    let (c0, c1) = (b * width, ((b + 1) * width).min(x.nrows()));
+                    let xb = x.slice(s![c0..c1, ..]);
                     let mut dst = scratch.block_mut(t);
                     let mut dst = dst.slice_mut(s![.., ..c1 - c0]);
-                    spec.project_t(&xt.block(b), proj, &mut dst)?;
-                    spec.activate_t(&x.slice(s![c0..c1, ..]), &mut dst, *stab);
+                    spec.project_t(&xb.t(), proj, &mut dst)?;
+                    spec.activate_t(&xb, &mut dst, *stab);
                     widths.push(c1 - c0);
                 }
                 let scratch = &*scratch;
@@ -440,23 +444,20 @@ impl FeatureSource<'_> {
 enum GradSink<'a> {
     /// The op's inputs are the features: their gradient `(n, m)`.
     Features(ArrayViewMut2<'a, f32>),
-    /// Through the feature map into the gradient `dx` (n, d) of the rows `x` (transpose `xt`,
-    /// which the generalized kernel needs).
+    /// Through the feature map into the gradient `dx` (n, d) of the rows `x`.
     Rows {
         spec: FeatureSpec,
         x: ArrayView2<'a, f32>,
-        xt: Option<&'a Blocks>,
         proj: ArrayView2<'a, f32>,
         dx: ArrayViewMut2<'a, f32>,
     },
 }
 
 impl GradSink<'_> {
-    /// Takes the gradient `g` of the features `feat` of block `b` (positions `c0..c1`; `g`
-    /// may be overwritten), adding the projection's gradient into `dproj` when given.
+    /// Takes the gradient `g` of the features `feat` of positions `c0..c1` (`g` may be
+    /// overwritten), adding the projection's gradient into `dproj` when given.
     fn block(
         &mut self,
-        b: usize,
         (c0, c1): (usize, usize),
         feat: &ArrayView2<f32>,
         g: &mut ArrayViewMut2<f32>,
@@ -467,15 +468,9 @@ impl GradSink<'_> {
                 dq.slice_mut(s![c0..c1, ..]).assign(&g.t());
                 Ok(())
             }
-            GradSink::Rows {
-                spec,
-                x,
-                xt,
-                proj,
-                dx,
-            } => spec.backward_t(
+            GradSink::Rows { spec, x, proj, dx } => spec.backward_t(
                 &x.slice(s![c0..c1, ..]),
-                xt.map(|t| t.block(b)).as_ref(),
+                Some(&x.slice(s![c0..c1, ..]).t()),
                 proj,
                 feat,
                 g,
@@ -511,7 +506,6 @@ fn attend_head_backward(
     m: usize,
 ) -> Result<()> {
     let e = v.ncols();
-    let vt = Blocks::transpose_of(v, width);
     let mut dqbuf = Array2::<f32>::zeros((m, width));
     let mut dkbuf = Array2::<f32>::zeros((m, width));
     let n = grad.g.nrows();
@@ -564,7 +558,7 @@ fn attend_head_backward(
                     qt: qs[t].view(),
                     kt: ks[t].view(),
                     v: v.slice(s![c0..c1, ..]),
-                    vt: vt.block(b),
+                    vt: v.slice(s![c0..c1, ..]).reversed_axes(),
                     g: grad.g.slice(s![c0..c1, ..]),
                     out: grad.out.slice(s![c0..c1, ..]),
                     den: grad.den.slice(s![c0..c1]),
@@ -578,8 +572,8 @@ fn attend_head_backward(
                 let mut dq = dqbuf.slice_mut(s![.., ..l]);
                 let mut dk = dkbuf.slice_mut(s![.., ..l]);
                 bw.chunk(&chunk, &mut dq, &mut dk, &mut dv.slice_mut(s![c0..c1, ..]))?;
-                q_sink.block(b, (c0, c1), &qs[t], &mut dq, dproj.as_deref_mut())?;
-                k_sink.block(b, (c0, c1), &ks[t], &mut dk, dproj.as_deref_mut())?;
+                q_sink.block((c0, c1), &qs[t], &mut dq, dproj.as_deref_mut())?;
+                k_sink.block((c0, c1), &ks[t], &mut dk, dproj.as_deref_mut())?;
             }
         }
     } else {
@@ -603,7 +597,7 @@ fn attend_head_backward(
                 nc,
                 &mut dq,
             )?;
-            q_sink.block(b, (c0, c1), &qs[0], &mut dq, dproj.as_deref_mut())?;
+            q_sink.block((c0, c1), &qs[0], &mut dq, dproj.as_deref_mut())?;
         }
         for b in 0..nk.div_ceil(width) {
             let (c0, c1) = (b * width, ((b + 1) * width).min(nk));
@@ -611,11 +605,11 @@ fn attend_head_backward(
             let mut dk = dkbuf.slice_mut(s![.., ..c1 - c0]);
             bw.keys(
                 &ks[0],
-                &vt.block(b),
+                &v.slice(s![c0..c1, ..]).t(),
                 &mut dk,
                 &mut dv.slice_mut(s![c0..c1, ..]),
             )?;
-            k_sink.block(b, (c0, c1), &ks[0], &mut dk, dproj.as_deref_mut())?;
+            k_sink.block((c0, c1), &ks[0], &mut dk, dproj.as_deref_mut())?;
         }
     }
     Ok(())
@@ -884,17 +878,9 @@ impl CustomOp for FavorAttentionOp {
                 let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
                 // Projections write every block.
                 let mut qf = Blocks::for_overwrite(m, sh.n, w);
-                features_into(
-                    &spec,
-                    &qi,
-                    &Blocks::transpose_of(&qi, w),
-                    &p,
-                    &mut qf,
-                    false,
-                )?;
+                features_into(&spec, &qi, &p, &mut qf, false)?;
                 let mut kf = Blocks::for_overwrite(m, sh.nk, w);
-                let key_stab =
-                    features_into(&spec, &ki, &Blocks::transpose_of(&ki, w), &p, &mut kf, true)?;
+                let key_stab = features_into(&spec, &ki, &p, &mut kf, true)?;
                 let mut ctx = attend_head(
                     &qf,
                     &kf,
@@ -953,29 +939,24 @@ impl CustomOp for FavorAttentionOp {
             .map(|(i, ((dqi, dki), mut dvi))| {
                 let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
                 let ctx = &contexts[i];
-                // The rows' transposes serve recomputing features and the generalized kernel.
-                let need_t = ctx.features.is_none() || self.map != FeatureMap::Softmax;
-                let qx = need_t.then(|| Blocks::transpose_of(&qi, w));
-                let kx = need_t.then(|| Blocks::transpose_of(&ki, w));
-                let (q_src, k_src) = match (&ctx.features, &qx, &kx) {
-                    (Some((qf, kf)), _, _) => (FeatureSource::Kept(qf), FeatureSource::Kept(kf)),
-                    (None, Some(qx), Some(kx)) => (
+                let (q_src, k_src) = match &ctx.features {
+                    Some((qf, kf)) => (FeatureSource::Kept(qf), FeatureSource::Kept(kf)),
+                    None => (
                         FeatureSource::Recompute {
                             spec,
                             x: qi.view(),
-                            xt: qx,
+                            width: w,
                             proj: p.view(),
                             stab: None,
                         },
                         FeatureSource::Recompute {
                             spec,
                             x: ki.view(),
-                            xt: kx,
+                            width: w,
                             proj: p.view(),
                             stab: Some(ctx.key_stab),
                         },
                     ),
-                    _ => unreachable!("transposes are made whenever features are not kept"),
                 };
                 let grad = HeadGrad {
                     g: head(&gv, i),
@@ -994,14 +975,12 @@ impl CustomOp for FavorAttentionOp {
                     &mut GradSink::Rows {
                         spec,
                         x: qi.view(),
-                        xt: qx.as_ref(),
                         proj: p.view(),
                         dx: dqi,
                     },
                     &mut GradSink::Rows {
                         spec,
                         x: ki.view(),
-                        xt: kx.as_ref(),
                         proj: p.view(),
                         dx: dki,
                     },

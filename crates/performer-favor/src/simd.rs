@@ -3,21 +3,21 @@
 //! `-C target-cpu=native`). Reductions keep 16 partial sums or maxima so that the compiler can
 //! vectorize them without reassociating floating-point math on its own.
 
-use performer_tensor::fast_math::exp;
-
 /// Compiles `generic` three times (AVX-512F, AVX2+FMA, baseline) and dispatches at run time.
+/// The body sees a const `FMA: bool`, true where fused multiply-adds are single instructions.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[allow(unused)]
+            fn generic<const FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                #[target_feature(enable = "avx512f,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { generic::<true>($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { generic::<true>($($arg),*) }
                 if std::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU supports AVX-512F (checked just above).
                     return unsafe { avx512($($arg),*) };
@@ -27,9 +27,52 @@ macro_rules! multiversion {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            generic($($arg),*)
+            generic::<false>($($arg),*)
         }
     };
+}
+
+/// `a * b + c`, fused where `FMA` (a single instruction there; libm's software `fmaf` would
+/// be slow elsewhere).
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const MAX_X: f32 = 88.722_83;
+const MIN_X: f32 = -87.336_55;
+/// Adding 1.5 * 2^23 rounds a float of magnitude < 2^22 to an integer held in the low
+/// mantissa bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `e^x`, branch-free: performer-tensor's `fast_math::exp` (Cephes' expf: range reduction by
+/// ln 2, a degree-6 polynomial, relative error about 1e-7) with fused multiply-adds.
+#[inline(always)]
+fn exp<const FMA: bool>(x_in: f32) -> f32 {
+    let x = if x_in > MAX_X { MAX_X } else { x_in };
+    let x = if x < MIN_X { MIN_X } else { x };
+    let t = fma::<FMA>(x, LOG2E, ROUND_MAGIC);
+    let k = t - ROUND_MAGIC;
+    let ki = (t.to_bits() as i32).wrapping_sub(ROUND_MAGIC.to_bits() as i32);
+    let r = fma::<FMA>(-k, LN2_LO, fma::<FMA>(-k, LN2_HI, x));
+    let r2 = r * r;
+    let mut p = 1.987_569_1e-4f32;
+    p = fma::<FMA>(p, r, 1.398_199_9e-3);
+    p = fma::<FMA>(p, r, 8.333_452e-3);
+    p = fma::<FMA>(p, r, 4.166_579_6e-2);
+    p = fma::<FMA>(p, r, 1.666_666_5e-1);
+    p = fma::<FMA>(p, r, 0.5);
+    let y = fma::<FMA>(p, r2, r) + 1.0;
+    // 2^k from exponent bits; 2^128 is not a float, so the top case takes 2^127 twice.
+    let big = ki > 127;
+    let ke = if big { ki - 1 } else { ki };
+    let pow2 = f32::from_bits(((ke + 127) as u32) << 23);
+    let y = y * pow2 * if big { 2.0 } else { 1.0 };
+    let y = if x_in > MAX_X { f32::INFINITY } else { y };
+    if x_in < MIN_X { 0.0 } else { y }
 }
 
 const LANES: usize = 16;
@@ -39,7 +82,7 @@ multiversion! {
     /// feature block: one shift per position).
     pub(crate) fn exp_shifted(xs: &mut [f32], shift: &[f32], scale: f32, add: f32) {
         for (x, &s) in xs.iter_mut().zip(shift) {
-            *x = scale * exp(*x - s) + add;
+            *x = fma::<FMA>(scale, exp::<FMA>(*x - s), add);
         }
     }
 }
@@ -93,7 +136,7 @@ multiversion! {
         let mut cy = ys.chunks_exact(LANES);
         for (a16, b16) in (&mut cx).zip(&mut cy) {
             for ((a, &x), &y) in acc.iter_mut().zip(a16).zip(b16) {
-                *a += x * y;
+                *a = fma::<FMA>(x, y, *a);
             }
         }
         let tail: f32 = cx.remainder().iter().zip(cy.remainder()).map(|(x, y)| x * y).sum();
@@ -105,7 +148,7 @@ multiversion! {
     /// `y += a * x`.
     pub(crate) fn axpy(ys: &mut [f32], a: f32, xs: &[f32]) {
         for (y, &x) in ys.iter_mut().zip(xs) {
-            *y += a * x;
+            *y = fma::<FMA>(a, x, *y);
         }
     }
 }
@@ -152,6 +195,24 @@ mod tests {
             assert_eq!(max_of(&x), want_max);
         }
         assert!(max_of(&[1.0, f32::NAN, 2.0]).is_nan());
+    }
+
+    #[test]
+    fn exp_is_accurate_with_and_without_fma() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            for got in [exp::<true>(x), exp::<false>(x)] {
+                worst = worst.max(((got as f64 - want) / want).abs());
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!(exp::<true>(f32::NAN).is_nan());
+        assert_eq!(exp::<true>(-1e4), 0.0);
+        assert_eq!(exp::<true>(f32::INFINITY), f32::INFINITY);
+        assert!(exp::<true>(88.72).is_finite());
     }
 
     #[test]
