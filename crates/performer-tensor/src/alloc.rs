@@ -1,19 +1,23 @@
 //! Output buffers for large results.
 //!
 //! A fresh buffer of tens of megabytes comes straight from the kernel (glibc maps every block
-//! above 32 MB anew), and each of its 4 KiB pages faults on first write: on the virtual machines
+//! of 32 MiB and more anew), and each of its 4 KiB pages faults on first write: on the virtual machines
 //! measured here that cost as much as the matrix product that filled it (8192 faults for a
 //! 32 MB output). Large buffers are therefore advised to the kernel as candidates for
 //! transparent huge pages (2 MiB, 512 times fewer faults), where the kernel offers them in
-//! `madvise` mode, which is what PyTorch's CPU allocator does too. Buffers are handed out
+//! `madvise` mode (PyTorch's CPU allocator does the same when `THP_MEM_ALLOC_ENABLE` is set).
+//! Buffers are handed out
 //! uninitialized: every caller writes each element before reading any.
 
 use std::mem::MaybeUninit;
 
 use ndarray::{ArrayD, IxDyn};
 
-/// Buffers at least this large (in bytes) are advised for huge pages.
-const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
+/// Buffers at least this large (in bytes) are advised for huge pages: glibc serves them with
+/// a fresh mapping every time (its mmap threshold stops rising at 32 MiB), while smaller
+/// blocks are recycled from the heap once warm and fault no more (advising those only cost a
+/// little time in measurements).
+const HUGE_PAGE_MIN_BYTES: usize = 32 << 20;
 
 /// A vector of `len` uninitialized floats (capacity `len`, length `len`).
 pub(crate) fn uninit_vec(len: usize) -> Vec<MaybeUninit<f32>> {
