@@ -1,0 +1,133 @@
+//! Checkpoints move between performer-rs and performer-pytorch both ways, with the same logits:
+//! a Rust model saved here loads in PyTorch (strict) and gives Rust's logits; a PyTorch model
+//! exported by tools/roundtrip.py loads here and gives PyTorch's. Needs the reference
+//! environment (`PERFORMER_REF_PYTHON`, see ../shared/reference/setup-venv.sh); without it the
+//! test says so and passes, as the parity fixtures already cover loading PyTorch state dicts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use ndarray::Array2;
+use performer_models::*;
+use performer_tensor::Module;
+use performer_tensor::io::{TensorData, load_safetensors, save_safetensors};
+
+fn python() -> Option<String> {
+    std::env::var("PERFORMER_REF_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/roundtrip.py")
+}
+
+fn config() -> PerformerLMConfig {
+    PerformerLMConfig {
+        num_tokens: 40,
+        max_seq_len: 64,
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        dim_head: 8,
+        nb_features: Some(12),
+        causal: true,
+        local_attn_heads: LocalAttnHeads::PerLayer(vec![1, 0]),
+        local_window_size: 8,
+        shift_tokens: true,
+        reversible: true,
+        ff_glu: true,
+        ..Default::default()
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("performer-roundtrip-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn rust_checkpoint_loads_in_pytorch_with_the_same_logits() {
+    let Some(py) = python() else {
+        println!(
+            "skipped: PERFORMER_REF_PYTHON is not set (run ../shared/reference/setup-venv.sh)"
+        );
+        return;
+    };
+    performer_tensor::rng::manual_seed(3);
+    let lm = PerformerLM::new(config()).unwrap();
+    lm.set_training(false);
+    let dir = temp_dir("rust");
+    save_pretrained(&dir, &lm, &ModelConfig::PerformerLM(config())).unwrap();
+    let x = Array2::from_shape_fn((2, 24), |(i, j)| ((i * 7 + j * 3) % 40) as i64);
+    let logits = lm.forward(&x.view(), &LmInputs::default()).unwrap();
+    let probe = BTreeMap::from([
+        ("x".to_string(), TensorData::I64(x.into_dyn())),
+        ("logits".to_string(), TensorData::F32(logits.to_array())),
+    ]);
+    save_safetensors(dir.join("probe.safetensors"), &probe, None).unwrap();
+    let out = Command::new(&py)
+        .arg(script())
+        .arg("check")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    println!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "PyTorch disagrees with the Rust checkpoint"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn pytorch_checkpoint_loads_in_rust_with_the_same_logits() {
+    let Some(py) = python() else {
+        println!(
+            "skipped: PERFORMER_REF_PYTHON is not set (run ../shared/reference/setup-venv.sh)"
+        );
+        return;
+    };
+    let dir = temp_dir("torch");
+    let text = serde_json::to_string_pretty(&ModelConfig::PerformerLM(config()).to_json()).unwrap();
+    std::fs::write(dir.join("config.json"), text).unwrap();
+    let out = Command::new(&py)
+        .arg(script())
+        .arg("export")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    println!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    let (_, model) = load_pretrained(&dir).unwrap();
+    let AnyModel::PerformerLM(lm) = model else {
+        panic!("not a PerformerLM")
+    };
+    lm.set_training(false);
+    let probe = load_safetensors(dir.join("probe.safetensors")).unwrap();
+    let x = probe["x"]
+        .clone()
+        .into_i64("x")
+        .unwrap()
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap();
+    let want = probe["logits"].clone().into_f32("logits").unwrap();
+    let ours = lm
+        .forward(&x.view(), &LmInputs::default())
+        .unwrap()
+        .to_array();
+    let err = parity::relative_error(&ours, &want);
+    println!("Rust loaded the PyTorch checkpoint: logits differ by {err:.2e} (relative)");
+    assert!(err < 1e-4, "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
