@@ -1,0 +1,1049 @@
+//! Trains a byte-level causal PerformerLM, in the manner of performer-pytorch's
+//! `examples/enwik8_simple/train.py` (Adam, gradient clipping, validation and sampling every N
+//! steps), sized for a CPU.
+//!
+//! ```text
+//! cargo run --release --example train_lm                       # this repository's .md/.rs text
+//! cargo run --release --example train_lm -- --data enwik8.gz   # enwik8: 90M / 5M / 5M split
+//! cargo run --release --example train_lm -- --data ../shared/data/tinyshakespeare.txt \
+//!     --dim 256 --depth 4 --heads 4 --dim-head 64 --nb-features 256 --seq-len 256
+//! cargo run --release --example train_lm -- --resume runs/train_lm --steps 1000
+//! cargo run --release --example generate -- runs/train_lm --prompt "fn main"
+//! ```
+//!
+//! Data: `--data FILE` (plain or gzip, by the `.gz` suffix) is split into train / validation /
+//! test by bytes: enwik8 (recognized by its size, 100,000,000 bytes) gets the standard 90M / 5M /
+//! 5M split, any other file 90% / 5% / 5%. Without `--data` the text is every `.md` and `.rs`
+//! file of this repository, concatenated in sorted path order, so nothing needs downloading.
+//!
+//! Training batches are windows of `seq_len + 1` bytes at offsets drawn from a seeded
+//! generator (xoshiro256++, `performer::tensor::rng::Generator`); validation reads fixed, evenly
+//! spaced windows of the validation split, so every validation is comparable; the final summary
+//! also scores every non-overlapping window of the split. `tools/train_reference.py` runs
+//! performer-pytorch on the same batches and windows.
+//!
+//! The checkpoint directory (`--out`, default `runs/train_lm`) holds `config.json` +
+//! `model.safetensors` (the layout of `performer_models::save_pretrained`, so
+//! `load_pretrained` and `examples/generate.rs` read it), `optimizer.safetensors` (Adam's
+//! moments and step), `trainer.json` (step, settings, the global and the sampler's generator
+//! states, the loss history) and `loss.svg` (train loss and validation bits per byte against
+//! steps). It is written every `--checkpoint-every` steps, at the end, and on Ctrl-C, into a
+//! fresh sibling directory that then replaces the old one, so an interruption at any moment leaves
+//! a complete checkpoint. `--resume DIR` continues a run exactly: the weights, the optimizer, the
+//! step and every random state are restored, so 10 steps + resume 10 steps end bit for bit where
+//! an uninterrupted 20-step run ends (`tests/train_lm_resume.rs` checks exactly that).
+
+use std::f64::consts::LN_2;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ndarray::Array2;
+use performer::models::checkpoint::load_pretrained;
+use performer::models::{AnyModel, LocalAttnHeads, ModelConfig};
+use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
+use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
+use performer::tensor::rng::{self, Generator, RngState};
+use performer::tensor::{Gradients, Module, no_grad};
+use performer::{
+    AutoregressiveWrapper, Filter, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
+    save_pretrained,
+};
+use serde::{Deserialize, Serialize};
+
+type BoxError = Box<dyn std::error::Error>;
+type Res<T> = std::result::Result<T, BoxError>;
+
+/// The size of enwik8, which gets the standard 90M / 5M / 5M split.
+const ENWIK8_BYTES: usize = 100_000_000;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    about = "Train a byte-level causal PerformerLM (performer-pytorch's enwik8_simple recipe, sized for a CPU)",
+    after_help = "Without --data the text is every .md and .rs file of this repository. \
+                  On --resume, the model, data and optimization settings come from the checkpoint; \
+                  --steps, the intervals and sampling settings, --threads and --out may be given \
+                  again (else the checkpoint's apply)."
+)]
+struct Cli {
+    /// Text to train on (plain, or gzip when the name ends in .gz). enwik8 (100,000,000 bytes)
+    /// is split 90M / 5M / 5M, anything else 90% / 5% / 5%. Default: this repository's .md and
+    /// .rs files.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Checkpoint directory (written every --checkpoint-every steps, at the end and on Ctrl-C).
+    /// Default: runs/train_lm, or the --resume directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint directory.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    /// Layers.
+    #[arg(long, default_value_t = 3)]
+    depth: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Width of each head.
+    #[arg(long, default_value_t = 32)]
+    dim_head: usize,
+    /// FAVOR+ random features per head.
+    #[arg(long, default_value_t = 64)]
+    nb_features: usize,
+    /// Redraw the random projections every this many forward calls (0: never).
+    #[arg(long, default_value_t = 1000)]
+    feature_redraw_interval: usize,
+    /// Local (windowed softmax) heads per layer.
+    #[arg(long, default_value_t = 0)]
+    local_attn_heads: usize,
+    /// Window of the local heads.
+    #[arg(long, default_value_t = 128)]
+    local_window_size: usize,
+    /// GLU feed-forward.
+    #[arg(long)]
+    ff_glu: bool,
+    /// Reversible layers (less memory, more compute).
+    #[arg(long)]
+    reversible: bool,
+    /// Token shift before attention and feed-forward.
+    #[arg(long)]
+    shift_tokens: bool,
+
+    /// Tokens (bytes) per sequence; also the model's max_seq_len.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches whose gradients are summed into one optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Adam learning rate (performer-pytorch's recipe uses 1e-4 for a 6-layer dim-512 model;
+    /// this small model trains faster with more).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Clip the gradients' joint L2 norm to this (0: no clipping).
+    #[arg(long, default_value_t = 0.5)]
+    clip: f32,
+    /// Optimizer steps to reach (a resumed run continues up to this step).
+    #[arg(long, default_value_t = 600)]
+    steps: u64,
+    /// Seed of the weights, the projections and the batch sampler.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    /// Validate every this many steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    validate_every: u64,
+    /// Validation windows (fixed, evenly spaced over the validation split).
+    #[arg(long, default_value_t = 16)]
+    val_windows: usize,
+    /// Print a generated sample every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 200)]
+    generate_every: u64,
+    /// Bytes to generate for each sample.
+    #[arg(long, default_value_t = 128)]
+    generate_length: usize,
+    /// Bytes of the validation text that prime each sample.
+    #[arg(long, default_value_t = 64)]
+    prime_length: usize,
+    /// Sampling temperature of the samples.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Write a checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 200)]
+    checkpoint_every: u64,
+    /// Threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Skip scoring the whole validation split at the end.
+    #[arg(long)]
+    no_final_eval: bool,
+}
+
+/// Everything that decides the result of a run; saved in `trainer.json` and restored by
+/// `--resume`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub data: Option<PathBuf>,
+    pub data_bytes: usize,
+    pub data_fnv1a: String,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f32,
+    pub clip: f32,
+    pub seed: u64,
+    pub val_windows: usize,
+}
+
+/// A point of the loss history.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    pub step: u64,
+    pub bpb: f64,
+}
+
+/// Settings of the run that do not change its result (the step target, intervals, sampling);
+/// a resumed run keeps them unless given again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunControl {
+    pub steps: u64,
+    pub validate_every: u64,
+    pub generate_every: u64,
+    pub generate_length: usize,
+    pub prime_length: usize,
+    pub temperature: f32,
+    pub checkpoint_every: u64,
+}
+
+/// `trainer.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub settings: Settings,
+    pub control: RunControl,
+    /// The global generator (weights, projection redraws, dropout) after `step`.
+    pub global_rng: [u64; 4],
+    /// The batch sampler's generator after `step`.
+    pub sampler_rng: [u64; 4],
+    /// Mean train loss of each step, bits per byte.
+    pub train: Vec<Point>,
+    /// Validation bits per byte.
+    pub val: Vec<Point>,
+    /// Seconds spent training (not validating or sampling), over all sessions.
+    pub train_seconds: f64,
+    /// Tokens trained on, over all sessions.
+    pub tokens: u64,
+}
+
+/// The train / validation / test bytes.
+struct Corpus {
+    train: Vec<u8>,
+    val: Vec<u8>,
+    test_len: usize,
+    description: String,
+}
+
+fn fnv1a(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The repository root: the facade's manifest directory when it still exists, else the
+/// current directory.
+fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if manifest.join("Cargo.toml").is_file() {
+        manifest
+    } else {
+        PathBuf::from(".")
+    }
+}
+
+/// Every `.md` and `.rs` file under `root` (skipping hidden directories, `target` and `runs`),
+/// sorted by path.
+fn repository_text_files(root: &Path) -> Res<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                if !name.starts_with('.') && name != "target" && name != "runs" {
+                    stack.push(entry.path());
+                }
+            } else if kind.is_file() && (name.ends_with(".md") || name.ends_with(".rs")) {
+                out.push(entry.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_data(path: Option<&Path>) -> Res<(Vec<u8>, String)> {
+    match path {
+        Some(p) => {
+            let raw = std::fs::read(p).map_err(|e| format!("--data {}: {e}", p.display()))?;
+            let bytes = if p.extension().is_some_and(|e| e == "gz") {
+                let mut out = Vec::new();
+                flate2::read::MultiGzDecoder::new(&raw[..])
+                    .read_to_end(&mut out)
+                    .map_err(|e| format!("--data {}: not gzip: {e}", p.display()))?;
+                out
+            } else {
+                raw
+            };
+            Ok((bytes, p.display().to_string()))
+        }
+        None => {
+            let root = repo_root();
+            let files = repository_text_files(&root)?;
+            let mut bytes = Vec::new();
+            for f in &files {
+                bytes.extend(std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?);
+            }
+            Ok((
+                bytes,
+                format!(
+                    "{} .md/.rs files of {}",
+                    files.len(),
+                    root.canonicalize().unwrap_or(root).display()
+                ),
+            ))
+        }
+    }
+}
+
+/// enwik8: 90M / 5M / 5M; anything else 90% / 5% / 5%.
+fn split(bytes: Vec<u8>, name: String) -> Corpus {
+    let len = bytes.len();
+    let (train_end, val_end) = if len == ENWIK8_BYTES {
+        (90_000_000, 95_000_000)
+    } else {
+        (len * 90 / 100, len * 95 / 100)
+    };
+    let kind = if len == ENWIK8_BYTES {
+        "enwik8 split 90M/5M/5M"
+    } else {
+        "split 90/5/5"
+    };
+    Corpus {
+        val: bytes[train_end..val_end].to_vec(),
+        test_len: len - val_end,
+        description: format!(
+            "{name}: {len} bytes, {kind}: train {train_end}, validation {}, test {}",
+            val_end - train_end,
+            len - val_end
+        ),
+        train: {
+            let mut b = bytes;
+            b.truncate(train_end);
+            b
+        },
+    }
+}
+
+/// `(rows, len)` tokens from windows of `data` starting at `offsets`.
+fn windows(data: &[u8], offsets: &[usize], len: usize) -> Array2<i64> {
+    Array2::from_shape_fn((offsets.len(), len), |(r, c)| data[offsets[r] + c] as i64)
+}
+
+/// A training batch: `batch` windows of `len` bytes at offsets uniform in `0..data.len() - len`
+/// (performer-pytorch's `randint(0, len - seq_len - 1)` with `len = seq_len + 1`).
+fn sample_batch(g: &mut Generator, data: &[u8], batch: usize, len: usize) -> Array2<i64> {
+    let offsets: Vec<usize> = (0..batch)
+        .map(|_| g.below((data.len() - len) as u64) as usize)
+        .collect();
+    windows(data, &offsets, len)
+}
+
+/// `count` windows of `len` bytes evenly spaced over `data` (first at 0, last at the end).
+fn val_offsets(data_len: usize, len: usize, count: usize) -> Vec<usize> {
+    let span = data_len - len;
+    if count <= 1 {
+        return vec![0];
+    }
+    (0..count).map(|i| i * span / (count - 1)).collect()
+}
+
+/// Every non-overlapping window: offsets 0, len - 1, 2 (len - 1), ... (each window's last
+/// byte is the next one's first input, so every byte after the first is predicted once).
+fn full_offsets(data_len: usize, len: usize) -> Vec<usize> {
+    (0..)
+        .map(|i| i * (len - 1))
+        .take_while(|o| o + len <= data_len)
+        .collect()
+}
+
+/// Mean loss over windows at `offsets`, in bits per byte (eval mode, no graph).
+fn evaluate(
+    model: &AutoregressiveWrapper,
+    data: &[u8],
+    offsets: &[usize],
+    len: usize,
+    batch: usize,
+) -> Res<f64> {
+    let was_training = performer::models::is_training(model);
+    model.set_training(false);
+    let result = no_grad(|| -> Res<f64> {
+        let mut total = 0.0f64;
+        for chunk in offsets.chunks(batch.max(1)) {
+            let x = windows(data, chunk, len);
+            let loss = model.loss(&x.view(), &SeqInputs::default())?.item()? as f64;
+            total += loss * chunk.len() as f64;
+        }
+        Ok(total / offsets.len() as f64 / LN_2)
+    });
+    model.set_training(was_training);
+    result
+}
+
+/// Bytes as text for the terminal: invalid UTF-8 replaced, control characters other than
+/// newline and tab shown as spaces (the reference maps every byte below 32 to a space).
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+fn sample_text(
+    model: &AutoregressiveWrapper,
+    prime: &[u8],
+    length: usize,
+    temperature: f32,
+    seed: u64,
+) -> Res<String> {
+    let start = Array2::from_shape_fn((1, prime.len()), |(_, c)| prime[c] as i64);
+    let opts = GenerateOptions {
+        temperature,
+        filter: Filter::TopK { thres: 0.9 },
+        seed,
+        ..Default::default()
+    };
+    let out = model.generate(&start.view(), length, &opts, &SeqInputs::default())?;
+    let bytes: Vec<u8> = out.iter().map(|&t| t.clamp(0, 255) as u8).collect();
+    Ok(printable(&bytes))
+}
+
+fn model_config(cli: &Cli) -> PerformerLMConfig {
+    PerformerLMConfig {
+        num_tokens: 256,
+        max_seq_len: cli.seq_len,
+        dim: cli.dim,
+        depth: cli.depth,
+        heads: cli.heads,
+        dim_head: cli.dim_head,
+        nb_features: Some(cli.nb_features),
+        feature_redraw_interval: (cli.feature_redraw_interval > 0)
+            .then_some(cli.feature_redraw_interval),
+        local_attn_heads: LocalAttnHeads::All(cli.local_attn_heads),
+        local_window_size: cli.local_window_size,
+        ff_glu: cli.ff_glu,
+        reversible: cli.reversible,
+        shift_tokens: cli.shift_tokens,
+        causal: true,
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+
+const TRAINER_JSON: &str = "trainer.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const PLOT_FILE: &str = "loss.svg";
+
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    dir.with_file_name(format!(".{name}.{suffix}"))
+}
+
+/// Writes the whole checkpoint into a fresh sibling directory, then swaps it in for `dir`.
+fn save_checkpoint(
+    dir: &Path,
+    model: &AutoregressiveWrapper,
+    opt: &Adam,
+    state: &TrainerState,
+) -> Res<()> {
+    if dir.exists() && !dir.join(TRAINER_JSON).is_file() && dir.read_dir()?.next().is_some() {
+        return Err(format!(
+            "{} exists and is not a train_lm checkpoint; refusing to replace it",
+            dir.display()
+        )
+        .into());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = sibling(dir, "tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    save_pretrained(
+        &tmp,
+        &model.net,
+        &ModelConfig::PerformerLM(model.net.config().clone()),
+    )?;
+    save_safetensors(tmp.join(OPTIMIZER_FILE), &opt.state_dict(), None)?;
+    write_atomic(
+        tmp.join(TRAINER_JSON),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    draw_loss_curve(&tmp.join(PLOT_FILE), state)?;
+    let old = sibling(dir, "old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+struct Resumed {
+    model: AutoregressiveWrapper,
+    opt_state: std::collections::BTreeMap<String, performer::tensor::io::TensorData>,
+    state: TrainerState,
+}
+
+fn load_checkpoint(dir: &Path) -> Res<Resumed> {
+    let path = dir.join(TRAINER_JSON);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        let old = sibling(dir, "old");
+        if old.join(TRAINER_JSON).is_file() {
+            format!(
+                "{}: {e} (an interrupted save left the previous checkpoint in {})",
+                path.display(),
+                old.display()
+            )
+        } else {
+            format!("{}: {e}", path.display())
+        }
+    })?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (_, model) = load_pretrained(dir)?;
+    let AnyModel::PerformerLM(lm) = model else {
+        return Err(format!("{} does not hold a PerformerLM", dir.display()).into());
+    };
+    Ok(Resumed {
+        model: AutoregressiveWrapper::new(lm),
+        opt_state: load_safetensors(dir.join(OPTIMIZER_FILE))?,
+        state,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loss curve
+
+fn draw_loss_curve(path: &Path, state: &TrainerState) -> Res<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let last = state.step.max(1) as f64;
+    let all = state.train.iter().chain(&state.val).map(|p| p.bpb);
+    let (lo, hi) = all
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+    let (lo, hi) = if lo.is_finite() {
+        ((lo - 0.1).max(0.0), hi + 0.1)
+    } else {
+        (0.0, 8.0)
+    };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "PerformerLM byte-level training: {} steps, seq {}, batch {} x {}",
+                state.step,
+                state.settings.seq_len,
+                state.settings.batch_size,
+                state.settings.grad_accum
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..last, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("bits per byte")
+        .draw()?;
+    let train: Vec<(f64, f64)> = state.train.iter().map(|p| (p.step as f64, p.bpb)).collect();
+    chart
+        .draw_series(LineSeries::new(train, BLUE.mix(0.6).stroke_width(1)))?
+        .label("train loss (bits per byte)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+    let val: Vec<(f64, f64)> = state.val.iter().map(|p| (p.step as f64, p.bpb)).collect();
+    chart
+        .draw_series(LineSeries::new(val.clone(), RED.stroke_width(3)))?
+        .label("validation bits per byte")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(3)));
+    chart.draw_series(val.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+fn explicitly_given(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+fn main() {
+    let matches = Cli::command().get_matches();
+    let result = (|| -> Res<Outcome> {
+        let cli = Cli::from_arg_matches(&matches)?;
+        if cli.threads > 0 {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(cli.threads)
+                .build_global()?;
+        }
+        let interrupted = Arc::new(AtomicBool::new(false));
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\ntrain_lm: second Ctrl-C: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ntrain_lm: Ctrl-C: saving a checkpoint after this step (Ctrl-C again quits without saving)"
+            );
+        })?;
+        train(&cli, &matches, &interrupted)
+    })();
+    match result {
+        Ok(Outcome::Finished(_)) => {}
+        Ok(Outcome::Interrupted(_)) => std::process::exit(130),
+        Err(e) => {
+            eprintln!("train_lm: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// How a run ended.
+#[allow(dead_code)] // the state is read by tests/train_lm_resume.rs
+enum Outcome {
+    /// Reached `--steps`; the final state.
+    Finished(TrainerState),
+    /// Ctrl-C: the state saved.
+    Interrupted(TrainerState),
+}
+
+/// Runs `train_lm ARGS...` in this process (for tests: no Ctrl-C handler, rayon's pool as it is).
+#[allow(dead_code)] // used by tests/train_lm_resume.rs
+pub fn train_with_args(args: &[&str]) -> Res<TrainerState> {
+    let matches = Cli::command()
+        .try_get_matches_from(std::iter::once("train_lm").chain(args.iter().copied()))?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    match train(&cli, &matches, &AtomicBool::new(false))? {
+        Outcome::Finished(s) | Outcome::Interrupted(s) => Ok(s),
+    }
+}
+
+/// The training run: `interrupted` is polled after every step.
+fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res<Outcome> {
+    let mut cli = cli.clone();
+
+    // The model, the optimizer state and the trainer state: fresh or from a checkpoint.
+    let (model, opt_state, mut state) = if let Some(dir) = &cli.resume {
+        // Settings that decide the result come from the checkpoint.
+        const FIXED: &[&str] = &[
+            "data",
+            "dim",
+            "depth",
+            "heads",
+            "dim_head",
+            "nb_features",
+            "feature_redraw_interval",
+            "local_attn_heads",
+            "local_window_size",
+            "ff_glu",
+            "reversible",
+            "shift_tokens",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "clip",
+            "seed",
+            "val_windows",
+        ];
+        let ignored: Vec<String> = FIXED
+            .iter()
+            .filter(|id| explicitly_given(matches, id))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !ignored.is_empty() {
+            eprintln!(
+                "train_lm: resuming {}: ignoring {} (the checkpoint's settings apply)",
+                dir.display(),
+                ignored.join(", ")
+            );
+        }
+        let r = load_checkpoint(dir)?;
+        let saved = &r.state.control;
+        macro_rules! keep {
+            ($($f:ident),*) => {$(
+                if !explicitly_given(matches, stringify!($f)) {
+                    cli.$f = saved.$f.clone();
+                }
+            )*};
+        }
+        keep!(
+            steps,
+            validate_every,
+            generate_every,
+            generate_length,
+            prime_length,
+            temperature,
+            checkpoint_every
+        );
+        (r.model, Some(r.opt_state), r.state)
+    } else {
+        rng::manual_seed(cli.seed);
+        let model = AutoregressiveWrapper::new(PerformerLM::new(model_config(&cli))?);
+        let state = TrainerState {
+            step: 0,
+            settings: Settings {
+                data: cli.data.clone(),
+                data_bytes: 0,
+                data_fnv1a: String::new(),
+                seq_len: cli.seq_len,
+                batch_size: cli.batch_size,
+                grad_accum: cli.grad_accum,
+                lr: cli.lr,
+                clip: cli.clip,
+                seed: cli.seed,
+                val_windows: cli.val_windows,
+            },
+            control: RunControl {
+                steps: 0,
+                validate_every: 0,
+                generate_every: 0,
+                generate_length: 0,
+                prime_length: 0,
+                temperature: 0.0,
+                checkpoint_every: 0,
+            },
+            global_rng: rng::get_state().0,
+            sampler_rng: Generator::seeded(cli.seed).state().0,
+            train: Vec::new(),
+            val: Vec::new(),
+            train_seconds: 0.0,
+            tokens: 0,
+        };
+        (model, None, state)
+    };
+    if cli.validate_every == 0 || cli.checkpoint_every == 0 {
+        return Err("--validate-every and --checkpoint-every must be positive".into());
+    }
+    state.control = RunControl {
+        steps: cli.steps,
+        validate_every: cli.validate_every,
+        generate_every: cli.generate_every,
+        generate_length: cli.generate_length,
+        prime_length: cli.prime_length,
+        temperature: cli.temperature,
+        checkpoint_every: cli.checkpoint_every,
+    };
+    let settings = state.settings.clone();
+    if settings.seq_len < 2 || settings.batch_size == 0 || settings.grad_accum == 0 {
+        return Err("--seq-len must be at least 2, --batch-size and --grad-accum positive".into());
+    }
+    let out_dir = cli
+        .out
+        .clone()
+        .or_else(|| cli.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("runs/train_lm"));
+
+    // Data.
+    let (bytes, name) = read_data(settings.data.as_deref())?;
+    let fingerprint = fnv1a(&bytes);
+    if cli.resume.is_some()
+        && (bytes.len(), &fingerprint) != (settings.data_bytes, &settings.data_fnv1a)
+    {
+        eprintln!(
+            "train_lm: warning: the data changed since the checkpoint ({} bytes, fnv1a {} then; {} bytes, {} now); the run will not match an uninterrupted one",
+            settings.data_bytes,
+            settings.data_fnv1a,
+            bytes.len(),
+            fingerprint
+        );
+    }
+    state.settings.data_bytes = bytes.len();
+    state.settings.data_fnv1a = fingerprint;
+    let corpus = split(bytes, name);
+    let window = settings.seq_len + 1;
+    if corpus.train.len() <= window || corpus.val.len() < window {
+        return Err(format!(
+            "{}: too short for windows of {window} bytes (--seq-len {})",
+            corpus.description, settings.seq_len
+        )
+        .into());
+    }
+    let val_offsets = val_offsets(corpus.val.len(), window, settings.val_windows.max(1));
+
+    // Optimizer (over the PerformerLM's names, as the checkpoint stores them).
+    let params: Vec<_> = model.net.parameters();
+    let mut opt = Adam::new(model.net.named_parameters(), settings.lr);
+    if let Some(s) = &opt_state {
+        opt.load_state_dict(s)?;
+    }
+    rng::set_state(RngState(state.global_rng));
+    let mut sampler = Generator::from_state(RngState(state.sampler_rng));
+    model.set_training(true);
+
+    let config = model.net.config().clone();
+    let n_params = model.net.num_parameters();
+    let tokens_per_step = (settings.batch_size * settings.grad_accum * settings.seq_len) as u64;
+    println!("data:  {}", corpus.description);
+    println!(
+        "model: PerformerLM causal, dim {}, depth {}, heads {}, dim_head {}, nb_features {}, max_seq_len {}: {:.2}M parameters",
+        config.dim,
+        config.depth,
+        config.heads,
+        config.dim_head,
+        config.nb_features.unwrap_or(0),
+        config.max_seq_len,
+        n_params as f64 / 1e6
+    );
+    println!(
+        "train: steps {} -> {}, batch {} x {} accumulated x seq {} ({} tokens/step), Adam lr {}, clip {}, seed {}, {} threads",
+        state.step,
+        cli.steps,
+        settings.batch_size,
+        settings.grad_accum,
+        settings.seq_len,
+        tokens_per_step,
+        settings.lr,
+        settings.clip,
+        settings.seed,
+        rayon::current_num_threads()
+    );
+    println!("out:   {}", out_dir.display());
+
+    let pb = ProgressBar::new(cli.steps);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} step {pos}/{len} {msg} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    pb.set_position(state.step);
+    pb.reset_eta();
+    pb.enable_steady_tick(Duration::from_millis(500));
+
+    let prime: Vec<u8> = corpus.val[..cli.prime_length.min(corpus.val.len())].to_vec();
+    let mut session_train = Duration::ZERO;
+    let mut session_tokens = 0u64;
+    let mut last_val = state.val.last().map(|p| p.bpb);
+    let mut last_saved = None;
+    let session_start = Instant::now();
+    let status = |loss: f64, val: Option<f64>, tps: f64| {
+        format!(
+            "loss {loss:.3} | val {} | {tps:.0} tok/s",
+            val.map_or("-".to_string(), |v| format!("{v:.3} bpb"))
+        )
+    };
+
+    while state.step < cli.steps && !interrupted.load(Ordering::SeqCst) {
+        let t0 = Instant::now();
+        let mut grads: Option<Gradients> = None;
+        let mut loss_sum = 0.0f64;
+        for _ in 0..settings.grad_accum {
+            let x = sample_batch(&mut sampler, &corpus.train, settings.batch_size, window);
+            let loss = model.loss(&x.view(), &SeqInputs::default())?;
+            loss_sum += loss.item()? as f64;
+            let g = loss.backward()?;
+            match &mut grads {
+                Some(acc) => acc.merge(g)?,
+                None => grads = Some(g),
+            }
+        }
+        let mut grads = grads.expect("grad_accum >= 1");
+        if settings.clip > 0.0 {
+            clip_grad_norm(&mut grads, &params, settings.clip);
+        }
+        opt.step(&grads)?;
+        drop(grads);
+        state.step += 1;
+        let dt = t0.elapsed();
+        session_train += dt;
+        session_tokens += tokens_per_step;
+        state.train_seconds += dt.as_secs_f64();
+        state.tokens += tokens_per_step;
+        let loss = loss_sum / settings.grad_accum as f64;
+        if !loss.is_finite() {
+            return Err(format!("the loss is {loss} at step {}", state.step).into());
+        }
+        state.train.push(Point {
+            step: state.step,
+            bpb: loss / LN_2,
+        });
+        let tps = session_tokens as f64 / session_train.as_secs_f64().max(1e-9);
+        pb.set_position(state.step);
+        pb.set_message(status(loss, last_val, tps));
+
+        let last = state.step == cli.steps;
+        if state.step % cli.validate_every == 0 || last {
+            let bpb = evaluate(
+                &model,
+                &corpus.val,
+                &val_offsets,
+                window,
+                settings.batch_size,
+            )?;
+            last_val = Some(bpb);
+            state.val.push(Point {
+                step: state.step,
+                bpb,
+            });
+            pb.set_message(status(loss, last_val, tps));
+            let eta = pb.eta();
+            pb.suspend(|| {
+                println!(
+                    "step {:>6}/{} | train loss {:.4} ({:.3} bpb) | val {:.4} bpb | {:.0} tok/s | elapsed {} | eta {}",
+                    state.step,
+                    cli.steps,
+                    loss,
+                    loss / LN_2,
+                    bpb,
+                    tps,
+                    human(session_start.elapsed()),
+                    human(eta)
+                )
+            });
+        }
+        if (cli.generate_every > 0 && state.step % cli.generate_every == 0) || last {
+            let text = sample_text(
+                &model,
+                &prime,
+                cli.generate_length,
+                cli.temperature,
+                settings.seed ^ state.step,
+            )?;
+            pb.suspend(|| {
+                println!(
+                    "--- sample at step {} (prime: {:?}) ---\n{}{}\n---",
+                    state.step,
+                    printable(&prime),
+                    printable(&prime),
+                    text
+                )
+            });
+        }
+        if state.step % cli.checkpoint_every == 0 || last || interrupted.load(Ordering::SeqCst) {
+            state.global_rng = rng::get_state().0;
+            state.sampler_rng = sampler.state().0;
+            save_checkpoint(&out_dir, &model, &opt, &state)?;
+            last_saved = Some(state.step);
+        }
+    }
+    pb.finish_and_clear();
+    if interrupted.load(Ordering::SeqCst) {
+        println!(
+            "interrupted at step {}: checkpoint in {} (continue with --resume {})",
+            state.step,
+            out_dir.display(),
+            out_dir.display()
+        );
+        return Ok(Outcome::Interrupted(state));
+    }
+    if last_saved != Some(state.step) {
+        // Nothing ran (already at --steps): still leave a checkpoint and plot.
+        state.global_rng = rng::get_state().0;
+        state.sampler_rng = sampler.state().0;
+        save_checkpoint(&out_dir, &model, &opt, &state)?;
+    }
+
+    // Summary.
+    let tail = &state.train[state.train.len().saturating_sub(20)..];
+    let tail_mean = tail.iter().map(|p| p.bpb).sum::<f64>() / tail.len().max(1) as f64;
+    println!("\n=== summary ===");
+    println!(
+        "steps:            {} ({} this session, {} training, {:.0} tokens/s)",
+        state.step,
+        human(session_start.elapsed()),
+        human(session_train),
+        session_tokens as f64 / session_train.as_secs_f64().max(1e-9)
+    );
+    if let (Some(first), Some(_)) = (state.train.first(), state.train.last()) {
+        println!(
+            "train loss:       {:.3} bpb at step {} -> {:.3} bpb (mean of the last {})",
+            first.bpb,
+            first.step,
+            tail_mean,
+            tail.len()
+        );
+    }
+    if let Some(v) = state.val.last() {
+        println!(
+            "validation:       {:.4} bpb at step {} ({} fixed windows)",
+            v.bpb,
+            v.step,
+            val_offsets.len()
+        );
+    }
+    if !cli.no_final_eval {
+        let offsets = full_offsets(corpus.val.len(), window);
+        let t = Instant::now();
+        let bpb = evaluate(&model, &corpus.val, &offsets, window, settings.batch_size)?;
+        println!(
+            "validation (all): {bpb:.4} bpb over {} windows, {} bytes predicted ({})",
+            offsets.len(),
+            offsets.len() * settings.seq_len,
+            human(t.elapsed())
+        );
+    }
+    println!("test split:       {} bytes, held out", corpus.test_len);
+    println!("checkpoint:       {}", out_dir.display());
+    println!("loss curve:       {}", out_dir.join(PLOT_FILE).display());
+    println!(
+        "sample from it:   cargo run --release --example generate -- {} --prompt \"...\"",
+        out_dir.display()
+    );
+    Ok(Outcome::Finished(state))
+}
