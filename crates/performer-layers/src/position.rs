@@ -2,8 +2,10 @@
 //! rotary table of the FAVOR+ heads), learned absolute embeddings, and axial embeddings with
 //! the semantics of axial-positional-embedding 0.3.12.
 
-use ndarray::Array2;
+use ndarray::{Array2, ArrayD, IxDyn};
 use performer_tensor::{Buffer, Error, Module, Param, Result, Tensor, Visitor};
+use performer_tensor::{CustomOp, Data, apply_custom_op};
+use rayon::prelude::*;
 
 use crate::basic::Embedding;
 use crate::init;
@@ -99,16 +101,92 @@ pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result
         }
     }
     let table = sinu_pos
-        .view()
+        .data()
+        .as_standard_layout()
+        .into_owned()
         .into_shape_with_order((n, d))
-        .map_err(|e| Error::shape("apply_rotary_pos_emb", e.to_string()))?
-        .to_owned();
+        .map_err(|e| Error::shape("apply_rotary_pos_emb", e.to_string()))?;
     let half = d / 2;
-    let sin = Array2::from_shape_fn((n, d), |(t, j)| table[[t, j / 2]]);
-    let cos = Array2::from_shape_fn((n, d), |(t, j)| table[[t, half + j / 2]]);
-    let (sin, cos) = (Tensor::new(sin.into_dyn()), Tensor::new(cos.into_dyn()));
-    let rot = |x: &Tensor| -> Result<Tensor> { x.mul(&cos)?.add(&rotate_every_two(x)?.mul(&sin)?) };
+    let sin = table.slice(ndarray::s![.., ..half]).to_owned();
+    let cos = table.slice(ndarray::s![.., half..]).to_owned();
+    let rot = |x: &Tensor| -> Result<Tensor> {
+        Ok(apply_custom_op(
+            RotaryOp {
+                sin: sin.clone(),
+                cos: cos.clone(),
+            },
+            &[x],
+        )?
+        .remove(0))
+    };
     Ok((rot(q)?, rot(k)?))
+}
+
+/// The rotary map as one fused op: per pair `(x0, x1)` at position `t` with frequency `i`,
+/// `(x0 c - x1 s, x1 c + x0 s)` where `(s, c) = (sin, cos)[t, i]`; its backward is the inverse
+/// rotation. (Composing it from `stack`/`select` copied every element several times.)
+struct RotaryOp {
+    /// `(n, d / 2)`.
+    sin: Array2<f32>,
+    /// `(n, d / 2)`.
+    cos: Array2<f32>,
+}
+
+impl RotaryOp {
+    /// Rotates every `(n, d)` matrix of `x` by `sign * angle`.
+    fn apply(&self, x: &ndarray::ArrayViewD<f32>, sign: f32) -> ArrayD<f32> {
+        let shape = x.shape().to_vec();
+        let (n, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let rows = x.len() / d.max(1);
+        let src = x.as_standard_layout();
+        let src = src.as_slice().expect("standard layout");
+        let mut out = vec![0f32; x.len()];
+        let rotate_rows = |(r, (dst, row)): (usize, (&mut [f32], &[f32]))| {
+            let t = r % n;
+            let (sn, cs) = (self.sin.row(t), self.cos.row(t));
+            for i in 0..d / 2 {
+                let (x0, x1) = (row[2 * i], row[2 * i + 1]);
+                let (s, c) = (sign * sn[i], cs[i]);
+                dst[2 * i] = x0 * c - x1 * s;
+                dst[2 * i + 1] = x1 * c + x0 * s;
+            }
+        };
+        if x.len() >= performer_tensor::parallel::PAR_THRESHOLD {
+            out.par_chunks_mut(d)
+                .zip(src.par_chunks(d))
+                .enumerate()
+                .for_each(rotate_rows);
+        } else {
+            out.chunks_mut(d)
+                .zip(src.chunks(d))
+                .enumerate()
+                .for_each(rotate_rows);
+        }
+        debug_assert_eq!(rows * d, out.len());
+        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("same element count")
+    }
+}
+
+impl CustomOp for RotaryOp {
+    type Saved = ();
+
+    fn name(&self) -> &'static str {
+        "apply_rotary_pos_emb"
+    }
+
+    fn forward(&self, inputs: &[&Data], _save: bool) -> Result<(Vec<ArrayD<f32>>, ())> {
+        Ok((vec![self.apply(&inputs[0].view(), 1.0)], ()))
+    }
+
+    fn backward(
+        &self,
+        _inputs: &[Data],
+        _: &(),
+        grads: &[Option<ArrayD<f32>>],
+        _needs: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        Ok(vec![grads[0].as_ref().map(|g| self.apply(&g.view(), -1.0))])
+    }
 }
 
 /// A learned table `emb` `(max_seq_len, dim)`; `forward(n)` gives its first `n` rows.

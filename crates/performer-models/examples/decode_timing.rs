@@ -1,0 +1,55 @@
+//! Per-token decoding cost against position, on the lm-causal-1k model of BENCHMARKS.md
+//! (vocab 256, dim 256, depth 4, heads 4, dim_head 64, nb_features 256) with max_seq_len 4160:
+//! primes 512 tokens, times 64 steps; continues to position 4096, times 64 steps again.
+//! `cargo run --release -p performer-models --example decode_timing`
+
+use std::time::Instant;
+
+use ndarray::Array2;
+use performer_models::{PerformerLM, PerformerLMConfig};
+use performer_tensor::Module;
+
+fn main() -> performer_tensor::Result<()> {
+    performer_tensor::rng::manual_seed(0);
+    let lm = PerformerLM::new(PerformerLMConfig {
+        num_tokens: 256,
+        max_seq_len: 4160,
+        dim: 256,
+        depth: 4,
+        heads: 4,
+        dim_head: 64,
+        nb_features: Some(256),
+        causal: true,
+        ..Default::default()
+    })?;
+    lm.set_training(false);
+    let mut g = performer_tensor::rng::Generator::seeded(1);
+    let prompt = Array2::from_shape_simple_fn((1, 512), || g.below(256) as i64);
+    let mut state = lm.decoding_state(1, None, None)?;
+    let t = Instant::now();
+    lm.decode(&mut state, &prompt.view(), None)?;
+    let prime_ms = t.elapsed().as_secs_f64() * 1e3;
+    let time_steps = |state: &mut performer_models::DecodingState,
+                      g: &mut performer_tensor::rng::Generator,
+                      steps: usize|
+     -> performer_tensor::Result<f64> {
+        let t = Instant::now();
+        for _ in 0..steps {
+            lm.step(state, &[g.below(256) as i64])?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / steps as f64)
+    };
+    let at_512 = time_steps(&mut state, &mut g, 64)?;
+    while state.position() < 4096 {
+        lm.step(&mut state, &[g.below(256) as i64])?;
+    }
+    let at_4096 = time_steps(&mut state, &mut g, 64)?;
+    println!("prime 512 tokens: {prime_ms:.1} ms");
+    println!("per token at position 512:  {at_512:.3} ms");
+    println!("per token at position 4096: {at_4096:.3} ms");
+    println!(
+        "generate-512 equivalent (prime + 64 steps): {:.1} tok/s",
+        64.0 / ((prime_ms + 64.0 * at_512) / 1e3)
+    );
+    Ok(())
+}
