@@ -12,7 +12,7 @@ use ndarray::{
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 use rayon::prelude::*;
 
-use crate::blocks::Blocks;
+use crate::blocks::{Blocks, transpose_into};
 use crate::feature::{FeatureMap, FeatureSpec, check_projection};
 use crate::heads::{HeadsOut, head, lead_shape, row_vectors, vector_views};
 use crate::kernels::{
@@ -469,7 +469,7 @@ impl GradSink<'_> {
     ) -> Result<()> {
         match self {
             GradSink::Features(dq) => {
-                dq.slice_mut(s![c0..c1, ..]).assign(&g.t());
+                transpose_into(&g.view(), &mut dq.slice_mut(s![c0..c1, ..]));
                 Ok(())
             }
             GradSink::Rows { spec, x, proj, dx } => spec.backward_t(
