@@ -75,8 +75,9 @@ fn main() -> performer_tensor::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let min_cpu = cpus.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
-        "n {n} causal {causal} chunk {chunk}: median {:.1} ms wall, {:.1} ms cpu",
+        "n {n} causal {causal} chunk {chunk}: median {:.1} ms wall, {:.1} ms cpu (min {min_cpu:.1})",
         median(&mut walls),
         median(&mut cpus)
     );

@@ -104,19 +104,51 @@ impl Blocks {
 /// `dst[j * ld + i] = src[i * cols + j]` for a (rows, cols) row-major `src`, in 16 x 16 tiles
 /// so that both sides stay in L1.
 fn transpose_tiles(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
+    transpose_strided(src, rows, cols, cols, dst, ld);
+}
+
+/// `dst[j * ld_dst + i] = src[i * ld_src + j]` for `i < rows`, `j < cols`, in 16 x 16 tiles.
+fn transpose_strided(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    ld_src: usize,
+    dst: &mut [f32],
+    ld_dst: usize,
+) {
     const T: usize = 16;
     for i0 in (0..rows).step_by(T) {
         let i1 = (i0 + T).min(rows);
         for j0 in (0..cols).step_by(T) {
             let j1 = (j0 + T).min(cols);
             for i in i0..i1 {
-                let row = &src[i * cols + j0..i * cols + j1];
+                let row = &src[i * ld_src + j0..i * ld_src + j1];
                 for (j, &v) in (j0..j1).zip(row) {
-                    dst[j * ld + i] = v;
+                    dst[j * ld_dst + i] = v;
                 }
             }
         }
     }
+}
+
+/// `dst = src^T` for (rows, cols) `src` and (cols, rows) `dst`, tiled when both have unit
+/// column stride (ndarray's strided `assign` is several times slower).
+pub(crate) fn transpose_into(src: &ArrayView2<f32>, dst: &mut ArrayViewMut2<f32>) {
+    let (rows, cols) = src.dim();
+    debug_assert_eq!(dst.dim(), (cols, rows));
+    let unit = |s: &[isize], c: usize| c <= 1 || s[1] == 1;
+    if rows == 0 || cols == 0 || !unit(src.strides(), cols) || !unit(dst.strides(), rows) {
+        dst.assign(&src.t());
+        return;
+    }
+    let (ls, ld) = (src.strides()[0] as usize, dst.strides()[0] as usize);
+    // SAFETY: both views have unit column stride and non-negative row strides (they come from
+    // standard-layout buffers here; checked in debug builds), so these slices cover exactly
+    // their elements' span; `dst` is borrowed mutably and does not overlap `src`.
+    debug_assert!(src.strides()[0] >= 0 && dst.strides()[0] >= 0);
+    let s = unsafe { std::slice::from_raw_parts(src.as_ptr(), (rows - 1) * ls + cols) };
+    let d = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr(), (cols - 1) * ld + rows) };
+    transpose_strided(s, rows, cols, ls, d, ld);
 }
 
 #[cfg(test)]
@@ -141,5 +173,21 @@ mod tests {
         let strided = x.slice(s![..;2, ..]);
         let t = Blocks::transpose_of(&strided, 4);
         assert_eq!(t.block(1), strided.slice(s![4..5, ..]).t());
+    }
+
+    #[test]
+    fn transpose_into_matches_assign() {
+        let x = Array2::from_shape_fn((37, 21), |(i, j)| (i * 100 + j) as f32);
+        for (r0, r1, c0, c1) in [(0, 37, 0, 21), (3, 30, 2, 19), (5, 6, 0, 21), (0, 37, 4, 5)] {
+            let src = x.slice(s![r0..r1, c0..c1]);
+            let mut big = Array2::<f32>::zeros((25, 40));
+            let mut dst = big.slice_mut(s![1..1 + c1 - c0, 2..2 + r1 - r0]);
+            transpose_into(&src, &mut dst);
+            assert_eq!(dst, src.t());
+        }
+        let src = x.t();
+        let mut dst = Array2::<f32>::zeros((37, 21));
+        transpose_into(&src, &mut dst.view_mut());
+        assert_eq!(dst, x);
     }
 }

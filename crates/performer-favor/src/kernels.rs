@@ -22,7 +22,7 @@ use ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMu
 use performer_tensor::Result;
 use performer_tensor::gemm::{Threads, gemm_into};
 
-use crate::blocks::Blocks;
+use crate::blocks::{Blocks, transpose_into};
 use crate::feature::{row_slice, row_slice_mut};
 use crate::heads::for_overwrite;
 use crate::simd;
@@ -68,7 +68,7 @@ fn output_grad(
         };
         dden[i] = -dot * inv;
     }
-    dnum_t.assign(&dnum.t());
+    transpose_into(&dnum.view(), dnum_t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ impl CausalBackward {
             }
         }
         let mut b = self.b.slice_mut(s![..l, ..l]);
-        b.assign(&bt.t());
+        transpose_into(&bt.view(), &mut b);
         // dq'^T = S dnum^T + k'^T B^T + z dden^T
         mm(dqt, &c.s, &dnum_t.view(), 1.0, 0.0)?;
         mm(dqt, &c.kt, &bt.view(), 1.0, 1.0)?;

@@ -6,7 +6,9 @@
 //! - [`softmax_kernel`], [`generalized_kernel`]: the feature maps;
 //! - [`linear_attention`], [`causal_linear_attention`]: attention on features, as fused ops
 //!   with analytic backward, chunked so that no `(n, m, d)` tensor is ever built;
-//! - [`favor_attention`]: feature maps and attention fused, recomputing features in the backward;
+//! - [`favor_attention`]: feature maps and attention fused; the backward reuses the forward's
+//!   features and causal states while they fit [`SAVE_BUDGET_BYTES`] and recomputes them
+//!   block by block past it;
 //! - [`FastAttention`] and [`ProjectionUpdater`]: the modules.
 //!
 //! ```
