@@ -12,6 +12,8 @@
 //! same for a fixed context (cross-attention): its sums are computed once.
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
+use performer_tensor::fast_math::{axpy, dot};
+use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
 use performer_tensor::{Error, Result};
 
@@ -58,9 +60,64 @@ fn kind_of(fa: &FastAttention) -> Kind {
 
 /// `u = dn * x P^T` for the rows of `x` (n, d): (n, m).
 fn project(x: &ArrayView2<f32>, p: &ArrayView2<f32>, dn: f32) -> Array2<f32> {
-    let mut u = x.dot(&p.t());
-    u.mapv_inplace(|v| v * dn);
+    let mut u = Array2::<f32>::zeros((x.nrows(), p.nrows()));
+    gemm_into(&mut u.view_mut(), x, &p.t(), dn, 0.0, Threads::Single)
+        .expect("shapes match by construction");
     u
+}
+
+/// `dn * P x` for one row `x` (d): (m), as dot products with P's contiguous rows.
+fn project_row(x: &ndarray::ArrayView1<f32>, p: &ArrayView2<f32>, dn: f32) -> Array1<f32> {
+    let xs = x.to_vec();
+    Array1::from_iter(p.rows().into_iter().map(|r| match r.as_slice() {
+        Some(r) => dn * dot(r, &xs),
+        None => dn * r.iter().zip(&xs).map(|(a, b)| a * b).sum::<f32>(),
+    }))
+}
+
+/// `kv += w v^T` (m, e) and `z += w` for one position's weights `w` (m) and value `v` (e).
+fn add_outer(
+    kv: &mut ndarray::ArrayViewMut2<f32>,
+    z: &mut ndarray::ArrayViewMut1<f32>,
+    w: &ndarray::ArrayView1<f32>,
+    v: &ndarray::ArrayView1<f32>,
+) {
+    let vs = v.to_vec();
+    for ((mut row, zi), &wi) in kv.rows_mut().into_iter().zip(z.iter_mut()).zip(w) {
+        match row.as_slice_mut() {
+            Some(r) => axpy(r, wi, &vs),
+            None => row.iter_mut().zip(&vs).for_each(|(x, &y)| *x += wi * y),
+        }
+        *zi += wi;
+    }
+}
+
+/// `q'^T kv` (e) as a sum of `kv`'s rows.
+fn combine_rows(qf: &Array1<f32>, kv: &ndarray::ArrayView2<f32>) -> Array1<f32> {
+    let mut out = vec![0f32; kv.ncols()];
+    for (row, &w) in kv.rows().into_iter().zip(qf) {
+        match row.as_slice() {
+            Some(r) => axpy(&mut out, w, r),
+            None => out.iter_mut().zip(row).for_each(|(x, &y)| *x += w * y),
+        }
+    }
+    Array1::from(out)
+}
+
+/// `kv += w^T v`, `z += sum of w's rows` for weights `w` (n, m) and values `v` (n, e): a GEMM
+/// for a prompt, row updates for one position.
+fn accumulate(
+    kv: &mut ndarray::ArrayViewMut2<f32>,
+    z: &mut ndarray::ArrayViewMut1<f32>,
+    w: &ArrayView2<f32>,
+    v: &ArrayView2<f32>,
+) {
+    if w.nrows() == 1 {
+        add_outer(kv, z, &w.row(0), &v.row(0));
+        return;
+    }
+    gemm_into(kv, &w.t(), v, 1.0, 1.0, Threads::Single).expect("shapes match by construction");
+    *z += &w.sum_axis(Axis(0));
 }
 
 fn half_sq_norm(x: &ndarray::ArrayView1<f32>, dn: f32) -> f32 {
@@ -71,12 +128,12 @@ fn half_sq_norm(x: &ndarray::ArrayView1<f32>, dn: f32) -> f32 {
 fn query_features(kind: Kind, q: &ndarray::ArrayView1<f32>, p: &ArrayView2<f32>) -> Array1<f32> {
     match kind {
         Kind::Softmax { dn, ratio, eps } => {
-            let u = p.dot(q) * dn;
+            let u = project_row(q, p, dn);
             let diag = half_sq_norm(q, dn);
             let s = u.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             u.mapv(|v| ratio * ((v - diag - s).exp() + eps))
         }
-        Kind::Generalized { dn, eps, kernel } => (p.dot(q) * dn).mapv(|v| kernel.f(v) + eps),
+        Kind::Generalized { dn, eps, kernel } => project_row(q, p, dn).mapv(|v| kernel.f(v) + eps),
         Kind::NoProjection => {
             let m = q.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let e = q.mapv(|v| (v - m).exp());
@@ -211,20 +268,17 @@ impl FastAttention {
                         let diag = half_sq_norm(&kr, dn);
                         row.mapv_inplace(|x| (x - diag - new_max).exp());
                     }
-                    kv += &w.t().dot(&vh);
-                    z += &w.sum_axis(Axis(0));
+                    accumulate(&mut kv, &mut z, &w.view(), &vh);
                     let mut vs = state.v_sum.index_axis_mut(Axis(0), h);
                     vs += &vh.sum_axis(Axis(0));
                 }
                 Kind::Generalized { dn, eps, kernel } => {
                     let kf = project(&kh, &p, dn).mapv(|x| kernel.f(x) + eps);
-                    kv += &kf.t().dot(&vh);
-                    z += &kf.sum_axis(Axis(0));
+                    accumulate(&mut kv, &mut z, &kf.view(), &vh);
                 }
                 Kind::NoProjection => {
                     let kf = kh.mapv(f32::exp);
-                    kv += &kf.t().dot(&vh);
-                    z += &kf.sum_axis(Axis(0));
+                    accumulate(&mut kv, &mut z, &kf.view(), &vh);
                 }
             }
         }
@@ -263,16 +317,17 @@ impl FastAttention {
                 state.z.index_axis(Axis(0), h),
             );
             let qsum = qf.sum();
+            let qz: f32 = qf.iter().zip(z.iter()).map(|(a, b)| a * b).sum();
             let (num, den) = match kind {
                 Kind::Softmax { ratio, eps, .. } => {
                     let vs = state.v_sum.row(h);
-                    let num = qf.dot(&kv) * ratio + &(vs.to_owned() * (ratio * eps * qsum));
-                    let den = ratio * qf.dot(&z)
-                        + ratio * eps * state.count as f32 * qsum
-                        + CAUSAL_EPS * qsum;
+                    let num =
+                        combine_rows(&qf, &kv) * ratio + &(vs.to_owned() * (ratio * eps * qsum));
+                    let den =
+                        ratio * qz + ratio * eps * state.count as f32 * qsum + CAUSAL_EPS * qsum;
                     (num, den)
                 }
-                _ => (qf.dot(&kv), qf.dot(&z) + CAUSAL_EPS * qsum),
+                _ => (combine_rows(&qf, &kv), qz + CAUSAL_EPS * qsum),
             };
             Zip::from(out.row_mut(h))
                 .and(&num)
@@ -335,7 +390,14 @@ impl FastAttention {
                     kf
                 }
             };
-            kv.index_axis_mut(Axis(0), h).assign(&kf.t().dot(&vh));
+            gemm_into(
+                &mut kv.index_axis_mut(Axis(0), h),
+                &kf.t(),
+                &vh,
+                1.0,
+                0.0,
+                Threads::Single,
+            )?;
             z.index_axis_mut(Axis(0), h).assign(&kf.sum_axis(Axis(0)));
         }
         Ok(ContextState { heads, kv, z })
@@ -359,8 +421,8 @@ impl FastAttention {
         let mut out = Array2::<f32>::zeros((state.heads, state.kv.shape()[2]));
         for h in 0..state.heads {
             let qf = query_features(kind, &q.row(h), &p);
-            let num = qf.dot(&state.kv.index_axis(Axis(0), h));
-            let den = qf.dot(&state.z.row(h));
+            let num = combine_rows(&qf, &state.kv.index_axis(Axis(0), h));
+            let den: f32 = qf.iter().zip(state.z.row(h)).map(|(a, b)| a * b).sum();
             Zip::from(out.row_mut(h))
                 .and(&num)
                 .for_each(|o, &x| *o = x / den);

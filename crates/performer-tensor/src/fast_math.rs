@@ -61,17 +61,17 @@ pub fn erf(x: f32) -> f32 {
 }
 
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn generic($($arg: $ty),*) $body
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) { generic($($arg),*) }
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) { generic($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { generic($($arg),*) }
                 if std::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU supports AVX-512F (checked just above).
                     return unsafe { avx512($($arg),*) };
@@ -124,6 +124,40 @@ multiversion! {
     }
 }
 
+/// Lanes of independent partial sums: floating-point addition is not associative, so the
+/// compiler vectorizes a reduction only when it is written with separate accumulators.
+const LANES: usize = 16;
+
+multiversion! {
+    /// `sum x_i y_i` over two slices of equal length.
+    pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let (x, y) = (&x[..n], &y[..n]);
+        let mut acc = [0f32; LANES];
+        let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+        let (xr, yr) = (xc.remainder(), yc.remainder());
+        for (a, b) in xc.zip(yc) {
+            for l in 0..LANES {
+                acc[l] += a[l] * b[l];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (a, b) in xr.iter().zip(yr) {
+            s += a * b;
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// `y += a x` over two slices of equal length.
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +183,19 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert!(exp(88.72).is_finite());
+    }
+
+    #[test]
+    fn dot_and_axpy() {
+        let x: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
+        let y: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.25).collect();
+        let want: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((dot(&x, &y) - want).abs() < 1e-3);
+        let mut z = y.clone();
+        axpy(&mut z, 2.0, &x);
+        for i in 0..37 {
+            assert_eq!(z[i], y[i] + 2.0 * x[i]);
+        }
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub(crate) unsafe fn gemm_raw_threads(
     if m == 0 || n == 0 {
         return;
     }
+    // SAFETY: forwarded from the caller's contract.
+    if m <= SMALL_M && unsafe { small_m_product(dims, c, a, b, alpha, beta, threads) } {
+        return;
+    }
     let parallelism = if threads > 1 && m.saturating_mul(n).saturating_mul(k) >= 64 * 64 * 64 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -156,6 +160,102 @@ pub(crate) unsafe fn gemm_raw_threads(
             parallelism,
         );
     }
+}
+
+/// Row counts up to which products go to [`small_m_product`]: a few rows (one token per
+/// sequence while generating) against a weight matrix, where GEMM packing costs more than the
+/// product.
+const SMALL_M: usize = 8;
+
+/// `c = beta c + alpha a @ b` for a few rows of `a`, as dot products (columns of `b` contiguous)
+/// or row updates (rows of `b` contiguous), split over `threads` by output columns when `b` is
+/// large (the product is bound by reading `b`, so two cores read it twice as fast). Returns
+/// false, doing nothing, for other layouts.
+///
+/// # Safety
+/// As for [`gemm_raw`].
+unsafe fn small_m_product(
+    dims: MatDims,
+    c: (*mut f32, isize, isize),
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+    threads: usize,
+) -> bool {
+    let MatDims { m, n, k } = dims;
+    if a.2 != 1 || c.2 != 1 || !(b.1 == 1 || b.2 == 1) {
+        return false;
+    }
+    /// Raw parts that may cross threads: each task writes its own columns of `c`.
+    #[derive(Clone, Copy)]
+    struct Parts {
+        c: *mut f32,
+        a: *const f32,
+        b: *const f32,
+    }
+    // SAFETY: see `Parts`; `a` and `b` are only read.
+    unsafe impl Send for Parts {}
+    unsafe impl Sync for Parts {}
+    let parts = Parts {
+        c: c.0,
+        a: a.0,
+        b: b.0,
+    };
+    let columns = |j0: usize, j1: usize| {
+        let p = parts;
+        for i in 0..m as isize {
+            // SAFETY: row i of a (k contiguous values) and columns j0..j1 of row i of c lie
+            // inside the matrices the caller vouched for; c overlaps neither a nor b, and no
+            // other task touches these columns of c.
+            let (ar, cr) = unsafe {
+                (
+                    std::slice::from_raw_parts(p.a.offset(i * a.1), k),
+                    std::slice::from_raw_parts_mut(p.c.offset(i * c.1 + j0 as isize), j1 - j0),
+                )
+            };
+            if beta == 0.0 {
+                cr.fill(0.0);
+            } else if beta != 1.0 {
+                cr.iter_mut().for_each(|x| *x *= beta);
+            }
+            if b.1 == 1 {
+                // column j of b is contiguous: c_j += alpha * dot(a_i, b_:j)
+                for (j, cj) in (j0..j1).zip(cr.iter_mut()) {
+                    // SAFETY: column j of b holds k contiguous values.
+                    let col =
+                        unsafe { std::slice::from_raw_parts(p.b.offset(j as isize * b.2), k) };
+                    *cj += alpha * crate::fast_math::dot(ar, col);
+                }
+            } else {
+                // row l of b is contiguous: c_i += alpha * a_il * b_l:
+                for (l, &al) in ar.iter().enumerate() {
+                    // SAFETY: columns j0..j1 of row l of b are contiguous values.
+                    let row = unsafe {
+                        std::slice::from_raw_parts(
+                            p.b.offset(l as isize * b.1 + j0 as isize),
+                            j1 - j0,
+                        )
+                    };
+                    crate::fast_math::axpy(cr, alpha * al, row);
+                }
+            }
+        }
+    };
+    let tasks = if n * k >= 1 << 18 {
+        threads.min(n / 64).max(1)
+    } else {
+        1
+    };
+    if tasks > 1 {
+        let per = n.div_ceil(tasks);
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|t| columns(t * per, ((t + 1) * per).min(n)));
+    } else {
+        columns(0, n);
+    }
+    true
 }
 
 /// `a @ b` into a new array.
