@@ -162,8 +162,13 @@ impl AutoregressiveWrapper {
             (_, m) => m.map(|m| m.to_owned()),
         };
         let max = self.net.config().max_seq_len;
+        // A model in eval mode is only read, so threads sharing it (`Arc`) may generate at
+        // once; one in training mode is switched to eval for the call and back, which is a
+        // write: put a shared model in eval mode first.
         let was_training = crate::is_training(&self.net);
-        self.net.set_training(false);
+        if was_training {
+            self.net.set_training(false);
+        }
         let result = (|| -> Result<()> {
             let mut state = match use_state && t <= max {
                 true => Some(self.net.decoding_state(
@@ -235,7 +240,9 @@ impl AutoregressiveWrapper {
             }
             Ok(())
         })();
-        self.net.set_training(was_training);
+        if was_training {
+            self.net.set_training(true);
+        }
         result?;
         Ok(out.slice(s![.., t..]).to_owned())
     }

@@ -172,6 +172,13 @@ fn every_bad_input_is_a_clear_error_and_none_panics() {
         })
         .unwrap(),
     );
+    let enc_dec = PerformerEncDec::new(PerformerEncDecConfig {
+        dim: 16,
+        enc: lm_cfg(false),
+        dec: lm_cfg(true),
+        ..Default::default()
+    })
+    .unwrap();
     let x = Tensor::randn(&[1, 5, 16]);
     let ctx = Tensor::randn(&[1, 7, 16]);
     let gen_opts = GenerateOptions::default();
@@ -1278,6 +1285,47 @@ fn every_bad_input_is_a_clear_error_and_none_panics() {
             let mut st = dec.decoding_state(1, Some(&c), None)?;
             dec.decode(&mut st, &toks(1, 3).view(), None)
         },
+    );
+
+    t.add(
+        "encoder-decoder loss with a source id >= num_tokens",
+        Index,
+        &["token ids", "index 20", "size 20"],
+        || {
+            enc_dec.loss(
+                &array![[1i64, 20, 3]].view(),
+                &toks(1, 4).view(),
+                None,
+                None,
+            )
+        },
+    );
+    t.add(
+        "encoder-decoder loss of a one-token target",
+        Invalid,
+        &["`sequence length` = 1", "at least 2"],
+        || enc_dec.loss(&toks(1, 4).view(), &toks(1, 1).view(), None, None),
+    );
+    t.add(
+        "encoder-decoder loss with an encoder mask of the wrong shape",
+        Shape,
+        &["mask [1, 3]", "(1, 4)"],
+        || {
+            let m = bools(1, 3);
+            enc_dec.loss(&toks(1, 4).view(), &toks(1, 5).view(), Some(m.view()), None)
+        },
+    );
+    t.add(
+        "encoder-decoder loss of sources and targets of different batches",
+        Shape,
+        &["context [2, 4, 16]", "b = 1"],
+        || enc_dec.loss(&toks(2, 4).view(), &toks(1, 5).view(), None, None),
+    );
+    t.add(
+        "encoder-decoder generation from an empty source",
+        Invalid,
+        &["`x` = shape [1, 0]"],
+        || enc_dec.generate(&toks(1, 0).view(), &toks(1, 1).view(), 3, None, &gen_opts),
     );
 
     // ---------------------------------------------------------------- config JSON
