@@ -146,10 +146,27 @@ impl FastAttention {
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let d = self.config.dim_heads;
         for (name, t) in [("q", q), ("k", k)] {
-            if t.shape().last() != Some(&d) {
+            if t.rank() < 2 || t.shape().last() != Some(&d) {
                 return Err(Error::shape(
                     "FastAttention",
-                    format!("`{name}` {:?} must end in dim_heads {d}", t.shape()),
+                    format!("`{name}` {:?} must be (..., n, dim_heads = {d})", t.shape()),
+                ));
+            }
+        }
+        if v.rank() < 2 {
+            return Err(Error::shape(
+                "FastAttention",
+                format!("`v` {:?} must be (..., n, e)", v.shape()),
+            ));
+        }
+        for (name, t) in [("q", q), ("k", k), ("v", v)] {
+            // No position to attend from or to: the reference divides 0 by 0 (NaN).
+            if t.shape().contains(&0) {
+                return Err(Error::invalid(
+                    "FastAttention",
+                    name,
+                    format!("shape {:?}", t.shape()),
+                    "needs at least one head of one position",
                 ));
             }
         }

@@ -187,8 +187,8 @@ impl NonCausalBackward {
 // Causal
 
 /// Causal states `S` (count, m, e) and `z` (count, m) saved by the forward at the start of
-/// every `every`-th chunk, and with `every == 1` each chunk's masked scores
-/// `mask(q'_c k'_c^T)` (chunks, C, C), which the backward would otherwise recompute.
+/// every `every`-th chunk, and optionally each chunk's masked scores `mask(q'_c k'_c^T)`
+/// (chunks, C, C), which the backward would otherwise recompute.
 pub(crate) struct CausalStates {
     pub s: Array3<f32>,
     pub z: Array2<f32>,
@@ -197,25 +197,32 @@ pub(crate) struct CausalStates {
 }
 
 impl CausalStates {
-    pub fn new(chunks: usize, m: usize, e: usize, chunk: usize, every: usize) -> Self {
+    pub fn new(
+        chunks: usize,
+        m: usize,
+        e: usize,
+        chunk: usize,
+        every: usize,
+        scores: bool,
+    ) -> Self {
         let count = chunks.div_ceil(every).max(1);
         CausalStates {
             // The forward writes every saved state (and score block) it keeps.
             s: for_overwrite((count, m, e)),
             z: Array2::zeros((count, m)),
-            scores: (every == 1).then(|| for_overwrite((chunks, chunk, chunk))),
+            scores: scores.then(|| for_overwrite((chunks, chunk, chunk))),
             every,
         }
     }
 
-    /// Bytes it takes for one head.
-    pub fn bytes(chunks: usize, m: usize, e: usize, chunk: usize, every: usize) -> usize {
-        let scores = if every == 1 {
-            chunks * chunk * chunk
-        } else {
-            0
-        };
-        (chunks.div_ceil(every).max(1) * m * (e + 1) + scores) * 4
+    /// Bytes of the states of one head.
+    pub fn state_bytes(chunks: usize, m: usize, e: usize, every: usize) -> usize {
+        chunks.div_ceil(every).max(1) * m * (e + 1) * 4
+    }
+
+    /// Bytes of the score blocks of one head.
+    pub fn score_bytes(chunks: usize, chunk: usize) -> usize {
+        chunks * chunk * chunk * 4
     }
 }
 

@@ -244,11 +244,14 @@ struct SavePlan {
     features: bool,
     /// Causal: chunks between saved states (1, or a segment's worth).
     state_every: usize,
+    /// Causal: keep each chunk's masked score block.
+    scores: bool,
 }
 
 impl SavePlan {
-    /// Features first (they save the most work per byte), then a state for every chunk if
-    /// that fits too, else one per segment.
+    /// In order of work saved per byte kept: the causal score blocks (m / 2 FLOPs per byte),
+    /// the features (d / 2), then a state for every chunk rather than one per segment (about
+    /// C d / 2 (d + 1)); one state per segment is always kept.
     #[allow(clippy::too_many_arguments)]
     fn new(
         save: bool,
@@ -267,15 +270,23 @@ impl SavePlan {
         let segment = SEGMENT.div_ceil(chunk).max(1);
         let states = |every| {
             if causal {
-                heads * CausalStates::bytes(chunks, m, e, chunk, every)
+                heads * CausalStates::state_bytes(chunks, m, e, every)
             } else {
                 0
             }
         };
+        let mut used = states(segment);
+        let score_bytes = heads * CausalStates::score_bytes(chunks, chunk);
+        let scores = save && causal && used + score_bytes <= budget;
+        if scores {
+            used += score_bytes;
+        }
         let feature_bytes = heads * (Blocks::bytes(m, n, w) + Blocks::bytes(m, nk, w));
-        let features = save && with_features && feature_bytes + states(segment) <= budget;
-        let used = if features { feature_bytes } else { 0 };
-        let state_every = if used + states(1) <= budget {
+        let features = save && with_features && used + feature_bytes <= budget;
+        if features {
+            used += feature_bytes;
+        }
+        let state_every = if used - states(segment) + states(1) <= budget {
             1
         } else {
             segment
@@ -284,6 +295,7 @@ impl SavePlan {
             save,
             features,
             state_every,
+            scores,
         }
     }
 }
@@ -318,9 +330,9 @@ fn attend_head(
 ) -> Result<HeadContext> {
     let (m, e) = (qf.rows(), v.ncols());
     if causal {
-        let mut states = plan
-            .save
-            .then(|| CausalStates::new(qf.count(), m, e, qf.width(), plan.state_every));
+        let mut states = plan.save.then(|| {
+            CausalStates::new(qf.count(), m, e, qf.width(), plan.state_every, plan.scores)
+        });
         kernels::causal_forward(qf, kf, v, eps, out, den, states.as_mut())?;
         Ok(HeadContext {
             states,

@@ -458,3 +458,69 @@ fn fused_causal_matches_quadratic_form_over_many_segments() {
         );
     }
 }
+
+/// Heads that are strided views (a permuted `(b, n, h, d)` input), a broadcast output gradient,
+/// and lengths of 1 and 0 go through the same kernels as contiguous inputs.
+#[test]
+fn strided_inputs_and_tiny_lengths() {
+    let p = Tensor::new(proj(12, 8, 40));
+    for causal in [false, true] {
+        let n = 70;
+        let raw = [41, 42, 43].map(|s| randn(&[1, n, 2, 8], s, 0.8));
+        let run = |permuted: bool| {
+            let leaves = raw.clone().map(Tensor::var);
+            let [q, k, v] = leaves.clone().map(|t| {
+                if permuted {
+                    t.permute(&[0, 2, 1, 3]).unwrap()
+                } else {
+                    Tensor::new(
+                        t.permute(&[0, 2, 1, 3])
+                            .unwrap()
+                            .to_array()
+                            .as_standard_layout()
+                            .to_owned(),
+                    )
+                }
+            });
+            let out = favor_attention(&q, &k, &v, &p, FeatureMap::Softmax, causal, 16).unwrap();
+            let res = out.to_array();
+            if permuted {
+                let g = out.sum_all().backward().unwrap();
+                (
+                    res,
+                    leaves
+                        .iter()
+                        .map(|t| g.get(t).unwrap().clone())
+                        .collect::<Vec<_>>(),
+                )
+            } else {
+                (res, vec![])
+            }
+        };
+        let (strided, grads) = run(true);
+        let (contiguous, _) = run(false);
+        let err = strided
+            .iter()
+            .zip(&contiguous)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-6, "causal {causal}: strided heads differ by {err}");
+        assert!(grads.iter().all(|g| g.iter().all(|x| x.is_finite())));
+        for n in [1, 0] {
+            let [q, k, v] = [44, 45, 46].map(|s| Tensor::var(randn(&[1, 2, n, 8], s, 0.8)));
+            let out = favor_attention(&q, &k, &v, &p, FeatureMap::Softmax, causal, 16).unwrap();
+            assert_eq!(out.shape(), &[1, 2, n, 8]);
+            let g = out.sum_all().backward().unwrap();
+            assert_eq!(g.get(&q).unwrap().shape(), &[1, 2, n, 8]);
+            if n == 1 && causal {
+                // One position attends to itself only: the output is its value (up to the
+                // normalizer's eps).
+                let (o, vv) = (out.to_array(), v.to_array());
+                assert!(
+                    o.iter()
+                        .zip(vv.iter())
+                        .all(|(a, b)| (a - b).abs() < 1e-3 * b.abs() + 1e-5)
+                );
+            }
+        }
+    }
+}

@@ -189,6 +189,14 @@ impl Attention {
             ));
         }
         let (b, n) = (x.shape()[0], x.shape()[1]);
+        if b == 0 || n == 0 {
+            return Err(Error::invalid(
+                "Attention",
+                "x",
+                format!("shape {:?}", x.shape()),
+                "needs at least one sequence of one position",
+            ));
+        }
         let cross = inputs.context.is_some();
         let context = inputs.context.unwrap_or(x);
         if context.rank() != 3 || context.shape()[0] != b || context.shape()[2] != c.dim {
@@ -202,6 +210,14 @@ impl Attention {
             ));
         }
         let nc = context.shape()[1];
+        if nc == 0 {
+            return Err(Error::invalid(
+                "Attention",
+                "context",
+                format!("shape {:?}", context.shape()),
+                "needs at least one position to attend to",
+            ));
+        }
         if let Some(m) = inputs.mask
             && m.shape() != [b, n]
         {

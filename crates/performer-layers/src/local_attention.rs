@@ -66,6 +66,14 @@ impl LocalAttention {
                 "rotary embeddings need an even, positive head size",
             ));
         }
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(Error::invalid(
+                "LocalAttention",
+                "dropout",
+                dropout,
+                "must lie in [0, 1)",
+            ));
+        }
         let inv_freq = Array1::from_iter(
             (0..dim_head)
                 .step_by(2)
@@ -104,6 +112,14 @@ impl LocalAttention {
             ));
         }
         let (n, d) = (q.shape()[q.rank() - 2], q.shape()[q.rank() - 1]);
+        if n == 0 || lead.contains(&0) {
+            return Err(Error::invalid(
+                "LocalAttention",
+                "q",
+                format!("shape {:?}", q.shape()),
+                "needs at least one head of one position",
+            ));
+        }
         let freqs = match self.inv_freq.get() {
             StateValue::F32(a) => a.iter().copied().collect::<Vec<f32>>(),
             StateValue::I64(_) => {

@@ -50,10 +50,7 @@ impl Layer {
 }
 
 /// The per-layer states of a stack, created on first use.
-fn layer_states(
-    state: &mut BlockState,
-    layers: usize,
-) -> Result<&mut Vec<[BlockState; 2]>> {
+fn layer_states(state: &mut BlockState, layers: usize) -> Result<&mut Vec<[BlockState; 2]>> {
     if matches!(state, BlockState::Empty) {
         *state = BlockState::Layers(
             (0..layers)

@@ -42,7 +42,7 @@ impl AutoregressiveWrapper {
     /// Mean cross-entropy of predicting `x[:, 1:]` from `x[:, :-1]`. A mask of the full length
     /// is trimmed to `n - 1` as the reference does.
     pub fn loss(&self, x: &ArrayView2<i64>, inputs: &SeqInputs<'_>) -> Result<Tensor> {
-        let (b, n) = x.dim();
+        let n = x.ncols();
         if n < 2 {
             return Err(Error::invalid(
                 "AutoregressiveWrapper::loss",
@@ -50,6 +50,19 @@ impl AutoregressiveWrapper {
                 n,
                 "needs at least 2 tokens (input and target)",
             ));
+        }
+        // The last column is only a target: check it here, as the model checks the inputs.
+        let num_tokens = self.net.config().num_tokens;
+        if let Some(&bad) = x
+            .column(n - 1)
+            .iter()
+            .find(|&&t| (t < 0 || t as usize >= num_tokens) && t != self.ignore_index)
+        {
+            return Err(Error::Index {
+                op: "AutoregressiveWrapper::loss target token ids".into(),
+                index: bad,
+                size: num_tokens,
+            });
         }
         let xi = x.slice(s![.., ..n - 1]);
         let xo = x.slice(s![.., 1..]).to_owned();
@@ -69,7 +82,6 @@ impl AutoregressiveWrapper {
                 return_encodings: false,
             },
         )?;
-        let _ = b;
         logits
             .permute(&[0, 2, 1])?
             .cross_entropy(&xo.into_dyn().view(), Some(self.ignore_index))
@@ -150,8 +162,13 @@ impl AutoregressiveWrapper {
             (_, m) => m.map(|m| m.to_owned()),
         };
         let max = self.net.config().max_seq_len;
+        // A model in eval mode is only read, so threads sharing it (`Arc`) may generate at
+        // once; one in training mode is switched to eval for the call and back, which is a
+        // write: put a shared model in eval mode first.
         let was_training = crate::is_training(&self.net);
-        self.net.set_training(false);
+        if was_training {
+            self.net.set_training(false);
+        }
         let result = (|| -> Result<()> {
             let mut state = match use_state && t <= max {
                 true => Some(self.net.decoding_state(
@@ -223,7 +240,9 @@ impl AutoregressiveWrapper {
             }
             Ok(())
         })();
-        self.net.set_training(was_training);
+        if was_training {
+            self.net.set_training(true);
+        }
         result?;
         Ok(out.slice(s![.., t..]).to_owned())
     }

@@ -10,7 +10,7 @@ use performer_tensor::io::{TensorData, load_safetensors, save_safetensors};
 use performer_tensor::{Error, Module, Result, StateValue};
 use serde_json::{Value, json};
 
-use crate::config::{PerformerConfig, PerformerEncDecConfig, PerformerLMConfig};
+use crate::config::{PerformerConfig, PerformerEncDecConfig, PerformerLMConfig, parse_kwargs};
 use crate::{AutoregressiveWrapper, Performer, PerformerEncDec, PerformerLM};
 
 /// The part of a key PyTorch repeats under the projection updater.
@@ -48,7 +48,7 @@ pub fn strip_aliases(state: BTreeMap<String, StateValue>) -> Result<BTreeMap<Str
     for (k, v) in aliases {
         let original = k.replacen(ALIAS, "net.", 1);
         match originals.get(&original) {
-            Some(o) if *o == v => {}
+            Some(o) if same_bits(o, &v) => {}
             Some(_) => {
                 return Err(Error::StateDict(format!(
                     "`{k}` differs from `{original}`, which it should repeat"
@@ -61,6 +61,21 @@ pub fn strip_aliases(state: BTreeMap<String, StateValue>) -> Result<BTreeMap<Str
         }
     }
     Ok(originals)
+}
+
+/// Equal shapes and bit patterns: a weight that went NaN is saved twice (key and alias) and
+/// must still be recognized as the same value (`NaN != NaN`).
+fn same_bits(a: &StateValue, b: &StateValue) -> bool {
+    match (a, b) {
+        (StateValue::F32(x), StateValue::F32(y)) => {
+            x.shape() == y.shape()
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(p, q)| p.to_bits() == q.to_bits())
+        }
+        (StateValue::I64(x), StateValue::I64(y)) => x == y,
+        _ => false,
+    }
 }
 
 /// Converts a file's tensors to module state (bool tensors are refused with their name).
@@ -124,27 +139,49 @@ impl ModelConfig {
     /// Parses `{"model": CLASS, "kwargs": {...}}`; unknown classes and unknown or mistyped
     /// arguments are errors naming them.
     pub fn from_json(v: &Value) -> Result<Self> {
-        let class = v.get("model").and_then(Value::as_str).ok_or_else(|| {
+        let obj = v.as_object().ok_or_else(|| {
             Error::invalid(
                 "config.json",
-                "model",
-                "missing",
-                "needs a \"model\" class name",
+                "config",
+                short_json(v),
+                "must be an object {\"model\": CLASS, \"kwargs\": {...}}",
             )
         })?;
-        let kwargs = v.get("kwargs").cloned().unwrap_or_else(|| json!({}));
-        let parse_err =
-            |e: serde_json::Error| Error::invalid("config.json", "kwargs", class, e.to_string());
+        if let Some(k) = obj.keys().find(|k| *k != "model" && *k != "kwargs") {
+            return Err(Error::invalid(
+                "config.json",
+                k,
+                short_json(&obj[k]),
+                "unknown key (a config has \"model\" and \"kwargs\")",
+            ));
+        }
+        let class = match obj.get("model") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(other) => {
+                return Err(Error::invalid(
+                    "config.json",
+                    "model",
+                    short_json(other),
+                    "must be a class name: Performer, PerformerLM or PerformerEncDec",
+                ));
+            }
+            None => {
+                return Err(Error::invalid(
+                    "config.json",
+                    "model",
+                    "missing",
+                    "needs a \"model\" class name",
+                ));
+            }
+        };
+        let kwargs = obj.get("kwargs").cloned().unwrap_or_else(|| json!({}));
+        let op = format!("config.json ({class})");
         match class {
-            "Performer" => Ok(ModelConfig::Performer(
-                serde_json::from_value(kwargs).map_err(parse_err)?,
-            )),
-            "PerformerLM" => Ok(ModelConfig::PerformerLM(
-                serde_json::from_value(kwargs).map_err(parse_err)?,
-            )),
+            "Performer" => Ok(ModelConfig::Performer(parse_kwargs(&op, "", &kwargs)?)),
+            "PerformerLM" => Ok(ModelConfig::PerformerLM(parse_kwargs(&op, "", &kwargs)?)),
             "PerformerEncDec" => {
                 let map = kwargs.as_object().ok_or_else(|| {
-                    Error::invalid("config.json", "kwargs", class, "must be an object")
+                    Error::invalid(&op, "kwargs", short_json(&kwargs), "must be an object")
                 })?;
                 Ok(ModelConfig::PerformerEncDec(
                     PerformerEncDecConfig::from_kwargs(map)?,
@@ -157,6 +194,27 @@ impl ModelConfig {
                 "expected Performer, PerformerLM or PerformerEncDec",
             )),
         }
+    }
+
+    /// A lower bound of the scalars the configured model holds (see
+    /// [`PerformerLMConfig::min_elements`]).
+    pub fn min_elements(&self) -> Result<u128> {
+        match self {
+            ModelConfig::Performer(c) => c.min_elements(),
+            ModelConfig::PerformerLM(c) => c.min_elements(),
+            ModelConfig::PerformerEncDec(c) => {
+                Ok(c.encoder().min_elements()? + c.decoder().min_elements()?)
+            }
+        }
+    }
+}
+
+/// A JSON value for an error message, cut to 80 characters.
+fn short_json(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
     }
 }
 
@@ -220,9 +278,32 @@ pub fn load_config(dir: impl AsRef<Path>) -> Result<ModelConfig> {
 pub fn load_pretrained(dir: impl AsRef<Path>) -> Result<(ModelConfig, AnyModel)> {
     let dir = dir.as_ref();
     let config = load_config(dir)?;
+    let weights = dir.join("model.safetensors");
+    check_file_holds(&weights, &config)?;
     let model = AnyModel::build(&config)?;
     load_state_dict_file(model.module(), dir.join("model.safetensors"))?;
     Ok((config, model))
+}
+
+/// Refuses a config that describes a model bigger than its weights file could hold (2 bytes per
+/// scalar at the least, for float16), before the model is built: a corrupt or hostile
+/// config.json must not make the loader allocate more than the files justify.
+fn check_file_holds(weights: &Path, config: &ModelConfig) -> Result<()> {
+    let len = std::fs::metadata(weights)
+        .map_err(|e| Error::io(weights, e))?
+        .len();
+    let min = config.min_elements()?;
+    if (len as u128) < min * 2 {
+        return Err(Error::format(
+            weights,
+            format!(
+                "{len} bytes cannot hold the {min} or more parameters and buffers that \
+                 config.json describes (at least {} bytes in float16)",
+                min * 2
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Wraps a loaded language model for its loss and generation.

@@ -9,7 +9,9 @@
 
 use performer_tensor::ops::Activation;
 use performer_tensor::{Error, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
 
 /// `local_attn_heads`: one count for every layer, or one per layer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,27 +32,38 @@ impl Default for LocalAttnHeads {
 impl LocalAttnHeads {
     /// The count for each of `depth` layers, checked against `heads`.
     pub fn per_layer(&self, depth: usize, heads: usize) -> Result<Vec<usize>> {
-        let v = match self {
-            LocalAttnHeads::All(n) => vec![*n; depth],
-            LocalAttnHeads::PerLayer(v) if v.len() == 1 => vec![v[0]; depth],
-            LocalAttnHeads::PerLayer(v) => v.clone(),
+        let given: &[usize] = match self {
+            LocalAttnHeads::All(n) => std::slice::from_ref(n),
+            LocalAttnHeads::PerLayer(v) => v,
         };
-        if v.len() != depth {
+        let shown = || match self {
+            LocalAttnHeads::All(n) => format!("{n}"),
+            LocalAttnHeads::PerLayer(v) => format!("{v:?}"),
+        };
+        if given.len() != 1 && given.len() != depth {
             return Err(Error::invalid(
                 "Performer",
                 "local_attn_heads",
-                format!("{v:?}"),
+                shown(),
                 format!("a tuple of local heads per layer must have depth = {depth} entries"),
             ));
         }
-        if let Some(&bad) = v.iter().find(|&&n| n > heads) {
+        if let Some(&bad) = given.iter().find(|&&n| n > heads) {
             return Err(Error::invalid(
                 "Performer",
                 "local_attn_heads",
-                format!("{v:?}"),
+                shown(),
                 format!("{bad} local heads exceed heads = {heads}"),
             ));
         }
+        if given.len() == depth {
+            return Ok(given.to_vec());
+        }
+        let mut v = Vec::new();
+        v.try_reserve_exact(depth).map_err(|_| {
+            Error::invalid("Performer", "depth", depth, "too many layers to allocate")
+        })?;
+        v.resize(depth, given[0]);
         Ok(v)
     }
 }
@@ -77,6 +90,78 @@ impl<'de> Deserialize<'de> for KernelFn {
         Activation::from_name(&name)
             .map(KernelFn)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Deserializes a configuration from keyword arguments. serde's message for a mistyped field
+/// of a struct does not say which field it was, so on error each keyword is tried alone (on
+/// top of the defaults) to find and name it: `op: invalid `{prefix}num_tokens` = "ten":
+/// invalid type: string "ten", expected usize`. Unknown and missing keywords are named by
+/// serde's own message.
+pub(crate) fn parse_kwargs<T: DeserializeOwned + Serialize + Default>(
+    op: &str,
+    prefix: &str,
+    kwargs: &Value,
+) -> Result<T> {
+    let err = match serde_json::from_value::<T>(kwargs.clone()) {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    let culprit = kwargs.as_object().and_then(|map| {
+        let base = match serde_json::to_value(T::default()) {
+            Ok(Value::Object(b)) => b,
+            _ => return None,
+        };
+        map.iter().find_map(|(k, v)| {
+            if !base.contains_key(k) {
+                return None;
+            }
+            let mut probe = base.clone();
+            probe.insert(k.clone(), v.clone());
+            serde_json::from_value::<T>(Value::Object(probe))
+                .err()
+                .map(|e| (k, v, e))
+        })
+    });
+    Err(match culprit {
+        Some((k, v, e)) => Error::invalid(op, format!("{prefix}{k}"), v, e.to_string()),
+        None if kwargs.is_object() => Error::invalid(
+            op,
+            if prefix.is_empty() {
+                "kwargs".to_string()
+            } else {
+                format!("{prefix}*")
+            },
+            "{...}",
+            err.to_string(),
+        ),
+        None => Error::invalid(
+            op,
+            "kwargs",
+            kwargs,
+            "must be an object of keyword arguments",
+        ),
+    })
+}
+
+/// One keyword of a known type, or `default` when absent; a mistyped value is an error naming
+/// the keyword.
+fn take_kwarg<T: DeserializeOwned>(
+    map: &mut serde_json::Map<String, Value>,
+    name: &str,
+    default: Option<T>,
+) -> Result<T> {
+    match map.remove(name) {
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| Error::invalid("PerformerEncDec", name, v, e.to_string())),
+        None => default.ok_or_else(|| {
+            Error::invalid(
+                "PerformerEncDec",
+                name,
+                "missing",
+                format!("{name} is required"),
+            )
+        }),
     }
 }
 
@@ -216,7 +301,82 @@ fn check_prob(op: &str, name: &str, p: f32) -> Result<()> {
     Ok(())
 }
 
+/// The most scalars a model may hold: more than this many f32 values cannot be addressed
+/// (`isize::MAX` bytes), so larger sizes are refused before anything is allocated.
+pub const MAX_ELEMENTS: u128 = (isize::MAX as u128) / 4;
+
+/// `a * b * ...` for the size check: `None` once it passes [`MAX_ELEMENTS`].
+fn elements(factors: &[usize]) -> Option<u128> {
+    factors.iter().try_fold(1u128, |acc, &f| {
+        acc.checked_mul(f as u128).filter(|&p| p <= MAX_ELEMENTS)
+    })
+}
+
+/// An error for a size `arg` = `value` whose tables would exceed [`MAX_ELEMENTS`].
+fn too_large(op: &str, arg: &str, value: impl std::fmt::Display, what: String) -> Error {
+    Error::invalid(
+        op,
+        arg,
+        value,
+        format!("{what} would exceed {MAX_ELEMENTS} elements (more than isize::MAX bytes)"),
+    )
+}
+
 impl PerformerConfig {
+    /// A lower bound of the scalars in the stack's parameters and buffers, with overflow
+    /// checked: an error names the size that makes the model too large to allocate.
+    pub fn min_elements(&self) -> Result<u128> {
+        let op = "Performer";
+        let dh = self.resolved_dim_head();
+        let inner = elements(&[self.heads, dh]).ok_or_else(|| {
+            too_large(
+                op,
+                "heads",
+                self.heads,
+                format!("heads x dim_head = {}", dh),
+            )
+        })? as usize;
+        let attn = elements(&[4, self.dim, inner]).ok_or_else(|| {
+            too_large(
+                op,
+                "dim",
+                self.dim,
+                format!("4 x dim x (heads x dim_head = {inner})"),
+            )
+        })?;
+        let ff = elements(&[2, self.dim, self.ff_mult, self.dim]).ok_or_else(|| {
+            too_large(
+                op,
+                "ff_mult",
+                self.ff_mult,
+                format!("2 x dim ({}) x ff_mult x dim", self.dim),
+            )
+        })?;
+        let m = self
+            .nb_features
+            .unwrap_or_else(|| performer_favor::default_nb_features(dh));
+        let proj = elements(&[m, dh]).ok_or_else(|| {
+            too_large(
+                op,
+                "nb_features",
+                m,
+                format!("nb_features x dim_head ({dh})"),
+            )
+        })?;
+        let per_layer = (attn + ff + proj) * if self.cross_attend { 2 } else { 1 };
+        elements(&[self.depth])
+            .and_then(|d| d.checked_mul(per_layer))
+            .filter(|&t| t <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                too_large(
+                    op,
+                    "depth",
+                    self.depth,
+                    format!("depth x {per_layer} per layer"),
+                )
+            })
+    }
+
     /// Checks every argument and their combinations; errors name the argument and the limit.
     pub fn validate(&self) -> Result<()> {
         let op = "Performer";
@@ -246,6 +406,8 @@ impl PerformerConfig {
         if self.nb_features == Some(0) {
             return Err(Error::invalid(op, "nb_features", 0, "must be positive"));
         }
+        // Sizes first: a depth too large to allocate must not reach `per_layer`'s vector.
+        self.min_elements()?;
         self.local_attn_heads.per_layer(self.depth, self.heads)?;
         check_prob(op, "ff_dropout", self.ff_dropout)?;
         check_prob(op, "attn_dropout", self.attn_dropout)?;
@@ -441,6 +603,69 @@ impl PerformerLMConfig {
             .unwrap_or_else(|| vec![self.max_seq_len.div_ceil(64), 64])
     }
 
+    /// A lower bound of the scalars in the model's parameters and buffers (embeddings, position
+    /// tables, layers), with overflow checked: an error names the size that makes the model
+    /// too large to allocate.
+    pub fn min_elements(&self) -> Result<u128> {
+        let op = "PerformerLM";
+        let tokens = elements(&[self.num_tokens, self.dim]).ok_or_else(|| {
+            too_large(
+                op,
+                "num_tokens",
+                self.num_tokens,
+                format!("num_tokens x dim ({})", self.dim),
+            )
+        })?;
+        let positions = if !self.rotary_position_emb && self.axial_position_emb {
+            // One table per axis, (s_i, dim); the forward materializes their sum over
+            // prod(shape) x dim, which `validate` checks separately.
+            let shape = self.resolved_axial_shape();
+            shape.iter().try_fold(0u128, |acc, &s| {
+                elements(&[s, self.dim])
+                    .map(|e| acc + e)
+                    .filter(|&t| t <= MAX_ELEMENTS)
+                    .ok_or_else(|| {
+                        too_large(
+                            op,
+                            "axial_position_shape",
+                            format!("{shape:?}"),
+                            format!("the axial tables, sum of the shape x dim ({})", self.dim),
+                        )
+                    })
+            })?
+        } else {
+            // Absolute: max_seq_len x dim; rotary: that and max_seq_len x dim_head.
+            let rotary = if self.rotary_position_emb {
+                self.dim_head
+            } else {
+                0
+            };
+            elements(&[self.max_seq_len, self.dim])
+                .zip(elements(&[self.max_seq_len, rotary]))
+                .map(|(a, b)| a + b)
+                .filter(|&t| t <= MAX_ELEMENTS)
+                .ok_or_else(|| {
+                    too_large(
+                        op,
+                        "max_seq_len",
+                        self.max_seq_len,
+                        format!("the position tables, max_seq_len x (dim = {})", self.dim),
+                    )
+                })?
+        };
+        let layers = self.performer().min_elements()?;
+        let total = tokens + positions + layers;
+        if total > MAX_ELEMENTS {
+            return Err(too_large(
+                op,
+                "dim",
+                self.dim,
+                format!("the model ({total} scalars)"),
+            ));
+        }
+        Ok(total)
+    }
+
     /// Checks every argument; errors name the argument and the limit.
     pub fn validate(&self) -> Result<()> {
         let op = "PerformerLM";
@@ -472,7 +697,9 @@ impl PerformerLMConfig {
         }
         if !self.rotary_position_emb && self.axial_position_emb {
             let shape = self.resolved_axial_shape();
-            let covered: usize = shape.iter().product();
+            // Saturating: a product that overflows covers everything (and is refused as too
+            // large by the size check).
+            let covered = shape.iter().fold(1usize, |a, &s| a.saturating_mul(s));
             if shape.is_empty() || shape.contains(&0) || covered < self.max_seq_len {
                 return Err(Error::invalid(
                     op,
@@ -485,7 +712,26 @@ impl PerformerLMConfig {
                 ));
             }
         }
-        self.performer().validate()
+        if !self.rotary_position_emb && self.axial_position_emb {
+            // The forward materializes the summed table, prod(shape) x dim.
+            let shape = self.resolved_axial_shape();
+            let mut factors = shape.clone();
+            factors.push(self.dim);
+            if elements(&factors).is_none() {
+                return Err(too_large(
+                    op,
+                    "axial_position_shape",
+                    format!("{shape:?}"),
+                    format!(
+                        "the summed axial table, product of the shape x dim ({})",
+                        self.dim
+                    ),
+                ));
+            }
+        }
+        self.performer().validate()?;
+        self.min_elements()?;
+        Ok(())
     }
 }
 
@@ -577,28 +823,11 @@ impl PerformerEncDecConfig {
                 top.insert(k.clone(), v.clone());
             }
         }
-        let bad =
-            |e: serde_json::Error| Error::invalid("PerformerEncDec", "kwargs", "…", e.to_string());
-        let dim = top.remove("dim").ok_or_else(|| {
-            Error::invalid("PerformerEncDec", "dim", "missing", "dim is required")
-        })?;
-        let dim: usize = serde_json::from_value(dim).map_err(bad)?;
-        let int = |top: &mut serde_json::Map<String, serde_json::Value>,
-                   name: &str,
-                   default: i64|
-         -> Result<i64> {
-            top.remove(name)
-                .map_or(Ok(default), |v| serde_json::from_value(v).map_err(bad))
-        };
-        let flag =
-            |top: &mut serde_json::Map<String, serde_json::Value>, name: &str| -> Result<bool> {
-                top.remove(name)
-                    .map_or(Ok(false), |v| serde_json::from_value(v).map_err(bad))
-            };
-        let ignore_index = int(&mut top, "ignore_index", 0)?;
-        let pad_value = int(&mut top, "pad_value", 0)?;
-        let tie_token_embeds = flag(&mut top, "tie_token_embeds")?;
-        let no_projection = flag(&mut top, "no_projection")?;
+        let dim: usize = take_kwarg(&mut top, "dim", None)?;
+        let ignore_index = take_kwarg(&mut top, "ignore_index", Some(0i64))?;
+        let pad_value = take_kwarg(&mut top, "pad_value", Some(0i64))?;
+        let tie_token_embeds = take_kwarg(&mut top, "tie_token_embeds", Some(false))?;
+        let no_projection = take_kwarg(&mut top, "no_projection", Some(false))?;
         if let Some(k) = top.keys().next() {
             return Err(Error::invalid(
                 "PerformerEncDec",
@@ -621,9 +850,7 @@ impl PerformerEncDecConfig {
         let lm = |m: serde_json::Map<String, serde_json::Value>,
                   side: &str|
          -> Result<PerformerLMConfig> {
-            serde_json::from_value(serde_json::Value::Object(m)).map_err(|e| {
-                Error::invalid("PerformerEncDec", format!("{side}_*"), "…", e.to_string())
-            })
+            parse_kwargs("PerformerEncDec", &format!("{side}_"), &Value::Object(m))
         };
         Ok(PerformerEncDecConfig {
             dim,

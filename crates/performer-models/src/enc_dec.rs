@@ -135,10 +135,15 @@ impl PerformerEncDec {
         enc_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<Tensor> {
         performer_tensor::no_grad(|| {
+            // Only a model in training mode is written to (see `AutoregressiveWrapper::generate`).
             let was = crate::is_training(&self.enc);
-            self.enc.set_training(false);
+            if was {
+                self.enc.set_training(false);
+            }
             let e = self.encode(src, enc_mask);
-            self.enc.set_training(was);
+            if was {
+                self.enc.set_training(true);
+            }
             e
         })
     }

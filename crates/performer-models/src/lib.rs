@@ -20,6 +20,8 @@ mod autoregressive;
 pub mod checkpoint;
 mod config;
 mod enc_dec;
+mod finite;
+pub mod fuzzing;
 mod lm;
 pub mod parity;
 mod performer;
@@ -31,6 +33,7 @@ pub use config::{
     KernelFn, LocalAttnHeads, PerformerConfig, PerformerEncDecConfig, PerformerLMConfig,
 };
 pub use enc_dec::PerformerEncDec;
+pub use finite::{check_finite_step, non_finite_gradients, non_finite_parameters};
 pub use lm::{DecodingState, LmInputs, PerformerLM, PositionEmbedding};
 pub use performer::Performer;
 pub use sampling::{Filter, GenerateOptions};

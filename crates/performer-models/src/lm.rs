@@ -183,6 +183,14 @@ impl PerformerLM {
                     ),
                 ));
             }
+            if ctx.shape()[1] == 0 {
+                return Err(Error::invalid(
+                    "PerformerLM",
+                    "context",
+                    format!("shape {:?}", ctx.shape()),
+                    "needs at least one position to attend to",
+                ));
+            }
             if let Some(cm) = inputs.context_mask
                 && cm.dim() != (b, ctx.shape()[1])
             {

@@ -364,7 +364,13 @@ fn run_module(fx: &Fixture) -> Result<Run> {
             backprop(out, &probe, module.as_ref(), floats)
         }
         "Performer" | "PerformerLM" | "PerformerEncDec" => {
-            let model = AnyModel::build(&ModelConfig::from_json(&fx.config)?)?;
+            // The fixture's config.json also holds `train` and `call` (FIXTURES.md); the
+            // model's part is `model` and `kwargs`.
+            let model_part = serde_json::json!({
+                "model": class,
+                "kwargs": fx.config.get("kwargs").cloned().unwrap_or_else(|| serde_json::json!({})),
+            });
+            let model = AnyModel::build(&ModelConfig::from_json(&model_part)?)?;
             load_weights(model.module(), fx)?;
             model.module().set_training(train);
             match &model {

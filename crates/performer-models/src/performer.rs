@@ -10,7 +10,7 @@ use performer_layers::{
     PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero, ReversibleSequence, Route, SelfAttention,
     SequentialSequence,
 };
-use performer_tensor::{Module, Result, Tensor, Visitor};
+use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 
 use crate::config::PerformerConfig;
 
@@ -157,14 +157,7 @@ impl Performer {
         context: Option<&Tensor>,
         context_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<Tensor> {
-        if self.config.cross_attend && context.is_none() {
-            return Err(performer_tensor::Error::invalid(
-                "Performer",
-                "context",
-                "None",
-                "cross_attend needs a context",
-            ));
-        }
+        self.check_inputs(x, mask, pos_emb, context, context_mask)?;
         if self.config.auto_check_redraw {
             self.check_redraw_projections()?;
         }
@@ -181,6 +174,105 @@ impl Performer {
 }
 
 impl Performer {
+    /// Checks the shapes of `forward`'s inputs; errors name the argument, its shape and the
+    /// shape it must have.
+    pub fn check_inputs(
+        &self,
+        x: &Tensor,
+        mask: Option<ArrayView2<'_, bool>>,
+        pos_emb: Option<&Tensor>,
+        context: Option<&Tensor>,
+        context_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<()> {
+        let dim = self.config.dim;
+        if x.rank() != 3 || x.shape()[2] != dim {
+            return Err(Error::shape(
+                "Performer",
+                format!("x {:?} must be (b, n, dim = {dim})", x.shape()),
+            ));
+        }
+        let (b, n) = (x.shape()[0], x.shape()[1]);
+        if b == 0 || n == 0 {
+            return Err(Error::invalid(
+                "Performer",
+                "x",
+                format!("shape {:?}", x.shape()),
+                "needs at least one sequence of one position",
+            ));
+        }
+        if let Some(m) = mask
+            && m.dim() != (b, n)
+        {
+            return Err(Error::shape(
+                "Performer",
+                format!("mask {:?} must be (b, n) = ({b}, {n})", m.shape()),
+            ));
+        }
+        let dh = self.config.resolved_dim_head();
+        if let Some(p) = pos_emb
+            && p.shape() != [1, n, dh]
+        {
+            return Err(Error::shape(
+                "Performer",
+                format!(
+                    "pos_emb {:?} must be (1, n, dim_head) = (1, {n}, {dh})",
+                    p.shape()
+                ),
+            ));
+        }
+        match (self.config.cross_attend, context) {
+            (true, None) => {
+                return Err(Error::invalid(
+                    "Performer",
+                    "context",
+                    "None",
+                    "cross_attend needs a context",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(Error::invalid(
+                    "Performer",
+                    "context",
+                    "given",
+                    "the stack has no cross-attention (cross_attend = false)",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(ctx) = context {
+            if ctx.rank() != 3 || ctx.shape()[0] != b || ctx.shape()[2] != dim {
+                return Err(Error::shape(
+                    "Performer",
+                    format!(
+                        "context {:?} must be (b = {b}, nc, dim = {dim})",
+                        ctx.shape()
+                    ),
+                ));
+            }
+            let nc = ctx.shape()[1];
+            if nc == 0 {
+                return Err(Error::invalid(
+                    "Performer",
+                    "context",
+                    format!("shape {:?}", ctx.shape()),
+                    "needs at least one position to attend to",
+                ));
+            }
+            if let Some(cm) = context_mask
+                && cm.dim() != (b, nc)
+            {
+                return Err(Error::shape(
+                    "Performer",
+                    format!(
+                        "context_mask {:?} must be (b, nc) = ({b}, {nc})",
+                        cm.shape()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Incremental decoding of the stack (see `Block::decode`); no redraw bookkeeping.
     pub fn decode(
         &self,

@@ -178,69 +178,107 @@ pub fn load_safetensors_metadata(path: impl AsRef<Path>) -> Result<HashMap<Strin
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
-/// Parses safetensors bytes. The header's sizes and offsets are validated against the buffer
-/// before anything is allocated, so a corrupt header cannot cause a large allocation.
+/// Parses safetensors bytes.
+///
+/// Nothing is allocated beyond what the buffer justifies: the safetensors crate checks the
+/// header (at most 100 MB) against the buffer first — offsets contiguous and inside the data,
+/// each tensor's byte length equal to its shape's product (computed with overflow checks) times
+/// its dtype's size — and only then is each tensor copied out, so every allocation is bounded
+/// by the bytes actually present. Shapes whose zero-sized axes hide an element count beyond
+/// `isize::MAX` are refused by name, as are unsupported dtypes.
 pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<BTreeMap<String, TensorData>> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::Other(format!("invalid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.iter() {
+        let bad = |what: String| Error::Other(format!("tensor `{name}`: {what}"));
+        let dtype = view.dtype();
+        let width = match dtype {
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::U8 | Dtype::BOOL => 1,
+            other => {
+                return Err(bad(format!(
+                    "unsupported dtype {other:?} (float32/64, float16, bfloat16, int64/32, \
+                     uint8 and bool are read)"
+                )));
+            }
+        };
         let shape = view.shape().to_vec();
-        let data = view.data();
-        let n: usize = shape.iter().product();
-        let bad = |what: &str| Error::Other(format!("tensor `{name}`: {what}"));
-        let width = view.dtype().bitsize() / 8;
-        if width == 0 || data.len() != n * width {
-            return Err(bad(&format!(
-                "{} bytes do not hold {:?} elements of {:?}",
-                data.len(),
-                shape,
-                view.dtype()
+        if shape.len() > MAX_RANK {
+            return Err(bad(format!(
+                "rank {} is above the {MAX_RANK} axes a tensor may have",
+                shape.len()
             )));
         }
-        let floats = |f: &dyn Fn(&[u8]) -> f32| -> ArrayD<f32> {
-            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect())
-                .expect("length checked")
+        // ndarray also bounds the product of the non-zero axes (a shape like [0, 2^40, 2^40]
+        // holds no element but cannot be an array).
+        let dim = IxDyn(&shape);
+        let nonzero = shape
+            .iter()
+            .filter(|&&s| s != 0)
+            .try_fold(1usize, |a, &s| a.checked_mul(s))
+            .filter(|&p| p <= isize::MAX as usize);
+        let n = match nonzero {
+            None => {
+                return Err(bad(format!(
+                    "shape {shape:?} has more elements than an array can address"
+                )));
+            }
+            Some(_) if shape.contains(&0) => 0,
+            Some(p) => p,
         };
-        let ints = |f: &dyn Fn(&[u8]) -> i64| -> ArrayD<i64> {
-            ArrayD::from_shape_vec(IxDyn(&shape), data.chunks_exact(width).map(f).collect())
-                .expect("length checked")
+        let data = view.data();
+        if n.checked_mul(width) != Some(data.len()) {
+            return Err(bad(format!(
+                "{} bytes do not hold {shape:?} elements of {dtype:?}",
+                data.len()
+            )));
+        }
+        let array_err = |e: ndarray::ShapeError| bad(format!("shape {shape:?}: {e}"));
+        let floats = |f: &dyn Fn(&[u8]) -> f32| -> Result<ArrayD<f32>> {
+            ArrayD::from_shape_vec(dim.clone(), data.chunks_exact(width).map(f).collect())
+                .map_err(array_err)
         };
-        let t = match view.dtype() {
-            Dtype::F32 => TensorData::F32(floats(&|c| {
-                f32::from_le_bytes(c.try_into().expect("4 bytes"))
-            })),
-            Dtype::F64 => TensorData::F32(floats(&|c| {
-                f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32
-            })),
+        let ints = |f: &dyn Fn(&[u8]) -> i64| -> Result<ArrayD<i64>> {
+            ArrayD::from_shape_vec(dim.clone(), data.chunks_exact(width).map(f).collect())
+                .map_err(array_err)
+        };
+        // `chunks_exact(width)` yields slices of exactly `width` bytes.
+        let le4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
+        let le8 = |c: &[u8]| [c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]];
+        let t = match dtype {
+            Dtype::F32 => TensorData::F32(floats(&|c| f32::from_le_bytes(le4(c)))?),
+            Dtype::F64 => TensorData::F32(floats(&|c| f64::from_le_bytes(le8(c)) as f32)?),
             Dtype::BF16 => TensorData::F32(floats(&|c| {
                 f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)
-            })),
+            })?),
             Dtype::F16 => {
-                TensorData::F32(floats(&|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+                TensorData::F32(floats(&|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))?)
             }
-            Dtype::I64 => TensorData::I64(ints(&|c| {
-                i64::from_le_bytes(c.try_into().expect("8 bytes"))
-            })),
-            Dtype::I32 => TensorData::I64(ints(&|c| {
-                i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64
-            })),
-            Dtype::U8 => TensorData::I64(ints(&|c| c[0] as i64)),
-            Dtype::BOOL => {
+            Dtype::I64 => TensorData::I64(ints(&|c| i64::from_le_bytes(le8(c)))?),
+            Dtype::I32 => TensorData::I64(ints(&|c| i32::from_le_bytes(le4(c)) as i64)?),
+            Dtype::U8 => TensorData::I64(ints(&|c| c[0] as i64)?),
+            // BOOL, the only dtype left after the width match above.
+            _ => {
                 if data.iter().any(|&b| b > 1) {
-                    return Err(bad("bool tensor holds bytes other than 0 and 1"));
+                    return Err(bad("bool tensor holds bytes other than 0 and 1".into()));
                 }
                 TensorData::Bool(
-                    ArrayD::from_shape_vec(IxDyn(&shape), data.iter().map(|&b| b == 1).collect())
-                        .expect("length checked"),
+                    ArrayD::from_shape_vec(dim.clone(), data.iter().map(|&b| b == 1).collect())
+                        .map_err(array_err)?,
                 )
             }
-            other => return Err(bad(&format!("unsupported dtype {other:?}"))),
         };
         out.insert(name.to_string(), t);
     }
     Ok(out)
 }
+
+/// The most axes a tensor read from a file may have (PyTorch allows 64; nothing here uses
+/// more than 6).
+pub const MAX_RANK: usize = 64;
 
 /// IEEE half to single precision.
 fn f16_to_f32(h: u16) -> f32 {
