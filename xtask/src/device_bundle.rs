@@ -1,7 +1,8 @@
 //! `cargo xtask device-bundle`: prepares `.device/` for one run on a GPU machine that has no
 //! Rust toolchain and no network (see shared GPU.md):
 //!
-//! * the release test binaries of performer-cuda (found with `cargo test --no-run
+//! * the release test binaries of performer-cuda and performer-favor's CUDA integration test
+//!   (found with `cargo test --no-run
 //!   --message-format=json`) and the `cuda_bench` example, stripped, in `.device/bin/`;
 //! * `run.sh` (tests, then benchmarks, table last) and the Python comparison scripts;
 //! * the wheels the comparison needs (performer-pytorch and its pure-Python dependencies,
@@ -49,10 +50,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     std::fs::create_dir_all(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
 
-    let tests = cargo_executables(
+    let mut tests = cargo_executables(
         &root,
         &["test", "--release", "-p", "performer-cuda", "--no-run"],
     )?;
+    // FastAttention::use_cuda against the CPU path (performer-favor's `cuda` feature).
+    tests.extend(cargo_executables(
+        &root,
+        &[
+            "test",
+            "--release",
+            "-p",
+            "performer-favor",
+            "--features",
+            "cuda",
+            "--test",
+            "cuda",
+            "--no-run",
+        ],
+    )?);
     let bench = cargo_executables(
         &root,
         &[

@@ -65,6 +65,9 @@ pub struct FastAttention {
     nb_features: usize,
     projection_matrix: Buffer,
     chunk: usize,
+    /// The CUDA device selected with [`FastAttention::use_cuda`], if any.
+    #[cfg(feature = "cuda")]
+    cuda: std::sync::Mutex<Option<std::sync::Arc<crate::cuda::CudaBackend>>>,
 }
 
 impl FastAttention {
@@ -97,6 +100,8 @@ impl FastAttention {
             nb_features,
             projection_matrix: Buffer::new(proj.into_dyn()),
             chunk: DEFAULT_CHUNK,
+            #[cfg(feature = "cuda")]
+            cuda: std::sync::Mutex::new(None),
         })
     }
 
@@ -139,6 +144,53 @@ impl FastAttention {
         )?;
         self.projection_matrix
             .set(StateValue::F32(proj.into_dyn().into_shared()))
+    }
+
+    /// Runs this attention on CUDA device `ordinal` from now on (feature `cuda`): host tensors
+    /// are copied to the device and back around performer-cuda's kernels. The softmax kernel
+    /// with queries and keys of one length (self-attention) runs there; generalized attention,
+    /// `no_projection` and cross-attention keep the CPU path. An error where the crate was built
+    /// without the feature or there is no usable device.
+    pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let backend = crate::cuda::CudaBackend::open(ordinal)?;
+            *self.cuda.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::sync::Arc::new(backend));
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::invalid(
+                "FastAttention::use_cuda",
+                "ordinal",
+                ordinal,
+                "performer-favor was built without the `cuda` feature",
+            ))
+        }
+    }
+
+    /// Back to the CPU path.
+    pub fn use_cpu(&self) {
+        #[cfg(feature = "cuda")]
+        {
+            *self.cuda.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    /// Whether a CUDA device is selected.
+    pub fn uses_cuda(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.cuda
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            false
+        }
     }
 
     /// Attention of `q` `(b, h, n, d)` over `k`, `v` `(b, h, nk, d)`; causal attention needs
@@ -188,6 +240,14 @@ impl FastAttention {
         } else {
             FeatureMap::Softmax
         };
+        #[cfg(feature = "cuda")]
+        if let Some(backend) = self.cuda.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            && map == FeatureMap::Softmax
+            && q.rank() == 4
+            && k.shape() == q.shape()
+        {
+            return backend.attention(q, k, v, &self.projection_matrix()?, self.config.causal);
+        }
         favor_attention(
             q,
             k,

@@ -24,6 +24,8 @@
 //! ```
 
 mod blocks;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod decoding;
 mod fast_attention;
 mod feature;

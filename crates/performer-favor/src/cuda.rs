@@ -1,0 +1,172 @@
+//! FastAttention's FAVOR+ on a CUDA device (feature `cuda`): the host tensors are copied to the
+//! device, performer-cuda's kernels compute the softmax features and the (causal or non-causal)
+//! linear attention, and the results come back, so a model built on the CPU runs its attention
+//! on a GPU unchanged. The forward keeps the device-side state for the backward.
+
+use ndarray::{ArrayD, IxDyn};
+use performer_cuda::{AttentionForward, AttentionShape, CudaDevice, CudaFastAttention};
+use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
+
+fn cuda_error(op: &str, e: performer_cuda::Error) -> Error {
+    Error::Other(format!("{op} (CUDA): {e}"))
+}
+
+/// A selected device.
+pub(crate) struct CudaBackend {
+    device: CudaDevice,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` (a clear error where there is no driver or no such device).
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if !performer_cuda::driver_available() {
+            return Err(Error::Other(
+                "FastAttention::use_cuda: no CUDA driver on this machine (libcuda not found)"
+                    .into(),
+            ));
+        }
+        Ok(CudaBackend {
+            device: CudaDevice::new(ordinal)
+                .map_err(|e| cuda_error("FastAttention::use_cuda", e))?,
+        })
+    }
+
+    /// Softmax-kernel FAVOR+ of `q`, `k`, `v` `(b, h, n, d)` with `projection` `(m, d)`.
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        projection: &Tensor,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let op = CudaFavorOp {
+            device: self.device.clone(),
+            causal,
+        };
+        Ok(apply_custom_op(op, &[q, k, v, projection])?.remove(0))
+    }
+}
+
+struct CudaFavorOp {
+    device: CudaDevice,
+    causal: bool,
+}
+
+/// The device-side state a backward needs.
+struct DeviceSaved {
+    attention: CudaFastAttention,
+    forward: AttentionForward,
+}
+
+// SAFETY: the saved state is only touched through `&self` calls of performer-cuda, which
+// synchronize on the device's stream; the CUDA driver API is thread-safe.
+unsafe impl Send for DeviceSaved {}
+unsafe impl Sync for DeviceSaved {}
+
+fn host(x: &Data) -> Vec<f32> {
+    x.as_standard_layout().iter().copied().collect()
+}
+
+fn shape_of(inputs: &[&Data]) -> Result<AttentionShape> {
+    let (q, k, v) = (inputs[0].shape(), inputs[1].shape(), inputs[2].shape());
+    match (q, k, v) {
+        ([b, h, n, d], [b2, h2, n2, d2], [b3, h3, n3, e])
+            if (b, h, n, d) == (b2, h2, n2, d2) && (b, h, n) == (b3, h3, n3) =>
+        {
+            Ok(AttentionShape {
+                batch: *b,
+                heads: *h,
+                seq_len: *n,
+                dim_qk: *d,
+                dim_v: *e,
+            })
+        }
+        _ => Err(Error::shape(
+            "FastAttention (CUDA)",
+            format!("q {q:?}, k {k:?}, v {v:?} must be (b, h, n, d) with one length"),
+        )),
+    }
+}
+
+impl CustomOp for CudaFavorOp {
+    type Saved = Option<DeviceSaved>;
+
+    fn name(&self) -> &'static str {
+        "favor_attention_cuda"
+    }
+
+    fn forward(&self, inputs: &[&Data], save: bool) -> Result<(Vec<ArrayD<f32>>, Self::Saved)> {
+        let shape = shape_of(inputs)?;
+        let p = inputs[3];
+        let attention = CudaFastAttention::new(
+            &self.device,
+            &host(p),
+            p.shape()[0],
+            shape.dim_qk,
+            self.causal,
+        )
+        .map_err(|e| cuda_error("FastAttention", e))?;
+        let (out, forward) = attention
+            .forward_host(&host(inputs[0]), &host(inputs[1]), &host(inputs[2]), shape)
+            .map_err(|e| cuda_error("FastAttention", e))?;
+        let out = ArrayD::from_shape_vec(
+            IxDyn(&[shape.batch, shape.heads, shape.seq_len, shape.dim_v]),
+            out,
+        )
+        .map_err(|e| Error::shape("FastAttention (CUDA)", e.to_string()))?;
+        Ok((
+            vec![out],
+            save.then_some(DeviceSaved { attention, forward }),
+        ))
+    }
+
+    fn backward(
+        &self,
+        inputs: &[Data],
+        saved: &Self::Saved,
+        grads: &[Option<ArrayD<f32>>],
+        needs: &[bool],
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let Some(g) = &grads[0] else {
+            return Ok(vec![None; 4]);
+        };
+        if needs[3] {
+            return Err(Error::invalid(
+                "FastAttention (CUDA)",
+                "projection",
+                "tracked",
+                "the CUDA path gives no gradient to the projection (a fixed buffer in performer-pytorch)",
+            ));
+        }
+        let Some(s) = saved else {
+            return Err(Error::Backward(
+                "FastAttention (CUDA): the forward kept no state".into(),
+            ));
+        };
+        let refs: Vec<&Data> = inputs.iter().collect();
+        let shape = shape_of(&refs)?;
+        let hg = s
+            .attention
+            .backward_host(
+                &host(&inputs[0]),
+                &host(&inputs[1]),
+                &host(&inputs[2]),
+                &s.forward,
+                &host(&g.clone().into_shared()),
+            )
+            .map_err(|e| cuda_error("FastAttention backward", e))?;
+        let qk = [shape.batch, shape.heads, shape.seq_len, shape.dim_qk];
+        let vv = [shape.batch, shape.heads, shape.seq_len, shape.dim_v];
+        let arr = |data: Vec<f32>, s: &[usize]| {
+            ArrayD::from_shape_vec(IxDyn(s), data)
+                .map_err(|e| Error::shape("FastAttention (CUDA)", e.to_string()))
+        };
+        Ok(vec![
+            needs[0].then(|| arr(hg.dq, &qk)).transpose()?,
+            needs[1].then(|| arr(hg.dk, &qk)).transpose()?,
+            needs[2].then(|| arr(hg.dv, &vv)).transpose()?,
+            None,
+        ])
+    }
+}
