@@ -238,7 +238,13 @@ impl FeatureSpec {
                 let mut shift: Vec<f32> = x
                     .rows()
                     .into_iter()
-                    .map(|r| half_dn2 * r.iter().map(|v| v * v).sum::<f32>())
+                    .map(|r| {
+                        half_dn2
+                            * match r.as_slice() {
+                                Some(r) => simd::dot(r, r),
+                                None => r.iter().map(|v| v * v).sum::<f32>(),
+                            }
+                    })
                     .collect();
                 match stab {
                     Some(s) => shift.iter_mut().for_each(|v| *v += s),

@@ -52,21 +52,16 @@ fn output_grad(
     for (i, ((gr, or), &dv)) in g.rows().into_iter().zip(out.rows()).zip(den).enumerate() {
         let inv = 1.0 / dv;
         let dst = row_slice_mut(dnum, i);
-        let dot = match (gr.as_slice(), or.as_slice()) {
-            (Some(gs), Some(os)) => {
-                for (d, &gv) in dst.iter_mut().zip(gs) {
-                    *d = gv * inv;
-                }
-                simd::dot(gs, os)
-            }
-            _ => {
-                for (d, &gv) in dst.iter_mut().zip(&gr) {
-                    *d = gv * inv;
-                }
-                gr.dot(&or)
-            }
+        // `g` may be broadcast (the gradient of a sum has zero strides).
+        match gr.as_slice() {
+            Some(gs) => dst.iter_mut().zip(gs).for_each(|(d, &gv)| *d = gv * inv),
+            None => dst.iter_mut().zip(&gr).for_each(|(d, &gv)| *d = gv * inv),
+        }
+        // dden = -(g . out) / den = -(dnum . out)
+        dden[i] = -match or.as_slice() {
+            Some(os) => simd::dot(dst, os),
+            None => dst.iter().zip(&or).map(|(a, b)| a * b).sum(),
         };
-        dden[i] = -dot * inv;
     }
     transpose_into(&dnum.view(), dnum_t);
 }
@@ -280,7 +275,12 @@ pub(crate) fn causal_forward(
         let vc = v.slice(s![start..end, ..]);
         let mut oc = out.slice_mut(s![start..end, ..]);
         mm(&mut oc, &qc.t(), &state.view(), 1.0, 0.0)?;
-        let mut ac = a.slice_mut(s![..l, ..l]);
+        // The masked scores go straight into the saved score block when there is one.
+        let mut saved = states.as_deref_mut().and_then(|st| st.scores.as_mut());
+        let mut ac = match saved.as_mut() {
+            Some(sc) => sc.index_axis_mut(Axis(0), b).slice_move(s![..l, ..l]),
+            None => a.slice_mut(s![..l, ..l]),
+        };
         mm(&mut ac, &qc.t(), &kc, 1.0, 0.0)?;
         mask_future(&mut ac);
         let ds = &mut dsum[..l];
@@ -292,12 +292,6 @@ pub(crate) fn causal_forward(
             *d += simd::sum(&row_slice(&ac.view(), i)[..=i]);
         }
         mm(&mut oc, &ac.view(), &vc, 1.0, 1.0)?;
-        if let Some(scores) = states.as_deref_mut().and_then(|st| st.scores.as_mut()) {
-            scores
-                .index_axis_mut(Axis(0), b)
-                .slice_mut(s![..l, ..l])
-                .assign(&ac);
-        }
         for ((mut or, dv), &total) in oc
             .rows_mut()
             .into_iter()
