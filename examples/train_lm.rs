@@ -587,14 +587,32 @@ fn draw_loss_curve(path: &Path, state: &TrainerState) -> Res<()> {
         .build_cartesian_2d(0.0..last, lo..hi)?;
     chart
         .configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .x_desc("step")
         .y_desc("bits per byte")
         .draw()?;
     let train: Vec<(f64, f64)> = state.train.iter().map(|p| (p.step as f64, p.bpb)).collect();
     chart
-        .draw_series(LineSeries::new(train, BLUE.mix(0.6).stroke_width(1)))?
-        .label("train loss (bits per byte)")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+        .draw_series(LineSeries::new(
+            train.clone(),
+            BLUE.mix(0.3).stroke_width(1),
+        ))?
+        .label("train loss (bits per byte), each step")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.mix(0.3)));
+    // The mean of the last (up to) 25 steps, so the trend shows through the batch noise.
+    let smooth: Vec<(f64, f64)> = (0..train.len())
+        .map(|i| {
+            let w = &train[i.saturating_sub(24)..=i];
+            (
+                train[i].0,
+                w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
+            )
+        })
+        .collect();
+    chart
+        .draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))?
+        .label("train loss, mean of 25 steps")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     let val: Vec<(f64, f64)> = state.val.iter().map(|p| (p.step as f64, p.bpb)).collect();
     chart
         .draw_series(LineSeries::new(val.clone(), RED.stroke_width(3)))?
@@ -745,7 +763,11 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         let state = TrainerState {
             step: 0,
             settings: Settings {
-                data: cli.data.clone(),
+                // Absolute, so that --resume works from any directory.
+                data: cli
+                    .data
+                    .as_ref()
+                    .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone())),
                 data_bytes: 0,
                 data_fnv1a: String::new(),
                 seq_len: cli.seq_len,
@@ -868,7 +890,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
     }
     pb.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} step {pos}/{len} {msg} eta {eta}",
+            "{elapsed_precise} {bar:20.cyan/blue} step {pos}/{len} {wide_msg} eta {eta}",
         )?
         .progress_chars("=> "),
     );

@@ -1,13 +1,8 @@
-//! performer: the Performer transformer (FAVOR+ linear attention, arXiv 2009.14794) in Rust,
-//! feature for feature with performer-pytorch 1.1.4.
-//!
-//! This facade re-exports the workspace crates, so one dependency gives the whole library:
-//! - [`tensor`]: tensors, autograd, ops, modules, optimizers, safetensors IO;
-//! - [`favor`]: FAVOR+ random features and linear attention;
-//! - [`layers`]: attention blocks, local attention, position embeddings, reversible stacks;
-//! - [`models`]: Performer, PerformerLM, PerformerEncDec, AutoregressiveWrapper, checkpoints.
-//!
-//! The classes of performer-pytorch's README are at the top level.
+//! performer: the Performer transformer (FAVOR+ linear attention) in Rust; this facade
+//! re-exports the workspace crates ([`tensor`], [`favor`], [`layers`], [`models`]) and puts the
+//! classes of performer-pytorch's README at the top level. The crate documentation below is
+//! README.md, whose Rust snippets run as doctests.
+#![doc = include_str!("../README.md")]
 
 pub use performer_favor as favor;
 pub use performer_layers as layers;

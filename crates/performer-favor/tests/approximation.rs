@@ -3,7 +3,9 @@
 //! independent ones at equal count. Both are asserted on averages over seeds.
 
 use ndarray::{Array2, ArrayD, IxDyn};
-use performer_favor::{OrthoScaling, gaussian_orthogonal_random_matrix_with, linear_attention, softmax_kernel};
+use performer_favor::{
+    OrthoScaling, gaussian_orthogonal_random_matrix_with, linear_attention, softmax_kernel,
+};
 use performer_tensor::rng::Generator;
 use performer_tensor::{Tensor, no_grad};
 
@@ -18,15 +20,25 @@ fn randn(shape: &[usize], g: &mut Generator, scale: f32) -> ArrayD<f32> {
 fn exact(q: &ArrayD<f32>, k: &ArrayD<f32>, v: &ArrayD<f32>) -> ArrayD<f32> {
     let qt = Tensor::new(q.clone());
     let kt = Tensor::new(k.clone());
-    let scores = qt.matmul(&kt.transpose(-1, -2).unwrap()).unwrap().mul_scalar((D as f32).powf(-0.5));
-    scores.softmax(-1).unwrap().matmul(&Tensor::new(v.clone())).unwrap().to_array()
+    let scores = qt
+        .matmul(&kt.transpose(-1, -2).unwrap())
+        .unwrap()
+        .mul_scalar((D as f32).powf(-0.5));
+    scores
+        .softmax(-1)
+        .unwrap()
+        .matmul(&Tensor::new(v.clone()))
+        .unwrap()
+        .to_array()
 }
 
 fn favor(q: &ArrayD<f32>, k: &ArrayD<f32>, v: &ArrayD<f32>, proj: Array2<f32>) -> ArrayD<f32> {
     let p = Tensor::new(proj.into_dyn());
     let qf = softmax_kernel(&Tensor::new(q.clone()), &p, true, true, 1e-4).unwrap();
     let kf = softmax_kernel(&Tensor::new(k.clone()), &p, false, true, 1e-4).unwrap();
-    linear_attention(&qf, &kf, &Tensor::new(v.clone())).unwrap().to_array()
+    linear_attention(&qf, &kf, &Tensor::new(v.clone()))
+        .unwrap()
+        .to_array()
 }
 
 fn iid(m: usize, g: &mut Generator) -> Array2<f32> {
@@ -34,7 +46,11 @@ fn iid(m: usize, g: &mut Generator) -> Array2<f32> {
 }
 
 fn mse(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
-    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64
 }
 
 /// Mean squared error over `seeds` draws of inputs and features.
@@ -44,8 +60,17 @@ fn mean_error(m: usize, orthogonal: bool, seeds: u64) -> f64 {
             .map(|s| {
                 let mut g = Generator::seeded(1000 + s);
                 let shape = [1, 1, N, D];
-                let (q, k, v) = (randn(&shape, &mut g, 0.6), randn(&shape, &mut g, 0.6), randn(&shape, &mut g, 1.0));
-                let proj = if orthogonal { gaussian_orthogonal_random_matrix_with(m, D, OrthoScaling::Gaussian, &mut g).unwrap() } else { iid(m, &mut g) };
+                let (q, k, v) = (
+                    randn(&shape, &mut g, 0.6),
+                    randn(&shape, &mut g, 0.6),
+                    randn(&shape, &mut g, 1.0),
+                );
+                let proj = if orthogonal {
+                    gaussian_orthogonal_random_matrix_with(m, D, OrthoScaling::Gaussian, &mut g)
+                        .unwrap()
+                } else {
+                    iid(m, &mut g)
+                };
                 mse(&favor(&q, &k, &v, proj), &exact(&q, &k, &v))
             })
             .sum::<f64>()
@@ -55,7 +80,10 @@ fn mean_error(m: usize, orthogonal: bool, seeds: u64) -> f64 {
 
 #[test]
 fn error_falls_as_features_grow() {
-    let errors: Vec<f64> = [8, 32, 128, 512].iter().map(|&m| mean_error(m, true, 24)).collect();
+    let errors: Vec<f64> = [8, 32, 128, 512]
+        .iter()
+        .map(|&m| mean_error(m, true, 24))
+        .collect();
     println!("MSE vs exact softmax attention for m = 8, 32, 128, 512: {errors:?}");
     for w in errors.windows(2) {
         assert!(w[1] < w[0], "error did not fall: {errors:?}");
