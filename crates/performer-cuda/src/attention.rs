@@ -5,7 +5,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
-use crate::ops::{self, FeatureKind, LinearDims, NonCausalSaved};
+use crate::ops::{self, FeatureKind, LinearDims, NonCausalSaved, Precision};
 use crate::shape::{AttentionShape, expect_len};
 
 /// FAVOR+ attention with the softmax feature map on a CUDA device.
@@ -19,6 +19,7 @@ pub struct CudaFastAttention {
     nb_features: usize,
     dim_qk: usize,
     causal: bool,
+    precision: Precision,
 }
 
 /// What the backward needs from the forward, per mode.
@@ -91,7 +92,23 @@ impl CudaFastAttention {
             nb_features,
             dim_qk,
             causal,
+            precision: Precision::F32,
         })
+    }
+
+    /// Chooses the arithmetic of the causal attention products for later forward and backward
+    /// calls ([`Precision::F32`] by default). [`Precision::Tf32`] fails with
+    /// [`Error::Unsupported`] on devices older than sm_80. Non-causal attention (cuBLAS) and
+    /// the feature maps stay f32 either way.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        precision.check_device("CudaFastAttention::set_precision", &self.device)?;
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// The arithmetic of the causal attention products (see [`Self::set_precision`]).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn check_projection(
@@ -214,7 +231,8 @@ impl CudaFastAttention {
         let kf = self.feature_map(k, shape, FeatureKind::Key)?;
         let dims = self.dims(&shape);
         let (out, saved) = if self.causal {
-            let (out, den) = ops::causal_linear_attention(&self.device, &qf, &kf, v, dims)?;
+            let (out, den) =
+                ops::causal_linear_attention_with(&self.device, &qf, &kf, v, dims, self.precision)?;
             (out, Saved::Causal { den })
         } else {
             let (out, saved) = ops::linear_attention(&self.device, &qf, &kf, v, dims)?;
@@ -264,8 +282,16 @@ impl CudaFastAttention {
         let dev = &self.device;
         let (qf, kf) = (&fwd.query_features, &fwd.key_features);
         let (dqf, dkf, dv) = match &fwd.saved {
-            Saved::Causal { den } => ops::causal_linear_attention_backward(
-                dev, qf, kf, v, &fwd.out, den, grad_out, dims,
+            Saved::Causal { den } => ops::causal_linear_attention_backward_with(
+                dev,
+                qf,
+                kf,
+                v,
+                &fwd.out,
+                den,
+                grad_out,
+                dims,
+                self.precision,
             )?,
             Saved::NonCausal(saved) => {
                 ops::linear_attention_backward(dev, qf, kf, v, &fwd.out, saved, grad_out, dims)?

@@ -60,6 +60,14 @@ pub enum Error {
         /// Which size, and the limit.
         detail: String,
     },
+    /// The device cannot run what was asked of it (e.g. TF32 tensor cores before sm_80).
+    #[error("{op}: not supported on this device: {detail}")]
+    Unsupported {
+        /// The operation that was asked for.
+        op: &'static str,
+        /// What is missing, with the device's architecture.
+        detail: String,
+    },
     /// An error reported by the CUDA driver (allocation, copy, launch, module load).
     #[error("{op}: CUDA driver error: {source}")]
     Driver {

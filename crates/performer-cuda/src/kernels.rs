@@ -49,6 +49,22 @@ pub const CAUSAL: KernelSource = KernelSource {
     ],
 };
 
+/// Causal linear attention (chunkwise) with the inner products on TF32 tensor cores (sm_80+),
+/// f32 accumulation: the same kernels as [`CAUSAL`] with a `_tf32` suffix and the same
+/// arguments. The gradient prep stays in [`CAUSAL`] (it has no product to speed up).
+pub const CAUSAL_TF32: KernelSource = KernelSource {
+    name: "causal_tf32.cu",
+    source: include_str!("../kernels/causal_tf32.cu"),
+    functions: &[
+        "chunk_state_fwd_tf32",
+        "chunk_state_rev_tf32",
+        "chunk_output_fwd_tf32",
+        "chunk_output_rev_tf32",
+        "chunk_grad_feat_fwd_tf32",
+        "chunk_grad_feat_rev_tf32",
+    ],
+};
+
 /// Element-wise helpers: non-causal linear attention (its products are cuBLAS GEMMs) and fill.
 pub const LINEAR: KernelSource = KernelSource {
     name: "linear.cu",
@@ -57,7 +73,7 @@ pub const LINEAR: KernelSource = KernelSource {
 };
 
 /// Every kernel source of the crate.
-pub const SOURCES: &[KernelSource] = &[FAVOR, CAUSAL, LINEAR];
+pub const SOURCES: &[KernelSource] = &[FAVOR, CAUSAL, CAUSAL_TF32, LINEAR];
 
 /// The architectures CI compiles every kernel for.
 pub const CHECKED_ARCHES: &[&str] = &["sm_80", "sm_90"];

@@ -30,7 +30,7 @@ pub use attention::{
 pub use device::CudaDevice;
 pub use error::{Error, Result};
 pub use libs::{driver_available, nvrtc_available, search_dirs};
-pub use ops::FeatureKind;
+pub use ops::{FeatureKind, Precision};
 pub use shape::{AttentionShape, MAX_BATCH_HEADS};
 
 /// Re-export of the cudarc version this crate is built on, for callers that hold its buffers.

@@ -9,7 +9,7 @@ use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperatio
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::device::CudaDevice;
-use crate::error::{DriverContext, Result};
+use crate::error::{DriverContext, Error, Result};
 use crate::shape::expect_len;
 
 /// Positions per chunk of the causal kernels (CHUNK in the CUDA sources).
@@ -51,6 +51,74 @@ impl LinearDims {
         }
         Ok(())
     }
+}
+
+/// Arithmetic of the causal chunkwise kernels' inner products.
+///
+/// Only the causal path has a choice; non-causal attention runs cuBLAS SGEMM in f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// IEEE f32 multiply-adds on the CUDA cores (max relative error about 1e-6 against the f64
+    /// reference). The default.
+    #[default]
+    F32,
+    /// TF32 tensor cores (`mma.sync` m16n8k8, sm_80 and newer): the operands of the chunk
+    /// products are rounded to a 10-bit mantissa, accumulation stays f32. Faster on the large
+    /// products, max relative error a few 1e-4 (kept under 1e-3, see
+    /// `tests/tf32_error_model.rs`).
+    Tf32,
+}
+
+impl Precision {
+    /// The kernel for `f32_name` in this precision (the TF32 kernels carry a `_tf32` suffix).
+    /// A name without a TF32 variant maps to a name no source defines, so the kernel lookup
+    /// fails instead of silently running the f32 kernel.
+    fn kernel(self, f32_name: &'static str) -> &'static str {
+        match self {
+            Precision::F32 => f32_name,
+            Precision::Tf32 => TF32_KERNELS
+                .iter()
+                .find(|(f, _)| *f == f32_name)
+                .map_or("(no TF32 variant)", |(_, t)| t),
+        }
+    }
+
+    /// Fails unless `dev` can run this precision: TF32 `mma.sync` needs compute capability 8.0.
+    pub fn check_device(self, op: &'static str, dev: &CudaDevice) -> Result<()> {
+        if self == Precision::F32 {
+            return Ok(());
+        }
+        let major = arch_major(dev.arch());
+        if major.is_some_and(|m| m >= 8) {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                op,
+                detail: format!(
+                    "TF32 tensor cores need sm_80 or newer; the device is {}",
+                    dev.arch()
+                ),
+            })
+        }
+    }
+}
+
+/// The causal kernels that have a TF32 variant in `kernels/causal_tf32.cu`: (f32, TF32) names.
+const TF32_KERNELS: &[(&str, &str)] = &[
+    ("chunk_state_fwd", "chunk_state_fwd_tf32"),
+    ("chunk_state_rev", "chunk_state_rev_tf32"),
+    ("chunk_output_fwd", "chunk_output_fwd_tf32"),
+    ("chunk_output_rev", "chunk_output_rev_tf32"),
+    ("chunk_grad_feat_fwd", "chunk_grad_feat_fwd_tf32"),
+    ("chunk_grad_feat_rev", "chunk_grad_feat_rev_tf32"),
+];
+
+/// The major compute capability of an arch name like `sm_90` or `sm_100`.
+fn arch_major(arch: &str) -> Option<u32> {
+    let digits = arch.strip_prefix("sm_")?;
+    let digits: String = digits.chars().take_while(char::is_ascii_digit).collect();
+    // The last digit is the minor version.
+    digits.get(..digits.len().checked_sub(1)?)?.parse().ok()
 }
 
 /// Which side of attention a feature map is for: the stabiliser differs.
@@ -218,14 +286,15 @@ fn chunk_states(
     sc: &mut CudaSlice<f32>,
     dims: LinearDims,
     reverse: bool,
+    precision: Precision,
 ) -> Result<()> {
     let (ni, mi, ei) = (dims.n as i32, dims.m as i32, dims.e as i32);
     let null: u64 = 0;
-    let name = if reverse {
+    let name = precision.kernel(if reverse {
         "chunk_state_rev"
     } else {
         "chunk_state_fwd"
-    };
+    });
     let stream = dev.stream();
     let mut builder = stream.launch_builder(dev.kernel(name)?);
     builder.arg(a).arg(b);
@@ -243,6 +312,7 @@ fn chunk_states(
 /// normalizer `den` `(bh, n)` that the backward needs.
 ///
 /// `out_i = sum_{j<=i} (qf_i.kf_j) v_j / (qf_i . (sum_{j<=i} kf_j + 1e-6))`.
+/// In f32; [`causal_linear_attention_with`] chooses the precision.
 pub fn causal_linear_attention(
     dev: &CudaDevice,
     qf: &CudaSlice<f32>,
@@ -250,7 +320,21 @@ pub fn causal_linear_attention(
     v: &CudaSlice<f32>,
     dims: LinearDims,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    causal_linear_attention_with(dev, qf, kf, v, dims, Precision::F32)
+}
+
+/// [`causal_linear_attention`] with the chunk products in `precision`
+/// ([`Precision::Tf32`] fails on devices older than sm_80).
+pub fn causal_linear_attention_with(
+    dev: &CudaDevice,
+    qf: &CudaSlice<f32>,
+    kf: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    dims: LinearDims,
+    precision: Precision,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
     const OP: &str = "causal_linear_attention";
+    precision.check_device(OP, dev)?;
     let LinearDims { bh, n, m, e } = dims;
     dims.check(
         OP,
@@ -263,13 +347,13 @@ pub fn causal_linear_attention(
     let nt = dims.chunks();
     let mut h = dev.scratch(bh * nt * m * e)?;
     let mut z = dev.scratch(bh * nt * m)?;
-    chunk_states(dev, OP, kf, v, None, &mut h, &mut z, dims, false)?;
+    chunk_states(dev, OP, kf, v, None, &mut h, &mut z, dims, false, precision)?;
     let mut out = dev.scratch(bh * n * e)?;
     let mut den = dev.scratch(bh * n)?;
     let (ni, mi, ei) = (n as i32, m as i32, e as i32);
     unsafe {
         dev.stream()
-            .launch_builder(dev.kernel("chunk_output_fwd")?)
+            .launch_builder(dev.kernel(precision.kernel("chunk_output_fwd"))?)
             .arg(qf)
             .arg(kf)
             .arg(v)
@@ -328,7 +412,8 @@ fn grad_prep(
 }
 
 /// Backward of [`causal_linear_attention`]: gradients of `qf`, `kf` and `v` given the
-/// forward's `out` and `den` and the output gradient `grad_out`.
+/// forward's `out` and `den` and the output gradient `grad_out`. In f32;
+/// [`causal_linear_attention_backward_with`] chooses the precision.
 #[allow(clippy::too_many_arguments)]
 pub fn causal_linear_attention_backward(
     dev: &CudaDevice,
@@ -340,7 +425,26 @@ pub fn causal_linear_attention_backward(
     grad_out: &CudaSlice<f32>,
     dims: LinearDims,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+    causal_linear_attention_backward_with(dev, qf, kf, v, out, den, grad_out, dims, Precision::F32)
+}
+
+/// [`causal_linear_attention_backward`] with the chunk products in `precision`
+/// ([`Precision::Tf32`] fails on devices older than sm_80). `out` and `den` may come from a
+/// forward in either precision.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_linear_attention_backward_with(
+    dev: &CudaDevice,
+    qf: &CudaSlice<f32>,
+    kf: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    out: &CudaSlice<f32>,
+    den: &CudaSlice<f32>,
+    grad_out: &CudaSlice<f32>,
+    dims: LinearDims,
+    precision: Precision,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
     const OP: &str = "causal_linear_attention_backward";
+    precision.check_device(OP, dev)?;
     let LinearDims { bh, n, m, e } = dims;
     dims.check(
         OP,
@@ -375,12 +479,23 @@ pub fn causal_linear_attention_backward(
     // Forward states again (recomputed rather than kept: they are nt*m*e per head).
     let mut states = dev.scratch(bh * nt * m * e)?;
     let mut col = dev.scratch(bh * nt * m)?;
-    chunk_states(dev, OP, kf, v, None, &mut states, &mut col, dims, false)?;
+    chunk_states(
+        dev,
+        OP,
+        kf,
+        v,
+        None,
+        &mut states,
+        &mut col,
+        dims,
+        false,
+        precision,
+    )?;
     let mut dqf = dev.scratch(bh * n * m)?;
     let stream = dev.stream();
     unsafe {
         stream
-            .launch_builder(dev.kernel("chunk_grad_feat_fwd")?)
+            .launch_builder(dev.kernel(precision.kernel("chunk_grad_feat_fwd"))?)
             .arg(&dnum)
             .arg(&dden)
             .arg(v)
@@ -407,12 +522,13 @@ pub fn causal_linear_attention_backward(
         &mut col,
         dims,
         true,
+        precision,
     )?;
     let mut dkf = dev.scratch(bh * n * m)?;
     let mut dv = dev.scratch(bh * n * e)?;
     unsafe {
         stream
-            .launch_builder(dev.kernel("chunk_grad_feat_rev")?)
+            .launch_builder(dev.kernel(precision.kernel("chunk_grad_feat_rev"))?)
             .arg(v)
             .arg(&dnum)
             .arg(&dden)
@@ -426,7 +542,7 @@ pub fn causal_linear_attention_backward(
             .launch(grid_3d(nt, m.div_ceil(TILE), bh))
             .op(OP)?;
         stream
-            .launch_builder(dev.kernel("chunk_output_rev")?)
+            .launch_builder(dev.kernel(precision.kernel("chunk_output_rev"))?)
             .arg(kf)
             .arg(qf)
             .arg(&dnum)
@@ -727,4 +843,44 @@ pub fn linear_attention_backward(
         bh,
     )?;
     Ok((dqf, dkf, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels;
+
+    #[test]
+    fn arch_major_reads_two_and_three_digit_arches() {
+        assert_eq!(arch_major("sm_75"), Some(7));
+        assert_eq!(arch_major("sm_80"), Some(8));
+        assert_eq!(arch_major("sm_90"), Some(9));
+        assert_eq!(arch_major("sm_100"), Some(10));
+        assert_eq!(arch_major("sm_120a"), Some(12));
+        assert_eq!(arch_major("sm_9"), None);
+        assert_eq!(arch_major("compute_90"), None);
+    }
+
+    #[test]
+    fn every_tf32_kernel_is_defined_and_every_f32_one_has_a_variant() {
+        for (f32_name, tf32_name) in TF32_KERNELS {
+            assert!(kernels::CAUSAL.functions.contains(f32_name), "{f32_name}");
+            assert!(
+                kernels::CAUSAL_TF32.functions.contains(tf32_name),
+                "{tf32_name}"
+            );
+            assert_eq!(Precision::Tf32.kernel(f32_name), *tf32_name);
+            assert_eq!(Precision::F32.kernel(f32_name), *f32_name);
+        }
+        assert_eq!(
+            TF32_KERNELS.len(),
+            kernels::CAUSAL_TF32.functions.len(),
+            "a TF32 kernel no precision selects"
+        );
+        assert_eq!(Precision::default(), Precision::F32);
+        assert_eq!(
+            Precision::Tf32.kernel("attention_grad_prep"),
+            "(no TF32 variant)"
+        );
+    }
 }

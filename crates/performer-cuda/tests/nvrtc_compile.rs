@@ -57,6 +57,60 @@ fn every_kernel_compiles_to_ptx_and_cubin() {
     }
 }
 
+/// The TF32 causal kernels really use tensor cores where they can (sm_80, sm_90: TF32 `mma.sync`
+/// and `cvt.rna.tf32.f32` in the PTX, no trap), and still compile for an older architecture
+/// (every source is loaded on every device), where they trap instead; the host refuses TF32
+/// there.
+#[test]
+fn tf32_kernels_use_tensor_cores_from_sm_80_and_compile_below() {
+    if !nvrtc_or_skip("tf32_kernels_use_tensor_cores_from_sm_80_and_compile_below") {
+        return;
+    }
+    const MMA: &str = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32";
+    const CVT: &str = "cvt.rna.tf32.f32";
+    let src = &kernels::CAUSAL_TF32;
+    for arch in CHECKED_ARCHES {
+        let ptx = kernels::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
+        let text = String::from_utf8(ptx.image).expect("PTX is text");
+        for f in src.functions {
+            let body = kernel_body(&text, f);
+            assert!(body.contains(MMA), "{arch} {f}: no TF32 mma.sync");
+            assert!(
+                !body.contains("trap;"),
+                "{arch} {f}: trap in the sm_80+ path"
+            );
+        }
+        assert!(text.contains(CVT), "{arch}: no cvt.rna.tf32.f32");
+        println!(
+            "{arch} {}: {} TF32 mma.sync, {} cvt.rna.tf32",
+            src.name,
+            text.matches(MMA).count(),
+            text.matches(CVT).count()
+        );
+    }
+    let ptx = kernels::compile_ptx(src, "sm_75").unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8(ptx.image).expect("PTX is text");
+    assert!(!text.contains(MMA), "sm_75 has no TF32 mma");
+    for f in src.functions {
+        assert!(
+            kernel_body(&text, f).contains("trap;"),
+            "sm_75 {f}: no trap"
+        );
+    }
+    kernels::compile_cubin(src, "sm_75").unwrap_or_else(|e| panic!("{e}"));
+    println!("sm_75 {}: compiles, kernels trap", src.name);
+}
+
+/// The PTX text of kernel `name`: from its `.entry` to the next one (or the end).
+fn kernel_body<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let start = ptx
+        .find(&format!(".entry {name}("))
+        .unwrap_or_else(|| panic!("kernel {name} missing from the PTX"));
+    let rest = &ptx[start + 1..];
+    let end = rest.find(".entry ").map_or(ptx.len(), |i| start + 1 + i);
+    &ptx[start..end]
+}
+
 #[test]
 fn a_broken_kernel_is_rejected_with_the_log() {
     if !nvrtc_or_skip("a_broken_kernel_is_rejected_with_the_log") {
