@@ -168,6 +168,17 @@ struct Cli {
     /// Skip scoring the whole validation split at the end.
     #[arg(long)]
     no_final_eval: bool,
+    /// When a step's loss or gradient is not finite, skip its optimizer update (as
+    /// mixed-precision trainers do) and go on, instead of stopping. Stops anyway after
+    /// --max-skipped-steps such steps in a row.
+    #[arg(long)]
+    skip_nonfinite: bool,
+    /// With --skip-nonfinite: stop after this many non-finite steps in a row.
+    #[arg(long, default_value_t = 20)]
+    max_skipped_steps: u64,
+    /// Testing hook: make the gradients of this step NaN (0: never).
+    #[arg(long, default_value_t = 0, hide = true)]
+    inject_nonfinite_at: u64,
 }
 
 /// Everything that decides the result of a run; saved in `trainer.json` and restored by
@@ -204,6 +215,12 @@ pub struct RunControl {
     pub prime_length: usize,
     pub temperature: f32,
     pub checkpoint_every: u64,
+    /// Skip non-finite steps instead of stopping (`--skip-nonfinite`).
+    #[serde(default)]
+    pub skip_nonfinite: bool,
+    /// Non-finite steps in a row after which even `--skip-nonfinite` stops.
+    #[serde(default)]
+    pub max_skipped_steps: u64,
 }
 
 /// `trainer.json`.
@@ -225,6 +242,10 @@ pub struct TrainerState {
     pub train_seconds: f64,
     /// Tokens trained on, over all sessions.
     pub tokens: u64,
+    /// Steps whose update was skipped because the loss or a gradient was not finite
+    /// (`--skip-nonfinite`).
+    #[serde(default)]
+    pub skipped: Vec<u64>,
 }
 
 /// The train / validation / test bytes.
@@ -459,7 +480,8 @@ const TRAINER_JSON: &str = "trainer.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const PLOT_FILE: &str = "loss.svg";
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+/// `dir`'s hidden sibling `.NAME.SUFFIX` (the save's scratch and previous copies).
+pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -484,6 +506,12 @@ fn save_checkpoint(
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
+    // A kill between the two renames below leaves only `old`: put it back first, so that a
+    // complete checkpoint exists under one of the two names at every moment.
+    let old = sibling(dir, "old");
+    if !dir.exists() && old.join(TRAINER_JSON).is_file() {
+        std::fs::rename(&old, dir)?;
+    }
     let tmp = sibling(dir, "tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
@@ -499,7 +527,6 @@ fn save_checkpoint(
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
     draw_loss_curve(&tmp.join(PLOT_FILE), state)?;
-    let old = sibling(dir, "old");
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
     }
@@ -518,26 +545,35 @@ fn save_checkpoint(
     Ok(())
 }
 
-struct Resumed {
-    model: AutoregressiveWrapper,
-    opt_state: std::collections::BTreeMap<String, performer::tensor::io::TensorData>,
-    state: TrainerState,
+/// A checkpoint read back: the model, Adam's state and `trainer.json`.
+#[allow(dead_code)] // fields read by tests/train_lm_robustness.rs
+pub struct Resumed {
+    /// The model, weights loaded.
+    pub model: AutoregressiveWrapper,
+    /// Adam's moments and step.
+    pub opt_state: std::collections::BTreeMap<String, performer::tensor::io::TensorData>,
+    /// `trainer.json`.
+    pub state: TrainerState,
 }
 
-fn load_checkpoint(dir: &Path) -> Res<Resumed> {
+/// Reads the checkpoint in `dir` (or, after a save killed between its two renames, the
+/// complete previous one that save left beside it).
+pub fn load_checkpoint(dir: &Path) -> Res<Resumed> {
+    let old = sibling(dir, "old");
+    // A save killed between its two renames leaves the previous checkpoint, complete, in `old`
+    // (save_checkpoint moves it back on the next save).
+    let dir = if !dir.exists() && old.join(TRAINER_JSON).is_file() {
+        eprintln!(
+            "train_lm: {} is missing: an interrupted save left the previous checkpoint in {}; resuming from it",
+            dir.display(),
+            old.display()
+        );
+        old.as_path()
+    } else {
+        dir
+    };
     let path = dir.join(TRAINER_JSON);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        let old = sibling(dir, "old");
-        if old.join(TRAINER_JSON).is_file() {
-            format!(
-                "{}: {e} (an interrupted save left the previous checkpoint in {})",
-                path.display(),
-                old.display()
-            )
-        } else {
-            format!("{}: {e}", path.display())
-        }
-    })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let (_, model) = load_pretrained(dir)?;
@@ -754,7 +790,9 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             generate_length,
             prime_length,
             temperature,
-            checkpoint_every
+            checkpoint_every,
+            skip_nonfinite,
+            max_skipped_steps
         );
         (r.model, Some(r.opt_state), r.state)
     } else {
@@ -786,6 +824,8 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
                 prime_length: 0,
                 temperature: 0.0,
                 checkpoint_every: 0,
+                skip_nonfinite: false,
+                max_skipped_steps: 0,
             },
             global_rng: rng::get_state().0,
             sampler_rng: Generator::seeded(cli.seed).state().0,
@@ -793,6 +833,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             val: Vec::new(),
             train_seconds: 0.0,
             tokens: 0,
+            skipped: Vec::new(),
         };
         (model, None, state)
     };
@@ -807,6 +848,8 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         prime_length: cli.prime_length,
         temperature: cli.temperature,
         checkpoint_every: cli.checkpoint_every,
+        skip_nonfinite: cli.skip_nonfinite,
+        max_skipped_steps: cli.max_skipped_steps,
     };
     let settings = state.settings.clone();
     if settings.seq_len < 2 || settings.batch_size == 0 || settings.grad_accum == 0 {
@@ -903,6 +946,8 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
     let mut session_tokens = 0u64;
     let mut last_val = state.val.last().map(|p| p.bpb);
     let mut last_saved = None;
+    // The checkpoint this session started from, if it resumed one.
+    let resumed_at = cli.resume.is_some().then_some(state.step);
     let session_start = Instant::now();
     let status = |loss: f64, val: Option<f64>, tps: f64| {
         format!(
@@ -926,25 +971,69 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             }
         }
         let mut grads = grads.expect("grad_accum >= 1");
-        if settings.clip > 0.0 {
-            clip_grad_norm(&mut grads, &params, settings.clip);
+        let step = state.step + 1;
+        if cli.inject_nonfinite_at == step {
+            for p in &params {
+                if let Some(g) = grads.get_mut(p.id()) {
+                    g.fill(f32::NAN);
+                }
+            }
         }
-        opt.step(&grads)?;
+        let loss = loss_sum / settings.grad_accum as f64;
+        // The norm before clipping (with no clipping asked for, max_norm = inf changes nothing).
+        let max_norm = if settings.clip > 0.0 {
+            settings.clip
+        } else {
+            f32::INFINITY
+        };
+        let grad_norm = clip_grad_norm(&mut grads, &params, max_norm);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            // Checked before the update, so the weights and the optimizer never see it.
+            let what = format!("step {step}: the loss is {loss}, the gradient norm {grad_norm}");
+            let in_a_row = state
+                .skipped
+                .iter()
+                .rev()
+                .zip((1..step).rev())
+                .take_while(|(s, expected)| *s == expected)
+                .count() as u64;
+            if !cli.skip_nonfinite || in_a_row + 1 > cli.max_skipped_steps {
+                pb.finish_and_clear();
+                let last_good = match last_saved.or(resumed_at) {
+                    Some(s) => format!(
+                        "the last checkpoint (step {s}) in {} is untouched",
+                        out_dir.display()
+                    ),
+                    None => "no checkpoint was written in this run".to_string(),
+                };
+                let why = if cli.skip_nonfinite {
+                    format!(
+                        "{} non-finite steps in a row (--max-skipped-steps)",
+                        in_a_row + 1
+                    )
+                } else {
+                    "stopping (--skip-nonfinite skips such steps instead)".to_string()
+                };
+                return Err(format!("{what}; {why}; {last_good}").into());
+            }
+            state.skipped.push(step);
+            pb.suspend(|| eprintln!("train_lm: {what}: update skipped (--skip-nonfinite)"));
+        } else {
+            opt.step(&grads)?;
+        }
         drop(grads);
-        state.step += 1;
+        state.step = step;
         let dt = t0.elapsed();
         session_train += dt;
         session_tokens += tokens_per_step;
         state.train_seconds += dt.as_secs_f64();
         state.tokens += tokens_per_step;
-        let loss = loss_sum / settings.grad_accum as f64;
-        if !loss.is_finite() {
-            return Err(format!("the loss is {loss} at step {}", state.step).into());
+        if loss.is_finite() {
+            state.train.push(Point {
+                step: state.step,
+                bpb: loss / LN_2,
+            });
         }
-        state.train.push(Point {
-            step: state.step,
-            bpb: loss / LN_2,
-        });
         let tps = session_tokens as f64 / session_train.as_secs_f64().max(1e-9);
         pb.set_position(state.step);
         pb.set_message(status(loss, last_val, tps));
