@@ -25,6 +25,10 @@
 #define LDN 72   // row stride of [k][col] tiles read as B (72 = 8 mod 32)
 #define LDT 40   // row stride of the state kernel's [position][32] tiles (40 = 8 mod 32)
 
+// The two instructions that need a GPU. tests/host_emulation.rs compiles this file as C++ on
+// the CPU with PERFORMER_CUDA_HOST_EMULATION defined and supplies both from the PTX ISA's
+// definitions, which checks every index and fragment layout below without a GPU.
+#ifndef PERFORMER_CUDA_HOST_EMULATION
 // f32 -> TF32 bit pattern (low 13 bits zero), round to nearest, ties away from zero.
 __device__ __forceinline__ unsigned tf32_bits(float x) {
 #if __CUDA_ARCH__ >= 800
@@ -35,10 +39,6 @@ __device__ __forceinline__ unsigned tf32_bits(float x) {
     return __float_as_uint(x);
 #endif
 }
-
-// The TF32 value of x kept as a float, for operands that are rounded once when staged in
-// shared memory and then read by several warps.
-__device__ __forceinline__ float tf32_round(float x) { return __uint_as_float(tf32_bits(x)); }
 
 // d += A B for one 16x8x8 tile. Below sm_80 there is no TF32 mma: the source still compiles
 // (every source is loaded on every device), and the host refuses TF32 there, so reaching this
@@ -54,6 +54,11 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4],
     __trap();
 #endif
 }
+#endif  // PERFORMER_CUDA_HOST_EMULATION
+
+// The TF32 value of x kept as a float, for operands that are rounded once when staged in
+// shared memory and then read by several warps.
+__device__ __forceinline__ float tf32_round(float x) { return __uint_as_float(tf32_bits(x)); }
 
 // A fragment from a row-major [row][k] tile; `convert` rounds values that were staged in f32
 // (because an f32 consumer reads them too), otherwise they are TF32 already.
