@@ -42,6 +42,12 @@ struct Cli {
     /// Random features per head.
     #[arg(long, default_value_t = 64)]
     nb_features: usize,
+    /// Redraw the random projections every this many forward calls (0: never). The reference
+    /// keeps performer-pytorch's default of 1000; at this model's head width (16) a redraw
+    /// costs the copy task most of its accuracy for a hundred steps, so the default here is
+    /// never.
+    #[arg(long, default_value_t = 0)]
+    feature_redraw_interval: usize,
     /// Sequences per step.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -104,7 +110,8 @@ fn run() -> Res<()> {
         dim_head: cli.dim / cli.heads,
         nb_features: Some(cli.nb_features),
         reversible: true,
-        feature_redraw_interval: Some(1000),
+        feature_redraw_interval: (cli.feature_redraw_interval > 0)
+            .then_some(cli.feature_redraw_interval),
         ..Default::default()
     };
     let model = PerformerEncDec::new(PerformerEncDecConfig {
@@ -152,63 +159,6 @@ fn run() -> Res<()> {
                 ..Default::default()
             },
         )?;
-        // DIAG: recompute generation and teacher-forced argmax
-        let out_re = model.generate_recompute(
-            &src.view(),
-            &start_tokens.view(),
-            cli.seq_len,
-            None,
-            &GenerateOptions {
-                seed: step as u64,
-                ..Default::default()
-            },
-        )?;
-        let tgt_eval = ndarray::concatenate(Axis(1), &[start_tokens.view(), src.view()]).unwrap();
-        model.set_training(false);
-        let tf = performer::tensor::no_grad(|| -> performer::Result<usize> {
-            let enc = model.encode(&src.view(), None)?;
-            let xi = tgt_eval.slice(ndarray::s![.., ..cli.seq_len]);
-            let logits = model.dec.net.forward(
-                &xi,
-                &performer::LmInputs {
-                    context: Some(&enc),
-                    ..Default::default()
-                },
-            )?;
-            let l = logits.to_array();
-            let mut bad = 0;
-            for b in 0..cli.eval_sequences {
-                for i in 0..cli.seq_len {
-                    let row = l.slice(ndarray::s![b, i, ..]);
-                    let am = row
-                        .iter()
-                        .enumerate()
-                        .fold(
-                            (0, f32::MIN),
-                            |acc, (j, &v)| if v > acc.1 { (j, v) } else { acc },
-                        )
-                        .0;
-                    if am as i64 != src[[b, i]] {
-                        bad += 1;
-                    }
-                }
-            }
-            Ok(bad)
-        })?;
-        let re_bad = out_re
-            .iter()
-            .zip(src.iter())
-            .filter(|(a, b)| a != b)
-            .count();
-        let agree = out_re
-            .iter()
-            .zip(out.iter())
-            .filter(|(a, b)| a != b)
-            .count();
-        println!(
-            "   DIAG teacher-forced wrong {tf}, recompute-generation wrong {re_bad}, state-vs-recompute differ {agree}"
-        );
-        model.set_training(true);
         let incorrect = out.iter().zip(src.iter()).filter(|(a, b)| a != b).count()
             + src.len().saturating_sub(out.len());
         println!(
