@@ -45,7 +45,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::Array2;
 use performer::models::checkpoint::load_pretrained;
-use performer::models::{AnyModel, LocalAttnHeads, ModelConfig};
+use performer::models::{AnyModel, LocalAttnHeads, ModelConfig, check_finite_step};
 use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator, RngState};
@@ -980,16 +980,13 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             }
         }
         let loss = loss_sum / settings.grad_accum as f64;
-        // The norm before clipping (with no clipping asked for, max_norm = inf changes nothing).
-        let max_norm = if settings.clip > 0.0 {
-            settings.clip
-        } else {
-            f32::INFINITY
-        };
-        let grad_norm = clip_grad_norm(&mut grads, &params, max_norm);
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            // Checked before the update, so the weights and the optimizer never see it.
-            let what = format!("step {step}: the loss is {loss}, the gradient norm {grad_norm}");
+        // Checked before the update, so the weights and the optimizer never see it.
+        let finite = check_finite_step(step, loss as f32, &model.net, &grads);
+        if settings.clip > 0.0 {
+            clip_grad_norm(&mut grads, &params, settings.clip);
+        }
+        if let Err(e) = finite {
+            let what = e.to_string();
             let in_a_row = state
                 .skipped
                 .iter()
