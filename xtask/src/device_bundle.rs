@@ -69,6 +69,21 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--no-run",
         ],
     )?);
+    // A whole PerformerLM with its attention on the device (the facade's `cuda` feature).
+    tests.extend(cargo_executables(
+        &root,
+        &[
+            "test",
+            "--release",
+            "-p",
+            "performer",
+            "--features",
+            "cuda",
+            "--test",
+            "cuda_model",
+            "--no-run",
+        ],
+    )?);
     let bench = cargo_executables(
         &root,
         &[

@@ -46,6 +46,25 @@ impl PerformerEncDec {
         &self.config
     }
 
+    /// Runs the encoder's and the decoder's FAVOR+ attention on CUDA device `ordinal`
+    /// ([`crate::Performer::use_cuda`]); on error both stay on the CPU.
+    pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
+        let result = self
+            .enc
+            .use_cuda(ordinal)
+            .and_then(|()| self.dec.net.use_cuda(ordinal));
+        if result.is_err() {
+            self.use_cpu();
+        }
+        result
+    }
+
+    /// The encoder's and decoder's FAVOR+ attention back on the CPU.
+    pub fn use_cpu(&self) {
+        self.enc.use_cpu();
+        self.dec.net.use_cpu();
+    }
+
     /// The encoder's output for `src` `(b, ns)`.
     pub fn encode(
         &self,

@@ -297,6 +297,16 @@ impl PerformerLM {
     pub fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         self.performer.for_each_fast_attention(f)
     }
+
+    /// Runs the model's FAVOR+ attention on CUDA device `ordinal` ([`Performer::use_cuda`]).
+    pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
+        self.performer.use_cuda(ordinal)
+    }
+
+    /// The model's FAVOR+ attention back on the CPU.
+    pub fn use_cpu(&self) {
+        self.performer.use_cpu()
+    }
 }
 
 impl Module for PerformerLM {

@@ -123,6 +123,28 @@ impl Performer {
         self.net.block().for_each_fast_attention(f)
     }
 
+    /// Runs every FAVOR+ attention of the stack on CUDA device `ordinal` (facade feature
+    /// `cuda`; see `FastAttention::use_cuda` for what runs there): the model stays on the host
+    /// and its attention's inputs and outputs are copied to and from the device. An error, with
+    /// every layer back on the CPU, where the feature is off or the device cannot be used.
+    pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
+        let mut result = Ok(());
+        self.for_each_fast_attention(&mut |fa| {
+            if result.is_ok() {
+                result = fa.use_cuda(ordinal);
+            }
+        });
+        if result.is_err() {
+            self.use_cpu();
+        }
+        result
+    }
+
+    /// Every FAVOR+ attention of the stack back on the CPU.
+    pub fn use_cpu(&self) {
+        self.for_each_fast_attention(&mut |fa| fa.use_cpu());
+    }
+
     /// Redraws every projection now.
     pub fn redraw_projections_now(&self) -> Result<()> {
         let mut result = Ok(());

@@ -365,3 +365,31 @@ fn enc_dec_loss_and_generation() {
         .unwrap();
     assert_eq!(out.dim(), (2, 6));
 }
+
+#[test]
+fn use_cuda_without_a_device_is_an_error_and_the_model_stays_on_the_cpu() {
+    let lm = PerformerLM::new(PerformerLMConfig {
+        num_tokens: 16,
+        max_seq_len: 8,
+        dim: 16,
+        depth: 1,
+        heads: 2,
+        dim_head: 8,
+        ..Default::default()
+    })
+    .unwrap();
+    // Built without performer-favor's `cuda` feature (or run without a driver), it fails.
+    let Err(err) = lm.use_cuda(0) else {
+        lm.use_cpu(); // a CUDA build on a GPU machine: nothing to check here
+        return;
+    };
+    assert!(
+        err.to_string().contains("cuda") || err.to_string().contains("driver"),
+        "{err}"
+    );
+    let mut any = false;
+    lm.for_each_fast_attention(&mut |fa| any |= fa.uses_cuda());
+    assert!(!any);
+    let x = ndarray::Array2::from_elem((1, 8), 3i64);
+    assert!(lm.forward(&x.view(), &LmInputs::default()).is_ok());
+}
