@@ -8,11 +8,14 @@
 //!
 //! ```text
 //! cargo run --release --example enc_dec_copy
-//! cargo run --release --example enc_dec_copy -- --dim 512 --lr 1e-4 --batch-size 32  # the reference's size
+//! cargo run --release --example enc_dec_copy -- --dim 512 --lr 1e-4 --softmax-kernel  # the reference's setup
 //! ```
 //!
 //! The reference trains `dim 512` with lr 1e-4 on a GPU (and its target repeats the source
-//! twice); the defaults here are sized for a CPU: a narrower model with a larger learning rate.
+//! twice); the defaults here are sized for a CPU: a narrower model with a larger learning rate,
+//! gradient clipping, a warm-up and cosine schedule, and FAVOR+ with the generalized ReLU kernel
+//! (`--softmax-kernel` for the softmax one; see its help for why). On 2 cores the default run
+//! copies every token of 16 fresh sequences after 800 steps, in about 6 minutes.
 
 use std::time::Instant;
 
@@ -48,6 +51,14 @@ struct Cli {
     /// never.
     #[arg(long, default_value_t = 0)]
     feature_redraw_interval: usize,
+    /// FAVOR+ with the softmax kernel (performer-pytorch's default) instead of the generalized
+    /// ReLU kernel. At this size and learning rate the softmax kernel's loss turned upward after
+    /// a few hundred steps in our runs (m = 64: lowest 0.10 at step 600, 0.28 at 850; m = 256:
+    /// from 250 on), as the attention this task needs grows sharp and the positive random
+    /// features' estimate of exp(q.k) loses precision; the ReLU kernel reaches 0 incorrect
+    /// tokens at step 800.
+    #[arg(long)]
+    softmax_kernel: bool,
     /// Sequences per step.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -126,6 +137,7 @@ fn run() -> Res<()> {
         dim_head: cli.dim / cli.heads,
         nb_features: Some(cli.nb_features),
         reversible: true,
+        generalized_attention: !cli.softmax_kernel,
         feature_redraw_interval: (cli.feature_redraw_interval > 0)
             .then_some(cli.feature_redraw_interval),
         ..Default::default()
@@ -141,12 +153,17 @@ fn run() -> Res<()> {
     let mut opt = Adam::new(model.named_parameters(), cli.lr);
     let mut data = Generator::seeded(cli.seed ^ 0xC0FF_EE00);
     println!(
-        "PerformerEncDec dim {}, encoder depth {}, decoder depth {}, heads {}, nb_features {}: {:.2}M parameters; \
+        "PerformerEncDec dim {}, encoder depth {}, decoder depth {}, heads {}, {} kernel, nb_features {}: {:.2}M parameters; \
          batch {} of {} random tokens, Adam lr {} (warm-up {}, cosine), clip {}",
         cli.dim,
         cli.enc_depth,
         cli.dec_depth,
         cli.heads,
+        if cli.softmax_kernel {
+            "softmax"
+        } else {
+            "ReLU"
+        },
         cli.nb_features,
         model.num_parameters() as f64 / 1e6,
         cli.batch_size,
