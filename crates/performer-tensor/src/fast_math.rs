@@ -108,15 +108,30 @@ multiversion! {
     /// Softmax of one contiguous lane in place (shifted by its max). A lane of -inf gives NaN
     /// as in PyTorch; a lane of -f32::MAX gives the uniform distribution.
     pub fn softmax_inplace(xs: &mut [f32]) {
+        // Max and sum in LANES independent lanes, so that all three passes vectorize (a single
+        // running max or sum is a dependency chain the compiler must keep in order).
+        let mut lane_max = [f32::NEG_INFINITY; LANES];
+        let mut chunks = xs.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (m, &x) in lane_max.iter_mut().zip(c) {
+                *m = if x > *m { x } else { *m };
+            }
+        }
         let mut m = f32::NEG_INFINITY;
-        for &x in xs.iter() {
+        for &x in chunks.remainder().iter().chain(&lane_max) {
             m = if x > m { x } else { m };
         }
-        let mut s = 0.0f32;
         for x in xs.iter_mut() {
             *x = exp(*x - m);
-            s += *x;
         }
+        let mut lane_sum = [0f32; LANES];
+        let mut chunks = xs.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (s, &x) in lane_sum.iter_mut().zip(c) {
+                *s += x;
+            }
+        }
+        let s = lane_sum.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
         let inv = 1.0 / s;
         for x in xs.iter_mut() {
             *x *= inv;

@@ -426,3 +426,61 @@ fn large_elementwise_ops_match_and_follow_their_operands_layout() {
         1e-6,
     );
 }
+
+/// Element-wise ops on views with gaps between rows (a narrowed last axis), on operands whose
+/// last axis is not contiguous (a permutation) and on broadcast operands, small and past the
+/// parallel threshold: the row-by-row and slice paths must equal a plain element loop, and the
+/// unary backward (three operands) must too.
+#[test]
+fn elementwise_ops_on_strided_and_broadcast_views() {
+    for rows in [6, PAR_THRESHOLD / 64 + 7] {
+        let wide = Tensor::new(randn(&[rows, 70], 31));
+        let a = wide.narrow(1, 3, 64).unwrap(); // rows with gaps
+        let bt = Tensor::new(randn(&[64, rows], 32));
+        let b = bt.permute(&[1, 0]).unwrap(); // last axis strided
+        let c = Tensor::new(randn(&[64], 33)); // broadcast over rows
+        let (av, bv, cv) = (a.to_array(), b.to_array(), c.to_array());
+        let want = |f: &dyn Fn(f32, f32) -> f32, y: &ArrayD<f32>| {
+            ArrayD::from_shape_fn(IxDyn(&[rows, 64]), |ix| {
+                let y = if y.ndim() == 1 {
+                    y[[ix[1]]]
+                } else {
+                    y[[ix[0], ix[1]]]
+                };
+                f(av[[ix[0], ix[1]]], y)
+            })
+        };
+        assert_close(
+            "a + b",
+            &a.add(&b).unwrap().to_array(),
+            &want(&|x, y| x + y, &bv),
+            1e-6,
+        );
+        assert_close(
+            "a * c",
+            &a.mul(&c).unwrap().to_array(),
+            &want(&|x, y| x * y, &cv),
+            1e-6,
+        );
+        assert_close(
+            "a - a",
+            &a.sub(&a).unwrap().to_array(),
+            &want(&|_, _| 0.0, &bv),
+            1e-6,
+        );
+        // The backward of a unary op zips the gradient, the input and the output.
+        let x = Tensor::var(wide.to_array());
+        let t = x.narrow(1, 3, 64).unwrap().tanh();
+        let g = t.mul(&b).unwrap().sum_all().backward().unwrap();
+        let gx = g.get(&x).unwrap();
+        let want_g = ArrayD::from_shape_fn(IxDyn(&[rows, 70]), |ix| {
+            if (3..67).contains(&ix[1]) {
+                let th = av[[ix[0], ix[1] - 3]].tanh();
+                (1.0 - th * th) * bv[[ix[0], ix[1] - 3]]
+            } else {
+                0.0
+            }
+        });
+        assert_close("d tanh", gx, &want_g, 1e-5);
+    }
+}

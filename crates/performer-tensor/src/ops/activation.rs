@@ -7,11 +7,13 @@ use crate::Tensor;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `0.5 x (1 + erf(x / sqrt 2))`.
+#[inline(always)]
 pub(crate) fn gelu_scalar(x: f32) -> f32 {
     0.5 * x * (1.0 + crate::fast_math::erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// Derivative of [`gelu_scalar`].
+#[inline(always)]
 pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
     let cdf = 0.5 * (1.0 + crate::fast_math::erf(x * std::f32::consts::FRAC_1_SQRT_2));
     cdf + x * FRAC_1_SQRT_2PI * crate::fast_math::exp(-0.5 * x * x)
