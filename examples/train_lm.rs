@@ -135,20 +135,20 @@ struct Cli {
     #[arg(long, default_value_t = 0.5)]
     clip: f32,
     /// Optimizer steps to reach (a resumed run continues up to this step).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 2000)]
     steps: u64,
     /// Seed of the weights, the projections and the batch sampler.
     #[arg(long, default_value_t = 42)]
     seed: u64,
 
     /// Validate every this many steps (and at the end).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     validate_every: u64,
     /// Validation windows (fixed, evenly spaced over the validation split).
     #[arg(long, default_value_t = 16)]
     val_windows: usize,
     /// Print a generated sample every this many steps (0: only at the end).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 500)]
     generate_every: u64,
     /// Bytes to generate for each sample.
     #[arg(long, default_value_t = 128)]
@@ -160,7 +160,7 @@ struct Cli {
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
     /// Write a checkpoint every this many steps (and at the end).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 500)]
     checkpoint_every: u64,
     /// Threads (0: all cores).
     #[arg(long, default_value_t = 0)]
