@@ -362,9 +362,13 @@ fn killed_at_random_moments_the_run_resumes_bit_for_bit() {
     assert_same_run(&full, &part, STEPS);
     chains += 1;
 
+    let staged = kill_points
+        .iter()
+        .filter(|(p, _)| p.ends_with("(staged)"))
+        .count();
     println!(
-        "{} kills survived over {starts} starts in {chains} killed-and-resumed runs",
-        kill_points.len()
+        "{} random kills over {starts} starts and {staged} staged, survived in {chains} killed-and-resumed runs",
+        kill_points.len() - staged
     );
     let mut phases: Vec<&str> = kill_points.iter().map(|(p, _)| *p).collect();
     phases.sort();
@@ -373,10 +377,11 @@ fn killed_at_random_moments_the_run_resumes_bit_for_bit() {
         let n = kill_points.iter().filter(|(p, _)| p == phase).count();
         println!("  {n:2} kills {phase}");
     }
+    // The staged kill does not count: at least one random kill must have hit a save.
     assert!(
         kill_points
             .iter()
-            .any(|(p, _)| p.starts_with("during a save")),
-        "no kill landed during a save: {kill_points:?}"
+            .any(|(p, _)| p.starts_with("during a save") && !p.ends_with("(staged)")),
+        "no random kill landed during a save: {kill_points:?}"
     );
 }
