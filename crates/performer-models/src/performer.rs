@@ -128,12 +128,7 @@ impl Performer {
     /// and its attention's inputs and outputs are copied to and from the device. An error, with
     /// every layer back on the CPU, where the feature is off or the device cannot be used.
     pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
-        let mut result = Ok(());
-        self.for_each_fast_attention(&mut |fa| {
-            if result.is_ok() {
-                result = fa.use_cuda(ordinal);
-            }
-        });
+        let result = self.try_each_fast_attention(|fa| fa.use_cuda(ordinal));
         if result.is_err() {
             self.use_cpu();
         }
@@ -147,10 +142,18 @@ impl Performer {
 
     /// Redraws every projection now.
     pub fn redraw_projections_now(&self) -> Result<()> {
+        self.try_each_fast_attention(FastAttention::redraw_projection_matrix)
+    }
+
+    /// Calls `f` on every FastAttention of the stack until the first error, which it returns.
+    fn try_each_fast_attention(
+        &self,
+        mut f: impl FnMut(&FastAttention) -> Result<()>,
+    ) -> Result<()> {
         let mut result = Ok(());
         self.for_each_fast_attention(&mut |fa| {
             if result.is_ok() {
-                result = fa.redraw_projection_matrix();
+                result = f(fa);
             }
         });
         result
