@@ -12,13 +12,17 @@
 //! same for a fixed context (cross-attention): its sums are computed once.
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
-use performer_tensor::fast_math::{axpy, dot};
+use std::sync::Mutex;
+
+use performer_tensor::fast_math::{axpy, dot, gemv_rows};
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
+use performer_tensor::team::Team;
 use performer_tensor::{Error, Result};
 
 use crate::fast_attention::FastAttention;
 use crate::ops::CAUSAL_EPS;
+use crate::simd;
 
 /// How features are computed, with their constants.
 #[derive(Clone, Copy, Debug)]
@@ -196,6 +200,98 @@ pub struct ContextState {
     z: Array2<f32>,
 }
 
+/// `a` cut into pieces of `len` (at least 1) values.
+fn slices(a: &mut [f32], len: usize) -> Vec<&mut [f32]> {
+    a.chunks_mut(len.max(1)).collect()
+}
+
+/// One head's running sums and output row, borrowed for one decoding step.
+struct HeadStep<'a> {
+    kv: &'a mut [f32],
+    z: &'a mut [f32],
+    v_sum: &'a mut [f32],
+    reference: &'a mut f32,
+    out: &'a mut [f32],
+}
+
+/// `dn * P x` (m) into `u`, with `P` row-major (m, d).
+fn project_into(p: &[f32], x: &[f32], dn: f32, u: &mut [f32]) {
+    gemv_rows(p, x, u);
+    u.iter_mut().for_each(|v| *v *= dn);
+}
+
+/// The largest value, NaN-ignoring as `f32::max` (the parallel path's `fold`).
+fn max_ignoring_nan(xs: &[f32], start: f32) -> f32 {
+    xs.iter().fold(start, |a, &b| a.max(b))
+}
+
+/// One position of one head: folds key `k` and value `v` into the sums of `s` and writes the
+/// attention of query `q` over every key so far (`count` of them, this one included) to
+/// `s.out`. The same arithmetic as [`FastAttention::extend_state`] followed by
+/// [`FastAttention::query_state`], with one pass over the sums instead of two.
+fn step_head(
+    kind: Kind,
+    p: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: HeadStep<'_>,
+    count: usize,
+) {
+    let m = s.z.len();
+    let (mut kf, mut qf) = (vec![0f32; m], vec![0f32; m]);
+    let mut acc = vec![0f32; v.len()];
+    let (decay, numerator_scale, eps_term) = match kind {
+        Kind::Softmax { dn, ratio, eps } => {
+            project_into(p, k, dn, &mut kf);
+            let new_ref = max_ignoring_nan(&kf, *s.reference);
+            let decay = if new_ref > *s.reference && s.reference.is_finite() {
+                (*s.reference - new_ref).exp()
+            } else {
+                1.0
+            };
+            *s.reference = new_ref;
+            let diag = half_sq_norm(&ndarray::ArrayView1::from(k), dn);
+            simd::exp_affine(&mut kf, diag + new_ref, 1.0, 0.0);
+            simd::axpy(s.v_sum, 1.0, v);
+            project_into(p, q, dn, &mut qf);
+            let diag = half_sq_norm(&ndarray::ArrayView1::from(q), dn);
+            let top = max_ignoring_nan(&qf, f32::NEG_INFINITY);
+            simd::exp_affine(&mut qf, diag + top, ratio, ratio * eps);
+            (decay, ratio, Some((ratio, eps)))
+        }
+        Kind::Generalized { dn, eps, kernel } => {
+            project_into(p, k, dn, &mut kf);
+            project_into(p, q, dn, &mut qf);
+            for x in kf.iter_mut().chain(qf.iter_mut()) {
+                *x = kernel.f(*x) + eps;
+            }
+            (1.0, 1.0, None)
+        }
+        Kind::NoProjection => {
+            for (f, &x) in kf.iter_mut().zip(k) {
+                *f = x.exp();
+            }
+            qf.copy_from_slice(q);
+            performer_tensor::fast_math::softmax_inplace(&mut qf);
+            (1.0, 1.0, None)
+        }
+    };
+    let qz = simd::update_and_read(s.kv, s.z, &kf, v, &qf, decay, &mut acc);
+    let qsum = simd::sum(&qf);
+    let (den, v_sum_weight) = match eps_term {
+        // sum_j k'_j = r Z + r eps count 1, and sum_j k'_j v_j^T = r A + r eps 1 B^T
+        Some((ratio, eps)) => (
+            ratio * qz + ratio * eps * count as f32 * qsum + CAUSAL_EPS * qsum,
+            ratio * eps * qsum,
+        ),
+        None => (qz + CAUSAL_EPS * qsum, 0.0),
+    };
+    for ((o, &a), &b) in s.out.iter_mut().zip(&acc).zip(s.v_sum.iter()) {
+        *o = (numerator_scale * a + v_sum_weight * b) / den;
+    }
+}
+
 impl FastAttention {
     /// An empty causal state for `heads` heads with values of size `value_dim`.
     pub fn causal_state(&self, heads: usize, value_dim: usize) -> CausalState {
@@ -284,6 +380,81 @@ impl FastAttention {
         }
         state.count += k.shape()[1];
         Ok(())
+    }
+
+    /// One new position per head, the decoding step: appends keys `k` (heads, d) and values
+    /// `v` (heads, e) to `state` and returns the attention of queries `q` (heads, d) over every
+    /// key so far (heads, e). Equal to [`FastAttention::extend_state`] then
+    /// [`FastAttention::query_state`], in one pass over each head's sums, with the heads
+    /// shared over `team`'s threads.
+    pub fn step_state(
+        &self,
+        state: &mut CausalState,
+        q: &ArrayView2<f32>,
+        k: &ArrayView2<f32>,
+        v: &ArrayView2<f32>,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        const OP: &str = "FastAttention::step_state";
+        let d = self.config().dim_heads;
+        check_heads(OP, "q", q.shape(), state.heads, d)?;
+        check_heads(OP, "k", k.shape(), state.heads, d)?;
+        check_heads(OP, "v", v.shape(), state.heads, state.e)?;
+        let kind = kind_of(self);
+        let p = self.projection_matrix()?;
+        let p = p.data().as_standard_layout();
+        let p = p.as_slice().expect("standard layout");
+        let (q, k, v) = (
+            q.as_standard_layout(),
+            k.as_standard_layout(),
+            v.as_standard_layout(),
+        );
+        let (heads, e) = (state.heads, state.e);
+        let m = state.z.ncols();
+        let mut out = Array2::<f32>::zeros((heads, e));
+        state.count += 1;
+        let count = state.count;
+        let std = "standard layout";
+        let per_head: Vec<Mutex<Option<HeadStep<'_>>>> =
+            slices(state.kv.as_slice_mut().expect(std), m * e)
+                .into_iter()
+                .zip(slices(state.z.as_slice_mut().expect(std), m))
+                .zip(slices(state.v_sum.as_slice_mut().expect(std), e))
+                .zip(state.reference.iter_mut())
+                .zip(slices(out.as_slice_mut().expect(std), e))
+                .map(|((((kv, z), v_sum), reference), out)| {
+                    Mutex::new(Some(HeadStep {
+                        kv,
+                        z,
+                        v_sum,
+                        reference,
+                        out,
+                    }))
+                })
+                .collect();
+        let (q, k, v) = (
+            q.as_slice().expect(std),
+            k.as_slice().expect(std),
+            v.as_slice().expect(std),
+        );
+        team.for_each_chunk(heads, &|h| {
+            let s = per_head[h]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .expect("each head is stepped once");
+            step_head(
+                kind,
+                p,
+                &q[h * d..(h + 1) * d],
+                &k[h * d..(h + 1) * d],
+                &v[h * e..(h + 1) * e],
+                s,
+                count,
+            );
+        });
+        drop(per_head);
+        Ok(out)
     }
 
     /// Attention of one query per head `q` (heads, d) over every key in `state`: (heads, e).

@@ -6,6 +6,7 @@ use ndarray::{ArrayD, Axis, IxDyn, s};
 use performer_favor::{FastAttention, FastAttentionConfig};
 use performer_tensor::ops::Activation;
 use performer_tensor::rng::Generator;
+use performer_tensor::team::with_team;
 use performer_tensor::{Tensor, no_grad};
 
 fn randn(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
@@ -26,7 +27,9 @@ fn check(cfg: FastAttentionConfig, label: &str) {
     let q = randn(&[1, h, n, d], 3, 1.0);
     let v = randn(&[1, h, n, d], 4, 1.0);
     let mut state = fa.causal_state(h, d);
-    let mut worst = 0f32;
+    // The same sums advanced by the fused step, with the heads shared over a team of threads.
+    let mut stepped = fa.causal_state(h, d);
+    let (mut worst, mut worst_stepped) = (0f32, 0f32);
     for t in 0..n {
         let kt = k
             .slice(s![0, .., t..t + 1, ..])
@@ -49,16 +52,29 @@ fn check(cfg: FastAttentionConfig, label: &str) {
             .index_axis(Axis(2), t)
             .index_axis(Axis(0), 0)
             .to_owned();
+        let step = with_team(|team| {
+            let kt = kt.index_axis(Axis(1), 0);
+            let vt = vt.index_axis(Axis(1), 0);
+            fa.step_state(&mut stepped, &qt.view(), &kt, &vt, team)
+        })
+        .unwrap();
         let scale = want.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-        let err = ours
-            .iter()
-            .zip(want.iter())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
-        worst = worst.max(err);
+        let err = |got: &ndarray::Array2<f32>| {
+            got.iter()
+                .zip(want.iter())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale
+        };
+        worst = worst.max(err(&ours));
+        worst_stepped = worst_stepped.max(err(&step));
     }
     assert!(worst < 1e-4, "{label}: worst relative error {worst}");
+    assert!(
+        worst_stepped < 1e-4,
+        "{label}: step_state's worst relative error {worst_stepped}"
+    );
     assert_eq!(state.len(), n);
+    assert_eq!(stepped.len(), n);
 }
 
 #[test]

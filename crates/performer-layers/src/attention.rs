@@ -1,15 +1,18 @@
 //! Multi-head attention with FAVOR+ global heads and windowed local heads (performer-pytorch's
 //! `Attention`), and its self- and cross-attention forms.
 
+use ndarray::{Array2, ArrayView2, s};
 use performer_favor::{CausalState, ContextState, FastAttention, FastAttentionConfig};
 use performer_tensor::ops::Activation;
+use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 
+use crate::basic::linear_rows;
 use crate::basic::{Dropout, Linear};
-use crate::block::{Block, BlockInputs, BlockState, check_decode_length};
+use crate::block::{Block, BlockInputs, BlockState, check_decode_length, rows_through_tensors};
 use crate::local_attention::LocalAttention;
 use crate::local_attention::LocalCache;
-use crate::position::apply_rotary_pos_emb;
+use crate::position::{apply_rotary_pos_emb, rotate_rows};
 
 /// Settings of [`Attention`], with performer-pytorch's names and defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -512,6 +515,126 @@ impl Attention {
         ])?;
         self.dropout.forward(&self.to_out.forward(&out)?)
     }
+
+    /// The decoding step on plain rows (see [`Block::decode_rows`]): `x` `(b, dim)` holds the
+    /// next position of each sequence. The FAVOR+ heads advance their running sums
+    /// ([`FastAttention::step_state`]), the local heads their caches, cross-attention reads the
+    /// context's sums; the projections are matrix-vector products shared over `team`. A
+    /// fresh state (the prompt), a mask or dropout in training mode take [`Attention::decode`].
+    pub fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        let c = &self.config;
+        let cross = inputs.context.is_some();
+        let ready = match state {
+            BlockState::Attention(st) => {
+                st.pos > 0
+                    && if cross {
+                        st.context.is_some()
+                    } else {
+                        st.favor.is_some() || c.heads == c.local_heads
+                    }
+            }
+            _ => false,
+        };
+        let dropout = self.dropout.is_training() && self.dropout.p > 0.0;
+        if !ready || inputs.mask.is_some() || dropout || (!cross && !c.causal) {
+            return rows_through_tensors(x, |t| self.decode(t, inputs, state));
+        }
+        let BlockState::Attention(st) = state else {
+            unreachable!("checked above")
+        };
+        let (b, dim) = x.dim();
+        if dim != c.dim {
+            return Err(Error::shape(
+                "Attention::decode_rows",
+                format!("input must be (b, dim = {}), got {:?}", c.dim, x.shape()),
+            ));
+        }
+        let (heads, dh) = (c.heads, self.dim_head);
+        // (b, heads * dh) rows as (b * heads, dh): batch-major heads, as the states keep them.
+        let per_head = |a: Array2<f32>| -> Result<Array2<f32>> {
+            a.into_shape_with_order((b * heads, dh))
+                .map_err(|e| Error::shape("Attention::decode_rows", e.to_string()))
+        };
+        let out = if cross {
+            let q = per_head(self.to_q.forward_rows(x, team)?)?;
+            let ctx = st.context.as_ref().expect("checked above");
+            self.fast_attention.query_context(ctx, &q.view())?
+        } else {
+            let mut qkv = linear_rows(&[&self.to_q, &self.to_k, &self.to_v], x, team)?;
+            let v = per_head(qkv.pop().expect("three"))?;
+            let k = per_head(qkv.pop().expect("three"))?;
+            let q = per_head(qkv.pop().expect("three"))?;
+            let global = heads - c.local_heads;
+            // The rows of heads first..first + count of every sequence: (b * count, dh).
+            let heads_of = |a: &Array2<f32>, first: usize, count: usize| {
+                let a = a
+                    .view()
+                    .into_shape_with_order((b, heads, dh))
+                    .expect("b * heads rows");
+                a.slice(s![.., first..first + count, ..])
+                    .to_owned()
+                    .into_shape_with_order((b * count, dh))
+                    .expect("contiguous")
+            };
+            let mut out = Array2::<f32>::zeros((b * heads, dh));
+            let mut out3 = out
+                .view_mut()
+                .into_shape_with_order((b, heads, dh))
+                .expect("b * heads rows");
+            if global > 0 {
+                let (mut gq, mut gk, gv) = (
+                    heads_of(&q, 0, global),
+                    heads_of(&k, 0, global),
+                    heads_of(&v, 0, global),
+                );
+                if let Some(pos) = inputs.pos_emb {
+                    let table = pos.data().as_standard_layout();
+                    let row = table.as_slice().expect("standard layout");
+                    rotate_rows(&mut gq.view_mut(), row)?;
+                    rotate_rows(&mut gk.view_mut(), row)?;
+                }
+                let favor = st.favor.as_mut().expect("checked above");
+                let o = self.fast_attention.step_state(
+                    favor,
+                    &gq.view(),
+                    &gk.view(),
+                    &gv.view(),
+                    team,
+                )?;
+                out3.slice_mut(s![.., ..global, ..]).assign(
+                    &o.into_shape_with_order((b, global, dh))
+                        .expect("b * global rows"),
+                );
+            }
+            if let Some(local) = &self.local_attn {
+                let lh = c.local_heads;
+                let cache = st.local.as_mut().ok_or_else(|| {
+                    Error::Other("Attention::decode_rows: local cache missing".into())
+                })?;
+                let o = local.step(
+                    cache,
+                    &heads_of(&q, global, lh).view(),
+                    &heads_of(&k, global, lh).view(),
+                    &heads_of(&v, global, lh).view(),
+                    None,
+                )?;
+                out3.slice_mut(s![.., global.., ..])
+                    .assign(&o.into_shape_with_order((b, lh, dh)).expect("b * lh rows"));
+            }
+            out
+        };
+        st.pos += 1;
+        let out = out
+            .into_shape_with_order((b, heads * dh))
+            .map_err(|e| Error::shape("Attention::decode_rows", e.to_string()))?;
+        self.to_out.forward_rows(&out.view(), team)
+    }
 }
 
 impl Module for Attention {
@@ -577,6 +700,24 @@ impl Block for SelfAttention {
         }
         self.0.decode(x, inputs, state)
     }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        if inputs.context.is_some() {
+            return Err(Error::invalid(
+                "SelfAttention",
+                "context",
+                "given",
+                "self attention should not receive context",
+            ));
+        }
+        self.0.decode_rows(x, inputs, state, team)
+    }
 }
 
 /// Cross-attention: an [`Attention`] that requires a context and has no local heads.
@@ -635,5 +776,23 @@ impl Block for CrossAttention {
             ));
         }
         self.0.decode(x, inputs, state)
+    }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        if inputs.context.is_none() {
+            return Err(Error::invalid(
+                "CrossAttention",
+                "context",
+                "None",
+                "cross attention should receive context",
+            ));
+        }
+        self.0.decode_rows(x, inputs, state, team)
     }
 }

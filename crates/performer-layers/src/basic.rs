@@ -1,6 +1,10 @@
 //! Linear, Embedding, LayerNorm and Dropout, with PyTorch's parameter names and layouts.
 
-use ndarray::ArrayViewD;
+use std::sync::Mutex;
+
+use ndarray::{Array2, ArrayView2, ArrayViewD};
+use performer_tensor::fast_math::gemv_rows;
+use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Param, Result, Tensor, TrainingFlag, Visitor};
 
 use crate::init;
@@ -58,6 +62,92 @@ impl Linear {
         shape.push(self.out_features() as isize);
         y.reshape(&shape)
     }
+
+    /// `x W^T + b` for the rows of `x` `(b, in)` on plain arrays, no gradients: the decoding
+    /// step's path (see [`linear_rows`]).
+    pub fn forward_rows(&self, x: &ArrayView2<f32>, team: &Team) -> Result<Array2<f32>> {
+        Ok(linear_rows(&[self], x, team)?.remove(0))
+    }
+}
+
+/// Weight values one chunk of [`linear_rows`] reads: small enough that a layer splits into
+/// chunks both threads can share, large enough that claiming a chunk costs little.
+const CHUNK_VALUES: usize = 1 << 14;
+
+/// Several Linear layers applied to the same rows `x` `(b, in)` (the query, key and value
+/// projections, say) as matrix-vector products, one result `(b, out_i)` per layer. Their
+/// output features are cut into chunks of about [`CHUNK_VALUES`] weights, all shared over
+/// `team`'s threads in one phase: with one token per sequence the product is bound by reading
+/// the weights, and two cores read them twice as fast.
+pub fn linear_rows(
+    layers: &[&Linear],
+    x: &ArrayView2<f32>,
+    team: &Team,
+) -> Result<Vec<Array2<f32>>> {
+    let (b, inf) = x.dim();
+    for l in layers {
+        if l.in_features() != inf {
+            return Err(Error::shape(
+                "Linear",
+                format!(
+                    "input {:?} must end in in_features {}",
+                    x.shape(),
+                    l.in_features()
+                ),
+            ));
+        }
+    }
+    let x = x.as_standard_layout();
+    let x = x.as_slice().expect("standard layout");
+    let weights: Vec<_> = layers.iter().map(|l| l.weight.value()).collect();
+    let weights: Vec<_> = weights.iter().map(|w| w.as_standard_layout()).collect();
+    let rows_per_chunk = (CHUNK_VALUES / inf.max(1)).max(4) / 4 * 4;
+    // (layer, first row, rows) of every chunk, and a buffer for its (b, rows) results.
+    let chunks: Vec<(usize, usize, usize)> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| {
+            let rows = w.shape()[0];
+            (0..rows)
+                .step_by(rows_per_chunk)
+                .map(move |r| (i, r, rows_per_chunk.min(rows - r)))
+        })
+        .collect();
+    let results: Vec<Mutex<Vec<f32>>> = chunks
+        .iter()
+        .map(|&(_, _, rows)| Mutex::new(vec![0f32; b * rows]))
+        .collect();
+    team.for_each_chunk(chunks.len(), &|c| {
+        let (i, r0, rows) = chunks[c];
+        let w = &weights[i].as_slice().expect("standard layout")[r0 * inf..(r0 + rows) * inf];
+        let mut out = results[c].lock().unwrap_or_else(|e| e.into_inner());
+        for (xr, o) in x.chunks_exact(inf).zip(out.chunks_exact_mut(rows)) {
+            gemv_rows(w, xr, o);
+        }
+    });
+    let mut outs: Vec<Array2<f32>> = layers
+        .iter()
+        .map(|l| Array2::zeros((b, l.out_features())))
+        .collect();
+    for (&(i, r0, rows), res) in chunks.iter().zip(results) {
+        let res = res.into_inner().unwrap_or_else(|e| e.into_inner());
+        let res = ArrayView2::from_shape((b, rows), &res).expect("b x rows results");
+        outs[i]
+            .slice_mut(ndarray::s![.., r0..r0 + rows])
+            .assign(&res);
+    }
+    for (out, l) in outs.iter_mut().zip(layers) {
+        if let Some(bias) = &l.bias {
+            let bias = bias.value();
+            for mut row in out.rows_mut() {
+                row += &bias
+                    .view()
+                    .into_dimensionality::<ndarray::Ix1>()
+                    .map_err(|e| Error::shape("Linear", format!("bias: {e}")))?;
+            }
+        }
+    }
+    Ok(outs)
 }
 
 impl Module for Linear {
@@ -127,6 +217,30 @@ impl LayerNorm {
             Some(&self.bias.tensor()),
             self.eps,
         )
+    }
+
+    /// Normalizes the rows of `x` `(b, dim)` on plain arrays (the decoding step's path), with
+    /// the arithmetic of [`Tensor::layer_norm`].
+    pub fn forward_rows(&self, x: &ArrayView2<f32>) -> Result<Array2<f32>> {
+        let (w, b) = (self.weight.value(), self.bias.value());
+        let d = x.ncols();
+        if w.len() != d || b.len() != d {
+            return Err(Error::shape(
+                "LayerNorm",
+                format!("input {:?} vs normalized shape {:?}", x.shape(), w.shape()),
+            ));
+        }
+        let mut y = x.to_owned();
+        let inv_d = 1.0 / d as f32;
+        for mut row in y.rows_mut() {
+            let m = row.sum() * inv_d;
+            let var = row.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() * inv_d;
+            let rs = 1.0 / (var + self.eps).sqrt();
+            for ((y, &w), &b) in row.iter_mut().zip(w.iter()).zip(b.iter()) {
+                *y = (*y - m) * rs * w + b;
+            }
+        }
+        Ok(y)
     }
 }
 

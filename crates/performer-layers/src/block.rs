@@ -1,8 +1,9 @@
 //! The [`Block`] trait: a module applied to a sequence `(b, n, dim)` with the optional inputs
 //! that performer-pytorch routes by keyword (`mask`, `pos_emb`, `context`, `context_mask`).
 
-use ndarray::ArrayView2;
+use ndarray::{Array2, ArrayView2, Axis};
 use performer_favor::FastAttention;
+use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Result, Tensor};
 
 use crate::attention::AttentionState;
@@ -73,6 +74,54 @@ pub trait Block: Module {
             std::any::type_name::<Self>(),
             "does not support incremental decoding",
         ))
+    }
+
+    /// The decoding step on plain rows: `x` `(b, dim)` holds one new position per sequence and
+    /// the result is [`Block::decode`]'s for `x` as `(b, 1, dim)`, computed without the tensor
+    /// machinery (no graph, no per-op allocation of tensors) and with the matrix products
+    /// shared over `team`'s threads. Blocks without such a path use this default, which goes
+    /// through [`Block::decode`]; a stack mixes both freely, since they keep the same state.
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        _team: &Team,
+    ) -> Result<Array2<f32>> {
+        decode_rows_via_tensors(self, x, inputs, state)
+    }
+}
+
+/// [`Block::decode_rows`] through [`Block::decode`] on a `(b, 1, dim)` tensor: the default,
+/// and the fallback of blocks whose row path does not cover some input (a mask, say).
+pub fn decode_rows_via_tensors<B: Block + ?Sized>(
+    block: &B,
+    x: &ArrayView2<f32>,
+    inputs: &BlockInputs<'_>,
+    state: &mut BlockState,
+) -> Result<Array2<f32>> {
+    rows_through_tensors(x, |t| block.decode(t, inputs, state))
+}
+
+/// Rows `x` `(b, dim)` as a `(b, 1, dim)` tensor through `f`, and its `(b, 1, d)` result back as
+/// rows.
+pub(crate) fn rows_through_tensors(
+    x: &ArrayView2<f32>,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Array2<f32>> {
+    let out = f(&Tensor::new(x.to_owned().insert_axis(Axis(1)).into_dyn()))?;
+    let dims = out.shape().to_vec();
+    match dims[..] {
+        [b, 1, d] => Ok(out
+            .data()
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((b, d))
+            .map_err(|e| Error::shape("decode_rows", e.to_string()))?),
+        _ => Err(Error::shape(
+            "decode_rows",
+            format!("one position per sequence expected, got {dims:?}"),
+        )),
     }
 }
 

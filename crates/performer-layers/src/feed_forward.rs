@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use ndarray::ArrayD;
+use ndarray::{Array2, ArrayD, ArrayView2};
 use performer_tensor::ops::Activation;
 use performer_tensor::rng::{self, RngState};
+use performer_tensor::team::Team;
 use performer_tensor::{
     CustomOp, Data, Error, Module, Param, Result, Tensor, Visitor, apply_custom_op, enable_grad,
     no_grad,
@@ -72,6 +73,34 @@ impl Block for FeedForward {
         *state = BlockState::Stateless;
         self.forward(x, inputs)
     }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        if self.dropout.is_training() && self.dropout.p > 0.0 {
+            return crate::block::decode_rows_via_tensors(self, x, inputs, state);
+        }
+        *state = BlockState::Stateless;
+        let h = self.w1.forward_rows(x, team)?;
+        let act = self.activation;
+        let h = if self.glu {
+            let half = h.ncols() / 2;
+            let (a, b) = (
+                h.slice(ndarray::s![.., ..half]),
+                h.slice(ndarray::s![.., half..]),
+            );
+            ndarray::Zip::from(&a)
+                .and(&b)
+                .map_collect(|&a, &b| act.f(a) * b)
+        } else {
+            h.mapv(|v| act.f(v))
+        };
+        self.w2.forward_rows(&h.view(), team)
+    }
 }
 
 /// performer-pytorch's `Chunk(chunks, fn, along_dim = 1)`: the sequence is cut as
@@ -133,6 +162,16 @@ impl Block for Chunk {
     ) -> Result<Tensor> {
         // Pieces of a sequence only matter for memory in training; decoding is position-wise here.
         self.inner.decode(x, inputs, state)
+    }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        self.inner.decode_rows(x, inputs, state, team)
     }
 }
 

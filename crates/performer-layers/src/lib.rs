@@ -23,13 +23,13 @@ mod sequence;
 mod wrappers;
 
 pub use attention::{Attention, AttentionConfig, AttentionState, CrossAttention, SelfAttention};
-pub use basic::{Dropout, Embedding, LayerNorm, Linear};
-pub use block::{Block, BlockInputs, BlockState};
+pub use basic::{Dropout, Embedding, LayerNorm, Linear, linear_rows};
+pub use block::{Block, BlockInputs, BlockState, decode_rows_via_tensors};
 pub use feed_forward::{Chunk, FeedForward};
 pub use local_attention::{LocalAttention, LocalCache};
 pub use position::{
     AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding,
-    apply_rotary_pos_emb, rotate_every_two,
+    apply_rotary_pos_emb, rotate_every_two, rotate_rows,
 };
 pub use sequence::{Layer, ReversibleSequence, Route, SequentialSequence};
 pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero, ShiftState};

@@ -122,6 +122,36 @@ pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result
     Ok((rot(q)?, rot(k)?))
 }
 
+/// Rotates the pairs `(x0, x1)` of `src` into `dst`: `(x0 c - x1 s, x1 c + x0 s)` with
+/// `(s, c) = (sign * sin[i], cos[i])` for pair `i`.
+fn rotate_row(dst: &mut [f32], src: &[f32], sin: &[f32], cos: &[f32], sign: f32) {
+    for (i, (d, x)) in dst.chunks_exact_mut(2).zip(src.chunks_exact(2)).enumerate() {
+        let (s, c) = (sign * sin[i], cos[i]);
+        d[0] = x[0] * c - x[1] * s;
+        d[1] = x[1] * c + x[0] * s;
+    }
+}
+
+/// Applies one position's rotary table row `sinu_pos` (`[sin | cos]`, `d` values) to every row
+/// of `x` `(rows, d)` in place: [`apply_rotary_pos_emb`] for a single position, on plain
+/// arrays (the decoding step's path).
+pub fn rotate_rows(x: &mut ndarray::ArrayViewMut2<f32>, sinu_pos: &[f32]) -> Result<()> {
+    let d = x.ncols();
+    if sinu_pos.len() != d || !d.is_multiple_of(2) {
+        return Err(Error::shape(
+            "rotate_rows",
+            format!("table row of {} values for rows of {d}", sinu_pos.len()),
+        ));
+    }
+    let (sin, cos) = sinu_pos.split_at(d / 2);
+    let mut dst = vec![0f32; d];
+    for mut row in x.rows_mut() {
+        rotate_row(&mut dst, &row.to_vec(), sin, cos, 1.0);
+        row.assign(&ndarray::ArrayView1::from(&dst));
+    }
+    Ok(())
+}
+
 /// The rotary map as one fused op: per pair `(x0, x1)` at position `t` with frequency `i`,
 /// `(x0 c - x1 s, x1 c + x0 s)` where `(s, c) = (sin, cos)[t, i]`; its backward is the inverse
 /// rotation. (Composing it from `stack`/`select` copied every element several times.)
@@ -144,12 +174,8 @@ impl RotaryOp {
         let rotate_rows = |(r, (dst, row)): (usize, (&mut [f32], &[f32]))| {
             let t = r % n;
             let (sn, cs) = (self.sin.row(t), self.cos.row(t));
-            for i in 0..d / 2 {
-                let (x0, x1) = (row[2 * i], row[2 * i + 1]);
-                let (s, c) = (sign * sn[i], cs[i]);
-                dst[2 * i] = x0 * c - x1 * s;
-                dst[2 * i + 1] = x1 * c + x0 * s;
-            }
+            let (sn, cs) = (sn.as_slice().expect("row"), cs.as_slice().expect("row"));
+            rotate_row(dst, row, sn, cs, sign);
         };
         if x.len() >= performer_tensor::parallel::PAR_THRESHOLD {
             out.par_chunks_mut(d)

@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayD};
+use ndarray::{Array2, ArrayD, ArrayView2};
 use performer_favor::FastAttention;
 use performer_tensor::rng::{self, RngState};
+use performer_tensor::team::Team;
 use performer_tensor::{
     CustomOp, Data, Error, Module, Param, Result, Tensor, Visitor, apply_custom_op, enable_grad,
     no_grad,
@@ -117,6 +118,23 @@ impl Block for SequentialSequence {
         }
         Ok(x)
     }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        let states = layer_states(state, self.layers.len())?;
+        let mut x = x.to_owned();
+        for (l, st) in self.layers.iter().zip(states.iter_mut()) {
+            let [sf, sg] = st;
+            x += &l.f.decode_rows(&x.view(), &l.f_inputs(inputs), sf, team)?;
+            x += &l.g.decode_rows(&x.view(), &BlockInputs::none(), sg, team)?;
+        }
+        Ok(x)
+    }
 }
 
 /// Reversible residual layers (Reformer): the stream is duplicated to `[x1 | x2]` and each layer
@@ -189,6 +207,26 @@ impl Block for ReversibleSequence {
             (x1, x2) = (y1, y2);
         }
         x1.add(&x2)
+    }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        let states = layer_states(state, self.layers.len())?;
+        let (mut x1, mut x2) = (x.to_owned(), x.to_owned());
+        for (l, st) in self.layers.iter().zip(states.iter_mut()) {
+            let [sf, sg] = st;
+            let y1 = x1 + &l.f.decode_rows(&x2.view(), &l.f_inputs(inputs), sf, team)?;
+            let y2 = x2
+                + &l.g
+                    .decode_rows(&y1.view(), &BlockInputs::none(), sg, team)?;
+            (x1, x2) = (y1, y2);
+        }
+        Ok(x1 + &x2)
     }
 }
 

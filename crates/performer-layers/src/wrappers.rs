@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{Array2, ArrayD, ArrayView2, IxDyn};
 use performer_favor::FastAttention;
+use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Param, Result, Tensor, Visitor};
 
 use crate::basic::LayerNorm;
@@ -52,6 +53,17 @@ impl Block for PreLayerNorm {
     ) -> Result<Tensor> {
         self.inner.decode(&self.norm.forward(x)?, inputs, state)
     }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        let normed = self.norm.forward_rows(x)?;
+        self.inner.decode_rows(&normed.view(), inputs, state, team)
+    }
 }
 
 /// ScaleNorm ("Transformers without Tears"): `fn(x / max(|x|, eps) * g)`, `g` of shape `[1]`
@@ -80,6 +92,17 @@ impl PreScaleNorm {
         let n = x.norm(&[-1], true)?.clamp(Some(self.eps), None);
         x.div(&n)?.mul(&self.g.tensor())
     }
+
+    /// The normalization of the rows of `x` `(b, dim)` on plain arrays.
+    pub fn normalize_rows(&self, x: &ArrayView2<f32>) -> Array2<f32> {
+        let g = self.g.value().iter().copied().next().unwrap_or(1.0);
+        let mut y = x.to_owned();
+        for mut row in y.rows_mut() {
+            let n = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(self.eps);
+            row.mapv_inplace(|v| v / n * g);
+        }
+        y
+    }
 }
 
 impl Module for PreScaleNorm {
@@ -105,6 +128,17 @@ impl Block for PreScaleNorm {
         state: &mut BlockState,
     ) -> Result<Tensor> {
         self.inner.decode(&self.normalize(x)?, inputs, state)
+    }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        let normed = self.normalize_rows(x);
+        self.inner.decode_rows(&normed.view(), inputs, state, team)
     }
 }
 
@@ -149,6 +183,17 @@ impl Block for ReZero {
         state: &mut BlockState,
     ) -> Result<Tensor> {
         self.inner.decode(x, inputs, state)?.mul(&self.g.tensor())
+    }
+
+    fn decode_rows(
+        &self,
+        x: &ArrayView2<f32>,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        let g = self.g.value().iter().copied().next().unwrap_or(1.0);
+        Ok(self.inner.decode_rows(x, inputs, state, team)? * g)
     }
 }
 

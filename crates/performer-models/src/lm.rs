@@ -425,6 +425,11 @@ impl PerformerLM {
         };
         // The checks of a full forward, on the new tokens (length vs max_seq_len is checked above).
         self.check_inputs(tokens, &inputs)?;
+        if n == 1 && state.pos > 0 && mask.is_none() {
+            return performer_tensor::no_grad(|| {
+                performer_tensor::team::with_team(|team| self.step_rows(state, tokens, team))
+            });
+        }
         performer_tensor::no_grad(|| {
             let h = self.embed_at(tokens, state.pos)?;
             let pos_emb = self.layer_pos_emb_at(state.pos, n)?;
@@ -444,6 +449,47 @@ impl PerformerLM {
                 .map(|a| a.to_owned())
                 .map_err(|e| Error::shape("PerformerLM::decode", e.to_string()))
         })
+    }
+
+    /// One position per sequence after the prompt, on plain rows through `Block::decode_rows`:
+    /// no tensor graph, the matrix-vector products shared over `team`.
+    fn step_rows(
+        &self,
+        state: &mut DecodingState,
+        tokens: &ArrayView2<i64>,
+        team: &performer_tensor::team::Team,
+    ) -> Result<ndarray::Array2<f32>> {
+        let b = tokens.nrows();
+        let h = self.embed_at(tokens, state.pos)?;
+        let h = h
+            .data()
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((b, self.config.dim))
+            .map_err(|e| Error::shape("PerformerLM::decode", e.to_string()))?;
+        let pos_emb = self.layer_pos_emb_at(state.pos, 1)?;
+        let h = self.performer.decode_rows(
+            &h.view(),
+            None,
+            pos_emb.as_ref(),
+            state.context.as_ref(),
+            state.context_mask.as_ref().map(|m| m.view()),
+            &mut state.net,
+            team,
+        )?;
+        state.pos += 1;
+        let last = self.norm.forward_rows(&h.view())?;
+        match &self.to_out {
+            Some(l) => l.forward_rows(&last.view(), team),
+            None => {
+                // Tied weights: the embedding table is the output layer's (vocab, dim) weight.
+                let tied = performer_layers::Linear {
+                    weight: self.token_emb.weight.clone(),
+                    bias: None,
+                };
+                tied.forward_rows(&last.view(), team)
+            }
+        }
     }
 
     /// One token per sequence (`(b)`): [`PerformerLM::decode`] of a single position.

@@ -319,6 +319,32 @@ impl Performer {
             state,
         )
     }
+
+    /// The decoding step on plain rows `x` `(b, dim)`, one position per sequence (see
+    /// `Block::decode_rows`), with the products shared over `team`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_rows(
+        &self,
+        x: &ndarray::ArrayView2<f32>,
+        mask: Option<ArrayView2<'_, bool>>,
+        pos_emb: Option<&Tensor>,
+        context: Option<&Tensor>,
+        context_mask: Option<ArrayView2<'_, bool>>,
+        state: &mut BlockState,
+        team: &performer_tensor::team::Team,
+    ) -> Result<ndarray::Array2<f32>> {
+        self.net.block().decode_rows(
+            x,
+            &BlockInputs {
+                mask,
+                pos_emb,
+                context,
+                context_mask,
+            },
+            state,
+            team,
+        )
+    }
 }
 
 impl Module for Performer {

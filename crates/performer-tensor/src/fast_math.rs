@@ -1,4 +1,5 @@
-//! A vectorized `exp` for the hot loops (FAVOR+ feature maps, softmax lanes).
+//! Vectorized kernels for the hot loops: `exp` (FAVOR+ feature maps, softmax lanes), dot,
+//! axpy and the matrix-vector product of token-by-token decoding.
 //!
 //! libm's `expf` costs 3-5 ns per element here; this polynomial (Cephes' expf: range
 //! reduction by ln 2, a degree-6 polynomial, relative error about 1e-7) has no branches, so
@@ -173,6 +174,63 @@ multiversion! {
     }
 }
 
+/// Rows of the weight matrix one [`gemv_rows`] pass reads together: each value of `x` loaded
+/// from memory is used this many times, and the loop keeps as many accumulators in flight.
+const GEMV_ROWS: usize = 4;
+
+/// `sum_c rows[r * k + c] * x[c]` for `GEMV_ROWS` consecutive rows of length `k`.
+#[inline(always)]
+fn dot_rows(rows: &[f32], k: usize, x: &[f32]) -> [f32; GEMV_ROWS] {
+    let mut acc = [[0f32; LANES]; GEMV_ROWS];
+    let full = k - k % LANES;
+    for c in (0..full).step_by(LANES) {
+        let xv: &[f32; LANES] = x[c..c + LANES].try_into().expect("LANES values");
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let rv: &[f32; LANES] = rows[r * k + c..r * k + c + LANES]
+                .try_into()
+                .expect("LANES values");
+            for l in 0..LANES {
+                acc[l] += rv[l] * xv[l];
+            }
+        }
+    }
+    let mut out = [0f32; GEMV_ROWS];
+    for (r, (o, mut a)) in out.iter_mut().zip(acc).enumerate() {
+        // A pairwise tree: the lanes are summed in log2(LANES) vector steps.
+        let mut width = LANES / 2;
+        while width > 0 {
+            for l in 0..width {
+                a[l] += a[l + width];
+            }
+            width /= 2;
+        }
+        let tail = rows[r * k + full..(r + 1) * k].iter().zip(&x[full..k]);
+        *o = tail.fold(a[0], |s, (p, q)| s + p * q);
+    }
+    out
+}
+
+multiversion! {
+    /// `out[r] = sum_c w[r * k + c] * x[c]` with `k = x.len()` and `out.len()` rows of `w`
+    /// (row-major, PyTorch's `(out, in)` layout of a Linear weight): the matrix-vector product
+    /// of one token. It is bound by reading `w`, so rows are taken [`GEMV_ROWS`] at a time
+    /// against one load of `x`.
+    ///
+    /// # Panics
+    /// If `w` holds fewer than `out.len() * x.len()` values.
+    pub fn gemv_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        assert!(w.len() >= out.len() * k, "gemv_rows: weight too small");
+        let blocked = out.len() - out.len() % GEMV_ROWS;
+        for (r0, o) in (0..blocked).step_by(GEMV_ROWS).zip(out.chunks_exact_mut(GEMV_ROWS)) {
+            o.copy_from_slice(&dot_rows(&w[r0 * k..(r0 + GEMV_ROWS) * k], k, x));
+        }
+        for r in blocked..out.len() {
+            out[r] = dot(&w[r * k..(r + 1) * k], x);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +256,24 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert!(exp(88.72).is_finite());
+    }
+
+    #[test]
+    fn gemv_rows_matches_dot_products() {
+        // Row counts around the block of 4 and lengths around the 16 lanes.
+        for (rows, k) in [(1, 1), (3, 17), (4, 16), (9, 64), (13, 100)] {
+            let w: Vec<f32> = (0..rows * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let x: Vec<f32> = (0..k).map(|i| 0.5 - (i % 5) as f32 * 0.25).collect();
+            let mut out = vec![f32::NAN; rows];
+            gemv_rows(&w, &x, &mut out);
+            for r in 0..rows {
+                let want: f32 = (0..k).map(|c| w[r * k + c] * x[c]).sum();
+                assert!(
+                    (out[r] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{rows}x{k} row {r}"
+                );
+            }
+        }
     }
 
     #[test]

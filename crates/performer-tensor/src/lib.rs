@@ -33,6 +33,7 @@ pub mod parallel;
 mod param;
 pub mod rng;
 pub mod shape;
+pub mod team;
 mod tensor;
 
 pub use autograd::{BackwardFn, GradModeGuard, Gradients, enable_grad, is_grad_enabled, no_grad};

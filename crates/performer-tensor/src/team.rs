@@ -1,0 +1,231 @@
+//! A parallel region for work that is too fine for rayon's fork-join: the phases of one
+//! decoding step (a matrix-vector product, the FAVOR+ heads, the next product) each take
+//! microseconds, and waking a sleeping rayon worker for every phase cost more than the phase.
+//!
+//! [`with_team`] runs a closure on the calling thread and asks rayon for one helper per other
+//! thread. A helper spins (it does not sleep) until the region ends, taking chunks of whatever
+//! phase the caller publishes with [`Team::for_each_chunk`]; the caller takes chunks too, so a
+//! helper that starts late (or never, when the pool is busy) only means less help, never a
+//! wait. Nothing outside the region spins.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+
+/// Most chunks one phase may have (they are counted in 16 bits of the shared word).
+pub const MAX_CHUNKS: usize = u16::MAX as usize;
+
+/// One phase: the closure and how many of its chunks are finished. Lives on the caller's
+/// stack for the duration of [`Team::for_each_chunk`].
+struct Phase<'a> {
+    work: &'a (dyn Fn(usize) + Sync),
+    finished: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+/// State shared by the caller and the helpers of one region.
+struct Shared {
+    /// `generation << 32 | chunks << 16 | next chunk`: a helper claims chunk `i` of the
+    /// current phase by moving `next` from `i` to `i + 1`, so a claim can only succeed while
+    /// that phase is unfinished (the caller publishes the next phase only after every chunk
+    /// of this one is finished, and every chunk below `chunks` is claimed by then).
+    word: AtomicU64,
+    /// The current phase (type-erased `Phase`), valid while a claimed chunk of it is running.
+    phase: AtomicPtr<()>,
+    /// Set when the region ends: helpers return.
+    closed: AtomicBool,
+}
+
+impl Shared {
+    /// Claims the next chunk of the current phase: `(generation, chunk)`.
+    fn claim(&self) -> Option<u32> {
+        let mut w = self.word.load(SeqCst);
+        loop {
+            let (chunks, next) = ((w >> 16) & 0xffff, w & 0xffff);
+            if next >= chunks {
+                return None;
+            }
+            match self.word.compare_exchange_weak(w, w + 1, SeqCst, SeqCst) {
+                Ok(_) => return Some(next as u32),
+                Err(now) => w = now,
+            }
+        }
+    }
+
+    /// Runs chunk `i` of the current phase and marks it finished. Only called after a
+    /// successful [`Shared::claim`], which keeps the phase alive until `finished` counts it.
+    fn run_claimed(&self, i: u32) {
+        // SAFETY: the caller stored a pointer to a `Phase` that outlives every claimed chunk:
+        // `for_each_chunk` returns only once `finished` reaches the chunk count, and this
+        // chunk is counted only below, after its last use of the phase.
+        let phase = unsafe { &*(self.phase.load(SeqCst) as *const Phase<'_>) };
+        if catch_unwind(AssertUnwindSafe(|| (phase.work)(i as usize))).is_err() {
+            phase.panicked.store(true, SeqCst);
+        }
+        phase.finished.fetch_add(1, SeqCst);
+    }
+
+    fn helper_loop(&self) {
+        while !self.closed.load(SeqCst) {
+            match self.claim() {
+                Some(i) => self.run_claimed(i),
+                None => std::hint::spin_loop(),
+            }
+        }
+    }
+}
+
+/// Threads working on a region's phases (see the module docs).
+pub struct Team {
+    shared: Option<Arc<Shared>>,
+    generation: std::cell::Cell<u64>,
+}
+
+impl Team {
+    /// A team of the calling thread alone: phases run in order on it.
+    pub fn single() -> Self {
+        Team {
+            shared: None,
+            generation: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Whether helpers may take part.
+    pub fn is_parallel(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Runs `work(i)` for every `i` in `0..chunks`, on the caller and any helpers, and returns
+    /// when all have finished. Chunks of one phase must be independent of each other.
+    ///
+    /// # Panics
+    /// If `work` panicked on a helper (the caller's own panics propagate as usual), or if
+    /// `chunks` exceeds [`MAX_CHUNKS`].
+    pub fn for_each_chunk(&self, chunks: usize, work: &(dyn Fn(usize) + Sync)) {
+        let shared = match &self.shared {
+            Some(s) if chunks > 1 => s,
+            _ => {
+                (0..chunks).for_each(work);
+                return;
+            }
+        };
+        assert!(chunks <= MAX_CHUNKS, "Team: {chunks} chunks in one phase");
+        let phase = Phase {
+            work,
+            finished: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+        };
+        let generation = self.generation.get() + 1;
+        self.generation.set(generation);
+        shared
+            .phase
+            .store(&phase as *const Phase<'_> as *mut (), SeqCst);
+        shared
+            .word
+            .store(generation << 32 | (chunks as u64) << 16, SeqCst);
+        while let Some(i) = shared.claim() {
+            shared.run_claimed(i);
+        }
+        while phase.finished.load(SeqCst) < chunks {
+            std::hint::spin_loop();
+        }
+        if phase.panicked.load(SeqCst) {
+            panic!("Team: a chunk panicked on a helper thread");
+        }
+    }
+
+    /// Splits `0..len` into about `parts` contiguous ranges with boundaries on multiples of
+    /// `align`, and runs `work` on each (the usual way to share a product's output rows).
+    pub fn for_each_range(
+        &self,
+        len: usize,
+        parts: usize,
+        align: usize,
+        work: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) {
+        let align = align.max(1);
+        let per = len.div_ceil(parts.max(1)).div_ceil(align) * align;
+        if per == 0 {
+            return;
+        }
+        let chunks = len.div_ceil(per);
+        self.for_each_chunk(chunks, &|i| work(i * per..((i + 1) * per).min(len)));
+    }
+}
+
+/// Ends the region when the caller leaves it, even by unwinding.
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.closed.store(true, SeqCst);
+    }
+}
+
+/// Runs `f` with a [`Team`] of the calling thread and up to `rayon::current_num_threads() - 1`
+/// helpers (none when rayon has one thread). Helpers spin while the region lasts, so keep it
+/// to a burst of fine-grained phases (one decoding step).
+pub fn with_team<R>(f: impl FnOnce(&Team) -> R) -> R {
+    let helpers = rayon::current_num_threads().saturating_sub(1);
+    if helpers == 0 {
+        return f(&Team::single());
+    }
+    let shared = Arc::new(Shared {
+        word: AtomicU64::new(0),
+        phase: AtomicPtr::new(std::ptr::null_mut()),
+        closed: AtomicBool::new(false),
+    });
+    let _close = CloseOnDrop(shared.clone());
+    for _ in 0..helpers {
+        let s = shared.clone();
+        rayon::spawn(move || s.helper_loop());
+    }
+    f(&Team {
+        shared: Some(shared.clone()),
+        generation: std::cell::Cell::new(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_chunk_runs_once_per_phase() {
+        let counts: Vec<AtomicU32> = (0..37).map(|_| AtomicU32::new(0)).collect();
+        with_team(|team| {
+            for phase in 0..200 {
+                team.for_each_chunk(37, &|i| {
+                    // Each phase sees the previous one finished.
+                    assert_eq!(counts[i].load(SeqCst), phase);
+                    counts[i].fetch_add(1, SeqCst);
+                });
+            }
+        });
+        assert!(counts.iter().all(|c| c.load(SeqCst) == 200));
+    }
+
+    #[test]
+    fn ranges_cover_the_length_on_aligned_boundaries() {
+        let team = Team::single();
+        let seen = std::sync::Mutex::new(Vec::new());
+        team.for_each_range(1030, 2, 4, &|r| seen.lock().unwrap().push(r));
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort_by_key(|r| r.start);
+        assert_eq!(seen, vec![0..516, 516..1030]);
+        with_team(|team| team.for_each_range(0, 2, 4, &|_| panic!("no work")));
+    }
+
+    #[test]
+    fn a_helper_panic_reaches_the_caller() {
+        let caught = catch_unwind(|| {
+            with_team(|team| {
+                for _ in 0..100 {
+                    team.for_each_chunk(64, &|i| assert!(i != 63, "chunk 63"));
+                }
+            })
+        });
+        assert!(caught.is_err());
+    }
+}
