@@ -362,7 +362,8 @@ impl FastAttention {
                     let mut w = u;
                     for (mut row, kr) in w.rows_mut().into_iter().zip(kh.rows()) {
                         let diag = half_sq_norm(&kr, dn);
-                        row.mapv_inplace(|x| (x - diag - new_max).exp());
+                        let row = row.as_slice_mut().expect("rows of a fresh array");
+                        simd::exp_affine(row, diag + new_max, 1.0, 0.0);
                     }
                     accumulate(&mut kv, &mut z, &w.view(), &vh);
                     let mut vs = state.v_sum.index_axis_mut(Axis(0), h);

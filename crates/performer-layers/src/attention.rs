@@ -346,6 +346,29 @@ impl Attention {
         inputs: &BlockInputs<'_>,
         state: &mut BlockState,
     ) -> Result<Tensor> {
+        self.decode_positions(x, inputs, state, false)
+    }
+
+    /// [`Attention::decode`] returning only the last position's output `(b, 1, dim)` (see
+    /// [`Block::decode_last`]): from a fresh state, causal self-attention without local heads
+    /// projects and attends one query instead of `n`.
+    pub fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.decode_positions(x, inputs, state, true)
+    }
+
+    /// [`Attention::decode`] of every position, or of the last only.
+    fn decode_positions(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+        last_only: bool,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let cross = inputs.context.is_some();
         if !cross && !c.causal {
@@ -385,7 +408,14 @@ impl Attention {
             ));
         }
         let global = c.heads - c.local_heads;
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        // One query suffices when only the last output is read and every head reads the
+        // running sums (local heads and a context take the general path below).
+        let one_query = last_only && fresh && !cross && c.local_heads == 0;
+        let q = if one_query {
+            self.split_heads(&self.to_q.forward(&x.narrow(1, n - 1, 1)?)?)?
+        } else {
+            self.split_heads(&self.to_q.forward(x)?)?
+        };
         let mut outs = Vec::with_capacity(2);
         if cross {
             let context = inputs.context.expect("checked");
@@ -446,7 +476,15 @@ impl Attention {
                     gv = gv.masked_fill(&padded.into_dyn().view(), 0.0)?;
                 }
                 if let Some(pos) = inputs.pos_emb {
-                    (gq, gk) = apply_rotary_pos_emb(&gq, &gk, pos)?;
+                    if one_query {
+                        // The query sits at the last position, the keys at all of them.
+                        let (q_last, _) =
+                            apply_rotary_pos_emb(&gq, &gq, &pos.narrow(1, n - 1, 1)?)?;
+                        (_, gk) = apply_rotary_pos_emb(&gk, &gk, pos)?;
+                        gq = q_last;
+                    } else {
+                        (gq, gk) = apply_rotary_pos_emb(&gq, &gk, pos)?;
+                    }
                 }
                 let favor = st.favor.get_or_insert_with(|| {
                     self.fast_attention.causal_state(b * global, self.dim_head)
@@ -456,7 +494,7 @@ impl Attention {
                     &heads_first(&gk)?.view(),
                     &heads_first(&gv)?.view(),
                 )?;
-                if fresh {
+                if fresh && !one_query {
                     outs.push(self.fast_attention.forward(&gq, &gk, &gv)?);
                 } else {
                     let qs = heads_first(&gq)?;
@@ -508,9 +546,15 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 1)?
         };
+        let out = if last_only && !one_query {
+            out.narrow(2, n - 1, 1)?
+        } else {
+            out
+        };
+        let rows = out.shape()[2];
         let out = out.permute(&[0, 2, 1, 3])?.reshape(&[
             b as isize,
-            n as isize,
+            rows as isize,
             (c.heads * self.dim_head) as isize,
         ])?;
         self.dropout.forward(&self.to_out.forward(&out)?)
@@ -651,6 +695,32 @@ impl Module for Attention {
     }
 }
 
+/// SelfAttention's check: no context.
+fn refuse_context(inputs: &BlockInputs<'_>) -> Result<()> {
+    if inputs.context.is_some() {
+        return Err(Error::invalid(
+            "SelfAttention",
+            "context",
+            "given",
+            "self attention should not receive context",
+        ));
+    }
+    Ok(())
+}
+
+/// CrossAttention's check: a context.
+fn require_context(inputs: &BlockInputs<'_>) -> Result<()> {
+    if inputs.context.is_none() {
+        return Err(Error::invalid(
+            "CrossAttention",
+            "context",
+            "None",
+            "cross attention should receive context",
+        ));
+    }
+    Ok(())
+}
+
 /// Self-attention: an [`Attention`] that refuses a context.
 pub struct SelfAttention(pub Attention);
 
@@ -669,14 +739,7 @@ impl Module for SelfAttention {
 
 impl Block for SelfAttention {
     fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
-        if inputs.context.is_some() {
-            return Err(Error::invalid(
-                "SelfAttention",
-                "context",
-                "given",
-                "self attention should not receive context",
-            ));
-        }
+        refuse_context(inputs)?;
         self.0.forward(x, inputs)
     }
 
@@ -690,14 +753,7 @@ impl Block for SelfAttention {
         inputs: &BlockInputs<'_>,
         state: &mut BlockState,
     ) -> Result<Tensor> {
-        if inputs.context.is_some() {
-            return Err(Error::invalid(
-                "SelfAttention",
-                "context",
-                "given",
-                "self attention should not receive context",
-            ));
-        }
+        refuse_context(inputs)?;
         self.0.decode(x, inputs, state)
     }
 
@@ -708,15 +764,18 @@ impl Block for SelfAttention {
         state: &mut BlockState,
         team: &Team,
     ) -> Result<Array2<f32>> {
-        if inputs.context.is_some() {
-            return Err(Error::invalid(
-                "SelfAttention",
-                "context",
-                "given",
-                "self attention should not receive context",
-            ));
-        }
+        refuse_context(inputs)?;
         self.0.decode_rows(x, inputs, state, team)
+    }
+
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        refuse_context(inputs)?;
+        self.0.decode_last(x, inputs, state)
     }
 }
 
@@ -746,14 +805,7 @@ impl Module for CrossAttention {
 
 impl Block for CrossAttention {
     fn forward(&self, x: &Tensor, inputs: &BlockInputs<'_>) -> Result<Tensor> {
-        if inputs.context.is_none() {
-            return Err(Error::invalid(
-                "CrossAttention",
-                "context",
-                "None",
-                "cross attention should receive context",
-            ));
-        }
+        require_context(inputs)?;
         self.0.forward(x, inputs)
     }
 
@@ -767,14 +819,7 @@ impl Block for CrossAttention {
         inputs: &BlockInputs<'_>,
         state: &mut BlockState,
     ) -> Result<Tensor> {
-        if inputs.context.is_none() {
-            return Err(Error::invalid(
-                "CrossAttention",
-                "context",
-                "None",
-                "cross attention should receive context",
-            ));
-        }
+        require_context(inputs)?;
         self.0.decode(x, inputs, state)
     }
 
@@ -785,14 +830,17 @@ impl Block for CrossAttention {
         state: &mut BlockState,
         team: &Team,
     ) -> Result<Array2<f32>> {
-        if inputs.context.is_none() {
-            return Err(Error::invalid(
-                "CrossAttention",
-                "context",
-                "None",
-                "cross attention should receive context",
-            ));
-        }
+        require_context(inputs)?;
         self.0.decode_rows(x, inputs, state, team)
+    }
+
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        require_context(inputs)?;
+        self.0.decode_last(x, inputs, state)
     }
 }

@@ -76,6 +76,39 @@ pub trait Block: Module {
         ))
     }
 
+    /// Whether the block maps each position on its own, keeping no state and mixing nothing
+    /// along the sequence (a feed-forward, possibly behind a norm): decoding may then skip the
+    /// positions whose output nobody reads.
+    fn position_wise(&self) -> bool {
+        false
+    }
+
+    /// [`Block::decode`] of `x` `(b, n, dim)` that returns only the last position's output
+    /// `(b, 1, dim)`, for the prompt's pass, where only the next token's logits are read. The
+    /// state still takes every position. The default decodes every position and keeps the
+    /// last (or, for a position-wise block, decodes the last alone).
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        let last = |t: &Tensor| -> Result<Tensor> {
+            let n = t.shape().get(1).copied().unwrap_or(0);
+            if t.rank() != 3 || n == 0 {
+                return Err(Error::shape(
+                    "decode_last",
+                    format!("expected (b, n > 0, dim), got {:?}", t.shape()),
+                ));
+            }
+            t.narrow(1, n - 1, 1)
+        };
+        if self.position_wise() {
+            return self.decode(&last(x)?, inputs, state);
+        }
+        last(&self.decode(x, inputs, state)?)
+    }
+
     /// The decoding step on plain rows: `x` `(b, dim)` holds one new position per sequence and
     /// the result is [`Block::decode`]'s for `x` as `(b, 1, dim)`, computed without the tensor
     /// machinery (no graph, no per-op allocation of tensors) and with the matrix products

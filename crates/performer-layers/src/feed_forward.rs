@@ -74,6 +74,10 @@ impl Block for FeedForward {
         self.forward(x, inputs)
     }
 
+    fn position_wise(&self) -> bool {
+        true
+    }
+
     fn decode_rows(
         &self,
         x: &ArrayView2<f32>,
@@ -162,6 +166,19 @@ impl Block for Chunk {
     ) -> Result<Tensor> {
         // Pieces of a sequence only matter for memory in training; decoding is position-wise here.
         self.inner.decode(x, inputs, state)
+    }
+
+    fn position_wise(&self) -> bool {
+        self.inner.position_wise()
+    }
+
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.inner.decode_last(x, inputs, state)
     }
 
     fn decode_rows(

@@ -74,6 +74,21 @@ fn for_each_fast_attention(layers: &[Layer], f: &mut dyn FnMut(&FastAttention)) 
     }
 }
 
+/// [`Block::decode`] through residual layers `x = x + f(x); x = x + g(x)`.
+fn decode_layers(
+    layers: &[Layer],
+    states: &mut [[BlockState; 2]],
+    x: &Tensor,
+    inputs: &BlockInputs<'_>,
+) -> Result<Tensor> {
+    let mut x = x.clone();
+    for (l, [sf, sg]) in layers.iter().zip(states.iter_mut()) {
+        x = x.add(&l.f.decode(&x, &l.f_inputs(inputs), sf)?)?;
+        x = x.add(&l.g.decode(&x, &BlockInputs::none(), sg)?)?;
+    }
+    Ok(x)
+}
+
 /// `x = x + f(x); x = x + g(x)` per layer; parameters named `layers.{i}.0.*` and `layers.{i}.1.*`.
 pub struct SequentialSequence {
     /// The layers.
@@ -110,13 +125,34 @@ impl Block for SequentialSequence {
         state: &mut BlockState,
     ) -> Result<Tensor> {
         let states = layer_states(state, self.layers.len())?;
-        let mut x = x.clone();
-        for (l, st) in self.layers.iter().zip(states.iter_mut()) {
-            let [sf, sg] = st;
-            x = x.add(&l.f.decode(&x, &l.f_inputs(inputs), sf)?)?;
-            x = x.add(&l.g.decode(&x, &BlockInputs::none(), sg)?)?;
+        decode_layers(&self.layers, states, x, inputs)
+    }
+
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        // Only the last layer can skip positions: its attention needs every key but one query,
+        // and a position-wise feed-forward after it needs the last position alone.
+        let Some((last, layers)) = self.layers.split_last() else {
+            return Err(Error::Other("decode_last: an empty stack".into()));
+        };
+        if !last.g.position_wise() {
+            let out = self.decode(x, inputs, state)?;
+            let n = out.shape()[1];
+            return out.narrow(1, n - 1, 1);
         }
-        Ok(x)
+        let states = layer_states(state, self.layers.len())?;
+        let (last_state, states) = states.split_last_mut().expect("as many states as layers");
+        let x = decode_layers(layers, states, x, inputs)?;
+        let [sf, sg] = last_state;
+        let n = x.shape()[1];
+        let y =
+            x.narrow(1, n - 1, 1)?
+                .add(&last.f.decode_last(&x, &last.f_inputs(inputs), sf)?)?;
+        y.add(&last.g.decode(&y, &BlockInputs::none(), sg)?)
     }
 
     fn decode_rows(

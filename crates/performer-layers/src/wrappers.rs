@@ -54,6 +54,20 @@ impl Block for PreLayerNorm {
         self.inner.decode(&self.norm.forward(x)?, inputs, state)
     }
 
+    fn position_wise(&self) -> bool {
+        self.inner.position_wise()
+    }
+
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.inner
+            .decode_last(&self.norm.forward(x)?, inputs, state)
+    }
+
     fn decode_rows(
         &self,
         x: &ArrayView2<f32>,
@@ -130,6 +144,19 @@ impl Block for PreScaleNorm {
         self.inner.decode(&self.normalize(x)?, inputs, state)
     }
 
+    fn position_wise(&self) -> bool {
+        self.inner.position_wise()
+    }
+
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.inner.decode_last(&self.normalize(x)?, inputs, state)
+    }
+
     fn decode_rows(
         &self,
         x: &ArrayView2<f32>,
@@ -183,6 +210,21 @@ impl Block for ReZero {
         state: &mut BlockState,
     ) -> Result<Tensor> {
         self.inner.decode(x, inputs, state)?.mul(&self.g.tensor())
+    }
+
+    fn position_wise(&self) -> bool {
+        self.inner.position_wise()
+    }
+
+    fn decode_last(
+        &self,
+        x: &Tensor,
+        inputs: &BlockInputs<'_>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.inner
+            .decode_last(x, inputs, state)?
+            .mul(&self.g.tensor())
     }
 
     fn decode_rows(

@@ -45,9 +45,13 @@ fn main() -> performer_tensor::Result<()> {
                       steps: usize|
      -> performer_tensor::Result<(f64, f64)> {
         let (t, c) = (Instant::now(), cpu_seconds());
-        for _ in 0..steps {
-            lm.step(state, &[g.below(256) as i64])?;
-        }
+        // The steps in one parallel region, as `generate` runs them.
+        performer_tensor::team::with_team(|_| {
+            for _ in 0..steps {
+                lm.step(state, &[g.below(256) as i64])?;
+            }
+            Ok::<_, performer_tensor::Error>(())
+        })?;
         Ok((
             t.elapsed().as_secs_f64() * 1e3 / steps as f64,
             (cpu_seconds() - c) * 1e3 / steps as f64,

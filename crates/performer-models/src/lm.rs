@@ -433,7 +433,7 @@ impl PerformerLM {
         performer_tensor::no_grad(|| {
             let h = self.embed_at(tokens, state.pos)?;
             let pos_emb = self.layer_pos_emb_at(state.pos, n)?;
-            let h = self.performer.decode(
+            let last = self.performer.decode_last(
                 &h,
                 mask,
                 pos_emb.as_ref(),
@@ -442,7 +442,7 @@ impl PerformerLM {
                 &mut state.net,
             )?;
             state.pos += n;
-            let last = self.norm.forward(&h.select(1, n - 1)?)?;
+            let last = self.norm.forward(&last.select(1, 0)?)?;
             self.logits(&last)?
                 .view()
                 .into_dimensionality::<ndarray::Ix2>()

@@ -320,6 +320,29 @@ impl Performer {
         )
     }
 
+    /// [`Performer::decode`] returning only the last position's output `(b, 1, dim)` (see
+    /// `Block::decode_last`): the prompt's pass, which needs no output but the last.
+    pub fn decode_last(
+        &self,
+        x: &Tensor,
+        mask: Option<ArrayView2<'_, bool>>,
+        pos_emb: Option<&Tensor>,
+        context: Option<&Tensor>,
+        context_mask: Option<ArrayView2<'_, bool>>,
+        state: &mut BlockState,
+    ) -> Result<Tensor> {
+        self.net.block().decode_last(
+            x,
+            &BlockInputs {
+                mask,
+                pos_emb,
+                context,
+                context_mask,
+            },
+            state,
+        )
+    }
+
     /// The decoding step on plain rows `x` `(b, dim)`, one position per sequence (see
     /// `Block::decode_rows`), with the products shared over `team`.
     #[allow(clippy::too_many_arguments)]

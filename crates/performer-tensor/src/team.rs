@@ -2,15 +2,26 @@
 //! decoding step (a matrix-vector product, the FAVOR+ heads, the next product) each take
 //! microseconds, and waking a sleeping rayon worker for every phase cost more than the phase.
 //!
-//! [`with_team`] runs a closure on the calling thread and asks rayon for one helper per other
-//! thread. A helper spins (it does not sleep) until the region ends, taking chunks of whatever
-//! phase the caller publishes with [`Team::for_each_chunk`]; the caller takes chunks too, so a
-//! helper that starts late (or never, when the pool is busy) only means less help, never a
-//! wait. Nothing outside the region spins.
+//! [`with_team`] runs a closure on the calling thread; when it publishes a phase with
+//! [`Team::for_each_chunk`], rayon is asked for one helper per other thread (unless they are
+//! already there). A helper spins, taking chunks of whatever phase is current, until the region
+//! ends or no phase has come for [`LINGER`]; the caller takes chunks too, so a helper that
+//! starts late (or never, when the pool is busy) only means less help, never a wait. Nothing
+//! outside a region spins, and inside one a helper leaves rayon's pool to other work after
+//! [`LINGER`] without phases.
+//!
+//! Regions nest: [`with_team`] inside a region on the same thread joins it, so a loop of
+//! decoding steps wrapped in one region keeps its helpers between steps instead of waking a
+//! rayon worker for each.
 
+use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+/// How long a helper waits for the next phase before it returns to rayon's pool.
+pub const LINGER: Duration = Duration::from_micros(200);
 
 /// Most chunks one phase may have (they are counted in 16 bits of the shared word).
 pub const MAX_CHUNKS: usize = u16::MAX as usize;
@@ -34,6 +45,8 @@ struct Shared {
     phase: AtomicPtr<()>,
     /// Set when the region ends: helpers return.
     closed: AtomicBool,
+    /// Helpers spawned and not yet returned.
+    active: AtomicUsize,
 }
 
 impl Shared {
@@ -66,19 +79,34 @@ impl Shared {
     }
 
     fn helper_loop(&self) {
+        let mut idle_since = Instant::now();
+        let mut spins = 0u32;
         while !self.closed.load(SeqCst) {
             match self.claim() {
-                Some(i) => self.run_claimed(i),
-                None => std::hint::spin_loop(),
+                Some(i) => {
+                    self.run_claimed(i);
+                    (idle_since, spins) = (Instant::now(), 0);
+                }
+                None => {
+                    std::hint::spin_loop();
+                    spins += 1;
+                    // Reading the clock costs more than a spin: look every so often.
+                    if spins.is_multiple_of(256) && idle_since.elapsed() > LINGER {
+                        break;
+                    }
+                }
             }
         }
+        self.active.fetch_sub(1, SeqCst);
     }
 }
 
 /// Threads working on a region's phases (see the module docs).
 pub struct Team {
     shared: Option<Arc<Shared>>,
-    generation: std::cell::Cell<u64>,
+    /// Helpers wanted: rayon's threads but the caller's.
+    helpers: usize,
+    generation: Cell<u64>,
 }
 
 impl Team {
@@ -86,7 +114,8 @@ impl Team {
     pub fn single() -> Self {
         Team {
             shared: None,
-            generation: std::cell::Cell::new(0),
+            helpers: 0,
+            generation: Cell::new(0),
         }
     }
 
@@ -110,6 +139,12 @@ impl Team {
             }
         };
         assert!(chunks <= MAX_CHUNKS, "Team: {chunks} chunks in one phase");
+        let missing = self.helpers.saturating_sub(shared.active.load(SeqCst));
+        for _ in 0..missing {
+            shared.active.fetch_add(1, SeqCst);
+            let s = shared.clone();
+            rayon::spawn(move || s.helper_loop());
+        }
         let phase = Phase {
             work,
             finished: AtomicUsize::new(0),
@@ -153,19 +188,37 @@ impl Team {
     }
 }
 
-/// Ends the region when the caller leaves it, even by unwinding.
-struct CloseOnDrop(Arc<Shared>);
+thread_local! {
+    /// The team of the region this thread is in, if any (for nested [`with_team`] calls).
+    static CURRENT: Cell<*const Team> = const { Cell::new(std::ptr::null()) };
+}
 
-impl Drop for CloseOnDrop {
+/// Restores the thread's current team, and ends the region, when its caller leaves it (even
+/// by unwinding).
+struct RegionGuard {
+    shared: Arc<Shared>,
+    outer: *const Team,
+}
+
+impl Drop for RegionGuard {
     fn drop(&mut self) {
-        self.0.closed.store(true, SeqCst);
+        self.shared.closed.store(true, SeqCst);
+        CURRENT.with(|c| c.set(self.outer));
     }
 }
 
 /// Runs `f` with a [`Team`] of the calling thread and up to `rayon::current_num_threads() - 1`
-/// helpers (none when rayon has one thread). Helpers spin while the region lasts, so keep it
-/// to a burst of fine-grained phases (one decoding step).
+/// helpers (none when rayon has one thread), or with the team of the region the thread is
+/// already in. Helpers spin while phases keep coming, so a region suits bursts of
+/// fine-grained phases (decoding steps); a region around heavy rayon work (a long prompt's
+/// parallel pass) makes that work wait for its helpers to go idle for [`LINGER`].
 pub fn with_team<R>(f: impl FnOnce(&Team) -> R) -> R {
+    let current = CURRENT.with(Cell::get);
+    if !current.is_null() {
+        // SAFETY: CURRENT points at the team of a region further up this thread's stack; its
+        // guard resets CURRENT before that team is dropped.
+        return f(unsafe { &*current });
+    }
     let helpers = rayon::current_num_threads().saturating_sub(1);
     if helpers == 0 {
         return f(&Team::single());
@@ -174,16 +227,19 @@ pub fn with_team<R>(f: impl FnOnce(&Team) -> R) -> R {
         word: AtomicU64::new(0),
         phase: AtomicPtr::new(std::ptr::null_mut()),
         closed: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
     });
-    let _close = CloseOnDrop(shared.clone());
-    for _ in 0..helpers {
-        let s = shared.clone();
-        rayon::spawn(move || s.helper_loop());
-    }
-    f(&Team {
+    let team = Team {
         shared: Some(shared.clone()),
-        generation: std::cell::Cell::new(0),
-    })
+        helpers,
+        generation: Cell::new(0),
+    };
+    let _guard = RegionGuard {
+        shared,
+        outer: current,
+    };
+    CURRENT.with(|c| c.set(&team as *const Team));
+    f(&team)
 }
 
 #[cfg(test)]
@@ -215,6 +271,22 @@ mod tests {
         seen.sort_by_key(|r| r.start);
         assert_eq!(seen, vec![0..516, 516..1030]);
         with_team(|team| team.for_each_range(0, 2, 4, &|_| panic!("no work")));
+    }
+
+    #[test]
+    fn nested_regions_share_the_outer_team() {
+        with_team(|outer| {
+            with_team(|inner| assert!(std::ptr::eq(outer, inner)));
+            // Phases still run after helpers went idle and left.
+            std::thread::sleep(LINGER * 3);
+            let sum = AtomicU32::new(0);
+            outer.for_each_chunk(10, &|i| {
+                sum.fetch_add(i as u32, SeqCst);
+            });
+            assert_eq!(sum.load(SeqCst), 45);
+        });
+        // Outside, a region of its own again.
+        with_team(|t| assert_eq!(t.is_parallel(), rayon::current_num_threads() > 1));
     }
 
     #[test]
