@@ -90,19 +90,16 @@ impl Block for FeedForward {
         }
         *state = BlockState::Stateless;
         let h = self.w1.forward_rows(x, team)?;
-        let act = self.activation;
-        let h = if self.glu {
-            let half = h.ncols() / 2;
-            let (a, b) = (
-                h.slice(ndarray::s![.., ..half]),
-                h.slice(ndarray::s![.., half..]),
-            );
-            ndarray::Zip::from(&a)
-                .and(&b)
-                .map_collect(|&a, &b| act.f(a) * b)
-        } else {
-            h.mapv(|v| act.f(v))
-        };
+        let mut h = h;
+        // GLU: [a | gate] -> act(a) * gate; otherwise act(h) (the gate half is empty).
+        let hidden = if self.glu { h.ncols() / 2 } else { h.ncols() };
+        for mut row in h.rows_mut() {
+            let row = row.as_slice_mut().expect("rows of a fresh array");
+            let (a, gate) = row.split_at_mut(hidden);
+            self.activation.apply_inplace(a);
+            a.iter_mut().zip(gate.iter()).for_each(|(a, g)| *a *= g);
+        }
+        let h = h.slice(ndarray::s![.., ..hidden]);
         self.w2.forward_rows(&h.view(), team)
     }
 }

@@ -174,6 +174,15 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `x = 0.5 x (1 + erf(x / sqrt 2))` (GELU's erf form) for every element.
+    pub fn gelu_inplace(xs: &mut [f32]) {
+        for x in xs.iter_mut() {
+            *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
 /// Rows of the weight matrix one [`gemv_rows`] pass reads together: each value of `x` loaded
 /// from memory is used this many times, and the loop keeps as many accumulators in flight.
 const GEMV_ROWS: usize = 4;
@@ -308,6 +317,19 @@ mod tests {
         scaled_exp_inplace(&mut xs, 1.5, 2.0, 0.1);
         for (a, b) in xs.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-6 * b.abs());
+        }
+        // GELU against its f64 value 0.5 x (1 + erf(x / sqrt 2)).
+        let mut xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
+        let want: Vec<f64> = xs
+            .iter()
+            .map(|&x| 0.5 * x as f64 * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2)))
+            .collect();
+        gelu_inplace(&mut xs);
+        for (a, b) in xs.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{a} vs {b}"
+            );
         }
         let mut lane = vec![1.0f32, 2.0, 3.0, -f32::MAX];
         softmax_inplace(&mut lane);

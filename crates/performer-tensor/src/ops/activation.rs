@@ -236,6 +236,14 @@ impl Activation {
         }
     }
 
+    /// Applies it to every element of a slice in place (no gradients; GELU vectorized).
+    pub fn apply_inplace(&self, xs: &mut [f32]) {
+        match *self {
+            Activation::Gelu => crate::fast_math::gelu_inplace(xs),
+            act => xs.iter_mut().for_each(|x| *x = act.f(*x)),
+        }
+    }
+
     /// Applies it to a tensor (differentiable).
     pub fn apply(&self, x: &Tensor) -> Tensor {
         match *self {
