@@ -200,6 +200,16 @@ pub struct ContextState {
     z: Array2<f32>,
 }
 
+/// One head's sums as [`FastAttention::extend_state`] hands them out: head index, `kv`, `z`,
+/// `v_sum` and the running reference.
+type ExtendHead<'a> = (
+    usize,
+    ndarray::ArrayViewMut2<'a, f32>,
+    ndarray::ArrayViewMut1<'a, f32>,
+    ndarray::ArrayViewMut1<'a, f32>,
+    &'a mut f32,
+);
+
 /// `a` cut into pieces of `len` (at least 1) values.
 fn slices(a: &mut [f32], len: usize) -> Vec<&mut [f32]> {
     a.chunks_mut(len.max(1)).collect()
@@ -344,20 +354,28 @@ impl FastAttention {
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|e| Error::shape("FastAttention", e.to_string()))?;
         let kind = kind_of(self);
-        for h in 0..state.heads {
+        // Heads are independent: each takes its own sums, in parallel for a prompt.
+        let heads: Vec<_> = state
+            .kv
+            .outer_iter_mut()
+            .zip(state.z.outer_iter_mut())
+            .zip(state.v_sum.outer_iter_mut())
+            .zip(state.reference.iter_mut())
+            .enumerate()
+            .map(|(h, (((kv, z), vs), reference))| (h, kv, z, vs, reference))
+            .collect();
+        let extend_head = |(h, mut kv, mut z, mut vs, reference): ExtendHead<'_>| {
             let (kh, vh) = (k.index_axis(Axis(0), h), v.index_axis(Axis(0), h));
-            let mut kv = state.kv.index_axis_mut(Axis(0), h);
-            let mut z = state.z.index_axis_mut(Axis(0), h);
             match kind {
                 Kind::Softmax { dn, .. } => {
                     let u = project(&kh, &p, dn);
-                    let new_max = u.fold(state.reference[h], |a, &b| a.max(b));
-                    if new_max > state.reference[h] && state.reference[h].is_finite() {
-                        let scale = (state.reference[h] - new_max).exp();
+                    let new_max = u.fold(*reference, |a, &b| a.max(b));
+                    if new_max > *reference && reference.is_finite() {
+                        let scale = (*reference - new_max).exp();
                         kv.mapv_inplace(|x| x * scale);
                         z.mapv_inplace(|x| x * scale);
                     }
-                    state.reference[h] = new_max;
+                    *reference = new_max;
                     // w_j = exp(a_j - R), a_j = u_j - dn^2 |k_j|^2 / 2
                     let mut w = u;
                     for (mut row, kr) in w.rows_mut().into_iter().zip(kh.rows()) {
@@ -366,7 +384,6 @@ impl FastAttention {
                         simd::exp_affine(row, diag + new_max, 1.0, 0.0);
                     }
                     accumulate(&mut kv, &mut z, &w.view(), &vh);
-                    let mut vs = state.v_sum.index_axis_mut(Axis(0), h);
                     vs += &vh.sum_axis(Axis(0));
                 }
                 Kind::Generalized { dn, eps, kernel } => {
@@ -378,6 +395,12 @@ impl FastAttention {
                     accumulate(&mut kv, &mut z, &kf.view(), &vh);
                 }
             }
+        };
+        if k.shape()[1] > 1 {
+            use rayon::prelude::*;
+            heads.into_par_iter().for_each(extend_head);
+        } else {
+            heads.into_iter().for_each(extend_head);
         }
         state.count += k.shape()[1];
         Ok(())
