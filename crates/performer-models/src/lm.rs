@@ -4,8 +4,8 @@
 use ndarray::ArrayView2;
 use performer_favor::FastAttention;
 use performer_layers::{
-    AbsolutePositionalEmbedding, AxialPositionalEmbedding, BlockState, Dropout, Embedding,
-    FixedPositionalEmbedding, LayerNorm, Linear,
+    AbsolutePositionalEmbedding, AxialPositionalEmbedding, BlockInputs, BlockState, Dropout,
+    Embedding, FixedPositionalEmbedding, LayerNorm, Linear,
 };
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 
@@ -433,14 +433,15 @@ impl PerformerLM {
         performer_tensor::no_grad(|| {
             let h = self.embed_at(tokens, state.pos)?;
             let pos_emb = self.layer_pos_emb_at(state.pos, n)?;
-            let last = self.performer.decode_last(
-                &h,
+            let block_inputs = BlockInputs {
                 mask,
-                pos_emb.as_ref(),
-                inputs.context,
-                inputs.context_mask,
-                &mut state.net,
-            )?;
+                pos_emb: pos_emb.as_ref(),
+                context: inputs.context,
+                context_mask: inputs.context_mask,
+            };
+            let last = self
+                .performer
+                .decode_last(&h, &block_inputs, &mut state.net)?;
             state.pos += n;
             let last = self.norm.forward(&last.select(1, 0)?)?;
             self.logits(&last)?
@@ -468,15 +469,15 @@ impl PerformerLM {
             .into_shape_with_order((b, self.config.dim))
             .map_err(|e| Error::shape("PerformerLM::decode", e.to_string()))?;
         let pos_emb = self.layer_pos_emb_at(state.pos, 1)?;
-        let h = self.performer.decode_rows(
-            &h.view(),
-            None,
-            pos_emb.as_ref(),
-            state.context.as_ref(),
-            state.context_mask.as_ref().map(|m| m.view()),
-            &mut state.net,
-            team,
-        )?;
+        let inputs = BlockInputs {
+            mask: None,
+            pos_emb: pos_emb.as_ref(),
+            context: state.context.as_ref(),
+            context_mask: state.context_mask.as_ref().map(|m| m.view()),
+        };
+        let h = self
+            .performer
+            .decode_rows(&h.view(), &inputs, &mut state.net, team)?;
         state.pos += 1;
         let last = self.norm.forward_rows(&h.view())?;
         match &self.to_out {

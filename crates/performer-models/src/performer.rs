@@ -325,48 +325,22 @@ impl Performer {
     pub fn decode_last(
         &self,
         x: &Tensor,
-        mask: Option<ArrayView2<'_, bool>>,
-        pos_emb: Option<&Tensor>,
-        context: Option<&Tensor>,
-        context_mask: Option<ArrayView2<'_, bool>>,
+        inputs: &BlockInputs<'_>,
         state: &mut BlockState,
     ) -> Result<Tensor> {
-        self.net.block().decode_last(
-            x,
-            &BlockInputs {
-                mask,
-                pos_emb,
-                context,
-                context_mask,
-            },
-            state,
-        )
+        self.net.block().decode_last(x, inputs, state)
     }
 
     /// The decoding step on plain rows `x` `(b, dim)`, one position per sequence (see
     /// `Block::decode_rows`), with the products shared over `team`.
-    #[allow(clippy::too_many_arguments)]
     pub fn decode_rows(
         &self,
         x: &ndarray::ArrayView2<f32>,
-        mask: Option<ArrayView2<'_, bool>>,
-        pos_emb: Option<&Tensor>,
-        context: Option<&Tensor>,
-        context_mask: Option<ArrayView2<'_, bool>>,
+        inputs: &BlockInputs<'_>,
         state: &mut BlockState,
         team: &performer_tensor::team::Team,
     ) -> Result<ndarray::Array2<f32>> {
-        self.net.block().decode_rows(
-            x,
-            &BlockInputs {
-                mask,
-                pos_emb,
-                context,
-                context_mask,
-            },
-            state,
-            team,
-        )
+        self.net.block().decode_rows(x, inputs, state, team)
     }
 }
 
