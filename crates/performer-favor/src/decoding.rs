@@ -14,7 +14,7 @@
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
 use std::sync::Mutex;
 
-use performer_tensor::fast_math::{axpy, dot, gemv_rows};
+use performer_tensor::fast_math::{axpy, dot, gemv_rows_many};
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
@@ -217,17 +217,15 @@ fn slices(a: &mut [f32], len: usize) -> Vec<&mut [f32]> {
 
 /// One head's running sums and output row, borrowed for one decoding step.
 struct HeadStep<'a> {
+    /// `dn P k` on entry (softmax and generalized kernels), the key's features after.
+    kf: &'a mut [f32],
+    /// `dn P q` on entry, the query's features after.
+    qf: &'a mut [f32],
     kv: &'a mut [f32],
     z: &'a mut [f32],
     v_sum: &'a mut [f32],
     reference: &'a mut f32,
     out: &'a mut [f32],
-}
-
-/// `dn * P x` (m) into `u`, with `P` row-major (m, d).
-fn project_into(p: &[f32], x: &[f32], dn: f32, u: &mut [f32]) {
-    gemv_rows(p, x, u);
-    u.iter_mut().for_each(|v| *v *= dn);
 }
 
 /// The largest value, NaN-ignoring as `f32::max` (the parallel path's `fold`).
@@ -239,22 +237,12 @@ fn max_ignoring_nan(xs: &[f32], start: f32) -> f32 {
 /// attention of query `q` over every key so far (`count` of them, this one included) to
 /// `s.out`. The same arithmetic as [`FastAttention::extend_state`] followed by
 /// [`FastAttention::query_state`], with one pass over the sums instead of two.
-fn step_head(
-    kind: Kind,
-    p: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: HeadStep<'_>,
-    count: usize,
-) {
-    let m = s.z.len();
-    let (mut kf, mut qf) = (vec![0f32; m], vec![0f32; m]);
+fn step_head(kind: Kind, q: &[f32], k: &[f32], v: &[f32], s: HeadStep<'_>, count: usize) {
+    let (kf, qf) = (s.kf, s.qf);
     let mut acc = vec![0f32; v.len()];
     let (decay, numerator_scale, eps_term) = match kind {
         Kind::Softmax { dn, ratio, eps } => {
-            project_into(p, k, dn, &mut kf);
-            let new_ref = max_ignoring_nan(&kf, *s.reference);
+            let new_ref = max_ignoring_nan(kf, *s.reference);
             let decay = if new_ref > *s.reference && s.reference.is_finite() {
                 (*s.reference - new_ref).exp()
             } else {
@@ -262,17 +250,14 @@ fn step_head(
             };
             *s.reference = new_ref;
             let diag = half_sq_norm(&ndarray::ArrayView1::from(k), dn);
-            simd::exp_affine(&mut kf, diag + new_ref, 1.0, 0.0);
+            simd::exp_affine(kf, diag + new_ref, 1.0, 0.0);
             simd::axpy(s.v_sum, 1.0, v);
-            project_into(p, q, dn, &mut qf);
             let diag = half_sq_norm(&ndarray::ArrayView1::from(q), dn);
-            let top = max_ignoring_nan(&qf, f32::NEG_INFINITY);
-            simd::exp_affine(&mut qf, diag + top, ratio, ratio * eps);
+            let top = max_ignoring_nan(qf, f32::NEG_INFINITY);
+            simd::exp_affine(qf, diag + top, ratio, ratio * eps);
             (decay, ratio, Some((ratio, eps)))
         }
-        Kind::Generalized { dn, eps, kernel } => {
-            project_into(p, k, dn, &mut kf);
-            project_into(p, q, dn, &mut qf);
+        Kind::Generalized { eps, kernel, .. } => {
             for x in kf.iter_mut().chain(qf.iter_mut()) {
                 *x = kernel.f(*x) + eps;
             }
@@ -283,12 +268,12 @@ fn step_head(
                 *f = x.exp();
             }
             qf.copy_from_slice(q);
-            performer_tensor::fast_math::softmax_inplace(&mut qf);
+            performer_tensor::fast_math::softmax_inplace(qf);
             (1.0, 1.0, None)
         }
     };
-    let qz = simd::update_and_read(s.kv, s.z, &kf, v, &qf, decay, &mut acc);
-    let qsum = simd::sum(&qf);
+    let qz = simd::update_and_read(s.kv, s.z, kf, v, qf, decay, &mut acc);
+    let qsum = simd::sum(qf);
     let (den, v_sum_weight) = match eps_term {
         // sum_j k'_j = r Z + r eps count 1, and sum_j k'_j v_j^T = r A + r eps 1 B^T
         Some((ratio, eps)) => (
@@ -439,6 +424,19 @@ impl FastAttention {
         state.count += 1;
         let count = state.count;
         let std = "standard layout";
+        let (q, k, v) = (
+            q.as_slice().expect(std),
+            k.as_slice().expect(std),
+            v.as_slice().expect(std),
+        );
+        // Every head's key and query projections in one pass over P, which the heads share:
+        // the keys' in the first heads * m values, the queries' after them.
+        let mut features = vec![0f32; 2 * heads * m];
+        if let Kind::Softmax { dn, .. } | Kind::Generalized { dn, .. } = kind {
+            gemv_rows_many(p, d, &[k, q].concat(), &mut features);
+            features.iter_mut().for_each(|u| *u *= dn);
+        }
+        let (key_features, query_features) = features.split_at_mut(heads * m);
         let per_head: Vec<Mutex<Option<HeadStep<'_>>>> =
             slices(state.kv.as_slice_mut().expect(std), m * e)
                 .into_iter()
@@ -446,8 +444,15 @@ impl FastAttention {
                 .zip(slices(state.v_sum.as_slice_mut().expect(std), e))
                 .zip(state.reference.iter_mut())
                 .zip(slices(out.as_slice_mut().expect(std), e))
-                .map(|((((kv, z), v_sum), reference), out)| {
+                .zip(
+                    slices(key_features, m)
+                        .into_iter()
+                        .zip(slices(query_features, m)),
+                )
+                .map(|(((((kv, z), v_sum), reference), out), (kf, qf))| {
                     Mutex::new(Some(HeadStep {
+                        kf,
+                        qf,
                         kv,
                         z,
                         v_sum,
@@ -456,11 +461,6 @@ impl FastAttention {
                     }))
                 })
                 .collect();
-        let (q, k, v) = (
-            q.as_slice().expect(std),
-            k.as_slice().expect(std),
-            v.as_slice().expect(std),
-        );
         team.for_each_chunk(heads, &|h| {
             let s = per_head[h]
                 .lock()
@@ -469,7 +469,6 @@ impl FastAttention {
                 .expect("each head is stepped once");
             step_head(
                 kind,
-                p,
                 &q[h * d..(h + 1) * d],
                 &k[h * d..(h + 1) * d],
                 &v[h * e..(h + 1) * e],

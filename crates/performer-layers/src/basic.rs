@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2, ArrayViewD};
-use performer_tensor::fast_math::gemv_rows;
+use performer_tensor::fast_math::{gemv_rows, gemv_rows_many};
 use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Param, Result, Tensor, TrainingFlag, Visitor};
 
@@ -101,52 +101,62 @@ pub fn linear_rows(
     let x = x.as_slice().expect("standard layout");
     let weights: Vec<_> = layers.iter().map(|l| l.weight.value()).collect();
     let weights: Vec<_> = weights.iter().map(|w| w.as_standard_layout()).collect();
-    let rows_per_chunk = (CHUNK_VALUES / inf.max(1)).max(4) / 4 * 4;
-    // (layer, first row, rows) of every chunk, and a buffer for its (b, rows) results.
-    let chunks: Vec<(usize, usize, usize)> = weights
+    let biases: Vec<_> = layers
         .iter()
-        .enumerate()
-        .flat_map(|(i, w)| {
-            let rows = w.shape()[0];
-            (0..rows)
-                .step_by(rows_per_chunk)
-                .map(move |r| (i, r, rows_per_chunk.min(rows - r)))
+        .map(|l| {
+            l.bias
+                .as_ref()
+                .map(|b| b.value().as_standard_layout().to_owned())
         })
         .collect();
-    let results: Vec<Mutex<Vec<f32>>> = chunks
+    let rows_per_chunk = (CHUNK_VALUES / inf.max(1)).max(4) / 4 * 4;
+    // Results feature-major, (out_i, b): a chunk of output features is then one contiguous
+    // piece each chunk fills alone.
+    let mut results: Vec<Vec<f32>> = layers
         .iter()
-        .map(|&(_, _, rows)| Mutex::new(vec![0f32; b * rows]))
+        .map(|l| vec![0f32; l.out_features() * b])
         .collect();
+    // (layer, first row, rows) of every chunk, and the piece of the results it fills.
+    let mut chunks = Vec::new();
+    let mut pieces = Vec::new();
+    for (i, r) in results.iter_mut().enumerate() {
+        for (c, piece) in r.chunks_mut(rows_per_chunk * b).enumerate() {
+            chunks.push((i, c * rows_per_chunk, piece.len() / b));
+            pieces.push(Mutex::new(piece));
+        }
+    }
     team.for_each_chunk(chunks.len(), &|c| {
         let (i, r0, rows) = chunks[c];
         let w = &weights[i].as_slice().expect("standard layout")[r0 * inf..(r0 + rows) * inf];
-        let mut out = results[c].lock().unwrap_or_else(|e| e.into_inner());
-        for (xr, o) in x.chunks_exact(inf).zip(out.chunks_exact_mut(rows)) {
-            gemv_rows(w, xr, o);
-        }
-    });
-    let mut outs: Vec<Array2<f32>> = layers
-        .iter()
-        .map(|l| Array2::zeros((b, l.out_features())))
-        .collect();
-    for (&(i, r0, rows), res) in chunks.iter().zip(results) {
-        let res = res.into_inner().unwrap_or_else(|e| e.into_inner());
-        let res = ArrayView2::from_shape((b, rows), &res).expect("b x rows results");
-        outs[i]
-            .slice_mut(ndarray::s![.., r0..r0 + rows])
-            .assign(&res);
-    }
-    for (out, l) in outs.iter_mut().zip(layers) {
-        if let Some(bias) = &l.bias {
-            let bias = bias.value();
-            for mut row in out.rows_mut() {
-                row += &bias
-                    .view()
-                    .into_dimensionality::<ndarray::Ix1>()
-                    .map_err(|e| Error::shape("Linear", format!("bias: {e}")))?;
+        let mut piece = pieces[c].lock().unwrap_or_else(|e| e.into_inner());
+        if b == 1 {
+            gemv_rows(w, x, &mut piece);
+        } else {
+            let mut by_row = vec![0f32; b * rows];
+            gemv_rows_many(w, inf, x, &mut by_row);
+            for (bi, row) in by_row.chunks_exact(rows).enumerate() {
+                for (r, &y) in row.iter().enumerate() {
+                    piece[r * b + bi] = y;
+                }
             }
         }
-    }
+        if let Some(bias) = &biases[i] {
+            let bias = &bias.as_slice().expect("standard layout")[r0..r0 + rows];
+            for (ys, &bias) in piece.chunks_exact_mut(b).zip(bias) {
+                ys.iter_mut().for_each(|y| *y += bias);
+            }
+        }
+    });
+    drop(pieces);
+    let outs = results
+        .into_iter()
+        .zip(layers)
+        .map(|(r, l)| {
+            let by_feature =
+                Array2::from_shape_vec((l.out_features(), b), r).expect("out_features x b results");
+            by_feature.t().as_standard_layout().into_owned()
+        })
+        .collect();
     Ok(outs)
 }
 

@@ -240,6 +240,39 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// [`gemv_rows`] of several vectors against the same rows: `xs` holds vectors of `k`
+    /// values back to back and `out` their results, `out.len() / (xs.len() / k)` apiece in the
+    /// same order. Each block of rows of `w` is read once for all the vectors (it stays in L1
+    /// while they take turns), so `w` streams from memory once, not once per vector.
+    ///
+    /// # Panics
+    /// If `k` is 0, `xs.len()` is not a multiple of `k`, `out.len()` not a multiple of the
+    /// vector count, or `w` holds fewer than `rows * k` values.
+    pub fn gemv_rows_many(w: &[f32], k: usize, xs: &[f32], out: &mut [f32]) {
+        assert!(k > 0 && xs.len().is_multiple_of(k), "gemv_rows_many: vectors of {k}");
+        let vectors = xs.len() / k;
+        if vectors == 0 {
+            return;
+        }
+        assert!(out.len().is_multiple_of(vectors), "gemv_rows_many: uneven outputs");
+        let rows = out.len() / vectors;
+        assert!(w.len() >= rows * k, "gemv_rows_many: weight too small");
+        let blocked = rows - rows % GEMV_ROWS;
+        for r0 in (0..blocked).step_by(GEMV_ROWS) {
+            let block = &w[r0 * k..(r0 + GEMV_ROWS) * k];
+            for (x, o) in xs.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+                o[r0..r0 + GEMV_ROWS].copy_from_slice(&dot_rows(block, k, x));
+            }
+        }
+        for r in blocked..rows {
+            for (x, o) in xs.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+                o[r] = dot(&w[r * k..(r + 1) * k], x);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +314,23 @@ mod tests {
                     (out[r] - want).abs() <= 1e-4 * want.abs().max(1.0),
                     "{rows}x{k} row {r}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_rows_many_equals_one_vector_at_a_time() {
+        for (rows, k, vectors) in [(9, 64, 8), (4, 16, 1), (13, 5, 3)] {
+            let w: Vec<f32> = (0..rows * k).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+            let xs: Vec<f32> = (0..vectors * k)
+                .map(|i| 0.25 * (i % 7) as f32 - 0.5)
+                .collect();
+            let mut out = vec![f32::NAN; rows * vectors];
+            gemv_rows_many(&w, k, &xs, &mut out);
+            for (x, o) in xs.chunks(k).zip(out.chunks(rows)) {
+                let mut want = vec![0f32; rows];
+                gemv_rows(&w, x, &mut want);
+                assert_eq!(o, &want[..], "{rows}x{k}, {vectors} vectors");
             }
         }
     }
