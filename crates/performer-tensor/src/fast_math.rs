@@ -174,11 +174,43 @@ multiversion! {
     }
 }
 
+/// GELU's erf form, `0.5 x (1 + erf(x / sqrt 2))`.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The derivative of [`gelu`]: `Phi(x) + x phi(x)`.
+#[inline(always)]
+pub fn gelu_grad(x: f32) -> f32 {
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * FRAC_1_SQRT_2PI * exp(-0.5 * x * x)
+}
+
 multiversion! {
-    /// `x = 0.5 x (1 + erf(x / sqrt 2))` (GELU's erf form) for every element.
+    /// `x = gelu(x)` for every element.
     pub fn gelu_inplace(xs: &mut [f32]) {
         for x in xs.iter_mut() {
-            *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+            *x = gelu(*x);
+        }
+    }
+}
+
+multiversion! {
+    /// `out = gelu(x)` element by element (`out` may be uninitialized; lengths must match).
+    pub fn gelu_into(xs: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
+        for (o, &x) in out.iter_mut().zip(xs) {
+            o.write(gelu(x));
+        }
+    }
+}
+
+multiversion! {
+    /// `out = g * gelu'(x)` element by element: GELU's backward (`out` may be uninitialized).
+    pub fn gelu_backward_into(gs: &[f32], xs: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
+        for ((o, &g), &x) in out.iter_mut().zip(gs).zip(xs) {
+            o.write(g * gelu_grad(x));
         }
     }
 }

@@ -108,6 +108,12 @@ fn activations() {
     let a = away_from_zero(&[3, 7], 14);
     check(|x| Ok(x[0].relu()), std::slice::from_ref(&a));
     check(|x| Ok(x[0].gelu()), std::slice::from_ref(&a));
+    // GELU's vectorized kernels take contiguous operands; a transposed view takes the scalar
+    // path in both directions.
+    check(
+        |x| Ok(x[0].transpose(0, 1)?.gelu()),
+        std::slice::from_ref(&a),
+    );
     check(|x| Ok(x[0].elu()), std::slice::from_ref(&a));
     check(|x| Ok(x[0].softplus()), std::slice::from_ref(&a));
     check(|x| Ok(x[0].silu()), std::slice::from_ref(&a));

@@ -1,23 +1,10 @@
 //! Activation functions, with the exact forms PyTorch uses (GELU in its erf form, softplus
 //! with beta 1 and threshold 20, ELU with alpha 1, leaky ReLU with a chosen slope).
 
-use super::elementwise::unary;
+use super::elementwise::{UnaryKernels, unary, unary_vectorized};
 use crate::Tensor;
 
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
-/// `0.5 x (1 + erf(x / sqrt 2))`.
-#[inline(always)]
-pub(crate) fn gelu_scalar(x: f32) -> f32 {
-    0.5 * x * (1.0 + crate::fast_math::erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// Derivative of [`gelu_scalar`].
-#[inline(always)]
-pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
-    let cdf = 0.5 * (1.0 + crate::fast_math::erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    cdf + x * FRAC_1_SQRT_2PI * crate::fast_math::exp(-0.5 * x * x)
-}
+pub(crate) use crate::fast_math::{gelu as gelu_scalar, gelu_grad as gelu_grad_scalar};
 
 /// The logistic function, stable for large |x|.
 pub(crate) fn sigmoid_scalar(x: f32) -> f32 {
@@ -47,7 +34,16 @@ impl Tensor {
 
     /// GELU, erf form (as `torch.nn.GELU()`).
     pub fn gelu(&self) -> Tensor {
-        unary(self, "gelu", gelu_scalar, |x, _| gelu_grad_scalar(x))
+        unary_vectorized(
+            self,
+            "gelu",
+            UnaryKernels {
+                forward: crate::fast_math::gelu_into,
+                backward: crate::fast_math::gelu_backward_into,
+                f: gelu_scalar,
+                df: gelu_grad_scalar,
+            },
+        )
     }
 
     /// ELU with alpha 1.

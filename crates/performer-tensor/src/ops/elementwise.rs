@@ -1,5 +1,7 @@
 //! Arithmetic with PyTorch broadcasting, scalar forms, and element-wise math.
 
+use std::mem::MaybeUninit;
+
 use ndarray::{ArrayD, IxDyn};
 
 use super::{map_array, zip_map, zip_map3};
@@ -113,6 +115,53 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
             gb.map(|g| super::sum_to(g, bd.shape())),
         ])
     }))
+}
+
+/// An element-wise function as slice kernels compiled for the machine's vector units (see
+/// `fast_math`), with scalar forms for operands that are not contiguous.
+pub(crate) struct UnaryKernels {
+    /// `out = f(x)`.
+    pub forward: fn(&[f32], &mut [MaybeUninit<f32>]),
+    /// `out = g * f'(x)`.
+    pub backward: fn(&[f32], &[f32], &mut [MaybeUninit<f32>]),
+    /// `f` at one point.
+    pub f: fn(f32) -> f32,
+    /// `f'` at one point.
+    pub df: fn(f32) -> f32,
+}
+
+/// [`unary`] through slice kernels where the operands are contiguous: a closure inlined into
+/// `map_array` is compiled for the baseline x86-64 only, and GELU's erf there cost as much as
+/// a matrix product of the same layer.
+pub(crate) fn unary_vectorized(x: &Tensor, name: &'static str, k: UnaryKernels) -> Tensor {
+    let xv = x.view();
+    let out = match xv.as_slice() {
+        Some(xs) => {
+            let v = super::fill_vec(xs.len(), |off, out| {
+                (k.forward)(&xs[off..off + out.len()], out)
+            });
+            ArrayD::from_shape_vec(xv.raw_dim(), v).expect("length of the operand")
+        }
+        None => map_array(&xv, k.f),
+    };
+    if !crate::is_grad_enabled() || !x.is_tracked() {
+        return Tensor::new(out);
+    }
+    let xd = x.data().clone();
+    Tensor::from_op(out.into_shared(), name, &[x], move |g, _| {
+        let (gv, xv) = (g.view(), xd.view());
+        let grad = match (gv.as_slice(), xv.as_slice()) {
+            (Some(gs), Some(xs)) if gv.shape() == xv.shape() => {
+                let v = super::fill_vec(gs.len(), |off, out| {
+                    let n = out.len();
+                    (k.backward)(&gs[off..off + n], &xs[off..off + n], out)
+                });
+                ArrayD::from_shape_vec(gv.raw_dim(), v).expect("length of the operands")
+            }
+            _ => super::zip_map(&gv, &xv, |g, x| g * (k.df)(x)),
+        };
+        Ok(vec![Some(grad)])
+    })
 }
 
 /// An element-wise function with its derivative, expressed through the input `x` and the
