@@ -14,7 +14,7 @@
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
 use std::sync::Mutex;
 
-use performer_tensor::fast_math::{axpy, dot, gemv_rows_many};
+use performer_tensor::fast_math::{axpy, dot, gemv_rows_many, scaled_exp_inplace};
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
@@ -228,7 +228,7 @@ struct HeadStep<'a> {
     out: &'a mut [f32],
 }
 
-/// The largest value, NaN-ignoring as `f32::max` (the parallel path's `fold`).
+/// The largest of `start` and `xs`, ignoring NaN as `f32::max` does.
 fn max_ignoring_nan(xs: &[f32], start: f32) -> f32 {
     xs.iter().fold(start, |a, &b| a.max(b))
 }
@@ -250,11 +250,11 @@ fn step_head(kind: Kind, q: &[f32], k: &[f32], v: &[f32], s: HeadStep<'_>, count
             };
             *s.reference = new_ref;
             let diag = half_sq_norm(&ndarray::ArrayView1::from(k), dn);
-            simd::exp_affine(kf, diag + new_ref, 1.0, 0.0);
+            scaled_exp_inplace(kf, diag + new_ref, 1.0, 0.0);
             simd::axpy(s.v_sum, 1.0, v);
             let diag = half_sq_norm(&ndarray::ArrayView1::from(q), dn);
             let top = max_ignoring_nan(qf, f32::NEG_INFINITY);
-            simd::exp_affine(qf, diag + top, ratio, ratio * eps);
+            scaled_exp_inplace(qf, diag + top, ratio, ratio * eps);
             (decay, ratio, Some((ratio, eps)))
         }
         Kind::Generalized { eps, kernel, .. } => {
@@ -354,7 +354,8 @@ impl FastAttention {
             match kind {
                 Kind::Softmax { dn, .. } => {
                     let u = project(&kh, &p, dn);
-                    let new_max = u.fold(*reference, |a, &b| a.max(b));
+                    let new_max =
+                        max_ignoring_nan(u.as_slice().expect("a fresh array"), *reference);
                     if new_max > *reference && reference.is_finite() {
                         let scale = (*reference - new_max).exp();
                         kv.mapv_inplace(|x| x * scale);
@@ -366,7 +367,7 @@ impl FastAttention {
                     for (mut row, kr) in w.rows_mut().into_iter().zip(kh.rows()) {
                         let diag = half_sq_norm(&kr, dn);
                         let row = row.as_slice_mut().expect("rows of a fresh array");
-                        simd::exp_affine(row, diag + new_max, 1.0, 0.0);
+                        scaled_exp_inplace(row, diag + new_max, 1.0, 0.0);
                     }
                     accumulate(&mut kv, &mut z, &w.view(), &vh);
                     vs += &vh.sum_axis(Axis(0));
@@ -420,6 +421,16 @@ impl FastAttention {
         );
         let (heads, e) = (state.heads, state.e);
         let m = state.z.ncols();
+        let want_m = match kind {
+            Kind::NoProjection => d,
+            _ => self.nb_features(),
+        };
+        if m != want_m {
+            return Err(Error::shape(
+                OP,
+                format!("a state of {m} features for an attention with {want_m}"),
+            ));
+        }
         let mut out = Array2::<f32>::zeros((heads, e));
         state.count += 1;
         let count = state.count;

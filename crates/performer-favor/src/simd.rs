@@ -173,6 +173,35 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// One decoding step over a head's running sums, in one pass over them: for each feature
+    /// `i`, `kv[i, :] = decay kv[i, :] + w[i] v` and `z[i] = decay z[i] + w[i]` (the new
+    /// key, after rescaling the old sums by `decay`), then `acc += qf[i] kv[i, :]`. Returns
+    /// `sum_i qf[i] z[i]`. `kv` is `(w.len(), v.len())` row-major.
+    pub(crate) fn update_and_read(
+        kv: &mut [f32],
+        z: &mut [f32],
+        w: &[f32],
+        v: &[f32],
+        qf: &[f32],
+        decay: f32,
+        acc: &mut [f32],
+    ) -> f32 {
+        let e = v.len();
+        let mut qz = 0f32;
+        for (((row, zi), &wi), &qi) in kv.chunks_exact_mut(e).zip(z.iter_mut()).zip(w).zip(qf) {
+            for ((r, &vj), a) in row.iter_mut().zip(v).zip(acc.iter_mut()) {
+                let updated = fma::<FMA>(wi, vj, decay * *r);
+                *r = updated;
+                *a = fma::<FMA>(qi, updated, *a);
+            }
+            *zi = fma::<FMA>(decay, *zi, wi);
+            qz = fma::<FMA>(qi, *zi, qz);
+        }
+        qz
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,43 +269,5 @@ mod tests {
             assert!((g[i] - want).abs() <= 1e-6 * (1.0 + want.abs()));
             assert!((cs[i] - 1.0 - want).abs() <= 1e-5 * (1.0 + want.abs()));
         }
-    }
-}
-
-multiversion! {
-    /// `x[i] = scale * e^(x[i] - shift) + add` (one position's feature row).
-    pub(crate) fn exp_affine(xs: &mut [f32], shift: f32, scale: f32, add: f32) {
-        for x in xs.iter_mut() {
-            *x = fma::<FMA>(scale, exp::<FMA>(*x - shift), add);
-        }
-    }
-}
-
-multiversion! {
-    /// One decoding step over a head's running sums, in one pass over them: for each feature
-    /// `i`, `kv[i, :] = decay kv[i, :] + w[i] v` and `z[i] = decay z[i] + w[i]` (the new
-    /// key, after rescaling the old sums by `decay`), then `acc += qf[i] kv[i, :]`. Returns
-    /// `sum_i qf[i] z[i]`. `kv` is `(w.len(), v.len())` row-major.
-    pub(crate) fn update_and_read(
-        kv: &mut [f32],
-        z: &mut [f32],
-        w: &[f32],
-        v: &[f32],
-        qf: &[f32],
-        decay: f32,
-        acc: &mut [f32],
-    ) -> f32 {
-        let e = v.len();
-        let mut qz = 0f32;
-        for (((row, zi), &wi), &qi) in kv.chunks_exact_mut(e).zip(z.iter_mut()).zip(w).zip(qf) {
-            for ((r, &vj), a) in row.iter_mut().zip(v).zip(acc.iter_mut()) {
-                let updated = fma::<FMA>(wi, vj, decay * *r);
-                *r = updated;
-                *a = fma::<FMA>(qi, updated, *a);
-            }
-            *zi = fma::<FMA>(decay, *zi, wi);
-            qz = fma::<FMA>(qi, *zi, qz);
-        }
-        qz
     }
 }

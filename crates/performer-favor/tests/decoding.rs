@@ -110,6 +110,30 @@ fn causal_state_matches_the_parallel_forward_on_every_prefix() {
 }
 
 #[test]
+fn step_state_refuses_a_state_of_another_attention() {
+    let fa = |m| {
+        FastAttention::new(FastAttentionConfig {
+            nb_features: Some(m),
+            causal: true,
+            ..FastAttentionConfig::new(8)
+        })
+        .unwrap()
+    };
+    let (small, large) = (fa(12), fa(20));
+    let mut state = large.causal_state(2, 8);
+    let x = ndarray::Array2::<f32>::zeros((2, 8));
+    let err = with_team(|team| small.step_state(&mut state, &x.view(), &x.view(), &x.view(), team))
+        .unwrap_err();
+    assert!(err.to_string().contains("20 features"), "{err}");
+    // Heads or widths that do not match the state are errors too.
+    let wide = ndarray::Array2::<f32>::zeros((3, 8));
+    assert!(
+        with_team(|team| large.step_state(&mut state, &wide.view(), &x.view(), &x.view(), team))
+            .is_err()
+    );
+}
+
+#[test]
 fn context_state_matches_non_causal_attention() {
     performer_tensor::rng::manual_seed(5);
     for cfg in [

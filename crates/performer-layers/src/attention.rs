@@ -12,7 +12,7 @@ use crate::basic::{Dropout, Linear};
 use crate::block::{Block, BlockInputs, BlockState, check_decode_length, rows_through_tensors};
 use crate::local_attention::LocalAttention;
 use crate::local_attention::LocalCache;
-use crate::position::{apply_rotary_pos_emb, rotate_rows};
+use crate::position::{apply_rotary, apply_rotary_pos_emb, rotate_rows};
 
 /// Settings of [`Attention`], with performer-pytorch's names and defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -478,10 +478,8 @@ impl Attention {
                 if let Some(pos) = inputs.pos_emb {
                     if one_query {
                         // The query sits at the last position, the keys at all of them.
-                        let (q_last, _) =
-                            apply_rotary_pos_emb(&gq, &gq, &pos.narrow(1, n - 1, 1)?)?;
-                        (_, gk) = apply_rotary_pos_emb(&gk, &gk, pos)?;
-                        gq = q_last;
+                        gq = apply_rotary(&gq, &pos.narrow(1, n - 1, 1)?)?;
+                        gk = apply_rotary(&gk, pos)?;
                     } else {
                         (gq, gk) = apply_rotary_pos_emb(&gq, &gk, pos)?;
                     }

@@ -4,6 +4,7 @@ use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2, ArrayViewD};
 use performer_tensor::fast_math::{gemv_rows, gemv_rows_many};
+use performer_tensor::ops::layer_norm_row;
 use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Param, Result, Tensor, TrainingFlag, Visitor};
 
@@ -86,6 +87,18 @@ pub fn linear_rows(
 ) -> Result<Vec<Array2<f32>>> {
     let (b, inf) = x.dim();
     for l in layers {
+        if let Some(bias) = &l.bias
+            && bias.numel() != l.out_features()
+        {
+            return Err(Error::shape(
+                "Linear",
+                format!(
+                    "bias {:?} for {} output features",
+                    bias.shape(),
+                    l.out_features()
+                ),
+            ));
+        }
         if l.in_features() != inf {
             return Err(Error::shape(
                 "Linear",
@@ -103,11 +116,11 @@ pub fn linear_rows(
     let weights: Vec<_> = weights.iter().map(|w| w.as_standard_layout()).collect();
     let biases: Vec<_> = layers
         .iter()
-        .map(|l| {
-            l.bias
-                .as_ref()
-                .map(|b| b.value().as_standard_layout().to_owned())
-        })
+        .map(|l| l.bias.as_ref().map(Param::value))
+        .collect();
+    let biases: Vec<_> = biases
+        .iter()
+        .map(|b| b.as_ref().map(|b| b.as_standard_layout()))
         .collect();
     let rows_per_chunk = (CHUNK_VALUES / inf.max(1)).max(4) / 4 * 4;
     // Results feature-major, (out_i, b): a chunk of output features is then one contiguous
@@ -240,15 +253,13 @@ impl LayerNorm {
                 format!("input {:?} vs normalized shape {:?}", x.shape(), w.shape()),
             ));
         }
-        let mut y = x.to_owned();
-        let inv_d = 1.0 / d as f32;
-        for mut row in y.rows_mut() {
-            let m = row.sum() * inv_d;
-            let var = row.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() * inv_d;
-            let rs = 1.0 / (var + self.eps).sqrt();
-            for ((y, &w), &b) in row.iter_mut().zip(w.iter()).zip(b.iter()) {
-                *y = (*y - m) * rs * w + b;
-            }
+        let (w, b) = (w.as_standard_layout(), b.as_standard_layout());
+        let (w, b) = (w.as_slice(), b.as_slice());
+        let x = x.as_standard_layout();
+        let mut y = Array2::<f32>::zeros(x.raw_dim());
+        for (xr, mut yr) in x.rows().into_iter().zip(y.rows_mut()) {
+            let (xr, yr) = (xr.as_slice().expect("row"), yr.as_slice_mut().expect("row"));
+            layer_norm_row(xr, yr, w, b, self.eps);
         }
         Ok(y)
     }

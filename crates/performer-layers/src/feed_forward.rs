@@ -89,8 +89,7 @@ impl Block for FeedForward {
             return crate::block::decode_rows_via_tensors(self, x, inputs, state);
         }
         *state = BlockState::Stateless;
-        let h = self.w1.forward_rows(x, team)?;
-        let mut h = h;
+        let mut h = self.w1.forward_rows(x, team)?;
         // GLU: [a | gate] -> act(a) * gate; otherwise act(h) (the gate half is empty).
         let hidden = if self.glu { h.ncols() / 2 } else { h.ncols() };
         for mut row in h.rows_mut() {

@@ -28,7 +28,7 @@ pub use block::{Block, BlockInputs, BlockState, decode_rows_via_tensors};
 pub use feed_forward::{Chunk, FeedForward};
 pub use local_attention::{LocalAttention, LocalCache};
 pub use position::{
-    AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding,
+    AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding, apply_rotary,
     apply_rotary_pos_emb, rotate_every_two, rotate_rows,
 };
 pub use sequence::{Layer, ReversibleSequence, Route, SequentialSequence};

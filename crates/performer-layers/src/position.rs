@@ -83,6 +83,22 @@ pub fn rotate_every_two(x: &Tensor) -> Result<Tensor> {
 /// `[sin | cos]`, each frequency is repeated for a pair of features and
 /// `x -> x cos + rotate_every_two(x) sin` for both `q` and `k` `(..., n, d)`.
 pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result<(Tensor, Tensor)> {
+    let op = rotary_op(sinu_pos, &[q, k])?;
+    Ok((
+        apply_custom_op(op.clone(), &[q])?.remove(0),
+        apply_custom_op(op, &[k])?.remove(0),
+    ))
+}
+
+/// [`apply_rotary_pos_emb`] of one tensor `x` `(..., n, d)` (a query alone at other positions
+/// than the keys, say).
+pub fn apply_rotary(x: &Tensor, sinu_pos: &Tensor) -> Result<Tensor> {
+    let op = rotary_op(sinu_pos, &[x])?;
+    Ok(apply_custom_op(op, &[x])?.remove(0))
+}
+
+/// The rotation of table `sinu_pos` `(1, n, even d)` for tensors ending in `(n, d)`.
+fn rotary_op(sinu_pos: &Tensor, xs: &[&Tensor]) -> Result<RotaryOp> {
     let (n, d) = match sinu_pos.shape() {
         [1, n, d] if d % 2 == 0 => (*n, *d),
         other => {
@@ -92,7 +108,7 @@ pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result
             ));
         }
     };
-    for t in [q, k] {
+    for t in xs {
         if t.rank() < 2 || t.shape()[t.rank() - 2] != n || t.shape()[t.rank() - 1] != d {
             return Err(Error::shape(
                 "apply_rotary_pos_emb",
@@ -107,19 +123,10 @@ pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result
         .into_shape_with_order((n, d))
         .map_err(|e| Error::shape("apply_rotary_pos_emb", e.to_string()))?;
     let half = d / 2;
-    let sin = table.slice(ndarray::s![.., ..half]).to_owned();
-    let cos = table.slice(ndarray::s![.., half..]).to_owned();
-    let rot = |x: &Tensor| -> Result<Tensor> {
-        Ok(apply_custom_op(
-            RotaryOp {
-                sin: sin.clone(),
-                cos: cos.clone(),
-            },
-            &[x],
-        )?
-        .remove(0))
-    };
-    Ok((rot(q)?, rot(k)?))
+    Ok(RotaryOp {
+        sin: table.slice(ndarray::s![.., ..half]).to_owned(),
+        cos: table.slice(ndarray::s![.., half..]).to_owned(),
+    })
 }
 
 /// Rotates the pairs `(x0, x1)` of `src` into `dst`: `(x0 c - x1 s, x1 c + x0 s)` with
@@ -155,6 +162,7 @@ pub fn rotate_rows(x: &mut ndarray::ArrayViewMut2<f32>, sinu_pos: &[f32]) -> Res
 /// The rotary map as one fused op: per pair `(x0, x1)` at position `t` with frequency `i`,
 /// `(x0 c - x1 s, x1 c + x0 s)` where `(s, c) = (sin, cos)[t, i]`; its backward is the inverse
 /// rotation. (Composing it from `stack`/`select` copied every element several times.)
+#[derive(Clone)]
 struct RotaryOp {
     /// `(n, d / 2)`.
     sin: Array2<f32>,

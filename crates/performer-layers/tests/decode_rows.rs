@@ -69,11 +69,20 @@ fn linear_rows_equal_linear_forward() {
             let want = no_grad(|| l.forward(&Tensor::new(x.clone().into_dyn()))).unwrap();
             assert_close(g, &as_rows(&want), &format!("{label} several layers"));
         }
-        // A width that does not match is an error naming the layer.
+        // A width that does not match, or a bias of another length, is an error naming the
+        // layer.
         let err = Linear::new(8, 4, false)
             .forward_rows(&rows((1, 9), 1).view(), team)
             .unwrap_err();
         assert!(err.to_string().contains("Linear"), "{err}");
+        let bad_bias = Linear {
+            bias: Linear::new(8, 5, true).bias,
+            ..Linear::new(8, 4, false)
+        };
+        let err = bad_bias
+            .forward_rows(&rows((1, 8), 1).view(), team)
+            .unwrap_err();
+        assert!(err.to_string().contains("bias"), "{err}");
     });
 }
 
@@ -107,6 +116,8 @@ fn norms_and_rotary_rows_equal_their_tensor_forms() {
             .into_dyn(),
     );
     let (want, _) = no_grad(|| apply_rotary_pos_emb(&q, &q, &row)).unwrap();
+    let alone = no_grad(|| apply_rotary(&q, &row)).unwrap();
+    assert_close(&as_rows(&alone), &as_rows(&want), "apply_rotary");
     let mut got = x.clone();
     let row_values = row.to_array().iter().copied().collect::<Vec<_>>();
     rotate_rows(&mut got.view_mut(), &row_values).unwrap();

@@ -187,7 +187,7 @@ impl AutoregressiveWrapper {
             // One parallel region for all the steps (after the prompt's pass, which uses
             // rayon's threads itself): its helper threads stay between tokens.
             performer_tensor::team::with_team(|_| -> Result<()> {
-                for i in 0..seq_len {
+                for step in 0..seq_len {
                     let len = out.ncols();
                     let mut logits = match next_logits.take() {
                         Some(l) => l,
@@ -238,7 +238,7 @@ impl AutoregressiveWrapper {
                         state = None;
                     }
                     // The last token needs no logits after it.
-                    if let Some(st) = state.as_mut().filter(|_| i + 1 < seq_len) {
+                    if let Some(st) = state.as_mut().filter(|_| step + 1 < seq_len) {
                         next_logits = Some(self.net.decode(st, &col.view(), None)?);
                     }
                 }

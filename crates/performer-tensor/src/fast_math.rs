@@ -251,24 +251,18 @@ fn dot_rows(rows: &[f32], k: usize, x: &[f32]) -> [f32; GEMV_ROWS] {
     out
 }
 
-multiversion! {
-    /// `out[r] = sum_c w[r * k + c] * x[c]` with `k = x.len()` and `out.len()` rows of `w`
-    /// (row-major, PyTorch's `(out, in)` layout of a Linear weight): the matrix-vector product
-    /// of one token. It is bound by reading `w`, so rows are taken [`GEMV_ROWS`] at a time
-    /// against one load of `x`.
-    ///
-    /// # Panics
-    /// If `w` holds fewer than `out.len() * x.len()` values.
-    pub fn gemv_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
-        let k = x.len();
-        assert!(w.len() >= out.len() * k, "gemv_rows: weight too small");
-        let blocked = out.len() - out.len() % GEMV_ROWS;
-        for (r0, o) in (0..blocked).step_by(GEMV_ROWS).zip(out.chunks_exact_mut(GEMV_ROWS)) {
-            o.copy_from_slice(&dot_rows(&w[r0 * k..(r0 + GEMV_ROWS) * k], k, x));
-        }
-        for r in blocked..out.len() {
-            out[r] = dot(&w[r * k..(r + 1) * k], x);
-        }
+/// `out[r] = sum_c w[r * k + c] * x[c]` with `k = x.len()` and `out.len()` rows of `w`
+/// (row-major, PyTorch's `(out, in)` layout of a Linear weight): the matrix-vector product of
+/// one token, [`gemv_rows_many`] of a single vector. It is bound by reading `w`, so rows are
+/// taken [`GEMV_ROWS`] at a time against one load of `x`.
+///
+/// # Panics
+/// If `w` holds fewer than `out.len() * x.len()` values.
+pub fn gemv_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+    if x.is_empty() {
+        out.fill(0.0);
+    } else {
+        gemv_rows_many(w, x.len(), x, out);
     }
 }
 
@@ -351,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn gemv_rows_many_equals_one_vector_at_a_time() {
+    fn gemv_rows_many_matches_dot_products_per_vector() {
         for (rows, k, vectors) in [(9, 64, 8), (4, 16, 1), (13, 5, 3)] {
             let w: Vec<f32> = (0..rows * k).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
             let xs: Vec<f32> = (0..vectors * k)
@@ -359,12 +353,20 @@ mod tests {
                 .collect();
             let mut out = vec![f32::NAN; rows * vectors];
             gemv_rows_many(&w, k, &xs, &mut out);
-            for (x, o) in xs.chunks(k).zip(out.chunks(rows)) {
-                let mut want = vec![0f32; rows];
-                gemv_rows(&w, x, &mut want);
-                assert_eq!(o, &want[..], "{rows}x{k}, {vectors} vectors");
+            for (v, (x, o)) in xs.chunks(k).zip(out.chunks(rows)).enumerate() {
+                for r in 0..rows {
+                    let want: f32 = (0..k).map(|c| w[r * k + c] * x[c]).sum();
+                    assert!(
+                        (o[r] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "{rows}x{k}, vector {v} row {r}"
+                    );
+                }
             }
         }
+        // An empty input gives zeros, as a product over nothing.
+        let mut out = [f32::NAN; 3];
+        gemv_rows(&[], &[], &mut out);
+        assert_eq!(out, [0.0; 3]);
     }
 
     #[test]

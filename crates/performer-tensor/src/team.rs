@@ -50,7 +50,7 @@ struct Shared {
 }
 
 impl Shared {
-    /// Claims the next chunk of the current phase: `(generation, chunk)`.
+    /// Claims the next chunk of the current phase (its index), if one is left.
     fn claim(&self) -> Option<u32> {
         let mut w = self.word.load(SeqCst);
         loop {
@@ -128,8 +128,8 @@ impl Team {
     /// when all have finished. Chunks of one phase must be independent of each other.
     ///
     /// # Panics
-    /// If `work` panicked on a helper (the caller's own panics propagate as usual), or if
-    /// `chunks` exceeds [`MAX_CHUNKS`].
+    /// If `work` panicked on any thread of the team (once every chunk has finished, so no
+    /// helper is left using the phase), or if `chunks` exceeds [`MAX_CHUNKS`].
     pub fn for_each_chunk(&self, chunks: usize, work: &(dyn Fn(usize) + Sync)) {
         let shared = match &self.shared {
             Some(s) if chunks > 1 => s,
@@ -165,26 +165,8 @@ impl Team {
             std::hint::spin_loop();
         }
         if phase.panicked.load(SeqCst) {
-            panic!("Team: a chunk panicked on a helper thread");
+            panic!("Team: a chunk of this phase panicked");
         }
-    }
-
-    /// Splits `0..len` into about `parts` contiguous ranges with boundaries on multiples of
-    /// `align`, and runs `work` on each (the usual way to share a product's output rows).
-    pub fn for_each_range(
-        &self,
-        len: usize,
-        parts: usize,
-        align: usize,
-        work: &(dyn Fn(std::ops::Range<usize>) + Sync),
-    ) {
-        let align = align.max(1);
-        let per = len.div_ceil(parts.max(1)).div_ceil(align) * align;
-        if per == 0 {
-            return;
-        }
-        let chunks = len.div_ceil(per);
-        self.for_each_chunk(chunks, &|i| work(i * per..((i + 1) * per).min(len)));
     }
 }
 
@@ -260,17 +242,6 @@ mod tests {
             }
         });
         assert!(counts.iter().all(|c| c.load(SeqCst) == 200));
-    }
-
-    #[test]
-    fn ranges_cover_the_length_on_aligned_boundaries() {
-        let team = Team::single();
-        let seen = std::sync::Mutex::new(Vec::new());
-        team.for_each_range(1030, 2, 4, &|r| seen.lock().unwrap().push(r));
-        let mut seen = seen.into_inner().unwrap();
-        seen.sort_by_key(|r| r.start);
-        assert_eq!(seen, vec![0..516, 516..1030]);
-        with_team(|team| team.for_each_range(0, 2, 4, &|_| panic!("no work")));
     }
 
     #[test]

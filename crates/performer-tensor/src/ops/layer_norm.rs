@@ -18,6 +18,45 @@ fn values(t: Option<&Tensor>) -> Option<Vec<f32>> {
     t.map(|t| t.data().iter().copied().collect())
 }
 
+/// One row of [`Tensor::layer_norm`]: `y = (x - mean) * rstd * weight + bias` with
+/// `rstd = 1 / sqrt(var + eps)` (biased variance); returns `(mean, rstd)`. The decoding step
+/// normalizes its rows with it too, so both paths share one arithmetic.
+pub fn layer_norm_row(
+    x: &[f32],
+    y: &mut [f32],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+) -> (f32, f32) {
+    let inv_d = 1.0 / x.len() as f32;
+    let m = x.iter().sum::<f32>() * inv_d;
+    let var = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() * inv_d;
+    let rs = 1.0 / (var + eps).sqrt();
+    match (weight, bias) {
+        (Some(w), Some(b)) => {
+            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - m) * rs * w + b;
+            }
+        }
+        (Some(w), None) => {
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = (x - m) * rs * w;
+            }
+        }
+        (None, Some(b)) => {
+            for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                *y = (x - m) * rs + b;
+            }
+        }
+        (None, None) => {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - m) * rs;
+            }
+        }
+    }
+    (m, rs)
+}
+
 impl Tensor {
     /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis (biased variance, as
     /// `torch.nn.LayerNorm`). `weight` and `bias`, when given, have the last axis's size.
@@ -51,38 +90,12 @@ impl Tensor {
         let mut mean = Array1::<f32>::zeros(rows);
         let mut rstd = Array1::<f32>::zeros(rows);
         let mut y = Array2::<f32>::zeros((rows, d));
-        let inv_d = 1.0 / d as f32;
         let body = |xr: ndarray::ArrayView1<f32>,
                     mu: &mut f32,
                     r: &mut f32,
                     mut yr: ndarray::ArrayViewMut1<f32>| {
             let (xr, yr) = (xr.as_slice().expect("row"), yr.as_slice_mut().expect("row"));
-            let m = xr.iter().sum::<f32>() * inv_d;
-            let var = xr.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() * inv_d;
-            let rs = 1.0 / (var + eps).sqrt();
-            (*mu, *r) = (m, rs);
-            match (&w, &b) {
-                (Some(w), Some(b)) => {
-                    for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                        *y = (x - m) * rs * w + b;
-                    }
-                }
-                (Some(w), None) => {
-                    for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
-                        *y = (x - m) * rs * w;
-                    }
-                }
-                (None, Some(b)) => {
-                    for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-                        *y = (x - m) * rs + b;
-                    }
-                }
-                (None, None) => {
-                    for (y, &x) in yr.iter_mut().zip(xr) {
-                        *y = (x - m) * rs;
-                    }
-                }
-            }
+            (*mu, *r) = layer_norm_row(xr, yr, w.as_deref(), b.as_deref(), eps);
         };
         let z = Zip::from(x2.rows())
             .and(&mut mean)

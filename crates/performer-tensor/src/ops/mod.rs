@@ -15,6 +15,7 @@ mod reduce;
 mod softmax;
 
 pub use activation::Activation;
+pub use layer_norm::layer_norm_row;
 pub use matmul::batched_matmul;
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
