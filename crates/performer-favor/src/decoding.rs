@@ -18,7 +18,7 @@ use performer_tensor::fast_math::{axpy, dot, gemv_rows_many, scaled_exp_inplace}
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
-use performer_tensor::{Error, Result};
+use performer_tensor::{Error, Result, Tensor};
 
 use crate::fast_attention::FastAttention;
 use crate::ops::CAUSAL_EPS;
@@ -390,6 +390,118 @@ impl FastAttention {
         }
         state.count += k.shape()[1];
         Ok(())
+    }
+
+    /// Causal attention of `q`, `k`, `v` `(b, h, n, d)` over themselves, starting from an empty
+    /// `state` of `b * h` heads: [`FastAttention::forward`]'s output, with `state` then holding
+    /// every key and value as [`FastAttention::extend_state`] would leave it. This is the
+    /// prompt's pass while decoding: the running sums are the ones the forward ends with, so
+    /// the keys' features and sums are not computed a second time. (The softmax kernel's
+    /// forward sums `r (A + eps 1 B^T)` and `r (Z + eps n) + eps'`; the state's `A`, `Z` are
+    /// recovered by taking the constant terms out, which keeps the rounding of the forward's
+    /// own sums.) `no_projection` and a CUDA device run `forward` and then `extend_state`.
+    pub fn forward_extending(
+        &self,
+        state: &mut CausalState,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        const OP: &str = "FastAttention::forward_extending";
+        if !self.config().causal {
+            return Err(Error::invalid(
+                OP,
+                "causal",
+                false,
+                "a decoding state continues causal attention",
+            ));
+        }
+        if !state.is_empty() {
+            return Err(Error::invalid(
+                OP,
+                "state",
+                format!("{} positions", state.count),
+                "must be empty (extend a used state with extend_state)",
+            ));
+        }
+        let (d, e) = (self.config().dim_heads, state.e);
+        for (name, t, last) in [("q", q, d), ("k", k, d), ("v", v, e)] {
+            let s = t.shape();
+            if s.len() != 4 || s[0] * s[1] != state.heads || s[3] != last || s[2] == 0 {
+                return Err(Error::shape(
+                    OP,
+                    format!(
+                        "{name} {s:?} must be (b, h, n > 0, {last}) with b * h = {} heads",
+                        state.heads
+                    ),
+                ));
+            }
+        }
+        let kind = kind_of(self);
+        if matches!(kind, Kind::NoProjection) || self.uses_cuda() {
+            let out = self.forward(q, k, v)?;
+            let flat = |t: &Tensor| -> Result<Array3<f32>> {
+                let s = t.shape();
+                t.data()
+                    .as_standard_layout()
+                    .into_owned()
+                    .into_shape_with_order((s[0] * s[1], s[2], s[3]))
+                    .map_err(|err| Error::shape(OP, err.to_string()))
+            };
+            self.extend_state(state, &flat(k)?.view(), &flat(v)?.view())?;
+            return Ok(out);
+        }
+        let p = self.projection_matrix()?;
+        let p = p
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|err| Error::shape(OP, err.to_string()))?;
+        let map = match kind {
+            Kind::Generalized { kernel, .. } => crate::FeatureMap::Generalized(kernel),
+            _ => crate::FeatureMap::Softmax,
+        };
+        let (out, primed) = crate::ops::favor_causal_primed(
+            &q.view(),
+            &k.view(),
+            &v.view(),
+            &p,
+            map,
+            self.chunk_size(),
+        )?;
+        let n = k.shape()[2];
+        let vs = v.view();
+        for (h, head) in primed.into_iter().enumerate() {
+            let (s, z) = (head.sums.s, head.sums.z);
+            let mut kv = state.kv.index_axis_mut(Axis(0), h);
+            let mut zs = state.z.row_mut(h);
+            match kind {
+                Kind::Softmax { ratio, eps, .. } => {
+                    // B = sum_j v_j; A = S / r - eps 1 B^T; Z = (z - eps') / r - eps n.
+                    let b = crate::heads::head(&vs, h).sum_axis(Axis(0));
+                    Zip::from(kv.rows_mut())
+                        .and(s.rows())
+                        .for_each(|mut a, sr| {
+                            Zip::from(&mut a)
+                                .and(&sr)
+                                .and(&b)
+                                .for_each(|a, &sv, &bv| *a = sv / ratio - eps * bv);
+                        });
+                    Zip::from(&mut zs)
+                        .and(&z)
+                        .for_each(|zo, &zf| *zo = (zf - CAUSAL_EPS) / ratio - eps * n as f32);
+                    state.v_sum.row_mut(h).assign(&b);
+                    state.reference[h] = head.key_stab;
+                }
+                _ => {
+                    kv.assign(&s);
+                    Zip::from(&mut zs)
+                        .and(&z)
+                        .for_each(|zo, &zf| *zo = zf - CAUSAL_EPS);
+                }
+            }
+        }
+        state.count = n;
+        Ok(Tensor::new(out))
     }
 
     /// One new position per head, the decoding step: appends keys `k` (heads, d) and values

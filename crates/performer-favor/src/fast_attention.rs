@@ -130,6 +130,11 @@ impl FastAttention {
         Ok(())
     }
 
+    /// Rows per chunk of the attention kernels.
+    pub(crate) fn chunk_size(&self) -> usize {
+        self.chunk
+    }
+
     /// The current projection `(nb_features, dim_heads)`.
     pub fn projection_matrix(&self) -> Result<Tensor> {
         self.projection_matrix.tensor()

@@ -242,9 +242,16 @@ pub(crate) fn advance_state(
     Ok(())
 }
 
+/// The sums a causal forward ends with, over every position: `S = sum_j k'_j v_j^T` (m, e)
+/// and `z = eps + sum_j k'_j` (m).
+pub(crate) struct FinalSums {
+    pub s: Array2<f32>,
+    pub z: ndarray::Array1<f32>,
+}
+
 /// Causal forward of one head on transposed features `qf`, `kf` (m, n; blocks = chunks) and
 /// values `v` (n, e), into `out` (n, e) and `den` (n); saves the state into `states` at its
-/// interval.
+/// interval, and returns the sums after the last chunk (what decoding continues from).
 pub(crate) fn causal_forward(
     qf: &Blocks,
     kf: &Blocks,
@@ -253,7 +260,7 @@ pub(crate) fn causal_forward(
     out: &mut ArrayViewMut2<f32>,
     den: &mut ArrayViewMut1<f32>,
     mut states: Option<&mut CausalStates>,
-) -> Result<()> {
+) -> Result<FinalSums> {
     let m = qf.rows();
     let chunk = qf.width();
     let e = v.ncols();
@@ -304,7 +311,7 @@ pub(crate) fn causal_forward(
         }
         advance_state(&mut state.view_mut(), &mut z.view_mut(), &kc, &vc)?;
     }
-    Ok(())
+    Ok(FinalSums { s: state, z })
 }
 
 /// The inputs of one chunk of the causal backward: transposed features `qt`, `kt` (m, l),

@@ -7,7 +7,8 @@
 //! segment, so memory in flight stays O(n d) per head beyond the saved context.
 
 use ndarray::{
-    Array2, Array3, ArrayD, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, s,
+    Array2, Array3, ArrayD, ArrayView1, ArrayView2, ArrayViewD, ArrayViewMut1, ArrayViewMut2, Axis,
+    s,
 };
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 use rayon::prelude::*;
@@ -16,7 +17,7 @@ use crate::blocks::{Blocks, transpose_into};
 use crate::feature::{FeatureMap, FeatureSpec, check_projection};
 use crate::heads::{HeadsOut, head, lead_shape, row_vectors, vector_views};
 use crate::kernels::{
-    self, CausalBackward, CausalChunk, CausalStates, NonCausalBackward, NonCausalContext,
+    self, CausalBackward, CausalChunk, CausalStates, FinalSums, NonCausalBackward, NonCausalContext,
 };
 
 /// Rows per chunk of the causal kernels unless set otherwise. 64 measured fastest on AVX-512
@@ -316,7 +317,8 @@ struct HeadContext {
 /// Normalizers `(heads, n)`, the output, and each head's context.
 type AttentionSaved = (Array2<f32>, Data, Vec<HeadContext>);
 
-/// One head's attention forward on transposed features; returns what its backward needs.
+/// One head's attention forward on transposed features; returns what its backward needs and,
+/// for causal attention, the sums over every position.
 #[allow(clippy::too_many_arguments)]
 fn attend_head(
     qf: &Blocks,
@@ -327,17 +329,20 @@ fn attend_head(
     plan: SavePlan,
     out: &mut ArrayViewMut2<f32>,
     den: &mut ArrayViewMut1<f32>,
-) -> Result<HeadContext> {
+) -> Result<(HeadContext, Option<FinalSums>)> {
     let (m, e) = (qf.rows(), v.ncols());
     if causal {
         let mut states = plan.save.then(|| {
             CausalStates::new(qf.count(), m, e, qf.width(), plan.state_every, plan.scores)
         });
-        kernels::causal_forward(qf, kf, v, eps, out, den, states.as_mut())?;
-        Ok(HeadContext {
-            states,
-            ..Default::default()
-        })
+        let sums = kernels::causal_forward(qf, kf, v, eps, out, den, states.as_mut())?;
+        Ok((
+            HeadContext {
+                states,
+                ..Default::default()
+            },
+            Some(sums),
+        ))
     } else {
         let mut ctx = NonCausalContext::new(m, e);
         for b in 0..kf.count() {
@@ -352,10 +357,13 @@ fn attend_head(
                 &mut den.slice_mut(s![c0..c1]),
             )?;
         }
-        Ok(HeadContext {
-            noncausal: plan.save.then_some(ctx),
-            ..Default::default()
-        })
+        Ok((
+            HeadContext {
+                noncausal: plan.save.then_some(ctx),
+                ..Default::default()
+            },
+            None,
+        ))
     }
 }
 
@@ -703,6 +711,7 @@ impl CustomOp for LinearAttentionOp {
                     &mut o,
                     &mut dn,
                 )
+                .map(|(ctx, _)| ctx)
             })
             .collect::<Result<_>>()?;
         let out = out.into_array();
@@ -828,6 +837,44 @@ pub fn causal_linear_attention(
 // ---------------------------------------------------------------------------------------------
 // The fused op
 
+/// The fused op's work on one head, from rows to output: features of the queries and keys
+/// (transposed, in blocks), then linear attention.
+struct FusedHeads<'a> {
+    spec: FeatureSpec,
+    p: ArrayView2<'a, f32>,
+    causal: bool,
+    width: usize,
+    plan: SavePlan,
+}
+
+impl FusedHeads<'_> {
+    /// One head: `q` (n, d), `k` (nk, d), `v` (nk, e) into `out` (n, e) and `den` (n). Returns
+    /// the head's context for the backward and, for causal attention, its sums over every
+    /// position (the keys' softmax stabilizer is in the context).
+    fn head(
+        &self,
+        q: &ArrayView2<f32>,
+        k: &ArrayView2<f32>,
+        v: &ArrayView2<f32>,
+        out: &mut ArrayViewMut2<f32>,
+        den: &mut ArrayViewMut1<f32>,
+    ) -> Result<(HeadContext, Option<FinalSums>)> {
+        let m = self.p.nrows();
+        // Projections write every block.
+        let mut qf = Blocks::for_overwrite(m, q.nrows(), self.width);
+        features_into(&self.spec, q, &self.p, &mut qf, false)?;
+        let mut kf = Blocks::for_overwrite(m, k.nrows(), self.width);
+        let key_stab = features_into(&self.spec, k, &self.p, &mut kf, true)?;
+        let (mut ctx, sums) =
+            attend_head(&qf, &kf, v, self.causal, CAUSAL_EPS, self.plan, out, den)?;
+        ctx.key_stab = key_stab;
+        if self.plan.features {
+            ctx.features = Some((qf, kf));
+        }
+        Ok((ctx, sums))
+    }
+}
+
 struct FavorAttentionOp {
     map: FeatureMap,
     eps: f32,
@@ -884,33 +931,21 @@ impl CustomOp for FavorAttentionOp {
             true,
             self.budget,
         );
-        let w = block_width(self.causal, self.chunk);
+        let fused = FusedHeads {
+            spec,
+            p,
+            causal: self.causal,
+            width: block_width(self.causal, self.chunk),
+            plan,
+        };
         let contexts: Vec<HeadContext> = out
             .views()
             .into_par_iter()
             .zip(vector_views(&mut den))
             .enumerate()
             .map(|(i, (mut o, mut dn))| {
-                let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
-                // Projections write every block.
-                let mut qf = Blocks::for_overwrite(m, sh.n, w);
-                features_into(&spec, &qi, &p, &mut qf, false)?;
-                let mut kf = Blocks::for_overwrite(m, sh.nk, w);
-                let key_stab = features_into(&spec, &ki, &p, &mut kf, true)?;
-                let mut ctx = attend_head(
-                    &qf,
-                    &kf,
-                    &vi,
-                    self.causal,
-                    CAUSAL_EPS,
-                    plan,
-                    &mut o,
-                    &mut dn,
-                )?;
-                ctx.key_stab = key_stab;
-                if plan.features {
-                    ctx.features = Some((qf, kf));
-                }
+                let (ctx, _) =
+                    fused.head(&head(&q, i), &head(&k, i), &head(&v, i), &mut o, &mut dn)?;
                 Ok(ctx)
             })
             .collect::<Result<_>>()?;
@@ -1032,14 +1067,10 @@ pub fn favor_attention(
     chunk: usize,
 ) -> Result<Tensor> {
     check_chunk("favor_attention", chunk)?;
-    let eps = match map {
-        FeatureMap::Softmax => 1e-4,
-        FeatureMap::Generalized(_) => 1e-3,
-    };
     Ok(apply_custom_op(
         FavorAttentionOp {
             map,
-            eps,
+            eps: feature_eps(map),
             causal,
             chunk,
             budget: SAVE_BUDGET_BYTES,
@@ -1047,6 +1078,66 @@ pub fn favor_attention(
         &[q, k, v, projection],
     )?
     .remove(0))
+}
+
+/// The epsilon performer-pytorch adds to every feature of a map.
+fn feature_eps(map: FeatureMap) -> f32 {
+    match map {
+        FeatureMap::Softmax => 1e-4,
+        FeatureMap::Generalized(_) => 1e-3,
+    }
+}
+
+/// What causal attention over a sequence from its first position leaves behind, per head, for
+/// decoding to continue from.
+pub(crate) struct PrimedHead {
+    /// The sums over every position.
+    pub sums: FinalSums,
+    /// The keys' softmax stabilizer (the max of their projections; unused by other maps).
+    pub key_stab: f32,
+}
+
+/// Causal FAVOR+ attention of `q`, `k`, `v` `(..., n, d)` with projection `p` (m, d), as
+/// [`favor_attention`] computes it but recording no graph, and each head's sums after the last
+/// position: the prompt's pass of decoding, which would otherwise compute the keys' features
+/// and sums a second time.
+pub(crate) fn favor_causal_primed(
+    q: &ArrayViewD<f32>,
+    k: &ArrayViewD<f32>,
+    v: &ArrayViewD<f32>,
+    p: &ArrayView2<f32>,
+    map: FeatureMap,
+    chunk: usize,
+) -> Result<(ArrayD<f32>, Vec<PrimedHead>)> {
+    const OP: &str = "favor_attention";
+    check_chunk(OP, chunk)?;
+    let sh = attention_shapes(OP, q.shape(), k.shape(), v.shape(), true)?;
+    check_projection(OP, p.shape(), sh.m)?;
+    let m = p.nrows();
+    let mut out = HeadsOut::for_overwrite(&sh.lead, sh.n, sh.e);
+    let heads = out.data.len_of(Axis(0));
+    let mut den = row_vectors(heads, sh.n);
+    let fused = FusedHeads {
+        spec: FeatureSpec::new(map, sh.m, m, true, feature_eps(map)),
+        p: p.view(),
+        causal: true,
+        width: block_width(true, chunk),
+        plan: SavePlan::new(false, true, heads, sh.n, sh.nk, m, sh.e, chunk, true, 0),
+    };
+    let primed = out
+        .views()
+        .into_par_iter()
+        .zip(vector_views(&mut den))
+        .enumerate()
+        .map(|(i, (mut o, mut dn))| {
+            let (ctx, sums) = fused.head(&head(q, i), &head(k, i), &head(v, i), &mut o, &mut dn)?;
+            Ok(PrimedHead {
+                sums: sums.expect("causal attention ends with its sums"),
+                key_stab: ctx.key_stab,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((out.into_array(), primed))
 }
 
 #[cfg(test)]

@@ -180,3 +180,146 @@ fn context_state_matches_non_causal_attention() {
         }
     }
 }
+
+/// `forward_extending` from an empty state gives `forward`'s output and the state that
+/// `extend_state` builds: steps after it match the parallel forward over every longer prefix.
+fn check_forward_extending(cfg: FastAttentionConfig, label: &str) {
+    performer_tensor::rng::manual_seed(3);
+    let fa = FastAttention::new(cfg).unwrap();
+    // two sequences of three heads; the prompt crosses a chunk border (64)
+    let (b, h, n, steps, d, e) = (2, 3, 70, 24, 8, 6);
+    let total = n + steps;
+    let mut k = randn(&[b, h, total, d], 12, 1.0);
+    // key norms growing along the sequence keep raising the softmax kernel's running max
+    for t in 0..total {
+        k.slice_mut(s![.., .., t, ..])
+            .mapv_inplace(|x| x * (0.5 + t as f32 / 40.0));
+    }
+    let q = randn(&[b, h, total, d], 13, 1.0);
+    let v = randn(&[b, h, total, e], 14, 1.0);
+    let prefix = |a: &ArrayD<f32>, len: usize| {
+        Tensor::new(a.slice(s![.., .., ..len, ..]).to_owned().into_dyn())
+    };
+    let mut state = fa.causal_state(b * h, e);
+    let out = no_grad(|| {
+        fa.forward_extending(&mut state, &prefix(&q, n), &prefix(&k, n), &prefix(&v, n))
+    })
+    .unwrap();
+    assert_eq!(state.len(), n);
+    let want = no_grad(|| fa.forward(&prefix(&q, n), &prefix(&k, n), &prefix(&v, n))).unwrap();
+    let max_diff = |a: &ArrayD<f32>, w: &ArrayD<f32>| {
+        let scale = w.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+        a.iter()
+            .zip(w.iter())
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    };
+    let prompt_err = max_diff(&out.to_array(), &want.to_array());
+    assert!(
+        prompt_err < 1e-6,
+        "{label}: prompt output differs by {prompt_err}"
+    );
+    let flat = |a: &ArrayD<f32>, t: usize| {
+        a.slice(s![.., .., t, ..])
+            .to_owned()
+            .into_shape_with_order((b * h, a.shape()[3]))
+            .unwrap()
+    };
+    let mut worst = 0f32;
+    for t in n..total {
+        let got = with_team(|team| {
+            fa.step_state(
+                &mut state,
+                &flat(&q, t).view(),
+                &flat(&k, t).view(),
+                &flat(&v, t).view(),
+                team,
+            )
+        })
+        .unwrap();
+        let full =
+            no_grad(|| fa.forward(&prefix(&q, t + 1), &prefix(&k, t + 1), &prefix(&v, t + 1)))
+                .unwrap();
+        let want = flat(&full.to_array(), t);
+        worst = worst.max(max_diff(&got.into_dyn(), &want.into_dyn()));
+    }
+    assert!(
+        worst < 1e-4,
+        "{label}: steps after the prompt differ by {worst}"
+    );
+}
+
+#[test]
+fn forward_extending_primes_the_state_the_forward_ends_with() {
+    let base = FastAttentionConfig {
+        nb_features: Some(20),
+        causal: true,
+        ..FastAttentionConfig::new(8)
+    };
+    check_forward_extending(base.clone(), "softmax");
+    check_forward_extending(
+        FastAttentionConfig {
+            generalized_attention: true,
+            ..base.clone()
+        },
+        "generalized relu",
+    );
+    check_forward_extending(
+        FastAttentionConfig {
+            generalized_attention: true,
+            kernel_fn: Activation::Softplus,
+            ..base.clone()
+        },
+        "generalized softplus",
+    );
+    check_forward_extending(
+        FastAttentionConfig {
+            no_projection: true,
+            ..base
+        },
+        "no projection",
+    );
+}
+
+#[test]
+fn forward_extending_refuses_used_states_and_bad_shapes() {
+    performer_tensor::rng::manual_seed(4);
+    let causal = FastAttention::new(FastAttentionConfig {
+        nb_features: Some(12),
+        causal: true,
+        ..FastAttentionConfig::new(8)
+    })
+    .unwrap();
+    let x = Tensor::new(randn(&[1, 2, 5, 8], 1, 1.0));
+    // a state that has seen positions
+    let mut used = causal.causal_state(2, 8);
+    causal
+        .extend_state(
+            &mut used,
+            &randn(&[2, 1, 8], 2, 1.0)
+                .into_dimensionality()
+                .unwrap()
+                .view(),
+            &randn(&[2, 1, 8], 3, 1.0)
+                .into_dimensionality()
+                .unwrap()
+                .view(),
+        )
+        .unwrap();
+    let err = causal.forward_extending(&mut used, &x, &x, &x).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    // heads that do not match the state
+    let mut three = causal.causal_state(3, 8);
+    let err = causal
+        .forward_extending(&mut three, &x, &x, &x)
+        .unwrap_err();
+    assert!(err.to_string().contains("3 heads"), "{err}");
+    // non-causal attention has no state to continue
+    let plain = FastAttention::new(FastAttentionConfig {
+        nb_features: Some(12),
+        ..FastAttentionConfig::new(8)
+    })
+    .unwrap();
+    let mut st = plain.causal_state(2, 8);
+    assert!(plain.forward_extending(&mut st, &x, &x, &x).is_err());
+}

@@ -487,14 +487,18 @@ impl Attention {
                 let favor = st.favor.get_or_insert_with(|| {
                     self.fast_attention.causal_state(b * global, self.dim_head)
                 });
-                self.fast_attention.extend_state(
-                    favor,
-                    &heads_first(&gk)?.view(),
-                    &heads_first(&gv)?.view(),
-                )?;
                 if fresh && !one_query {
-                    outs.push(self.fast_attention.forward(&gq, &gk, &gv)?);
+                    // Every position's output, with the state taken from the same pass.
+                    outs.push(
+                        self.fast_attention
+                            .forward_extending(favor, &gq, &gk, &gv)?,
+                    );
                 } else {
+                    self.fast_attention.extend_state(
+                        favor,
+                        &heads_first(&gk)?.view(),
+                        &heads_first(&gv)?.view(),
+                    )?;
                     let qs = heads_first(&gq)?;
                     outs.push(one_position(
                         self.fast_attention
