@@ -217,10 +217,9 @@ fn slices(a: &mut [f32], len: usize) -> Vec<&mut [f32]> {
 
 /// One head's running sums and output row, borrowed for one decoding step.
 struct HeadStep<'a> {
-    /// `dn P k` on entry (softmax and generalized kernels), the key's features after.
-    kf: &'a mut [f32],
-    /// `dn P q` on entry, the query's features after.
-    qf: &'a mut [f32],
+    /// `dn P k` then `dn P q`, m values each, on entry (softmax and generalized kernels); the
+    /// key's and the query's features after.
+    features: &'a mut [f32],
     kv: &'a mut [f32],
     z: &'a mut [f32],
     v_sum: &'a mut [f32],
@@ -238,7 +237,8 @@ fn max_ignoring_nan(xs: &[f32], start: f32) -> f32 {
 /// `s.out`. The same arithmetic as [`FastAttention::extend_state`] followed by
 /// [`FastAttention::query_state`], with one pass over the sums instead of two.
 fn step_head(kind: Kind, q: &[f32], k: &[f32], v: &[f32], s: HeadStep<'_>, count: usize) {
-    let (kf, qf) = (s.kf, s.qf);
+    let m = s.features.len() / 2;
+    let (kf, qf) = s.features.split_at_mut(m);
     let mut acc = vec![0f32; v.len()];
     let (decay, numerator_scale, eps_term) = match kind {
         Kind::Softmax { dn, ratio, eps } => {
@@ -552,14 +552,10 @@ impl FastAttention {
             k.as_slice().expect(std),
             v.as_slice().expect(std),
         );
-        // Every head's key and query projections in one pass over P, which the heads share:
-        // the keys' in the first heads * m values, the queries' after them.
+        // Each head's key and query features side by side, (key | query), m values each; the
+        // projections are computed inside each head's work, spread over the team's threads
+        // (they were a serial pass before the heads, with the other thread waiting).
         let mut features = vec![0f32; 2 * heads * m];
-        if let Kind::Softmax { dn, .. } | Kind::Generalized { dn, .. } = kind {
-            gemv_rows_many(p, d, &[k, q].concat(), &mut features);
-            features.iter_mut().for_each(|u| *u *= dn);
-        }
-        let (key_features, query_features) = features.split_at_mut(heads * m);
         let per_head: Vec<Mutex<Option<HeadStep<'_>>>> =
             slices(state.kv.as_slice_mut().expect(std), m * e)
                 .into_iter()
@@ -567,15 +563,10 @@ impl FastAttention {
                 .zip(slices(state.v_sum.as_slice_mut().expect(std), e))
                 .zip(state.reference.iter_mut())
                 .zip(slices(out.as_slice_mut().expect(std), e))
-                .zip(
-                    slices(key_features, m)
-                        .into_iter()
-                        .zip(slices(query_features, m)),
-                )
-                .map(|(((((kv, z), v_sum), reference), out), (kf, qf))| {
+                .zip(slices(&mut features, 2 * m))
+                .map(|(((((kv, z), v_sum), reference), out), features)| {
                     Mutex::new(Some(HeadStep {
-                        kf,
-                        qf,
+                        features,
                         kv,
                         z,
                         v_sum,
@@ -590,14 +581,13 @@ impl FastAttention {
                 .unwrap_or_else(|e| e.into_inner())
                 .take()
                 .expect("each head is stepped once");
-            step_head(
-                kind,
-                &q[h * d..(h + 1) * d],
-                &k[h * d..(h + 1) * d],
-                &v[h * e..(h + 1) * e],
-                s,
-                count,
-            );
+            let (qh, kh) = (&q[h * d..(h + 1) * d], &k[h * d..(h + 1) * d]);
+            if let Kind::Softmax { dn, .. } | Kind::Generalized { dn, .. } = kind {
+                // dn P k then dn P q, in one pass over P.
+                gemv_rows_many(p, d, &[kh, qh].concat(), s.features);
+                s.features.iter_mut().for_each(|u| *u *= dn);
+            }
+            step_head(kind, qh, kh, &v[h * e..(h + 1) * e], s, count);
         });
         drop(per_head);
         Ok(out)
