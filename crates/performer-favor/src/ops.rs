@@ -1100,7 +1100,7 @@ pub(crate) struct PrimedHead {
 /// Causal FAVOR+ attention of `q`, `k`, `v` `(..., n, d)` with projection `p` (m, d), as
 /// [`favor_attention`] computes it but recording no graph, and each head's sums after the last
 /// position: the prompt's pass of decoding, which would otherwise compute the keys' features
-/// and sums a second time.
+/// and sums a second time. Errors name `FastAttention::forward_extending`, its one caller.
 pub(crate) fn favor_causal_primed(
     q: &ArrayViewD<f32>,
     k: &ArrayViewD<f32>,
@@ -1109,7 +1109,7 @@ pub(crate) fn favor_causal_primed(
     map: FeatureMap,
     chunk: usize,
 ) -> Result<(ArrayD<f32>, Vec<PrimedHead>)> {
-    const OP: &str = "favor_attention";
+    const OP: &str = "FastAttention::forward_extending";
     check_chunk(OP, chunk)?;
     let sh = attention_shapes(OP, q.shape(), k.shape(), v.shape(), true)?;
     check_projection(OP, p.shape(), sh.m)?;
