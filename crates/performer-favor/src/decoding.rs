@@ -399,7 +399,9 @@ impl FastAttention {
     /// the keys' features and sums are not computed a second time. (The softmax kernel's
     /// forward sums `r (A + eps 1 B^T)` and `r (Z + eps n) + eps'`; the state's `A`, `Z` are
     /// recovered by taking the constant terms out, which keeps the rounding of the forward's
-    /// own sums.) `no_projection` and a CUDA device run `forward` and then `extend_state`.
+    /// own sums.) `no_projection`, a CUDA device, and inputs that gradients flow through (grad
+    /// mode on, a tracked `q`, `k` or `v`) run `forward` and then `extend_state`, so the output
+    /// is always `forward`'s, graph included.
     pub fn forward_extending(
         &self,
         state: &mut CausalState,
@@ -438,7 +440,10 @@ impl FastAttention {
             }
         }
         let kind = kind_of(self);
-        if matches!(kind, Kind::NoProjection) || self.uses_cuda() {
+        // The fused pass records no graph, so gradients through q, k or v take forward's way.
+        let records_graph =
+            performer_tensor::is_grad_enabled() && [q, k, v].iter().any(|t| t.is_tracked());
+        if matches!(kind, Kind::NoProjection) || self.uses_cuda() || records_graph {
             let out = self.forward(q, k, v)?;
             let flat = |t: &Tensor| -> Result<Array3<f32>> {
                 let s = t.shape();

@@ -323,3 +323,43 @@ fn forward_extending_refuses_used_states_and_bad_shapes() {
     let mut st = plain.causal_state(2, 8);
     assert!(plain.forward_extending(&mut st, &x, &x, &x).is_err());
 }
+
+#[test]
+fn forward_extending_keeps_the_graph_when_gradients_flow() {
+    performer_tensor::rng::manual_seed(5);
+    let attn = FastAttention::new(FastAttentionConfig {
+        nb_features: Some(16),
+        causal: true,
+        ..FastAttentionConfig::new(8)
+    })
+    .unwrap();
+    let q = Tensor::var(randn(&[1, 2, 9, 8], 11, 0.5));
+    let (k, v) = (
+        Tensor::new(randn(&[1, 2, 9, 8], 12, 0.5)),
+        Tensor::new(randn(&[1, 2, 9, 8], 13, 1.0)),
+    );
+    let mut state = attn.causal_state(2, 8);
+    let out = attn.forward_extending(&mut state, &q, &k, &v).unwrap();
+    assert!(
+        out.is_tracked(),
+        "a tracked query must give a tracked output"
+    );
+    let weights = Tensor::new(randn(&[1, 2, 9, 8], 14, 1.0));
+    let got = out.mul(&weights).unwrap().sum_all().backward().unwrap();
+    let want = attn
+        .forward(&q, &k, &v)
+        .unwrap()
+        .mul(&weights)
+        .unwrap()
+        .sum_all()
+        .backward()
+        .unwrap();
+    let (got, want) = (got.get(&q).unwrap(), want.get(&q).unwrap());
+    let worst = got
+        .iter()
+        .zip(want.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "gradient differs from forward's by {worst}");
+    assert_eq!(state.len(), 9);
+}
