@@ -128,10 +128,17 @@ fn norms_and_rotary_rows_equal_their_tensor_forms() {
 #[test]
 fn feed_forward_rows_equal_its_decode() {
     with_both(|team, label| {
-        for glu in [false, true] {
-            let ff = FeedForward::new(32, 4, 0.1, glu);
+        // Hidden widths of one block of 128 units, two with a partial one (216) and eight.
+        for (dim, mult, b, glu) in [
+            (32, 4, 2, false),
+            (32, 4, 2, true),
+            (24, 9, 3, false),
+            (24, 9, 3, true),
+            (256, 4, 1, false),
+        ] {
+            let ff = FeedForward::new(dim, mult, 0.1, glu);
             ff.set_training(false);
-            let x = rows((2, 32), 9);
+            let x = rows((b, dim), 9);
             let want = no_grad(|| {
                 ff.decode(
                     &Tensor::new(x.clone().insert_axis(Axis(1)).into_dyn()),
@@ -148,7 +155,11 @@ fn feed_forward_rows_equal_its_decode() {
                     team,
                 )
                 .unwrap();
-            assert_close(&got, &as_rows(&want), &format!("{label} glu {glu}"));
+            assert_close(
+                &got,
+                &as_rows(&want),
+                &format!("{label} {b}x{dim} mult {mult} glu {glu}"),
+            );
         }
     });
 }
