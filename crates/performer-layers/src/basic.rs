@@ -55,7 +55,14 @@ impl Linear {
             .map(|&d| d as isize)
             .collect();
         let flat = x.reshape(&[-1, inf as isize])?;
-        let mut y = flat.matmul(&self.weight.tensor().transpose(0, 1)?)?;
+        // Without a graph to record (inference, a prompt's pass), multiply by the weight's
+        // cached contiguous transpose: the GEMM runs faster on it than on the strided view.
+        let weight_t = if performer_tensor::is_grad_enabled() {
+            self.weight.tensor().transpose(0, 1)?
+        } else {
+            Tensor::new(self.weight.transposed()?)
+        };
+        let mut y = flat.matmul(&weight_t)?;
         if let Some(b) = &self.bias {
             y = y.add(&b.tensor())?;
         }

@@ -4,7 +4,7 @@
 //! [`TensorId`]: every [`Param::tensor`] call returns a leaf with that id, so the gradients of
 //! all its uses in a graph add up under one key. Optimizers replace its value in place.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ndarray::{ArrayD, IxDyn};
 
@@ -14,6 +14,10 @@ use crate::{Error, Result, Tensor};
 struct ParamInner {
     id: TensorId,
     value: RwLock<Data>,
+    /// The contiguous transpose of a 2-D value ([`Param::transposed`]), made on first use and
+    /// dropped whenever the value changes. Locked only while `value`'s lock is held (read to
+    /// fill it, write to clear it), so it can never outlive the value it was made from.
+    transposed: Mutex<Option<Data>>,
 }
 
 /// A trainable f32 tensor.
@@ -26,6 +30,7 @@ impl Param {
         Param(Arc::new(ParamInner {
             id: TensorId::fresh(),
             value: RwLock::new(value.into()),
+            transposed: Mutex::new(None),
         }))
     }
 
@@ -73,6 +78,7 @@ impl Param {
             ));
         }
         *slot = value;
+        self.forget_transposed();
         Ok(())
     }
 
@@ -83,6 +89,31 @@ impl Param {
             std::mem::replace(&mut *slot, ArrayD::zeros(IxDyn(&[0])).into_shared()).into_owned();
         f(&mut owned);
         *slot = owned.into_shared();
+        self.forget_transposed();
+    }
+
+    /// The transpose of a 2-D value as a contiguous array: `(in, out)` for a Linear weight
+    /// stored `(out, in)`. Products with many rows run about a fifth faster against this
+    /// layout than against the strided transpose of the weight (the GEMM's packing of a
+    /// column-major right operand is the slow case), so inference keeps one copy: it is made
+    /// on the first call and kept until the value changes ([`Param::set`], [`Param::update`]).
+    pub fn transposed(&self) -> Result<Data> {
+        let value = self.0.value.read().unwrap_or_else(|e| e.into_inner());
+        if value.ndim() != 2 {
+            return Err(Error::shape(
+                "Param::transposed",
+                format!("a 2-D value, got {:?}", value.shape()),
+            ));
+        }
+        let mut cached = self.0.transposed.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(cached
+            .get_or_insert_with(|| value.t().as_standard_layout().into_owned().into_shared())
+            .clone())
+    }
+
+    /// Drops the cached transpose; called with the value's write lock held.
+    fn forget_transposed(&self) {
+        *self.0.transposed.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Whether two handles are the same parameter.
@@ -160,5 +191,38 @@ impl Buffer {
         }
         *slot = value;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, Ix2};
+
+    fn param_2x3(offset: f32) -> Param {
+        Param::new(Array2::from_shape_fn((2, 3), |(i, j)| offset + (3 * i + j) as f32).into_dyn())
+    }
+
+    #[test]
+    fn transposed_is_the_contiguous_transpose_and_follows_every_change() {
+        let p = param_2x3(0.0);
+        let t = p.transposed().unwrap().into_dimensionality::<Ix2>().unwrap();
+        assert_eq!(t.dim(), (3, 2));
+        assert!(t.is_standard_layout());
+        assert_eq!(t, p.value().into_dimensionality::<Ix2>().unwrap().t());
+        // A second call shares the cached copy.
+        assert_eq!(p.transposed().unwrap().as_ptr(), t.as_ptr());
+        // `set` and `update` both drop it: the next transpose is of the new value.
+        p.set(param_2x3(10.0).value()).unwrap();
+        assert_eq!(p.transposed().unwrap()[[2, 1]], 15.0);
+        p.update(|v| v.mapv_inplace(|x| -x));
+        assert_eq!(p.transposed().unwrap()[[2, 1]], -15.0);
+    }
+
+    #[test]
+    fn transposed_refuses_other_ranks() {
+        let p = Param::new(ndarray::ArrayD::zeros(IxDyn(&[4])));
+        let err = p.transposed().unwrap_err().to_string();
+        assert!(err.contains("Param::transposed") && err.contains("[4]"), "{err}");
     }
 }
