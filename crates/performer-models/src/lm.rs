@@ -425,6 +425,10 @@ impl PerformerLM {
         };
         // The checks of a full forward, on the new tokens (length vs max_seq_len is checked above).
         self.check_inputs(tokens, &inputs)?;
+        // A mask that keeps every token changes nothing (it only zeroes the values of masked
+        // positions, and hides them from local heads and token shifts): drop it, so the pass
+        // skips the masking copies and a step takes the row path. `generate` passes one.
+        let mask = mask.filter(|m| !m.iter().all(|&keep| keep));
         if n == 1 && state.pos > 0 && mask.is_none() {
             return performer_tensor::no_grad(|| {
                 performer_tensor::team::with_team(|team| self.step_rows(state, tokens, team))
