@@ -169,7 +169,9 @@ impl AutoregressiveWrapper {
         if was_training {
             self.net.set_training(false);
         }
-        let result = (|| -> Result<()> {
+        // On a rayon worker (when called from another thread): the prompt's pass and the
+        // steps' team then use the pool's threads only, one per core (see `on_pool`).
+        let result = performer_tensor::team::on_pool(|| -> Result<()> {
             let mut state = match use_state && t <= max {
                 true => Some(self.net.decoding_state(
                     b,
@@ -244,7 +246,7 @@ impl AutoregressiveWrapper {
                 }
                 Ok(())
             })
-        })();
+        });
         if was_training {
             self.net.set_training(true);
         }
