@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2, ArrayViewD};
-use performer_tensor::fast_math::{gemv_rows, gemv_rows_many};
+use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t};
 use performer_tensor::ops::layer_norm_row;
 use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Param, Result, Tensor, TrainingFlag, Visitor};
@@ -117,15 +117,20 @@ impl Linear {
     }
 }
 
-/// Weight values one chunk of [`linear_rows`] reads: small enough that a layer splits into
-/// chunks both threads can share, large enough that claiming a chunk costs little.
-const CHUNK_VALUES: usize = 1 << 14;
+/// Weight values one chunk of [`linear_rows`] reads at least: small enough that a layer splits
+/// into chunks both threads can share, large enough that claiming a chunk costs little.
+const CHUNK_VALUES: usize = 1 << 15;
 
 /// Several Linear layers applied to the same rows `x` `(b, in)` (the query, key and value
 /// projections, say) as matrix-vector products, one result `(b, out_i)` per layer. Their
 /// output features are cut into chunks of about [`CHUNK_VALUES`] weights, all shared over
 /// `team`'s threads in one phase: with one token per sequence the product is bound by reading
 /// the weights, and two cores read them twice as fast.
+///
+/// The products read each weight's cached transpose `(in, out)` ([`Param::transposed`], what
+/// [`Linear::forward`] reads without a graph): a prompt's pass and the steps after it then
+/// stream the same 4 bytes per weight, not two copies of the model, so the first steps find
+/// the weights in cache (they read them from DRAM when a separate `(out, in)` copy was used).
 pub fn linear_rows(
     layers: &[&Linear],
     x: &ArrayView2<f32>,
@@ -158,8 +163,10 @@ pub fn linear_rows(
     }
     let x = x.as_standard_layout();
     let x = x.as_slice().expect("standard layout");
-    let weights: Vec<_> = layers.iter().map(|l| l.weight.value()).collect();
-    let weights: Vec<_> = weights.iter().map(|w| w.as_standard_layout()).collect();
+    let weights: Vec<_> = layers
+        .iter()
+        .map(|l| l.weight.transposed())
+        .collect::<Result<_>>()?;
     let biases: Vec<_> = layers
         .iter()
         .map(|l| l.bias.as_ref().map(Param::value))
@@ -168,39 +175,42 @@ pub fn linear_rows(
         .iter()
         .map(|b| b.as_ref().map(|b| b.as_standard_layout()))
         .collect();
-    let rows_per_chunk = (CHUNK_VALUES / inf.max(1)).max(4) / 4 * 4;
+    // Whole strips of the kernel per chunk, as many as make CHUNK_VALUES weights.
+    let strips = (CHUNK_VALUES / (inf.max(1) * GEMV_T_COLS)).max(1);
+    let cols_per_chunk = strips * GEMV_T_COLS;
     // Results feature-major, (out_i, b): a chunk of output features is then one contiguous
     // piece each chunk fills alone.
     let mut results: Vec<Vec<f32>> = layers
         .iter()
         .map(|l| vec![0f32; l.out_features() * b])
         .collect();
-    // (layer, first row, rows) of every chunk, and the piece of the results it fills.
+    // (layer, first column, columns) of every chunk, and the piece of the results it fills.
     let mut chunks = Vec::new();
     let mut pieces = Vec::new();
     for (i, r) in results.iter_mut().enumerate() {
-        for (c, piece) in r.chunks_mut(rows_per_chunk * b).enumerate() {
-            chunks.push((i, c * rows_per_chunk, piece.len() / b));
+        for (c, piece) in r.chunks_mut(cols_per_chunk * b).enumerate() {
+            chunks.push((i, c * cols_per_chunk, piece.len() / b));
             pieces.push(Mutex::new(piece));
         }
     }
     team.for_each_chunk(chunks.len(), &|c| {
-        let (i, r0, rows) = chunks[c];
-        let w = &weights[i].as_slice().expect("standard layout")[r0 * inf..(r0 + rows) * inf];
+        let (i, j0, cols) = chunks[c];
+        let wt = weights[i].as_slice().expect("a fresh contiguous transpose");
+        let n = layers[i].out_features();
         let mut piece = pieces[c].lock().unwrap_or_else(|e| e.into_inner());
         if b == 1 {
-            gemv_rows(w, x, &mut piece);
+            gemv_t(wt, n, j0, x, &mut piece);
         } else {
-            let mut by_row = vec![0f32; b * rows];
-            gemv_rows_many(w, inf, x, &mut by_row);
-            for (bi, row) in by_row.chunks_exact(rows).enumerate() {
-                for (r, &y) in row.iter().enumerate() {
+            let mut one = vec![0f32; cols];
+            for bi in 0..b {
+                gemv_t(wt, n, j0, &x[bi * inf..(bi + 1) * inf], &mut one);
+                for (r, &y) in one.iter().enumerate() {
                     piece[r * b + bi] = y;
                 }
             }
         }
         if let Some(bias) = &biases[i] {
-            let bias = &bias.as_slice().expect("standard layout")[r0..r0 + rows];
+            let bias = &bias.as_slice().expect("standard layout")[j0..j0 + cols];
             for (ys, &bias) in piece.chunks_exact_mut(b).zip(bias) {
                 ys.iter_mut().for_each(|y| *y += bias);
             }

@@ -176,23 +176,32 @@ impl RotaryOp {
         let shape = x.shape().to_vec();
         let (n, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
         let rows = x.len() / d.max(1);
-        let src = x.as_standard_layout();
-        let src = src.as_slice().expect("standard layout");
         let mut out = vec![0f32; x.len()];
-        let rotate_rows = |(r, (dst, row)): (usize, (&mut [f32], &[f32]))| {
+        if d == 0 {
+            return ArrayD::from_shape_vec(IxDyn(&shape), out).expect("no elements");
+        }
+        // The rows of `x` in logical order, read in place: `x` is usually a permuted view
+        // (heads split from the features), whose rows are contiguous though the whole is not;
+        // copying it to standard layout first cost more than the rotation.
+        let src: Vec<ndarray::ArrayView1<f32>> =
+            x.lanes(ndarray::Axis(shape.len() - 1)).into_iter().collect();
+        let rotate_rows = |(r, (dst, row)): (usize, (&mut [f32], &ndarray::ArrayView1<f32>))| {
             let t = r % n;
             let (sn, cs) = (self.sin.row(t), self.cos.row(t));
             let (sn, cs) = (sn.as_slice().expect("row"), cs.as_slice().expect("row"));
-            rotate_row(dst, row, sn, cs, sign);
+            match row.as_slice() {
+                Some(row) => rotate_row(dst, row, sn, cs, sign),
+                None => rotate_row(dst, &row.to_vec(), sn, cs, sign),
+            }
         };
         if x.len() >= performer_tensor::parallel::PAR_THRESHOLD {
             out.par_chunks_mut(d)
-                .zip(src.par_chunks(d))
+                .zip(src.par_iter())
                 .enumerate()
                 .for_each(rotate_rows);
         } else {
             out.chunks_mut(d)
-                .zip(src.chunks(d))
+                .zip(src.iter())
                 .enumerate()
                 .for_each(rotate_rows);
         }

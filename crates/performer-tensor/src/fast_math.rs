@@ -166,6 +166,35 @@ multiversion! {
 }
 
 multiversion! {
+    /// Mean and biased variance of `x`, `(sum x / n, sum (x - mean)^2 / n)`, in two passes of
+    /// [`LANES`] independent partial sums (a single running sum is a chain of dependent
+    /// additions that does not vectorize: it made layer norm's statistics cost more than the
+    /// rest of it). 0 and NaN for an empty slice.
+    pub fn mean_and_variance(x: &[f32]) -> (f32, f32) {
+        let inv_n = 1.0 / x.len() as f32;
+        let mut acc = [0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..LANES {
+                acc[l] += c[l];
+            }
+        }
+        let mean = (acc.iter().sum::<f32>() + rest.iter().sum::<f32>()) * inv_n;
+        let mut acc = [0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        for c in chunks {
+            for l in 0..LANES {
+                let dev = c[l] - mean;
+                acc[l] += dev * dev;
+            }
+        }
+        let rest_sq: f32 = rest.iter().map(|&v| (v - mean) * (v - mean)).sum();
+        (mean, (acc.iter().sum::<f32>() + rest_sq) * inv_n)
+    }
+}
+
+multiversion! {
     /// `y += a x` over two slices of equal length.
     pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
@@ -312,6 +341,77 @@ multiversion! {
     }
 }
 
+/// Columns of a transposed weight that one [`gemv_t`] pass accumulates together: eight
+/// vectors, so that each row of the strip is 512 contiguous bytes (strips of 64 columns read
+/// 20% slower, their rows too short for the prefetchers).
+pub const GEMV_T_COLS: usize = 8 * LANES;
+
+/// `sum_i x[i] * wt[i * n + c0 + l]` for the `C` columns `l` from `c0`, two rows at a time into
+/// two accumulators (consecutive additions then do not wait on each other), summed at the end.
+#[inline(always)]
+fn gemv_t_strip<const C: usize>(wt: &[f32], n: usize, c0: usize, x: &[f32], out: &mut [f32]) {
+    let mut acc = [[0f32; C]; 2];
+    let row = |i: usize| -> &[f32; C] {
+        wt[i * n + c0..i * n + c0 + C]
+            .try_into()
+            .expect("C values")
+    };
+    for p in 0..x.len() / 2 {
+        let (i0, i1) = (2 * p, 2 * p + 1);
+        let (a0, a1, r0, r1) = (x[i0], x[i1], row(i0), row(i1));
+        for l in 0..C {
+            acc[0][l] += a0 * r0[l];
+            acc[1][l] += a1 * r1[l];
+        }
+    }
+    if x.len() % 2 == 1 {
+        let i = x.len() - 1;
+        let (a, r) = (x[i], row(i));
+        for l in 0..C {
+            acc[0][l] += a * r[l];
+        }
+    }
+    for (l, o) in out[..C].iter_mut().enumerate() {
+        *o = acc[0][l] + acc[1][l];
+    }
+}
+
+multiversion! {
+    /// `out[j] = sum_i x[i] * wt[i * n + j0 + j]` for `out.len()` consecutive columns from
+    /// `j0` of the row-major `(k, n)` matrix `wt`, `k = x.len()`: one token times a Linear
+    /// weight stored transposed, `(in, out)`, the copy the prompt's GEMMs read
+    /// (`Param::transposed`). Decoding steps on that copy read the weights the prompt's pass
+    /// just read, instead of a second copy of every weight that the pass pushed out of the
+    /// caches. Columns go [`GEMV_T_COLS`] at a time (a strip read row by row), then in
+    /// narrower strips; each weight is loaded once and `x` is read from L1.
+    ///
+    /// # Panics
+    /// If `j0 + out.len() > n` or `wt` holds fewer than `k * n` values.
+    pub fn gemv_t(wt: &[f32], n: usize, j0: usize, x: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        assert!(j0 + out.len() <= n, "gemv_t: columns {j0}..{} of {n}", j0 + out.len());
+        assert!(wt.len() >= k * n, "gemv_t: {} weights for {k} x {n}", wt.len());
+        let mut done = 0;
+        while out.len() - done >= GEMV_T_COLS {
+            gemv_t_strip::<GEMV_T_COLS>(wt, n, j0 + done, x, &mut out[done..]);
+            done += GEMV_T_COLS;
+        }
+        while out.len() - done >= LANES {
+            gemv_t_strip::<LANES>(wt, n, j0 + done, x, &mut out[done..]);
+            done += LANES;
+        }
+        let tail = &mut out[done..];
+        tail.fill(0.0);
+        let c0 = j0 + done;
+        for (i, &a) in x.iter().enumerate() {
+            let row = &wt[i * n + c0..i * n + c0 + tail.len()];
+            for (o, &w) in tail.iter_mut().zip(row) {
+                *o += a * w;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +437,35 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert!(exp(88.72).is_finite());
+    }
+
+    #[test]
+    fn gemv_t_matches_dot_products_on_any_column_range() {
+        // k odd and even; full strips, 16-lane strips and a scalar tail; ranges starting off
+        // the strip grid.
+        for (k, n) in [(1usize, 5usize), (7, 128), (256, 300), (33, 150)] {
+            let wt: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let x: Vec<f32> = (0..k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            for (j0, j1) in [(0, n), (1, n), (n / 3, n / 3 + n / 2)] {
+                let mut out = vec![f32::NAN; j1 - j0];
+                gemv_t(&wt, n, j0, &x, &mut out);
+                for (j, &got) in (j0..j1).zip(&out) {
+                    let want: f64 = (0..k).map(|i| x[i] as f64 * wt[i * n + j] as f64).sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "k {k} n {n} column {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "gemv_t: columns")]
+    fn gemv_t_refuses_columns_past_the_matrix() {
+        gemv_t(&[0.0; 8], 4, 3, &[1.0, 1.0], &mut [0.0; 2]);
     }
 
     #[test]
@@ -380,6 +509,20 @@ mod tests {
         let mut out = [f32::NAN; 3];
         gemv_rows(&[], &[], &mut out);
         assert_eq!(out, [0.0; 3]);
+    }
+
+    #[test]
+    fn mean_and_variance_match_f64() {
+        for n in [1usize, 15, 16, 17, 256, 1000] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + 3.0).collect();
+            let (m, v) = mean_and_variance(&x);
+            let mean = x.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
+            let var = x.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            assert!((m as f64 - mean).abs() <= 1e-5 * (1.0 + mean.abs()), "n {n}: mean {m} vs {mean}");
+            assert!((v as f64 - var).abs() <= 1e-5 * (1.0 + var), "n {n}: variance {v} vs {var}");
+        }
+        let (m, v) = mean_and_variance(&[]);
+        assert!(m.is_nan() && v.is_nan());
     }
 
     #[test]

@@ -28,9 +28,7 @@ pub fn layer_norm_row(
     bias: Option<&[f32]>,
     eps: f32,
 ) -> (f32, f32) {
-    let inv_d = 1.0 / x.len() as f32;
-    let m = x.iter().sum::<f32>() * inv_d;
-    let var = x.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() * inv_d;
+    let (m, var) = crate::fast_math::mean_and_variance(x);
     let rs = 1.0 / (var + eps).sqrt();
     match (weight, bias) {
         (Some(w), Some(b)) => {
