@@ -86,25 +86,34 @@ impl Linear {
             .view()
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|e| Error::shape("Linear", e.to_string()))?;
-        let mut y = Array2::<f32>::zeros((rows, out));
-        let beta = match &self.bias {
-            Some(b) => {
-                let b = b.value();
-                let b = b
-                    .view()
-                    .into_shape_with_order(out)
-                    .map_err(|e| Error::shape("Linear", format!("bias: {e}")))?;
-                y.rows_mut().into_iter().for_each(|mut r| r.assign(&b));
-                1.0
-            }
-            None => 0.0,
+        let Some(bias) = &self.bias else {
+            let y = performer_tensor::gemm::matmul2(
+                &x,
+                &weight_t,
+                performer_tensor::gemm::Threads::All,
+            )?;
+            return Ok(y.into_dyn());
         };
+        let bias = bias.value();
+        let bias = bias.as_standard_layout();
+        let bias = bias.as_slice().filter(|b| b.len() == out).ok_or_else(|| {
+            Error::shape(
+                "Linear",
+                format!("bias {:?} for {out} outputs", bias.shape()),
+            )
+        })?;
+        // Every row starts as the bias (copied, never zeroed first), and the product adds to it.
+        let mut filled = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            filled.extend_from_slice(bias);
+        }
+        let mut y = Array2::from_shape_vec((rows, out), filled).expect("rows x out values");
         performer_tensor::gemm::gemm_into(
             &mut y.view_mut(),
             &x,
             &weight_t,
             1.0,
-            beta,
+            1.0,
             performer_tensor::gemm::Threads::All,
         )?;
         Ok(y.into_dyn())

@@ -3,6 +3,7 @@
 //! the semantics of axial-positional-embedding 0.3.12.
 
 use ndarray::{Array2, ArrayD, IxDyn};
+use performer_tensor::fast_math::rotate_pairs;
 use performer_tensor::{Buffer, Error, Module, Param, Result, Tensor, Visitor};
 use performer_tensor::{CustomOp, Data, apply_custom_op};
 use rayon::prelude::*;
@@ -123,9 +124,37 @@ fn rotary_op(sinu_pos: &Tensor, xs: &[&Tensor]) -> Result<RotaryOp> {
         .into_shape_with_order((n, d))
         .map_err(|e| Error::shape("apply_rotary_pos_emb", e.to_string()))?;
     let half = d / 2;
+    // Expanded to the rows' width for `fast_math::rotate_pairs`: pair i of every row meets
+    // (cos_i, cos_i) and (-sin_i, sin_i).
+    let (sin, cos) = (
+        table.slice(ndarray::s![.., ..half]),
+        table.slice(ndarray::s![.., half..]),
+    );
+    let (mut sin2, mut cos2) = (Array2::zeros((n, d)), Array2::zeros((n, d)));
+    for (((s_row, c_row), mut s2), mut c2) in sin
+        .rows()
+        .into_iter()
+        .zip(cos.rows())
+        .zip(sin2.rows_mut())
+        .zip(cos2.rows_mut())
+    {
+        let (s2, c2) = (
+            s2.as_slice_mut().expect("fresh rows"),
+            c2.as_slice_mut().expect("fresh rows"),
+        );
+        for (((&s, &c), s2), c2) in s_row
+            .iter()
+            .zip(&c_row)
+            .zip(s2.chunks_exact_mut(2))
+            .zip(c2.chunks_exact_mut(2))
+        {
+            s2.copy_from_slice(&[-s, s]);
+            c2.copy_from_slice(&[c, c]);
+        }
+    }
     Ok(RotaryOp {
-        sin: table.slice(ndarray::s![.., ..half]).to_owned(),
-        cos: table.slice(ndarray::s![.., half..]).to_owned(),
+        sin: sin2,
+        cos: cos2,
     })
 }
 
@@ -159,14 +188,40 @@ pub fn rotate_rows(x: &mut ndarray::ArrayViewMut2<f32>, sinu_pos: &[f32]) -> Res
     Ok(())
 }
 
+/// The offset (in elements, from `x.as_ptr()`) of the first value of every row along the last
+/// axis of `x`, in logical order: an odometer over the leading axes and their strides, so a
+/// permuted view is walked in place.
+fn row_offsets(x: &ndarray::ArrayViewD<f32>) -> Vec<isize> {
+    let lead = &x.shape()[..x.ndim().saturating_sub(1)];
+    let strides = &x.strides()[..lead.len()];
+    let rows: usize = lead.iter().product();
+    let mut offsets = Vec::with_capacity(rows);
+    let mut index = vec![0usize; lead.len()];
+    let mut offset = 0isize;
+    for _ in 0..rows {
+        offsets.push(offset);
+        // Advance the odometer: the last leading axis fastest.
+        for axis in (0..lead.len()).rev() {
+            index[axis] += 1;
+            offset += strides[axis];
+            if index[axis] < lead[axis] {
+                break;
+            }
+            offset -= strides[axis] * lead[axis] as isize;
+            index[axis] = 0;
+        }
+    }
+    offsets
+}
+
 /// The rotary map as one fused op: per pair `(x0, x1)` at position `t` with frequency `i`,
 /// `(x0 c - x1 s, x1 c + x0 s)` where `(s, c) = (sin, cos)[t, i]`; its backward is the inverse
 /// rotation. (Composing it from `stack`/`select` copied every element several times.)
 #[derive(Clone)]
 struct RotaryOp {
-    /// `(n, d / 2)`.
+    /// `(n, d)`: `(-sin, sin)` of each frequency per pair.
     sin: Array2<f32>,
-    /// `(n, d / 2)`.
+    /// `(n, d)`: each frequency's cosine twice.
     cos: Array2<f32>,
 }
 
@@ -176,36 +231,52 @@ impl RotaryOp {
         let shape = x.shape().to_vec();
         let (n, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
         let rows = x.len() / d.max(1);
-        let mut out = vec![0f32; x.len()];
         if d == 0 {
-            return ArrayD::from_shape_vec(IxDyn(&shape), out).expect("no elements");
+            return ArrayD::zeros(IxDyn(&shape));
         }
+        // Written in full below, so never zeroed first.
+        let mut out: Vec<f32> = Vec::with_capacity(x.len());
         // The rows of `x` in logical order, read in place: `x` is usually a permuted view
         // (heads split from the features), whose rows are contiguous though the whole is not;
         // copying it to standard layout first cost more than the rotation.
-        let src: Vec<ndarray::ArrayView1<f32>> =
-            x.lanes(ndarray::Axis(shape.len() - 1)).into_iter().collect();
-        let rotate_rows = |(r, (dst, row)): (usize, (&mut [f32], &ndarray::ArrayView1<f32>))| {
-            let t = r % n;
-            let (sn, cs) = (self.sin.row(t), self.cos.row(t));
-            let (sn, cs) = (sn.as_slice().expect("row"), cs.as_slice().expect("row"));
-            match row.as_slice() {
-                Some(row) => rotate_row(dst, row, sn, cs, sign),
-                None => rotate_row(dst, &row.to_vec(), sn, cs, sign),
-            }
-        };
+        let src = row_offsets(x);
+        let (sin, cos) = (
+            self.sin.as_slice().expect("a fresh table"),
+            self.cos.as_slice().expect("a fresh table"),
+        );
+        let last_stride = x.strides()[shape.len() - 1];
+        let rotate_rows =
+            |(r, (dst, &offset)): (usize, (&mut [std::mem::MaybeUninit<f32>], &isize))| {
+                let t = r % n;
+                let (sn, cs) = (&sin[t * d..(t + 1) * d], &cos[t * d..(t + 1) * d]);
+                if last_stride == 1 {
+                    // SAFETY: `offset` is the offset of a row of `x`, whose d values are contiguous
+                    // (unit stride) and live as long as the view `x` borrowed for this call.
+                    let row = unsafe { std::slice::from_raw_parts(x.as_ptr().offset(offset), d) };
+                    rotate_pairs(dst, row, cs, sn, sign);
+                } else {
+                    let row: Vec<f32> = (0..d as isize)
+                        // SAFETY: as above, element by element along the row's stride.
+                        .map(|j| unsafe { *x.as_ptr().offset(offset + j * last_stride) })
+                        .collect();
+                    rotate_pairs(dst, &row, cs, sn, sign);
+                }
+            };
+        let dst = &mut out.spare_capacity_mut()[..rows * d];
         if x.len() >= performer_tensor::parallel::PAR_THRESHOLD {
-            out.par_chunks_mut(d)
+            dst.par_chunks_mut(d)
                 .zip(src.par_iter())
                 .enumerate()
                 .for_each(rotate_rows);
         } else {
-            out.chunks_mut(d)
+            dst.chunks_mut(d)
                 .zip(src.iter())
                 .enumerate()
                 .for_each(rotate_rows);
         }
-        debug_assert_eq!(rows * d, out.len());
+        debug_assert_eq!(src.len(), rows);
+        // SAFETY: `rotate_pairs` wrote all `rows * d` (= len) values of the spare capacity.
+        unsafe { out.set_len(rows * d) };
         ArrayD::from_shape_vec(IxDyn(&shape), out).expect("same element count")
     }
 }

@@ -365,6 +365,31 @@ fn rotary_is_a_rotation_per_pair() {
 }
 
 #[test]
+fn rotary_reads_permuted_and_strided_views_as_their_copies() {
+    let pos = FixedPositionalEmbedding::new(8, 16);
+    let table = pos.forward(6).unwrap();
+    // Heads split from the features, (b, n, h, d) -> (b, h, n, d): rows contiguous, whole not.
+    let x = Tensor::new(randn(&[2, 6, 3, 8], 21, 1.0));
+    let permuted = x.permute(&[0, 2, 1, 3]).unwrap();
+    let copy = Tensor::new(permuted.to_array().as_standard_layout().into_owned());
+    // A last axis with stride 2 (every other column of a wider tensor).
+    let wide = Tensor::new(randn(&[1, 2, 6, 16], 22, 1.0));
+    let strided = Tensor::new(
+        wide.to_array()
+            .slice_move(ndarray::s![.., .., .., ..;2])
+            .into_dyn()
+            .into_shared(),
+    );
+    let strided_copy = Tensor::new(strided.to_array().as_standard_layout().into_owned());
+    for (view, contiguous) in [(&permuted, &copy), (&strided, &strided_copy)] {
+        let (a, b) = apply_rotary_pos_emb(view, view, &table).unwrap();
+        let (c, _) = apply_rotary_pos_emb(contiguous, contiguous, &table).unwrap();
+        assert_eq!(a.to_array(), c.to_array());
+        assert_eq!(b.to_array(), c.to_array());
+    }
+}
+
+#[test]
 fn axial_positions_sum_their_axes() {
     let ax = AxialPositionalEmbedding::new(3, &[2, 4]).unwrap();
     let e = ax.forward(7).unwrap();

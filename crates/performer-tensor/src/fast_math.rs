@@ -195,6 +195,41 @@ multiversion! {
 }
 
 multiversion! {
+    /// The rotary map of one row: `dst[j] = src[j] cos[j] + src[j ^ 1] (sign sin[j])` for the
+    /// pairs `(src[2i], src[2i + 1])`, with tables expanded to the row's width (`cos` repeats
+    /// each frequency's cosine twice, `sin` holds `(-sin, sin)` per pair). `sign` -1 rotates
+    /// back. Every value of `dst` is written (it may start uninitialized).
+    ///
+    /// # Panics
+    /// If the four slices are not all of one even length.
+    pub fn rotate_pairs(
+        dst: &mut [std::mem::MaybeUninit<f32>],
+        src: &[f32],
+        cos: &[f32],
+        sin: &[f32],
+        sign: f32
+    ) {
+        let d = dst.len();
+        assert!(
+            d.is_multiple_of(2) && src.len() == d && cos.len() == d && sin.len() == d,
+            "rotate_pairs: rows of {d}, {}, {}, {}",
+            src.len(),
+            cos.len(),
+            sin.len()
+        );
+        for (((o, x), c), s) in dst
+            .chunks_exact_mut(2)
+            .zip(src.chunks_exact(2))
+            .zip(cos.chunks_exact(2))
+            .zip(sin.chunks_exact(2))
+        {
+            o[0].write(x[0] * c[0] + x[1] * (sign * s[0]));
+            o[1].write(x[1] * c[1] + x[0] * (sign * s[1]));
+        }
+    }
+}
+
+multiversion! {
     /// `y += a x` over two slices of equal length.
     pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
@@ -351,11 +386,8 @@ pub const GEMV_T_COLS: usize = 8 * LANES;
 #[inline(always)]
 fn gemv_t_strip<const C: usize>(wt: &[f32], n: usize, c0: usize, x: &[f32], out: &mut [f32]) {
     let mut acc = [[0f32; C]; 2];
-    let row = |i: usize| -> &[f32; C] {
-        wt[i * n + c0..i * n + c0 + C]
-            .try_into()
-            .expect("C values")
-    };
+    let row =
+        |i: usize| -> &[f32; C] { wt[i * n + c0..i * n + c0 + C].try_into().expect("C values") };
     for p in 0..x.len() / 2 {
         let (i0, i1) = (2 * p, 2 * p + 1);
         let (a0, a1, r0, r1) = (x[i0], x[i1], row(i0), row(i1));
@@ -447,7 +479,9 @@ mod tests {
             let wt: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();
-            let x: Vec<f32> = (0..k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+            let x: Vec<f32> = (0..k)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                .collect();
             for (j0, j1) in [(0, n), (1, n), (n / 3, n / 3 + n / 2)] {
                 let mut out = vec![f32::NAN; j1 - j0];
                 gemv_t(&wt, n, j0, &x, &mut out);
@@ -514,12 +548,20 @@ mod tests {
     #[test]
     fn mean_and_variance_match_f64() {
         for n in [1usize, 15, 16, 17, 256, 1000] {
-            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + 3.0).collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + 3.0)
+                .collect();
             let (m, v) = mean_and_variance(&x);
             let mean = x.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
             let var = x.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n as f64;
-            assert!((m as f64 - mean).abs() <= 1e-5 * (1.0 + mean.abs()), "n {n}: mean {m} vs {mean}");
-            assert!((v as f64 - var).abs() <= 1e-5 * (1.0 + var), "n {n}: variance {v} vs {var}");
+            assert!(
+                (m as f64 - mean).abs() <= 1e-5 * (1.0 + mean.abs()),
+                "n {n}: mean {m} vs {mean}"
+            );
+            assert!(
+                (v as f64 - var).abs() <= 1e-5 * (1.0 + var),
+                "n {n}: variance {v} vs {var}"
+            );
         }
         let (m, v) = mean_and_variance(&[]);
         assert!(m.is_nan() && v.is_nan());
