@@ -202,6 +202,28 @@ fn checkpoints_round_trip_with_aliases() {
 }
 
 #[test]
+fn top_k_keeps_the_largest_with_ties_to_the_lower_index() {
+    // Ties across the cut: of the three 2.0s only the two lowest indices fit in k = 4.
+    let logits = Array1::from(vec![2.0f32, 5.0, 2.0, -1.0, 2.0, 7.0, 0.0, 1.0, -3.0, 0.5]);
+    let k = top_k(&logits.view(), 0.55);
+    let kept: Vec<usize> = (0..10).filter(|&i| k[i].is_finite()).collect();
+    assert_eq!(kept, vec![0, 1, 2, 5]);
+    for &i in &kept {
+        assert_eq!(k[i], logits[i]);
+    }
+    // Every logit kept when k is the whole vocabulary, and NaN takes the sorting path.
+    assert!(top_k(&logits.view(), 0.0).iter().all(|x| x.is_finite()));
+    let with_nan = Array1::from(vec![1.0f32, f32::NAN, 3.0, 2.0]);
+    assert_eq!(
+        top_k(&with_nan.view(), 0.5)
+            .iter()
+            .filter(|x| x.is_finite() || x.is_nan())
+            .count(),
+        2
+    );
+}
+
+#[test]
 fn filters_match_the_reference_on_fixed_logits() {
     let logits = Array1::from(vec![1.0f32, 3.0, -2.0, 0.5, 2.0, 2.5, -1.0, 0.0, 1.5, 4.0]);
     // top_k with thres 0.7 keeps int(0.3 * 10) = 3 logits: 4.0, 3.0, 2.5
