@@ -206,7 +206,11 @@ mod tests {
     #[test]
     fn transposed_is_the_contiguous_transpose_and_follows_every_change() {
         let p = param_2x3(0.0);
-        let t = p.transposed().unwrap().into_dimensionality::<Ix2>().unwrap();
+        let t = p
+            .transposed()
+            .unwrap()
+            .into_dimensionality::<Ix2>()
+            .unwrap();
         assert_eq!(t.dim(), (3, 2));
         assert!(t.is_standard_layout());
         assert_eq!(t, p.value().into_dimensionality::<Ix2>().unwrap().t());
@@ -223,6 +227,9 @@ mod tests {
     fn transposed_refuses_other_ranks() {
         let p = Param::new(ndarray::ArrayD::zeros(IxDyn(&[4])));
         let err = p.transposed().unwrap_err().to_string();
-        assert!(err.contains("Param::transposed") && err.contains("[4]"), "{err}");
+        assert!(
+            err.contains("Param::transposed") && err.contains("[4]"),
+            "{err}"
+        );
     }
 }
