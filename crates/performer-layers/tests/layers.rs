@@ -336,6 +336,38 @@ fn shift_tokens_moves_segments() {
 }
 
 #[test]
+fn linear_without_a_graph_equals_the_recorded_forward() {
+    // Inference multiplies by the weight's cached transpose into rows holding the bias; the
+    // recorded forward by the strided transpose, then adds the bias. Same values, any input
+    // layout, before and after the weight changes (the cache must follow it).
+    for bias in [true, false] {
+        let layer = Linear::new(24, 40, bias);
+        let x = Tensor::new(randn(&[2, 5, 24], 31, 1.0));
+        let permuted = Tensor::new(randn(&[5, 2, 24], 32, 1.0))
+            .permute(&[1, 0, 2])
+            .unwrap();
+        for input in [&x, &permuted] {
+            for step in 0..2 {
+                let recorded = layer.forward(input).unwrap();
+                let inferred = no_grad(|| layer.forward(input)).unwrap();
+                assert_eq!(inferred.shape(), &[2, 5, 40]);
+                let err = recorded
+                    .to_array()
+                    .iter()
+                    .zip(inferred.to_array().iter())
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err < 1e-5, "bias {bias} step {step}: {err}");
+                layer.weight.update(|w| w.mapv_inplace(|v| v * 0.5 - 0.01));
+            }
+        }
+    }
+    // No rows: an empty result of the right width.
+    let empty =
+        no_grad(|| Linear::new(3, 4, true).forward(&Tensor::new(ArrayD::zeros(IxDyn(&[0, 3])))));
+    assert_eq!(empty.unwrap().shape(), &[0, 4]);
+}
+
+#[test]
 fn rotary_is_a_rotation_per_pair() {
     let pos = FixedPositionalEmbedding::new(4, 16);
     let table = pos.forward(5).unwrap();
