@@ -20,6 +20,12 @@ use performer_models::{PerformerLM, PerformerLMConfig};
 use performer_tensor::Module;
 
 fn main() -> performer_tensor::Result<()> {
+    // On a rayon worker, as `generate` runs: the caller and the team's helper are then the
+    // pool's own threads, one per core (`performer_tensor::team::on_pool`).
+    performer_tensor::team::on_pool(measure)
+}
+
+fn measure() -> performer_tensor::Result<()> {
     performer_tensor::rng::manual_seed(0);
     let lm = PerformerLM::new(PerformerLMConfig {
         num_tokens: 256,

@@ -502,7 +502,9 @@ impl PerformerLM {
     /// A step is a chain of matrix-vector products shared with helper threads
     /// (`performer_tensor::team`); a loop of steps inside one
     /// `performer_tensor::team::with_team(|_| ...)` keeps the helpers between tokens instead
-    /// of waking them for each, as `generate` does.
+    /// of waking them for each, as `generate` does; called from a thread outside rayon's pool
+    /// (a program's main thread), put the whole loop in `performer_tensor::team::on_pool` too,
+    /// so that no idle pool thread competes with the team for the cores.
     pub fn step(&self, state: &mut DecodingState, tokens: &[i64]) -> Result<ndarray::Array2<f32>> {
         let x = ndarray::Array2::from_shape_vec((tokens.len(), 1), tokens.to_vec())
             .map_err(|e| Error::shape("PerformerLM::step", e.to_string()))?;
