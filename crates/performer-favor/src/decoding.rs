@@ -215,6 +215,14 @@ fn slices(a: &mut [f32], len: usize) -> Vec<&mut [f32]> {
     a.chunks_mut(len.max(1)).collect()
 }
 
+/// One head's running sums, borrowed for one decoding step.
+struct HeadSums<'a> {
+    kv: &'a mut [f32],
+    z: &'a mut [f32],
+    v_sum: &'a mut [f32],
+    reference: &'a mut f32,
+}
+
 /// One head's running sums and output row, borrowed for one decoding step.
 struct HeadStep<'a> {
     /// `dn P k` then `dn P q`, m values each, on entry (softmax and generalized kernels); the
@@ -225,6 +233,92 @@ struct HeadStep<'a> {
     v_sum: &'a mut [f32],
     reference: &'a mut f32,
     out: &'a mut [f32],
+}
+
+/// A decoding step of a [`CausalState`] in progress ([`FastAttention::begin_step`]): each
+/// head's sums, lent out once to whichever thread steps that head.
+pub struct StateStep<'s> {
+    kind: Kind,
+    /// The projection matrix `(m, d)`, contiguous (unused by `no_projection`).
+    projection: performer_tensor::Data,
+    d: usize,
+    e: usize,
+    m: usize,
+    /// Positions counted with this one.
+    count: usize,
+    heads: Vec<Mutex<Option<HeadSums<'s>>>>,
+}
+
+impl StateStep<'_> {
+    /// Number of heads of the state.
+    pub fn heads(&self) -> usize {
+        self.heads.len()
+    }
+
+    /// Head `h`'s step: folds its new key `k` (d values) and value `v` (e values) into its sums
+    /// and writes into `out` (e values) the attention of its query `q` (d values) over every
+    /// key so far. Equal to `extend_state` then `query_state` for that head.
+    pub fn step_head(
+        &self,
+        h: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        const OP: &str = "StateStep::step_head";
+        let (d, e, m) = (self.d, self.e, self.m);
+        if q.len() != d || k.len() != d || v.len() != e || out.len() != e {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "q {}, k {}, v {}, out {} values for heads of d = {d}, e = {e}",
+                    q.len(),
+                    k.len(),
+                    v.len(),
+                    out.len()
+                ),
+            ));
+        }
+        let sums = self
+            .heads
+            .get(h)
+            .ok_or_else(|| Error::Index {
+                op: OP.into(),
+                index: h as i64,
+                size: self.heads.len(),
+            })?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::invalid(OP, "head", h, "was already stepped in this step"))?;
+        let mut features = vec![0f32; 2 * m];
+        if let Kind::Softmax { dn, .. } | Kind::Generalized { dn, .. } = self.kind {
+            // dn P k then dn P q, in one pass over P.
+            let p = self
+                .projection
+                .as_slice()
+                .expect("made contiguous in begin_step");
+            gemv_rows_many(p, d, &[k, q].concat(), &mut features);
+            features.iter_mut().for_each(|u| *u *= dn);
+        }
+        step_head(
+            self.kind,
+            q,
+            k,
+            v,
+            HeadStep {
+                features: &mut features,
+                kv: sums.kv,
+                z: sums.z,
+                v_sum: sums.v_sum,
+                reference: sums.reference,
+                out,
+            },
+            self.count,
+        );
+        Ok(())
+    }
 }
 
 /// The largest of `start` and `xs`, ignoring NaN as `f32::max` does.
@@ -513,7 +607,7 @@ impl FastAttention {
     /// `v` (heads, e) to `state` and returns the attention of queries `q` (heads, d) over every
     /// key so far (heads, e). Equal to [`FastAttention::extend_state`] then
     /// [`FastAttention::query_state`], in one pass over each head's sums, with the heads
-    /// shared over `team`'s threads.
+    /// shared over `team`'s threads ([`FastAttention::begin_step`] head by head).
     pub fn step_state(
         &self,
         state: &mut CausalState,
@@ -527,19 +621,49 @@ impl FastAttention {
         check_heads(OP, "q", q.shape(), state.heads, d)?;
         check_heads(OP, "k", k.shape(), state.heads, d)?;
         check_heads(OP, "v", v.shape(), state.heads, state.e)?;
-        let kind = kind_of(self);
-        let p = self.projection_matrix()?;
-        let p = p.data().as_standard_layout();
-        let p = p.as_slice().expect("standard layout");
+        let (heads, e) = (state.heads, state.e);
         let (q, k, v) = (
             q.as_standard_layout(),
             k.as_standard_layout(),
             v.as_standard_layout(),
         );
-        let (heads, e) = (state.heads, state.e);
+        let std = "standard layout";
+        let (q, k, v) = (
+            q.as_slice().expect(std),
+            k.as_slice().expect(std),
+            v.as_slice().expect(std),
+        );
+        let mut out = Array2::<f32>::zeros((heads, e));
+        let outs: Vec<Mutex<&mut [f32]>> = slices(out.as_slice_mut().expect(std), e)
+            .into_iter()
+            .map(Mutex::new)
+            .collect();
+        let step = self.begin_step(state)?;
+        team.for_each_chunk(heads, &|h| {
+            let mut o = outs[h].lock().unwrap_or_else(|e| e.into_inner());
+            let (qh, kh, vh) = (
+                &q[h * d..(h + 1) * d],
+                &k[h * d..(h + 1) * d],
+                &v[h * e..(h + 1) * e],
+            );
+            step.step_head(h, qh, kh, vh, &mut o)
+                .expect("lengths checked above, each head stepped once");
+        });
+        drop(outs);
+        Ok(out)
+    }
+
+    /// Starts one decoding step of `state` (one new position for every head), to be taken head
+    /// by head with [`StateStep::step_head`], from any threads, each head once: callers that
+    /// fuse a head's projections with its attention (as `Attention::decode_rows` does) share
+    /// the heads out themselves. The state counts the position from here on, so every head
+    /// should be stepped before the state is used again.
+    pub fn begin_step<'s>(&self, state: &'s mut CausalState) -> Result<StateStep<'s>> {
+        const OP: &str = "FastAttention::begin_step";
+        let kind = kind_of(self);
         let m = state.z.ncols();
         let want_m = match kind {
-            Kind::NoProjection => d,
+            Kind::NoProjection => self.config().dim_heads,
             _ => self.nb_features(),
         };
         if m != want_m {
@@ -548,54 +672,39 @@ impl FastAttention {
                 format!("a state of {m} features for an attention with {want_m}"),
             ));
         }
-        let mut out = Array2::<f32>::zeros((heads, e));
+        // Shared with the module (no copy) when it is contiguous, as it always is here.
+        let projection = self.projection_matrix()?.data().clone();
+        let projection = if projection.is_standard_layout() {
+            projection
+        } else {
+            projection.as_standard_layout().into_owned().into_shared()
+        };
         state.count += 1;
-        let count = state.count;
         let std = "standard layout";
-        let (q, k, v) = (
-            q.as_slice().expect(std),
-            k.as_slice().expect(std),
-            v.as_slice().expect(std),
-        );
-        // Each head's key and query features side by side, (key | query), m values each; the
-        // projections are computed inside each head's work, spread over the team's threads
-        // (they were a serial pass before the heads, with the other thread waiting).
-        let mut features = vec![0f32; 2 * heads * m];
-        let per_head: Vec<Mutex<Option<HeadStep<'_>>>> =
-            slices(state.kv.as_slice_mut().expect(std), m * e)
-                .into_iter()
-                .zip(slices(state.z.as_slice_mut().expect(std), m))
-                .zip(slices(state.v_sum.as_slice_mut().expect(std), e))
-                .zip(state.reference.iter_mut())
-                .zip(slices(out.as_slice_mut().expect(std), e))
-                .zip(slices(&mut features, 2 * m))
-                .map(|(((((kv, z), v_sum), reference), out), features)| {
-                    Mutex::new(Some(HeadStep {
-                        features,
-                        kv,
-                        z,
-                        v_sum,
-                        reference,
-                        out,
-                    }))
-                })
-                .collect();
-        team.for_each_chunk(heads, &|h| {
-            let s = per_head[h]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .expect("each head is stepped once");
-            let (qh, kh) = (&q[h * d..(h + 1) * d], &k[h * d..(h + 1) * d]);
-            if let Kind::Softmax { dn, .. } | Kind::Generalized { dn, .. } = kind {
-                // dn P k then dn P q, in one pass over P.
-                gemv_rows_many(p, d, &[kh, qh].concat(), s.features);
-                s.features.iter_mut().for_each(|u| *u *= dn);
-            }
-            step_head(kind, qh, kh, &v[h * e..(h + 1) * e], s, count);
-        });
-        drop(per_head);
-        Ok(out)
+        let e = state.e;
+        let heads = slices(state.kv.as_slice_mut().expect(std), m * e)
+            .into_iter()
+            .zip(slices(state.z.as_slice_mut().expect(std), m))
+            .zip(slices(state.v_sum.as_slice_mut().expect(std), e))
+            .zip(state.reference.iter_mut())
+            .map(|(((kv, z), v_sum), reference)| {
+                Mutex::new(Some(HeadSums {
+                    kv,
+                    z,
+                    v_sum,
+                    reference,
+                }))
+            })
+            .collect();
+        Ok(StateStep {
+            kind,
+            projection,
+            d: self.config().dim_heads,
+            e,
+            m,
+            count: state.count,
+            heads,
+        })
     }
 
     /// Attention of one query per head `q` (heads, d) over every key in `state`: (heads, e).

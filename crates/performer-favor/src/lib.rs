@@ -35,7 +35,7 @@ mod ops;
 mod projection;
 mod simd;
 
-pub use decoding::{CausalState, ContextState};
+pub use decoding::{CausalState, ContextState, StateStep};
 pub use fast_attention::{
     FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,
 };

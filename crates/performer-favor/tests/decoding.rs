@@ -363,3 +363,58 @@ fn forward_extending_keeps_the_graph_when_gradients_flow() {
     assert!(worst <= 1e-6, "gradient differs from forward's by {worst}");
     assert_eq!(state.len(), 9);
 }
+
+#[test]
+fn a_step_taken_head_by_head_equals_step_state_and_refuses_misuse() {
+    performer_tensor::rng::manual_seed(2);
+    let fa = FastAttention::new(FastAttentionConfig {
+        nb_features: Some(12),
+        causal: true,
+        ..FastAttentionConfig::new(8)
+    })
+    .unwrap();
+    let (h, d) = (3, 8);
+    let rows = |seed| {
+        randn(&[h, d], seed, 1.0)
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap()
+    };
+    let (mut by_heads, mut together) = (fa.causal_state(h, d), fa.causal_state(h, d));
+    for t in 0..5u64 {
+        let (q, k, v) = (rows(10 * t + 1), rows(10 * t + 2), rows(10 * t + 3));
+        let want =
+            with_team(|team| fa.step_state(&mut together, &q.view(), &k.view(), &v.view(), team))
+                .unwrap();
+        let step = fa.begin_step(&mut by_heads).unwrap();
+        assert_eq!(step.heads(), h);
+        // Heads in any order.
+        for head in [2, 0, 1] {
+            let mut out = vec![f32::NAN; d];
+            let (qs, ks, vs) = (q.row(head), k.row(head), v.row(head));
+            step.step_head(
+                head,
+                qs.as_slice().unwrap(),
+                ks.as_slice().unwrap(),
+                vs.as_slice().unwrap(),
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out.as_slice(), want.row(head).as_slice().unwrap());
+        }
+        // Each head once per step; no head past the state's; rows of the heads' widths.
+        let q0 = q.row(0).to_vec();
+        let mut out = vec![0f32; d];
+        let again = step.step_head(0, &q0, &q0, &q0, &mut out).unwrap_err();
+        assert!(again.to_string().contains("already stepped"), "{again}");
+        let past = step.step_head(h, &q0, &q0, &q0, &mut out).unwrap_err();
+        assert!(past.to_string().contains("StateStep::step_head"), "{past}");
+        let short = step
+            .step_head(1, &q0[..d - 1], &q0, &q0, &mut out)
+            .unwrap_err();
+        assert!(
+            short.to_string().contains("StateStep::step_head"),
+            "{short}"
+        );
+    }
+    assert_eq!(by_heads.len(), 5);
+}

@@ -10,6 +10,7 @@ use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 use crate::basic::linear_rows;
 use crate::basic::{Dropout, Linear};
 use crate::block::{Block, BlockInputs, BlockState, check_decode_length, rows_through_tensors};
+use crate::fused_step::FavorAttention;
 use crate::local_attention::LocalAttention;
 use crate::local_attention::LocalCache;
 use crate::position::{apply_rotary, apply_rotary_pos_emb, rotate_rows};
@@ -607,6 +608,26 @@ impl Attention {
             a.into_shape_with_order((b * heads, dh))
                 .map_err(|e| Error::shape("Attention::decode_rows", e.to_string()))
         };
+        if !cross && c.local_heads == 0 {
+            // Every head FAVOR+: the whole block in one phase of the team.
+            let table = inputs.pos_emb.map(|pos| pos.data().as_standard_layout());
+            let row = table
+                .as_ref()
+                .map(|t| t.as_slice().expect("standard layout"));
+            let favor = st.favor.as_mut().expect("checked above");
+            let parts = FavorAttention {
+                to_q: &self.to_q,
+                to_k: &self.to_k,
+                to_v: &self.to_v,
+                to_out: &self.to_out,
+                fast_attention: &self.fast_attention,
+                heads,
+                dim_head: dh,
+            };
+            let y = parts.step(x, row, favor, team)?;
+            st.pos += 1;
+            return Ok(y);
+        }
         let out = if cross {
             let q = per_head(self.to_q.forward_rows(x, team)?)?;
             let ctx = st.context.as_ref().expect("checked above");

@@ -16,6 +16,7 @@ mod attention;
 mod basic;
 mod block;
 mod feed_forward;
+mod fused_step;
 pub mod init;
 mod local_attention;
 mod position;

@@ -97,6 +97,35 @@ fn softmax_favor_with_rotary() {
 }
 
 #[test]
+fn heads_stepped_in_several_groups() {
+    // The decoding step takes the FAVOR+ heads in groups of one 128-column strip each (two
+    // heads of 64; two of 48 and then one), each group adding its share of the output product:
+    // a share lost or counted twice shows here, with and without the projections' biases.
+    for (heads, dim_head, bias) in [(4, 64, false), (3, 48, true)] {
+        performer_tensor::rng::manual_seed(3);
+        let lm = PerformerLM::new(PerformerLMConfig {
+            dim: 48,
+            depth: 1,
+            heads,
+            dim_head,
+            nb_features: Some(24),
+            qkv_bias: bias,
+            attn_out_bias: bias,
+            ..base()
+        })
+        .unwrap();
+        check(
+            &lm,
+            &format!("{heads} heads of {dim_head}, biases {bias}"),
+            4,
+            64,
+            None,
+            None,
+        );
+    }
+}
+
+#[test]
 fn generalized_kernel_absolute_positions_scalenorm() {
     performer_tensor::rng::manual_seed(2);
     let cfg = PerformerLMConfig {

@@ -1,0 +1,215 @@
+//! The decoding step of FAVOR+ self-attention as one parallel phase.
+//!
+//! Taken op by op, a step of attention is three phases of the team (the query, key and value
+//! products; the heads; the output product), each ending when its slowest chunk does. Here each
+//! chunk takes a group of heads through all of it: the group's columns of the query, key and
+//! value products, their rotation, the heads' steps of the FAVOR+ state, and the group's share
+//! of the output product (the rows of the transposed output weight that multiply those heads'
+//! outputs). The groups' shares are added at the end, in group order, so the result does not
+//! depend on which thread took which group.
+
+use std::sync::Mutex;
+
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
+use performer_favor::{CausalState, FastAttention};
+use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t};
+use performer_tensor::team::Team;
+use performer_tensor::{Data, Error, Param, Result};
+
+use crate::basic::Linear;
+use crate::position::rotate_rows;
+
+const OP: &str = "Attention::decode_rows";
+
+/// The modules of a self-attention whose heads are all FAVOR+.
+pub(crate) struct FavorAttention<'a> {
+    pub to_q: &'a Linear,
+    pub to_k: &'a Linear,
+    pub to_v: &'a Linear,
+    pub to_out: &'a Linear,
+    pub fast_attention: &'a FastAttention,
+    pub heads: usize,
+    pub dim_head: usize,
+}
+
+/// A Linear's cached transpose `(in, out)` and bias, contiguous, after checking its shape.
+struct Weights {
+    transposed: Data,
+    bias: Option<Data>,
+}
+
+impl Weights {
+    fn of(layer: &Linear, inputs: usize, outputs: usize) -> Result<Self> {
+        if layer.in_features() != inputs || layer.out_features() != outputs {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "a Linear {} -> {} where {inputs} -> {outputs} was expected",
+                    layer.in_features(),
+                    layer.out_features()
+                ),
+            ));
+        }
+        let bias = match &layer.bias {
+            Some(b) if b.numel() != outputs => {
+                return Err(Error::shape(
+                    OP,
+                    format!("bias {:?} for {outputs} outputs", b.shape()),
+                ));
+            }
+            Some(b) => Some(contiguous(b)),
+            None => None,
+        };
+        Ok(Weights {
+            transposed: layer.weight.transposed()?,
+            bias,
+        })
+    }
+
+    fn transposed(&self) -> &[f32] {
+        self.transposed
+            .as_slice()
+            .expect("a fresh contiguous transpose")
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias
+            .as_ref()
+            .map(|b| b.as_slice().expect("made contiguous"))
+    }
+}
+
+fn contiguous(p: &Param) -> Data {
+    let v = p.value();
+    if v.is_standard_layout() {
+        v
+    } else {
+        v.as_standard_layout().into_owned().into_shared()
+    }
+}
+
+/// `out = x W^T (+ bias)` over the columns `c0..c0 + out.len()` of a layer with `n` outputs.
+fn columns(w: &Weights, n: usize, c0: usize, x: &[f32], out: &mut [f32]) {
+    gemv_t(w.transposed(), n, c0, x, out);
+    if let Some(b) = w.bias() {
+        let b = &b[c0..c0 + out.len()];
+        out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+    }
+}
+
+impl FavorAttention<'_> {
+    /// One new position per sequence: `x` `(b, dim)`, `favor` the heads' state (`b * heads`
+    /// heads, batch-major), `rotary` the position's row of the rotary table (`[sin | cos]`,
+    /// `dim_head` values). Returns the attention block's output `(b, dim)`.
+    pub(crate) fn step(
+        &self,
+        x: &ArrayView2<f32>,
+        rotary: Option<&[f32]>,
+        favor: &mut CausalState,
+        team: &Team,
+    ) -> Result<Array2<f32>> {
+        let (b, dim) = x.dim();
+        let (heads, dh) = (self.heads, self.dim_head);
+        let inner = heads * dh;
+        let [wq, wk, wv] = [self.to_q, self.to_k, self.to_v].map(|l| Weights::of(l, dim, inner));
+        let (wq, wk, wv) = (wq?, wk?, wv?);
+        let dim_out = self.to_out.out_features();
+        let wo = Weights::of(self.to_out, inner, dim_out)?;
+        if let Some(row) = rotary
+            && (row.len() != dh || !dh.is_multiple_of(2))
+        {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "a rotary table row of {} values for heads of {dh}",
+                    row.len()
+                ),
+            ));
+        }
+        let x = x.as_standard_layout();
+        let x = x.as_slice().expect("standard layout");
+        // Nothing below fails once the state counts the new position (the widths and the
+        // table were checked), so no head is left behind.
+        let step = self.fast_attention.begin_step(favor)?;
+        if step.heads() != b * heads {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "a state of {} heads for {b} sequences of {heads}",
+                    step.heads()
+                ),
+            ));
+        }
+        // Heads per chunk: enough for a full strip of the products' kernel.
+        let group = (GEMV_T_COLS / dh.max(1)).clamp(1, heads.max(1));
+        let groups = heads.div_ceil(group);
+        let shares: Vec<Mutex<Vec<f32>>> = (0..groups)
+            .map(|_| Mutex::new(vec![0f32; b * dim_out]))
+            .collect();
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        team.for_each_chunk(groups, &|g| {
+            let (h0, h1) = (g * group, ((g + 1) * group).min(heads));
+            let (c0, width) = (h0 * dh, (h1 - h0) * dh);
+            let mut share = shares[g].lock().unwrap_or_else(|e| e.into_inner());
+            let [mut q, mut k, mut v, mut o] = [(); 4].map(|_| vec![0f32; width]);
+            let result = (|| -> Result<()> {
+                for (bi, xb) in (0..b).map(|bi| (bi, &x[bi * dim..(bi + 1) * dim])) {
+                    columns(&wq, inner, c0, xb, &mut q);
+                    columns(&wk, inner, c0, xb, &mut k);
+                    columns(&wv, inner, c0, xb, &mut v);
+                    if let Some(row) = rotary {
+                        for t in [&mut q, &mut k] {
+                            let mut rows = ArrayViewMut2::from_shape((h1 - h0, dh), &mut t[..])
+                                .map_err(|e| Error::shape(OP, e.to_string()))?;
+                            rotate_rows(&mut rows, row)?;
+                        }
+                    }
+                    for h in h0..h1 {
+                        let r = (h - h0) * dh..(h - h0 + 1) * dh;
+                        step.step_head(
+                            bi * heads + h,
+                            &q[r.clone()],
+                            &k[r.clone()],
+                            &v[r.clone()],
+                            &mut o[r],
+                        )?;
+                    }
+                    // This group's share of the output product: its heads' outputs times
+                    // their rows of the transposed output weight.
+                    let rows = &wo.transposed()[c0 * dim_out..(c0 + width) * dim_out];
+                    gemv_t(
+                        rows,
+                        dim_out,
+                        0,
+                        &o,
+                        &mut share[bi * dim_out..(bi + 1) * dim_out],
+                    );
+                }
+                Ok(())
+            })();
+            if let Err(err) = result {
+                failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(err);
+            }
+        });
+        if let Some(err) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(err);
+        }
+        let mut y = Array2::<f32>::zeros((b, dim_out));
+        for (bi, mut row) in y.rows_mut().into_iter().enumerate() {
+            let row = row.as_slice_mut().expect("rows of a fresh array");
+            if let Some(bias) = wo.bias() {
+                row.copy_from_slice(bias);
+            }
+            for share in &shares {
+                let share = share.lock().unwrap_or_else(|e| e.into_inner());
+                row.iter_mut()
+                    .zip(&share[bi * dim_out..(bi + 1) * dim_out])
+                    .for_each(|(y, s)| *y += s);
+            }
+        }
+        Ok(y)
+    }
+}
