@@ -89,17 +89,14 @@ impl Block for FeedForward {
             return crate::block::decode_rows_via_tensors(self, x, inputs, state);
         }
         *state = BlockState::Stateless;
-        let mut h = self.w1.forward_rows(x, team)?;
-        // GLU: [a | gate] -> act(a) * gate; otherwise act(h) (the gate half is empty).
-        let hidden = if self.glu { h.ncols() / 2 } else { h.ncols() };
-        for mut row in h.rows_mut() {
-            let row = row.as_slice_mut().expect("rows of a fresh array");
-            let (a, gate) = row.split_at_mut(hidden);
-            self.activation.apply_inplace(a);
-            a.iter_mut().zip(gate.iter()).for_each(|(a, g)| *a *= g);
+        // Both products and the activation in one phase of the team (see `fused_step`).
+        crate::fused_step::FeedForwardParts {
+            w1: &self.w1,
+            w2: &self.w2,
+            activation: self.activation,
+            glu: self.glu,
         }
-        let h = h.slice(ndarray::s![.., ..hidden]);
-        self.w2.forward_rows(&h.view(), team)
+        .step(x, team)
     }
 }
 

@@ -1,18 +1,21 @@
-//! The decoding step of FAVOR+ self-attention as one parallel phase.
+//! Decoding steps of whole blocks as one parallel phase each: FAVOR+ self-attention and the
+//! feed-forward.
 //!
 //! Taken op by op, a step of attention is three phases of the team (the query, key and value
 //! products; the heads; the output product), each ending when its slowest chunk does. Here each
 //! chunk takes a group of heads through all of it: the group's columns of the query, key and
 //! value products, their rotation, the heads' steps of the FAVOR+ state, and the group's share
 //! of the output product (the rows of the transposed output weight that multiply those heads'
-//! outputs). The groups' shares are added at the end, in group order, so the result does not
-//! depend on which thread took which group.
+//! outputs). The feed-forward likewise: a chunk takes a strip of hidden units through the first
+//! product, the activation (and gate) and its share of the second product. The shares are added
+//! at the end, in chunk order, so the result does not depend on which thread took which chunk.
 
 use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use performer_favor::{CausalState, FastAttention};
 use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t};
+use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
 use performer_tensor::{Data, Error, Param, Result};
 
@@ -20,6 +23,7 @@ use crate::basic::Linear;
 use crate::position::rotate_rows;
 
 const OP: &str = "Attention::decode_rows";
+const FF_OP: &str = "FeedForward::decode_rows";
 
 /// The modules of a self-attention whose heads are all FAVOR+.
 pub(crate) struct FavorAttention<'a> {
@@ -39,10 +43,10 @@ struct Weights {
 }
 
 impl Weights {
-    fn of(layer: &Linear, inputs: usize, outputs: usize) -> Result<Self> {
+    fn of(op: &str, layer: &Linear, inputs: usize, outputs: usize) -> Result<Self> {
         if layer.in_features() != inputs || layer.out_features() != outputs {
             return Err(Error::shape(
-                OP,
+                op,
                 format!(
                     "a Linear {} -> {} where {inputs} -> {outputs} was expected",
                     layer.in_features(),
@@ -53,7 +57,7 @@ impl Weights {
         let bias = match &layer.bias {
             Some(b) if b.numel() != outputs => {
                 return Err(Error::shape(
-                    OP,
+                    op,
                     format!("bias {:?} for {outputs} outputs", b.shape()),
                 ));
             }
@@ -111,10 +115,11 @@ impl FavorAttention<'_> {
         let (b, dim) = x.dim();
         let (heads, dh) = (self.heads, self.dim_head);
         let inner = heads * dh;
-        let [wq, wk, wv] = [self.to_q, self.to_k, self.to_v].map(|l| Weights::of(l, dim, inner));
+        let [wq, wk, wv] =
+            [self.to_q, self.to_k, self.to_v].map(|l| Weights::of(OP, l, dim, inner));
         let (wq, wk, wv) = (wq?, wk?, wv?);
         let dim_out = self.to_out.out_features();
-        let wo = Weights::of(self.to_out, inner, dim_out)?;
+        let wo = Weights::of(OP, self.to_out, inner, dim_out)?;
         if let Some(row) = rotary
             && (row.len() != dh || !dh.is_multiple_of(2))
         {
@@ -197,19 +202,88 @@ impl FavorAttention<'_> {
         if let Some(err) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
             return Err(err);
         }
-        let mut y = Array2::<f32>::zeros((b, dim_out));
-        for (bi, mut row) in y.rows_mut().into_iter().enumerate() {
-            let row = row.as_slice_mut().expect("rows of a fresh array");
-            if let Some(bias) = wo.bias() {
-                row.copy_from_slice(bias);
-            }
-            for share in &shares {
-                let share = share.lock().unwrap_or_else(|e| e.into_inner());
-                row.iter_mut()
-                    .zip(&share[bi * dim_out..(bi + 1) * dim_out])
-                    .for_each(|(y, s)| *y += s);
-            }
+        Ok(add_shares(&shares, wo.bias(), b, dim_out))
+    }
+}
+
+/// `bias + sum of the chunks' shares` per sequence, `(b, dim_out)`, the shares in chunk order.
+fn add_shares(
+    shares: &[Mutex<Vec<f32>>],
+    bias: Option<&[f32]>,
+    b: usize,
+    dim_out: usize,
+) -> Array2<f32> {
+    let mut y = Array2::<f32>::zeros((b, dim_out));
+    for (bi, mut row) in y.rows_mut().into_iter().enumerate() {
+        let row = row.as_slice_mut().expect("rows of a fresh array");
+        if let Some(bias) = bias {
+            row.copy_from_slice(bias);
         }
-        Ok(y)
+        for share in shares {
+            let share = share.lock().unwrap_or_else(|e| e.into_inner());
+            row.iter_mut()
+                .zip(&share[bi * dim_out..(bi + 1) * dim_out])
+                .for_each(|(y, s)| *y += s);
+        }
+    }
+    y
+}
+
+/// The modules of a feed-forward block: `w2(act(w1 x))`, or with GLU `w2(act(a) * gate)` where
+/// `[a | gate] = w1 x`.
+pub(crate) struct FeedForwardParts<'a> {
+    pub w1: &'a Linear,
+    pub w2: &'a Linear,
+    pub activation: Activation,
+    pub glu: bool,
+}
+
+impl FeedForwardParts<'_> {
+    /// The block on one position per sequence, `x` `(b, dim)`: `(b, dim_out)`.
+    pub(crate) fn step(&self, x: &ArrayView2<f32>, team: &Team) -> Result<Array2<f32>> {
+        let (b, dim) = x.dim();
+        let first = self.w1.out_features();
+        if self.glu && !first.is_multiple_of(2) {
+            return Err(Error::shape(
+                FF_OP,
+                format!("a GLU's first layer needs an even width, got {first}"),
+            ));
+        }
+        let hidden = if self.glu { first / 2 } else { first };
+        let dim_out = self.w2.out_features();
+        let w1 = Weights::of(FF_OP, self.w1, dim, first)?;
+        let w2 = Weights::of(FF_OP, self.w2, hidden, dim_out)?;
+        let x = x.as_standard_layout();
+        let x = x.as_slice().expect("standard layout");
+        let chunks = hidden.div_ceil(GEMV_T_COLS);
+        let shares: Vec<Mutex<Vec<f32>>> = (0..chunks)
+            .map(|_| Mutex::new(vec![0f32; b * dim_out]))
+            .collect();
+        team.for_each_chunk(chunks, &|c| {
+            let c0 = c * GEMV_T_COLS;
+            let width = GEMV_T_COLS.min(hidden - c0);
+            let mut share = shares[c].lock().unwrap_or_else(|e| e.into_inner());
+            let (mut a, mut gate) = (vec![0f32; width], vec![0f32; width]);
+            for bi in 0..b {
+                let xb = &x[bi * dim..(bi + 1) * dim];
+                columns(&w1, first, c0, xb, &mut a);
+                self.activation.apply_inplace(&mut a);
+                if self.glu {
+                    columns(&w1, first, hidden + c0, xb, &mut gate);
+                    a.iter_mut().zip(&gate).for_each(|(a, g)| *a *= g);
+                }
+                // This strip's share of the second product: its hidden units times their rows
+                // of the transposed second weight.
+                let rows = &w2.transposed()[c0 * dim_out..(c0 + width) * dim_out];
+                gemv_t(
+                    rows,
+                    dim_out,
+                    0,
+                    &a,
+                    &mut share[bi * dim_out..(bi + 1) * dim_out],
+                );
+            }
+        });
+        Ok(add_shares(&shares, w2.bias(), b, dim_out))
     }
 }
