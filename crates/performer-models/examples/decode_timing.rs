@@ -2,8 +2,14 @@
 //! (vocab 256, dim 256, depth 4, heads 4, dim_head 64, nb_features 256) with max_seq_len 4160:
 //! primes 512 tokens, times 64 steps; continues to position 4096, times 64 steps again.
 //! `cargo run --release -p performer-models --example decode_timing`
+//!
+//! One untimed prompt pass first (it makes the weights' cached transposes), then the timed
+//! one; the allocator is mimalloc, as in `bench_workload`.
 
 use std::time::Instant;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// CPU seconds used by this process so far (all threads): wall time is unreliable on a shared
 /// machine, CPU time much less so.
@@ -41,6 +47,7 @@ fn measure() -> performer_tensor::Result<()> {
     lm.set_training(false);
     let mut g = performer_tensor::rng::Generator::seeded(1);
     let prompt = Array2::from_shape_simple_fn((1, 512), || g.below(256) as i64);
+    lm.decode(&mut lm.decoding_state(1, None, None)?, &prompt.view(), None)?;
     let mut state = lm.decoding_state(1, None, None)?;
     let (t, c) = (Instant::now(), cpu_seconds());
     lm.decode(&mut state, &prompt.view(), None)?;
