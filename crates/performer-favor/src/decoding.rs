@@ -184,6 +184,11 @@ impl CausalState {
         self.count == 0
     }
 
+    /// Number of heads (sequences times heads per sequence).
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
     /// Bytes held (constant in the number of positions).
     pub fn bytes(&self) -> usize {
         4 * (self.kv.len() + self.z.len() + self.v_sum.len() + self.reference.len())

@@ -146,44 +146,12 @@ pub fn linear_rows(
     team: &Team,
 ) -> Result<Vec<Array2<f32>>> {
     let (b, inf) = x.dim();
-    for l in layers {
-        if let Some(bias) = &l.bias
-            && bias.numel() != l.out_features()
-        {
-            return Err(Error::shape(
-                "Linear",
-                format!(
-                    "bias {:?} for {} output features",
-                    bias.shape(),
-                    l.out_features()
-                ),
-            ));
-        }
-        if l.in_features() != inf {
-            return Err(Error::shape(
-                "Linear",
-                format!(
-                    "input {:?} must end in in_features {}",
-                    x.shape(),
-                    l.in_features()
-                ),
-            ));
-        }
-    }
+    let weights: Vec<RowWeights> = layers
+        .iter()
+        .map(|l| RowWeights::of("Linear", l, inf, l.out_features()))
+        .collect::<Result<_>>()?;
     let x = x.as_standard_layout();
     let x = x.as_slice().expect("standard layout");
-    let weights: Vec<_> = layers
-        .iter()
-        .map(|l| l.weight.transposed())
-        .collect::<Result<_>>()?;
-    let biases: Vec<_> = layers
-        .iter()
-        .map(|l| l.bias.as_ref().map(Param::value))
-        .collect();
-    let biases: Vec<_> = biases
-        .iter()
-        .map(|b| b.as_ref().map(|b| b.as_standard_layout()))
-        .collect();
     // Whole strips of the kernel per chunk, as many as make CHUNK_VALUES weights.
     let strips = (CHUNK_VALUES / (inf.max(1) * GEMV_T_COLS)).max(1);
     let cols_per_chunk = strips * GEMV_T_COLS;
@@ -204,24 +172,16 @@ pub fn linear_rows(
     }
     team.for_each_chunk(chunks.len(), &|c| {
         let (i, j0, cols) = chunks[c];
-        let wt = weights[i].as_slice().expect("a fresh contiguous transpose");
-        let n = layers[i].out_features();
         let mut piece = pieces[c].lock().unwrap_or_else(|e| e.into_inner());
         if b == 1 {
-            gemv_t(wt, n, j0, x, &mut piece);
+            weights[i].columns(j0, x, &mut piece);
         } else {
             let mut one = vec![0f32; cols];
             for bi in 0..b {
-                gemv_t(wt, n, j0, &x[bi * inf..(bi + 1) * inf], &mut one);
+                weights[i].columns(j0, &x[bi * inf..(bi + 1) * inf], &mut one);
                 for (r, &y) in one.iter().enumerate() {
                     piece[r * b + bi] = y;
                 }
-            }
-        }
-        if let Some(bias) = &biases[i] {
-            let bias = &bias.as_slice().expect("standard layout")[j0..j0 + cols];
-            for (ys, &bias) in piece.chunks_exact_mut(b).zip(bias) {
-                ys.iter_mut().for_each(|y| *y += bias);
             }
         }
     });
@@ -236,6 +196,84 @@ pub fn linear_rows(
         })
         .collect();
     Ok(outs)
+}
+
+/// A Linear layer as the decoding step reads it: its weight's cached transpose `(in, out)`
+/// ([`Param::transposed`]) and its bias, both contiguous, after checking its shape.
+pub(crate) struct RowWeights {
+    transposed: performer_tensor::Data,
+    bias: Option<performer_tensor::Data>,
+    outputs: usize,
+}
+
+impl RowWeights {
+    /// `layer`'s weights, checked to map `inputs` to `outputs` features; errors name `op`.
+    pub(crate) fn of(op: &str, layer: &Linear, inputs: usize, outputs: usize) -> Result<Self> {
+        if layer.in_features() != inputs || layer.out_features() != outputs {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "a Linear {} -> {} given rows of {inputs} for {outputs} outputs",
+                    layer.in_features(),
+                    layer.out_features()
+                ),
+            ));
+        }
+        let bias = match &layer.bias {
+            Some(b) if b.numel() != outputs => {
+                return Err(Error::shape(
+                    op,
+                    format!("bias {:?} for {outputs} output features", b.shape()),
+                ));
+            }
+            Some(b) => {
+                let v = b.value();
+                Some(if v.is_standard_layout() {
+                    v
+                } else {
+                    v.as_standard_layout().into_owned().into_shared()
+                })
+            }
+            None => None,
+        };
+        Ok(RowWeights {
+            transposed: layer.weight.transposed()?,
+            bias,
+            outputs,
+        })
+    }
+
+    /// The weight's transpose, `(in, out)` row-major.
+    pub(crate) fn transposed(&self) -> &[f32] {
+        self.transposed
+            .as_slice()
+            .expect("a fresh contiguous transpose")
+    }
+
+    /// The bias, if any.
+    pub(crate) fn bias(&self) -> Option<&[f32]> {
+        self.bias
+            .as_ref()
+            .map(|b| b.as_slice().expect("made contiguous"))
+    }
+
+    /// `out = x W^T + bias` over the output features `c0..c0 + out.len()`.
+    pub(crate) fn columns(&self, c0: usize, x: &[f32], out: &mut [f32]) {
+        gemv_t(self.transposed(), self.outputs, c0, x, out);
+        if let Some(b) = self.bias() {
+            let b = &b[c0..c0 + out.len()];
+            out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        }
+    }
+
+    /// `out = h W^T[r0..r0 + h.len(), ..]`: the share of the product that the inputs
+    /// `r0..r0 + h.len()` contribute (their rows of the transpose), without the bias. A step
+    /// that computes its inputs in pieces multiplies each piece as soon as it has it.
+    pub(crate) fn rows_share(&self, r0: usize, h: &[f32], out: &mut [f32]) {
+        let n = self.outputs;
+        let rows = &self.transposed()[r0 * n..(r0 + h.len()) * n];
+        gemv_t(rows, n, 0, h, out);
+    }
 }
 
 impl Module for Linear {

@@ -14,12 +14,12 @@ use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use performer_favor::{CausalState, FastAttention};
-use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t};
+use performer_tensor::fast_math::GEMV_T_COLS;
 use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
-use performer_tensor::{Data, Error, Param, Result};
+use performer_tensor::{Error, Result};
 
-use crate::basic::Linear;
+use crate::basic::{Linear, RowWeights};
 use crate::position::rotate_rows;
 
 const OP: &str = "Attention::decode_rows";
@@ -36,69 +36,11 @@ pub(crate) struct FavorAttention<'a> {
     pub dim_head: usize,
 }
 
-/// A Linear's cached transpose `(in, out)` and bias, contiguous, after checking its shape.
-struct Weights {
-    transposed: Data,
-    bias: Option<Data>,
-}
-
-impl Weights {
-    fn of(op: &str, layer: &Linear, inputs: usize, outputs: usize) -> Result<Self> {
-        if layer.in_features() != inputs || layer.out_features() != outputs {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "a Linear {} -> {} where {inputs} -> {outputs} was expected",
-                    layer.in_features(),
-                    layer.out_features()
-                ),
-            ));
-        }
-        let bias = match &layer.bias {
-            Some(b) if b.numel() != outputs => {
-                return Err(Error::shape(
-                    op,
-                    format!("bias {:?} for {outputs} outputs", b.shape()),
-                ));
-            }
-            Some(b) => Some(contiguous(b)),
-            None => None,
-        };
-        Ok(Weights {
-            transposed: layer.weight.transposed()?,
-            bias,
-        })
-    }
-
-    fn transposed(&self) -> &[f32] {
-        self.transposed
-            .as_slice()
-            .expect("a fresh contiguous transpose")
-    }
-
-    fn bias(&self) -> Option<&[f32]> {
-        self.bias
-            .as_ref()
-            .map(|b| b.as_slice().expect("made contiguous"))
-    }
-}
-
-fn contiguous(p: &Param) -> Data {
-    let v = p.value();
-    if v.is_standard_layout() {
-        v
-    } else {
-        v.as_standard_layout().into_owned().into_shared()
-    }
-}
-
-/// `out = x W^T (+ bias)` over the columns `c0..c0 + out.len()` of a layer with `n` outputs.
-fn columns(w: &Weights, n: usize, c0: usize, x: &[f32], out: &mut [f32]) {
-    gemv_t(w.transposed(), n, c0, x, out);
-    if let Some(b) = w.bias() {
-        let b = &b[c0..c0 + out.len()];
-        out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-    }
+/// One zeroed share of the last product per chunk: `b` rows of `dim_out` each.
+fn shares(chunks: usize, b: usize, dim_out: usize) -> Vec<Mutex<Vec<f32>>> {
+    (0..chunks)
+        .map(|_| Mutex::new(vec![0f32; b * dim_out]))
+        .collect()
 }
 
 impl FavorAttention<'_> {
@@ -116,10 +58,10 @@ impl FavorAttention<'_> {
         let (heads, dh) = (self.heads, self.dim_head);
         let inner = heads * dh;
         let [wq, wk, wv] =
-            [self.to_q, self.to_k, self.to_v].map(|l| Weights::of(OP, l, dim, inner));
+            [self.to_q, self.to_k, self.to_v].map(|l| RowWeights::of(OP, l, dim, inner));
         let (wq, wk, wv) = (wq?, wk?, wv?);
         let dim_out = self.to_out.out_features();
-        let wo = Weights::of(OP, self.to_out, inner, dim_out)?;
+        let wo = RowWeights::of(OP, self.to_out, inner, dim_out)?;
         if let Some(row) = rotary
             && (row.len() != dh || !dh.is_multiple_of(2))
         {
@@ -131,26 +73,24 @@ impl FavorAttention<'_> {
                 ),
             ));
         }
-        let x = x.as_standard_layout();
-        let x = x.as_slice().expect("standard layout");
-        // Nothing below fails once the state counts the new position (the widths and the
-        // table were checked), so no head is left behind.
-        let step = self.fast_attention.begin_step(favor)?;
-        if step.heads() != b * heads {
+        if favor.heads() != b * heads {
             return Err(Error::shape(
                 OP,
                 format!(
                     "a state of {} heads for {b} sequences of {heads}",
-                    step.heads()
+                    favor.heads()
                 ),
             ));
         }
+        let x = x.as_standard_layout();
+        let x = x.as_slice().expect("standard layout");
+        // Nothing below fails once the state counts the new position (the widths, the table
+        // and the state's heads were checked), so no head is left behind.
+        let step = self.fast_attention.begin_step(favor)?;
         // Heads per chunk: enough for a full strip of the products' kernel.
         let group = (GEMV_T_COLS / dh.max(1)).clamp(1, heads.max(1));
         let groups = heads.div_ceil(group);
-        let shares: Vec<Mutex<Vec<f32>>> = (0..groups)
-            .map(|_| Mutex::new(vec![0f32; b * dim_out]))
-            .collect();
+        let shares = shares(groups, b, dim_out);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         team.for_each_chunk(groups, &|g| {
             let (h0, h1) = (g * group, ((g + 1) * group).min(heads));
@@ -159,9 +99,9 @@ impl FavorAttention<'_> {
             let [mut q, mut k, mut v, mut o] = [(); 4].map(|_| vec![0f32; width]);
             let result = (|| -> Result<()> {
                 for (bi, xb) in (0..b).map(|bi| (bi, &x[bi * dim..(bi + 1) * dim])) {
-                    columns(&wq, inner, c0, xb, &mut q);
-                    columns(&wk, inner, c0, xb, &mut k);
-                    columns(&wv, inner, c0, xb, &mut v);
+                    wq.columns(c0, xb, &mut q);
+                    wk.columns(c0, xb, &mut k);
+                    wv.columns(c0, xb, &mut v);
                     if let Some(row) = rotary {
                         for t in [&mut q, &mut k] {
                             let mut rows = ArrayViewMut2::from_shape((h1 - h0, dh), &mut t[..])
@@ -181,14 +121,7 @@ impl FavorAttention<'_> {
                     }
                     // This group's share of the output product: its heads' outputs times
                     // their rows of the transposed output weight.
-                    let rows = &wo.transposed()[c0 * dim_out..(c0 + width) * dim_out];
-                    gemv_t(
-                        rows,
-                        dim_out,
-                        0,
-                        &o,
-                        &mut share[bi * dim_out..(bi + 1) * dim_out],
-                    );
+                    wo.rows_share(c0, &o, &mut share[bi * dim_out..(bi + 1) * dim_out]);
                 }
                 Ok(())
             })();
@@ -251,14 +184,12 @@ impl FeedForwardParts<'_> {
         }
         let hidden = if self.glu { first / 2 } else { first };
         let dim_out = self.w2.out_features();
-        let w1 = Weights::of(FF_OP, self.w1, dim, first)?;
-        let w2 = Weights::of(FF_OP, self.w2, hidden, dim_out)?;
+        let w1 = RowWeights::of(FF_OP, self.w1, dim, first)?;
+        let w2 = RowWeights::of(FF_OP, self.w2, hidden, dim_out)?;
         let x = x.as_standard_layout();
         let x = x.as_slice().expect("standard layout");
         let chunks = hidden.div_ceil(GEMV_T_COLS);
-        let shares: Vec<Mutex<Vec<f32>>> = (0..chunks)
-            .map(|_| Mutex::new(vec![0f32; b * dim_out]))
-            .collect();
+        let shares = shares(chunks, b, dim_out);
         team.for_each_chunk(chunks, &|c| {
             let c0 = c * GEMV_T_COLS;
             let width = GEMV_T_COLS.min(hidden - c0);
@@ -266,22 +197,15 @@ impl FeedForwardParts<'_> {
             let (mut a, mut gate) = (vec![0f32; width], vec![0f32; width]);
             for bi in 0..b {
                 let xb = &x[bi * dim..(bi + 1) * dim];
-                columns(&w1, first, c0, xb, &mut a);
+                w1.columns(c0, xb, &mut a);
                 self.activation.apply_inplace(&mut a);
                 if self.glu {
-                    columns(&w1, first, hidden + c0, xb, &mut gate);
+                    w1.columns(hidden + c0, xb, &mut gate);
                     a.iter_mut().zip(&gate).for_each(|(a, g)| *a *= g);
                 }
                 // This strip's share of the second product: its hidden units times their rows
                 // of the transposed second weight.
-                let rows = &w2.transposed()[c0 * dim_out..(c0 + width) * dim_out];
-                gemv_t(
-                    rows,
-                    dim_out,
-                    0,
-                    &a,
-                    &mut share[bi * dim_out..(bi + 1) * dim_out],
-                );
+                w2.rows_share(c0, &a, &mut share[bi * dim_out..(bi + 1) * dim_out]);
             }
         });
         Ok(add_shares(&shares, w2.bias(), b, dim_out))

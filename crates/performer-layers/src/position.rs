@@ -158,16 +158,6 @@ fn rotary_op(sinu_pos: &Tensor, xs: &[&Tensor]) -> Result<RotaryOp> {
     })
 }
 
-/// Rotates the pairs `(x0, x1)` of `src` into `dst`: `(x0 c - x1 s, x1 c + x0 s)` with
-/// `(s, c) = (sign * sin[i], cos[i])` for pair `i`.
-fn rotate_row(dst: &mut [f32], src: &[f32], sin: &[f32], cos: &[f32], sign: f32) {
-    for (i, (d, x)) in dst.chunks_exact_mut(2).zip(src.chunks_exact(2)).enumerate() {
-        let (s, c) = (sign * sin[i], cos[i]);
-        d[0] = x[0] * c - x[1] * s;
-        d[1] = x[1] * c + x[0] * s;
-    }
-}
-
 /// Applies one position's rotary table row `sinu_pos` (`[sin | cos]`, `d` values) to every row
 /// of `x` `(rows, d)` in place: [`apply_rotary_pos_emb`] for a single position, on plain
 /// arrays (the decoding step's path).
@@ -180,10 +170,14 @@ pub fn rotate_rows(x: &mut ndarray::ArrayViewMut2<f32>, sinu_pos: &[f32]) -> Res
         ));
     }
     let (sin, cos) = sinu_pos.split_at(d / 2);
-    let mut dst = vec![0f32; d];
+    // Each pair `(x0, x1)` becomes `(x0 c - x1 s, x1 c + x0 s)` for its frequency's (sin, cos),
+    // in place: both values are read before either is written.
     for mut row in x.rows_mut() {
-        rotate_row(&mut dst, &row.to_vec(), sin, cos, 1.0);
-        row.assign(&ndarray::ArrayView1::from(&dst));
+        for (i, (&s, &c)) in sin.iter().zip(cos).enumerate() {
+            let (x0, x1) = (row[2 * i], row[2 * i + 1]);
+            row[2 * i] = x0 * c - x1 * s;
+            row[2 * i + 1] = x1 * c + x0 * s;
+        }
     }
     Ok(())
 }

@@ -163,3 +163,38 @@ fn feed_forward_rows_equal_its_decode() {
         }
     });
 }
+
+#[test]
+fn attention_step_refuses_a_state_of_another_batch_and_leaves_it_as_it_was() {
+    let attn = SelfAttention::new(AttentionConfig {
+        causal: true,
+        heads: 2,
+        dim_head: Some(8),
+        nb_features: Some(8),
+        ..AttentionConfig::new(16)
+    })
+    .unwrap();
+    attn.set_training(false);
+    let prompt = Tensor::new(randn(&[1, 3, 16], 40));
+    let (mut state, mut twin) = (BlockState::Empty, BlockState::Empty);
+    for st in [&mut state, &mut twin] {
+        no_grad(|| attn.decode(&prompt, &BlockInputs::none(), st)).unwrap();
+    }
+    // Two sequences against the state of one: an error naming the op, before the state counts
+    // the position (a twin that never saw the bad call steps to the same values afterwards).
+    let err = with_team(|team| {
+        attn.decode_rows(
+            &rows((2, 16), 41).view(),
+            &BlockInputs::none(),
+            &mut state,
+            team,
+        )
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("Attention::decode_rows"), "{err}");
+    let x = rows((1, 16), 42);
+    let [a, b] = [&mut state, &mut twin].map(|st| {
+        with_team(|team| attn.decode_rows(&x.view(), &BlockInputs::none(), st, team)).unwrap()
+    });
+    assert_eq!(a, b);
+}
