@@ -1,0 +1,86 @@
+//! What an attention forward keeps for its backward, planned against [`SAVE_BUDGET_BYTES`].
+
+use crate::blocks::Blocks;
+use crate::kernels::CausalStates;
+
+/// Bytes of context (features, causal chunk states) that one attention call may keep for its
+/// backward, over all heads; above this the backward recomputes features block by block and
+/// causal states from one checkpoint per segment of chunks. At the benchmark's n = 4096
+/// everything is kept; at n = 65536 features and most states are recomputed.
+pub const SAVE_BUDGET_BYTES: usize = 512 << 20;
+
+/// Positions per segment of the causal backward when states are checkpointed (rounded to
+/// whole chunks): the segment's features are recomputed once and its states rebuilt.
+const SEGMENT: usize = 256;
+
+/// Positions per block of non-causal attention (its results do not depend on a chunk).
+const NONCAUSAL_BLOCK: usize = 256;
+
+/// Feature block width: the chunk for causal attention.
+pub(super) fn block_width(causal: bool, chunk: usize) -> usize {
+    if causal { chunk } else { NONCAUSAL_BLOCK }
+}
+
+/// What a forward keeps for its backward.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SavePlan {
+    pub(super) save: bool,
+    /// Keep the transposed features (fused op only).
+    pub(super) features: bool,
+    /// Causal: chunks between saved states (1, or a segment's worth).
+    pub(super) state_every: usize,
+    /// Causal: keep each chunk's masked score block.
+    pub(super) scores: bool,
+}
+
+impl SavePlan {
+    /// In order of work saved per byte kept: the causal score blocks (m / 2 FLOPs per byte),
+    /// the features (d / 2), then a state for every chunk rather than one per segment (about
+    /// C d / 2 (d + 1)); one state per segment is always kept.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        save: bool,
+        causal: bool,
+        heads: usize,
+        n: usize,
+        nk: usize,
+        m: usize,
+        e: usize,
+        chunk: usize,
+        with_features: bool,
+        budget: usize,
+    ) -> Self {
+        let w = block_width(causal, chunk);
+        let chunks = n.div_ceil(chunk);
+        let segment = SEGMENT.div_ceil(chunk).max(1);
+        let states = |every| {
+            if causal {
+                heads * CausalStates::state_bytes(chunks, m, e, every)
+            } else {
+                0
+            }
+        };
+        let mut used = states(segment);
+        let score_bytes = heads * CausalStates::score_bytes(chunks, chunk);
+        let scores = save && causal && used + score_bytes <= budget;
+        if scores {
+            used += score_bytes;
+        }
+        let feature_bytes = heads * (Blocks::bytes(m, n, w) + Blocks::bytes(m, nk, w));
+        let features = save && with_features && used + feature_bytes <= budget;
+        if features {
+            used += feature_bytes;
+        }
+        let state_every = if used - states(segment) + states(1) <= budget {
+            1
+        } else {
+            segment
+        };
+        SavePlan {
+            save,
+            features,
+            state_every,
+            scores,
+        }
+    }
+}
