@@ -7,6 +7,11 @@ use ndarray::{ArrayD, IxDyn};
 use performer_cuda::{AttentionForward, AttentionShape, CudaDevice, CudaFastAttention};
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 
+// The CUDA kernels add the same constants as the CPU path; a change to one side alone fails to
+// compile.
+const _: () = assert!(performer_cuda::ops::FEATURE_EPS == crate::feature::SOFTMAX_FEATURE_EPS);
+const _: () = assert!(performer_cuda::ops::CAUSAL_EPS == crate::ops::CAUSAL_EPS);
+
 fn cuda_error(op: &str, e: performer_cuda::Error) -> Error {
     Error::Other(format!("{op} (CUDA): {e}"))
 }

@@ -12,7 +12,7 @@ use super::head_attention::{
     AttentionSaved, FeatureSource, GradSink, HeadContext, HeadGrad, attend_head,
     attend_head_backward, features_into, kept_output,
 };
-use super::save_plan::{SAVE_BUDGET_BYTES, SavePlan, block_width};
+use super::save_plan::{SAVE_BUDGET_BYTES, SavePlan, SaveRequest, block_width};
 use crate::blocks::Blocks;
 use crate::feature::{FeatureMap, FeatureSpec, check_projection};
 use crate::heads::{HeadsOut, head, row_vectors, vector_views};
@@ -100,18 +100,19 @@ impl CustomOp for FavorAttentionOp {
         let mut out = HeadsOut::for_overwrite(&sh.lead, sh.n, sh.e);
         let heads = out.data.len_of(Axis(0));
         let mut den = row_vectors(heads, sh.n);
-        let plan = SavePlan::new(
+        let plan = SaveRequest {
             save,
-            self.causal,
+            causal: self.causal,
             heads,
-            sh.n,
-            sh.nk,
+            n: sh.n,
+            nk: sh.nk,
             m,
-            sh.e,
-            self.chunk,
-            true,
-            self.budget,
-        );
+            e: sh.e,
+            chunk: self.chunk,
+            with_features: true,
+            budget: self.budget,
+        }
+        .plan();
         let fused = FusedHeads {
             spec,
             p,
@@ -251,7 +252,7 @@ pub fn favor_attention(
     Ok(apply_custom_op(
         FavorAttentionOp {
             map,
-            eps: feature_eps(map),
+            eps: map.eps(),
             causal,
             chunk,
             budget: SAVE_BUDGET_BYTES,
@@ -259,14 +260,6 @@ pub fn favor_attention(
         &[q, k, v, projection],
     )?
     .remove(0))
-}
-
-/// The epsilon performer-pytorch adds to every feature of a map.
-fn feature_eps(map: FeatureMap) -> f32 {
-    match map {
-        FeatureMap::Softmax => 1e-4,
-        FeatureMap::Generalized(_) => 1e-3,
-    }
 }
 
 /// What causal attention over a sequence from its first position leaves behind, per head, for
@@ -299,11 +292,23 @@ pub(crate) fn favor_causal_primed(
     let heads = out.data.len_of(Axis(0));
     let mut den = row_vectors(heads, sh.n);
     let fused = FusedHeads {
-        spec: FeatureSpec::new(map, sh.m, m, true, feature_eps(map)),
+        spec: FeatureSpec::new(map, sh.m, m, true, map.eps()),
         p: p.view(),
         causal: true,
         width: block_width(true, chunk),
-        plan: SavePlan::new(false, true, heads, sh.n, sh.nk, m, sh.e, chunk, true, 0),
+        plan: SaveRequest {
+            save: false,
+            causal: true,
+            heads,
+            n: sh.n,
+            nk: sh.nk,
+            m,
+            e: sh.e,
+            chunk,
+            with_features: true,
+            budget: 0,
+        }
+        .plan(),
     };
     let primed = out
         .views()
@@ -361,14 +366,9 @@ mod tests {
             .unwrap()
             .into_dyn(),
         );
-        let eps = if map == FeatureMap::Softmax {
-            1e-4
-        } else {
-            1e-3
-        };
         let op = FavorAttentionOp {
             map,
-            eps,
+            eps: map.eps(),
             causal,
             chunk,
             budget,
@@ -386,12 +386,21 @@ mod tests {
     #[test]
     fn recomputing_equals_keeping() {
         let n = 300; // two segments, the last with a partial chunk
-        assert_eq!(
-            SavePlan::new(true, true, 2, n, n, 12, 8, 16, true, 0).state_every,
-            16
-        );
-        assert!(!SavePlan::new(true, true, 2, n, n, 12, 8, 16, true, 0).features);
-        let full = SavePlan::new(true, true, 2, n, n, 12, 8, 16, true, usize::MAX);
+        let request = |budget| SaveRequest {
+            save: true,
+            causal: true,
+            heads: 2,
+            n,
+            nk: n,
+            m: 12,
+            e: 8,
+            chunk: 16,
+            with_features: true,
+            budget,
+        };
+        assert_eq!(request(0).plan().state_every, 16);
+        assert!(!request(0).plan().features);
+        let full = request(usize::MAX).plan();
         assert!(full.features && full.state_every == 1);
         for causal in [false, true] {
             for map in [

@@ -10,7 +10,7 @@ use super::head_attention::{
     AttentionSaved, FeatureSource, GradSink, HeadContext, HeadGrad, attend_head,
     attend_head_backward, kept_output,
 };
-use super::save_plan::{SAVE_BUDGET_BYTES, SavePlan, block_width};
+use super::save_plan::{SAVE_BUDGET_BYTES, SaveRequest, block_width};
 use crate::blocks::Blocks;
 use crate::heads::{HeadsOut, head, row_vectors, vector_views};
 
@@ -46,18 +46,19 @@ impl CustomOp for LinearAttentionOp {
         let mut out = HeadsOut::for_overwrite(&sh.lead, sh.n, sh.e);
         let heads = out.data.len_of(Axis(0));
         let mut den = row_vectors(heads, sh.n);
-        let plan = SavePlan::new(
+        let plan = SaveRequest {
             save,
-            self.causal,
+            causal: self.causal,
             heads,
-            sh.n,
-            sh.nk,
-            sh.m,
-            sh.e,
-            self.chunk,
-            false,
-            self.budget,
-        );
+            n: sh.n,
+            nk: sh.nk,
+            m: sh.m,
+            e: sh.e,
+            chunk: self.chunk,
+            with_features: false,
+            budget: self.budget,
+        }
+        .plan();
         let w = block_width(self.causal, self.chunk);
         let contexts: Vec<HeadContext> = out
             .views()

@@ -33,23 +33,49 @@ pub(super) struct SavePlan {
     pub(super) scores: bool,
 }
 
-impl SavePlan {
+/// What an attention call asks of the planner: its sizes, whether the backward will run at
+/// all, and how many bytes it may keep.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SaveRequest {
+    /// The forward records a graph (else nothing is kept).
+    pub(super) save: bool,
+    /// Causal attention (states and score blocks exist only then).
+    pub(super) causal: bool,
+    /// Heads (every leading axis together).
+    pub(super) heads: usize,
+    /// Query positions.
+    pub(super) n: usize,
+    /// Key positions.
+    pub(super) nk: usize,
+    /// Features per position.
+    pub(super) m: usize,
+    /// Value width.
+    pub(super) e: usize,
+    /// Positions per causal chunk.
+    pub(super) chunk: usize,
+    /// The op computes the features itself, so keeping them is an option (fused op only).
+    pub(super) with_features: bool,
+    /// Bytes that may be kept over all heads ([`SAVE_BUDGET_BYTES`] outside tests).
+    pub(super) budget: usize,
+}
+
+impl SaveRequest {
     /// In order of work saved per byte kept: the causal score blocks (m / 2 FLOPs per byte),
     /// the features (d / 2), then a state for every chunk rather than one per segment (about
     /// C d / 2 (d + 1)); one state per segment is always kept.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        save: bool,
-        causal: bool,
-        heads: usize,
-        n: usize,
-        nk: usize,
-        m: usize,
-        e: usize,
-        chunk: usize,
-        with_features: bool,
-        budget: usize,
-    ) -> Self {
+    pub(super) fn plan(self) -> SavePlan {
+        let SaveRequest {
+            save,
+            causal,
+            heads,
+            n,
+            nk,
+            m,
+            e,
+            chunk,
+            with_features,
+            budget,
+        } = self;
         let w = block_width(causal, chunk);
         let chunks = n.div_ceil(chunk);
         let segment = SEGMENT.div_ceil(chunk).max(1);
