@@ -21,11 +21,12 @@ pub mod init;
 mod local_attention;
 mod position;
 mod sequence;
+mod state;
 mod wrappers;
 
-pub use attention::{Attention, AttentionConfig, AttentionState, CrossAttention, SelfAttention};
+pub use attention::{Attention, AttentionConfig, CrossAttention, SelfAttention};
 pub use basic::{Dropout, Embedding, LayerNorm, Linear, linear_rows};
-pub use block::{Block, BlockInputs, BlockState, decode_rows_via_tensors};
+pub use block::{Block, BlockInputs, decode_rows_via_tensors};
 pub use feed_forward::{Chunk, FeedForward};
 pub use local_attention::{LocalAttention, LocalCache};
 pub use position::{
@@ -33,4 +34,5 @@ pub use position::{
     apply_rotary_pos_emb, rotate_every_two, rotate_rows,
 };
 pub use sequence::{Layer, ReversibleSequence, Route, SequentialSequence};
-pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero, ShiftState};
+pub use state::{AttentionState, BlockState, ShiftState};
+pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero};
