@@ -23,14 +23,14 @@
 //! # }
 //! ```
 
-mod blocks;
+mod column_blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod decoding;
 mod fast_attention;
 mod feature;
 pub mod heads;
-mod kernels;
+mod linear_math;
 mod ops;
 mod projection;
 mod simd;

@@ -13,11 +13,14 @@
 //! (`mask`, `pos_emb`, `context`, `context_mask`) the reference routes to them.
 
 mod attention;
-mod basic;
 mod block;
+mod dropout;
+mod embedding;
 mod feed_forward;
 mod fused_step;
 pub mod init;
+mod layer_norm;
+mod linear;
 mod local_attention;
 mod position;
 mod sequence;
@@ -25,9 +28,12 @@ mod state;
 mod wrappers;
 
 pub use attention::{Attention, AttentionConfig, CrossAttention, SelfAttention};
-pub use basic::{Dropout, Embedding, LayerNorm, Linear, linear_rows};
 pub use block::{Block, BlockInputs, decode_rows_via_tensors};
+pub use dropout::Dropout;
+pub use embedding::Embedding;
 pub use feed_forward::{Chunk, FeedForward};
+pub use layer_norm::LayerNorm;
+pub use linear::{Linear, linear_rows};
 pub use local_attention::{LocalAttention, LocalCache};
 pub use position::{
     AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding, apply_rotary,

@@ -8,8 +8,8 @@ use performer_favor::FastAttention;
 use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Param, Result, Tensor, Visitor};
 
-use crate::basic::LayerNorm;
 use crate::block::{Block, BlockInputs, check_decode_length};
+use crate::layer_norm::LayerNorm;
 use crate::state::BlockState;
 
 /// `fn(LayerNorm(x))`.

@@ -13,10 +13,10 @@ use super::head_attention::{
     attend_head_backward, features_into, kept_output,
 };
 use super::save_plan::{SAVE_BUDGET_BYTES, SavePlan, SaveRequest, block_width};
-use crate::blocks::Blocks;
+use crate::column_blocks::Blocks;
 use crate::feature::{FeatureMap, FeatureSpec, check_projection};
 use crate::heads::{HeadsOut, head, row_vectors, vector_views};
-use crate::kernels::FinalSums;
+use crate::linear_math::FinalSums;
 
 /// The fused op's work on one head, from rows to output: features of the queries and keys
 /// (transposed, in blocks), then linear attention.

@@ -8,9 +8,9 @@ use ndarray::{
 use performer_tensor::{Data, Error, Result};
 
 use super::save_plan::SavePlan;
-use crate::blocks::{Blocks, transpose_into};
+use crate::column_blocks::{Blocks, transpose_into};
 use crate::feature::{FeatureMap, FeatureSpec};
-use crate::kernels::{
+use crate::linear_math::{
     self, CausalBackward, CausalChunk, CausalStates, FinalSums, NonCausalBackward, NonCausalContext,
 };
 
@@ -48,7 +48,7 @@ pub(super) fn attend_head(
         let mut states = plan.save.then(|| {
             CausalStates::new(qf.count(), m, e, qf.width(), plan.state_every, plan.scores)
         });
-        let sums = kernels::causal_forward(qf, kf, v, eps, out, den, states.as_mut())?;
+        let sums = linear_math::causal_forward(qf, kf, v, eps, out, den, states.as_mut())?;
         Ok((
             HeadContext {
                 states,
@@ -274,7 +274,7 @@ pub(super) fn attend_head_backward(
                     next.assign(&prev);
                     let (zp, mut zn) = seg_z.multi_slice_mut((s![t - 1, ..], s![t, ..]));
                     zn.assign(&zp);
-                    kernels::advance_state(
+                    linear_math::advance_state(
                         &mut next,
                         &mut zn,
                         &ks[t - 1],

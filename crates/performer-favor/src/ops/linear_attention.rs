@@ -11,7 +11,7 @@ use super::head_attention::{
     attend_head_backward, kept_output,
 };
 use super::save_plan::{SAVE_BUDGET_BYTES, SaveRequest, block_width};
-use crate::blocks::Blocks;
+use crate::column_blocks::Blocks;
 use crate::heads::{HeadsOut, head, row_vectors, vector_views};
 
 struct LinearAttentionOp {

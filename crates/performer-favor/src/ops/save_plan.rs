@@ -1,7 +1,7 @@
 //! What an attention forward keeps for its backward, planned against [`SAVE_BUDGET_BYTES`].
 
-use crate::blocks::Blocks;
-use crate::kernels::CausalStates;
+use crate::column_blocks::Blocks;
+use crate::linear_math::CausalStates;
 
 /// Bytes of context (features, causal chunk states) that one attention call may keep for its
 /// backward, over all heads; above this the backward recomputes features block by block and

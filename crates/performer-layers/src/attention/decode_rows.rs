@@ -6,9 +6,9 @@ use performer_tensor::team::Team;
 use performer_tensor::{Error, Result};
 
 use super::layer::Attention;
-use crate::basic::linear_rows;
 use crate::block::{BlockInputs, rows_through_tensors};
 use crate::fused_step::FavorAttention;
+use crate::linear::linear_rows;
 use crate::position::rotate_rows;
 use crate::state::BlockState;
 

@@ -4,8 +4,9 @@ use performer_favor::{FastAttention, FastAttentionConfig};
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 
 use super::config::AttentionConfig;
-use crate::basic::{Dropout, Linear};
 use crate::block::BlockInputs;
+use crate::dropout::Dropout;
+use crate::linear::Linear;
 use crate::local_attention::LocalAttention;
 use crate::position::apply_rotary_pos_emb;
 
