@@ -55,6 +55,12 @@ struct Args {
     /// The variants of the long-context rows (default: global and train_lm's default).
     #[arg(long, value_delimiter = ',', default_value = "global,default")]
     long_variants: Vec<String>,
+    /// Only the main table (no long-context rows).
+    #[arg(long, conflicts_with = "only_long_context")]
+    no_long_context: bool,
+    /// Only the long-context rows (no main table).
+    #[arg(long)]
+    only_long_context: bool,
     /// Model width.
     #[arg(long, default_value_t = 256)]
     dim: usize,
@@ -222,9 +228,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .copied()
         .max()
         .map(|l| l.max(args.seq_len * args.batch_size));
+    let long_tokens = long_tokens.filter(|_| !args.no_long_context);
+    let main_variants: &[String] = if args.only_long_context {
+        &[]
+    } else {
+        &args.variants
+    };
     let mut plan = Vec::new();
     for &seed in &args.seeds {
-        for v in &args.variants {
+        for v in main_variants {
             plan.push((v.clone(), false, args.seq_len, args.batch_size, seed));
         }
         if let Some(tokens) = long_tokens {
