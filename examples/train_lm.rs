@@ -45,10 +45,13 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::Array2;
 use performer::models::checkpoint::load_pretrained;
-use performer::models::{AnyModel, LocalAttnHeads, ModelConfig, check_finite_step};
+use performer::models::{
+    AnyModel, AttentionPreset, KernelFn, LocalAttnHeads, ModelConfig, check_finite_step,
+};
 use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator, RngState};
+use performer::tensor::schedule::WarmupCosine;
 use performer::tensor::{Gradients, Module, no_grad};
 use performer::{
     AutoregressiveWrapper, Filter, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
@@ -58,6 +61,10 @@ use serde::{Deserialize, Serialize};
 
 type BoxError = Box<dyn std::error::Error>;
 type Res<T> = std::result::Result<T, BoxError>;
+
+/// `--attention`'s default: the variant `cargo xtask quality` found best at about equal speed
+/// (README, "Attention that learns").
+const DEFAULT_ATTENTION: &str = "hybrid-shift";
 
 /// The size of enwik8, which gets the standard 90M / 5M / 5M split.
 const ENWIK8_BYTES: usize = 100_000_000;
@@ -102,12 +109,26 @@ struct Cli {
     /// Redraw the random projections every this many forward calls (0: never).
     #[arg(long, default_value_t = 1000)]
     feature_redraw_interval: usize,
-    /// Local (windowed softmax) heads per layer.
-    #[arg(long, default_value_t = 0)]
-    local_attn_heads: usize,
+    /// Attention variant: favor (performer-pytorch's default), favor-shift, relu, local,
+    /// hybrid (half the heads local), hybrid-shift, global (no local heads: linear in the
+    /// sequence at any length). `cargo xtask quality` compares them; the default is the best
+    /// by that study at about equal speed. --local-attn-heads, --shift-tokens,
+    /// --generalized-attention and --kernel-fn, when given, override the variant's choice.
+    #[arg(long, default_value = DEFAULT_ATTENTION)]
+    attention: AttentionPreset,
+    /// Local (windowed softmax) heads per layer (default: the --attention variant's).
+    #[arg(long)]
+    local_attn_heads: Option<usize>,
     /// Window of the local heads.
     #[arg(long, default_value_t = 128)]
     local_window_size: usize,
+    /// Generalized attention (kernel_fn(u) + 1e-3 features instead of the softmax kernel).
+    #[arg(long)]
+    generalized_attention: bool,
+    /// The kernel of generalized attention: relu, gelu, elu, softplus, sigmoid, tanh, silu,
+    /// leaky_relu.
+    #[arg(long)]
+    kernel_fn: Option<String>,
     /// GLU feed-forward.
     #[arg(long)]
     ff_glu: bool,
@@ -127,10 +148,25 @@ struct Cli {
     /// Micro-batches whose gradients are summed into one optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Adam learning rate (performer-pytorch's recipe uses 1e-4 for a 6-layer dim-512 model;
+    /// Peak learning rate (performer-pytorch's recipe uses 1e-4 for a 6-layer dim-512 model;
     /// this small model trains faster with more).
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// Steps of linear learning-rate warm-up, before the cosine decay (0: none).
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    /// The learning rate the cosine decays to, at --decay-steps (default: --lr / 10; --min-lr
+    /// equal to --lr with --warmup 0 gives a constant rate, performer-pytorch's recipe).
+    #[arg(long)]
+    min_lr: Option<f32>,
+    /// The step at which the cosine reaches --min-lr (default: --steps of the first run; a
+    /// resumed run keeps it, so a longer resumed run trains on at --min-lr).
+    #[arg(long)]
+    decay_steps: Option<u64>,
+    /// AdamW's decoupled weight decay on the weight matrices (not on biases, norm gains or
+    /// other vectors); 0 gives Adam.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
     /// Clip the gradients' joint L2 norm to this (0: no clipping).
     #[arg(long, default_value_t = 0.5)]
     clip: f32,
@@ -191,10 +227,40 @@ pub struct Settings {
     pub seq_len: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// The peak learning rate.
     pub lr: f32,
     pub clip: f32,
     pub seed: u64,
     pub val_windows: usize,
+    /// Warm-up steps of the schedule (0 in checkpoints from before the schedule).
+    #[serde(default)]
+    pub warmup: u64,
+    /// The schedule's floor (`None` in checkpoints from before the schedule: constant `lr`).
+    #[serde(default)]
+    pub min_lr: Option<f32>,
+    /// The step at which the cosine reaches `min_lr`.
+    #[serde(default)]
+    pub decay_steps: u64,
+    /// AdamW weight decay on matrices (0: Adam).
+    #[serde(default)]
+    pub weight_decay: f32,
+    /// The `--attention` variant the model was built with (`None`: knobs given one by one, or
+    /// a checkpoint from before the variants).
+    #[serde(default)]
+    pub attention: Option<String>,
+}
+
+impl Settings {
+    /// The learning-rate schedule these settings give.
+    pub fn schedule(&self) -> Res<WarmupCosine> {
+        let min = self.min_lr.unwrap_or(self.lr);
+        Ok(WarmupCosine::new(
+            self.lr,
+            min,
+            self.warmup,
+            self.decay_steps.max(self.warmup),
+        )?)
+    }
 }
 
 /// A point of the loss history.
@@ -452,8 +518,8 @@ fn sample_text(
     Ok(printable(&bytes))
 }
 
-fn model_config(cli: &Cli) -> PerformerLMConfig {
-    PerformerLMConfig {
+fn model_config(cli: &Cli, matches: &clap::ArgMatches) -> Res<PerformerLMConfig> {
+    let mut config = PerformerLMConfig {
         num_tokens: 256,
         max_seq_len: cli.seq_len,
         dim: cli.dim,
@@ -463,14 +529,29 @@ fn model_config(cli: &Cli) -> PerformerLMConfig {
         nb_features: Some(cli.nb_features),
         feature_redraw_interval: (cli.feature_redraw_interval > 0)
             .then_some(cli.feature_redraw_interval),
-        local_attn_heads: LocalAttnHeads::All(cli.local_attn_heads),
         local_window_size: cli.local_window_size,
         ff_glu: cli.ff_glu,
         reversible: cli.reversible,
-        shift_tokens: cli.shift_tokens,
         causal: true,
         ..Default::default()
+    };
+    cli.attention.apply(&mut config)?;
+    // Knobs given one by one override the variant's choice.
+    if let Some(n) = cli.local_attn_heads {
+        config.local_attn_heads = LocalAttnHeads::All(n);
     }
+    if explicitly_given(matches, "shift_tokens") {
+        config.shift_tokens = cli.shift_tokens;
+    }
+    if explicitly_given(matches, "generalized_attention") {
+        config.generalized_attention = cli.generalized_attention;
+    }
+    if let Some(name) = &cli.kernel_fn {
+        config.kernel_fn =
+            serde_json::from_value::<KernelFn>(serde_json::Value::from(name.as_str()))
+                .map_err(|e| format!("--kernel-fn {name}: {e}"))?;
+    }
+    Ok(config)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,6 +748,46 @@ fn draw_loss_curve(path: &Path, state: &TrainerState) -> Res<()> {
 // ---------------------------------------------------------------------------------------------
 // The run
 
+/// "AdamW lr 0.001 (warm-up 100, cosine to 0.0001 at step 2000), weight decay 0.1".
+fn describe_optimizer(settings: &Settings, schedule: &WarmupCosine) -> String {
+    let name = if settings.weight_decay > 0.0 {
+        "AdamW"
+    } else {
+        "Adam"
+    };
+    let mut s = format!("{name} lr {}", schedule.peak);
+    if schedule.min != schedule.peak || schedule.warmup > 0 {
+        s += &format!(
+            " (warm-up {}, cosine to {} at step {})",
+            schedule.warmup, schedule.min, schedule.decay_steps
+        );
+    }
+    if settings.weight_decay > 0.0 {
+        s += &format!(", weight decay {} on matrices", settings.weight_decay);
+    }
+    s
+}
+
+/// The attention knobs of a model, in words.
+fn describe_attention(config: &PerformerLMConfig) -> String {
+    let local = match &config.local_attn_heads {
+        LocalAttnHeads::All(n) => format!("{n}"),
+        LocalAttnHeads::PerLayer(v) => format!("{v:?}"),
+    };
+    let kernel = if config.generalized_attention {
+        format!(
+            "generalized ({})",
+            serde_json::to_string(&config.kernel_fn).unwrap_or_default()
+        )
+    } else {
+        "FAVOR+ softmax".to_string()
+    };
+    format!(
+        "{kernel}, {local} local heads (window {}), shift_tokens {}",
+        config.local_window_size, config.shift_tokens
+    )
+}
+
 fn explicitly_given(matches: &clap::ArgMatches, id: &str) -> bool {
     matches.value_source(id) == Some(ValueSource::CommandLine)
 }
@@ -749,8 +870,11 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             "dim_head",
             "nb_features",
             "feature_redraw_interval",
+            "attention",
             "local_attn_heads",
             "local_window_size",
+            "generalized_attention",
+            "kernel_fn",
             "ff_glu",
             "reversible",
             "shift_tokens",
@@ -758,6 +882,10 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             "batch_size",
             "grad_accum",
             "lr",
+            "warmup",
+            "min_lr",
+            "decay_steps",
+            "weight_decay",
             "clip",
             "seed",
             "val_windows",
@@ -797,7 +925,15 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         (r.model, Some(r.opt_state), r.state)
     } else {
         rng::manual_seed(cli.seed);
-        let model = AutoregressiveWrapper::new(PerformerLM::new(model_config(&cli))?);
+        let model = AutoregressiveWrapper::new(PerformerLM::new(model_config(&cli, matches)?)?);
+        let overridden = [
+            "local_attn_heads",
+            "shift_tokens",
+            "generalized_attention",
+            "kernel_fn",
+        ]
+        .iter()
+        .any(|id| explicitly_given(matches, id));
         let state = TrainerState {
             step: 0,
             settings: Settings {
@@ -815,6 +951,15 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
                 clip: cli.clip,
                 seed: cli.seed,
                 val_windows: cli.val_windows,
+                warmup: cli.warmup,
+                min_lr: Some(cli.min_lr.unwrap_or(cli.lr / 10.0)),
+                decay_steps: cli.decay_steps.unwrap_or(cli.steps),
+                weight_decay: cli.weight_decay,
+                attention: Some(if overridden {
+                    format!("{} with knobs given one by one", cli.attention)
+                } else {
+                    cli.attention.to_string()
+                }),
             },
             control: RunControl {
                 steps: 0,
@@ -890,7 +1035,15 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
 
     // Optimizer (over the PerformerLM's names, as the checkpoint stores them).
     let params: Vec<_> = model.net.parameters();
-    let mut opt = Adam::new(model.net.named_parameters(), settings.lr);
+    let schedule = settings.schedule()?;
+    let mut opt = if settings.weight_decay > 0.0 {
+        let mut opt = Adam::adamw(model.net.named_parameters(), settings.lr);
+        opt.weight_decay = settings.weight_decay;
+        opt.exclude_from_weight_decay(|_, p| p.shape().len() < 2);
+        opt
+    } else {
+        Adam::new(model.net.named_parameters(), settings.lr)
+    };
     if let Some(s) = &opt_state {
         opt.load_state_dict(s)?;
     }
@@ -903,24 +1056,25 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
     let tokens_per_step = (settings.batch_size * settings.grad_accum * settings.seq_len) as u64;
     println!("data:  {}", corpus.description);
     println!(
-        "model: PerformerLM causal, dim {}, depth {}, heads {}, dim_head {}, nb_features {}, max_seq_len {}: {:.2}M parameters",
+        "model: PerformerLM causal, dim {}, depth {}, heads {}, dim_head {}, nb_features {}, max_seq_len {}: {:.2}M parameters; attention: {}",
         config.dim,
         config.depth,
         config.heads,
         config.dim_head,
         config.nb_features.unwrap_or(0),
         config.max_seq_len,
-        n_params as f64 / 1e6
+        n_params as f64 / 1e6,
+        describe_attention(&config)
     );
     println!(
-        "train: steps {} -> {}, batch {} x {} accumulated x seq {} ({} tokens/step), Adam lr {}, clip {}, seed {}, {} threads",
+        "train: steps {} -> {}, batch {} x {} accumulated x seq {} ({} tokens/step), {}, clip {}, seed {}, {} threads",
         state.step,
         cli.steps,
         settings.batch_size,
         settings.grad_accum,
         settings.seq_len,
         tokens_per_step,
-        settings.lr,
+        describe_optimizer(&settings, &schedule),
         settings.clip,
         settings.seed,
         rayon::current_num_threads()
@@ -1016,6 +1170,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             state.skipped.push(step);
             pb.suspend(|| eprintln!("train_lm: {what}: update skipped (--skip-nonfinite)"));
         } else {
+            opt.set_lr(schedule.lr(step));
             opt.step(&grads)?;
         }
         drop(grads);
@@ -1053,12 +1208,13 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             let eta = pb.eta();
             pb.suspend(|| {
                 println!(
-                    "step {:>6}/{} | train loss {:.4} ({:.3} bpb) | val {:.4} bpb | {:.0} tok/s | elapsed {} | eta {}",
+                    "step {:>6}/{} | train loss {:.4} ({:.3} bpb) | val {:.4} bpb | lr {:.2e} | {:.0} tok/s | elapsed {} | eta {}",
                     state.step,
                     cli.steps,
                     loss,
                     loss / LN_2,
                     bpb,
+                    schedule.lr(state.step),
                     tps,
                     human(session_start.elapsed()),
                     human(eta)

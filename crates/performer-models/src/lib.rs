@@ -25,6 +25,7 @@ pub mod fuzzing;
 mod lm;
 pub mod parity;
 mod performer;
+mod presets;
 pub mod sampling;
 
 pub use autoregressive::{AutoregressiveWrapper, SeqInputs};
@@ -36,6 +37,7 @@ pub use enc_dec::PerformerEncDec;
 pub use finite::{check_finite_step, non_finite_gradients, non_finite_parameters};
 pub use lm::{DecodingState, LmInputs, PerformerLM, PositionEmbedding};
 pub use performer::Performer;
+pub use presets::AttentionPreset;
 pub use sampling::{Filter, GenerateOptions};
 
 use performer_tensor::{Entry, Module, Visitor};
