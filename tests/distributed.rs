@@ -8,6 +8,14 @@
 //!   losses of 20 Adam steps (with projection redraws) within 1e-3.
 //! - Projections redrawn from a shared seed are bit for bit equal on both ranks after 3 redraws;
 //!   a rank whose redraw seed is off fails the check.
+//! - `train_lm --distributed mpi` (its `run_main`, the binary's own entry): 2 ranks with
+//!   `--batch-size 2` print the validation bits per byte of one process with `--batch-size 4`;
+//!   a 2-rank checkpoint resumes on 1 rank where the 2-rank run went; a killed or stalled
+//!   rank ends the job within the timeout with a clear error, and the last checkpoint loads.
+
+#[allow(dead_code)]
+#[path = "../examples/train_lm.rs"]
+mod train_lm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,10 +35,23 @@ use serde::{Deserialize, Serialize};
 /// Set on the ranks: which scenario to run, and where to write results.
 const SCENARIO: &str = "PERFORMER_DIST_TEST_SCENARIO";
 const OUT: &str = "PERFORMER_DIST_TEST_OUT";
+/// Set on the ranks of the `train_lm` scenario: its arguments, separated by newlines.
+const ARGS: &str = "PERFORMER_DIST_TEST_ARGS";
 
 /// Starts `mpirun -np ranks` on this binary's `mpi_rank` entry; `None` (after saying why)
 /// where there is no mpirun and it is not required. Kills the job after `limit`.
 fn run_ranks(ranks: usize, scenario: &str, out: &Path, limit: Duration) -> Option<Output> {
+    run_ranks_with(ranks, scenario, out, &[], limit)
+}
+
+/// [`run_ranks`] with `train_lm` arguments for the ranks.
+fn run_ranks_with(
+    ranks: usize,
+    scenario: &str,
+    out: &Path,
+    args: &[String],
+    limit: Duration,
+) -> Option<Output> {
     let Some(mut cmd) = performer::dist::launch::local_mpirun(ranks) else {
         if std::env::var("PERFORMER_DIST_REQUIRE_MPI").as_deref() == Ok("1") {
             panic!("mpirun is not on PATH and PERFORMER_DIST_REQUIRE_MPI=1 (install openmpi-bin)");
@@ -42,6 +63,7 @@ fn run_ranks(ranks: usize, scenario: &str, out: &Path, limit: Duration) -> Optio
         .args(["--exact", "mpi_rank", "--nocapture", "--test-threads", "1"])
         .env(SCENARIO, scenario)
         .env(OUT, out)
+        .env(ARGS, args.join("\n"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -202,6 +224,12 @@ fn mpi_rank() {
         return;
     };
     let out = PathBuf::from(std::env::var(OUT).expect("output folder"));
+    if scenario == "train_lm" {
+        // The process as `train_lm` would run it (it joins the world itself).
+        let args = std::env::var(ARGS).unwrap_or_default();
+        let argv = std::iter::once("train_lm").chain(args.lines());
+        std::process::exit(train_lm::run_main(argv.map(Into::into).collect(), false));
+    }
     let comm = MpiCommunicator::init().expect("MPI initializes");
     let rank = comm.rank();
     match scenario.as_str() {
@@ -232,18 +260,29 @@ fn two_ranks_with_batch_b_match_one_process_with_batch_2b() {
     let Some(output) = run_ranks(2, "equivalence", &out, Duration::from_secs(300)) else {
         return;
     };
-    assert!(output.status.success(), "the ranks failed:\n{}", log(&output));
+    assert!(
+        output.status.success(),
+        "the ranks failed:\n{}",
+        log(&output)
+    );
     let read = |rank: usize| -> Record {
         serde_json::from_slice(&std::fs::read(out.join(format!("rank{rank}.json"))).unwrap())
             .unwrap()
     };
     let (r0, r1) = (read(0), read(1));
-    assert_eq!(r0, r1, "both ranks saw the same losses, gradients and final state");
+    assert_eq!(
+        r0, r1,
+        "both ranks saw the same losses, gradients and final state"
+    );
     let t = Instant::now();
     let single = train(&SingleProcess, 4, 20, 3, SEED, false).unwrap();
     eprintln!("single-process reference: {:?}", t.elapsed());
     assert_eq!(r0.redraw_steps, single.redraw_steps);
-    assert!(r0.redraw_steps.len() >= 4, "redraws happened: {:?}", r0.redraw_steps);
+    assert!(
+        r0.redraw_steps.len() >= 4,
+        "redraws happened: {:?}",
+        r0.redraw_steps
+    );
 
     // First step's averaged gradients: within 1e-5 of the largest magnitude.
     assert_eq!(
@@ -262,7 +301,10 @@ fn two_ranks_with_batch_b_match_one_process_with_batch_2b() {
         assert_eq!(got.len(), want.len(), "{name}");
         for (g, w) in got.iter().zip(want) {
             let d = (g - w).abs() / largest;
-            assert!(d <= 1e-5, "{name}: {g} vs {w} ({d:e} of the largest, {largest})");
+            assert!(
+                d <= 1e-5,
+                "{name}: {g} vs {w} ({d:e} of the largest, {largest})"
+            );
             worst = worst.max(d);
         }
     }
@@ -323,4 +365,180 @@ fn a_rank_with_another_redraw_seed_fails_the_check() {
             "{line}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// train_lm --distributed mpi
+
+/// A small model on a corpus of its own, `steps` steps, validating and checkpointing every 5.
+fn train_lm_args(data: &Path, out: &Path, batch: usize, steps: u64) -> Vec<String> {
+    let args = format!(
+        "--data {} --out {} --batch-size {batch} --steps {steps} --dim 32 --depth 2 --heads 2 \
+         --dim-head 16 --nb-features 16 --seq-len 32 --local-window-size 16 --warmup 5 --decay-steps 20 \
+         --validate-every 5 --checkpoint-every 5 --val-windows 8 --generate-every 0 \
+         --generate-length 8 --no-final-eval --threads 1",
+        data.display(),
+        out.display()
+    );
+    args.split(' ').map(String::from).collect()
+}
+
+fn text_corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("data.txt");
+    let text: String = (0..600)
+        .map(|i| {
+            format!(
+                "line {i}: the quick brown fox jumps over the lazy dog {}\n",
+                i * 7 % 13
+            )
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn val_at(state: &train_lm::TrainerState, step: u64) -> f64 {
+    state
+        .val
+        .iter()
+        .find(|p| p.step == step)
+        .unwrap_or_else(|| panic!("no validation at step {step}: {:?}", state.val))
+        .bpb
+}
+
+fn with_distributed(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.extend(["--distributed", "mpi"].iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn train_lm_on_two_ranks_matches_one_process_with_twice_the_batch_and_resumes_on_one() {
+    let tmp = scratch("train_lm");
+    let data = text_corpus(&tmp);
+    let (two, part, one) = (tmp.join("two"), tmp.join("part"), tmp.join("one"));
+    let limit = Duration::from_secs(300);
+    let args = with_distributed(train_lm_args(&data, &two, 2, 20), &[]);
+    let Some(output) = run_ranks_with(2, "train_lm", &tmp, &args, limit) else {
+        return;
+    };
+    let text = log(&output);
+    assert!(output.status.success(), "2 ranks:\n{text}");
+    assert!(
+        text.contains("ranks: 2 (mpi) x 2 sequences per micro-batch"),
+        "{text}"
+    );
+    assert!(
+        text.contains("batch 4 x 1 accumulated"),
+        "the global batch:\n{text}"
+    );
+    // Rank 0 alone prints.
+    assert_eq!(text.matches("=== summary ===").count(), 1, "{text}");
+    let two = train_lm::load_checkpoint(&two).unwrap().state;
+
+    // One process, twice the batch, in this process.
+    let args = train_lm_args(&data, &one, 4, 20);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let one = train_lm::train_with_args(&refs).unwrap();
+    for step in [5, 10, 15, 20] {
+        let (a, b) = (val_at(&two, step), val_at(&one, step));
+        assert!(
+            (a - b).abs() < 0.01,
+            "step {step}: 2 ranks {a} vs 1 process {b}"
+        );
+    }
+    eprintln!(
+        "validation at step 20: 2 ranks x 2 {:.6} bpb, 1 process x 4 {:.6} bpb",
+        val_at(&two, 20),
+        val_at(&one, 20)
+    );
+    assert_eq!(
+        two.settings.batch_size, 4,
+        "the checkpoint records the global batch"
+    );
+
+    // 10 steps on 2 ranks, then resumed on 1 rank to step 20: where the 2-rank run went.
+    let args = with_distributed(train_lm_args(&data, &part, 2, 10), &[]);
+    let output = run_ranks_with(2, "train_lm", &tmp, &args, limit).unwrap();
+    assert!(
+        output.status.success(),
+        "2 ranks, 10 steps:\n{}",
+        log(&output)
+    );
+    let args = with_distributed(
+        vec!["--resume".into(), part.display().to_string()],
+        &["--steps", "20"],
+    );
+    let output = run_ranks_with(1, "train_lm", &tmp, &args, limit).unwrap();
+    assert!(
+        output.status.success(),
+        "resumed on 1 rank:\n{}",
+        log(&output)
+    );
+    let resumed = train_lm::load_checkpoint(&part).unwrap().state;
+    assert_eq!(resumed.step, 20);
+    let (a, b) = (val_at(&resumed, 20), val_at(&two, 20));
+    assert!((a - b).abs() < 1e-3, "resumed {a} vs uninterrupted {b}");
+    for (p, q) in resumed.train.iter().zip(&two.train) {
+        assert_eq!(p.step, q.step);
+        assert!(
+            (p.bpb - q.bpb).abs() < 1e-3,
+            "step {}: {} vs {}",
+            p.step,
+            p.bpb,
+            q.bpb
+        );
+    }
+}
+
+/// Runs 2 ranks of train_lm with rank 1 failing at step 13 (`how`), checkpoints every 5.
+fn failing_rank(how: &str, timeout: &str) -> Option<(String, Duration, PathBuf)> {
+    let tmp = scratch(&format!("failing_{how}"));
+    let data = text_corpus(&tmp);
+    let out = tmp.join("run");
+    let args = with_distributed(
+        train_lm_args(&data, &out, 2, 40),
+        &[
+            "--inject-rank-failure",
+            &format!("1:13:{how}"),
+            "--dist-timeout",
+            timeout,
+        ],
+    );
+    let start = Instant::now();
+    let output = run_ranks_with(2, "train_lm", &tmp, &args, Duration::from_secs(120))?;
+    let took = start.elapsed();
+    let text = log(&output);
+    assert!(!output.status.success(), "the job must fail:\n{text}");
+    assert!(
+        text.contains(&format!("rank 1: --inject-rank-failure: {how} at step 13")),
+        "{text}"
+    );
+    Some((text, took, out))
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_last_checkpoint_loads() {
+    let Some((text, took, out)) = failing_rank("kill", "20") else {
+        return;
+    };
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
+    let saved = train_lm::load_checkpoint(&out).expect("the last checkpoint loads");
+    assert_eq!(saved.state.step, 10, "{text}");
+}
+
+#[test]
+fn a_stalled_rank_fails_the_others_with_a_clear_error_within_the_timeout() {
+    let Some((text, took, out)) = failing_rank("stall", "3") else {
+        return;
+    };
+    assert!(
+        text.contains("train_lm: rank 0: error: mpi rank 0 of 2: all-reduce")
+            && text.contains("did not complete within 3s: another rank died, stalled"),
+        "{text}"
+    );
+    assert!(text.contains("aborting the whole job"), "{text}");
+    assert!(took < Duration::from_secs(60), "took {took:?}:\n{text}");
+    let saved = train_lm::load_checkpoint(&out).expect("the last checkpoint loads");
+    assert_eq!(saved.state.step, 10, "{text}");
 }

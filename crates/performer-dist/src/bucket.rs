@@ -100,7 +100,11 @@ impl BucketPlan {
                 offset += len;
             }
         }
-        let index_of = unique.iter().enumerate().map(|(i, p)| (p.id(), i)).collect();
+        let index_of = unique
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id(), i))
+            .collect();
         BucketPlan {
             params: unique,
             buckets,

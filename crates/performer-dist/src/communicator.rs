@@ -42,7 +42,9 @@ pub trait Communicator {
         for bucket in pack_ranges(&lens, DEFAULT_BUCKET_ELEMS) {
             let mut flat = Vec::with_capacity(bucket.iter().map(|p| p.len).sum());
             for piece in &bucket {
-                flat.extend_from_slice(&buffers[piece.buffer][piece.start..piece.start + piece.len]);
+                flat.extend_from_slice(
+                    &buffers[piece.buffer][piece.start..piece.start + piece.len],
+                );
             }
             pending.push((bucket, self.start_all_reduce_sum(flat)?));
         }
@@ -119,7 +121,11 @@ pub(crate) fn pack_ranges(lens: &[usize], cap: usize) -> Vec<Vec<Piece>> {
         let mut start = 0;
         while start < len {
             let take = (len - start).min(cap - used);
-            current.push(Piece { buffer, start, len: take });
+            current.push(Piece {
+                buffer,
+                start,
+                len: take,
+            });
             used += take;
             start += take;
             if used == cap {
@@ -221,8 +227,15 @@ mod tests {
         assert_eq!(a, vec![1.0, 2.0]);
         assert_eq!(comm.all_gather_u64(&[5, 6]).unwrap(), vec![5, 6]);
         let err = comm.broadcast(&mut [&mut a[..]], 1).unwrap_err();
-        assert!(err.to_string().contains("root rank 1 is out of range"), "{err}");
-        let sum = comm.start_all_reduce_sum(vec![3.0]).unwrap().wait().unwrap();
+        assert!(
+            err.to_string().contains("root rank 1 is out of range"),
+            "{err}"
+        );
+        let sum = comm
+            .start_all_reduce_sum(vec![3.0])
+            .unwrap()
+            .wait()
+            .unwrap();
         assert_eq!(sum, vec![3.0]);
     }
 }

@@ -307,8 +307,9 @@ impl<'a> Reduction<'a> {
                         .iter()
                         .map(|s| s / scale)
                         .collect();
-                    let g = ArrayD::from_shape_vec(IxDyn(&param.shape()), mean)
-                        .map_err(|e| performer_tensor::Error::shape("DataParallel", e.to_string()))?;
+                    let g = ArrayD::from_shape_vec(IxDyn(&param.shape()), mean).map_err(|e| {
+                        performer_tensor::Error::shape("DataParallel", e.to_string())
+                    })?;
                     grads.accumulate(param.id(), g)?;
                 }
             }

@@ -40,11 +40,11 @@ mod bucket;
 mod communicator;
 mod data_parallel;
 mod error;
+pub mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "nccl")]
 mod nccl;
-pub mod launch;
 pub mod seed;
 pub mod state;
 

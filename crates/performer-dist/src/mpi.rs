@@ -52,8 +52,7 @@ impl MpiCommunicator {
             .ok_or_else(|| Error::Backend {
                 backend: "mpi",
                 op: "initialize".into(),
-                message: "MPI was already initialized in this process (it can be only once)"
-                    .into(),
+                message: "MPI was already initialized in this process (it can be only once)".into(),
             })?;
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
@@ -263,7 +262,8 @@ impl PendingReduce for PendingMpi<'_> {
         if !self.done {
             let what = self.describe();
             // On an error `self` drops here, unfinished: `Drop` leaks the buffers.
-            self.comm.wait_request(&mut self.request, &|| what.clone())?;
+            self.comm
+                .wait_request(&mut self.request, &|| what.clone())?;
             self.done = true;
         }
         Ok(std::mem::take(&mut self.recv))
@@ -365,7 +365,10 @@ impl Communicator for MpiCommunicator {
         let (word, byte) = unsafe { (ffi::RSMPI_UINT64_T, ffi::RSMPI_UINT8_T) };
         let len = self.broadcast_vec(vec![bytes.len() as u64], word, root, "lengths")?[0];
         let len = usize::try_from(len).map_err(|_| {
-            Error::invalid("broadcast_bytes", format!("{len} bytes do not fit in memory"))
+            Error::invalid(
+                "broadcast_bytes",
+                format!("{len} bytes do not fit in memory"),
+            )
         })?;
         bytes.resize(len, 0);
         for piece in bytes.chunks_mut(MAX_COUNT) {
@@ -379,7 +382,10 @@ impl Communicator for MpiCommunicator {
         if values.len() > MAX_COUNT / self.size.max(1) {
             return Err(Error::invalid(
                 "MpiCommunicator::all_gather_u64",
-                format!("{} values per rank are more than one MPI call takes", values.len()),
+                format!(
+                    "{} values per rank are more than one MPI call takes",
+                    values.len()
+                ),
             ));
         }
         // First the lengths: gathering different lengths would read past the shorter buffers.

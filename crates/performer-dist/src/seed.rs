@@ -42,9 +42,9 @@ pub fn derive_seed(seed: u64, stream: Stream) -> u64 {
         Stream::Redraw { step } => (1u64, step, 0u64),
         Stream::Dropout { step, rank } => (2, step, rank as u64),
     };
-    [kind, a, b]
-        .iter()
-        .fold(splitmix64(seed), |h, &part| splitmix64(h ^ splitmix64(part)))
+    [kind, a, b].iter().fold(splitmix64(seed), |h, &part| {
+        splitmix64(h ^ splitmix64(part))
+    })
 }
 
 /// The share of `global` items (a global batch drawn alike on every rank) that `rank` of
@@ -97,7 +97,12 @@ mod tests {
     fn shards_are_disjoint_and_cover_the_batch() {
         let shares: Vec<_> = (0..4).map(|r| shard(12, r, 4).unwrap()).collect();
         assert_eq!(shares, vec![0..3, 3..6, 6..9, 9..12]);
-        assert!(shard(10, 0, 4).unwrap_err().to_string().contains("multiple of 4"));
+        assert!(
+            shard(10, 0, 4)
+                .unwrap_err()
+                .to_string()
+                .contains("multiple of 4")
+        );
         assert!(shard(8, 4, 4).is_err());
         assert!(shard(8, 0, 0).is_err());
     }

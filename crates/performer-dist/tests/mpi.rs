@@ -65,7 +65,10 @@ fn collectives_and_data_parallel_across_two_ranks() {
     let log = text(&out);
     assert!(out.status.success(), "the ranks failed:\n{log}");
     for rank in 0..2 {
-        assert!(log.contains(&format!("rank {rank} of 2: collectives ok")), "{log}");
+        assert!(
+            log.contains(&format!("rank {rank} of 2: collectives ok")),
+            "{log}"
+        );
     }
 }
 
@@ -151,7 +154,11 @@ fn collectives(comm: &MpiCommunicator) {
     let mut empty: Vec<f32> = Vec::new();
     comm.all_reduce_mean(&mut [&mut a[..], &mut empty[..], &mut b[..]])
         .unwrap();
-    assert!(a.iter().enumerate().all(|(i, &v)| v == (i % 7) as f32 + 5.0));
+    assert!(
+        a.iter()
+            .enumerate()
+            .all(|(i, &v)| v == (i % 7) as f32 + 5.0)
+    );
     assert_eq!(b, vec![0.5; 3]);
 
     // Several sums in flight, completed out of order.
@@ -188,8 +195,14 @@ fn collectives(comm: &MpiCommunicator) {
     let err = check_synchronized(comm, &m).unwrap_err();
     assert!(matches!(err, Error::Desynchronized(_)), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("3 of 3 parameters and buffers differ"), "{msg}");
-    assert!(msg.contains("`proj` (ranks [1] differ from rank 0)"), "{msg}");
+    assert!(
+        msg.contains("3 of 3 parameters and buffers differ"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("`proj` (ranks [1] differ from rank 0)"),
+        "{msg}"
+    );
     broadcast_module(comm, &m, 0).unwrap();
     check_synchronized(comm, &m).unwrap();
     assert_eq!(m.a.value(), pair(0.0).a.value());
@@ -197,7 +210,11 @@ fn collectives(comm: &MpiCommunicator) {
     // DataParallel: each rank's loss on its own input; the overlapped backward, the plain
     // backward + reduce, and the hand-computed mean of both ranks' gradients agree.
     let xs: Vec<ArrayD<f32>> = (0..2)
-        .map(|k| ArrayD::from_shape_fn(IxDyn(&[5, 3]), |i| ((i[0] * 3 + i[1]) as f32 - 7.0) * (0.1 + k as f32)))
+        .map(|k| {
+            ArrayD::from_shape_fn(IxDyn(&[5, 3]), |i| {
+                ((i[0] * 3 + i[1]) as f32 - 7.0) * (0.1 + k as f32)
+            })
+        })
         .collect();
     let loss_on = |x: &ArrayD<f32>| -> Tensor {
         Tensor::new(x.clone())
@@ -251,7 +268,10 @@ fn stall(comm: MpiCommunicator) {
     assert!(matches!(err, Error::Timeout { .. }));
     // What a program prints before it drops the communicator, which aborts the job.
     eprintln!("rank 0 error: {err}");
-    assert!(comm.barrier().is_err(), "a failed communicator refuses more work");
+    assert!(
+        comm.barrier().is_err(),
+        "a failed communicator refuses more work"
+    );
     drop(comm);
     unreachable!("dropping a failed communicator aborts the job");
 }

@@ -325,7 +325,11 @@ fn backward_with_hook_hands_over_each_final_gradient_once_in_backward_order() {
         })
         .unwrap();
     let ids: Vec<_> = seen.iter().map(|(id, _)| *id).collect();
-    assert_eq!(ids, vec![w3.id(), w2.id(), w1.id()], "order of final gradients");
+    assert_eq!(
+        ids,
+        vec![w3.id(), w2.id(), w1.id()],
+        "order of final gradients"
+    );
     for (id, g) in &seen {
         // What the hook saw is the whole gradient: both uses of w1 included.
         assert_eq!(Some(g), plain.get_id(*id));
