@@ -57,7 +57,7 @@ pub fn shard(global: usize, rank: usize, world: usize) -> Result<Range<usize>> {
             format!("rank {rank} is not a rank of a world of {world}"),
         ));
     }
-    if global % world != 0 {
+    if !global.is_multiple_of(world) {
         return Err(Error::invalid(
             "shard",
             format!(

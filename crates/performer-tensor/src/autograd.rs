@@ -17,6 +17,9 @@ use ndarray::{ArrayD, IxDyn, Zip};
 use crate::tensor::{Data, TensorId};
 use crate::{Error, Result, Tensor};
 
+/// What [`Tensor::backward_with_hook`] calls with each leaf's final gradient.
+pub type LeafHook<'a> = dyn FnMut(TensorId, &ArrayD<f32>) -> Result<()> + 'a;
+
 /// Gradients of a node's outputs (`None` where no gradient reached an output) and which
 /// inputs need a gradient, in; gradients of the inputs (`None` where not needed), out.
 pub type BackwardFn =
@@ -200,10 +203,7 @@ impl Tensor {
     /// across processes there). Every leaf that receives a gradient through an op is handed
     /// over exactly once, in the order they become final; an error from `on_ready` stops the
     /// backward and is returned. The returned store is the same as `backward`'s.
-    pub fn backward_with_hook(
-        &self,
-        on_ready: &mut dyn FnMut(TensorId, &ArrayD<f32>) -> Result<()>,
-    ) -> Result<Gradients> {
+    pub fn backward_with_hook(&self, on_ready: &mut LeafHook<'_>) -> Result<Gradients> {
         if self.numel() != 1 {
             return Err(Error::Backward(format!(
                 "backward_with_hook() needs a one-element tensor, got shape {:?}",
@@ -216,7 +216,7 @@ impl Tensor {
     fn backward_inner(
         &self,
         grad: ArrayD<f32>,
-        mut on_ready: Option<&mut dyn FnMut(TensorId, &ArrayD<f32>) -> Result<()>>,
+        mut on_ready: Option<&mut LeafHook<'_>>,
     ) -> Result<Gradients> {
         if grad.shape() != self.shape() {
             return Err(Error::Backward(format!(
