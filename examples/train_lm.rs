@@ -208,6 +208,16 @@ struct Cli {
     /// Skip scoring the whole validation split at the end.
     #[arg(long)]
     no_final_eval: bool,
+    /// At the end, score the longest run of predicted validation bytes (from the split's
+    /// start) that is a multiple of N (itself a multiple of --seq-len), so that runs with
+    /// different --seq-len are scored on the same bytes, each with the longest context it can
+    /// use (`cargo xtask quality` passes the longest length it compares).
+    #[arg(long, value_name = "N")]
+    eval_align: Option<usize>,
+    /// Write a JSON summary of the run (settings, validation curve, final score, tokens/s, the
+    /// last sample) to this file at the end.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     /// When a step's loss or gradient is not finite, skip its optimizer update (as
     /// mixed-precision trainers do) and go on, instead of stopping. Stops anyway after
     /// --max-skipped-steps such steps in a row.
@@ -475,11 +485,38 @@ fn val_offsets(data_len: usize, len: usize, count: usize) -> Vec<usize> {
 
 /// Every non-overlapping window: offsets 0, len - 1, 2 (len - 1), ... (each window's last
 /// byte is the next one's first input, so every byte after the first is predicted once).
-fn full_offsets(data_len: usize, len: usize) -> Vec<usize> {
+/// With `predicted`, only the windows that predict the first `predicted` bytes after the
+/// first (a multiple of `len - 1`, checked by the caller).
+fn full_offsets(data_len: usize, len: usize, predicted: Option<usize>) -> Vec<usize> {
+    let windows = predicted.map_or(usize::MAX, |p| p / (len - 1));
     (0..)
         .map(|i| i * (len - 1))
         .take_while(|o| o + len <= data_len)
+        .take(windows)
         .collect()
+}
+
+/// `--report`: what `cargo xtask quality` reads back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    /// The settings of the run (data, optimizer, schedule, attention variant).
+    pub settings: Settings,
+    /// The model's configuration.
+    pub model: PerformerLMConfig,
+    /// Parameters of the model.
+    pub parameters: usize,
+    /// Optimizer steps done.
+    pub steps: u64,
+    /// Validation bits per byte on the fixed windows, at every validation.
+    pub val: Vec<Point>,
+    /// The final score over `val_all_bytes` predicted bytes of the validation split.
+    pub val_all: Option<f64>,
+    /// Bytes that score predicted.
+    pub val_all_bytes: usize,
+    /// Training tokens per second of this session (steps only, not validation or sampling).
+    pub tokens_per_second: f64,
+    /// The last generated sample, prime included.
+    pub sample: String,
 }
 
 /// Mean loss over windows at `offsets`, in bits per byte (eval mode, no graph).
@@ -1018,7 +1055,8 @@ fn train(
                 seed: cli.seed,
                 val_windows: cli.val_windows,
                 warmup: cli.warmup,
-                min_lr: Some(cli.min_lr.unwrap_or(cli.lr / 10.0)),
+                // Through f64, so that 1e-3 gives 1e-4, not 1.00000005e-4.
+                min_lr: Some(cli.min_lr.unwrap_or((cli.lr as f64 / 10.0) as f32)),
                 decay_steps: cli.decay_steps.unwrap_or(cli.steps),
                 weight_decay: cli.weight_decay,
                 attention: Some(if overridden {
@@ -1100,6 +1138,16 @@ fn train(
         .into());
     }
     let val_offsets = val_offsets(corpus.val.len(), window, settings.val_windows.max(1));
+    if let Some(n) = cli.eval_align
+        && (n == 0 || n % settings.seq_len != 0 || n + 1 > corpus.val.len())
+    {
+        return Err(format!(
+            "--eval-align {n}: must be a positive multiple of --seq-len {} and at most {} (the validation split less one byte)",
+            settings.seq_len,
+            corpus.val.len() - 1
+        )
+        .into());
+    }
 
     // Optimizer (over the PerformerLM's names, as the checkpoint stores them).
     let params: Vec<_> = model.net.parameters();
@@ -1173,6 +1221,7 @@ fn train(
     let mut session_tokens = 0u64;
     let mut last_val = state.val.last().map(|p| p.bpb);
     let mut last_saved = None;
+    let mut last_sample = String::new();
     // The checkpoint this session started from, if it resumed one.
     let resumed_at = cli.resume.is_some().then_some(state.step);
     let session_start = Instant::now();
@@ -1314,6 +1363,7 @@ fn train(
                     text
                 )
             });
+            last_sample = format!("{}{text}", printable(&prime));
         }
         if state.step % cli.checkpoint_every == 0 || last || interrupted.load(Ordering::SeqCst) {
             state.global_rng = rng::get_state().0;
@@ -1383,18 +1433,37 @@ fn train(
             val_offsets.len()
         );
     }
+    let mut val_all = None;
+    let mut val_all_bytes = 0;
     if !cli.no_final_eval {
-        let offsets = full_offsets(corpus.val.len(), window);
+        let predicted = cli.eval_align.map(|n| (corpus.val.len() - 1) / n * n);
+        let offsets = full_offsets(corpus.val.len(), window, predicted);
         let t = Instant::now();
         let bpb = dist.evaluate(&offsets, |offsets| {
             evaluate(&model, &corpus.val, offsets, window, per_rank_batch)
         })?;
+        val_all_bytes = offsets.len() * settings.seq_len;
         println!(
-            "validation (all): {bpb:.4} bpb over {} windows, {} bytes predicted ({})",
+            "validation (all): {bpb:.4} bpb over {} windows, {val_all_bytes} bytes predicted ({})",
             offsets.len(),
-            offsets.len() * settings.seq_len,
             human(t.elapsed())
         );
+        val_all = Some(bpb);
+    }
+    if let Some(path) = cli.report.as_ref().filter(|_| dist.is_root()) {
+        let report = RunReport {
+            settings: state.settings.clone(),
+            model: config.clone(),
+            parameters: n_params,
+            steps: state.step,
+            val: state.val.clone(),
+            val_all,
+            val_all_bytes,
+            tokens_per_second: session_tokens as f64 / session_train.as_secs_f64().max(1e-9),
+            sample: last_sample.clone(),
+        };
+        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())
+            .map_err(|e| format!("--report {}: {e}", path.display()))?;
     }
     println!("test split:       {} bytes, held out", corpus.test_len);
     println!("checkpoint:       {}", out_dir.display());

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use performer_cuda::kernels::{self, CHECKED_ARCHES, SOURCES};
+use performer_cuda::kernel_sources::{self, CHECKED_ARCHES, SOURCES};
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut out = std::env::var_os("CARGO_TARGET_DIR")
@@ -27,7 +27,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             performer_cuda::search_dirs()
         ));
     }
-    let ptxas = kernels::find_ptxas();
+    let ptxas = kernel_sources::find_ptxas();
     let nvcc = ptxas
         .as_ref()
         .and_then(|p| p.parent())
@@ -38,7 +38,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let dir = out.join(arch);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         for src in SOURCES {
-            let ptx = kernels::compile_ptx(src, arch).map_err(|e| e.to_string())?;
+            let ptx = kernel_sources::compile_ptx(src, arch).map_err(|e| e.to_string())?;
             let path = dir.join(src.name.replace(".cu", ".ptx"));
             std::fs::write(&path, &ptx.image).map_err(|e| format!("{}: {e}", path.display()))?;
             println!("wrote {}", path.display());
@@ -46,7 +46,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 nvcc_ptx(nvcc, src, arch, &dir)?;
             }
             let Some(ptxas) = &ptxas else { continue };
-            for r in kernels::ptxas_resources(ptxas, &ptx.image, arch)? {
+            for r in kernel_sources::ptxas_resources(ptxas, &ptx.image, arch)? {
                 println!(
                     "  {arch} {:<22} {:>3} registers {:>6} B smem {:>4} B stack {:>4} B spill stores {:>4} B spill loads",
                     r.name, r.registers, r.shared, r.stack_frame, r.spill_stores, r.spill_loads
@@ -73,12 +73,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
 /// nvcc's PTX of the same text, for comparison with NVRTC's (`<name>.nvcc.ptx`).
 fn nvcc_ptx(
     nvcc: &Path,
-    src: &kernels::KernelSource,
+    src: &kernel_sources::KernelSource,
     arch: &str,
     dir: &Path,
 ) -> Result<(), String> {
     let cu = dir.join(format!("{}.full.cu", src.name.trim_end_matches(".cu")));
-    std::fs::write(&cu, kernels::full_source(src)).map_err(|e| format!("{}: {e}", cu.display()))?;
+    std::fs::write(&cu, kernel_sources::full_source(src))
+        .map_err(|e| format!("{}: {e}", cu.display()))?;
     let out = dir.join(src.name.replace(".cu", ".nvcc.ptx"));
     let status = Command::new(nvcc)
         .args(["-ptx", "-std=c++17", "-lineinfo"])

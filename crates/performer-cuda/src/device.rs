@@ -4,11 +4,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{DriverContext, Error, Result};
-use crate::kernels::{self, KernelSource};
+use crate::kernel_sources::{self, KernelSource};
+use crate::launch_config::{THREADS, grid_1d};
 use crate::libs;
 
 /// The loaded kernels of one device, by function name.
@@ -19,7 +20,7 @@ pub(crate) struct Kernels {
 impl Kernels {
     fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
         let mut functions = HashMap::new();
-        for src in kernels::SOURCES {
+        for src in kernel_sources::SOURCES {
             Self::load_source(ctx, arch, src, &mut functions)?;
         }
         Ok(Self { functions })
@@ -32,7 +33,7 @@ impl Kernels {
         functions: &mut HashMap<&'static str, CudaFunction>,
     ) -> Result<()> {
         const OP: &str = "load kernels";
-        let cubin = kernels::compile_cubin(src, arch)?;
+        let cubin = kernel_sources::compile_cubin(src, arch)?;
         let module = ctx.load_module(Ptx::from_binary(cubin.image)).op(OP)?;
         for &name in src.functions {
             functions.insert(name, module.load_function(name).op(OP)?);
@@ -40,13 +41,12 @@ impl Kernels {
         Ok(())
     }
 
-    /// The kernel `name`; the names are fixed in [`kernels::SOURCES`], so a miss is a bug here,
+    /// The kernel `name`; the names are fixed in [`kernel_sources::SOURCES`], so a miss is a bug here,
     /// reported as an error rather than a panic all the same.
     pub(crate) fn get(&self, name: &'static str) -> Result<&CudaFunction> {
-        self.functions.get(name).ok_or(Error::Shape {
-            op: "kernel lookup",
-            detail: format!("no kernel named {name}"),
-        })
+        self.functions
+            .get(name)
+            .ok_or(Error::KernelNotFound { name })
     }
 }
 
@@ -180,7 +180,7 @@ impl CudaDevice {
     pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
         let mut buf = self.stream.alloc_zeros::<f32>(len.max(1)).op("alloc")?;
         if let Some(value) = self.poison {
-            crate::ops::fill(self, "alloc", &mut buf, value)?;
+            self.fill("alloc", &mut buf, value)?;
         }
         Ok(buf)
     }
@@ -192,9 +192,35 @@ impl CudaDevice {
         // anything reads it (checked by the poisoned GPU tests).
         let mut buf = unsafe { self.stream.alloc::<f32>(len.max(1)) }.op("alloc")?;
         if let Some(value) = self.poison {
-            crate::ops::fill(self, "alloc", &mut buf, value)?;
+            self.fill("alloc", &mut buf, value)?;
         }
         Ok(buf)
+    }
+
+    /// Sets every element of `buf` to `value` (the `fill_f32` kernel).
+    pub(crate) fn fill(
+        &self,
+        op: &'static str,
+        buf: &mut CudaSlice<f32>,
+        value: f32,
+    ) -> Result<()> {
+        let len = buf.len();
+        let len_i = len as i64;
+        // SAFETY: `fill_f32(float* x, i64 len, float value)` takes exactly these three
+        // arguments, in this order and of these types; it writes `x[i]` for `i < len` only, and
+        // `len` is the buffer's own length, so every write lands inside `buf`, which the
+        // exclusive borrow keeps alive and unaliased until the launch is queued on this
+        // handle's stream (later work on the buffer is ordered after it on the same stream).
+        unsafe {
+            self.stream
+                .launch_builder(self.kernel("fill_f32")?)
+                .arg(buf)
+                .arg(&len_i)
+                .arg(&value)
+                .launch(grid_1d(len, THREADS))
+                .op(op)?;
+        }
+        Ok(())
     }
 
     /// Waits for all work issued on this handle's stream.

@@ -44,6 +44,14 @@ pub enum Error {
         /// NVRTC's compile log.
         log: String,
     },
+    /// No kernel of this name was loaded: the names are fixed in
+    /// [`SOURCES`](crate::kernel_sources::SOURCES), so this is a bug in performer-cuda, not bad
+    /// input.
+    #[error("kernel lookup: no kernel named {name} in the compiled sources (a performer-cuda bug)")]
+    KernelNotFound {
+        /// The kernel asked for.
+        name: &'static str,
+    },
     /// Inputs whose shapes or lengths do not fit the operation.
     #[error("{op}: shape mismatch: {detail}")]
     Shape {

@@ -5,7 +5,7 @@
 //! * It builds and its CPU tests pass on machines with no CUDA at all: cudarc loads the driver,
 //!   NVRTC and cuBLAS at run time, and every entry point returns [`Error`] when they are absent.
 //! * Kernels are CUDA C under `kernels/`, embedded with `include_str!` and compiled by NVRTC for
-//!   the device's architecture on first use, once per process and device ([`kernels`]).
+//!   the device's architecture on first use, once per process and device ([`kernel_sources`]).
 //! * [`CudaFastAttention`] is the device API (device buffers in and out, forward and backward);
 //!   [`CudaFastAttention::forward_host`] / [`CudaFastAttention::backward_host`] take and return
 //!   host slices. [`ops`] exposes each stage on its own.
@@ -18,7 +18,8 @@
 mod attention;
 mod device;
 mod error;
-pub mod kernels;
+pub mod kernel_sources;
+mod launch_config;
 mod libs;
 pub mod ops;
 pub mod reference;

@@ -6,18 +6,17 @@
 //! `(bh, n, m)`, values and outputs `(bh, n, e)`, projection `(m, d)`.
 
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use crate::device::CudaDevice;
 use crate::error::{DriverContext, Error, Result};
+use crate::launch_config::{THREADS, grid_1d, grid_3d};
 use crate::shape::expect_len;
 
 /// Positions per chunk of the causal kernels (CHUNK in the CUDA sources).
 pub const CHUNK: usize = 64;
 /// Output tile edge of the tiled kernels (TILE in the CUDA sources).
 const TILE: usize = 64;
-/// Threads per block of the tiled kernels.
-const THREADS: u32 = 256;
 /// Epsilon added to each element of the key cumsum in the causal normalizer (performer-pytorch).
 pub const CAUSAL_EPS: f32 = 1e-6;
 /// Epsilon added to every softmax feature (performer-pytorch's `softmax_kernel`).
@@ -130,45 +129,6 @@ pub enum FeatureKind {
     Key,
 }
 
-fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
-    // Grid-stride kernels: cap the grid, the loop covers the rest.
-    let blocks = total.div_ceil(threads as usize).clamp(1, 1 << 20) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Sets every element of `buf` to `value`.
-pub(crate) fn fill(
-    dev: &CudaDevice,
-    op: &'static str,
-    buf: &mut CudaSlice<f32>,
-    value: f32,
-) -> Result<()> {
-    let len = buf.len();
-    let len_i = len as i64;
-    unsafe {
-        dev.stream()
-            .launch_builder(dev.kernel("fill_f32")?)
-            .arg(buf)
-            .arg(&len_i)
-            .arg(&value)
-            .launch(grid_1d(len, THREADS))
-            .op(op)?;
-    }
-    Ok(())
-}
-
-fn grid_3d(x: usize, y: usize, z: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (x as u32, y as u32, z as u32),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// The FAVOR+ softmax feature map of `x` `(bh, n, d)` under `projection` `(m, d)`:
 /// `m^-0.5 * (exp(dn x.P - dn^2 |x|^2 / 2 - stab) + 1e-4)` with `dn = d^-0.25`, `(bh, n, m)`.
 #[allow(clippy::too_many_arguments)]
@@ -197,7 +157,7 @@ pub fn softmax_features(
     let ratio = (m as f32).powf(-0.5);
     let total = (bh * n * m) as i64;
     // The atomic max in favor_project starts from -inf, its identity.
-    fill(dev, OP, &mut stab, f32::NEG_INFINITY)?;
+    dev.fill(OP, &mut stab, f32::NEG_INFINITY)?;
     unsafe {
         stream
             .launch_builder(dev.kernel("favor_project")?)
@@ -848,7 +808,7 @@ pub fn linear_attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels;
+    use crate::kernel_sources;
 
     #[test]
     fn arch_major_reads_two_and_three_digit_arches() {
@@ -864,9 +824,12 @@ mod tests {
     #[test]
     fn every_tf32_kernel_is_defined_and_every_f32_one_has_a_variant() {
         for (f32_name, tf32_name) in TF32_KERNELS {
-            assert!(kernels::CAUSAL.functions.contains(f32_name), "{f32_name}");
             assert!(
-                kernels::CAUSAL_TF32.functions.contains(tf32_name),
+                kernel_sources::CAUSAL.functions.contains(f32_name),
+                "{f32_name}"
+            );
+            assert!(
+                kernel_sources::CAUSAL_TF32.functions.contains(tf32_name),
                 "{tf32_name}"
             );
             assert_eq!(Precision::Tf32.kernel(f32_name), *tf32_name);
@@ -874,7 +837,7 @@ mod tests {
         }
         assert_eq!(
             TF32_KERNELS.len(),
-            kernels::CAUSAL_TF32.functions.len(),
+            kernel_sources::CAUSAL_TF32.functions.len(),
             "a TF32 kernel no precision selects"
         );
         assert_eq!(Precision::default(), Precision::F32);

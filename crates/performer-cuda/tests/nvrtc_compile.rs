@@ -3,7 +3,7 @@
 //! the crate finds on the loader path, in $PERFORMER_CUDA_LIB_DIR, $CUDA_PATH, /usr/local/cuda
 //! or in python3's `nvidia` packages (`pip install nvidia-cuda-nvrtc==13.*`).
 
-use performer_cuda::kernels::{self, CHECKED_ARCHES, SOURCES};
+use performer_cuda::kernel_sources::{self, CHECKED_ARCHES, SOURCES};
 
 fn nvrtc_or_skip(test: &str) -> bool {
     if performer_cuda::nvrtc_available() {
@@ -30,7 +30,7 @@ fn every_kernel_compiles_to_ptx_and_cubin() {
     }
     for src in SOURCES {
         for arch in CHECKED_ARCHES {
-            let ptx = kernels::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
+            let ptx = kernel_sources::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
             let text = String::from_utf8(ptx.image).expect("PTX is text");
             for f in src.functions {
                 assert!(
@@ -39,7 +39,7 @@ fn every_kernel_compiles_to_ptx_and_cubin() {
                     src.name
                 );
             }
-            let cubin = kernels::compile_cubin(src, arch).unwrap_or_else(|e| panic!("{e}"));
+            let cubin = kernel_sources::compile_cubin(src, arch).unwrap_or_else(|e| panic!("{e}"));
             assert!(
                 cubin.image.starts_with(b"\x7fELF"),
                 "{} {arch}: CUBIN is not an ELF image",
@@ -68,9 +68,9 @@ fn tf32_kernels_use_tensor_cores_from_sm_80_and_compile_below() {
     }
     const MMA: &str = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32";
     const CVT: &str = "cvt.rna.tf32.f32";
-    let src = &kernels::CAUSAL_TF32;
+    let src = &kernel_sources::CAUSAL_TF32;
     for arch in CHECKED_ARCHES {
-        let ptx = kernels::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
+        let ptx = kernel_sources::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
         let text = String::from_utf8(ptx.image).expect("PTX is text");
         for f in src.functions {
             let body = kernel_body(&text, f);
@@ -88,7 +88,7 @@ fn tf32_kernels_use_tensor_cores_from_sm_80_and_compile_below() {
             text.matches(CVT).count()
         );
     }
-    let ptx = kernels::compile_ptx(src, "sm_75").unwrap_or_else(|e| panic!("{e}"));
+    let ptx = kernel_sources::compile_ptx(src, "sm_75").unwrap_or_else(|e| panic!("{e}"));
     let text = String::from_utf8(ptx.image).expect("PTX is text");
     assert!(!text.contains(MMA), "sm_75 has no TF32 mma");
     for f in src.functions {
@@ -97,7 +97,7 @@ fn tf32_kernels_use_tensor_cores_from_sm_80_and_compile_below() {
             "sm_75 {f}: no trap"
         );
     }
-    kernels::compile_cubin(src, "sm_75").unwrap_or_else(|e| panic!("{e}"));
+    kernel_sources::compile_cubin(src, "sm_75").unwrap_or_else(|e| panic!("{e}"));
     println!("sm_75 {}: compiles, kernels trap", src.name);
 }
 
@@ -116,18 +116,18 @@ fn a_broken_kernel_is_rejected_with_the_log() {
     if !nvrtc_or_skip("a_broken_kernel_is_rejected_with_the_log") {
         return;
     }
-    let broken = kernels::KernelSource {
+    let broken = kernel_sources::KernelSource {
         name: "broken.cu",
         source: "extern \"C\" __global__ void broken(float* x) { x[0] = undefined_name; }",
         functions: &["broken"],
     };
-    let err = kernels::compile_ptx(&broken, "sm_90").unwrap_err();
+    let err = kernel_sources::compile_ptx(&broken, "sm_90").unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("broken.cu") && msg.contains("undefined_name"),
         "{msg}"
     );
-    let err = kernels::compile_cubin(&broken, "not_an_arch").unwrap_err();
+    let err = kernel_sources::compile_cubin(&broken, "not_an_arch").unwrap_err();
     assert!(
         err.to_string().contains("unsupported architecture"),
         "{err}"
@@ -140,7 +140,7 @@ fn a_broken_kernel_is_rejected_with_the_log() {
 #[test]
 fn embedded_ptx_is_fresh() {
     assert!(
-        kernels::EMBEDDED_PTX.is_empty(),
+        kernel_sources::EMBEDDED_PTX.is_empty(),
         "performer-cuda now embeds PTX; extend this test to compare it with a fresh compile"
     );
     println!("no PTX embedded: kernels are compiled by NVRTC at run time from kernels/*.cu");
@@ -167,7 +167,7 @@ fn embedded_sources_match_files() {
         );
     }
     let common = std::fs::read_to_string(dir.join("common.cuh")).expect("common.cuh readable");
-    assert_eq!(common, kernels::COMMON_HEADER);
+    assert_eq!(common, kernel_sources::COMMON_HEADER);
 }
 
 /// Prints a skip notice past libtest's output capture (which hides `eprintln!` of passing

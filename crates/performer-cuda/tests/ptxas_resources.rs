@@ -4,7 +4,7 @@
 //! skips with a note where either is missing (fails instead when PERFORMER_CUDA_REQUIRE_PTXAS
 //! is set).
 
-use performer_cuda::kernels::{self, CHECKED_ARCHES, SOURCES};
+use performer_cuda::kernel_sources::{self, CHECKED_ARCHES, SOURCES};
 
 #[test]
 fn no_kernel_spills_to_local_memory() {
@@ -16,7 +16,7 @@ fn no_kernel_spills_to_local_memory() {
         note("SKIPPED no_kernel_spills_to_local_memory: libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.*)".into());
         return;
     }
-    let Some(ptxas) = kernels::find_ptxas() else {
+    let Some(ptxas) = kernel_sources::find_ptxas() else {
         // Fail instead of skipping where ptxas is required (CI sets this after installing it).
         assert!(
             std::env::var_os("PERFORMER_CUDA_REQUIRE_PTXAS").is_none(),
@@ -29,14 +29,14 @@ fn no_kernel_spills_to_local_memory() {
     let mut tf32_checked = 0;
     for arch in CHECKED_ARCHES {
         for src in SOURCES {
-            let ptx = kernels::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
-            let report = kernels::ptxas_resources(&ptxas, &ptx.image, arch)
+            let ptx = kernel_sources::compile_ptx(src, arch).unwrap_or_else(|e| panic!("{e}"));
+            let report = kernel_sources::ptxas_resources(&ptxas, &ptx.image, arch)
                 .unwrap_or_else(|e| panic!("{e}"));
             for f in src.functions {
                 let r = report.iter().find(|r| r.name == *f).unwrap_or_else(|| {
                     panic!("{arch} {}: ptxas reported nothing for {f}", src.name)
                 });
-                if src.name == kernels::CAUSAL_TF32.name {
+                if src.name == kernel_sources::CAUSAL_TF32.name {
                     tf32_checked += 1;
                     // 256 threads of at most 128 registers leave room for two blocks per SM;
                     // more would halve the occupancy the tiling was sized for.
@@ -56,7 +56,7 @@ fn no_kernel_spills_to_local_memory() {
     }
     assert_eq!(
         tf32_checked,
-        CHECKED_ARCHES.len() * kernels::CAUSAL_TF32.functions.len(),
+        CHECKED_ARCHES.len() * kernel_sources::CAUSAL_TF32.functions.len(),
         "every TF32 kernel checked on every architecture"
     );
     assert!(
@@ -73,11 +73,11 @@ ptxas info    : Compiling entry function 'chunk_output_fwd' for 'sm_90'\n\
 ptxas info    : Function properties for chunk_output_fwd\n\
     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
 ptxas info    : Used 96 registers, used 1 barriers, 33024 bytes smem, 432 bytes cmem[0]\n";
-    let r = kernels::parse_ptxas(text);
+    let r = kernel_sources::parse_ptxas(text);
     assert_eq!(r.len(), 1);
     assert_eq!(
         r[0],
-        kernels::KernelResources {
+        kernel_sources::KernelResources {
             name: "chunk_output_fwd".into(),
             registers: 96,
             spill_stores: 4,

@@ -7,8 +7,14 @@ use ndarray::{ArrayD, IxDyn};
 use performer_cuda::{AttentionForward, AttentionShape, CudaDevice, CudaFastAttention};
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 
+// The CUDA kernels add the same constants as the CPU path; a change to one side alone fails to
+// compile.
+const _: () = assert!(performer_cuda::ops::FEATURE_EPS == crate::feature::SOFTMAX_FEATURE_EPS);
+const _: () = assert!(performer_cuda::ops::CAUSAL_EPS == crate::ops::CAUSAL_EPS);
+
+/// performer-cuda's error as the source of an [`Error::Backend`] naming `op`.
 fn cuda_error(op: &str, e: performer_cuda::Error) -> Error {
-    Error::Other(format!("{op} (CUDA): {e}"))
+    Error::backend(format!("{op} (CUDA)"), e)
 }
 
 /// A selected device.
@@ -20,9 +26,11 @@ impl CudaBackend {
     /// Opens device `ordinal` (a clear error where there is no driver or no such device).
     pub fn open(ordinal: usize) -> Result<Self> {
         if !performer_cuda::driver_available() {
-            return Err(Error::Other(
-                "FastAttention::use_cuda: no CUDA driver on this machine (libcuda not found)"
-                    .into(),
+            return Err(cuda_error(
+                "FastAttention::use_cuda",
+                performer_cuda::Error::DriverUnavailable {
+                    op: "open CUDA device",
+                },
             ));
         }
         Ok(CudaBackend {

@@ -21,6 +21,7 @@ use performer_tensor::team::Team;
 use performer_tensor::{Error, Result, Tensor};
 
 use crate::fast_attention::FastAttention;
+use crate::feature::{GENERALIZED_FEATURE_EPS, SOFTMAX_FEATURE_EPS};
 use crate::ops::CAUSAL_EPS;
 use crate::simd;
 
@@ -50,14 +51,14 @@ fn kind_of(fa: &FastAttention) -> Kind {
     } else if c.generalized_attention {
         Kind::Generalized {
             dn,
-            eps: 1e-3,
+            eps: GENERALIZED_FEATURE_EPS,
             kernel: c.kernel_fn,
         }
     } else {
         Kind::Softmax {
             dn,
             ratio: (fa.nb_features() as f32).powf(-0.5),
-            eps: 1e-4,
+            eps: SOFTMAX_FEATURE_EPS,
         }
     }
 }

@@ -30,6 +30,25 @@ pub enum FeatureMap {
     Generalized(Activation),
 }
 
+/// The constant performer-pytorch's `softmax_kernel` adds to every feature (its `eps`). The
+/// CUDA kernels add the same one (`performer_cuda::ops::FEATURE_EPS`; with the `cuda` feature a
+/// compile-time assertion holds the two equal).
+pub const SOFTMAX_FEATURE_EPS: f32 = 1e-4;
+
+/// The constant performer-pytorch's `generalized_kernel` adds to every feature (its `eps`).
+pub const GENERALIZED_FEATURE_EPS: f32 = 1e-3;
+
+impl FeatureMap {
+    /// The epsilon performer-pytorch adds to every feature of this map:
+    /// [`SOFTMAX_FEATURE_EPS`] or [`GENERALIZED_FEATURE_EPS`].
+    pub fn eps(self) -> f32 {
+        match self {
+            FeatureMap::Softmax => SOFTMAX_FEATURE_EPS,
+            FeatureMap::Generalized(_) => GENERALIZED_FEATURE_EPS,
+        }
+    }
+}
+
 /// How the softmax kernel's exponent is stabilized.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Stabilizer {

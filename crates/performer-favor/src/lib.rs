@@ -23,14 +23,14 @@
 //! # }
 //! ```
 
-mod blocks;
+mod column_blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod decoding;
 mod fast_attention;
 mod feature;
 pub mod heads;
-mod kernels;
+mod linear_math;
 mod ops;
 mod projection;
 mod simd;
@@ -39,7 +39,7 @@ pub use decoding::{CausalState, ContextState, StateStep};
 pub use fast_attention::{
     FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,
 };
-pub use feature::FeatureMap;
+pub use feature::{FeatureMap, GENERALIZED_FEATURE_EPS, SOFTMAX_FEATURE_EPS};
 pub use ops::{
     CAUSAL_EPS, DEFAULT_CHUNK, SAVE_BUDGET_BYTES, causal_linear_attention, favor_attention,
     generalized_kernel, linear_attention, linear_attention_chunked, softmax_kernel,

@@ -29,6 +29,15 @@ fn cuda_matches_the_cpu_path_or_reports_no_device() {
     if !performer_cuda::driver_available() {
         let err = probe.use_cuda(0).unwrap_err();
         assert!(err.to_string().contains("driver"), "{err}");
+        // performer-cuda's typed error is kept as the source, not flattened into a string.
+        let source = std::error::Error::source(&err).expect("the CUDA error as the source");
+        assert!(
+            matches!(
+                source.downcast_ref::<performer_cuda::Error>(),
+                Some(performer_cuda::Error::DriverUnavailable { .. })
+            ),
+            "{source:?}"
+        );
         assert!(!probe.uses_cuda());
         println!("SKIPPED: no CUDA driver on this machine; use_cuda fails with: {err}");
         return;

@@ -6,8 +6,7 @@ use performer_favor::FastAttention;
 use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Result, Tensor};
 
-use crate::attention::AttentionState;
-use crate::wrappers::ShiftState;
+use crate::state::BlockState;
 
 /// The keyword inputs a block may receive. Sequences route them as the reference does: mask
 /// and position embedding to the attention of every layer, context and its mask to the
@@ -29,23 +28,6 @@ impl<'a> BlockInputs<'a> {
     pub fn none() -> Self {
         Self::default()
     }
-}
-
-/// What a block remembers of earlier positions while decoding (see [`Block::decode`]). Every
-/// state starts [`BlockState::Empty`] and takes its shape the first time its block decodes.
-#[derive(Default)]
-pub enum BlockState {
-    /// Nothing seen yet.
-    #[default]
-    Empty,
-    /// A position-wise block: nothing to remember.
-    Stateless,
-    /// Attention: running FAVOR+ sums, the local heads' recent keys, the context sums.
-    Attention(Box<AttentionState>),
-    /// Token shift: the previous position's features, and the wrapped block's state.
-    Shift(Box<ShiftState>),
-    /// A stack: the states of each layer's two branches.
-    Layers(Vec<[BlockState; 2]>),
 }
 
 /// A layer of a Performer stack.

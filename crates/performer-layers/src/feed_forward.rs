@@ -13,8 +13,10 @@ use performer_tensor::{
     no_grad,
 };
 
-use crate::basic::{Dropout, Linear};
-use crate::block::{Block, BlockInputs, BlockState};
+use crate::block::{Block, BlockInputs};
+use crate::dropout::Dropout;
+use crate::linear::Linear;
+use crate::state::BlockState;
 
 /// `w2(dropout(act(w1 x)))`, or with GLU `w2(dropout(act(a) * b))` where `[a | b] = w1 x`.
 pub struct FeedForward {

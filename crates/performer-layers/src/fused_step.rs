@@ -19,7 +19,7 @@ use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
 use performer_tensor::{Error, Result};
 
-use crate::basic::{Linear, RowWeights};
+use crate::linear::{Linear, RowWeights};
 use crate::position::rotate_rows;
 
 const OP: &str = "Attention::decode_rows";

@@ -13,24 +13,32 @@
 //! (`mask`, `pos_emb`, `context`, `context_mask`) the reference routes to them.
 
 mod attention;
-mod basic;
 mod block;
+mod dropout;
+mod embedding;
 mod feed_forward;
 mod fused_step;
 pub mod init;
+mod layer_norm;
+mod linear;
 mod local_attention;
 mod position;
 mod sequence;
+mod state;
 mod wrappers;
 
-pub use attention::{Attention, AttentionConfig, AttentionState, CrossAttention, SelfAttention};
-pub use basic::{Dropout, Embedding, LayerNorm, Linear, linear_rows};
-pub use block::{Block, BlockInputs, BlockState, decode_rows_via_tensors};
+pub use attention::{Attention, AttentionConfig, CrossAttention, SelfAttention};
+pub use block::{Block, BlockInputs, decode_rows_via_tensors};
+pub use dropout::Dropout;
+pub use embedding::Embedding;
 pub use feed_forward::{Chunk, FeedForward};
+pub use layer_norm::LayerNorm;
+pub use linear::{Linear, linear_rows};
 pub use local_attention::{LocalAttention, LocalCache};
 pub use position::{
     AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding, apply_rotary,
     apply_rotary_pos_emb, rotate_every_two, rotate_rows,
 };
 pub use sequence::{Layer, ReversibleSequence, Route, SequentialSequence};
-pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero, ShiftState};
+pub use state::{AttentionState, BlockState, ShiftState};
+pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero};

@@ -8,7 +8,7 @@ use performer_tensor::{Buffer, Error, Module, Param, Result, Tensor, Visitor};
 use performer_tensor::{CustomOp, Data, apply_custom_op};
 use rayon::prelude::*;
 
-use crate::basic::Embedding;
+use crate::embedding::Embedding;
 use crate::init;
 
 /// `[sin(t f) | cos(t f)]` for `t < max_seq_len` and `f = 10000^(-2i/dim)`, stored as the

@@ -14,7 +14,8 @@ use performer_tensor::{
     no_grad,
 };
 
-use crate::block::{Block, BlockInputs, BlockState};
+use crate::block::{Block, BlockInputs};
+use crate::state::BlockState;
 
 /// Whether a layer's attention branch attends to the context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,8 +8,9 @@ use performer_favor::FastAttention;
 use performer_tensor::team::Team;
 use performer_tensor::{Error, Module, Param, Result, Tensor, Visitor};
 
-use crate::basic::LayerNorm;
-use crate::block::{Block, BlockInputs, BlockState, check_decode_length};
+use crate::block::{Block, BlockInputs, check_decode_length};
+use crate::layer_norm::LayerNorm;
+use crate::state::BlockState;
 
 /// `fn(LayerNorm(x))`.
 pub struct PreLayerNorm {
@@ -324,17 +325,6 @@ fn shift_along_sequence(
     } else {
         t.narrow(1, k, n - k)?.pad(1, 0, k, 0.0)
     }
-}
-
-/// What token shift remembers while decoding.
-#[derive(Default)]
-pub struct ShiftState {
-    /// The previous position's input `(b, dim)`.
-    prev: Option<ndarray::Array2<f32>>,
-    /// Whether the previous position was a real token, per sequence (None: no mask given).
-    prev_keep: Option<Vec<bool>>,
-    /// The wrapped block's state.
-    inner: BlockState,
 }
 
 impl Module for PreShiftTokens {

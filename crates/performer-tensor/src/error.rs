@@ -74,6 +74,16 @@ pub enum Error {
     /// A NaN or infinity where a finite number is required.
     #[error("{0}")]
     NonFinite(String),
+    /// A failure inside a compute backend (the CUDA driver, NVRTC, cuBLAS), with the backend's
+    /// own error kept as the source.
+    #[error("{op}: {source}")]
+    Backend {
+        /// The operation that called the backend.
+        op: String,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Anything else, with its explanation.
     #[error("{0}")]
     Other(String),
@@ -111,6 +121,17 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// An [`Error::Backend`] for `op`, keeping the backend's error as the source.
+    pub fn backend(
+        op: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Backend {
+            op: op.into(),
+            source: Box::new(source),
         }
     }
 

@@ -22,7 +22,7 @@ use ndarray::{Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMu
 use performer_tensor::Result;
 use performer_tensor::gemm::{Threads, gemm_into};
 
-use crate::blocks::{Blocks, transpose_into};
+use crate::column_blocks::{Blocks, transpose_into};
 use crate::feature::{row_slice, row_slice_mut};
 use crate::heads::for_overwrite;
 use crate::simd;

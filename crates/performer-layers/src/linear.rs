@@ -1,12 +1,12 @@
-//! Linear, Embedding, LayerNorm and Dropout, with PyTorch's parameter names and layouts.
+//! [`Linear`] (`nn.Linear`, with PyTorch's parameter names and layout), and its row paths for
+//! decoding: [`linear_rows`] and the checked transposes they share.
 
 use std::sync::Mutex;
 
-use ndarray::{Array2, ArrayView2, ArrayViewD};
+use ndarray::{Array2, ArrayView2};
 use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t};
-use performer_tensor::ops::layer_norm_row;
 use performer_tensor::team::Team;
-use performer_tensor::{Error, Module, Param, Result, Tensor, TrainingFlag, Visitor};
+use performer_tensor::{Error, Module, Param, Result, Tensor, Visitor};
 
 use crate::init;
 
@@ -282,128 +282,5 @@ impl Module for Linear {
         if let Some(b) = &self.bias {
             v.param("bias", b);
         }
-    }
-}
-
-/// A lookup table `(num_embeddings, dim)`, initialized N(0, 1) as `nn.Embedding`.
-pub struct Embedding {
-    /// The table.
-    pub weight: Param,
-}
-
-impl Embedding {
-    /// A table with PyTorch's default initialization.
-    pub fn new(num_embeddings: usize, dim: usize) -> Self {
-        Embedding {
-            weight: Param::new(init::normal(&[num_embeddings, dim])),
-        }
-    }
-
-    /// Number of rows.
-    pub fn num_embeddings(&self) -> usize {
-        self.weight.shape()[0]
-    }
-
-    /// Rows for `ids` of any shape: `ids.shape ++ [dim]`; ids outside the table are errors.
-    pub fn forward(&self, ids: &ArrayViewD<i64>) -> Result<Tensor> {
-        self.weight.tensor().embedding(ids)
-    }
-}
-
-impl Module for Embedding {
-    fn visit(&self, v: &mut Visitor<'_>) {
-        v.param("weight", &self.weight);
-    }
-}
-
-/// Layer normalization over the last axis with learned scale and shift (`nn.LayerNorm`).
-pub struct LayerNorm {
-    /// Scale, init 1.
-    pub weight: Param,
-    /// Shift, init 0.
-    pub bias: Param,
-    /// Added to the variance.
-    pub eps: f32,
-}
-
-impl LayerNorm {
-    /// `nn.LayerNorm(dim)` (eps 1e-5).
-    pub fn new(dim: usize) -> Self {
-        LayerNorm {
-            weight: Param::new(init::constant(&[dim], 1.0)),
-            bias: Param::new(init::constant(&[dim], 0.0)),
-            eps: 1e-5,
-        }
-    }
-
-    /// Normalizes `x` `(..., dim)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.layer_norm(
-            Some(&self.weight.tensor()),
-            Some(&self.bias.tensor()),
-            self.eps,
-        )
-    }
-
-    /// Normalizes the rows of `x` `(b, dim)` on plain arrays (the decoding step's path), with
-    /// the arithmetic of [`Tensor::layer_norm`].
-    pub fn forward_rows(&self, x: &ArrayView2<f32>) -> Result<Array2<f32>> {
-        let (w, b) = (self.weight.value(), self.bias.value());
-        let d = x.ncols();
-        if w.len() != d || b.len() != d {
-            return Err(Error::shape(
-                "LayerNorm",
-                format!("input {:?} vs normalized shape {:?}", x.shape(), w.shape()),
-            ));
-        }
-        let (w, b) = (w.as_standard_layout(), b.as_standard_layout());
-        let (w, b) = (w.as_slice(), b.as_slice());
-        let x = x.as_standard_layout();
-        let mut y = Array2::<f32>::zeros(x.raw_dim());
-        for (xr, mut yr) in x.rows().into_iter().zip(y.rows_mut()) {
-            let (xr, yr) = (xr.as_slice().expect("row"), yr.as_slice_mut().expect("row"));
-            layer_norm_row(xr, yr, w, b, self.eps);
-        }
-        Ok(y)
-    }
-}
-
-impl Module for LayerNorm {
-    fn visit(&self, v: &mut Visitor<'_>) {
-        v.param("weight", &self.weight);
-        v.param("bias", &self.bias);
-    }
-}
-
-/// Dropout that follows its module's train/eval mode.
-pub struct Dropout {
-    /// Probability of zeroing an element.
-    pub p: f32,
-    training: TrainingFlag,
-}
-
-impl Dropout {
-    /// Dropout with probability `p` (checked when applied).
-    pub fn new(p: f32) -> Self {
-        Dropout {
-            p,
-            training: TrainingFlag::default(),
-        }
-    }
-
-    /// Applies dropout in training mode, the identity in eval mode.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.dropout(self.p, self.training.get())
-    }
-
-    /// Whether it is in training mode.
-    pub fn is_training(&self) -> bool {
-        self.training.get()
-    }
-}
-
-impl Module for Dropout {
-    fn visit(&self, v: &mut Visitor<'_>) {
-        v.training(&self.training);
     }
 }
