@@ -59,6 +59,9 @@ use performer::{
 };
 use serde::{Deserialize, Serialize};
 
+#[path = "train_lm/distributed.rs"]
+mod distributed;
+
 type BoxError = Box<dyn std::error::Error>;
 type Res<T> = std::result::Result<T, BoxError>;
 
@@ -142,7 +145,8 @@ struct Cli {
     /// Tokens (bytes) per sequence; also the model's max_seq_len.
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch (on each rank with --distributed: the global batch is this
+    /// times the ranks).
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
     /// Micro-batches whose gradients are summed into one optimizer step.
@@ -225,6 +229,23 @@ struct Cli {
     /// Testing hook: make the gradients of this step NaN (0: never).
     #[arg(long, default_value_t = 0, hide = true)]
     inject_nonfinite_at: u64,
+
+    /// Data-parallel training across the processes `mpirun -np N` starts: `mpi` (built with
+    /// `--features mpi`), or `nccl` (features `nccl` and `mpi`, GPUs). Each rank trains on its
+    /// share of a global batch of --batch-size times N sequences; rank 0 prints and writes the
+    /// checkpoints. README, "Training on several processes".
+    #[arg(long, value_name = "BACKEND")]
+    distributed: Option<String>,
+    /// With --distributed: seconds a collective may wait for the other ranks before the job
+    /// is aborted with an error (a rank died or stalled).
+    #[arg(long, default_value_t = 300.0)]
+    dist_timeout: f64,
+    /// With --distributed: size of the gradient buckets averaged across ranks, in MiB.
+    #[arg(long, default_value_t = 4.0)]
+    bucket_mb: f64,
+    /// Testing hook: RANK:STEP:kill|stall makes that rank die or hang at that step.
+    #[arg(long, hide = true)]
+    inject_rank_failure: Option<String>,
 }
 
 /// Everything that decides the result of a run; saved in `trainer.json` and restored by
@@ -841,33 +862,60 @@ fn human(d: Duration) -> String {
 }
 
 fn main() {
-    let matches = Cli::command().get_matches();
+    std::process::exit(run_main(std::env::args_os().collect(), true));
+}
+
+/// `train_lm ARGS` as a process (`args[0]` is the program): returns the exit code. Tests run
+/// the ranks of a distributed job through this (without a Ctrl-C handler).
+pub fn run_main(args: Vec<std::ffi::OsString>, handle_ctrlc: bool) -> i32 {
+    let matches = Cli::command().get_matches_from(args);
+    let mut printed = false;
     let result = (|| -> Res<Outcome> {
         let cli = Cli::from_arg_matches(&matches)?;
-        if cli.threads > 0 {
+        let comm = distributed::connect(cli.distributed.as_deref(), cli.dist_timeout)?;
+        let rank = match comm.world_size() {
+            1 => String::new(),
+            _ => format!("rank {}: ", comm.rank()),
+        };
+        let threads = match cli.threads {
+            0 if cli.distributed.is_some() => distributed::default_threads(),
+            n => n,
+        };
+        if threads > 0 {
             rayon::ThreadPoolBuilder::new()
-                .num_threads(cli.threads)
+                .num_threads(threads)
                 .build_global()?;
         }
         let interrupted = Arc::new(AtomicBool::new(false));
-        let flag = interrupted.clone();
-        ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\ntrain_lm: second Ctrl-C: exiting without saving");
-                std::process::exit(130);
-            }
-            eprintln!(
-                "\ntrain_lm: Ctrl-C: saving a checkpoint after this step (Ctrl-C again quits without saving)"
-            );
-        })?;
-        train(&cli, &matches, &interrupted)
+        if handle_ctrlc {
+            let flag = interrupted.clone();
+            ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("\ntrain_lm: second Ctrl-C: exiting without saving");
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "\ntrain_lm: Ctrl-C: saving a checkpoint after this step (Ctrl-C again quits without saving)"
+                );
+            })?;
+        }
+        let result = train(&cli, &matches, &interrupted, &*comm);
+        if let Err(e) = &result {
+            // Said before `comm` is dropped: a communicator whose collective failed aborts
+            // the whole job when dropped.
+            eprintln!("train_lm: {rank}error: {e}");
+            printed = true;
+        }
+        result
     })();
     match result {
-        Ok(Outcome::Finished(_)) => {}
-        Ok(Outcome::Interrupted(_)) => std::process::exit(130),
+        Ok(Outcome::Finished(_)) => 0,
+        Ok(Outcome::Interrupted(_)) => 130,
         Err(e) => {
-            eprintln!("train_lm: error: {e}");
-            std::process::exit(1);
+            if !printed {
+                eprintln!("train_lm: error: {e}");
+            }
+            1
         }
     }
 }
@@ -887,14 +935,27 @@ pub fn train_with_args(args: &[&str]) -> Res<TrainerState> {
     let matches = Cli::command()
         .try_get_matches_from(std::iter::once("train_lm").chain(args.iter().copied()))?;
     let cli = Cli::from_arg_matches(&matches)?;
-    match train(&cli, &matches, &AtomicBool::new(false))? {
+    let comm = distributed::connect(cli.distributed.as_deref(), cli.dist_timeout)?;
+    match train(&cli, &matches, &AtomicBool::new(false), &*comm)? {
         Outcome::Finished(s) | Outcome::Interrupted(s) => Ok(s),
     }
 }
 
-/// The training run: `interrupted` is polled after every step.
-fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res<Outcome> {
+/// The training run on this rank of `comm` (one process unless `--distributed`):
+/// `interrupted` is polled after every step.
+fn train(
+    cli: &Cli,
+    matches: &clap::ArgMatches,
+    interrupted: &AtomicBool,
+    comm: &dyn performer::dist::Communicator,
+) -> Res<Outcome> {
     let mut cli = cli.clone();
+    let mut dist = distributed::Dist::new(
+        comm,
+        cli.distributed.is_some(),
+        cli.dist_timeout,
+        cli.inject_rank_failure.as_deref(),
+    )?;
 
     // The model, the optimizer state and the trainer state: fresh or from a checkpoint.
     let (model, opt_state, mut state) = if let Some(dir) = &cli.resume {
@@ -939,7 +1000,11 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
                 ignored.join(", ")
             );
         }
-        let r = load_checkpoint(dir)?;
+        // Only rank 0 reads `dir`; the others read the copy it sends them.
+        let local = dist.checkpoint_copy(dir)?;
+        let r = load_checkpoint(&local);
+        dist.forget_copy(dir, &local);
+        let r = r?;
         let saved = &r.state.control;
         macro_rules! keep {
             ($($f:ident),*) => {$(
@@ -982,7 +1047,8 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
                 data_bytes: 0,
                 data_fnv1a: String::new(),
                 seq_len: cli.seq_len,
-                batch_size: cli.batch_size,
+                // The global batch: every rank's share together.
+                batch_size: cli.batch_size * dist.ranks(),
                 grad_accum: cli.grad_accum,
                 lr: cli.lr,
                 clip: cli.clip,
@@ -1038,6 +1104,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
     if settings.seq_len < 2 || settings.batch_size == 0 || settings.grad_accum == 0 {
         return Err("--seq-len must be at least 2, --batch-size and --grad-accum positive".into());
     }
+    let per_rank_batch = dist.per_rank_batch(settings.batch_size)?;
     let out_dir = cli
         .out
         .clone()
@@ -1058,6 +1125,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             fingerprint
         );
     }
+    dist.check_same_data(&fingerprint)?;
     state.settings.data_bytes = bytes.len();
     state.settings.data_fnv1a = fingerprint;
     let corpus = split(bytes, name);
@@ -1095,6 +1163,8 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
     if let Some(s) = &opt_state {
         opt.load_state_dict(s)?;
     }
+    // Every rank from rank 0's weights, optimizer and trainer state.
+    dist.start(&model, &mut opt, &mut state, params.clone(), cli.bucket_mb)?;
     rng::set_state(RngState(state.global_rng));
     let mut sampler = Generator::from_state(RngState(state.sampler_rng));
     model.set_training(true);
@@ -1127,6 +1197,9 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         settings.seed,
         rayon::current_num_threads()
     );
+    if let Some(line) = dist.describe(per_rank_batch) {
+        println!("{line}");
+    }
     println!("out:   {}", out_dir.display());
 
     let pb = ProgressBar::new(cli.steps);
@@ -1161,20 +1234,24 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
 
     while state.step < cli.steps && !interrupted.load(Ordering::SeqCst) {
         let t0 = Instant::now();
+        let step = state.step + 1;
+        dist.begin_step(&model, step);
         let mut grads: Option<Gradients> = None;
         let mut loss_sum = 0.0f64;
-        for _ in 0..settings.grad_accum {
+        for micro in 0..settings.grad_accum {
+            // The global batch, the same on every rank; this rank trains on its share.
             let x = sample_batch(&mut sampler, &corpus.train, settings.batch_size, window);
+            let x = dist.my_rows(x)?;
             let loss = model.loss(&x.view(), &SeqInputs::default())?;
             loss_sum += loss.item()? as f64;
-            let g = loss.backward()?;
-            match &mut grads {
-                Some(acc) => acc.merge(g)?,
-                None => grads = Some(g),
-            }
+            let last = micro + 1 == settings.grad_accum;
+            grads = Some(dist.backward(&loss, grads.take(), last)?);
         }
         let mut grads = grads.expect("grad_accum >= 1");
-        let step = state.step + 1;
+        let (loss_sum, stop) = dist.agree(loss_sum, interrupted.load(Ordering::SeqCst))?;
+        if stop {
+            interrupted.store(true, Ordering::SeqCst);
+        }
         if cli.inject_nonfinite_at == step {
             for p in &params {
                 if let Some(g) = grads.get_mut(p.id()) {
@@ -1241,13 +1318,10 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
 
         let last = state.step == cli.steps;
         if state.step % cli.validate_every == 0 || last {
-            let bpb = evaluate(
-                &model,
-                &corpus.val,
-                &val_offsets,
-                window,
-                settings.batch_size,
-            )?;
+            dist.check_synchronized(&model)?;
+            let bpb = dist.evaluate(&val_offsets, |offsets| {
+                evaluate(&model, &corpus.val, offsets, window, per_rank_batch)
+            })?;
             last_val = Some(bpb);
             state.val.push(Point {
                 step: state.step,
@@ -1270,7 +1344,9 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
                 )
             });
         }
-        if (cli.generate_every > 0 && state.step % cli.generate_every == 0) || last {
+        if dist.is_root()
+            && ((cli.generate_every > 0 && state.step % cli.generate_every == 0) || last)
+        {
             let text = sample_text(
                 &model,
                 &prime,
@@ -1292,7 +1368,9 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         if state.step % cli.checkpoint_every == 0 || last || interrupted.load(Ordering::SeqCst) {
             state.global_rng = rng::get_state().0;
             state.sampler_rng = sampler.state().0;
-            save_checkpoint(&out_dir, &model, &opt, &state)?;
+            if dist.is_root() {
+                save_checkpoint(&out_dir, &model, &opt, &state)?;
+            }
             last_saved = Some(state.step);
         }
     }
@@ -1310,7 +1388,9 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         // Nothing ran (already at --steps): still leave a checkpoint and plot.
         state.global_rng = rng::get_state().0;
         state.sampler_rng = sampler.state().0;
-        save_checkpoint(&out_dir, &model, &opt, &state)?;
+        if dist.is_root() {
+            save_checkpoint(&out_dir, &model, &opt, &state)?;
+        }
     }
 
     // Summary.
@@ -1324,6 +1404,18 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         human(session_train),
         session_tokens as f64 / session_train.as_secs_f64().max(1e-9)
     );
+    if let Some(c) = dist.stats().filter(|c| c.steps > 0) {
+        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / c.steps as f64;
+        println!(
+            "communication:    {:.1}% of training time ({:.2} ms/step exposed after the backward, \
+             {:.2} ms/step inside it; {} of {} buckets started during the backward)",
+            100.0 * c.total().as_secs_f64() / session_train.as_secs_f64().max(1e-9),
+            per_step(c.exposed),
+            per_step(c.in_backward),
+            c.overlapped_buckets,
+            c.buckets
+        );
+    }
     if let (Some(first), Some(_)) = (state.train.first(), state.train.last()) {
         println!(
             "train loss:       {:.3} bpb at step {} -> {:.3} bpb (mean of the last {})",
@@ -1347,7 +1439,9 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         let predicted = cli.eval_align.map(|n| (corpus.val.len() - 1) / n * n);
         let offsets = full_offsets(corpus.val.len(), window, predicted);
         let t = Instant::now();
-        let bpb = evaluate(&model, &corpus.val, &offsets, window, settings.batch_size)?;
+        let bpb = dist.evaluate(&offsets, |offsets| {
+            evaluate(&model, &corpus.val, offsets, window, per_rank_batch)
+        })?;
         val_all_bytes = offsets.len() * settings.seq_len;
         println!(
             "validation (all): {bpb:.4} bpb over {} windows, {val_all_bytes} bytes predicted ({})",
@@ -1356,7 +1450,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         );
         val_all = Some(bpb);
     }
-    if let Some(path) = &cli.report {
+    if let Some(path) = cli.report.as_ref().filter(|_| dist.is_root()) {
         let report = RunReport {
             settings: state.settings.clone(),
             model: config.clone(),

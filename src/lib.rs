@@ -1,9 +1,10 @@
 //! performer: the Performer transformer (FAVOR+ linear attention) in Rust; this facade
-//! re-exports the workspace crates ([`tensor`], [`favor`], [`layers`], [`models`]) and puts the
-//! classes of performer-pytorch's README at the top level. The crate documentation below is
-//! README.md, whose Rust snippets run as doctests.
+//! re-exports the workspace crates ([`tensor`], [`favor`], [`layers`], [`models`], [`dist`])
+//! and puts the classes of performer-pytorch's README at the top level. The crate
+//! documentation below is README.md, whose Rust snippets run as doctests.
 #![doc = include_str!("../README.md")]
 
+pub use performer_dist as dist;
 pub use performer_favor as favor;
 pub use performer_layers as layers;
 pub use performer_models as models;

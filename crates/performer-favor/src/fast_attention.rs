@@ -5,13 +5,16 @@ use std::sync::Mutex;
 
 use ndarray::{ArrayD, IxDyn};
 use performer_tensor::ops::Activation;
+use performer_tensor::rng::Generator;
 use performer_tensor::{Buffer, Error, Module, Result, StateValue, Tensor, TrainingFlag, Visitor};
 
 use crate::feature::FeatureMap;
 use crate::ops::{
     CAUSAL_EPS, DEFAULT_CHUNK, causal_linear_attention, favor_attention, linear_attention_chunked,
 };
-use crate::projection::{OrthoScaling, gaussian_orthogonal_random_matrix};
+use crate::projection::{
+    OrthoScaling, gaussian_orthogonal_random_matrix, gaussian_orthogonal_random_matrix_with,
+};
 
 /// Settings of [`FastAttention`], with performer-pytorch's names and defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -146,6 +149,19 @@ impl FastAttention {
             self.nb_features,
             self.config.dim_heads,
             self.config.ortho_scaling,
+        )?;
+        self.projection_matrix
+            .set(StateValue::F32(proj.into_dyn().into_shared()))
+    }
+
+    /// Draws a new projection from `rng` instead of the global generator (data-parallel
+    /// training draws every rank's projections from one shared seed this way).
+    pub fn redraw_projection_matrix_with(&self, rng: &mut Generator) -> Result<()> {
+        let proj = gaussian_orthogonal_random_matrix_with(
+            self.nb_features,
+            self.config.dim_heads,
+            self.config.ortho_scaling,
+            rng,
         )?;
         self.projection_matrix
             .set(StateValue::F32(proj.into_dyn().into_shared()))

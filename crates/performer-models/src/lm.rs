@@ -293,6 +293,12 @@ impl PerformerLM {
         })
     }
 
+    /// Makes projection redraws draw from `rng` instead of the global generator
+    /// ([`crate::Performer::set_redraw_generator`]).
+    pub fn set_redraw_generator(&self, rng: Option<performer_tensor::rng::Generator>) {
+        self.performer.set_redraw_generator(rng)
+    }
+
     /// Calls `f` on every FastAttention.
     pub fn for_each_fast_attention(&self, f: &mut dyn FnMut(&FastAttention)) {
         self.performer.for_each_fast_attention(f)

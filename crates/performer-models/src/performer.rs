@@ -1,7 +1,7 @@
 //! `Performer`: a stack of FAVOR+ attention and feed-forward layers (performer-pytorch's class
 //! of the same name), with its projection-redraw bookkeeping.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ndarray::ArrayView2;
 use performer_favor::{FastAttention, ProjectionUpdater};
@@ -10,6 +10,7 @@ use performer_layers::{
     PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero, ReversibleSequence, Route, SelfAttention,
     SequentialSequence,
 };
+use performer_tensor::rng::Generator;
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
 
 use crate::config::PerformerConfig;
@@ -36,6 +37,9 @@ pub struct Performer {
     net: Net,
     /// Redraw bookkeeping (`proj_updater.calls_since_last_redraw`).
     pub proj_updater: ProjectionUpdater,
+    /// Where redraws draw from instead of the global generator, when set
+    /// ([`Performer::set_redraw_generator`]).
+    redraw_rng: Mutex<Option<Generator>>,
 }
 
 impl Performer {
@@ -110,6 +114,7 @@ impl Performer {
             config,
             net,
             proj_updater,
+            redraw_rng: Mutex::new(None),
         })
     }
 
@@ -140,9 +145,23 @@ impl Performer {
         self.for_each_fast_attention(&mut |fa| fa.use_cpu());
     }
 
-    /// Redraws every projection now.
+    /// Redraws every projection now, from the generator set by
+    /// [`Performer::set_redraw_generator`] if any, else from the global one.
     pub fn redraw_projections_now(&self) -> Result<()> {
-        self.try_each_fast_attention(FastAttention::redraw_projection_matrix)
+        let mut own = self.redraw_rng.lock().unwrap_or_else(|e| e.into_inner());
+        match own.as_mut() {
+            Some(rng) => self.try_each_fast_attention(|fa| fa.redraw_projection_matrix_with(rng)),
+            None => self.try_each_fast_attention(FastAttention::redraw_projection_matrix),
+        }
+    }
+
+    /// Makes redraws draw from `rng` (advancing it) instead of the global generator, or from
+    /// the global one again with `None` (the default, performer-pytorch's behavior).
+    /// Data-parallel training sets, before every step, a generator seeded from a seed shared
+    /// by all ranks and the step, so that every rank redraws the same projections while the
+    /// global generator keeps each rank's own dropout stream.
+    pub fn set_redraw_generator(&self, rng: Option<Generator>) {
+        *self.redraw_rng.lock().unwrap_or_else(|e| e.into_inner()) = rng;
     }
 
     /// Calls `f` on every FastAttention of the stack until the first error, which it returns.

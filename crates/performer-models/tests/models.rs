@@ -351,6 +351,51 @@ fn projections_redraw_on_the_reference_schedule() {
 }
 
 #[test]
+fn redraws_from_a_set_generator_ignore_the_global_one() {
+    use performer_tensor::rng::{self, Generator};
+    let proj = |lm: &PerformerLM| {
+        let mut v = Vec::new();
+        lm.for_each_fast_attention(&mut |fa| v.push(fa.projection_matrix().unwrap().to_vec()));
+        v
+    };
+    let x = array![[1i64, 2, 3]];
+    let cfg = PerformerLMConfig {
+        feature_redraw_interval: Some(1),
+        ..small_lm(true)
+    };
+    // Two "ranks": the same weights, different global streams (their dropout), one redraw
+    // generator seeded alike.
+    let lms: Vec<PerformerLM> = (0..2)
+        .map(|rank| {
+            rng::manual_seed(9);
+            let lm = PerformerLM::new(cfg.clone()).unwrap();
+            rng::manual_seed(100 + rank);
+            lm
+        })
+        .collect();
+    let start = proj(&lms[0]);
+    for lm in &lms {
+        lm.set_redraw_generator(Some(Generator::seeded(77)));
+        for _ in 0..2 {
+            lm.forward(&x.view(), &LmInputs::default()).unwrap(); // counts, then redraws
+        }
+    }
+    let (a, b) = (proj(&lms[0]), proj(&lms[1]));
+    assert_ne!(a, start, "the second call redraws");
+    assert_eq!(a, b, "both draw from the shared generator");
+    // The layers drew one after the other from it: not the same matrix twice.
+    assert_ne!(a[0], a[1]);
+    // Back to the global generator (the default): the two ranks now differ.
+    for lm in &lms {
+        lm.set_redraw_generator(None);
+        for _ in 0..2 {
+            lm.forward(&x.view(), &LmInputs::default()).unwrap();
+        }
+    }
+    assert_ne!(proj(&lms[0]), proj(&lms[1]));
+}
+
+#[test]
 fn enc_dec_loss_and_generation() {
     performer_tensor::rng::manual_seed(5);
     let cfg = PerformerEncDecConfig {

@@ -17,6 +17,9 @@ use ndarray::{ArrayD, IxDyn, Zip};
 use crate::tensor::{Data, TensorId};
 use crate::{Error, Result, Tensor};
 
+/// What [`Tensor::backward_with_hook`] calls with each leaf's final gradient.
+pub type LeafHook<'a> = dyn FnMut(TensorId, &ArrayD<f32>) -> Result<()> + 'a;
+
 /// Gradients of a node's outputs (`None` where no gradient reached an output) and which
 /// inputs need a gradient, in; gradients of the inputs (`None` where not needed), out.
 pub type BackwardFn =
@@ -191,6 +194,30 @@ impl Tensor {
 
     /// Differentiates with `grad` as the gradient of this tensor (a vector-Jacobian product).
     pub fn backward_with_grad(&self, grad: ArrayD<f32>) -> Result<Gradients> {
+        self.backward_inner(grad, None)
+    }
+
+    /// [`Tensor::backward`] that hands each leaf's gradient to `on_ready` as soon as it is
+    /// final, i.e. once the last op that takes the leaf as an input has run, while the rest of
+    /// the backward is still to come (data-parallel training starts reducing those gradients
+    /// across processes there). Every leaf that receives a gradient through an op is handed
+    /// over exactly once, in the order they become final; an error from `on_ready` stops the
+    /// backward and is returned. The returned store is the same as `backward`'s.
+    pub fn backward_with_hook(&self, on_ready: &mut LeafHook<'_>) -> Result<Gradients> {
+        if self.numel() != 1 {
+            return Err(Error::Backward(format!(
+                "backward_with_hook() needs a one-element tensor, got shape {:?}",
+                self.shape()
+            )));
+        }
+        self.backward_inner(ArrayD::from_elem(IxDyn(self.shape()), 1.0), Some(on_ready))
+    }
+
+    fn backward_inner(
+        &self,
+        grad: ArrayD<f32>,
+        mut on_ready: Option<&mut LeafHook<'_>>,
+    ) -> Result<Gradients> {
         if grad.shape() != self.shape() {
             return Err(Error::Backward(format!(
                 "seed gradient has shape {:?}, the tensor has shape {:?}",
@@ -206,50 +233,93 @@ impl Tensor {
             ));
         };
         let order = topological_order(&link.node);
+        // Where a hook waits for leaves, the step after which each leaf's gradient is final:
+        // the last node (in the order they run) that takes the leaf as an input.
+        let ready_after = on_ready.as_ref().map(|_| leaves_final_after(&order));
         let mut grads: HashMap<TensorId, ArrayD<f32>> = HashMap::new();
         grads.insert(self.id(), grad);
         // Closures compute on arrays; ops they build from tensors are not part of this graph.
         let _mode = GradModeGuard::new(false);
-        for node in order.iter().rev() {
-            let Some(backward) = &node.backward else {
-                continue;
-            };
-            let out_grads: Vec<Option<ArrayD<f32>>> = node
-                .outputs
-                .iter()
-                .map(|(id, _)| grads.remove(id))
-                .collect();
-            if out_grads.iter().all(Option::is_none) {
-                continue;
-            }
-            let needs: Vec<bool> = node.inputs.iter().map(Tensor::is_tracked).collect();
-            let in_grads = backward(out_grads, &needs)?;
-            if in_grads.len() != node.inputs.len() {
-                return Err(Error::Backward(format!(
-                    "op `{}` returned {} input gradients for {} inputs",
-                    node.name,
-                    in_grads.len(),
-                    node.inputs.len()
-                )));
-            }
-            for (input, g) in node.inputs.iter().zip(in_grads) {
-                let Some(g) = g else { continue };
-                if !input.is_tracked() {
-                    continue;
+        for (step, node) in order.iter().rev().enumerate() {
+            run_node_backward(node, &mut grads)?;
+            if let (Some(hook), Some(ready)) = (on_ready.as_deref_mut(), &ready_after) {
+                for id in &ready[step] {
+                    if let Some(g) = grads.get(id) {
+                        hook(*id, g)?;
+                    }
                 }
-                if g.shape() != input.shape() {
-                    return Err(Error::Backward(format!(
-                        "op `{}` returned a gradient of shape {:?} for an input of shape {:?}",
-                        node.name,
-                        g.shape(),
-                        input.shape()
-                    )));
-                }
-                accumulate(&mut grads, input.id(), g);
             }
         }
         Ok(Gradients { map: grads })
     }
+}
+
+/// Runs one node's backward: takes its outputs' gradients out of `grads` and adds its inputs'
+/// gradients in.
+fn run_node_backward(node: &Node, grads: &mut HashMap<TensorId, ArrayD<f32>>) -> Result<()> {
+    let Some(backward) = &node.backward else {
+        return Ok(());
+    };
+    let out_grads: Vec<Option<ArrayD<f32>>> = node
+        .outputs
+        .iter()
+        .map(|(id, _)| grads.remove(id))
+        .collect();
+    if out_grads.iter().all(Option::is_none) {
+        return Ok(());
+    }
+    let needs: Vec<bool> = node.inputs.iter().map(Tensor::is_tracked).collect();
+    let in_grads = backward(out_grads, &needs)?;
+    if in_grads.len() != node.inputs.len() {
+        return Err(Error::Backward(format!(
+            "op `{}` returned {} input gradients for {} inputs",
+            node.name,
+            in_grads.len(),
+            node.inputs.len()
+        )));
+    }
+    for (input, g) in node.inputs.iter().zip(in_grads) {
+        let Some(g) = g else { continue };
+        if !input.is_tracked() {
+            continue;
+        }
+        if g.shape() != input.shape() {
+            return Err(Error::Backward(format!(
+                "op `{}` returned a gradient of shape {:?} for an input of shape {:?}",
+                node.name,
+                g.shape(),
+                input.shape()
+            )));
+        }
+        accumulate(grads, input.id(), g);
+    }
+    Ok(())
+}
+
+/// For each node of `order` in the order the backward runs them (reversed), the leaves whose
+/// gradient is final once that node has run: those it is the last consumer of. A parameter
+/// used several times appears as several leaf nodes with one id, so leaves are keyed by id.
+fn leaves_final_after(order: &[Arc<Node>]) -> Vec<Vec<TensorId>> {
+    let mut last_use: HashMap<TensorId, usize> = HashMap::new();
+    for (step, node) in order.iter().rev().enumerate() {
+        for input in &node.inputs {
+            if input
+                .grad_link()
+                .is_some_and(|link| link.node.backward.is_none())
+            {
+                last_use.insert(input.id(), step);
+            }
+        }
+    }
+    let mut ready = vec![Vec::new(); order.len()];
+    for (id, step) in last_use {
+        ready[step].push(id);
+    }
+    // The map's order is arbitrary; hand leaves that become final together over in a fixed one.
+    for ids in &mut ready {
+        ids.sort_unstable();
+    }
+    ready
 }
 
 fn needs_graph(inputs: &[&Tensor]) -> bool {

@@ -37,7 +37,9 @@ pub mod shape;
 pub mod team;
 mod tensor;
 
-pub use autograd::{BackwardFn, GradModeGuard, Gradients, enable_grad, is_grad_enabled, no_grad};
+pub use autograd::{
+    BackwardFn, GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad,
+};
 pub use custom_op::{CustomOp, apply_custom_op};
 pub use error::{Error, Result};
 pub use gradcheck::{GradcheckOptions, gradcheck};

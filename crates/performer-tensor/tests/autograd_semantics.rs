@@ -297,6 +297,54 @@ fn multi_output_custom_op_with_one_output_used() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Gradients handed over as they become final (data-parallel overlap)
+
+#[test]
+fn backward_with_hook_hands_over_each_final_gradient_once_in_backward_order() {
+    // loss = sum(tanh(tanh(x w1) w2) w3) + sum(x w1): w1 is used twice (its two leaves become
+    // final at different ops, the first use is the last to run), w3 is the first to be final.
+    let (w1, w2, w3) = (
+        Param::new(randn(&[3, 4], 40)),
+        Param::new(randn(&[4, 4], 41)),
+        Param::new(randn(&[4, 2], 42)),
+    );
+    let x = Tensor::new(randn(&[5, 3], 43));
+    let loss = || -> Result<Tensor> {
+        let h1 = x.matmul(&w1.tensor())?.tanh();
+        let h2 = h1.matmul(&w2.tensor())?.tanh();
+        let out = h2.matmul(&w3.tensor())?.sum_all();
+        out.add(&x.matmul(&w1.tensor())?.sum_all())
+    };
+    let plain = loss().unwrap().backward().unwrap();
+    let mut seen: Vec<(performer_tensor::TensorId, ArrayD<f32>)> = Vec::new();
+    let hooked = loss()
+        .unwrap()
+        .backward_with_hook(&mut |id, g| {
+            seen.push((id, g.clone()));
+            Ok(())
+        })
+        .unwrap();
+    let ids: Vec<_> = seen.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        ids,
+        vec![w3.id(), w2.id(), w1.id()],
+        "order of final gradients"
+    );
+    for (id, g) in &seen {
+        // What the hook saw is the whole gradient: both uses of w1 included.
+        assert_eq!(Some(g), plain.get_id(*id));
+        assert_eq!(Some(g), hooked.get_id(*id));
+    }
+    assert_eq!(hooked.len(), plain.len());
+    // An error from the hook stops the backward and comes back.
+    let err = loss()
+        .unwrap()
+        .backward_with_hook(&mut |_, _| Err(performer_tensor::Error::Other("stop".into())))
+        .unwrap_err();
+    assert!(err.to_string().contains("stop"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
 // Gradient stores and clipping
 
 #[test]
