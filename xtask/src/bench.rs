@@ -100,7 +100,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 
     let (selected, sweep) = select(&args)?;
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let target_dir = target_dir(&root);
     let out_dir = args.out.clone().unwrap_or_else(|| target_dir.join("bench"));
     let threads = args

@@ -41,7 +41,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?} (expected --no-wheels)")),
         }
     }
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let bundle = root.join(".device");
     let bin = bundle.join("bin");
     // Fresh binaries every time; wheels are kept (they only change with the pins above).

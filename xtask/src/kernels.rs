@@ -12,7 +12,7 @@ use performer_cuda::kernel_sources::{self, CHECKED_ARCHES, SOURCES};
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut out = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target"))
+        .unwrap_or_else(|| crate::workspace::root().join("target"))
         .join("kernels");
     let mut it = args.iter();
     while let Some(a) = it.next() {

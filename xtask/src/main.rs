@@ -7,8 +7,8 @@ mod bench;
 mod device_bundle;
 mod kernels;
 mod parity;
-
-use std::path::PathBuf;
+mod tidy;
+mod workspace;
 
 /// A command: name, one-line help, entry point taking the remaining arguments.
 type Command = (
@@ -38,6 +38,11 @@ const COMMANDS: &[Command] = &[
         "build the CUDA test and benchmark binaries in release into .device/ with run.sh and the comparison wheels",
         device_bundle::run,
     ),
+    (
+        "tidy",
+        "structural checks: no module imports another that imports it back, in every crate (-v: every import)",
+        |args| tidy::check(&workspace::root(), args.iter().any(|a| a == "-v")),
+    ),
 ];
 
 fn usage() -> String {
@@ -46,12 +51,6 @@ fn usage() -> String {
         s.push_str(&format!("  {name:<15} {help}\n"));
     }
     s
-}
-
-/// The workspace root (the parent of this crate's folder).
-pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
 fn main() {

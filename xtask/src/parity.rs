@@ -9,7 +9,7 @@ use performer_models::parity::{find_fixtures, run_fixture};
 /// Entry point.
 pub fn run(args: &[String]) -> Result<(), String> {
     let paths: Vec<PathBuf> = if args.is_empty() {
-        vec![crate::workspace_root().join("fixtures")]
+        vec![crate::workspace::root().join("fixtures")]
     } else {
         args.iter().map(PathBuf::from).collect()
     };

@@ -21,6 +21,8 @@ mod limits;
 mod lm;
 mod performer;
 mod table;
+#[cfg(test)]
+mod tests;
 mod values;
 
 pub use enc_dec::PerformerEncDecConfig;

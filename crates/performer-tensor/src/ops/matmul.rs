@@ -7,7 +7,7 @@
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
-use super::sum_to;
+use super::broadcast::sum_to;
 use crate::gemm::{MatDims, gemm_raw_threads};
 use crate::shape::broadcast_shapes;
 use crate::{Error, Result, Tensor};
