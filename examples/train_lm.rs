@@ -45,10 +45,13 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::Array2;
 use performer::models::checkpoint::load_pretrained;
-use performer::models::{AnyModel, LocalAttnHeads, ModelConfig, check_finite_step};
+use performer::models::{
+    AnyModel, AttentionPreset, KernelFn, LocalAttnHeads, ModelConfig, check_finite_step,
+};
 use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator, RngState};
+use performer::tensor::schedule::WarmupCosine;
 use performer::tensor::{Gradients, Module, no_grad};
 use performer::{
     AutoregressiveWrapper, Filter, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
@@ -58,6 +61,10 @@ use serde::{Deserialize, Serialize};
 
 type BoxError = Box<dyn std::error::Error>;
 type Res<T> = std::result::Result<T, BoxError>;
+
+/// `--attention`'s default: the variant `cargo xtask quality` found best at about equal speed
+/// (README, "Attention that learns").
+const DEFAULT_ATTENTION: &str = "hybrid-shift";
 
 /// The size of enwik8, which gets the standard 90M / 5M / 5M split.
 const ENWIK8_BYTES: usize = 100_000_000;
@@ -102,12 +109,26 @@ struct Cli {
     /// Redraw the random projections every this many forward calls (0: never).
     #[arg(long, default_value_t = 1000)]
     feature_redraw_interval: usize,
-    /// Local (windowed softmax) heads per layer.
-    #[arg(long, default_value_t = 0)]
-    local_attn_heads: usize,
+    /// Attention variant: favor (performer-pytorch's default), favor-shift, relu, local,
+    /// hybrid (half the heads local), hybrid-shift, global (no local heads: linear in the
+    /// sequence at any length). `cargo xtask quality` compares them; the default is the best
+    /// by that study at about equal speed. --local-attn-heads, --shift-tokens,
+    /// --generalized-attention and --kernel-fn, when given, override the variant's choice.
+    #[arg(long, default_value = DEFAULT_ATTENTION)]
+    attention: AttentionPreset,
+    /// Local (windowed softmax) heads per layer (default: the --attention variant's).
+    #[arg(long)]
+    local_attn_heads: Option<usize>,
     /// Window of the local heads.
     #[arg(long, default_value_t = 128)]
     local_window_size: usize,
+    /// Generalized attention (kernel_fn(u) + 1e-3 features instead of the softmax kernel).
+    #[arg(long)]
+    generalized_attention: bool,
+    /// The kernel of generalized attention: relu, gelu, elu, softplus, sigmoid, tanh, silu,
+    /// leaky_relu.
+    #[arg(long)]
+    kernel_fn: Option<String>,
     /// GLU feed-forward.
     #[arg(long)]
     ff_glu: bool,
@@ -127,10 +148,25 @@ struct Cli {
     /// Micro-batches whose gradients are summed into one optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Adam learning rate (performer-pytorch's recipe uses 1e-4 for a 6-layer dim-512 model;
+    /// Peak learning rate (performer-pytorch's recipe uses 1e-4 for a 6-layer dim-512 model;
     /// this small model trains faster with more).
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// Steps of linear learning-rate warm-up, before the cosine decay (0: none).
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    /// The learning rate the cosine decays to, at --decay-steps (default: --lr / 10; --min-lr
+    /// equal to --lr with --warmup 0 gives a constant rate, performer-pytorch's recipe).
+    #[arg(long)]
+    min_lr: Option<f32>,
+    /// The step at which the cosine reaches --min-lr (default: --steps of the first run; a
+    /// resumed run keeps it, so a longer resumed run trains on at --min-lr).
+    #[arg(long)]
+    decay_steps: Option<u64>,
+    /// AdamW's decoupled weight decay on the weight matrices (not on biases, norm gains or
+    /// other vectors); 0 gives Adam.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
     /// Clip the gradients' joint L2 norm to this (0: no clipping).
     #[arg(long, default_value_t = 0.5)]
     clip: f32,
@@ -168,6 +204,16 @@ struct Cli {
     /// Skip scoring the whole validation split at the end.
     #[arg(long)]
     no_final_eval: bool,
+    /// At the end, score the longest run of predicted validation bytes (from the split's
+    /// start) that is a multiple of N (itself a multiple of --seq-len), so that runs with
+    /// different --seq-len are scored on the same bytes, each with the longest context it can
+    /// use (`cargo xtask quality` passes the longest length it compares).
+    #[arg(long, value_name = "N")]
+    eval_align: Option<usize>,
+    /// Write a JSON summary of the run (settings, validation curve, final score, tokens/s, the
+    /// last sample) to this file at the end.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     /// When a step's loss or gradient is not finite, skip its optimizer update (as
     /// mixed-precision trainers do) and go on, instead of stopping. Stops anyway after
     /// --max-skipped-steps such steps in a row.
@@ -191,10 +237,40 @@ pub struct Settings {
     pub seq_len: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// The peak learning rate.
     pub lr: f32,
     pub clip: f32,
     pub seed: u64,
     pub val_windows: usize,
+    /// Warm-up steps of the schedule (0 in checkpoints from before the schedule).
+    #[serde(default)]
+    pub warmup: u64,
+    /// The schedule's floor (`None` in checkpoints from before the schedule: constant `lr`).
+    #[serde(default)]
+    pub min_lr: Option<f32>,
+    /// The step at which the cosine reaches `min_lr`.
+    #[serde(default)]
+    pub decay_steps: u64,
+    /// AdamW weight decay on matrices (0: Adam).
+    #[serde(default)]
+    pub weight_decay: f32,
+    /// The `--attention` variant the model was built with (`None`: knobs given one by one, or
+    /// a checkpoint from before the variants).
+    #[serde(default)]
+    pub attention: Option<String>,
+}
+
+impl Settings {
+    /// The learning-rate schedule these settings give.
+    pub fn schedule(&self) -> Res<WarmupCosine> {
+        let min = self.min_lr.unwrap_or(self.lr);
+        Ok(WarmupCosine::new(
+            self.lr,
+            min,
+            self.warmup,
+            self.decay_steps.max(self.warmup),
+        )?)
+    }
 }
 
 /// A point of the loss history.
@@ -388,11 +464,38 @@ fn val_offsets(data_len: usize, len: usize, count: usize) -> Vec<usize> {
 
 /// Every non-overlapping window: offsets 0, len - 1, 2 (len - 1), ... (each window's last
 /// byte is the next one's first input, so every byte after the first is predicted once).
-fn full_offsets(data_len: usize, len: usize) -> Vec<usize> {
+/// With `predicted`, only the windows that predict the first `predicted` bytes after the
+/// first (a multiple of `len - 1`, checked by the caller).
+fn full_offsets(data_len: usize, len: usize, predicted: Option<usize>) -> Vec<usize> {
+    let windows = predicted.map_or(usize::MAX, |p| p / (len - 1));
     (0..)
         .map(|i| i * (len - 1))
         .take_while(|o| o + len <= data_len)
+        .take(windows)
         .collect()
+}
+
+/// `--report`: what `cargo xtask quality` reads back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    /// The settings of the run (data, optimizer, schedule, attention variant).
+    pub settings: Settings,
+    /// The model's configuration.
+    pub model: PerformerLMConfig,
+    /// Parameters of the model.
+    pub parameters: usize,
+    /// Optimizer steps done.
+    pub steps: u64,
+    /// Validation bits per byte on the fixed windows, at every validation.
+    pub val: Vec<Point>,
+    /// The final score over `val_all_bytes` predicted bytes of the validation split.
+    pub val_all: Option<f64>,
+    /// Bytes that score predicted.
+    pub val_all_bytes: usize,
+    /// Training tokens per second of this session (steps only, not validation or sampling).
+    pub tokens_per_second: f64,
+    /// The last generated sample, prime included.
+    pub sample: String,
 }
 
 /// Mean loss over windows at `offsets`, in bits per byte (eval mode, no graph).
@@ -452,8 +555,8 @@ fn sample_text(
     Ok(printable(&bytes))
 }
 
-fn model_config(cli: &Cli) -> PerformerLMConfig {
-    PerformerLMConfig {
+fn model_config(cli: &Cli, matches: &clap::ArgMatches) -> Res<PerformerLMConfig> {
+    let mut config = PerformerLMConfig {
         num_tokens: 256,
         max_seq_len: cli.seq_len,
         dim: cli.dim,
@@ -463,14 +566,29 @@ fn model_config(cli: &Cli) -> PerformerLMConfig {
         nb_features: Some(cli.nb_features),
         feature_redraw_interval: (cli.feature_redraw_interval > 0)
             .then_some(cli.feature_redraw_interval),
-        local_attn_heads: LocalAttnHeads::All(cli.local_attn_heads),
         local_window_size: cli.local_window_size,
         ff_glu: cli.ff_glu,
         reversible: cli.reversible,
-        shift_tokens: cli.shift_tokens,
         causal: true,
         ..Default::default()
+    };
+    cli.attention.apply(&mut config)?;
+    // Knobs given one by one override the variant's choice.
+    if let Some(n) = cli.local_attn_heads {
+        config.local_attn_heads = LocalAttnHeads::All(n);
     }
+    if explicitly_given(matches, "shift_tokens") {
+        config.shift_tokens = cli.shift_tokens;
+    }
+    if explicitly_given(matches, "generalized_attention") {
+        config.generalized_attention = cli.generalized_attention;
+    }
+    if let Some(name) = &cli.kernel_fn {
+        config.kernel_fn =
+            serde_json::from_value::<KernelFn>(serde_json::Value::from(name.as_str()))
+                .map_err(|e| format!("--kernel-fn {name}: {e}"))?;
+    }
+    Ok(config)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,6 +785,46 @@ fn draw_loss_curve(path: &Path, state: &TrainerState) -> Res<()> {
 // ---------------------------------------------------------------------------------------------
 // The run
 
+/// "AdamW lr 0.001 (warm-up 100, cosine to 0.0001 at step 2000), weight decay 0.1".
+fn describe_optimizer(settings: &Settings, schedule: &WarmupCosine) -> String {
+    let name = if settings.weight_decay > 0.0 {
+        "AdamW"
+    } else {
+        "Adam"
+    };
+    let mut s = format!("{name} lr {}", schedule.peak);
+    if schedule.min != schedule.peak || schedule.warmup > 0 {
+        s += &format!(
+            " (warm-up {}, cosine to {} at step {})",
+            schedule.warmup, schedule.min, schedule.decay_steps
+        );
+    }
+    if settings.weight_decay > 0.0 {
+        s += &format!(", weight decay {} on matrices", settings.weight_decay);
+    }
+    s
+}
+
+/// The attention knobs of a model, in words.
+fn describe_attention(config: &PerformerLMConfig) -> String {
+    let local = match &config.local_attn_heads {
+        LocalAttnHeads::All(n) => format!("{n}"),
+        LocalAttnHeads::PerLayer(v) => format!("{v:?}"),
+    };
+    let kernel = if config.generalized_attention {
+        format!(
+            "generalized ({})",
+            serde_json::to_string(&config.kernel_fn).unwrap_or_default()
+        )
+    } else {
+        "FAVOR+ softmax".to_string()
+    };
+    format!(
+        "{kernel}, {local} local heads (window {}), shift_tokens {}",
+        config.local_window_size, config.shift_tokens
+    )
+}
+
 fn explicitly_given(matches: &clap::ArgMatches, id: &str) -> bool {
     matches.value_source(id) == Some(ValueSource::CommandLine)
 }
@@ -749,8 +907,11 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             "dim_head",
             "nb_features",
             "feature_redraw_interval",
+            "attention",
             "local_attn_heads",
             "local_window_size",
+            "generalized_attention",
+            "kernel_fn",
             "ff_glu",
             "reversible",
             "shift_tokens",
@@ -758,6 +919,10 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             "batch_size",
             "grad_accum",
             "lr",
+            "warmup",
+            "min_lr",
+            "decay_steps",
+            "weight_decay",
             "clip",
             "seed",
             "val_windows",
@@ -797,7 +962,15 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         (r.model, Some(r.opt_state), r.state)
     } else {
         rng::manual_seed(cli.seed);
-        let model = AutoregressiveWrapper::new(PerformerLM::new(model_config(&cli))?);
+        let model = AutoregressiveWrapper::new(PerformerLM::new(model_config(&cli, matches)?)?);
+        let overridden = [
+            "local_attn_heads",
+            "shift_tokens",
+            "generalized_attention",
+            "kernel_fn",
+        ]
+        .iter()
+        .any(|id| explicitly_given(matches, id));
         let state = TrainerState {
             step: 0,
             settings: Settings {
@@ -815,6 +988,16 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
                 clip: cli.clip,
                 seed: cli.seed,
                 val_windows: cli.val_windows,
+                warmup: cli.warmup,
+                // Through f64, so that 1e-3 gives 1e-4, not 1.00000005e-4.
+                min_lr: Some(cli.min_lr.unwrap_or((cli.lr as f64 / 10.0) as f32)),
+                decay_steps: cli.decay_steps.unwrap_or(cli.steps),
+                weight_decay: cli.weight_decay,
+                attention: Some(if overridden {
+                    format!("{} with knobs given one by one", cli.attention)
+                } else {
+                    cli.attention.to_string()
+                }),
             },
             control: RunControl {
                 steps: 0,
@@ -887,10 +1070,28 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
         .into());
     }
     let val_offsets = val_offsets(corpus.val.len(), window, settings.val_windows.max(1));
+    if let Some(n) = cli.eval_align
+        && (n == 0 || n % settings.seq_len != 0 || n + 1 > corpus.val.len())
+    {
+        return Err(format!(
+            "--eval-align {n}: must be a positive multiple of --seq-len {} and at most {} (the validation split less one byte)",
+            settings.seq_len,
+            corpus.val.len() - 1
+        )
+        .into());
+    }
 
     // Optimizer (over the PerformerLM's names, as the checkpoint stores them).
     let params: Vec<_> = model.net.parameters();
-    let mut opt = Adam::new(model.net.named_parameters(), settings.lr);
+    let schedule = settings.schedule()?;
+    let mut opt = if settings.weight_decay > 0.0 {
+        let mut opt = Adam::adamw(model.net.named_parameters(), settings.lr);
+        opt.weight_decay = settings.weight_decay;
+        opt.exclude_from_weight_decay(|_, p| p.shape().len() < 2);
+        opt
+    } else {
+        Adam::new(model.net.named_parameters(), settings.lr)
+    };
     if let Some(s) = &opt_state {
         opt.load_state_dict(s)?;
     }
@@ -903,24 +1104,25 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
     let tokens_per_step = (settings.batch_size * settings.grad_accum * settings.seq_len) as u64;
     println!("data:  {}", corpus.description);
     println!(
-        "model: PerformerLM causal, dim {}, depth {}, heads {}, dim_head {}, nb_features {}, max_seq_len {}: {:.2}M parameters",
+        "model: PerformerLM causal, dim {}, depth {}, heads {}, dim_head {}, nb_features {}, max_seq_len {}: {:.2}M parameters; attention: {}",
         config.dim,
         config.depth,
         config.heads,
         config.dim_head,
         config.nb_features.unwrap_or(0),
         config.max_seq_len,
-        n_params as f64 / 1e6
+        n_params as f64 / 1e6,
+        describe_attention(&config)
     );
     println!(
-        "train: steps {} -> {}, batch {} x {} accumulated x seq {} ({} tokens/step), Adam lr {}, clip {}, seed {}, {} threads",
+        "train: steps {} -> {}, batch {} x {} accumulated x seq {} ({} tokens/step), {}, clip {}, seed {}, {} threads",
         state.step,
         cli.steps,
         settings.batch_size,
         settings.grad_accum,
         settings.seq_len,
         tokens_per_step,
-        settings.lr,
+        describe_optimizer(&settings, &schedule),
         settings.clip,
         settings.seed,
         rayon::current_num_threads()
@@ -946,6 +1148,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
     let mut session_tokens = 0u64;
     let mut last_val = state.val.last().map(|p| p.bpb);
     let mut last_saved = None;
+    let mut last_sample = String::new();
     // The checkpoint this session started from, if it resumed one.
     let resumed_at = cli.resume.is_some().then_some(state.step);
     let session_start = Instant::now();
@@ -1016,6 +1219,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             state.skipped.push(step);
             pb.suspend(|| eprintln!("train_lm: {what}: update skipped (--skip-nonfinite)"));
         } else {
+            opt.set_lr(schedule.lr(step));
             opt.step(&grads)?;
         }
         drop(grads);
@@ -1053,12 +1257,13 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             let eta = pb.eta();
             pb.suspend(|| {
                 println!(
-                    "step {:>6}/{} | train loss {:.4} ({:.3} bpb) | val {:.4} bpb | {:.0} tok/s | elapsed {} | eta {}",
+                    "step {:>6}/{} | train loss {:.4} ({:.3} bpb) | val {:.4} bpb | lr {:.2e} | {:.0} tok/s | elapsed {} | eta {}",
                     state.step,
                     cli.steps,
                     loss,
                     loss / LN_2,
                     bpb,
+                    schedule.lr(state.step),
                     tps,
                     human(session_start.elapsed()),
                     human(eta)
@@ -1082,6 +1287,7 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
                     text
                 )
             });
+            last_sample = format!("{}{text}", printable(&prime));
         }
         if state.step % cli.checkpoint_every == 0 || last || interrupted.load(Ordering::SeqCst) {
             state.global_rng = rng::get_state().0;
@@ -1135,16 +1341,35 @@ fn train(cli: &Cli, matches: &clap::ArgMatches, interrupted: &AtomicBool) -> Res
             val_offsets.len()
         );
     }
+    let mut val_all = None;
+    let mut val_all_bytes = 0;
     if !cli.no_final_eval {
-        let offsets = full_offsets(corpus.val.len(), window);
+        let predicted = cli.eval_align.map(|n| (corpus.val.len() - 1) / n * n);
+        let offsets = full_offsets(corpus.val.len(), window, predicted);
         let t = Instant::now();
         let bpb = evaluate(&model, &corpus.val, &offsets, window, settings.batch_size)?;
+        val_all_bytes = offsets.len() * settings.seq_len;
         println!(
-            "validation (all): {bpb:.4} bpb over {} windows, {} bytes predicted ({})",
+            "validation (all): {bpb:.4} bpb over {} windows, {val_all_bytes} bytes predicted ({})",
             offsets.len(),
-            offsets.len() * settings.seq_len,
             human(t.elapsed())
         );
+        val_all = Some(bpb);
+    }
+    if let Some(path) = &cli.report {
+        let report = RunReport {
+            settings: state.settings.clone(),
+            model: config.clone(),
+            parameters: n_params,
+            steps: state.step,
+            val: state.val.clone(),
+            val_all,
+            val_all_bytes,
+            tokens_per_second: session_tokens as f64 / session_train.as_secs_f64().max(1e-9),
+            sample: last_sample.clone(),
+        };
+        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())
+            .map_err(|e| format!("--report {}: {e}", path.display()))?;
     }
     println!("test split:       {} bytes, held out", corpus.test_len);
     println!("checkpoint:       {}", out_dir.display());

@@ -1,6 +1,7 @@
 //! `examples/train_lm.rs`: 10 steps + `--resume` 10 steps end bit for bit where an uninterrupted
 //! 20-step run ends (weights, optimizer state, sampler and global generator, loss history), with
-//! a projection redraw and gradient accumulation on both sides of the resume point.
+//! a projection redraw, gradient accumulation and the learning-rate schedule (warm-up, cosine,
+//! AdamW weight decay) on both sides of the resume point.
 
 #[allow(dead_code)]
 #[path = "../examples/train_lm.rs"]
@@ -70,6 +71,17 @@ fn resume_matches_an_uninterrupted_run() {
             "3",
             "--lr",
             "3e-3",
+            // Warm-up to step 5, cosine to step 20: the schedule crosses the resume point at
+            // 10 in both phases' worth of steps; the horizon is fixed at the start, so the
+            // 10-step run decays towards the same step 20 as the uninterrupted one.
+            "--warmup",
+            "5",
+            "--decay-steps",
+            "20",
+            "--min-lr",
+            "3e-4",
+            "--weight-decay",
+            "0.1",
             "--seed",
             "7",
             "--no-final-eval",

@@ -14,7 +14,7 @@
 //! A workload an implementation does not have yet (or that fails, or times out) shows as `n/a`
 //! with the reason under the table; the run goes on.
 
-mod child;
+pub(crate) mod child;
 mod plot;
 mod report;
 mod workloads;

@@ -7,6 +7,7 @@ mod bench;
 mod device_bundle;
 mod kernels;
 mod parity;
+mod quality;
 mod tidy;
 mod workspace;
 
@@ -27,6 +28,11 @@ const COMMANDS: &[Command] = &[
         "parity",
         "run performer-pytorch parity fixtures (FIXTURES.md layout): DIR... or the committed fixtures/",
         parity::run,
+    ),
+    (
+        "quality",
+        "train the same PerformerLM once per attention variant on the same batches: validation bits per byte, tokens/s, peak memory (target/quality/report.json, curves.svg)",
+        quality::run,
     ),
     (
         "kernels",

@@ -26,6 +26,7 @@ mod lm;
 mod mode;
 pub mod parity;
 mod performer;
+mod presets;
 pub mod sampling;
 
 pub use autoregressive::{AutoregressiveWrapper, SeqInputs};
@@ -38,4 +39,5 @@ pub use finite::{check_finite_step, non_finite_gradients, non_finite_parameters}
 pub use lm::{DecodingState, LmInputs, PerformerLM, PositionEmbedding};
 pub use mode::is_training;
 pub use performer::Performer;
+pub use presets::AttentionPreset;
 pub use sampling::{Filter, GenerateOptions};

@@ -32,6 +32,7 @@ pub mod optim;
 pub mod parallel;
 mod param;
 pub mod rng;
+pub mod schedule;
 pub mod shape;
 pub mod team;
 mod tensor;

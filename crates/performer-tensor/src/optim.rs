@@ -196,6 +196,9 @@ pub struct Adam {
     /// Weight decay (L2 for Adam, decoupled for AdamW).
     pub weight_decay: f32,
     decoupled: bool,
+    /// Per parameter: whether weight decay applies (all, unless
+    /// [`Adam::exclude_from_weight_decay`] took some out).
+    decays: Vec<bool>,
     moments: Vec<Option<(ArrayD<f32>, ArrayD<f32>)>>,
     step: u64,
 }
@@ -214,6 +217,7 @@ impl Adam {
             eps: 1e-8,
             weight_decay: 0.0,
             decoupled: false,
+            decays: vec![true; n],
             moments: vec![None; n],
             step: 0,
         }
@@ -231,6 +235,15 @@ impl Adam {
     /// Number of steps taken.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Takes the parameters that `skip` accepts (by name and parameter) out of weight decay, as
+    /// a PyTorch parameter group with `weight_decay=0` would: the usual choice decays matrices
+    /// only (`|_, p| p.shape().len() < 2`: biases, norm gains, ReZero scales).
+    pub fn exclude_from_weight_decay(&mut self, skip: impl Fn(&str, &Param) -> bool) {
+        for ((name, p), decays) in self.params.iter().zip(self.decays.iter_mut()) {
+            *decays = !skip(name, p);
+        }
     }
 }
 
@@ -254,10 +267,16 @@ impl Optimizer for Adam {
         let decay = (1.0 - lr * wd) as f32;
         let (w1, b2f, w2) = ((1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
         let (wdf, eps, decoupled) = (wd as f32, self.eps, self.decoupled);
-        for ((_, p), slot) in self.params.iter().zip(self.moments.iter_mut()) {
+        for (((_, p), slot), &decays) in self
+            .params
+            .iter()
+            .zip(self.moments.iter_mut())
+            .zip(&self.decays)
+        {
             let Some(g) = grads.get_param(p) else {
                 continue;
             };
+            let wdf = if decays { wdf } else { 0.0 };
             let (m, v) = slot
                 .get_or_insert_with(|| (ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())));
             p.update(|w| {

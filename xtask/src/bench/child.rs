@@ -96,7 +96,35 @@ fn read_all(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
 
 /// Spawns `cmd`, waits for it (killing it after `timeout`), and returns its JSON line and peak
 /// RSS. Stdout and stderr are captured; stderr's last line explains failures.
-pub fn run(mut cmd: Command, timeout: Duration) -> Result<Measurement, Failure> {
+pub fn run(cmd: Command, timeout: Duration) -> Result<Measurement, Failure> {
+    let done = run_process(cmd, timeout)?;
+    let line = parse_process_line(&done.stdout).ok_or_else(|| {
+        Failure::Failed(format!(
+            "no JSON line on stdout; stderr: {}",
+            last_line(&done.stderr)
+        ))
+    })?;
+    Ok(Measurement {
+        line,
+        peak_rss_mib: done.peak_rss_mib,
+    })
+}
+
+/// A process that exited with status 0.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+    /// Its peak RSS, MiB (`ru_maxrss` from `wait4`).
+    pub peak_rss_mib: f64,
+}
+
+/// Spawns `cmd`, waits for it (killing it after `timeout`), and returns its output and peak
+/// RSS; a non-zero exit, a signal or the timeout is a [`Failure`] (stderr's last line says
+/// why).
+pub fn run_process(mut cmd: Command, timeout: Duration) -> Result<Finished, Failure> {
     let shown = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
@@ -165,13 +193,11 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<Measurement, Failure> 
             last_line(&stderr)
         )));
     }
-    let line = parse_process_line(&stdout).ok_or_else(|| {
-        Failure::Failed(format!(
-            "no JSON line on stdout; stderr: {}",
-            last_line(&stderr)
-        ))
-    })?;
-    Ok(Measurement { line, peak_rss_mib })
+    Ok(Finished {
+        stdout,
+        stderr,
+        peak_rss_mib,
+    })
 }
 
 #[cfg(test)]
