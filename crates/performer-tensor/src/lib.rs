@@ -36,6 +36,7 @@ pub mod schedule;
 pub mod shape;
 pub mod team;
 mod tensor;
+pub mod testing;
 
 pub use autograd::{GradModeGuard, Gradients, enable_grad, is_grad_enabled, no_grad};
 pub use custom_op::{CustomOp, apply_custom_op};
