@@ -18,9 +18,18 @@ pub fn lead_shape<'a>(op: &str, name: &str, shape: &'a [usize]) -> Result<&'a [u
     Ok(&shape[..shape.len() - 2])
 }
 
-/// Head `i` (in row-major order of the leading axes) as a 2-D view.
-pub fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f32> {
-    let lead = &x.shape()[..x.ndim() - 2];
+/// Head `i` (in row-major order of the leading axes) as a 2-D view; an error for an array of
+/// rank below 2 or a head index past the heads.
+pub fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> Result<ArrayView2<'a, f32>> {
+    let lead = lead_shape("heads::head", "x", x.shape())?;
+    let heads: usize = lead.iter().product();
+    if i >= heads {
+        return Err(Error::Index {
+            op: "heads::head".into(),
+            index: i as i64,
+            size: heads,
+        });
+    }
     let mut v = x.view();
     let mut rem = i;
     let mut idx = vec![0; lead.len()];
@@ -31,7 +40,8 @@ pub fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f32> {
     for &k in &idx {
         v = v.index_axis_move(Axis(0), k);
     }
-    v.into_dimensionality().expect("two axes remain")
+    v.into_dimensionality()
+        .map_err(|e| Error::shape("heads::head", e.to_string()))
 }
 
 /// A contiguous `(heads, rows, cols)` output with its final `lead ++ [rows, cols]` shape.
@@ -101,4 +111,32 @@ pub(crate) fn row_vectors(heads: usize, rows: usize) -> Array2<f32> {
 /// Mutable rows of a `(heads, rows)` array.
 pub(crate) fn vector_views(a: &mut Array2<f32>) -> Vec<ArrayViewMut1<'_, f32>> {
     a.axis_iter_mut(Axis(0)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank below 2 and a head past the last are errors, not panics.
+    #[test]
+    fn bad_axes_and_heads_are_errors() {
+        let x = ArrayD::<f32>::zeros(IxDyn(&[2, 3, 4, 5]));
+        let v = x.view();
+        assert_eq!(head(&v, 5).unwrap().shape(), &[4, 5]);
+        let err = head(&v, 6).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Index {
+                    index: 6,
+                    size: 6,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let flat = ArrayD::<f32>::zeros(IxDyn(&[5]));
+        let err = head(&flat.view(), 0).unwrap_err();
+        assert!(err.to_string().contains("(..., n, d)"), "{err}");
+    }
 }

@@ -146,6 +146,14 @@ pub fn linear_rows(
     team: &Team,
 ) -> Result<Vec<Array2<f32>>> {
     let (b, inf) = x.dim();
+    if b == 0 {
+        return Err(Error::invalid(
+            "linear_rows",
+            "rows",
+            0,
+            "needs at least one row (one position per sequence)",
+        ));
+    }
     let weights: Vec<RowWeights> = layers
         .iter()
         .map(|l| RowWeights::of("Linear", l, inf, l.out_features()))

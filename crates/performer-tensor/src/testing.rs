@@ -30,9 +30,19 @@ pub fn relative_error<'a, 'b, D1: Dimension, D2: Dimension>(
     compare(&actual, &expected).map(|c| c.error)
 }
 
+/// `max |actual - expected|` over arrays of one shape, with [`relative_error`]'s refusals.
+pub fn absolute_error<'a, 'b, D1: Dimension, D2: Dimension>(
+    actual: impl AsArray<'a, f32, D1>,
+    expected: impl AsArray<'b, f32, D2>,
+) -> Result<f32, String> {
+    let (actual, expected) = (actual.into().into_dyn(), expected.into().into_dyn());
+    compare(&actual, &expected).map(|c| c.difference)
+}
+
 /// The worst element of a comparison.
 struct Comparison {
     error: f32,
+    difference: f32,
     scale: f32,
     worst: Option<(Vec<usize>, f32, f32)>,
 }
@@ -67,6 +77,7 @@ fn compare(actual: &ArrayViewD<f32>, expected: &ArrayViewD<f32>) -> Result<Compa
     let error = if scale > 0.0 { diff / scale } else { diff };
     Ok(Comparison {
         error,
+        difference: diff,
         scale,
         worst,
     })
@@ -92,6 +103,29 @@ pub fn assert_close<'a, 'b, D1: Dimension, D2: Dimension>(
                 "{what}: relative error {:.3e} above the tolerance {tolerance:.1e} (worst at {pos:?}: \
                  {a} where {e} is expected; scale {:.3e})",
                 c.error, c.scale
+            )
+        }
+    }
+}
+
+/// [`assert_close`] with an absolute tolerance: `max |actual - expected| <= tolerance`.
+#[track_caller]
+pub fn assert_abs_close<'a, 'b, D1: Dimension, D2: Dimension>(
+    what: &str,
+    actual: impl AsArray<'a, f32, D1>,
+    expected: impl AsArray<'b, f32, D2>,
+    tolerance: f32,
+) -> f32 {
+    let (actual, expected) = (actual.into().into_dyn(), expected.into().into_dyn());
+    match compare(&actual, &expected) {
+        Err(why) => panic!("{what}: not comparable: {why}"),
+        Ok(c) if c.difference <= tolerance => c.difference,
+        Ok(c) => {
+            let (pos, a, e) = c.worst.unwrap_or_default();
+            panic!(
+                "{what}: absolute error {:.3e} above the tolerance {tolerance:.1e} (worst at {pos:?}: \
+                 {a} where {e} is expected)",
+                c.difference
             )
         }
     }
