@@ -63,8 +63,8 @@ impl HeadsOut {
         }
     }
 
-    /// Like [`HeadsOut::zeros`] without the zeroing, for outputs that the caller overwrites
-    /// completely before reading (a zeroing pass over memory costs ~5% of an attention call).
+    /// Like [`HeadsOut::zeros`], for outputs that the caller overwrites completely before
+    /// reading (see [`for_overwrite`] for why it is zeroed all the same).
     pub(crate) fn for_overwrite(lead: &[usize], rows: usize, cols: usize) -> Self {
         let heads = lead.iter().product();
         let mut shape = lead.to_vec();
@@ -88,19 +88,14 @@ impl HeadsOut {
     }
 }
 
-/// A new array whose contents are unspecified, for buffers that are overwritten completely
-/// before anything reads them (GEMM outputs with `beta = 0`, copies); it skips the zeroing pass
-/// that `Array::zeros` makes over memory about to be overwritten.
-/// Debug builds fill it with NaN, so that a missed write shows in the results.
+/// A new array for a buffer that is overwritten completely before anything reads it (GEMM
+/// outputs with `beta = 0`, copies). It is zeroed: handing out uninitialized `f32`s, as this
+/// once did through `assume_init`, is undefined behaviour however the values are used, and
+/// `Array::zeros` takes its memory from `calloc`, which gives a fresh mapping of zero pages for
+/// a large buffer without a pass over it (small buffers are cleared by memset, a cost in the
+/// noise of the products that fill them).
 pub(crate) fn for_overwrite<Sh: ndarray::ShapeBuilder>(shape: Sh) -> ndarray::Array<f32, Sh::Dim> {
-    if cfg!(debug_assertions) {
-        return ndarray::Array::from_elem(shape, f32::NAN);
-    }
-    let a = ndarray::Array::<f32, _>::uninit(shape);
-    // SAFETY: f32 has no invalid bit patterns and the same layout as MaybeUninit<f32>; callers
-    // write every element before reading it (documented at each call), so no uninitialized
-    // value is ever observed.
-    unsafe { a.assume_init() }
+    ndarray::Array::zeros(shape)
 }
 
 /// Per-head row vectors (normalizers), `(heads, rows)`.

@@ -153,7 +153,7 @@ mod tests {
     #[test]
     fn a_missing_gradient_fails() {
         let err = gradcheck(
-            |t| Ok(t[0].mul_scalar(2.0).add(&Tensor::new(t[1].to_array()))?),
+            |t| t[0].mul_scalar(2.0).add(&Tensor::new(t[1].to_array())),
             &[input()[0].clone(), input()[0].clone()],
             GradcheckOptions::default(),
         )

@@ -22,6 +22,8 @@ struct Shared {
 }
 // SAFETY: see `Shared`: the operands are only read, output blocks are disjoint per task.
 unsafe impl Send for Shared {}
+// SAFETY: as for Send: shared access only reads the operands, and each task writes its own
+// output matrix.
 unsafe impl Sync for Shared {}
 
 /// `a @ b` for arrays of rank >= 2 with broadcast batch dimensions. The result is a new
