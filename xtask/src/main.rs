@@ -1,9 +1,11 @@
 //! Project automation: `cargo xtask <command> [args]`.
 //!
-//! One binary, one module per command (rust-analyzer's xtask layout). To add a command, add a
-//! module and a row to `COMMANDS`.
+//! One binary, one module per command (rust-analyzer's xtask layout), each reading its
+//! arguments with a clap parser through [`cli::parse`]. To add a command, add a module and a
+//! row to `COMMANDS`.
 
 mod bench;
+mod cli;
 mod device_bundle;
 mod kernels;
 mod parity;
@@ -47,7 +49,7 @@ const COMMANDS: &[Command] = &[
     (
         "tidy",
         "structural checks: no module imports another that imports it back, in every crate (-v: every import)",
-        |args| tidy::check(&workspace::root(), args.iter().any(|a| a == "-v")),
+        tidy::run,
     ),
 ];
 

@@ -131,10 +131,7 @@ const DEFAULT: &str = "default";
 
 /// Entry point.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let args = Args::try_parse_from(
-        std::iter::once("cargo xtask quality".to_string()).chain(args.iter().cloned()),
-    )
-    .map_err(|e| e.to_string())?;
+    let args: Args = crate::cli::parse("quality", args)?;
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 || args.seeds.is_empty() {
         return Err(
             "--steps, --batch-size and --seeds must be positive, --seq-len at least 2".into(),

@@ -11,6 +11,23 @@ use std::path::PathBuf;
 
 use module_graph::{ModPath, cycles, scan};
 
+/// Command line of `cargo xtask tidy`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    about = "Structural checks: no module imports another that imports it back, in every crate"
+)]
+struct Args {
+    /// Also print every import between modules, with the file and line that makes it.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// Entry point.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let args: Args = crate::cli::parse("tidy", args)?;
+    check(&crate::workspace::root(), args.verbose)
+}
+
 /// The source folders of the workspace's crates, relative to its root.
 const CRATE_SOURCES: &[&str] = &[
     "src",

@@ -234,11 +234,13 @@ impl CustomOp for FavorAttentionOp {
     }
 }
 
-/// FAVOR+ attention in one fused op: features of `q` and `k` `(..., n, d)` through
-/// `projection` `(m, d)` with the given map, then non-causal or causal linear attention with
-/// `v` `(..., nk, e)`. Equal to composing [`softmax_kernel`] (or [`generalized_kernel`]) with
-/// [`linear_attention`] / [`causal_linear_attention`]; the features are kept for the backward
-/// only while they fit [`SAVE_BUDGET_BYTES`], else recomputed block by block.
+/// FAVOR+ attention in one fused op: features of `q` and `k` `(..., n, d)` through `projection`
+/// `(m, d)` with the given map, then non-causal or causal linear attention with `v` `(..., nk, e)`.
+/// Equal to composing [`softmax_kernel`](crate::softmax_kernel) (or
+/// [`generalized_kernel`](crate::generalized_kernel)) with
+/// [`linear_attention`](crate::linear_attention) /
+/// [`causal_linear_attention`](crate::causal_linear_attention); the features are kept for the
+/// backward only while they fit [`SAVE_BUDGET_BYTES`], else recomputed block by block.
 pub fn favor_attention(
     q: &Tensor,
     k: &Tensor,
