@@ -20,12 +20,16 @@ struct Args {
     /// Also print every import between modules, with the file and line that makes it.
     #[arg(short, long)]
     verbose: bool,
+    /// The workspace to check (default: this one).
+    #[arg(long)]
+    root: Option<PathBuf>,
 }
 
 /// Entry point.
 pub fn run(args: &[String]) -> Result<(), String> {
     let args: Args = crate::cli::parse("tidy", args)?;
-    check(&crate::workspace::root(), args.verbose)
+    let root = args.root.unwrap_or_else(crate::workspace::root);
+    check(&root, args.verbose)
 }
 
 /// The source folders of the workspace's crates, relative to its root.
