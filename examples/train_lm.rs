@@ -252,16 +252,25 @@ struct Cli {
 /// `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
+    /// The corpus (`None`: the repository's own .md and .rs files).
     pub data: Option<PathBuf>,
+    /// Its length in bytes.
     pub data_bytes: usize,
+    /// Its FNV-1a hash, so that `--resume` refuses a different corpus.
     pub data_fnv1a: String,
+    /// Tokens per training sequence.
     pub seq_len: usize,
+    /// Sequences per micro-batch.
     pub batch_size: usize,
+    /// Micro-batches per optimizer step.
     pub grad_accum: usize,
     /// The peak learning rate.
     pub lr: f32,
+    /// Gradient-norm clip.
     pub clip: f32,
+    /// Seed of the weights and the batch sampler.
     pub seed: u64,
+    /// Validation windows per evaluation.
     pub val_windows: usize,
     /// Warm-up steps of the schedule (0 in checkpoints from before the schedule).
     #[serde(default)]
@@ -297,7 +306,9 @@ impl Settings {
 /// A point of the loss history.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Point {
+    /// Optimizer step.
     pub step: u64,
+    /// Validation bits per byte.
     pub bpb: f64,
 }
 
@@ -305,12 +316,19 @@ pub struct Point {
 /// a resumed run keeps them unless given again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunControl {
+    /// The step to stop at.
     pub steps: u64,
+    /// Steps between validations.
     pub validate_every: u64,
+    /// Steps between samples.
     pub generate_every: u64,
+    /// Tokens per sample.
     pub generate_length: usize,
+    /// Prompt tokens of each sample.
     pub prime_length: usize,
+    /// Sampling temperature.
     pub temperature: f32,
+    /// Steps between checkpoints.
     pub checkpoint_every: u64,
     /// Skip non-finite steps instead of stopping (`--skip-nonfinite`).
     #[serde(default)]
@@ -325,7 +343,9 @@ pub struct RunControl {
 pub struct TrainerState {
     /// Optimizer steps done.
     pub step: u64,
+    /// What decides the result.
     pub settings: Settings,
+    /// What does not.
     pub control: RunControl,
     /// The global generator (weights, projection redraws, dropout) after `step`.
     pub global_rng: [u64; 4],

@@ -45,6 +45,13 @@ def check(d):
     probe = load_file(os.path.join(d, "probe.safetensors"))
     ours = logits_of(module, probe["x"])
     theirs = probe["logits"]
+    # No broadcasting, no NaN: either would make the error below meaningless.
+    if ours.shape != theirs.shape:
+        print(f"PyTorch's logits {tuple(ours.shape)} vs Rust's {tuple(theirs.shape)}")
+        return 1
+    if not (torch.isfinite(ours).all() and torch.isfinite(theirs).all()):
+        print("non-finite logits")
+        return 1
     err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     print(f"PyTorch loaded the Rust checkpoint of {config['model']}: logits differ by {err:.2e} (relative)")
     return 0 if err <= TOLERANCE else 1

@@ -83,24 +83,14 @@ struct Args {
 
 /// Entry point: `args` are the arguments after `bench`.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let args = Args::try_parse_from(
-        std::iter::once("cargo xtask bench".to_string()).chain(args.iter().cloned()),
-    )
-    .map_err(|e| {
-        let _ = e.print();
-        if e.use_stderr() {
-            String::from("bad arguments")
-        } else {
-            std::process::exit(0)
-        }
-    })?;
+    let args: Args = crate::cli::parse("bench", args)?;
     if args.list {
         print!("{}", list_workloads());
         return Ok(());
     }
 
     let (selected, sweep) = select(&args)?;
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let target_dir = target_dir(&root);
     let out_dir = args.out.clone().unwrap_or_else(|| target_dir.join("bench"));
     let threads = args

@@ -33,15 +33,23 @@ const WHEELS: &[&str] = &[
 
 const LIMIT_BYTES: u64 = 60 * 1024 * 1024;
 
+/// Command line of `cargo xtask device-bundle`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    about = "Build the CUDA test and benchmark binaries in release into .device/ with run.sh and the comparison wheels"
+)]
+struct Args {
+    /// Do not download the comparison wheels.
+    #[arg(long)]
+    no_wheels: bool,
+}
+
+/// Entry point.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let mut skip_wheels = false;
-    for a in args {
-        match a.as_str() {
-            "--no-wheels" => skip_wheels = true,
-            other => return Err(format!("unknown argument {other:?} (expected --no-wheels)")),
-        }
-    }
-    let root = crate::workspace_root();
+    let Args {
+        no_wheels: skip_wheels,
+    } = crate::cli::parse("device-bundle", args)?;
+    let root = crate::workspace::root();
     let bundle = root.join(".device");
     let bin = bundle.join("bin");
     // Fresh binaries every time; wheels are kept (they only change with the pins above).

@@ -9,18 +9,26 @@ use std::process::Command;
 
 use performer_cuda::kernel_sources::{self, CHECKED_ARCHES, SOURCES};
 
+/// Command line of `cargo xtask kernels`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    about = "Write NVRTC (and nvcc) PTX of the CUDA kernels for sm_80/sm_90 and print ptxas register and spill use"
+)]
+struct Args {
+    /// Where to write the PTX (default: target/kernels).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Entry point.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let mut out = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target"))
-        .join("kernels");
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--out" => out = PathBuf::from(it.next().ok_or("--out needs a folder")?),
-            other => return Err(format!("unknown argument {other:?} (expected --out DIR)")),
-        }
-    }
+    let args: Args = crate::cli::parse("kernels", args)?;
+    let out = args.out.unwrap_or_else(|| {
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::workspace::root().join("target"))
+            .join("kernels")
+    });
     if !performer_cuda::nvrtc_available() {
         return Err(format!(
             "libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.*); searched {:?}",

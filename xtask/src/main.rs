@@ -1,15 +1,17 @@
 //! Project automation: `cargo xtask <command> [args]`.
 //!
-//! One binary, one module per command (rust-analyzer's xtask layout). To add a command, add a
-//! module and a row to `COMMANDS`.
+//! One binary, one module per command (rust-analyzer's xtask layout), each reading its
+//! arguments with a clap parser through [`cli::parse`]. To add a command, add a module and a
+//! row to `COMMANDS`.
 
 mod bench;
+mod cli;
 mod device_bundle;
 mod kernels;
 mod parity;
 mod quality;
-
-use std::path::PathBuf;
+mod tidy;
+mod workspace;
 
 /// A command: name, one-line help, entry point taking the remaining arguments.
 type Command = (
@@ -44,6 +46,11 @@ const COMMANDS: &[Command] = &[
         "build the CUDA test and benchmark binaries in release into .device/ with run.sh and the comparison wheels",
         device_bundle::run,
     ),
+    (
+        "tidy",
+        "structural checks: no module imports another that imports it back, in every crate (-v: every import)",
+        tidy::run,
+    ),
 ];
 
 fn usage() -> String {
@@ -52,12 +59,6 @@ fn usage() -> String {
         s.push_str(&format!("  {name:<15} {help}\n"));
     }
     s
-}
-
-/// The workspace root (the parent of this crate's folder).
-pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
 fn main() {

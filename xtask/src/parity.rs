@@ -4,19 +4,27 @@
 
 use std::path::PathBuf;
 
+use clap::Parser;
 use performer_models::parity::{find_fixtures, run_fixture};
+
+/// Command line of `cargo xtask parity`.
+#[derive(Parser, Debug)]
+#[command(
+    about = "Run performer-pytorch parity fixtures (FIXTURES.md layout) through the Rust models"
+)]
+struct Args {
+    /// Fixture directories, or folders of them (default: the committed fixtures/).
+    dirs: Vec<PathBuf>,
+}
 
 /// Entry point.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let paths: Vec<PathBuf> = if args.is_empty() {
-        vec![crate::workspace_root().join("fixtures")]
+    let args: Args = crate::cli::parse("parity", args)?;
+    let paths = if args.dirs.is_empty() {
+        vec![crate::workspace::root().join("fixtures")]
     } else {
-        args.iter().map(PathBuf::from).collect()
+        args.dirs
     };
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("usage: cargo xtask parity [DIR...]   (default: the committed fixtures/)");
-        return Ok(());
-    }
     let dirs = find_fixtures(&paths).map_err(|e| e.to_string())?;
     if dirs.is_empty() {
         return Err(format!(

@@ -13,6 +13,7 @@
 //! validation curves).
 
 mod plot;
+mod runs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +23,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::bench::child;
+use runs::{Measured, Run, ValPoint};
 
 /// Command line of `cargo xtask quality`.
 #[derive(Parser, Debug)]
@@ -121,51 +123,6 @@ struct TrainReport {
     sample: String,
 }
 
-/// A validation point of a run.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
-pub struct ValPoint {
-    /// Optimizer step.
-    pub step: u64,
-    /// Bits per byte on the fixed validation windows.
-    pub bpb: f64,
-}
-
-/// One run of the study, as `report.json` holds it.
-#[derive(Clone, Debug, Serialize)]
-pub struct Run {
-    /// The `--attention` variant.
-    pub variant: String,
-    /// Whether the row belongs to the long-context table.
-    pub long_context: bool,
-    /// Sequence length (the model's max_seq_len).
-    pub seq_len: usize,
-    /// Sequences per step.
-    pub batch_size: usize,
-    /// Seed.
-    pub seed: u64,
-    /// The run's measurements, or why there are none.
-    pub result: Result<Measured, String>,
-}
-
-/// A finished run.
-#[derive(Clone, Debug, Serialize)]
-pub struct Measured {
-    /// Parameters of the model.
-    pub parameters: usize,
-    /// Validation curve (fixed windows).
-    pub val: Vec<ValPoint>,
-    /// Bits per byte over the study's common validation bytes.
-    pub val_all: Option<f64>,
-    /// How many bytes that score predicts.
-    pub val_all_bytes: usize,
-    /// Training tokens per second.
-    pub tokens_per_second: f64,
-    /// Peak RSS of the process, MiB.
-    pub peak_rss_mib: f64,
-    /// The last sample.
-    pub sample: String,
-}
-
 /// `report.json`.
 #[derive(Serialize)]
 struct Report<'a> {
@@ -180,16 +137,13 @@ const DEFAULT: &str = "default";
 
 /// Entry point.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let args = Args::try_parse_from(
-        std::iter::once("cargo xtask quality".to_string()).chain(args.iter().cloned()),
-    )
-    .map_err(|e| e.to_string())?;
+    let args: Args = crate::cli::parse("quality", args)?;
     if args.steps == 0 || args.batch_size == 0 || args.seq_len < 2 || args.seeds.is_empty() {
         return Err(
             "--steps, --batch-size and --seeds must be positive, --seq-len at least 2".into(),
         );
     }
-    let root = crate::workspace_root();
+    let root = crate::workspace::root();
     let out = args
         .out
         .clone()
@@ -330,7 +284,7 @@ fn build_train_lm() -> Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("quality: cargo build --release -p performer --example train_lm");
     let status = Command::new(cargo)
-        .current_dir(crate::workspace_root())
+        .current_dir(crate::workspace::root())
         .args([
             "build",
             "--release",

@@ -9,7 +9,7 @@
 //! * [`CudaFastAttention`] is the device API (device buffers in and out, forward and backward);
 //!   [`CudaFastAttention::forward_host`] / [`CudaFastAttention::backward_host`] take and return
 //!   host slices. [`ops`] exposes each stage on its own.
-//! * [`reference`] is the f64 CPU implementation of the same math that the GPU tests compare
+//! * [`reference`](mod@reference) is the f64 CPU implementation of the same math that the GPU tests compare
 //!   against.
 //!
 //! Layout everywhere: row-major and contiguous, `(batch, heads, seq_len, dim)`, the projection

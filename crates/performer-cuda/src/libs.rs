@@ -27,12 +27,14 @@ struct Lib {
 static NVRTC: Lib = Lib {
     file: "libnvrtc.so.13",
     before: &[],
+    // SAFETY: only tries to dlopen libnvrtc by its usual names.
     present: || unsafe { cudarc::nvrtc::sys::is_culib_present() },
 };
 
 static CUBLAS: Lib = Lib {
     file: "libcublas.so.13",
     before: &["libcublasLt.so.13"],
+    // SAFETY: only tries to dlopen libcublas by its usual names.
     present: || unsafe { cudarc::cublas::sys::is_culib_present() },
 };
 

@@ -158,6 +158,13 @@ pub fn softmax_features(
     let total = (bh * n * m) as i64;
     // The atomic max in favor_project starts from -inf, its identity.
     dev.fill(OP, &mut stab, f32::NEG_INFINITY)?;
+    // SAFETY: the arguments are favor_project's `(x, proj, dd, diag, stab, per_row, n, m, d, dn)`
+    // and favor_exp's `(feat, diag, stab, per_row, n, m, ratio, eps, total)`, in order and of those
+    // types; x and the projection were checked to hold bh*n*d and m*d values, feat, diag and stab
+    // were allocated at bh*n*m, bh*n and one stabilizer per row or per head, which is all the
+    // kernels index for this grid (tiles past n or m are masked inside); the launch is queued on
+    // this device's stream, the borrowed buffers outlive the call and every later use of them is
+    // ordered after it on the same stream.
     unsafe {
         stream
             .launch_builder(dev.kernel("favor_project")?)
@@ -214,6 +221,11 @@ pub fn softmax_features_backward(
     let (ni, mi, di) = (n as i32, m as i32, d as i32);
     let dn = (d as f32).powf(-0.25);
     let ratio_eps = (m as f32).powf(-0.5) * FEATURE_EPS;
+    // SAFETY: favor_backward's `(x, proj, feat, gfeat, gx, n, m, d, dn, ratio_eps)`, in order and
+    // of those types; the four inputs were checked to hold bh*n*d, m*d, bh*n*m and bh*n*m values
+    // and gx was allocated at bh*n*d, the extent the (n/TILE, d/TILE, bh) grid indexes; the launch
+    // is queued on this device's stream, the borrowed buffers outlive the call and every later use
+    // of them is ordered after it on the same stream.
     unsafe {
         dev.stream()
             .launch_builder(dev.kernel("favor_backward")?)
@@ -264,6 +276,12 @@ fn chunk_states(
     };
     builder.arg(s).arg(sc).arg(&ni).arg(&mi).arg(&ei);
     let cfg = grid_3d(dims.m.div_ceil(32), (dims.e + 1).div_ceil(32), dims.bh);
+    // SAFETY: chunk_state_fwd/_rev (f32 or TF32) take `(A, B, bcol, S, sc, n, m, e)`, pushed above
+    // in that order and of those types (a null pointer for an absent bcol, which the kernels test);
+    // the callers check A, B, bcol against bh*n*m, bh*n*e, bh*n and allocate S, sc at bh*nt*m*e and
+    // bh*nt*m, the extent of the (m/32, (e+1)/32, bh) grid; the launch is queued on this device's
+    // stream, the borrowed buffers outlive the call and every later use of them is ordered after it
+    // on the same stream.
     unsafe { builder.launch(cfg) }.op(op)?;
     Ok(())
 }
@@ -311,6 +329,11 @@ pub fn causal_linear_attention_with(
     let mut out = dev.scratch(bh * n * e)?;
     let mut den = dev.scratch(bh * n)?;
     let (ni, mi, ei) = (n as i32, m as i32, e as i32);
+    // SAFETY: chunk_output_fwd's `(qf, kf, v, h, z, out, den, n, m, e, eps)`, in order and of those
+    // types; qf, kf, v were checked by `dims.check`, h, z are the chunk states allocated above at
+    // bh*nt*m*e and bh*nt*m, out and den are allocated at bh*n*e and bh*n, what the (nt, e/TILE,
+    // bh) grid writes; the launch is queued on this device's stream, the borrowed buffers outlive
+    // the call and every later use of them is ordered after it on the same stream.
     unsafe {
         dev.stream()
             .launch_builder(dev.kernel(precision.kernel("chunk_output_fwd"))?)
@@ -352,6 +375,12 @@ fn grad_prep(
     // One warp per row; the kernel writes through dnum/dden although they are passed as
     // shared views, because in the non-causal path both live in one augmented buffer.
     let cfg = grid_1d(rows * 32, THREADS);
+    // SAFETY: attention_grad_prep's `(g, out, den, den_stride, dnum, dnum_ld, dden, dden_stride,
+    // rows, e)`, in order and of those types; the callers size g, out at rows*e, den, dnum, dden
+    // for `rows` rows at the strides given (dnum and dden may share one augmented buffer: the
+    // kernel writes disjoint columns of it, one warp per row); the launch is queued on this
+    // device's stream, the borrowed buffers outlive the call and every later use of them is ordered
+    // after it on the same stream.
     unsafe {
         dev.stream()
             .launch_builder(dev.kernel("attention_grad_prep")?)
@@ -453,6 +482,11 @@ pub fn causal_linear_attention_backward_with(
     )?;
     let mut dqf = dev.scratch(bh * n * m)?;
     let stream = dev.stream();
+    // SAFETY: the arguments follow chunk_output_rev's and chunk_grad_feat_*'s signatures in order
+    // and type; every input was checked by `dims.check` or computed above at its (bh, n or nt, m,
+    // e) extent, and each output is allocated at the extent its grid writes; the launch is queued
+    // on this device's stream, the borrowed buffers outlive the call and every later use of them is
+    // ordered after it on the same stream.
     unsafe {
         stream
             .launch_builder(dev.kernel(precision.kernel("chunk_grad_feat_fwd"))?)
@@ -486,6 +520,11 @@ pub fn causal_linear_attention_backward_with(
     )?;
     let mut dkf = dev.scratch(bh * n * m)?;
     let mut dv = dev.scratch(bh * n * e)?;
+    // SAFETY: chunk_grad_feat_rev's and chunk_output_rev's arguments in order and type; inputs
+    // checked by `dims.check` or computed above at their (bh, n or nt, m, e) extents, outputs
+    // allocated at the extents their grids write; the launch is queued on this device's stream, the
+    // borrowed buffers outlive the call and every later use of them is ordered after it on the same
+    // stream.
     unsafe {
         stream
             .launch_builder(dev.kernel(precision.kernel("chunk_grad_feat_rev"))?)
@@ -575,6 +614,12 @@ fn gemm_rm(
         stride_b: stride_a as i64,
         stride_c: stride_c as i64,
     };
+    // SAFETY: `cfg` is the row-major problem restated for column-major cuBLAS (operands swapped, the
+    // same op flags); its two callers, the non-causal forward and backward, pass `qf`, `kf`, `v`
+    // checked by `dims.check` and outputs allocated at bh*m*(e+1) and bh*n*(e+1), which are
+    // `batch` = bh matrices of exactly the shapes, leading dimensions and strides given here, so
+    // cuBLAS stays inside the three buffers; it runs on this device's stream, in order with the
+    // work that produced its inputs and the work that reads `c`.
     unsafe { blas.gemm_strided_batched(cfg, b, a, c) }.op(op)
 }
 
@@ -588,6 +633,11 @@ fn augment_ones(
     let mut vaug = dev.scratch(rows * (dims.e + 1))?;
     let rows_i = rows as i64;
     let ei = dims.e as i32;
+    // SAFETY: augment_ones' `(v, vaug, rows, e)` or normalize_rows' `(num_aug, out, rows, e)` in
+    // order and type; v holds rows*e values (checked), vaug/num_aug rows*(e+1), out rows*e, the
+    // totals the grid-stride loops stop at; the launch is queued on this device's stream, the
+    // borrowed buffers outlive the call and every later use of them is ordered after it on the same
+    // stream.
     unsafe {
         dev.stream()
             .launch_builder(dev.kernel("augment_ones")?)
@@ -665,6 +715,10 @@ pub fn linear_attention(
     let mut out = dev.scratch(bh * n * e)?;
     let rows_i = (bh * n) as i64;
     let ei = e as i32;
+    // SAFETY: the kernel's arguments in its signature's order and types; the buffers hold the
+    // rows*e and rows*(e+1) values its grid-stride loop stops at (checked or allocated above); the
+    // launch is queued on this device's stream, the borrowed buffers outlive the call and every
+    // later use of them is ordered after it on the same stream.
     unsafe {
         dev.stream()
             .launch_builder(dev.kernel("normalize_rows")?)

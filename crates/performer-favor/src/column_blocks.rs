@@ -26,8 +26,8 @@ impl Blocks {
         }
     }
 
-    /// Unspecified contents, for blocks that are written before they are read (a block's
-    /// columns past the matrix's end are never read).
+    /// For blocks that are written before they are read (a block's columns past the matrix's
+    /// end are never read); zeroed, see [`for_overwrite`].
     pub fn for_overwrite(rows: usize, len: usize, width: usize) -> Self {
         let width = width.max(1);
         Blocks {
@@ -136,17 +136,22 @@ fn transpose_strided(
 pub(crate) fn transpose_into(src: &ArrayView2<f32>, dst: &mut ArrayViewMut2<f32>) {
     let (rows, cols) = src.dim();
     debug_assert_eq!(dst.dim(), (cols, rows));
-    let unit = |s: &[isize], c: usize| c <= 1 || s[1] == 1;
-    if rows == 0 || cols == 0 || !unit(src.strides(), cols) || !unit(dst.strides(), rows) {
+    // Unit column stride and a non-negative row stride: the span from the first element then
+    // covers every element, so it can be read as one slice (checked in every build: a negative
+    // stride would make the slices below point outside the views).
+    let plain = |s: &[isize], c: usize| (c <= 1 || s[1] == 1) && s[0] >= 0;
+    if rows == 0 || cols == 0 || !plain(src.strides(), cols) || !plain(dst.strides(), rows) {
         dst.assign(&src.t());
         return;
     }
     let (ls, ld) = (src.strides()[0] as usize, dst.strides()[0] as usize);
-    // SAFETY: both views have unit column stride and non-negative row strides (they come from
-    // standard-layout buffers here; checked in debug builds), so these slices cover exactly
-    // their elements' span; `dst` is borrowed mutably and does not overlap `src`.
-    debug_assert!(src.strides()[0] >= 0 && dst.strides()[0] >= 0);
+    // SAFETY: `src` has unit column stride and row stride `ls >= 0` (checked above), so its
+    // elements lie in the `(rows - 1) * ls + cols` floats from its first one, all inside the
+    // array it views; they are only read.
     let s = unsafe { std::slice::from_raw_parts(src.as_ptr(), (rows - 1) * ls + cols) };
+    // SAFETY: likewise for `dst` (unit column stride, row stride `ld >= 0`); it is borrowed
+    // mutably, so nothing else reads or writes that span, and it cannot overlap `src`, which is
+    // borrowed shared at the same time.
     let d = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr(), (cols - 1) * ld + rows) };
     transpose_strided(s, rows, cols, ls, d, ld);
 }

@@ -70,6 +70,7 @@ struct DeviceSaved {
 // SAFETY: the saved state is only touched through `&self` calls of performer-cuda, which
 // synchronize on the device's stream; the CUDA driver API is thread-safe.
 unsafe impl Send for DeviceSaved {}
+// SAFETY: as for Send: every access goes through `&self` calls that synchronize on the stream.
 unsafe impl Sync for DeviceSaved {}
 
 fn host(x: &Data) -> Vec<f32> {

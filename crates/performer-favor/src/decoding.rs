@@ -582,7 +582,7 @@ impl FastAttention {
             match kind {
                 Kind::Softmax { ratio, eps, .. } => {
                     // B = sum_j v_j; A = S / r - eps 1 B^T; Z = (z - eps') / r - eps n.
-                    let b = crate::heads::head(&vs, h).sum_axis(Axis(0));
+                    let b = crate::heads::head(&vs, h)?.sum_axis(Axis(0));
                     Zip::from(kv.rows_mut())
                         .and(s.rows())
                         .for_each(|mut a, sr| {

@@ -18,9 +18,18 @@ pub fn lead_shape<'a>(op: &str, name: &str, shape: &'a [usize]) -> Result<&'a [u
     Ok(&shape[..shape.len() - 2])
 }
 
-/// Head `i` (in row-major order of the leading axes) as a 2-D view.
-pub fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f32> {
-    let lead = &x.shape()[..x.ndim() - 2];
+/// Head `i` (in row-major order of the leading axes) as a 2-D view; an error for an array of
+/// rank below 2 or a head index past the heads.
+pub fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> Result<ArrayView2<'a, f32>> {
+    let lead = lead_shape("heads::head", "x", x.shape())?;
+    let heads: usize = lead.iter().product();
+    if i >= heads {
+        return Err(Error::Index {
+            op: "heads::head".into(),
+            index: i as i64,
+            size: heads,
+        });
+    }
     let mut v = x.view();
     let mut rem = i;
     let mut idx = vec![0; lead.len()];
@@ -31,7 +40,8 @@ pub fn head<'a>(x: &'a ArrayViewD<'a, f32>, i: usize) -> ArrayView2<'a, f32> {
     for &k in &idx {
         v = v.index_axis_move(Axis(0), k);
     }
-    v.into_dimensionality().expect("two axes remain")
+    v.into_dimensionality()
+        .map_err(|e| Error::shape("heads::head", e.to_string()))
 }
 
 /// A contiguous `(heads, rows, cols)` output with its final `lead ++ [rows, cols]` shape.
@@ -53,8 +63,8 @@ impl HeadsOut {
         }
     }
 
-    /// Like [`HeadsOut::zeros`] without the zeroing, for outputs that the caller overwrites
-    /// completely before reading (a zeroing pass over memory costs ~5% of an attention call).
+    /// Like [`HeadsOut::zeros`], for outputs that the caller overwrites completely before
+    /// reading (see [`for_overwrite`] for why it is zeroed all the same).
     pub(crate) fn for_overwrite(lead: &[usize], rows: usize, cols: usize) -> Self {
         let heads = lead.iter().product();
         let mut shape = lead.to_vec();
@@ -78,19 +88,14 @@ impl HeadsOut {
     }
 }
 
-/// A new array whose contents are unspecified, for buffers that are overwritten completely
-/// before anything reads them (GEMM outputs with `beta = 0`, copies); it skips the zeroing pass
-/// that `Array::zeros` makes over memory about to be overwritten.
-/// Debug builds fill it with NaN, so that a missed write shows in the results.
+/// A new array for a buffer that is overwritten completely before anything reads it (GEMM
+/// outputs with `beta = 0`, copies). It is zeroed: handing out uninitialized `f32`s, as this
+/// once did through `assume_init`, is undefined behaviour however the values are used, and
+/// `Array::zeros` takes its memory from `calloc`, which gives a fresh mapping of zero pages for
+/// a large buffer without a pass over it (small buffers are cleared by memset, a cost in the
+/// noise of the products that fill them).
 pub(crate) fn for_overwrite<Sh: ndarray::ShapeBuilder>(shape: Sh) -> ndarray::Array<f32, Sh::Dim> {
-    if cfg!(debug_assertions) {
-        return ndarray::Array::from_elem(shape, f32::NAN);
-    }
-    let a = ndarray::Array::<f32, _>::uninit(shape);
-    // SAFETY: f32 has no invalid bit patterns and the same layout as MaybeUninit<f32>; callers
-    // write every element before reading it (documented at each call), so no uninitialized
-    // value is ever observed.
-    unsafe { a.assume_init() }
+    ndarray::Array::zeros(shape)
 }
 
 /// Per-head row vectors (normalizers), `(heads, rows)`.
@@ -101,4 +106,32 @@ pub(crate) fn row_vectors(heads: usize, rows: usize) -> Array2<f32> {
 /// Mutable rows of a `(heads, rows)` array.
 pub(crate) fn vector_views(a: &mut Array2<f32>) -> Vec<ArrayViewMut1<'_, f32>> {
     a.axis_iter_mut(Axis(0)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank below 2 and a head past the last are errors, not panics.
+    #[test]
+    fn bad_axes_and_heads_are_errors() {
+        let x = ArrayD::<f32>::zeros(IxDyn(&[2, 3, 4, 5]));
+        let v = x.view();
+        assert_eq!(head(&v, 5).unwrap().shape(), &[4, 5]);
+        let err = head(&v, 6).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Index {
+                    index: 6,
+                    size: 6,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let flat = ArrayD::<f32>::zeros(IxDyn(&[5]));
+        let err = head(&flat.view(), 0).unwrap_err();
+        assert!(err.to_string().contains("(..., n, d)"), "{err}");
+    }
 }

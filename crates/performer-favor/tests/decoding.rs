@@ -7,6 +7,7 @@ use performer_favor::{FastAttention, FastAttentionConfig};
 use performer_tensor::ops::Activation;
 use performer_tensor::rng::Generator;
 use performer_tensor::team::with_team;
+use performer_tensor::testing::{assert_abs_close, assert_close, gradient};
 use performer_tensor::{Tensor, no_grad};
 
 fn randn(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
@@ -29,7 +30,6 @@ fn check(cfg: FastAttentionConfig, label: &str) {
     let mut state = fa.causal_state(h, d);
     // The same sums advanced by the fused step, with the heads shared over a team of threads.
     let mut stepped = fa.causal_state(h, d);
-    let (mut worst, mut worst_stepped) = (0f32, 0f32);
     for t in 0..n {
         let kt = k
             .slice(s![0, .., t..t + 1, ..])
@@ -58,21 +58,14 @@ fn check(cfg: FastAttentionConfig, label: &str) {
             fa.step_state(&mut stepped, &qt.view(), &kt, &vt, team)
         })
         .unwrap();
-        let scale = want.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-        let err = |got: &ndarray::Array2<f32>| {
-            got.iter()
-                .zip(want.iter())
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-                / scale
-        };
-        worst = worst.max(err(&ours));
-        worst_stepped = worst_stepped.max(err(&step));
+        assert_close(&format!("{label}: position {t}"), &ours, &want, 1e-4);
+        assert_close(
+            &format!("{label}: step_state at position {t}"),
+            &step,
+            &want,
+            1e-4,
+        );
     }
-    assert!(worst < 1e-4, "{label}: worst relative error {worst}");
-    assert!(
-        worst_stepped < 1e-4,
-        "{label}: step_state's worst relative error {worst_stepped}"
-    );
     assert_eq!(state.len(), n);
     assert_eq!(stepped.len(), n);
 }
@@ -172,11 +165,7 @@ fn context_state_matches_non_causal_attention() {
             let qt = q.slice(s![0, .., t, ..]).to_owned();
             let ours = fa.query_context(&st, &qt.view()).unwrap();
             let want = full.view().slice(s![0, .., t, ..]).to_owned();
-            let err = ours
-                .iter()
-                .zip(want.iter())
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err < 1e-5, "{err}");
+            assert_abs_close(&format!("context query {t}"), &ours, &want, 1e-5);
         }
     }
 }
@@ -207,17 +196,11 @@ fn check_forward_extending(cfg: FastAttentionConfig, label: &str) {
     .unwrap();
     assert_eq!(state.len(), n);
     let want = no_grad(|| fa.forward(&prefix(&q, n), &prefix(&k, n), &prefix(&v, n))).unwrap();
-    let max_diff = |a: &ArrayD<f32>, w: &ArrayD<f32>| {
-        let scale = w.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-        a.iter()
-            .zip(w.iter())
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
-    };
-    let prompt_err = max_diff(&out.to_array(), &want.to_array());
-    assert!(
-        prompt_err < 1e-6,
-        "{label}: prompt output differs by {prompt_err}"
+    assert_close(
+        &format!("{label}: prompt output"),
+        &out.view(),
+        &want.view(),
+        1e-6,
     );
     let flat = |a: &ArrayD<f32>, t: usize| {
         a.slice(s![.., .., t, ..])
@@ -225,7 +208,6 @@ fn check_forward_extending(cfg: FastAttentionConfig, label: &str) {
             .into_shape_with_order((b * h, a.shape()[3]))
             .unwrap()
     };
-    let mut worst = 0f32;
     for t in n..total {
         let got = with_team(|team| {
             fa.step_state(
@@ -241,12 +223,13 @@ fn check_forward_extending(cfg: FastAttentionConfig, label: &str) {
             no_grad(|| fa.forward(&prefix(&q, t + 1), &prefix(&k, t + 1), &prefix(&v, t + 1)))
                 .unwrap();
         let want = flat(&full.to_array(), t);
-        worst = worst.max(max_diff(&got.into_dyn(), &want.into_dyn()));
+        assert_close(
+            &format!("{label}: step {t} after the prompt"),
+            &got,
+            &want,
+            1e-4,
+        );
     }
-    assert!(
-        worst < 1e-4,
-        "{label}: steps after the prompt differ by {worst}"
-    );
 }
 
 #[test]
@@ -354,13 +337,12 @@ fn forward_extending_keeps_the_graph_when_gradients_flow() {
         .sum_all()
         .backward()
         .unwrap();
-    let (got, want) = (got.get(&q).unwrap(), want.get(&q).unwrap());
-    let worst = got
-        .iter()
-        .zip(want.iter())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= 1e-6, "gradient differs from forward's by {worst}");
+    assert_abs_close(
+        "gradient of q against forward's",
+        gradient(&got, &q, "q (forward_extending)"),
+        gradient(&want, &q, "q (forward)"),
+        1e-6,
+    );
     assert_eq!(state.len(), 9);
 }
 

@@ -4,6 +4,7 @@ use ndarray::{ArrayD, IxDyn};
 use performer_favor::*;
 use performer_tensor::ops::Activation;
 use performer_tensor::rng::Generator;
+use performer_tensor::testing::{assert_abs_close, assert_close};
 use performer_tensor::{GradcheckOptions, Tensor, gradcheck};
 
 fn randn(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
@@ -92,12 +93,7 @@ fn assert_same_features(map: FeatureMap, is_query: bool) {
         ("dx", &a.1, &b.1),
         ("dproj", &a.2, &b.2),
     ] {
-        let scale = y.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let err = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
-        assert!(
-            err < 1e-5,
-            "{map:?} query {is_query}: {name} differs by {err}"
-        );
+        assert_close(&format!("{map:?} query {is_query}: {name}"), x, y, 1e-5);
     }
 }
 
@@ -254,18 +250,11 @@ fn fused_equals_composed() {
             )
         };
         let (a, b) = (run(true), run(false));
-        let close = |x: &ArrayD<f32>, y: &ArrayD<f32>| {
-            let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
-            x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale
-        };
-        assert!(
-            close(&a.0, &b.0) < 1e-5,
-            "{map:?} causal {causal}: out {}",
-            close(&a.0, &b.0)
-        );
-        assert!(close(&a.1, &b.1) < 1e-4, "dq {}", close(&a.1, &b.1));
-        assert!(close(&a.2, &b.2) < 1e-4, "dk {}", close(&a.2, &b.2));
-        assert!(close(&a.3, &b.3) < 1e-4, "dv {}", close(&a.3, &b.3));
+        let what = |name: &str| format!("{map:?} causal {causal}: {name}");
+        assert_close(&what("out"), &a.0, &b.0, 1e-5);
+        assert_close(&what("dq"), &a.1, &b.1, 1e-4);
+        assert_close(&what("dk"), &a.2, &b.2, 1e-4);
+        assert_close(&what("dv"), &a.3, &b.3, 1e-4);
     }
 }
 
@@ -280,12 +269,12 @@ fn causal_consistency() {
     let reference = causal_linear_attention(&q, &k, &v, 1e-6, 1).unwrap();
     for chunk in [3, 16, 64, 128] {
         let out = causal_linear_attention(&q, &k, &v, 1e-6, chunk).unwrap();
-        let err = out
-            .to_vec()
-            .iter()
-            .zip(reference.to_vec())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err < 1e-5, "chunk {chunk}: {err}");
+        assert_abs_close(
+            &format!("chunk {chunk}"),
+            &out.view(),
+            &reference.view(),
+            1e-5,
+        );
     }
     // naive: out_i = sum_{j<=i} (q_i.k_j) v_j / (q_i.(sum_{j<=i} k_j + eps))
     let (qv, kv, vv, ov) = (q.view(), k.view(), v.view(), reference.view());
@@ -399,9 +388,7 @@ fn assert_same_attention(
         .zip(&b)
         .map(|((w, x), y)| (w, x, y))
     {
-        let scale = y.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-        let err = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
-        assert!(err < tol, "{name}: {what} differs by {err}");
+        assert_close(&format!("{name}: {what}"), x, y, tol);
     }
 }
 
@@ -499,11 +486,12 @@ fn strided_inputs_and_tiny_lengths() {
         };
         let (strided, grads) = run(true);
         let (contiguous, _) = run(false);
-        let err = strided
-            .iter()
-            .zip(&contiguous)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err < 1e-6, "causal {causal}: strided heads differ by {err}");
+        assert_abs_close(
+            &format!("causal {causal}: strided heads"),
+            &strided,
+            &contiguous,
+            1e-6,
+        );
         assert!(grads.iter().all(|g| g.iter().all(|x| x.is_finite())));
         for n in [1, 0] {
             let [q, k, v] = [44, 45, 46].map(|s| Tensor::var(randn(&[1, 2, n, 8], s, 0.8)));
@@ -515,6 +503,7 @@ fn strided_inputs_and_tiny_lengths() {
                 // One position attends to itself only: the output is its value (up to the
                 // normalizer's eps).
                 let (o, vv) = (out.to_array(), v.to_array());
+                assert_eq!(o.shape(), vv.shape());
                 assert!(
                     o.iter()
                         .zip(vv.iter())

@@ -1,4 +1,4 @@
-//! [`Embedding`]: `nn.Embedding`'s lookup table.
+//! `nn.Embedding`'s lookup table ([`Embedding`]).
 
 use ndarray::ArrayViewD;
 use performer_tensor::{Module, Param, Result, Tensor, Visitor};

@@ -1,4 +1,4 @@
-//! [`LayerNorm`]: `nn.LayerNorm` over the last axis, on tensors and on plain rows.
+//! `nn.LayerNorm` ([`LayerNorm`]) over the last axis, on tensors and on plain rows.
 
 use ndarray::{Array2, ArrayView2};
 use performer_tensor::ops::layer_norm_row;

@@ -132,7 +132,7 @@ const CHUNK_VALUES: usize = 1 << 15;
 
 /// Several Linear layers applied to the same rows `x` `(b, in)` (the query, key and value
 /// projections, say) as matrix-vector products, one result `(b, out_i)` per layer. Their
-/// output features are cut into chunks of about [`CHUNK_VALUES`] weights, all shared over
+/// output features are cut into chunks of about `CHUNK_VALUES` weights, all shared over
 /// `team`'s threads in one phase: with one token per sequence the product is bound by reading
 /// the weights, and two cores read them twice as fast.
 ///
@@ -146,6 +146,14 @@ pub fn linear_rows(
     team: &Team,
 ) -> Result<Vec<Array2<f32>>> {
     let (b, inf) = x.dim();
+    if b == 0 {
+        return Err(Error::invalid(
+            "linear_rows",
+            "rows",
+            0,
+            "needs at least one row (one position per sequence)",
+        ));
+    }
     let weights: Vec<RowWeights> = layers
         .iter()
         .map(|l| RowWeights::of("Linear", l, inf, l.out_features()))

@@ -364,7 +364,7 @@ impl CustomOp for LocalAttentionOp {
             .into_par_iter()
             .enumerate()
             .try_for_each(|(h, mut o)| -> Result<()> {
-                let (qh, kh, vh) = (head(&q, h), head(&k, h), head(&v, h));
+                let (qh, kh, vh) = (head(&q, h)?, head(&k, h)?, head(&v, h)?);
                 for w_idx in 0..windows {
                     let keys = self.window_keys(&kh, &vh, w_idx, windows);
                     let qr = self.window_queries(&qh, w_idx);
@@ -422,7 +422,7 @@ impl CustomOp for LocalAttentionOp {
             .zip(dv.views())
             .enumerate()
             .try_for_each(|(h, ((mut dqh, mut dkh), mut dvh))| -> Result<()> {
-                let (qh, kh, vh, gh) = (head(&q, h), head(&k, h), head(&v, h), head(&gv, h));
+                let (qh, kh, vh, gh) = (head(&q, h)?, head(&k, h)?, head(&v, h)?, head(&gv, h)?);
                 for w_idx in 0..windows {
                     let keys = self.window_keys(&kh, &vh, w_idx, windows);
                     let qr = self.window_queries(&qh, w_idx);

@@ -62,7 +62,12 @@ impl Module for FixedPositionalEmbedding {
 
 /// Swaps each pair of features `(x0, x1) -> (-x1, x0)` along the last axis.
 pub fn rotate_every_two(x: &Tensor) -> Result<Tensor> {
-    let d = *x.shape().last().unwrap_or(&0);
+    let Some(&d) = x.shape().last() else {
+        return Err(Error::shape(
+            "rotate_every_two",
+            "needs a tensor with a feature axis, got a scalar (rank 0)",
+        ));
+    };
     if !d.is_multiple_of(2) {
         return Err(Error::shape(
             "rotate_every_two",

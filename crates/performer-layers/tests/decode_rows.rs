@@ -29,16 +29,7 @@ fn as_rows(t: &Tensor) -> Array2<f32> {
 }
 
 fn assert_close(got: &Array2<f32>, want: &Array2<f32>, what: &str) {
-    assert_eq!(got.dim(), want.dim(), "{what}");
-    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        err <= 1e-5 * scale,
-        "{what}: max error {err} (scale {scale})"
-    );
+    performer_tensor::testing::assert_close(what, got, want, 1e-5);
 }
 
 /// Runs `f` with a team of the calling thread alone and with rayon's helpers.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use ndarray::{Array2, ArrayD, IxDyn};
 use performer_layers::*;
 use performer_tensor::rng::Generator;
+use performer_tensor::testing::{assert_abs_close, assert_close};
 use performer_tensor::{GradcheckOptions, Module, Result, Tensor, gradcheck, no_grad};
 
 fn randn(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
@@ -248,23 +249,21 @@ fn reversible_equals_sequential() {
         let params: Vec<ArrayD<f32>> = rev
             .parameters()
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 g.get_param(p)
                     .cloned()
-                    .unwrap_or_else(|| ArrayD::zeros(IxDyn(&p.shape())))
+                    .unwrap_or_else(|| panic!("param {i}: no gradient reached it"))
             })
             .collect();
         (out.to_array(), g.get(&xv).unwrap().clone(), params)
     };
     let (a, b) = (run(true), run(false));
-    let err = |x: &ArrayD<f32>, y: &ArrayD<f32>| {
-        let s = y.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / s
-    };
-    assert!(err(&a.0, &b.0) < 1e-5, "out {}", err(&a.0, &b.0));
-    assert!(err(&a.1, &b.1) < 1e-4, "dx {}", err(&a.1, &b.1));
+    assert_close("out", &a.0, &b.0, 1e-5);
+    assert_close("dx", &a.1, &b.1, 1e-4);
+    assert_eq!(a.2.len(), b.2.len());
     for (i, (p, q)) in a.2.iter().zip(&b.2).enumerate() {
-        assert!(err(p, q) < 1e-4, "param {i}: {}", err(p, q));
+        assert_close(&format!("param {i}"), p, q, 1e-4);
     }
     // And a sequential stack is plain residual composition.
     let seq = SequentialSequence {
@@ -297,12 +296,7 @@ fn chunked_feed_forward_equals_unchunked_with_gradients() {
         .forward(&Tensor::new(x.clone()), &BlockInputs::none())
         .unwrap();
     let b = ff.forward(&Tensor::new(x), &BlockInputs::none()).unwrap();
-    let diff = a
-        .to_vec()
-        .iter()
-        .zip(b.to_vec())
-        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-    assert!(diff < 1e-6);
+    assert_abs_close("chunked feed-forward", &a.view(), &b.view(), 1e-6);
 }
 
 #[test]
@@ -351,12 +345,12 @@ fn linear_without_a_graph_equals_the_recorded_forward() {
                 let recorded = layer.forward(input).unwrap();
                 let inferred = no_grad(|| layer.forward(input)).unwrap();
                 assert_eq!(inferred.shape(), &[2, 5, 40]);
-                let err = recorded
-                    .to_array()
-                    .iter()
-                    .zip(inferred.to_array().iter())
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(err < 1e-5, "bias {bias} step {step}: {err}");
+                assert_abs_close(
+                    &format!("bias {bias} step {step}"),
+                    &inferred.view(),
+                    &recorded.view(),
+                    1e-5,
+                );
                 layer.weight.update(|w| w.mapv_inplace(|v| v * 0.5 - 0.01));
             }
         }
@@ -433,4 +427,26 @@ fn axial_positions_sum_their_axes() {
     }
     assert!(ax.forward(9).is_err());
     assert!(AxialPositionalEmbedding::new(3, &[]).is_err());
+}
+
+/// Inputs that once reached a panic are typed errors: no rows for the row path, a scalar for
+/// the rotary map.
+#[test]
+fn no_rows_and_a_scalar_are_errors() {
+    let layer = Linear::new(4, 3, true);
+    let x = Array2::<f32>::zeros((0, 4));
+    let err = linear_rows(
+        &[&layer],
+        &x.view(),
+        &performer_tensor::team::Team::single(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at least one row"), "{err}");
+    let err = layer
+        .forward_rows(&x.view(), &performer_tensor::team::Team::single())
+        .unwrap_err();
+    assert!(err.to_string().contains("linear_rows"), "{err}");
+    let scalar = Tensor::new(ArrayD::from_elem(IxDyn(&[]), 1.0));
+    let err = rotate_every_two(&scalar).unwrap_err();
+    assert!(err.to_string().contains("rank 0"), "{err}");
 }

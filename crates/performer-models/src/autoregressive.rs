@@ -165,7 +165,7 @@ impl AutoregressiveWrapper {
         // A model in eval mode is only read, so threads sharing it (`Arc`) may generate at
         // once; one in training mode is switched to eval for the call and back, which is a
         // write: put a shared model in eval mode first.
-        let was_training = crate::is_training(&self.net);
+        let was_training = crate::mode::is_training(&self.net);
         if was_training {
             self.net.set_training(false);
         }

@@ -155,7 +155,7 @@ impl PerformerEncDec {
     ) -> Result<Tensor> {
         performer_tensor::no_grad(|| {
             // Only a model in training mode is written to (see `AutoregressiveWrapper::generate`).
-            let was = crate::is_training(&self.enc);
+            let was = crate::mode::is_training(&self.enc);
             if was {
                 self.enc.set_training(false);
             }

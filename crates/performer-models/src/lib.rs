@@ -23,6 +23,7 @@ mod enc_dec;
 mod finite;
 pub mod fuzzing;
 mod lm;
+mod mode;
 pub mod parity;
 mod performer;
 mod presets;
@@ -36,22 +37,7 @@ pub use config::{
 pub use enc_dec::PerformerEncDec;
 pub use finite::{check_finite_step, non_finite_gradients, non_finite_parameters};
 pub use lm::{DecodingState, LmInputs, PerformerLM, PositionEmbedding};
+pub use mode::is_training;
 pub use performer::Performer;
 pub use presets::AttentionPreset;
 pub use sampling::{Filter, GenerateOptions};
-
-use performer_tensor::{Entry, Module, Visitor};
-
-/// Whether a module is in training mode (the first train/eval flag found; true if none).
-pub fn is_training(m: &dyn Module) -> bool {
-    let mut found = None;
-    let mut f = |_: &str, e: Entry<'_>| {
-        if let Entry::Training(t) = e
-            && found.is_none()
-        {
-            found = Some(t.get());
-        }
-    };
-    m.visit(&mut Visitor::new(&mut f));
-    found.unwrap_or(true)
-}

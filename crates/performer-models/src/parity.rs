@@ -90,22 +90,88 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Relative error as FIXTURES.md defines it (absolute where the reference is all zeros; NaN
-/// counts as infinite).
+/// Relative error as FIXTURES.md defines it (absolute where the reference is all zeros): the
+/// measure of [`performer_tensor::testing::relative_error`], with a shape mismatch, NaN or
+/// infinity on either side counted as infinite.
 pub fn relative_error(ours: &ArrayD<f32>, reference: &ArrayD<f32>) -> f32 {
-    if ours.shape() != reference.shape() {
-        return f32::INFINITY;
-    }
-    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let mut diff = 0f32;
-    for (a, b) in ours.iter().zip(reference) {
-        let d = (a - b).abs();
-        if d.is_nan() {
-            return f32::INFINITY;
+    performer_tensor::testing::relative_error(ours, reference).unwrap_or(f32::INFINITY)
+}
+
+/// The keys a fixture may hold in `config.json`, its `call`, and `inputs.safetensors`, per model
+/// class: anything else is a fixture this runner would misread, so it is refused.
+const CONFIG_KEYS: &[&str] = &["model", "kwargs", "train", "call"];
+/// performer-pytorch 1.1.4's `FastAttention(...)` keyword arguments.
+const FAST_ATTENTION_KWARGS: &[&str] = &[
+    "dim_heads",
+    "nb_features",
+    "ortho_scaling",
+    "causal",
+    "generalized_attention",
+    "kernel_fn",
+    "no_projection",
+];
+
+/// The `call` keywords and the inputs a model class takes.
+fn call_keys_and_inputs(class: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    match class {
+        "FastAttention" => (&[], &["q", "k", "v", "probe"]),
+        "SelfAttention" | "CrossAttention" | "Performer" => {
+            (&[], &["x", "mask", "context", "context_mask", "probe"])
         }
-        diff = diff.max(d);
+        "PerformerLM" => (&["return_encodings"], &["x", "mask", "probe"]),
+        "PerformerEncDec" => (&[], &["x", "y", "enc_mask", "dec_mask", "probe"]),
+        _ => (&[], &[]),
     }
-    if scale > 0.0 { diff / scale } else { diff }
+}
+
+/// Keys of `keys` outside `known`, as an error naming `what`.
+fn refuse_unknown<'k>(
+    what: &str,
+    keys: impl IntoIterator<Item = &'k String>,
+    known: &[&str],
+) -> Result<()> {
+    let unknown: Vec<&String> = keys
+        .into_iter()
+        .filter(|k| !known.contains(&k.as_str()))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "fixture",
+        what,
+        format!("{unknown:?}"),
+        format!("unknown (this runner reads {known:?})"),
+    ))
+}
+
+/// Refuses a fixture with keys this runner does not read: in `config.json`, its `call`, the
+/// FastAttention kwargs (the model classes check their own) and the inputs.
+fn check_keys(fx: &Fixture) -> Result<()> {
+    let Some(config) = fx.config.as_object() else {
+        return Err(Error::invalid(
+            "fixture",
+            "config.json",
+            "not an object",
+            "must be an object",
+        ));
+    };
+    refuse_unknown("config.json key", config.keys(), CONFIG_KEYS)?;
+    let class = fx.config["model"].as_str().unwrap_or_default();
+    let (call_keys, inputs) = call_keys_and_inputs(class);
+    match fx.config.get("call") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(call)) => refuse_unknown("call keyword", call.keys(), call_keys)?,
+        Some(v) => {
+            return Err(Error::invalid("fixture", "call", v, "must be an object"));
+        }
+    }
+    if class == "FastAttention"
+        && let Some(kw) = fx.kw().as_object()
+    {
+        refuse_unknown("FastAttention keyword", kw.keys(), FAST_ATTENTION_KWARGS)?;
+    }
+    refuse_unknown("input", fx.inputs.keys(), inputs)
 }
 
 struct Fixture {
@@ -472,6 +538,9 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
         Ok(f) => f,
         Err(e) => return fail(name, format!("cannot load: {e}")),
     };
+    if let Err(e) = check_keys(&fx) {
+        return fail(name, format!("cannot run: {e}"));
+    }
     let run = match run_module(&fx) {
         Ok(r) => r,
         Err(e) => return fail(name, format!("cannot run: {e}")),
@@ -507,10 +576,13 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
                         continue;
                     }
                 };
-                let ours = ours
-                    .cloned()
-                    .unwrap_or_else(|| ArrayD::zeros(want.raw_dim()));
-                record(key, relative_error(&ours, &want), &mut problems);
+                match ours {
+                    Some(ours) => record(key, relative_error(ours, &want), &mut problems),
+                    None => {
+                        record(key.clone(), f32::INFINITY, &mut problems);
+                        problems.push(format!("{key}: no gradient reached the Rust parameter"));
+                    }
+                }
             }
             (None, Some(g)) if g.iter().any(|v| v.abs() > 0.0) => {
                 problems.push(format!(
@@ -534,19 +606,37 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
             problems.push(format!("{key}: no such parameter in the Rust model"));
         }
     }
+    // Every float input has a reference gradient (FIXTURES.md), and no other input does.
     for (name, t) in &run.float_inputs {
         let key = format!("grad.input.{name}");
         match fx.expected.get(&key).cloned().map(|w| w.into_f32(&key)) {
-            Some(Ok(want)) => {
-                let ours = run
-                    .grads
-                    .get(t)
-                    .cloned()
-                    .unwrap_or_else(|| ArrayD::zeros(want.raw_dim()));
-                record(key, relative_error(&ours, &want), &mut problems);
-            }
+            Some(Ok(want)) => match run.grads.get(t) {
+                Some(ours) => record(key, relative_error(ours, &want), &mut problems),
+                None => {
+                    record(key.clone(), f32::INFINITY, &mut problems);
+                    problems.push(format!("{key}: no gradient reached the Rust input"));
+                }
+            },
             Some(Err(e)) => problems.push(e.to_string()),
-            None => {}
+            None => problems.push(format!("{key}: missing from expected.safetensors")),
+        }
+    }
+    for key in fx
+        .expected
+        .keys()
+        .filter(|k| *k != "out" && !k.starts_with("grad."))
+    {
+        problems.push(format!(
+            "{key}: not an entry of FIXTURES.md's expected.safetensors"
+        ));
+    }
+    for key in fx.expected.keys().filter(|k| k.starts_with("grad.input.")) {
+        let input = &key["grad.input.".len()..];
+        if !run.float_inputs.iter().any(|(n, _)| n == input) {
+            problems.push(format!(
+                "{key}: not a float input of this model (its float inputs: {:?})",
+                run.float_inputs.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            ));
         }
     }
     if forward_error.is_nan() || forward_error > FORWARD_TOLERANCE {

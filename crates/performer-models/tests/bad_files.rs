@@ -36,20 +36,26 @@ fn note(size: usize) {
     });
 }
 
+// SAFETY: every method forwards to the system allocator with the caller's own arguments, so
+// this allocator keeps GlobalAlloc's contract exactly as System does; it only records sizes.
 unsafe impl GlobalAlloc for Watching {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         note(l.size());
+        // SAFETY: the caller upholds GlobalAlloc's contract for these arguments.
         unsafe { System.alloc(l) }
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         note(l.size());
+        // SAFETY: the caller upholds GlobalAlloc's contract for these arguments.
         unsafe { System.alloc_zeroed(l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         note(new);
+        // SAFETY: the caller upholds GlobalAlloc's contract for these arguments.
         unsafe { System.realloc(p, l, new) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: the caller upholds GlobalAlloc's contract for these arguments.
         unsafe { System.dealloc(p, l) }
     }
 }

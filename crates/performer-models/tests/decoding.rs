@@ -12,11 +12,6 @@ fn tokens(b: usize, n: usize, vocab: usize, seed: u64) -> Array2<i64> {
     Array2::from_shape_simple_fn((b, n), || g.below(vocab as u64) as i64)
 }
 
-fn rel(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
-    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
 /// Primes with `prompt` tokens, then steps through the rest of a sequence of `total` tokens,
 /// comparing the state's logits with a full forward over each prefix.
 fn check(
@@ -59,7 +54,9 @@ fn check(
             return_encodings: false,
         };
         let want = lm.last_logits(&x.slice(s![.., ..end]), &inputs).unwrap();
-        worst = worst.max(rel(&ours, &want));
+        let err = performer_tensor::testing::relative_error(&ours, &want)
+            .unwrap_or_else(|e| panic!("{label}: logits after {end} tokens: {e}"));
+        worst = worst.max(err);
     }
     println!(
         "{label:<40} worst relative error over {} steps: {worst:.2e}",

@@ -1,3 +1,6 @@
+//! The README's "performer-tensor in a few lines": a linear classifier trained with Adam, run
+//! without a graph and saved with PyTorch's parameter names.
+
 use performer_tensor::io::{TensorData, save_safetensors};
 use performer_tensor::ndarray::arr1;
 use performer_tensor::optim::{Adam, Optimizer};

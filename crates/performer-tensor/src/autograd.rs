@@ -14,61 +14,11 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn, Zip};
 
-use crate::tensor::{Data, TensorId};
+use crate::tensor::{Data, GradLink, Node, TensorId};
 use crate::{Error, Result, Tensor};
 
 /// What [`Tensor::backward_with_hook`] calls with each leaf's final gradient.
 pub type LeafHook<'a> = dyn FnMut(TensorId, &ArrayD<f32>) -> Result<()> + 'a;
-
-/// Gradients of a node's outputs (`None` where no gradient reached an output) and which
-/// inputs need a gradient, in; gradients of the inputs (`None` where not needed), out.
-pub type BackwardFn =
-    dyn Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>> + Send + Sync;
-
-/// One recorded op (or a leaf variable, which has no backward).
-pub(crate) struct Node {
-    name: &'static str,
-    inputs: Vec<Tensor>,
-    outputs: Vec<(TensorId, Vec<usize>)>,
-    backward: Option<Box<BackwardFn>>,
-}
-
-/// Which output of which node a tensor is.
-#[derive(Clone)]
-pub(crate) struct GradLink {
-    pub(crate) node: Arc<Node>,
-    #[allow(dead_code)]
-    pub(crate) output: usize,
-}
-
-impl Node {
-    pub(crate) fn leaf(id: TensorId, shape: Vec<usize>) -> Self {
-        Node {
-            name: "leaf",
-            inputs: Vec::new(),
-            outputs: vec![(id, shape)],
-            backward: None,
-        }
-    }
-}
-
-impl Drop for Node {
-    /// Frees the graph behind this node with an explicit stack: the default drop would
-    /// recurse once per op of a chain, and a 100k-op graph would overflow the thread's stack.
-    /// Nodes still referenced from elsewhere are left to their other owners.
-    fn drop(&mut self) {
-        let mut pending = std::mem::take(&mut self.inputs);
-        while let Some(tensor) = pending.pop() {
-            let Some(link) = tensor.into_unique_grad_link() else {
-                continue;
-            };
-            if let Ok(mut node) = Arc::try_unwrap(link.node) {
-                pending.append(&mut node.inputs);
-                // `node` drops here with no inputs left, so this does not recurse.
-            }
-        }
-    }
-}
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };

@@ -167,7 +167,7 @@ multiversion! {
 
 multiversion! {
     /// Mean and biased variance of `x`, `(sum x / n, sum (x - mean)^2 / n)`, in two passes of
-    /// [`LANES`] independent partial sums (a single running sum is a chain of dependent
+    /// `LANES` independent partial sums (a single running sum is a chain of dependent
     /// additions that does not vectorize: it made layer norm's statistics cost more than the
     /// rest of it). 0 and NaN for an empty slice.
     pub fn mean_and_variance(x: &[f32]) -> (f32, f32) {
@@ -331,7 +331,7 @@ fn dot_rows(rows: &[f32], k: usize, x: &[f32]) -> [f32; GEMV_ROWS] {
 /// `out[r] = sum_c w[r * k + c] * x[c]` with `k = x.len()` and `out.len()` rows of `w`
 /// (row-major, PyTorch's `(out, in)` layout of a Linear weight): the matrix-vector product of
 /// one token, [`gemv_rows_many`] of a single vector. It is bound by reading `w`, so rows are
-/// taken [`GEMV_ROWS`] at a time against one load of `x`.
+/// taken `GEMV_ROWS` at a time against one load of `x`.
 ///
 /// # Panics
 /// If `w` holds fewer than `out.len() * x.len()` values.

@@ -196,6 +196,7 @@ unsafe fn small_m_product(
     }
     // SAFETY: see `Parts`; `a` and `b` are only read.
     unsafe impl Send for Parts {}
+    // SAFETY: as for Send: `a` and `b` are only read and each task writes its own columns.
     unsafe impl Sync for Parts {}
     let parts = Parts {
         c: c.0,

@@ -13,8 +13,14 @@ use crate::{Error, Result, Tensor};
 pub struct GradcheckOptions {
     /// Step of the central difference.
     pub eps: f32,
-    /// Allowed `max |analytic - numeric|` relative to `max(1, max |numeric|)` per input.
+    /// Allowed `max |analytic - numeric|` relative to `max(scale_floor, max |numeric|)` per
+    /// input.
     pub tolerance: f32,
+    /// The smallest gradient magnitude errors are measured against: gradients smaller than this
+    /// everywhere are checked against it, absolutely, since a central difference of f32 sums
+    /// cannot resolve them much better. Small, so that a gradient of 1e-3 that is off by 10%
+    /// fails (a floor of 1 let it pass).
+    pub scale_floor: f32,
     /// Seed of the probe.
     pub seed: u64,
 }
@@ -24,6 +30,7 @@ impl Default for GradcheckOptions {
         GradcheckOptions {
             eps: 1e-2,
             tolerance: 2e-3,
+            scale_floor: 1e-2,
             seed: 7,
         }
     }
@@ -39,7 +46,8 @@ fn probe_dot(out: &Tensor, probe: &ArrayD<f32>) -> f64 {
 
 /// Checks the gradients of `f` with respect to every input. Inputs keep their layout
 /// (pass permuted or sliced arrays to check non-contiguous operands). Returns the worst
-/// relative error, or an error naming the input and element that disagree.
+/// relative error, or an error naming the input and element that disagree, or the input no
+/// gradient reached.
 pub fn gradcheck(
     f: impl Fn(&[Tensor]) -> Result<Tensor>,
     inputs: &[ArrayD<f32>],
@@ -53,10 +61,19 @@ pub fn gradcheck(
     let grads = loss.backward()?;
     let mut worst = 0.0f32;
     for (i, x) in inputs.iter().enumerate() {
-        let analytic = grads
-            .get(&vars[i])
-            .cloned()
-            .unwrap_or_else(|| ArrayD::zeros(x.raw_dim()));
+        let analytic = grads.get(&vars[i]).ok_or_else(|| {
+            Error::Other(format!(
+                "gradcheck: no gradient reached input {i} (shape {:?})",
+                x.shape()
+            ))
+        })?;
+        if analytic.shape() != x.shape() {
+            return Err(Error::Other(format!(
+                "gradcheck: input {i}: gradient of shape {:?} for an input of shape {:?}",
+                analytic.shape(),
+                x.shape()
+            )));
+        }
         let mut numeric = ArrayD::<f32>::zeros(x.raw_dim());
         for (pos, _) in x.indexed_iter() {
             let eval = |delta: f32| -> Result<f64> {
@@ -68,7 +85,7 @@ pub fn gradcheck(
             };
             numeric[&pos] = ((eval(opts.eps)? - eval(-opts.eps)?) / (2.0 * opts.eps as f64)) as f32;
         }
-        let scale = numeric.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let scale = numeric.iter().fold(opts.scale_floor, |m, v| m.max(v.abs()));
         for ((pos, &n), &a) in numeric.indexed_iter().zip(analytic.iter()) {
             let err = (a - n).abs() / scale;
             if !err.is_finite() || err > opts.tolerance {
@@ -81,4 +98,69 @@ pub fn gradcheck(
         }
     }
     Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `y = 1e-3 * x` with a backward that claims `factor * 1e-3`.
+    fn scaled(x: &Tensor, factor: f32) -> Tensor {
+        Tensor::from_op(
+            x.to_array().mapv(|v| 1e-3 * v),
+            "scaled",
+            &[x],
+            move |g, _| Ok(vec![Some(g.mapv(|v| factor * 1e-3 * v))]),
+        )
+    }
+
+    fn input() -> Vec<ArrayD<f32>> {
+        vec![ArrayD::from_shape_fn(IxDyn(&[3, 4]), |i| {
+            i[0] as f32 - 0.5 * i[1] as f32
+        })]
+    }
+
+    #[test]
+    fn a_right_gradient_of_1e_3_passes() {
+        let worst = gradcheck(
+            |t| Ok(scaled(&t[0], 1.0)),
+            &input(),
+            GradcheckOptions::default(),
+        )
+        .unwrap();
+        assert!(worst < 1e-3, "{worst}");
+    }
+
+    /// Gradients of magnitude 1e-3 that are 10% off fail; against the old floor of 1 the same
+    /// error (1e-4) passed as 1e-4 < 2e-3.
+    #[test]
+    fn a_gradient_10_percent_off_at_1e_3_fails() {
+        let err = gradcheck(
+            |t| Ok(scaled(&t[0], 1.1)),
+            &input(),
+            GradcheckOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("relative error"), "{err}");
+        let old = GradcheckOptions {
+            scale_floor: 1.0,
+            ..Default::default()
+        };
+        assert!(gradcheck(|t| Ok(scaled(&t[0], 1.1)), &input(), old).is_ok());
+    }
+
+    /// An input the graph never reaches is an error, not a zero gradient.
+    #[test]
+    fn a_missing_gradient_fails() {
+        let err = gradcheck(
+            |t| t[0].mul_scalar(2.0).add(&Tensor::new(t[1].to_array())),
+            &[input()[0].clone(), input()[0].clone()],
+            GradcheckOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("no gradient reached input 1"),
+            "{err}"
+        );
+    }
 }

@@ -36,16 +36,15 @@ pub mod schedule;
 pub mod shape;
 pub mod team;
 mod tensor;
+pub mod testing;
 
-pub use autograd::{
-    BackwardFn, GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad,
-};
+pub use autograd::{GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad};
 pub use custom_op::{CustomOp, apply_custom_op};
 pub use error::{Error, Result};
 pub use gradcheck::{GradcheckOptions, gradcheck};
 pub use module::{Entry, Module, TrainingFlag, Visitor};
 pub use param::{Buffer, Param, StateValue};
-pub use tensor::{Data, Tensor, TensorId};
+pub use tensor::{BackwardFn, Data, Tensor, TensorId};
 
 /// Re-export of the array crate our tensors are built on.
 pub use ndarray;

@@ -1,4 +1,6 @@
-//! The [`Tensor`] handle: shared f32 data plus an optional link into the autograd graph.
+//! The [`Tensor`] handle: shared f32 data plus an optional link into the autograd graph, and
+//! the graph's nodes, which hold tensors in turn (recording and walking the graph is
+//! [`crate::autograd`]'s).
 
 use std::fmt;
 use std::sync::Arc;
@@ -6,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn};
 
-use crate::autograd::{GradLink, Node};
 use crate::{Error, Result};
 
 /// Stable identity of a tensor (or of a [`crate::Param`]): gradients are stored under it.
@@ -40,6 +41,61 @@ struct Inner {
     data: Data,
     grad: Option<GradLink>,
 }
+
+// ---------------------------------------------------------------------------------------------
+// The graph
+
+/// Gradients of a node's outputs (`None` where no gradient reached an output) and which
+/// inputs need a gradient, in; gradients of the inputs (`None` where not needed), out.
+pub type BackwardFn =
+    dyn Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>> + Send + Sync;
+
+/// One recorded op (or a leaf variable, which has no backward).
+pub(crate) struct Node {
+    pub(crate) name: &'static str,
+    pub(crate) inputs: Vec<Tensor>,
+    pub(crate) outputs: Vec<(TensorId, Vec<usize>)>,
+    pub(crate) backward: Option<Box<BackwardFn>>,
+}
+
+/// Which output of which node a tensor is.
+#[derive(Clone)]
+pub(crate) struct GradLink {
+    pub(crate) node: Arc<Node>,
+    #[allow(dead_code)]
+    pub(crate) output: usize,
+}
+
+impl Node {
+    pub(crate) fn leaf(id: TensorId, shape: Vec<usize>) -> Self {
+        Node {
+            name: "leaf",
+            inputs: Vec::new(),
+            outputs: vec![(id, shape)],
+            backward: None,
+        }
+    }
+}
+
+impl Drop for Node {
+    /// Frees the graph behind this node with an explicit stack: the default drop would
+    /// recurse once per op of a chain, and a 100k-op graph would overflow the thread's stack.
+    /// Nodes still referenced from elsewhere are left to their other owners.
+    fn drop(&mut self) {
+        let mut pending = std::mem::take(&mut self.inputs);
+        while let Some(tensor) = pending.pop() {
+            let Some(link) = tensor.into_unique_grad_link() else {
+                continue;
+            };
+            if let Ok(mut node) = Arc::try_unwrap(link.node) {
+                pending.append(&mut node.inputs);
+                // `node` drops here with no inputs left, so this does not recurse.
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 impl Tensor {
     pub(crate) fn from_parts(id: TensorId, data: Data, grad: Option<GradLink>) -> Self {

@@ -388,7 +388,7 @@ fn gradients_merge_and_scale() {
     acc.merge(loss(3..6)).unwrap();
     let full = loss(0..6);
     let (a, f) = (acc.get_param(&w).unwrap(), full.get_param(&w).unwrap());
-    assert!(a.iter().zip(f.iter()).all(|(a, f)| (a - f).abs() < 1e-5));
+    performer_tensor::testing::assert_abs_close("accumulated gradient", a, f, 1e-5);
 }
 
 #[test]
@@ -532,11 +532,7 @@ fn state_dict_values_are_snapshots() {
     let (StateValue::F32(b), StateValue::F32(a)) = (&before["bias"], &after["bias"]) else {
         panic!()
     };
-    assert!(
-        a.iter()
-            .zip(b.iter())
-            .all(|(a, b)| (a - b - 1.0).abs() < 1e-6)
-    );
+    performer_tensor::testing::assert_abs_close("bias after +1", a, &b.mapv(|v| v + 1.0), 1e-6);
 }
 
 // ---------------------------------------------------------------------------------------

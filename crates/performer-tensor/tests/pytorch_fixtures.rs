@@ -62,26 +62,10 @@ fn i64s(fx: &BTreeMap<String, TensorData>, key: &str) -> ArrayD<i64> {
         .unwrap()
 }
 
-/// Asserts `max |got - want| <= tol * max |want|` (with a floor of 1e-6 on the scale, for
-/// all-zero references).
+/// The shared comparison: one shape, finite values, `max |got - want| <= tol * max |want|`.
 #[track_caller]
 fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, tol: f32) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let (mut worst, mut at) = (0.0f32, 0);
-    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
-        let err = (g - w).abs() / scale;
-        if err.is_nan() || err > worst {
-            worst = if err.is_nan() { f32::INFINITY } else { err };
-            at = i;
-        }
-    }
-    assert!(
-        worst <= tol,
-        "{what}: relative error {worst:e} > {tol:e} at flat index {at} (got {}, want {})",
-        got.iter().nth(at).unwrap(),
-        want.iter().nth(at).unwrap()
-    );
+    performer_tensor::testing::assert_close(what, got, want, tol);
 }
 
 /// Forward and `grad_x` of `sum(op(x) * probe)` for ops with one input.

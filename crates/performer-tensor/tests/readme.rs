@@ -1,5 +1,6 @@
-//! The README's performer-tensor example is `examples/tensor_basics.rs`, verbatim, so that it
-//! compiles (cargo test builds the examples) and stays current.
+//! The README's performer-tensor example is `examples/tensor_basics.rs`, verbatim after the
+//! example's crate doc (the `//!` lines, which the README says in prose), so that it compiles
+//! (cargo test builds the examples) and stays current.
 
 #[test]
 fn readme_example_is_the_tensor_basics_example() {
@@ -10,6 +11,16 @@ fn readme_example_is_the_tensor_basics_example() {
         "/examples/tensor_basics.rs"
     ))
     .unwrap();
+    let code: String = example
+        .split_inclusive('\n')
+        .skip_while(|l| l.starts_with("//!"))
+        .skip_while(|l| l.trim().is_empty())
+        .collect();
+    assert!(
+        code.len() < example.len(),
+        "the example's crate doc is missing"
+    );
+    let example = code;
     assert!(
         readme.contains(&format!("```rust\n{example}```")),
         "README.md must quote crates/performer-tensor/examples/tensor_basics.rs in a ```rust block, verbatim"

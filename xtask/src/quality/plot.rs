@@ -4,7 +4,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::Run;
+use super::runs::{Measured, Run};
 
 /// Line colours, one per run in order (cycled).
 const PALETTE: [RGBColor; 10] = [
@@ -23,7 +23,7 @@ const PALETTE: [RGBColor; 10] = [
 /// Draws every finished run's validation curve; long-context rows dashed.
 pub fn draw_curves(path: &Path, runs: &[Run]) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
-    let finished: Vec<(&Run, &super::Measured)> = runs
+    let finished: Vec<(&Run, &Measured)> = runs
         .iter()
         .filter_map(|r| r.result.as_ref().ok().map(|m| (r, m)))
         .filter(|(_, m)| !m.val.is_empty())

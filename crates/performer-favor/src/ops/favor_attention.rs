@@ -127,7 +127,7 @@ impl CustomOp for FavorAttentionOp {
             .enumerate()
             .map(|(i, (mut o, mut dn))| {
                 let (ctx, _) =
-                    fused.head(&head(&q, i), &head(&k, i), &head(&v, i), &mut o, &mut dn)?;
+                    fused.head(&head(&q, i)?, &head(&k, i)?, &head(&v, i)?, &mut o, &mut dn)?;
                 Ok(ctx)
             })
             .collect::<Result<_>>()?;
@@ -170,7 +170,7 @@ impl CustomOp for FavorAttentionOp {
             .zip(dv.views())
             .enumerate()
             .map(|(i, ((dqi, dki), mut dvi))| {
-                let (qi, ki, vi) = (head(&q, i), head(&k, i), head(&v, i));
+                let (qi, ki, vi) = (head(&q, i)?, head(&k, i)?, head(&v, i)?);
                 let ctx = &contexts[i];
                 let (q_src, k_src) = match &ctx.features {
                     Some((qf, kf)) => (FeatureSource::Kept(qf), FeatureSource::Kept(kf)),
@@ -192,8 +192,8 @@ impl CustomOp for FavorAttentionOp {
                     ),
                 };
                 let grad = HeadGrad {
-                    g: head(&gv, i),
-                    out: head(&ov, i),
+                    g: head(&gv, i)?,
+                    out: head(&ov, i)?,
                     den: den.row(i),
                 };
                 let mut dp = needs[3].then(|| Array2::<f32>::zeros((m, d)));
@@ -234,11 +234,13 @@ impl CustomOp for FavorAttentionOp {
     }
 }
 
-/// FAVOR+ attention in one fused op: features of `q` and `k` `(..., n, d)` through
-/// `projection` `(m, d)` with the given map, then non-causal or causal linear attention with
-/// `v` `(..., nk, e)`. Equal to composing [`softmax_kernel`] (or [`generalized_kernel`]) with
-/// [`linear_attention`] / [`causal_linear_attention`]; the features are kept for the backward
-/// only while they fit [`SAVE_BUDGET_BYTES`], else recomputed block by block.
+/// FAVOR+ attention in one fused op: features of `q` and `k` `(..., n, d)` through `projection`
+/// `(m, d)` with the given map, then non-causal or causal linear attention with `v` `(..., nk, e)`.
+/// Equal to composing [`softmax_kernel`](crate::softmax_kernel) (or
+/// [`generalized_kernel`](crate::generalized_kernel)) with
+/// [`linear_attention`](crate::linear_attention) /
+/// [`causal_linear_attention`](crate::causal_linear_attention); the features are kept for the
+/// backward only while they fit [`SAVE_BUDGET_BYTES`], else recomputed block by block.
 pub fn favor_attention(
     q: &Tensor,
     k: &Tensor,
@@ -316,7 +318,8 @@ pub(crate) fn favor_causal_primed(
         .zip(vector_views(&mut den))
         .enumerate()
         .map(|(i, (mut o, mut dn))| {
-            let (ctx, sums) = fused.head(&head(q, i), &head(k, i), &head(v, i), &mut o, &mut dn)?;
+            let (ctx, sums) =
+                fused.head(&head(q, i)?, &head(k, i)?, &head(v, i)?, &mut o, &mut dn)?;
             Ok(PrimedHead {
                 sums: sums.expect("causal attention ends with its sums"),
                 key_stab: ctx.key_stab,
@@ -340,8 +343,7 @@ mod tests {
     }
 
     fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-        let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+        performer_tensor::testing::relative_error(a, b).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Output and gradients of (q, k, v, projection) of the fused op with a given budget.

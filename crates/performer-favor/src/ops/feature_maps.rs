@@ -51,7 +51,8 @@ impl CustomOp for FeatureMapOp {
             .into_par_iter()
             .enumerate()
             .try_for_each(|(i, mut o)| {
-                self.spec.features(&head(&x, i), &p2, self.is_query, &mut o)
+                self.spec
+                    .features(&head(&x, i)?, &p2, self.is_query, &mut o)
             })?;
         Ok((vec![out.into_array()], ()))
     }
@@ -77,11 +78,11 @@ impl CustomOp for FeatureMapOp {
             .into_par_iter()
             .enumerate()
             .map(|(i, mut dxi)| {
-                let xi = head(&x, i);
+                let xi = head(&x, i)?;
                 let mut feat = Array2::<f32>::zeros((n, m));
                 self.spec
                     .features(&xi, &p2, self.is_query, &mut feat.view_mut())?;
-                let mut gi = head(&gv, i).to_owned();
+                let mut gi = head(&gv, i)?.to_owned();
                 let mut dp = needs[1].then(|| Array2::<f32>::zeros((m, d)));
                 self.spec.backward(
                     &xi,

@@ -66,12 +66,12 @@ impl CustomOp for LinearAttentionOp {
             .zip(vector_views(&mut den))
             .enumerate()
             .map(|(i, (mut o, mut dn))| {
-                let qf = Blocks::transpose_of(&head(&q, i), w);
-                let kf = Blocks::transpose_of(&head(&k, i), w);
+                let qf = Blocks::transpose_of(&head(&q, i)?, w);
+                let kf = Blocks::transpose_of(&head(&k, i)?, w);
                 attend_head(
                     &qf,
                     &kf,
-                    &head(&v, i),
+                    &head(&v, i)?,
                     self.causal,
                     self.eps,
                     plan,
@@ -122,11 +122,11 @@ impl CustomOp for LinearAttentionOp {
             .zip(dv.views())
             .enumerate()
             .try_for_each(|(i, ((dqi, dki), mut dvi))| {
-                let qf = Blocks::transpose_of(&head(&q, i), w);
-                let kf = Blocks::transpose_of(&head(&k, i), w);
+                let qf = Blocks::transpose_of(&head(&q, i)?, w);
+                let kf = Blocks::transpose_of(&head(&k, i)?, w);
                 let grad = HeadGrad {
-                    g: head(&gv, i),
-                    out: head(&ov, i),
+                    g: head(&gv, i)?,
+                    out: head(&ov, i)?,
                     den: den.row(i),
                 };
                 attend_head_backward(
@@ -135,7 +135,7 @@ impl CustomOp for LinearAttentionOp {
                     &contexts[i],
                     &FeatureSource::Kept(&qf),
                     &FeatureSource::Kept(&kf),
-                    &head(&v, i),
+                    &head(&v, i)?,
                     &grad,
                     &mut GradSink::Features(dqi),
                     &mut GradSink::Features(dki),

@@ -6,12 +6,12 @@
 //! backward recomputes features block by block and causal states from one checkpoint per
 //! segment, so memory in flight stays O(n d) per head beyond the saved context.
 //!
-//! - [`arguments`]: the chunk, the causal epsilon, shape checks;
-//! - [`feature_maps`]: [`softmax_kernel`], [`generalized_kernel`];
-//! - [`save_plan`]: what a forward keeps for its backward;
-//! - [`head_attention`]: one head's attention forward and backward on transposed features;
-//! - [`linear_attention`](mod@linear_attention): attention on given features;
-//! - [`favor_attention`](mod@favor_attention): feature maps and attention fused.
+//! - in [`arguments`]: the chunk, the causal epsilon, shape checks;
+//! - in [`feature_maps`]: [`softmax_kernel`], [`generalized_kernel`];
+//! - in [`save_plan`]: what a forward keeps for its backward;
+//! - in [`head_attention`]: one head's attention forward and backward on transposed features;
+//! - in [`linear_attention`](mod@linear_attention): attention on given features;
+//! - in [`favor_attention`](mod@favor_attention): feature maps and attention fused.
 
 mod arguments;
 mod favor_attention;

@@ -1,9 +1,9 @@
-//! [`AttentionConfig`]: the settings of an attention layer, with performer-pytorch's names and
-//! defaults.
+//! The settings of an attention layer ([`AttentionConfig`]), with performer-pytorch's names
+//! and defaults.
 
 use performer_tensor::ops::Activation;
 
-/// Settings of [`Attention`], with performer-pytorch's names and defaults.
+/// Settings of [`Attention`](crate::Attention), with performer-pytorch's names and defaults.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionConfig {
     /// Model width.

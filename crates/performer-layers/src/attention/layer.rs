@@ -1,4 +1,4 @@
-//! [`Attention`]: the layer, its construction and the training forward over whole sequences.
+//! The layer ([`Attention`]), its construction and the training forward over whole sequences.
 
 use performer_favor::{FastAttention, FastAttentionConfig};
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};

@@ -1,11 +1,11 @@
 //! Multi-head attention with FAVOR+ global heads and windowed local heads (performer-pytorch's
 //! `Attention`), and its self- and cross-attention forms.
 //!
-//! - [`config`]: [`AttentionConfig`];
-//! - [`layer`]: [`Attention`] and its forward over whole sequences;
-//! - [`decode`]: decoding on tensors, the prompt and then one position at a time;
-//! - [`decode_rows`]: the decoding step on plain rows;
-//! - [`self_and_cross`]: [`SelfAttention`] and [`CrossAttention`].
+//! - in [`config`]: [`AttentionConfig`];
+//! - in [`layer`]: [`Attention`] and its forward over whole sequences;
+//! - in [`decode`]: decoding on tensors, the prompt and then one position at a time;
+//! - in [`decode_rows`]: the decoding step on plain rows;
+//! - in [`self_and_cross`]: [`SelfAttention`] and [`CrossAttention`].
 
 mod config;
 mod decode;

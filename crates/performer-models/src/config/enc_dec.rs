@@ -1,4 +1,4 @@
-//! [`PerformerEncDecConfig`]: performer-pytorch's `PerformerEncDec(...)`, in its flat keyword
+//! The configuration of performer-pytorch's `PerformerEncDec(...)`, in its flat keyword
 //! form (`dim`, `enc_*`, `dec_*`).
 
 use performer_tensor::{Error, Result};

@@ -7,12 +7,12 @@
 //! assert_eq!(c.dim_head, 64);
 //! ```
 //!
-//! - [`fields`]: the table of [`PerformerConfig`]'s and [`PerformerLMConfig`]'s fields and
+//! - in [`fields`]: the table of [`PerformerConfig`]'s and [`PerformerLMConfig`]'s fields and
 //!   defaults, one row each, and [`table`], the macro that turns it into the structs;
-//! - [`values`]: [`LocalAttnHeads`], [`KernelFn`];
-//! - [`kwargs`]: parsing keyword arguments with errors that name the keyword;
+//! - in [`values`]: [`LocalAttnHeads`], [`KernelFn`];
+//! - in [`kwargs`]: parsing keyword arguments with errors that name the keyword;
 //! - [`limits`], [`performer`], [`lm`]: the checks of each configuration;
-//! - [`enc_dec`]: [`PerformerEncDecConfig`].
+//! - in [`enc_dec`]: [`PerformerEncDecConfig`].
 
 mod enc_dec;
 mod fields;
@@ -21,6 +21,8 @@ mod limits;
 mod lm;
 mod performer;
 mod table;
+#[cfg(test)]
+mod tests;
 mod values;
 
 pub use enc_dec::PerformerEncDecConfig;

@@ -3,7 +3,7 @@
 
 use ndarray::ArrayD;
 
-use super::zip_map;
+use super::arrays::zip_map;
 use crate::{Error, Result, Tensor};
 
 impl Tensor {

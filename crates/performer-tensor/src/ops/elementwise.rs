@@ -4,7 +4,8 @@ use std::mem::MaybeUninit;
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::{map_array, zip_map, zip_map3};
+use super::arrays::{fill_vec, map_array, zip_map, zip_map3};
+use super::broadcast::sum_to;
 use crate::shape::broadcast_shapes;
 use crate::{Result, Tensor};
 
@@ -111,8 +112,8 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
             _ => partial(g.as_ref().expect("present"), 0),
         });
         Ok(vec![
-            ga.map(|g| super::sum_to(g, ad.shape())),
-            gb.map(|g| super::sum_to(g, bd.shape())),
+            ga.map(|g| sum_to(g, ad.shape())),
+            gb.map(|g| sum_to(g, bd.shape())),
         ])
     }))
 }
@@ -137,7 +138,7 @@ pub(crate) fn unary_vectorized(x: &Tensor, name: &'static str, k: UnaryKernels) 
     let xv = x.view();
     let out = match xv.as_slice() {
         Some(xs) => {
-            let v = super::fill_vec(xs.len(), |off, out| {
+            let v = fill_vec(xs.len(), |off, out| {
                 (k.forward)(&xs[off..off + out.len()], out)
             });
             ArrayD::from_shape_vec(xv.raw_dim(), v).expect("length of the operand")
@@ -152,13 +153,13 @@ pub(crate) fn unary_vectorized(x: &Tensor, name: &'static str, k: UnaryKernels) 
         let (gv, xv) = (g.view(), xd.view());
         let grad = match (gv.as_slice(), xv.as_slice()) {
             (Some(gs), Some(xs)) if gv.shape() == xv.shape() => {
-                let v = super::fill_vec(gs.len(), |off, out| {
+                let v = fill_vec(gs.len(), |off, out| {
                     let n = out.len();
                     (k.backward)(&gs[off..off + n], &xs[off..off + n], out)
                 });
                 ArrayD::from_shape_vec(gv.raw_dim(), v).expect("length of the operands")
             }
-            _ => super::zip_map(&gv, &xv, |g, x| g * (k.df)(x)),
+            _ => zip_map(&gv, &xv, |g, x| g * (k.df)(x)),
         };
         Ok(vec![Some(grad)])
     })

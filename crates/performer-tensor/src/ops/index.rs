@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
-use super::sum_to;
+use super::broadcast::sum_to;
 use crate::shape::{broadcast_shapes, normalize_axis};
 use crate::{Error, Result, Tensor};
 

@@ -3,8 +3,8 @@
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
-use super::reshape_array;
-use super::sum_to;
+use super::arrays::reshape_array;
+use super::broadcast::sum_to;
 use crate::shape::{normalize_axis, numel};
 use crate::{Error, Result, Tensor};
 

@@ -7,7 +7,7 @@
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
-use super::sum_to;
+use super::broadcast::sum_to;
 use crate::gemm::{MatDims, gemm_raw_threads};
 use crate::shape::broadcast_shapes;
 use crate::{Error, Result, Tensor};
@@ -22,6 +22,8 @@ struct Shared {
 }
 // SAFETY: see `Shared`: the operands are only read, output blocks are disjoint per task.
 unsafe impl Send for Shared {}
+// SAFETY: as for Send: shared access only reads the operands, and each task writes its own
+// output matrix.
 unsafe impl Sync for Shared {}
 
 /// `a @ b` for arrays of rank >= 2 with broadcast batch dimensions. The result is a new

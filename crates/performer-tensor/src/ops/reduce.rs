@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayD, ArrayView1, ArrayViewD, Axis, IxDyn, Zip};
 
-use super::{map_array, zip_map, zip_map3};
+use super::arrays::{map_array, reshape_array, zip_map, zip_map3};
 use crate::parallel::PAR_THRESHOLD;
 use crate::shape::normalize_axes;
 use crate::{Result, Tensor};
@@ -73,7 +73,7 @@ fn dropped_shape(shape: &[usize], axes: &[usize]) -> Vec<usize> {
 /// Expands a reduced gradient (either keepdim layout) back over the reduced axes.
 fn expand_back(g: &ArrayD<f32>, in_shape: &[usize], axes: &[usize]) -> ArrayD<f32> {
     let kept = kept_shape(in_shape, axes);
-    let g = super::reshape_array(g.clone(), &kept);
+    let g = reshape_array(g.clone(), &kept);
     map_array(
         &g.broadcast(IxDyn(in_shape)).expect("kept shape broadcasts"),
         |v| v,
@@ -89,7 +89,7 @@ impl Tensor {
         let out = if keepdim {
             kept
         } else {
-            super::reshape_array(kept, &dropped_shape(&in_shape, &axes))
+            reshape_array(kept, &dropped_shape(&in_shape, &axes))
         };
         Ok(Tensor::from_op(out, "sum", &[self], move |g, _| {
             Ok(vec![Some(expand_back(&g, &in_shape, &axes))])
@@ -129,7 +129,7 @@ impl Tensor {
         let out = if keepdim {
             m
         } else {
-            super::reshape_array(m, &dropped_shape(&in_shape, &axes))
+            reshape_array(m, &dropped_shape(&in_shape, &axes))
         };
         let xd = self.data().clone();
         Ok(Tensor::from_op(out, "amax", &[self], move |g, _| {
@@ -138,7 +138,7 @@ impl Tensor {
                 .expect("kept shape broadcasts");
             let is_max = zip_map(&xd.view(), &mb, |x, m| if x == m { 1.0 } else { 0.0 });
             let counts = sum_keep(&is_max.view(), &axes);
-            let gk = super::reshape_array(g, &kept_shape(&in_shape, &axes));
+            let gk = reshape_array(g, &kept_shape(&in_shape, &axes));
             let scale = zip_map(&gk.view(), &counts.view(), |g, c| g / c);
             let sb = scale
                 .broadcast(IxDyn(&in_shape))
@@ -157,11 +157,11 @@ impl Tensor {
         let out = if keepdim {
             n
         } else {
-            super::reshape_array(n, &dropped_shape(&in_shape, &axes))
+            reshape_array(n, &dropped_shape(&in_shape, &axes))
         };
         let xd = self.data().clone();
         Ok(Tensor::from_op(out, "norm", &[self], move |g, _| {
-            let gk = super::reshape_array(g, &kept_shape(&in_shape, &axes));
+            let gk = reshape_array(g, &kept_shape(&in_shape, &axes));
             let gb = gk
                 .broadcast(IxDyn(&in_shape))
                 .expect("kept shape broadcasts");
