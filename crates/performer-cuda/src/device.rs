@@ -43,10 +43,12 @@ impl Kernels {
 
     /// The kernel `name`; the names are fixed in [`kernel_sources::SOURCES`], so a miss is a bug here,
     /// reported as an error rather than a panic all the same.
-    pub(crate) fn get(&self, name: &'static str) -> Result<&CudaFunction> {
+    pub(crate) fn get(&self, name: &str) -> Result<&CudaFunction> {
         self.functions
             .get(name)
-            .ok_or(Error::KernelNotFound { name })
+            .ok_or_else(|| Error::KernelNotFound {
+                name: name.to_string(),
+            })
     }
 }
 
@@ -229,6 +231,11 @@ impl CudaDevice {
     }
 
     pub(crate) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.shared.kernels.get(name)
+    }
+
+    /// The kernel `name` of [`kernel_sources::SOURCES`], by a name known only at run time.
+    pub(crate) fn kernel_by_name(&self, name: &str) -> Result<&CudaFunction> {
         self.shared.kernels.get(name)
     }
 
