@@ -15,6 +15,7 @@ use crate::launcher::{DevicePtr, GemmStridedBatched, KernelArg, LaunchDims, Laun
 pub struct GpuLauncher {
     dev: CudaDevice,
     allow_tf32: bool,
+    poison: bool,
     in_use: std::sync::Mutex<std::collections::HashMap<DevicePtr, usize>>,
 }
 
@@ -25,8 +26,16 @@ impl GpuLauncher {
         Ok(Self {
             dev: CudaDevice::new(ordinal)?,
             allow_tf32,
+            poison: false,
             in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// A testing aid: every allocation starts filled with NaN (as on the emulator), so an
+    /// element no kernel writes shows up in a comparison instead of passing as leftover data.
+    pub fn with_nan_poison(mut self) -> Self {
+        self.poison = true;
+        self
     }
 
     /// The underlying device handle.
@@ -68,6 +77,22 @@ impl Launcher for GpuLauncher {
         match unsafe { drv::malloc_async(stream, bytes.max(1)) } {
             Ok(ptr) => {
                 self.table().insert(ptr, bytes);
+                if self.poison && bytes >= 4 {
+                    let len = bytes / 4;
+                    // SAFETY: fill_f32(float* x, i64 len, float value) writes x[0..len), inside
+                    // the allocation just made.
+                    unsafe {
+                        self.launch(
+                            "fill_f32",
+                            LaunchDims::cover(len, 256),
+                            &[
+                                KernelArg::Ptr(ptr),
+                                KernelArg::I64(len as i64),
+                                KernelArg::F32(f32::NAN),
+                            ],
+                        )?;
+                    }
+                }
                 Ok(ptr)
             }
             Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {

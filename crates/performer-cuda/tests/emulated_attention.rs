@@ -2,7 +2,8 @@
 //! the emulated device, through the same [`Launcher`] interface a GPU uses, in the launch
 //! sequences of `ops.rs`, against the f64 reference: f32 kernels within 1e-4, TF32 within 1e-3.
 //! Every output buffer starts as NaN (the emulator's fresh memory), so an element no kernel
-//! writes fails the comparison.
+//! writes fails the comparison. Where a GPU is present (the device bundle) the same sequences
+//! run on it through `GpuLauncher`, its allocations NaN-filled too.
 
 mod common;
 

@@ -2,11 +2,12 @@
 //! plain CPU math in f64: forward and backward (the backward formulas also by finite
 //! differences of the CPU forward), within 1e-5 of the largest reference value unless said.
 //! And the device's faults as typed errors: wrong argument lists, out-of-range copies,
-//! divergent barriers, invalid cuBLAS arguments, out of memory, operands on two devices.
+//! invalid cuBLAS arguments, out of memory, operands on two devices. Where a GPU is present
+//! (the device bundle) the same tests run on it instead, except the emulator's fault checks.
 
 mod common;
 
-use common::{close, down, emulated, round, up};
+use common::{close, down, emulated, on_gpu, round, up};
 use performer_cuda::reference::Rng;
 use performer_cuda::tensor_ops::{self as ops, Binary, Reduce, Unary};
 use performer_cuda::{
@@ -694,6 +695,10 @@ fn matmul_row_major_through_cublas_conventions() {
 
 #[test]
 fn device_faults_are_typed_errors() {
+    if on_gpu() {
+        eprintln!("SKIPPED device_faults_are_typed_errors: the emulator's checks, not a GPU's");
+        return;
+    }
     let Some(dev) = emulated("device_faults_are_typed_errors") else {
         return;
     };

@@ -5,11 +5,25 @@
 use std::sync::Arc;
 
 use performer_cuda::reference::max_rel_err;
-use performer_cuda::{DeviceBuffer, EmulatedLauncher, Error, SharedLauncher};
+use performer_cuda::{
+    CudaDevice, DeviceBuffer, EmulatedLauncher, Error, GpuLauncher, SharedLauncher,
+};
 
-/// The emulated device; None (with a note) where no C++ compiler can build it, which fails
-/// instead when PERFORMER_CUDA_REQUIRE_CXX is set (CI).
+/// Whether the tests run on a real GPU: where a CUDA device is present (the device bundle's
+/// run), the same tests run there through [`GpuLauncher`], with NaN-filled allocations too.
+pub fn on_gpu() -> bool {
+    CudaDevice::count() > 0
+}
+
+/// The device the tests run on: GPU 0 where there is one, else the emulated device; None
+/// (with a note) where no C++ compiler can build the emulator, which fails instead when
+/// PERFORMER_CUDA_REQUIRE_CXX is set (CI).
 pub fn emulated(test: &str) -> Option<SharedLauncher> {
+    if on_gpu() {
+        let gpu = GpuLauncher::new(0, false).unwrap_or_else(|e| panic!("{test}: {e}"));
+        eprintln!("{test}: on {}", performer_cuda::Launcher::describe(&gpu));
+        return Some(Arc::new(gpu.with_nan_poison()));
+    }
     match EmulatedLauncher::new() {
         Ok(l) => Some(Arc::new(l)),
         Err(e @ Error::CompilerUnavailable { .. }) => {
