@@ -1,6 +1,6 @@
 //! Safe, length-checked device operations over [`DeviceBuffer`]s: one function per kernel of
 //! `kernels/tensor.cu` (forward and backward) and row-major matrix products on
-//! [`Launcher::gemm_strided_batched`]. They run on any [`Launcher`], so the emulator tests
+//! [`Launcher::gemm_strided_batched`](crate::Launcher::gemm_strided_batched). They run on any [`Launcher`](crate::Launcher), so the emulator tests
 //! exactly what a GPU runs.
 //!
 //! Every tensor is contiguous and row-major; shapes are passed alongside. Nothing here copies
