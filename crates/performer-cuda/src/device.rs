@@ -187,18 +187,6 @@ impl CudaDevice {
         Ok(buf)
     }
 
-    /// A buffer for a kernel to fill completely: not zeroed (a memset would be a wasted pass
-    /// over memory), but poisoned under [`Self::with_poison`] so tests catch unwritten elements.
-    pub(crate) fn scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
-        // SAFETY: every caller hands the buffer to kernels that write each element before
-        // anything reads it (checked by the poisoned GPU tests).
-        let mut buf = unsafe { self.stream.alloc::<f32>(len.max(1)) }.op("alloc")?;
-        if let Some(value) = self.poison {
-            self.fill("alloc", &mut buf, value)?;
-        }
-        Ok(buf)
-    }
-
     /// Sets every element of `buf` to `value` (the `fill_f32` kernel).
     pub(crate) fn fill(
         &self,

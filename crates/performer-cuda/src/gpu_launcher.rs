@@ -68,6 +68,10 @@ impl Launcher for GpuLauncher {
         )
     }
 
+    fn arch(&self) -> String {
+        self.dev.arch().to_string()
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DevicePtr> {
         const OP: &str = "alloc";
         self.bind(OP)?;

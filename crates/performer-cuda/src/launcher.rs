@@ -171,6 +171,10 @@ pub trait Launcher: Send + Sync + fmt::Debug {
     /// A short description, e.g. `NVIDIA H100 (sm_90)` or `emulated`.
     fn describe(&self) -> String;
 
+    /// The architecture the kernels run as, as NVRTC names it (`sm_90`). The emulated device
+    /// reports `sm_90`: it emulates the instructions the kernels use there (TF32 `mma.sync`).
+    fn arch(&self) -> String;
+
     /// `bytes` of device memory, uninitialised on a GPU, NaN-filled on the emulator. A request
     /// past the device's capacity is [`Error::OutOfMemory`](crate::Error::OutOfMemory).
     fn alloc(&self, bytes: usize) -> Result<DevicePtr>;

@@ -145,6 +145,10 @@ impl Launcher for EmulatedLauncher {
         "emulated".to_string()
     }
 
+    fn arch(&self) -> String {
+        "sm_90".to_string()
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DevicePtr> {
         self.mem().alloc(bytes)
     }
