@@ -347,6 +347,54 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) layer_norm_rows_backward_
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scale norm (performer-pytorch's ScaleNorm): y = x / max(|x|, eps) * g with one learned scalar
+// g (read from the device). norm_out keeps max(|x|, eps) per row for the backward.
+
+extern "C" __global__ void __launch_bounds__(NTHREADS) scale_norm_rows_f32(
+    const float* __restrict__ x, const float* __restrict__ g, float* __restrict__ y,
+    float* __restrict__ norm_out, i64 rows, i64 cols, float eps)
+{
+    __shared__ float red[NTHREADS / 32];
+    const float gv = g[0];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * cols;
+        float q = 0.f;
+        for (i64 c = threadIdx.x; c < cols; c += blockDim.x) q += xr[c] * xr[c];
+        const float n = fmaxf(sqrtf(block_reduce(q, R_SUM, red)), eps);
+        for (i64 c = threadIdx.x; c < cols; c += blockDim.x) y[r * cols + c] = xr[c] / n * gv;
+        if (threadIdx.x == 0) norm_out[r] = n;
+    }
+}
+
+// gx = g / n * (gy - [|x| > eps] * (x . gy) / n^2 * x), and per row (gy . x) / n (their sum is
+// d g).
+extern "C" __global__ void __launch_bounds__(NTHREADS) scale_norm_rows_backward_f32(
+    const float* __restrict__ x, const float* __restrict__ g, const float* __restrict__ norm_in,
+    const float* __restrict__ gy, float* __restrict__ gx, float* __restrict__ dg_rows, i64 rows,
+    i64 cols, float eps)
+{
+    __shared__ float red[NTHREADS / 32];
+    const float gv = g[0];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * cols;
+        const float* gr = gy + r * cols;
+        float dot = 0.f, q = 0.f;
+        for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
+            dot += xr[c] * gr[c];
+            q += xr[c] * xr[c];
+        }
+        dot = block_reduce(dot, R_SUM, red);
+        q = block_reduce(q, R_SUM, red);
+        const float n = norm_in[r];
+        // Where the clamp is active the norm is the constant eps: no gradient through it.
+        const float through = sqrtf(q) > eps ? dot / (n * n) : 0.f;
+        for (i64 c = threadIdx.x; c < cols; c += blockDim.x)
+            gx[r * cols + c] = gv / n * (gr[c] - through * xr[c]);
+        if (threadIdx.x == 0) dg_rows[r] = dot / n;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Embedding: out[i, :] = table[ids[i], :]; an id outside [0, vocab) sets *err to 1 (checked by
 // the host when it next reads) and writes zeros instead of reading out of bounds.
 

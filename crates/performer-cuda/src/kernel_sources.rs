@@ -90,6 +90,8 @@ pub const TENSOR: KernelSource = KernelSource {
         "softmax_rows_backward_f32",
         "layer_norm_rows_f32",
         "layer_norm_rows_backward_f32",
+        "scale_norm_rows_f32",
+        "scale_norm_rows_backward_f32",
         "embedding_f32",
         "embedding_backward_f32",
         "cross_entropy_f32",

@@ -685,6 +685,83 @@ pub fn layer_norm_rows_backward(
     Ok((gx, dgamma, dbeta))
 }
 
+/// Scale norm over each row of `(rows, cols)` (performer-pytorch's `ScaleNorm`):
+/// `y = x / max(|x|, eps) * g` with the scalar `g` on the device; returns `y` and the clamped
+/// norms its backward needs.
+pub fn scale_norm_rows(
+    x: &DeviceBuffer,
+    g: &DeviceBuffer,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<(DeviceBuffer, DeviceBuffer)> {
+    const OP: &str = "scale_norm_rows";
+    let dev = device_of(OP, &[x, g])?;
+    expect(OP, "x", x, rows * cols)?;
+    expect(OP, "g", g, 1)?;
+    let y = f32_buf(&dev, rows * cols)?;
+    let norm = f32_buf(&dev, rows)?;
+    // SAFETY: scale_norm_rows_f32(x, g, y, norm, i64 rows, i64 cols, float eps); x and y hold
+    // rows*cols floats, g one, norm rows.
+    unsafe {
+        dev.launch(
+            "scale_norm_rows_f32",
+            LaunchDims::grid3(rows.clamp(1, 65535), 1, 1, THREADS),
+            &[
+                x.arg(),
+                g.arg(),
+                y.arg(),
+                norm.arg(),
+                KernelArg::I64(rows as i64),
+                KernelArg::I64(cols as i64),
+                KernelArg::F32(eps),
+            ],
+        )?;
+    }
+    Ok((y, norm))
+}
+
+/// Backward of [`scale_norm_rows`]: `(gx, dg)`, `dg` one element.
+pub fn scale_norm_rows_backward(
+    x: &DeviceBuffer,
+    g: &DeviceBuffer,
+    norm: &DeviceBuffer,
+    gy: &DeviceBuffer,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<(DeviceBuffer, DeviceBuffer)> {
+    const OP: &str = "scale_norm_rows_backward";
+    let dev = device_of(OP, &[x, g, norm, gy])?;
+    expect(OP, "x", x, rows * cols)?;
+    expect(OP, "g", g, 1)?;
+    expect(OP, "norm", norm, rows)?;
+    expect(OP, "gy", gy, rows * cols)?;
+    let gx = f32_buf(&dev, rows * cols)?;
+    let dg_rows = f32_buf(&dev, rows)?;
+    // SAFETY: scale_norm_rows_backward_f32(x, g, norm, gy, gx, dg_rows, i64 rows, i64 cols,
+    // float eps); sizes as checked or allocated above.
+    unsafe {
+        dev.launch(
+            "scale_norm_rows_backward_f32",
+            LaunchDims::grid3(rows.clamp(1, 65535), 1, 1, THREADS),
+            &[
+                x.arg(),
+                g.arg(),
+                norm.arg(),
+                gy.arg(),
+                gx.arg(),
+                dg_rows.arg(),
+                KernelArg::I64(rows as i64),
+                KernelArg::I64(cols as i64),
+                KernelArg::F32(eps),
+            ],
+        )?;
+    }
+    let dg = reduce_rows(&dg_rows, 1, rows, Reduce::Sum)?;
+    Ok((gx, dg))
+}
+
 fn check_ids(
     op: &'static str,
     what: &str,

@@ -389,6 +389,56 @@ fn row_reductions_softmax_and_layer_norm() {
 }
 
 #[test]
+fn scale_norm_and_its_backward() {
+    let Some(dev) = emulated("scale_norm_and_its_backward") else {
+        return;
+    };
+    let mut rng = Rng::new(11);
+    let (rows, cols) = (4usize, 300usize);
+    let mut x = randn(&mut rng, rows * cols);
+    // One row inside the clamp (norm below eps): no gradient flows through its norm there.
+    for v in &mut x[cols..2 * cols] {
+        *v *= 1e-4;
+    }
+    let eps = 1e-2f64;
+    let g = [1.3f64];
+    let sn = |x: &[f64], g: &[f64]| -> Vec<f64> {
+        let mut out = vec![];
+        for r in 0..rows {
+            let xr = &x[r * cols..(r + 1) * cols];
+            let n = xr.iter().map(|v| v * v).sum::<f64>().sqrt().max(eps);
+            out.extend(xr.iter().map(|v| v / n * g[0]));
+        }
+        out
+    };
+    let (xd, gd) = (up(&dev, &x), up(&dev, &g));
+    let (y, norm) = ok(ops::scale_norm_rows(&xd, &gd, rows, cols, eps as f32));
+    close("scale norm", &down(&y), &sn(&x, &g), TOL);
+    let gy = randn(&mut rng, rows * cols);
+    let (gx, dg) = ok(ops::scale_norm_rows_backward(
+        &xd,
+        &gd,
+        &norm,
+        &up(&dev, &gy),
+        rows,
+        cols,
+        eps as f32,
+    ));
+    close(
+        "scale norm dx",
+        &down(&gx),
+        &numeric_grad(&x, &gy, &|x| sn(x, &g)),
+        1e-4,
+    );
+    close(
+        "scale norm dg",
+        &down(&dg),
+        &numeric_grad(&g, &gy, &|g| sn(&x, g)),
+        1e-4,
+    );
+}
+
+#[test]
 fn embedding_gather_and_scatter_add() {
     let Some(dev) = emulated("embedding_gather_and_scatter_add") else {
         return;
