@@ -15,7 +15,9 @@ use std::io::Write;
 use performer_cuda::cudarc::driver::sys::CUevent_flags;
 use performer_cuda::ops::{self, FeatureKind, LinearDims};
 use performer_cuda::reference::Rng;
-use performer_cuda::{AttentionShape, CudaDevice, CudaFastAttention};
+use performer_cuda::{
+    AttentionShape, CudaDevice, CudaFastAttention, DeviceBuffer, GpuLauncher, SharedLauncher,
+};
 
 struct Args {
     lens: Vec<usize>,
@@ -93,7 +95,9 @@ fn time_ms(
 }
 
 fn run(args: &Args) -> performer_cuda::Result<Vec<String>> {
-    let dev = CudaDevice::new(0)?;
+    let gpu = std::sync::Arc::new(GpuLauncher::new(0, false)?);
+    let launcher: SharedLauncher = gpu.clone();
+    let dev = gpu.device().clone();
     println!("device: {} ({})", dev.name()?, dev.arch());
     let (b, h, d, m) = (args.batch, args.heads, args.dim, args.features);
     let mut rows = Vec::new();
@@ -106,12 +110,12 @@ fn run(args: &Args) -> performer_cuda::Result<Vec<String>> {
                 .map(|v| v as f32)
                 .collect()
         };
-        let q = dev.upload(&host(&mut rng, shape.qk_len(), 0.5))?;
-        let k = dev.upload(&host(&mut rng, shape.qk_len(), 0.5))?;
-        let v = dev.upload(&host(&mut rng, shape.v_len(), 1.0))?;
-        let g = dev.upload(&host(&mut rng, shape.v_len(), 1.0))?;
+        let q = DeviceBuffer::from_f32(&launcher, &host(&mut rng, shape.qk_len(), 0.5))?;
+        let k = DeviceBuffer::from_f32(&launcher, &host(&mut rng, shape.qk_len(), 0.5))?;
+        let v = DeviceBuffer::from_f32(&launcher, &host(&mut rng, shape.v_len(), 1.0))?;
+        let g = DeviceBuffer::from_f32(&launcher, &host(&mut rng, shape.v_len(), 1.0))?;
         let proj = host(&mut rng, m * d, 1.0);
-        let attn = CudaFastAttention::new(&dev, &proj, m, d, true)?;
+        let attn = CudaFastAttention::new(&launcher, &proj, m, d, true)?;
 
         let full_fwd = time_ms(&dev, args.warmup, args.iters, || {
             attn.forward(&q, &k, &v, shape).map(|_| ())
@@ -130,11 +134,11 @@ fn run(args: &Args) -> performer_cuda::Result<Vec<String>> {
             e: d,
         };
         let core_fwd = time_ms(&dev, args.warmup, args.iters, || {
-            ops::causal_linear_attention(&dev, &qf, &kf, &v, dims).map(|_| ())
+            ops::causal_linear_attention(&launcher, &qf, &kf, &v, dims).map(|_| ())
         })?;
         let core_both = time_ms(&dev, args.warmup, args.iters, || {
-            let (out, den) = ops::causal_linear_attention(&dev, &qf, &kf, &v, dims)?;
-            ops::causal_linear_attention_backward(&dev, &qf, &kf, &v, &out, &den, &g, dims)
+            let (out, den) = ops::causal_linear_attention(&launcher, &qf, &kf, &v, dims)?;
+            ops::causal_linear_attention_backward(&launcher, &qf, &kf, &v, &out, &den, &g, dims)
                 .map(|_| ())
         })?;
         for (name, fwd, both) in [

@@ -1,10 +1,11 @@
 //! `CudaFastAttention`: performer-pytorch's `FastAttention` (softmax kernel) on a CUDA device,
 //! with a device-buffer API and a host convenience API.
 
-use cudarc::driver::CudaSlice;
+use std::sync::Arc;
 
-use crate::device::CudaDevice;
+use crate::buffer::{DeviceBuffer, SharedLauncher};
 use crate::error::{Error, Result};
+use crate::gpu_launcher::GpuLauncher;
 use crate::ops::{self, FeatureKind, LinearDims, NonCausalSaved, Precision};
 use crate::shape::{AttentionShape, expect_len};
 
@@ -14,8 +15,8 @@ use crate::shape::{AttentionShape, expect_len};
 /// no gradient, performer-pytorch redraws it instead, see [`Self::set_projection`]).
 /// Layout of every tensor: row-major, contiguous, `(batch, heads, seq_len, dim)`.
 pub struct CudaFastAttention {
-    device: CudaDevice,
-    projection: CudaSlice<f32>,
+    device: SharedLauncher,
+    projection: DeviceBuffer,
     nb_features: usize,
     dim_qk: usize,
     causal: bool,
@@ -24,18 +25,18 @@ pub struct CudaFastAttention {
 
 /// What the backward needs from the forward, per mode.
 enum Saved {
-    Causal { den: CudaSlice<f32> },
+    Causal { den: DeviceBuffer },
     NonCausal(NonCausalSaved),
 }
 
 /// The result of [`CudaFastAttention::forward`]: the output and the state kept for the backward.
 pub struct AttentionForward {
     /// The attention output, `(batch, heads, seq_len, dim_v)`.
-    pub out: CudaSlice<f32>,
+    pub out: DeviceBuffer,
     shape: AttentionShape,
     causal: bool,
-    query_features: CudaSlice<f32>,
-    key_features: CudaSlice<f32>,
+    query_features: DeviceBuffer,
+    key_features: DeviceBuffer,
     saved: Saved,
 }
 
@@ -45,11 +46,11 @@ impl AttentionForward {
         self.shape
     }
     /// Query features `(batch, heads, seq_len, nb_features)`.
-    pub fn query_features(&self) -> &CudaSlice<f32> {
+    pub fn query_features(&self) -> &DeviceBuffer {
         &self.query_features
     }
     /// Key features `(batch, heads, seq_len, nb_features)`.
-    pub fn key_features(&self) -> &CudaSlice<f32> {
+    pub fn key_features(&self) -> &DeviceBuffer {
         &self.key_features
     }
 }
@@ -57,11 +58,11 @@ impl AttentionForward {
 /// Gradients of [`CudaFastAttention::backward`], each shaped like its input.
 pub struct AttentionGrads {
     /// Gradient of the queries, `(batch, heads, seq_len, dim_qk)`.
-    pub dq: CudaSlice<f32>,
+    pub dq: DeviceBuffer,
     /// Gradient of the keys, `(batch, heads, seq_len, dim_qk)`.
-    pub dk: CudaSlice<f32>,
+    pub dk: DeviceBuffer,
     /// Gradient of the values, `(batch, heads, seq_len, dim_v)`.
-    pub dv: CudaSlice<f32>,
+    pub dv: DeviceBuffer,
 }
 
 /// Host copies of the gradients of [`CudaFastAttention::backward_host`].
@@ -76,9 +77,10 @@ pub struct HostGrads {
 }
 
 impl CudaFastAttention {
-    /// Attention with `projection` `(nb_features, dim_qk)` uploaded to `device`.
+    /// Attention with `projection` `(nb_features, dim_qk)` uploaded to `device` (a GPU's
+    /// [`GpuLauncher`] or the [`EmulatedLauncher`](crate::EmulatedLauncher)).
     pub fn new(
-        device: &CudaDevice,
+        device: &SharedLauncher,
         projection: &[f32],
         nb_features: usize,
         dim_qk: usize,
@@ -88,7 +90,7 @@ impl CudaFastAttention {
         Self::check_projection(OP, projection.len(), nb_features, dim_qk)?;
         Ok(Self {
             device: device.clone(),
-            projection: device.upload(projection)?,
+            projection: DeviceBuffer::from_f32(device, projection)?,
             nb_features,
             dim_qk,
             causal,
@@ -136,12 +138,12 @@ impl CudaFastAttention {
     pub fn set_projection(&mut self, projection: &[f32]) -> Result<()> {
         const OP: &str = "CudaFastAttention::set_projection";
         Self::check_projection(OP, projection.len(), self.nb_features, self.dim_qk)?;
-        self.projection = self.device.upload(projection)?;
+        self.projection = DeviceBuffer::from_f32(&self.device, projection)?;
         Ok(())
     }
 
     /// The device this attention runs on.
-    pub fn device(&self) -> &CudaDevice {
+    pub fn device(&self) -> &SharedLauncher {
         &self.device
     }
     /// Number of random features `m`.
@@ -153,7 +155,7 @@ impl CudaFastAttention {
         self.causal
     }
     /// The projection matrix on the device, `(nb_features, dim_qk)`.
-    pub fn projection(&self) -> &CudaSlice<f32> {
+    pub fn projection(&self) -> &DeviceBuffer {
         &self.projection
     }
 
@@ -199,10 +201,10 @@ impl CudaFastAttention {
     /// `(batch, heads, seq_len, nb_features)`.
     pub fn feature_map(
         &self,
-        x: &CudaSlice<f32>,
+        x: &DeviceBuffer,
         shape: AttentionShape,
         kind: FeatureKind,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<DeviceBuffer> {
         const OP: &str = "CudaFastAttention::feature_map";
         self.check_shape(OP, &shape)?;
         ops::softmax_features(
@@ -220,9 +222,9 @@ impl CudaFastAttention {
     /// Forward pass on device buffers; keeps what the backward needs in the result.
     pub fn forward(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        q: &DeviceBuffer,
+        k: &DeviceBuffer,
+        v: &DeviceBuffer,
         shape: AttentionShape,
     ) -> Result<AttentionForward> {
         const OP: &str = "CudaFastAttention::forward";
@@ -252,11 +254,11 @@ impl CudaFastAttention {
     /// of the output. `q`, `k`, `v` must be the forward's inputs.
     pub fn backward(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        q: &DeviceBuffer,
+        k: &DeviceBuffer,
+        v: &DeviceBuffer,
         fwd: &AttentionForward,
-        grad_out: &CudaSlice<f32>,
+        grad_out: &DeviceBuffer,
     ) -> Result<AttentionGrads> {
         const OP: &str = "CudaFastAttention::backward";
         let shape = fwd.shape;
@@ -320,13 +322,14 @@ impl CudaFastAttention {
     ) -> Result<(Vec<f32>, AttentionForward)> {
         const OP: &str = "CudaFastAttention::forward_host";
         self.check_inputs(OP, &shape, q.len(), k.len(), v.len())?;
+        let dev = &self.device;
         let (qd, kd, vd) = (
-            self.device.upload(q)?,
-            self.device.upload(k)?,
-            self.device.upload(v)?,
+            DeviceBuffer::from_f32(dev, q)?,
+            DeviceBuffer::from_f32(dev, k)?,
+            DeviceBuffer::from_f32(dev, v)?,
         );
         let fwd = self.forward(&qd, &kd, &vd, shape)?;
-        let out = self.device.download(&fwd.out)?;
+        let out = fwd.out.to_f32()?;
         Ok((out, fwd))
     }
 
@@ -353,16 +356,16 @@ impl CudaFastAttention {
         )?;
         let dev = &self.device;
         let (qd, kd, vd, gd) = (
-            dev.upload(q)?,
-            dev.upload(k)?,
-            dev.upload(v)?,
-            dev.upload(grad_out)?,
+            DeviceBuffer::from_f32(dev, q)?,
+            DeviceBuffer::from_f32(dev, k)?,
+            DeviceBuffer::from_f32(dev, v)?,
+            DeviceBuffer::from_f32(dev, grad_out)?,
         );
         let g = self.backward(&qd, &kd, &vd, fwd, &gd)?;
         Ok(HostGrads {
-            dq: dev.download(&g.dq)?,
-            dk: dev.download(&g.dk)?,
-            dv: dev.download(&g.dv)?,
+            dq: g.dq.to_f32()?,
+            dk: g.dk.to_f32()?,
+            dv: g.dv.to_f32()?,
         })
     }
 }
@@ -396,7 +399,7 @@ pub fn fast_attention_host(
         });
     }
     let nb_features = projection.len() / shape.dim_qk;
-    let device = CudaDevice::new(ordinal)?;
+    let device: SharedLauncher = Arc::new(GpuLauncher::new(ordinal, false)?);
     let attn = CudaFastAttention::new(&device, projection, nb_features, shape.dim_qk, causal)?;
     Ok(attn.forward_host(q, k, v, shape)?.0)
 }

@@ -43,10 +43,12 @@ impl Kernels {
 
     /// The kernel `name`; the names are fixed in [`kernel_sources::SOURCES`], so a miss is a bug here,
     /// reported as an error rather than a panic all the same.
-    pub(crate) fn get(&self, name: &'static str) -> Result<&CudaFunction> {
+    pub(crate) fn get(&self, name: &str) -> Result<&CudaFunction> {
         self.functions
             .get(name)
-            .ok_or(Error::KernelNotFound { name })
+            .ok_or_else(|| Error::KernelNotFound {
+                name: name.to_string(),
+            })
     }
 }
 
@@ -185,18 +187,6 @@ impl CudaDevice {
         Ok(buf)
     }
 
-    /// A buffer for a kernel to fill completely: not zeroed (a memset would be a wasted pass
-    /// over memory), but poisoned under [`Self::with_poison`] so tests catch unwritten elements.
-    pub(crate) fn scratch(&self, len: usize) -> Result<CudaSlice<f32>> {
-        // SAFETY: every caller hands the buffer to kernels that write each element before
-        // anything reads it (checked by the poisoned GPU tests).
-        let mut buf = unsafe { self.stream.alloc::<f32>(len.max(1)) }.op("alloc")?;
-        if let Some(value) = self.poison {
-            self.fill("alloc", &mut buf, value)?;
-        }
-        Ok(buf)
-    }
-
     /// Sets every element of `buf` to `value` (the `fill_f32` kernel).
     pub(crate) fn fill(
         &self,
@@ -229,6 +219,11 @@ impl CudaDevice {
     }
 
     pub(crate) fn kernel(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.shared.kernels.get(name)
+    }
+
+    /// The kernel `name` of [`kernel_sources::SOURCES`], by a name known only at run time.
+    pub(crate) fn kernel_by_name(&self, name: &str) -> Result<&CudaFunction> {
         self.shared.kernels.get(name)
     }
 

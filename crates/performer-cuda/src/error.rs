@@ -50,7 +50,7 @@ pub enum Error {
     #[error("kernel lookup: no kernel named {name} in the compiled sources (a performer-cuda bug)")]
     KernelNotFound {
         /// The kernel asked for.
-        name: &'static str,
+        name: String,
     },
     /// Inputs whose shapes or lengths do not fit the operation.
     #[error("{op}: shape mismatch: {detail}")]
@@ -74,6 +74,48 @@ pub enum Error {
         /// The operation that was asked for.
         op: &'static str,
         /// What is missing, with the device's architecture.
+        detail: String,
+    },
+    /// A device allocation past the device's free memory (the emulator's capacity, or what the
+    /// driver reports as out of memory).
+    #[error(
+        "{op}: out of device memory: {requested} bytes requested, {in_use} of {capacity} in use"
+    )]
+    OutOfMemory {
+        /// The operation that allocated.
+        op: &'static str,
+        /// Bytes asked for.
+        requested: usize,
+        /// Bytes already allocated on the device.
+        in_use: usize,
+        /// The device's capacity in bytes (0 where the driver does not say).
+        capacity: usize,
+    },
+    /// Operands of one operation live on different devices.
+    #[error("{op}: operands on different devices: {detail}")]
+    DeviceMismatch {
+        /// The operation.
+        op: &'static str,
+        /// Which operands, on which devices.
+        detail: String,
+    },
+    /// The emulated device found a fault: a bad launch (argument list, divergent barrier), an
+    /// access outside live allocations, an invalid cuBLAS argument, or a failed build.
+    #[error("{op}: emulated device: {detail}")]
+    Emulator {
+        /// The operation.
+        op: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+    /// No C++ compiler to build the emulated device's kernels with.
+    #[error("{op}: the emulated device needs a C++20 compiler; {compiler} could not run: {detail}")]
+    CompilerUnavailable {
+        /// The operation.
+        op: &'static str,
+        /// The compiler tried (`$CXX` or `c++`).
+        compiler: String,
+        /// The OS error.
         detail: String,
     },
     /// An error reported by the CUDA driver (allocation, copy, launch, module load).

@@ -72,8 +72,40 @@ pub const LINEAR: KernelSource = KernelSource {
     functions: &["augment_ones", "normalize_rows", "fill_f32"],
 };
 
+/// The general tensor kernels of the device path (element-wise, reductions, softmax, norms,
+/// embedding, loss, dropout, rotary, token shift, optimizers).
+pub const TENSOR: KernelSource = KernelSource {
+    name: "tensor.cu",
+    source: include_str!("../kernels/tensor.cu"),
+    functions: &[
+        "unary_f32",
+        "unary_backward_f32",
+        "binary_f32",
+        "binary_backward_f32",
+        "strided_copy_f32",
+        "sum_to_f32",
+        "reduce_rows_f32",
+        "sum_cols_f32",
+        "softmax_rows_f32",
+        "softmax_rows_backward_f32",
+        "layer_norm_rows_f32",
+        "layer_norm_rows_backward_f32",
+        "embedding_f32",
+        "embedding_backward_f32",
+        "cross_entropy_f32",
+        "cross_entropy_backward_f32",
+        "ratio_f32",
+        "dropout_f32",
+        "rotary_f32",
+        "token_shift_f32",
+        "adam_f32",
+        "sgd_f32",
+        "clip_scale_f32",
+    ],
+};
+
 /// Every kernel source of the crate.
-pub const SOURCES: &[KernelSource] = &[FAVOR, CAUSAL, CAUSAL_TF32, LINEAR];
+pub const SOURCES: &[KernelSource] = &[FAVOR, CAUSAL, CAUSAL_TF32, LINEAR, TENSOR];
 
 /// The architectures CI compiles every kernel for.
 pub const CHECKED_ARCHES: &[&str] = &["sm_80", "sm_90"];

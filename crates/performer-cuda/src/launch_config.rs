@@ -15,12 +15,3 @@ pub(crate) fn grid_1d(total: usize, threads: u32) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
-
-/// A `(x, y, z)` grid of [`THREADS`]-wide blocks, for the tiled kernels.
-pub(crate) fn grid_3d(x: usize, y: usize, z: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (x as u32, y as u32, z as u32),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}

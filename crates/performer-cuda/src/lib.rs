@@ -9,6 +9,10 @@
 //! * [`CudaFastAttention`] is the device API (device buffers in and out, forward and backward);
 //!   [`CudaFastAttention::forward_host`] / [`CudaFastAttention::backward_host`] take and return
 //!   host slices. [`ops`] exposes each stage on its own.
+//! * Every device operation can go through one narrow interface, [`Launcher`] (allocate, copy,
+//!   launch a kernel by name, cuBLAS's strided-batched GEMM), implemented by [`GpuLauncher`]
+//!   (cudarc) and by [`EmulatedLauncher`], which runs the same sources compiled as C++ on the
+//!   CPU (see [`emulator`]), so device code is tested on machines without a GPU.
 //! * [`reference`](mod@reference) is the f64 CPU implementation of the same math that the GPU tests compare
 //!   against.
 //!
@@ -16,20 +20,29 @@
 //! matrix `(nb_features, dim_qk)` (see [`AttentionShape`]).
 
 mod attention;
+mod buffer;
 mod device;
+pub mod emulator;
 mod error;
+mod gpu_launcher;
 pub mod kernel_sources;
 mod launch_config;
+pub mod launcher;
 mod libs;
 pub mod ops;
 pub mod reference;
 mod shape;
+pub mod tensor_ops;
 
 pub use attention::{
     AttentionForward, AttentionGrads, CudaFastAttention, HostGrads, fast_attention_host,
 };
+pub use buffer::{DeviceBuffer, Elem, SharedLauncher};
 pub use device::CudaDevice;
+pub use emulator::{EmulatedLauncher, emulator_available};
 pub use error::{Error, Result};
+pub use gpu_launcher::GpuLauncher;
+pub use launcher::{DevicePtr, GemmStridedBatched, KernelArg, LaunchDims, Launcher, Transpose};
 pub use libs::{driver_available, nvrtc_available, search_dirs};
 pub use ops::{FeatureKind, Precision};
 pub use shape::{AttentionShape, MAX_BATCH_HEADS};

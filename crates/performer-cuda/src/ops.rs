@@ -5,13 +5,27 @@
 //! All buffers are row-major and contiguous with batch and heads flattened: features
 //! `(bh, n, m)`, values and outputs `(bh, n, e)`, projection `(m, d)`.
 
-use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, PushKernelArg};
-
-use crate::device::CudaDevice;
-use crate::error::{DriverContext, Error, Result};
-use crate::launch_config::{THREADS, grid_1d, grid_3d};
+use crate::buffer::{DeviceBuffer, Elem, SharedLauncher};
+use crate::error::{Error, Result};
+use crate::launcher::{GemmStridedBatched, KernelArg as A, LaunchDims, Transpose};
 use crate::shape::expect_len;
+
+/// Threads per block of every launch here (NTHREADS of the tiled kernels).
+const THREADS: u32 = 256;
+
+fn grid_1d(total: usize) -> LaunchDims {
+    LaunchDims::cover(total, THREADS)
+}
+
+fn grid_3d(x: usize, y: usize, z: usize) -> LaunchDims {
+    LaunchDims::grid3(x, y, z, THREADS)
+}
+
+/// A buffer of `len` floats for kernels to fill completely (NaN on the emulator and in the
+/// poisoned GPU tests, so an element no kernel writes shows up).
+fn scratch(dev: &SharedLauncher, len: usize) -> Result<DeviceBuffer> {
+    DeviceBuffer::alloc(dev, len.max(1), Elem::F32)
+}
 
 /// Positions per chunk of the causal kernels (CHUNK in the CUDA sources).
 pub const CHUNK: usize = 64;
@@ -82,21 +96,20 @@ impl Precision {
         }
     }
 
-    /// Fails unless `dev` can run this precision: TF32 `mma.sync` needs compute capability 8.0.
-    pub fn check_device(self, op: &'static str, dev: &CudaDevice) -> Result<()> {
+    /// Fails unless `dev` can run this precision: TF32 `mma.sync` needs compute capability 8.0
+    /// (the emulated device emulates it).
+    pub fn check_device(self, op: &'static str, dev: &SharedLauncher) -> Result<()> {
         if self == Precision::F32 {
             return Ok(());
         }
-        let major = arch_major(dev.arch());
+        let arch = dev.arch();
+        let major = arch_major(&arch);
         if major.is_some_and(|m| m >= 8) {
             Ok(())
         } else {
             Err(Error::Unsupported {
                 op,
-                detail: format!(
-                    "TF32 tensor cores need sm_80 or newer; the device is {}",
-                    dev.arch()
-                ),
+                detail: format!("TF32 tensor cores need sm_80 or newer; the device is {arch}"),
             })
         }
     }
@@ -133,66 +146,79 @@ pub enum FeatureKind {
 /// `m^-0.5 * (exp(dn x.P - dn^2 |x|^2 / 2 - stab) + 1e-4)` with `dn = d^-0.25`, `(bh, n, m)`.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_features(
-    dev: &CudaDevice,
-    x: &CudaSlice<f32>,
-    projection: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    x: &DeviceBuffer,
+    projection: &DeviceBuffer,
     bh: usize,
     n: usize,
     d: usize,
     m: usize,
     kind: FeatureKind,
-) -> Result<CudaSlice<f32>> {
+) -> Result<DeviceBuffer> {
     const OP: &str = "softmax_features";
     let dims = format!("bh={bh} n={n} d={d} m={m}");
     expect_len(OP, "x", x.len(), bh * n * d, &dims)?;
     expect_len(OP, "projection", projection.len(), m * d, &dims)?;
-    let stream = dev.stream();
     let per_row: i32 = matches!(kind, FeatureKind::Query) as i32;
     let stab_len = if per_row != 0 { bh * n } else { bh };
-    let mut feat = dev.scratch(bh * n * m)?;
-    let mut diag = dev.scratch(bh * n)?;
-    let mut stab = dev.scratch(stab_len)?;
+    let feat = scratch(dev, bh * n * m)?;
+    let diag = scratch(dev, bh * n)?;
+    let stab = scratch(dev, stab_len)?;
     let (ni, mi, di) = (n as i32, m as i32, d as i32);
     let dn = (d as f32).powf(-0.25);
     let ratio = (m as f32).powf(-0.5);
     let total = (bh * n * m) as i64;
-    // The atomic max in favor_project starts from -inf, its identity.
-    dev.fill(OP, &mut stab, f32::NEG_INFINITY)?;
+    // SAFETY: fill_f32(float* x, i64 len, float value) over stab's own length. The atomic max in
+    // favor_project starts from -inf, its identity.
+    unsafe {
+        dev.launch(
+            "fill_f32",
+            grid_1d(stab.len()),
+            &[
+                stab.arg(),
+                A::I64(stab.len() as i64),
+                A::F32(f32::NEG_INFINITY),
+            ],
+        )?;
+    }
     // SAFETY: the arguments are favor_project's `(x, proj, dd, diag, stab, per_row, n, m, d, dn)`
     // and favor_exp's `(feat, diag, stab, per_row, n, m, ratio, eps, total)`, in order and of those
     // types; x and the projection were checked to hold bh*n*d and m*d values, feat, diag and stab
     // were allocated at bh*n*m, bh*n and one stabilizer per row or per head, which is all the
-    // kernels index for this grid (tiles past n or m are masked inside); the launch is queued on
-    // this device's stream, the borrowed buffers outlive the call and every later use of them is
-    // ordered after it on the same stream.
+    // kernels index for this grid (tiles past n or m are masked inside); the buffers outlive the
+    // launches, which the launcher orders before any later use.
     unsafe {
-        stream
-            .launch_builder(dev.kernel("favor_project")?)
-            .arg(x)
-            .arg(projection)
-            .arg(&mut feat)
-            .arg(&mut diag)
-            .arg(&mut stab)
-            .arg(&per_row)
-            .arg(&ni)
-            .arg(&mi)
-            .arg(&di)
-            .arg(&dn)
-            .launch(grid_3d(n.div_ceil(TILE), m.div_ceil(TILE), bh))
-            .op(OP)?;
-        stream
-            .launch_builder(dev.kernel("favor_exp")?)
-            .arg(&mut feat)
-            .arg(&diag)
-            .arg(&stab)
-            .arg(&per_row)
-            .arg(&ni)
-            .arg(&mi)
-            .arg(&ratio)
-            .arg(&FEATURE_EPS)
-            .arg(&total)
-            .launch(grid_1d(bh * n * m, THREADS))
-            .op(OP)?;
+        dev.launch(
+            "favor_project",
+            grid_3d(n.div_ceil(TILE), m.div_ceil(TILE), bh),
+            &[
+                x.arg(),
+                projection.arg(),
+                feat.arg(),
+                diag.arg(),
+                stab.arg(),
+                A::I32(per_row),
+                A::I32(ni),
+                A::I32(mi),
+                A::I32(di),
+                A::F32(dn),
+            ],
+        )?;
+        dev.launch(
+            "favor_exp",
+            grid_1d(bh * n * m),
+            &[
+                feat.arg(),
+                diag.arg(),
+                stab.arg(),
+                A::I32(per_row),
+                A::I32(ni),
+                A::I32(mi),
+                A::F32(ratio),
+                A::F32(FEATURE_EPS),
+                A::I64(total),
+            ],
+        )?;
     }
     Ok(feat)
 }
@@ -201,46 +227,45 @@ pub fn softmax_features(
 /// reference's `.detach()`): the gradient with respect to `x`, `(bh, n, d)`.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_features_backward(
-    dev: &CudaDevice,
-    x: &CudaSlice<f32>,
-    projection: &CudaSlice<f32>,
-    features: &CudaSlice<f32>,
-    grad_features: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    x: &DeviceBuffer,
+    projection: &DeviceBuffer,
+    features: &DeviceBuffer,
+    grad_features: &DeviceBuffer,
     bh: usize,
     n: usize,
     d: usize,
     m: usize,
-) -> Result<CudaSlice<f32>> {
+) -> Result<DeviceBuffer> {
     const OP: &str = "softmax_features_backward";
     let dims = format!("bh={bh} n={n} d={d} m={m}");
     expect_len(OP, "x", x.len(), bh * n * d, &dims)?;
     expect_len(OP, "projection", projection.len(), m * d, &dims)?;
     expect_len(OP, "features", features.len(), bh * n * m, &dims)?;
     expect_len(OP, "grad_features", grad_features.len(), bh * n * m, &dims)?;
-    let mut gx = dev.scratch(bh * n * d)?;
-    let (ni, mi, di) = (n as i32, m as i32, d as i32);
+    let gx = scratch(dev, bh * n * d)?;
     let dn = (d as f32).powf(-0.25);
     let ratio_eps = (m as f32).powf(-0.5) * FEATURE_EPS;
     // SAFETY: favor_backward's `(x, proj, feat, gfeat, gx, n, m, d, dn, ratio_eps)`, in order and
     // of those types; the four inputs were checked to hold bh*n*d, m*d, bh*n*m and bh*n*m values
-    // and gx was allocated at bh*n*d, the extent the (n/TILE, d/TILE, bh) grid indexes; the launch
-    // is queued on this device's stream, the borrowed buffers outlive the call and every later use
-    // of them is ordered after it on the same stream.
+    // and gx was allocated at bh*n*d, the extent the (n/TILE, d/TILE, bh) grid indexes.
     unsafe {
-        dev.stream()
-            .launch_builder(dev.kernel("favor_backward")?)
-            .arg(x)
-            .arg(projection)
-            .arg(features)
-            .arg(grad_features)
-            .arg(&mut gx)
-            .arg(&ni)
-            .arg(&mi)
-            .arg(&di)
-            .arg(&dn)
-            .arg(&ratio_eps)
-            .launch(grid_3d(n.div_ceil(TILE), d.div_ceil(TILE), bh))
-            .op(OP)?;
+        dev.launch(
+            "favor_backward",
+            grid_3d(n.div_ceil(TILE), d.div_ceil(TILE), bh),
+            &[
+                x.arg(),
+                projection.arg(),
+                features.arg(),
+                grad_features.arg(),
+                gx.arg(),
+                A::I32(n as i32),
+                A::I32(m as i32),
+                A::I32(d as i32),
+                A::F32(dn),
+                A::F32(ratio_eps),
+            ],
+        )?;
     }
     Ok(gx)
 }
@@ -249,41 +274,41 @@ pub fn softmax_features_backward(
 /// chunk, the sum of `a_j^T [b_j | col_j]` over the chunks before it (`reverse`: after it).
 #[allow(clippy::too_many_arguments)]
 fn chunk_states(
-    dev: &CudaDevice,
-    op: &'static str,
-    a: &CudaSlice<f32>,
-    b: &CudaSlice<f32>,
-    col: Option<&CudaSlice<f32>>,
-    s: &mut CudaSlice<f32>,
-    sc: &mut CudaSlice<f32>,
+    dev: &SharedLauncher,
+    a: &DeviceBuffer,
+    b: &DeviceBuffer,
+    col: Option<&DeviceBuffer>,
+    s: &DeviceBuffer,
+    sc: &DeviceBuffer,
     dims: LinearDims,
     reverse: bool,
     precision: Precision,
 ) -> Result<()> {
-    let (ni, mi, ei) = (dims.n as i32, dims.m as i32, dims.e as i32);
-    let null: u64 = 0;
     let name = precision.kernel(if reverse {
         "chunk_state_rev"
     } else {
         "chunk_state_fwd"
     });
-    let stream = dev.stream();
-    let mut builder = stream.launch_builder(dev.kernel(name)?);
-    builder.arg(a).arg(b);
-    match col {
-        Some(c) => builder.arg(c),
-        None => builder.arg(&null),
-    };
-    builder.arg(s).arg(sc).arg(&ni).arg(&mi).arg(&ei);
-    let cfg = grid_3d(dims.m.div_ceil(32), (dims.e + 1).div_ceil(32), dims.bh);
-    // SAFETY: chunk_state_fwd/_rev (f32 or TF32) take `(A, B, bcol, S, sc, n, m, e)`, pushed above
-    // in that order and of those types (a null pointer for an absent bcol, which the kernels test);
-    // the callers check A, B, bcol against bh*n*m, bh*n*e, bh*n and allocate S, sc at bh*nt*m*e and
-    // bh*nt*m, the extent of the (m/32, (e+1)/32, bh) grid; the launch is queued on this device's
-    // stream, the borrowed buffers outlive the call and every later use of them is ordered after it
-    // on the same stream.
-    unsafe { builder.launch(cfg) }.op(op)?;
-    Ok(())
+    // SAFETY: chunk_state_fwd/_rev (f32 or TF32) take `(A, B, bcol, S, sc, n, m, e)`, passed in
+    // that order and of those types (a null pointer for an absent bcol, which the kernels test);
+    // the callers check A, B, bcol against bh*n*m, bh*n*e, bh*n and allocate S, sc at bh*nt*m*e
+    // and bh*nt*m, the extent of the (m/32, (e+1)/32, bh) grid.
+    unsafe {
+        dev.launch(
+            name,
+            grid_3d(dims.m.div_ceil(32), (dims.e + 1).div_ceil(32), dims.bh),
+            &[
+                a.arg(),
+                b.arg(),
+                col.map_or(A::Ptr(0), DeviceBuffer::arg),
+                s.arg(),
+                sc.arg(),
+                A::I32(dims.n as i32),
+                A::I32(dims.m as i32),
+                A::I32(dims.e as i32),
+            ],
+        )
+    }
 }
 
 /// Causal linear attention on features, chunkwise: returns `out` `(bh, n, e)` and the
@@ -292,25 +317,25 @@ fn chunk_states(
 /// `out_i = sum_{j<=i} (qf_i.kf_j) v_j / (qf_i . (sum_{j<=i} kf_j + 1e-6))`.
 /// In f32; [`causal_linear_attention_with`] chooses the precision.
 pub fn causal_linear_attention(
-    dev: &CudaDevice,
-    qf: &CudaSlice<f32>,
-    kf: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    qf: &DeviceBuffer,
+    kf: &DeviceBuffer,
+    v: &DeviceBuffer,
     dims: LinearDims,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+) -> Result<(DeviceBuffer, DeviceBuffer)> {
     causal_linear_attention_with(dev, qf, kf, v, dims, Precision::F32)
 }
 
 /// [`causal_linear_attention`] with the chunk products in `precision`
 /// ([`Precision::Tf32`] fails on devices older than sm_80).
 pub fn causal_linear_attention_with(
-    dev: &CudaDevice,
-    qf: &CudaSlice<f32>,
-    kf: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    qf: &DeviceBuffer,
+    kf: &DeviceBuffer,
+    v: &DeviceBuffer,
     dims: LinearDims,
     precision: Precision,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+) -> Result<(DeviceBuffer, DeviceBuffer)> {
     const OP: &str = "causal_linear_attention";
     precision.check_device(OP, dev)?;
     let LinearDims { bh, n, m, e } = dims;
@@ -323,81 +348,72 @@ pub fn causal_linear_attention_with(
         ],
     )?;
     let nt = dims.chunks();
-    let mut h = dev.scratch(bh * nt * m * e)?;
-    let mut z = dev.scratch(bh * nt * m)?;
-    chunk_states(dev, OP, kf, v, None, &mut h, &mut z, dims, false, precision)?;
-    let mut out = dev.scratch(bh * n * e)?;
-    let mut den = dev.scratch(bh * n)?;
-    let (ni, mi, ei) = (n as i32, m as i32, e as i32);
+    let h = scratch(dev, bh * nt * m * e)?;
+    let z = scratch(dev, bh * nt * m)?;
+    chunk_states(dev, kf, v, None, &h, &z, dims, false, precision)?;
+    let out = scratch(dev, bh * n * e)?;
+    let den = scratch(dev, bh * n)?;
     // SAFETY: chunk_output_fwd's `(qf, kf, v, h, z, out, den, n, m, e, eps)`, in order and of those
     // types; qf, kf, v were checked by `dims.check`, h, z are the chunk states allocated above at
     // bh*nt*m*e and bh*nt*m, out and den are allocated at bh*n*e and bh*n, what the (nt, e/TILE,
-    // bh) grid writes; the launch is queued on this device's stream, the borrowed buffers outlive
-    // the call and every later use of them is ordered after it on the same stream.
+    // bh) grid writes.
     unsafe {
-        dev.stream()
-            .launch_builder(dev.kernel(precision.kernel("chunk_output_fwd"))?)
-            .arg(qf)
-            .arg(kf)
-            .arg(v)
-            .arg(&h)
-            .arg(&z)
-            .arg(&mut out)
-            .arg(&mut den)
-            .arg(&ni)
-            .arg(&mi)
-            .arg(&ei)
-            .arg(&CAUSAL_EPS)
-            .launch(grid_3d(nt, e.div_ceil(TILE), bh))
-            .op(OP)?;
+        dev.launch(
+            precision.kernel("chunk_output_fwd"),
+            grid_3d(nt, e.div_ceil(TILE), bh),
+            &[
+                qf.arg(),
+                kf.arg(),
+                v.arg(),
+                h.arg(),
+                z.arg(),
+                out.arg(),
+                den.arg(),
+                A::I32(n as i32),
+                A::I32(m as i32),
+                A::I32(e as i32),
+                A::F32(CAUSAL_EPS),
+            ],
+        )?;
     }
     Ok((out, den))
 }
 
-/// `dnum = g / den` and `dden = -(g . out) / den` per position, written with strides.
+/// `dnum = g / den` and `dden = -(g . out) / den` per position, written with strides: each of
+/// `den`, `dnum`, `dden` is (buffer, first element, stride).
 #[allow(clippy::too_many_arguments)]
 fn grad_prep(
-    dev: &CudaDevice,
-    op: &'static str,
-    g: &CudaSlice<f32>,
-    out: &CudaSlice<f32>,
-    den: &cudarc::driver::CudaView<'_, f32>,
-    den_stride: i64,
-    dnum: &cudarc::driver::CudaView<'_, f32>,
-    dnum_ld: i64,
-    dden: &cudarc::driver::CudaView<'_, f32>,
-    dden_stride: i64,
+    dev: &SharedLauncher,
+    g: &DeviceBuffer,
+    out: &DeviceBuffer,
+    den: (&DeviceBuffer, usize, i64),
+    dnum: (&DeviceBuffer, usize, i64),
+    dden: (&DeviceBuffer, usize, i64),
     rows: usize,
     e: usize,
 ) -> Result<()> {
-    let rows_i = rows as i64;
-    let ei = e as i32;
-    // One warp per row; the kernel writes through dnum/dden although they are passed as
-    // shared views, because in the non-causal path both live in one augmented buffer.
-    let cfg = grid_1d(rows * 32, THREADS);
     // SAFETY: attention_grad_prep's `(g, out, den, den_stride, dnum, dnum_ld, dden, dden_stride,
     // rows, e)`, in order and of those types; the callers size g, out at rows*e, den, dnum, dden
-    // for `rows` rows at the strides given (dnum and dden may share one augmented buffer: the
-    // kernel writes disjoint columns of it, one warp per row); the launch is queued on this
-    // device's stream, the borrowed buffers outlive the call and every later use of them is ordered
-    // after it on the same stream.
+    // for `rows` rows at the offsets and strides given (dnum and dden may share one augmented
+    // buffer: the kernel writes disjoint columns of it, one warp per row).
     unsafe {
-        dev.stream()
-            .launch_builder(dev.kernel("attention_grad_prep")?)
-            .arg(g)
-            .arg(out)
-            .arg(den)
-            .arg(&den_stride)
-            .arg(dnum)
-            .arg(&dnum_ld)
-            .arg(dden)
-            .arg(&dden_stride)
-            .arg(&rows_i)
-            .arg(&ei)
-            .launch(cfg)
-            .op(op)?;
+        dev.launch(
+            "attention_grad_prep",
+            grid_1d(rows * 32),
+            &[
+                g.arg(),
+                out.arg(),
+                den.0.arg_at(den.1),
+                A::I64(den.2),
+                dnum.0.arg_at(dnum.1),
+                A::I64(dnum.2),
+                dden.0.arg_at(dden.1),
+                A::I64(dden.2),
+                A::I64(rows as i64),
+                A::I32(e as i32),
+            ],
+        )
     }
-    Ok(())
 }
 
 /// Backward of [`causal_linear_attention`]: gradients of `qf`, `kf` and `v` given the
@@ -405,15 +421,15 @@ fn grad_prep(
 /// [`causal_linear_attention_backward_with`] chooses the precision.
 #[allow(clippy::too_many_arguments)]
 pub fn causal_linear_attention_backward(
-    dev: &CudaDevice,
-    qf: &CudaSlice<f32>,
-    kf: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
-    out: &CudaSlice<f32>,
-    den: &CudaSlice<f32>,
-    grad_out: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    qf: &DeviceBuffer,
+    kf: &DeviceBuffer,
+    v: &DeviceBuffer,
+    out: &DeviceBuffer,
+    den: &DeviceBuffer,
+    grad_out: &DeviceBuffer,
     dims: LinearDims,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+) -> Result<(DeviceBuffer, DeviceBuffer, DeviceBuffer)> {
     causal_linear_attention_backward_with(dev, qf, kf, v, out, den, grad_out, dims, Precision::F32)
 }
 
@@ -422,16 +438,16 @@ pub fn causal_linear_attention_backward(
 /// forward in either precision.
 #[allow(clippy::too_many_arguments)]
 pub fn causal_linear_attention_backward_with(
-    dev: &CudaDevice,
-    qf: &CudaSlice<f32>,
-    kf: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
-    out: &CudaSlice<f32>,
-    den: &CudaSlice<f32>,
-    grad_out: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    qf: &DeviceBuffer,
+    kf: &DeviceBuffer,
+    v: &DeviceBuffer,
+    out: &DeviceBuffer,
+    den: &DeviceBuffer,
+    grad_out: &DeviceBuffer,
     dims: LinearDims,
     precision: Precision,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+) -> Result<(DeviceBuffer, DeviceBuffer, DeviceBuffer)> {
     const OP: &str = "causal_linear_attention_backward";
     precision.check_device(OP, dev)?;
     let LinearDims { bh, n, m, e } = dims;
@@ -447,111 +463,95 @@ pub fn causal_linear_attention_backward_with(
         ],
     )?;
     let nt = dims.chunks();
-    let (ni, mi, ei) = (n as i32, m as i32, e as i32);
-    let dnum = dev.scratch(bh * n * e)?;
-    let dden = dev.scratch(bh * n)?;
+    let (ni, mi, ei) = (A::I32(n as i32), A::I32(m as i32), A::I32(e as i32));
+    let dnum = scratch(dev, bh * n * e)?;
+    let dden = scratch(dev, bh * n)?;
     grad_prep(
         dev,
-        OP,
         grad_out,
         out,
-        &den.as_view(),
-        1,
-        &dnum.as_view(),
-        e as i64,
-        &dden.as_view(),
-        1,
+        (den, 0, 1),
+        (&dnum, 0, e as i64),
+        (&dden, 0, 1),
         bh * n,
         e,
     )?;
-
     // Forward states again (recomputed rather than kept: they are nt*m*e per head).
-    let mut states = dev.scratch(bh * nt * m * e)?;
-    let mut col = dev.scratch(bh * nt * m)?;
-    chunk_states(
-        dev,
-        OP,
-        kf,
-        v,
-        None,
-        &mut states,
-        &mut col,
-        dims,
-        false,
-        precision,
-    )?;
-    let mut dqf = dev.scratch(bh * n * m)?;
-    let stream = dev.stream();
-    // SAFETY: the arguments follow chunk_output_rev's and chunk_grad_feat_*'s signatures in order
-    // and type; every input was checked by `dims.check` or computed above at its (bh, n or nt, m,
-    // e) extent, and each output is allocated at the extent its grid writes; the launch is queued
-    // on this device's stream, the borrowed buffers outlive the call and every later use of them is
-    // ordered after it on the same stream.
+    let states = scratch(dev, bh * nt * m * e)?;
+    let col = scratch(dev, bh * nt * m)?;
+    chunk_states(dev, kf, v, None, &states, &col, dims, false, precision)?;
+    let dqf = scratch(dev, bh * n * m)?;
+    // SAFETY: chunk_grad_feat_fwd's `(dnum, dden, v, kf, S, sc, eps, dqf, n, m, e)` in order and
+    // type; every input was checked by `dims.check` or computed above at its (bh, n or nt, m, e)
+    // extent, and dqf is allocated at the extent its grid writes.
     unsafe {
-        stream
-            .launch_builder(dev.kernel(precision.kernel("chunk_grad_feat_fwd"))?)
-            .arg(&dnum)
-            .arg(&dden)
-            .arg(v)
-            .arg(kf)
-            .arg(&states)
-            .arg(&col)
-            .arg(&CAUSAL_EPS)
-            .arg(&mut dqf)
-            .arg(&ni)
-            .arg(&mi)
-            .arg(&ei)
-            .launch(grid_3d(nt, m.div_ceil(TILE), bh))
-            .op(OP)?;
+        dev.launch(
+            precision.kernel("chunk_grad_feat_fwd"),
+            grid_3d(nt, m.div_ceil(TILE), bh),
+            &[
+                dnum.arg(),
+                dden.arg(),
+                v.arg(),
+                kf.arg(),
+                states.arg(),
+                col.arg(),
+                A::F32(CAUSAL_EPS),
+                dqf.arg(),
+                ni,
+                mi,
+                ei,
+            ],
+        )?;
     }
-
     // Reverse states U, u into the same buffers.
     chunk_states(
         dev,
-        OP,
         qf,
         &dnum,
         Some(&dden),
-        &mut states,
-        &mut col,
+        &states,
+        &col,
         dims,
         true,
         precision,
     )?;
-    let mut dkf = dev.scratch(bh * n * m)?;
-    let mut dv = dev.scratch(bh * n * e)?;
-    // SAFETY: chunk_grad_feat_rev's and chunk_output_rev's arguments in order and type; inputs
-    // checked by `dims.check` or computed above at their (bh, n or nt, m, e) extents, outputs
-    // allocated at the extents their grids write; the launch is queued on this device's stream, the
-    // borrowed buffers outlive the call and every later use of them is ordered after it on the same
-    // stream.
+    let dkf = scratch(dev, bh * n * m)?;
+    let dv = scratch(dev, bh * n * e)?;
+    // SAFETY: chunk_grad_feat_rev's `(v, dnum, dden, qf, S, sc, dkf, n, m, e)` and
+    // chunk_output_rev's `(kf, qf, dnum, S, dv, n, m, e)` in order and type; inputs checked by
+    // `dims.check` or computed above at their extents, outputs allocated at the extents their
+    // grids write.
     unsafe {
-        stream
-            .launch_builder(dev.kernel(precision.kernel("chunk_grad_feat_rev"))?)
-            .arg(v)
-            .arg(&dnum)
-            .arg(&dden)
-            .arg(qf)
-            .arg(&states)
-            .arg(&col)
-            .arg(&mut dkf)
-            .arg(&ni)
-            .arg(&mi)
-            .arg(&ei)
-            .launch(grid_3d(nt, m.div_ceil(TILE), bh))
-            .op(OP)?;
-        stream
-            .launch_builder(dev.kernel(precision.kernel("chunk_output_rev"))?)
-            .arg(kf)
-            .arg(qf)
-            .arg(&dnum)
-            .arg(&states)
-            .arg(&mut dv)
-            .arg(&ni)
-            .arg(&mi)
-            .arg(&ei)
-            .launch(grid_3d(nt, e.div_ceil(TILE), bh))
-            .op(OP)?;
+        dev.launch(
+            precision.kernel("chunk_grad_feat_rev"),
+            grid_3d(nt, m.div_ceil(TILE), bh),
+            &[
+                v.arg(),
+                dnum.arg(),
+                dden.arg(),
+                qf.arg(),
+                states.arg(),
+                col.arg(),
+                dkf.arg(),
+                ni,
+                mi,
+                ei,
+            ],
+        )?;
+        dev.launch(
+            precision.kernel("chunk_output_rev"),
+            grid_3d(nt, e.div_ceil(TILE), bh),
+            &[
+                kf.arg(),
+                qf.arg(),
+                dnum.arg(),
+                states.arg(),
+                dv.arg(),
+                ni,
+                mi,
+                ei,
+            ],
+        )?;
     }
     Ok((dqf, dkf, dv))
 }
@@ -560,93 +560,73 @@ pub fn causal_linear_attention_backward_with(
 /// `[kf^T v | sum_j kf_j]` `(bh, m, e+1)` and `[num | den]` `(bh, n, e+1)`.
 pub struct NonCausalSaved {
     /// `(bh, m, e+1)`.
-    pub context: CudaSlice<f32>,
+    pub context: DeviceBuffer,
     /// `(bh, n, e+1)`; the last column is the normalizer.
-    pub numerator: CudaSlice<f32>,
+    pub numerator: DeviceBuffer,
 }
+
+/// One row-major operand of [`gemm_rm`]: buffer, leading dimension, batch stride (elements).
+type Operand<'a> = (&'a DeviceBuffer, usize, usize);
 
 /// Row-major strided-batched GEMM `C = op(A) op(B)` (`C` is `rows x cols`, inner size `inner`)
 /// through column-major cuBLAS: a row-major matrix is its transpose in column-major, so
 /// `C^T = op(B)^T op(A)^T` is issued with the operands swapped and the same op flags.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rm(
-    dev: &CudaDevice,
-    op: &'static str,
+    dev: &SharedLauncher,
     trans_a: bool,
     trans_b: bool,
     rows: usize,
     cols: usize,
     inner: usize,
-    a: &CudaSlice<f32>,
-    lda: usize,
-    stride_a: usize,
-    b: &CudaSlice<f32>,
-    ldb: usize,
-    stride_b: usize,
-    c: &mut CudaSlice<f32>,
-    ldc: usize,
-    stride_c: usize,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    c: Operand<'_>,
     batch: usize,
 ) -> Result<()> {
-    let blas = dev.blas(op)?;
-    let t = |x: bool| {
-        if x {
-            cublasOperation_t::CUBLAS_OP_T
-        } else {
-            cublasOperation_t::CUBLAS_OP_N
-        }
+    let t = |x: bool| if x { Transpose::Yes } else { Transpose::No };
+    let g = GemmStridedBatched {
+        transa: t(trans_b),
+        transb: t(trans_a),
+        m: cols as i32,
+        n: rows as i32,
+        k: inner as i32,
+        alpha: 1.0,
+        a: b.0.ptr(),
+        lda: b.1 as i32,
+        stride_a: b.2 as i64,
+        b: a.0.ptr(),
+        ldb: a.1 as i32,
+        stride_b: a.2 as i64,
+        beta: 0.0,
+        c: c.0.ptr(),
+        ldc: c.1 as i32,
+        stride_c: c.2 as i64,
+        batch: batch as i32,
     };
-    let cfg = StridedBatchedConfig {
-        gemm: GemmConfig {
-            transa: t(trans_b),
-            transb: t(trans_a),
-            m: cols as i32,
-            n: rows as i32,
-            k: inner as i32,
-            alpha: 1.0f32,
-            lda: ldb as i32,
-            ldb: lda as i32,
-            beta: 0.0f32,
-            ldc: ldc as i32,
-        },
-        batch_size: batch as i32,
-        stride_a: stride_b as i64,
-        stride_b: stride_a as i64,
-        stride_c: stride_c as i64,
-    };
-    // SAFETY: `cfg` is the row-major problem restated for column-major cuBLAS (operands swapped, the
-    // same op flags); its two callers, the non-causal forward and backward, pass `qf`, `kf`, `v`
+    // SAFETY: `g` is the row-major problem restated for column-major cuBLAS (operands swapped,
+    // the same op flags); its callers, the non-causal forward and backward, pass `qf`, `kf`, `v`
     // checked by `dims.check` and outputs allocated at bh*m*(e+1) and bh*n*(e+1), which are
-    // `batch` = bh matrices of exactly the shapes, leading dimensions and strides given here, so
-    // cuBLAS stays inside the three buffers; it runs on this device's stream, in order with the
-    // work that produced its inputs and the work that reads `c`.
-    unsafe { blas.gemm_strided_batched(cfg, b, a, c) }.op(op)
+    // `batch` = bh matrices of exactly the shapes, leading dimensions and strides given here.
+    unsafe { dev.gemm_strided_batched(&g) }
 }
 
-fn augment_ones(
-    dev: &CudaDevice,
-    op: &'static str,
-    v: &CudaSlice<f32>,
-    dims: LinearDims,
-) -> Result<CudaSlice<f32>> {
+fn augment_ones(dev: &SharedLauncher, v: &DeviceBuffer, dims: LinearDims) -> Result<DeviceBuffer> {
     let rows = dims.bh * dims.n;
-    let mut vaug = dev.scratch(rows * (dims.e + 1))?;
-    let rows_i = rows as i64;
-    let ei = dims.e as i32;
-    // SAFETY: augment_ones' `(v, vaug, rows, e)` or normalize_rows' `(num_aug, out, rows, e)` in
-    // order and type; v holds rows*e values (checked), vaug/num_aug rows*(e+1), out rows*e, the
-    // totals the grid-stride loops stop at; the launch is queued on this device's stream, the
-    // borrowed buffers outlive the call and every later use of them is ordered after it on the same
-    // stream.
+    let vaug = scratch(dev, rows * (dims.e + 1))?;
+    // SAFETY: augment_ones' `(v, vaug, rows, e)` in order and type; v holds rows*e values
+    // (checked by the callers), vaug rows*(e+1).
     unsafe {
-        dev.stream()
-            .launch_builder(dev.kernel("augment_ones")?)
-            .arg(v)
-            .arg(&mut vaug)
-            .arg(&rows_i)
-            .arg(&ei)
-            .launch(grid_1d(rows * (dims.e + 1), THREADS))
-            .op(op)?;
+        dev.launch(
+            "augment_ones",
+            grid_1d(rows * (dims.e + 1)),
+            &[
+                v.arg(),
+                vaug.arg(),
+                A::I64(rows as i64),
+                A::I32(dims.e as i32),
+            ],
+        )?;
     }
     Ok(vaug)
 }
@@ -654,12 +634,12 @@ fn augment_ones(
 /// Non-causal linear attention on features (performer-pytorch `linear_attention`):
 /// `out = D^-1 qf (kf^T v)`, `D_i = qf_i . sum_j kf_j`; two cuBLAS batched GEMMs.
 pub fn linear_attention(
-    dev: &CudaDevice,
-    qf: &CudaSlice<f32>,
-    kf: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    qf: &DeviceBuffer,
+    kf: &DeviceBuffer,
+    v: &DeviceBuffer,
     dims: LinearDims,
-) -> Result<(CudaSlice<f32>, NonCausalSaved)> {
+) -> Result<(DeviceBuffer, NonCausalSaved)> {
     const OP: &str = "linear_attention";
     let LinearDims { bh, n, m, e } = dims;
     dims.check(
@@ -671,63 +651,47 @@ pub fn linear_attention(
         ],
     )?;
     let ea = e + 1;
-    let vaug = augment_ones(dev, OP, v, dims)?;
-    let mut context = dev.scratch(bh * m * ea)?;
+    let vaug = augment_ones(dev, v, dims)?;
+    let context = scratch(dev, bh * m * ea)?;
     gemm_rm(
         dev,
-        OP,
         true,
         false,
         m,
         ea,
         n,
-        kf,
-        m,
-        n * m,
-        &vaug,
-        ea,
-        n * ea,
-        &mut context,
-        ea,
-        m * ea,
+        (kf, m, n * m),
+        (&vaug, ea, n * ea),
+        (&context, ea, m * ea),
         bh,
     )?;
-    let mut numerator = dev.scratch(bh * n * ea)?;
+    let numerator = scratch(dev, bh * n * ea)?;
     gemm_rm(
         dev,
-        OP,
         false,
         false,
         n,
         ea,
         m,
-        qf,
-        m,
-        n * m,
-        &context,
-        ea,
-        m * ea,
-        &mut numerator,
-        ea,
-        n * ea,
+        (qf, m, n * m),
+        (&context, ea, m * ea),
+        (&numerator, ea, n * ea),
         bh,
     )?;
-    let mut out = dev.scratch(bh * n * e)?;
-    let rows_i = (bh * n) as i64;
-    let ei = e as i32;
-    // SAFETY: the kernel's arguments in its signature's order and types; the buffers hold the
-    // rows*e and rows*(e+1) values its grid-stride loop stops at (checked or allocated above); the
-    // launch is queued on this device's stream, the borrowed buffers outlive the call and every
-    // later use of them is ordered after it on the same stream.
+    let out = scratch(dev, bh * n * e)?;
+    // SAFETY: normalize_rows' `(num_aug, out, rows, e)` in order and type; the buffers hold the
+    // rows*(e+1) and rows*e values its grid-stride loop stops at.
     unsafe {
-        dev.stream()
-            .launch_builder(dev.kernel("normalize_rows")?)
-            .arg(&numerator)
-            .arg(&mut out)
-            .arg(&rows_i)
-            .arg(&ei)
-            .launch(grid_1d(bh * n * e, THREADS))
-            .op(OP)?;
+        dev.launch(
+            "normalize_rows",
+            grid_1d(bh * n * e),
+            &[
+                numerator.arg(),
+                out.arg(),
+                A::I64((bh * n) as i64),
+                A::I32(e as i32),
+            ],
+        )?;
     }
     Ok((out, NonCausalSaved { context, numerator }))
 }
@@ -735,15 +699,15 @@ pub fn linear_attention(
 /// Backward of [`linear_attention`]: gradients of `qf`, `kf` and `v`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_attention_backward(
-    dev: &CudaDevice,
-    qf: &CudaSlice<f32>,
-    kf: &CudaSlice<f32>,
-    v: &CudaSlice<f32>,
-    out: &CudaSlice<f32>,
+    dev: &SharedLauncher,
+    qf: &DeviceBuffer,
+    kf: &DeviceBuffer,
+    v: &DeviceBuffer,
+    out: &DeviceBuffer,
     saved: &NonCausalSaved,
-    grad_out: &CudaSlice<f32>,
+    grad_out: &DeviceBuffer,
     dims: LinearDims,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+) -> Result<(DeviceBuffer, DeviceBuffer, DeviceBuffer)> {
     const OP: &str = "linear_attention_backward";
     let LinearDims { bh, n, m, e } = dims;
     let ea = e + 1;
@@ -760,100 +724,68 @@ pub fn linear_attention_backward(
         ],
     )?;
     // [dnum | dden] in one (e+1)-column buffer, so each gradient is a single GEMM.
-    let gaug = dev.scratch(bh * n * ea)?;
+    let gaug = scratch(dev, bh * n * ea)?;
     grad_prep(
         dev,
-        OP,
         grad_out,
         out,
-        &saved.numerator.slice(e..),
-        ea as i64,
-        &gaug.as_view(),
-        ea as i64,
-        &gaug.slice(e..),
-        ea as i64,
+        (&saved.numerator, e, ea as i64),
+        (&gaug, 0, ea as i64),
+        (&gaug, e, ea as i64),
         bh * n,
         e,
     )?;
-    let mut dqf = dev.scratch(bh * n * m)?;
+    let dqf = scratch(dev, bh * n * m)?;
     gemm_rm(
         dev,
-        OP,
         false,
         true,
         n,
         m,
         ea,
-        &gaug,
-        ea,
-        n * ea,
-        &saved.context,
-        ea,
-        m * ea,
-        &mut dqf,
-        m,
-        n * m,
+        (&gaug, ea, n * ea),
+        (&saved.context, ea, m * ea),
+        (&dqf, m, n * m),
         bh,
     )?;
-    let mut dctx = dev.scratch(bh * m * ea)?;
+    let dctx = scratch(dev, bh * m * ea)?;
     gemm_rm(
         dev,
-        OP,
         true,
         false,
         m,
         ea,
         n,
-        qf,
-        m,
-        n * m,
-        &gaug,
-        ea,
-        n * ea,
-        &mut dctx,
-        ea,
-        m * ea,
+        (qf, m, n * m),
+        (&gaug, ea, n * ea),
+        (&dctx, ea, m * ea),
         bh,
     )?;
-    let vaug = augment_ones(dev, OP, v, dims)?;
-    let mut dkf = dev.scratch(bh * n * m)?;
+    let vaug = augment_ones(dev, v, dims)?;
+    let dkf = scratch(dev, bh * n * m)?;
     gemm_rm(
         dev,
-        OP,
         false,
         true,
         n,
         m,
         ea,
-        &vaug,
-        ea,
-        n * ea,
-        &dctx,
-        ea,
-        m * ea,
-        &mut dkf,
-        m,
-        n * m,
+        (&vaug, ea, n * ea),
+        (&dctx, ea, m * ea),
+        (&dkf, m, n * m),
         bh,
     )?;
-    let mut dv = dev.scratch(bh * n * e)?;
+    let dv = scratch(dev, bh * n * e)?;
     gemm_rm(
         dev,
-        OP,
         false,
         false,
         n,
         e,
         m,
-        kf,
-        m,
-        n * m,
-        &dctx,
-        ea,
-        m * ea,
-        &mut dv,
-        e,
-        n * e,
+        (kf, m, n * m),
+        (&dctx, ea, m * ea),
+        (&dv, e, n * e),
         bh,
     )?;
     Ok((dqf, dkf, dv))

@@ -13,13 +13,14 @@
 
 use performer_cuda::reference::{self as r, Dims, Rng};
 use performer_cuda::{
-    AttentionShape, CudaDevice, CudaFastAttention, Error, FeatureKind, Precision,
+    AttentionShape, CudaDevice, CudaFastAttention, DeviceBuffer, Error, FeatureKind, GpuLauncher,
+    Precision, SharedLauncher,
 };
 
 const TOL: f64 = 1e-4;
 const TOL_TF32: f64 = 1e-3;
 
-fn device_or_skip(test: &str) -> Option<CudaDevice> {
+fn device_or_skip(test: &str) -> Option<SharedLauncher> {
     if !performer_cuda::driver_available() {
         skip_note(format!(
             "SKIPPED {test}: no CUDA driver (libcuda.so) on this machine"
@@ -31,8 +32,8 @@ fn device_or_skip(test: &str) -> Option<CudaDevice> {
         return None;
     }
     // From here on a failure is a real failure (e.g. NVRTC missing on a GPU machine).
-    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("{test}: {e}"));
-    Some(dev.with_poison(f32::NAN))
+    let dev = GpuLauncher::new(0, false).unwrap_or_else(|e| panic!("{test}: {e}"));
+    Some(std::sync::Arc::new(dev.with_nan_poison()))
 }
 
 /// (batch, heads, seq_len, dim_qk, dim_v, nb_features)
@@ -61,7 +62,7 @@ fn report(what: &str, got: &[f32], want: &[f64]) -> f64 {
 
 /// The max relative and absolute errors of each output of one case: (name, rel, abs).
 fn run_case(
-    dev: &CudaDevice,
+    dev: &SharedLauncher,
     causal: bool,
     precision: Precision,
     case: (usize, usize, usize, usize, usize, usize),
@@ -108,8 +109,8 @@ fn run_case(
         "{} {precision:?} b{b} h{h} n{n} d{d} e{e} m{m}:",
         if causal { "causal" } else { "non-causal" }
     );
-    let dev_qf = dev.download(fwd.query_features()).expect("download");
-    let dev_kf = dev.download(fwd.key_features()).expect("download");
+    let dev_qf = fwd.query_features().to_f32().expect("download");
+    let dev_kf = fwd.key_features().to_f32().expect("download");
     let both = |what: &str, got: &[f32], want: &[f64]| {
         let rel = report(what, got, want);
         let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
@@ -129,11 +130,7 @@ fn check_all(test: &str, causal: bool) {
     let Some(dev) = device_or_skip(test) else {
         return;
     };
-    println!(
-        "device: {} ({})",
-        dev.name().unwrap_or_default(),
-        dev.arch()
-    );
+    println!("device: {} ({})", dev.describe(), dev.arch());
     let mut failures = Vec::new();
     for (i, &case) in SHAPES.iter().enumerate() {
         for (what, err, _) in run_case(&dev, causal, Precision::F32, case, 100 + i as u64) {
@@ -162,11 +159,7 @@ fn causal_attention_tf32_matches_reference() {
     let Some(dev) = device_or_skip(TEST) else {
         return;
     };
-    println!(
-        "device: {} ({})",
-        dev.name().unwrap_or_default(),
-        dev.arch()
-    );
+    println!("device: {} ({})", dev.describe(), dev.arch());
     if let Err(e) = Precision::Tf32.check_device(TEST, &dev) {
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
         skip_note(format!("SKIPPED {TEST}: {e}"));
@@ -217,10 +210,10 @@ fn feature_maps_match_reference_for_both_kinds() {
     let x = rng.normal_vec(shape.qk_len(), 1.0);
     let proj = rng.normal_vec(m * d, 1.0);
     let attn = CudaFastAttention::new(&dev, &to_f32(&proj), m, d, true).expect("attention");
-    let xd = dev.upload(&to_f32(&x)).expect("upload");
+    let xd = DeviceBuffer::from_f32(&dev, &to_f32(&x)).expect("upload");
     for (kind, is_query) in [(FeatureKind::Query, true), (FeatureKind::Key, false)] {
         let f = attn.feature_map(&xd, shape, kind).expect("features");
-        let got = dev.download(&f).expect("download");
+        let got = f.to_f32().expect("download");
         let err = report(
             &format!("{kind:?}"),
             &got,

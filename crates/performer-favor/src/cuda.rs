@@ -4,7 +4,12 @@
 //! on a GPU unchanged. The forward keeps the device-side state for the backward.
 
 use ndarray::{ArrayD, IxDyn};
-use performer_cuda::{AttentionForward, AttentionShape, CudaDevice, CudaFastAttention};
+use std::sync::{Arc, OnceLock};
+
+use performer_cuda::{
+    AttentionForward, AttentionShape, CudaFastAttention, EmulatedLauncher, GpuLauncher,
+    SharedLauncher,
+};
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 
 // The CUDA kernels add the same constants as the CPU path; a change to one side alone fails to
@@ -17,9 +22,9 @@ fn cuda_error(op: &str, e: performer_cuda::Error) -> Error {
     Error::backend(format!("{op} (CUDA)"), e)
 }
 
-/// A selected device.
+/// A selected device: a GPU or the emulated device, behind performer-cuda's launcher.
 pub(crate) struct CudaBackend {
-    device: CudaDevice,
+    device: SharedLauncher,
 }
 
 impl CudaBackend {
@@ -33,10 +38,30 @@ impl CudaBackend {
                 },
             ));
         }
+        let gpu = GpuLauncher::new(ordinal, false)
+            .map_err(|e| cuda_error("FastAttention::use_cuda", e))?;
         Ok(CudaBackend {
-            device: CudaDevice::new(ordinal)
-                .map_err(|e| cuda_error("FastAttention::use_cuda", e))?,
+            device: Arc::new(gpu),
         })
+    }
+
+    /// The emulated device, one per process (its kernel library is built on first use).
+    pub fn emulated() -> Result<Self> {
+        static DEVICE: OnceLock<std::result::Result<SharedLauncher, String>> = OnceLock::new();
+        let device = DEVICE
+            .get_or_init(|| {
+                EmulatedLauncher::new()
+                    .map(|l| Arc::new(l) as SharedLauncher)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|detail| {
+                Error::backend(
+                    "FastAttention::use_device (emulated)",
+                    std::io::Error::other(detail),
+                )
+            })?;
+        Ok(CudaBackend { device })
     }
 
     /// Softmax-kernel FAVOR+ of `q`, `k`, `v` `(b, h, n, d)` with `projection` `(m, d)`.
@@ -57,7 +82,7 @@ impl CudaBackend {
 }
 
 struct CudaFavorOp {
-    device: CudaDevice,
+    device: SharedLauncher,
     causal: bool,
 }
 
@@ -66,12 +91,6 @@ struct DeviceSaved {
     attention: CudaFastAttention,
     forward: AttentionForward,
 }
-
-// SAFETY: the saved state is only touched through `&self` calls of performer-cuda, which
-// synchronize on the device's stream; the CUDA driver API is thread-safe.
-unsafe impl Send for DeviceSaved {}
-// SAFETY: as for Send: every access goes through `&self` calls that synchronize on the stream.
-unsafe impl Sync for DeviceSaved {}
 
 fn host(x: &Data) -> Vec<f32> {
     x.as_standard_layout().iter().copied().collect()

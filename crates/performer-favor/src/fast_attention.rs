@@ -62,6 +62,16 @@ pub fn default_nb_features(dim_heads: usize) -> usize {
     (dim_heads as f64 * (dim_heads as f64).ln()) as usize
 }
 
+/// Where [`FastAttention::use_device`] runs the attention (feature `cuda`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionDevice {
+    /// CUDA device `ordinal`, through performer-cuda's `GpuLauncher`.
+    Cuda(usize),
+    /// performer-cuda's emulated device: the same kernels compiled as C++ and run on the CPU
+    /// (slow; for tests without a GPU). Needs a C++20 compiler at run time.
+    Emulated,
+}
+
 /// FAVOR+ attention over queries, keys and values already split into heads `(b, h, n, d)`.
 pub struct FastAttention {
     config: FastAttentionConfig,
@@ -173,9 +183,17 @@ impl FastAttention {
     /// `no_projection` and cross-attention keep the CPU path. An error where the crate was built
     /// without the feature or there is no usable device.
     pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
+        self.use_device(AttentionDevice::Cuda(ordinal))
+    }
+
+    /// [`FastAttention::use_cuda`] on a GPU or on performer-cuda's emulated device.
+    pub fn use_device(&self, device: AttentionDevice) -> Result<()> {
         #[cfg(feature = "cuda")]
         {
-            let backend = crate::cuda::CudaBackend::open(ordinal)?;
+            let backend = match device {
+                AttentionDevice::Cuda(ordinal) => crate::cuda::CudaBackend::open(ordinal)?,
+                AttentionDevice::Emulated => crate::cuda::CudaBackend::emulated()?,
+            };
             *self.cuda.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(std::sync::Arc::new(backend));
             Ok(())
@@ -184,8 +202,8 @@ impl FastAttention {
         {
             Err(Error::invalid(
                 "FastAttention::use_cuda",
-                "ordinal",
-                ordinal,
+                "device",
+                format!("{device:?}"),
                 "performer-favor was built without the `cuda` feature",
             ))
         }

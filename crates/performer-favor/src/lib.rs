@@ -37,7 +37,7 @@ mod simd;
 
 pub use decoding::{CausalState, ContextState, StateStep};
 pub use fast_attention::{
-    FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,
+    AttentionDevice, FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,
 };
 pub use feature::{FeatureMap, GENERALIZED_FEATURE_EPS, SOFTMAX_FEATURE_EPS};
 pub use ops::{

@@ -49,10 +49,15 @@ impl PerformerEncDec {
     /// Runs the encoder's and the decoder's FAVOR+ attention on CUDA device `ordinal`
     /// ([`crate::Performer::use_cuda`]); on error both stay on the CPU.
     pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
+        self.use_device(performer_favor::AttentionDevice::Cuda(ordinal))
+    }
+
+    /// [`PerformerEncDec::use_cuda`] on a GPU or the emulated device.
+    pub fn use_device(&self, device: performer_favor::AttentionDevice) -> Result<()> {
         let result = self
             .enc
-            .use_cuda(ordinal)
-            .and_then(|()| self.dec.net.use_cuda(ordinal));
+            .use_device(device)
+            .and_then(|()| self.dec.net.use_device(device));
         if result.is_err() {
             self.use_cpu();
         }

@@ -309,6 +309,11 @@ impl PerformerLM {
         self.performer.use_cuda(ordinal)
     }
 
+    /// The model's FAVOR+ attention on a GPU or the emulated device ([`Performer::use_device`]).
+    pub fn use_device(&self, device: performer_favor::AttentionDevice) -> Result<()> {
+        self.performer.use_device(device)
+    }
+
     /// The model's FAVOR+ attention back on the CPU.
     pub fn use_cpu(&self) {
         self.performer.use_cpu()

@@ -133,7 +133,12 @@ impl Performer {
     /// and its attention's inputs and outputs are copied to and from the device. An error, with
     /// every layer back on the CPU, where the feature is off or the device cannot be used.
     pub fn use_cuda(&self, ordinal: usize) -> Result<()> {
-        let result = self.try_each_fast_attention(|fa| fa.use_cuda(ordinal));
+        self.use_device(performer_favor::AttentionDevice::Cuda(ordinal))
+    }
+
+    /// [`Performer::use_cuda`] on a GPU or on performer-cuda's emulated device.
+    pub fn use_device(&self, device: performer_favor::AttentionDevice) -> Result<()> {
+        let result = self.try_each_fast_attention(|fa| fa.use_device(device));
         if result.is_err() {
             self.use_cpu();
         }

@@ -1,0 +1,117 @@
+//! cuBLAS's `cublasSgemmStridedBatched` on the CPU, reading its arguments exactly as cuBLAS
+//! does: column-major storage, transpose flags, leading dimensions and batch strides, and
+//! `beta == 0` meaning C is not read. A caller that passes row-major thinking, a wrong flag or
+//! a wrong leading dimension gets the same wrong numbers (or the same error) as on a GPU.
+
+use crate::error::{Error, Result};
+use crate::launcher::{GemmStridedBatched, Transpose};
+
+use super::memory::Memory;
+
+const OP: &str = "gemm_strided_batched";
+
+/// The element range `[0, len)` one stored operand spans: `rows x cols` with leading
+/// dimension `ld`.
+fn span(rows: i32, cols: i32, ld: i32) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows as usize - 1) + (cols as usize - 1) * ld as usize + 1
+    }
+}
+
+/// Checks that every matrix of every batch lies inside live allocations, then computes.
+pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched) -> Result<()> {
+    g.validate().map_err(|detail| Error::Emulator {
+        op: OP,
+        detail: format!("CUBLAS_STATUS_INVALID_VALUE: {detail}"),
+    })?;
+    let (m, n, k) = (g.m, g.n, g.k);
+    if m == 0 || n == 0 || g.batch == 0 {
+        return Ok(());
+    }
+    let (a_rows, a_cols) = if g.transa == Transpose::No {
+        (m, k)
+    } else {
+        (k, m)
+    };
+    let (b_rows, b_cols) = if g.transb == Transpose::No {
+        (k, n)
+    } else {
+        (n, k)
+    };
+    let a_span = span(a_rows, a_cols, g.lda);
+    let b_span = span(b_rows, b_cols, g.ldb);
+    let c_span = span(m, n, g.ldc);
+    let offset = |base: u64, stride: i64, i: i32| -> Result<u64> {
+        let off = stride
+            .checked_mul(i as i64)
+            .and_then(|o| o.checked_mul(4))
+            .ok_or_else(|| Error::Emulator {
+                op: OP,
+                detail: format!("batch stride {stride} overflows"),
+            })?;
+        Ok(base.wrapping_add(off as u64))
+    };
+    for i in 0..g.batch {
+        if k > 0 {
+            mem.check_range(
+                OP,
+                &format!("A of batch {i}"),
+                offset(g.a, g.stride_a, i)?,
+                a_span * 4,
+            )?;
+            mem.check_range(
+                OP,
+                &format!("B of batch {i}"),
+                offset(g.b, g.stride_b, i)?,
+                b_span * 4,
+            )?;
+        }
+        mem.check_range(
+            OP,
+            &format!("C of batch {i}"),
+            offset(g.c, g.stride_c, i)?,
+            c_span * 4,
+        )?;
+    }
+    let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
+    for i in 0..g.batch {
+        let a = offset(g.a, g.stride_a, i)? as *const f32;
+        let b = offset(g.b, g.stride_b, i)? as *const f32;
+        let c = offset(g.c, g.stride_c, i)? as *mut f32;
+        for col in 0..n as usize {
+            for row in 0..m as usize {
+                let mut acc = 0.0f64;
+                for kk in 0..k as usize {
+                    let ai = if g.transa == Transpose::No {
+                        row + kk * lda
+                    } else {
+                        kk + row * lda
+                    };
+                    let bi = if g.transb == Transpose::No {
+                        kk + col * ldb
+                    } else {
+                        col + kk * ldb
+                    };
+                    // SAFETY: ai < a_span and bi < b_span (row < m, col < n, kk < k), and both
+                    // spans were checked to lie in live allocations above.
+                    let (av, bv) = unsafe { (*a.add(ai), *b.add(bi)) };
+                    acc += av as f64 * bv as f64;
+                }
+                let ci = row + col * ldc;
+                // SAFETY: ci < c_span, checked to lie in a live allocation above; the launcher's
+                // lock keeps every other user of device memory out meanwhile.
+                unsafe {
+                    let old = if g.beta == 0.0 {
+                        0.0
+                    } else {
+                        *c.add(ci) as f64 * g.beta as f64
+                    };
+                    *c.add(ci) = (g.alpha as f64 * acc + old) as f32;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! [`Launcher`] on a real GPU: cudarc's driver API for memory and launches (kernels compiled by
+//! NVRTC, see [`kernel_sources`](crate::kernel_sources)), cuBLAS for the GEMMs, all on one stream.
+
+use std::ffi::c_void;
+
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::{result as drv, sys as drv_sys};
+
+use crate::device::CudaDevice;
+use crate::error::{DriverContext, Error, Result};
+use crate::launcher::{DevicePtr, GemmStridedBatched, KernelArg, LaunchDims, Launcher, Transpose};
+
+/// A CUDA device behind the [`Launcher`] interface.
+#[derive(Debug)]
+pub struct GpuLauncher {
+    dev: CudaDevice,
+    allow_tf32: bool,
+    poison: bool,
+    in_use: std::sync::Mutex<std::collections::HashMap<DevicePtr, usize>>,
+}
+
+impl GpuLauncher {
+    /// Opens device `ordinal` (compiling the kernels on first use). cuBLAS GEMMs run in full
+    /// f32 unless `allow_tf32` (TF32 tensor cores: about 1e-3 relative error).
+    pub fn new(ordinal: usize, allow_tf32: bool) -> Result<Self> {
+        Ok(Self {
+            dev: CudaDevice::new(ordinal)?,
+            allow_tf32,
+            poison: false,
+            in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// A testing aid: every allocation starts filled with NaN (as on the emulator), so an
+    /// element no kernel writes shows up in a comparison instead of passing as leftover data.
+    pub fn with_nan_poison(mut self) -> Self {
+        self.poison = true;
+        self
+    }
+
+    /// The underlying device handle.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    fn bind(&self, op: &'static str) -> Result<()> {
+        self.dev.context().bind_to_thread().op(op)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<DevicePtr, usize>> {
+        self.in_use.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn op_flag(t: Transpose) -> cublas_sys::cublasOperation_t {
+    match t {
+        Transpose::No => cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+        Transpose::Yes => cublas_sys::cublasOperation_t::CUBLAS_OP_T,
+    }
+}
+
+impl Launcher for GpuLauncher {
+    fn describe(&self) -> String {
+        format!(
+            "{} ({})",
+            self.dev.name().unwrap_or_else(|_| "CUDA device".into()),
+            self.dev.arch()
+        )
+    }
+
+    fn arch(&self) -> String {
+        self.dev.arch().to_string()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DevicePtr> {
+        const OP: &str = "alloc";
+        self.bind(OP)?;
+        let stream = self.dev.stream().cu_stream();
+        // SAFETY: the stream belongs to this device's context, bound above; the memory is only
+        // used through this launcher, whose work is all on that stream.
+        match unsafe { drv::malloc_async(stream, bytes.max(1)) } {
+            Ok(ptr) => {
+                self.table().insert(ptr, bytes);
+                if self.poison && bytes >= 4 {
+                    let len = bytes / 4;
+                    // SAFETY: fill_f32(float* x, i64 len, float value) writes x[0..len), inside
+                    // the allocation just made.
+                    unsafe {
+                        self.launch(
+                            "fill_f32",
+                            LaunchDims::cover(len, 256),
+                            &[
+                                KernelArg::Ptr(ptr),
+                                KernelArg::I64(len as i64),
+                                KernelArg::F32(f32::NAN),
+                            ],
+                        )?;
+                    }
+                }
+                Ok(ptr)
+            }
+            Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                Err(Error::OutOfMemory {
+                    op: OP,
+                    requested: bytes,
+                    in_use: self.bytes_in_use(),
+                    capacity: 0,
+                })
+            }
+            Err(e) => Err(Error::Driver { op: OP, source: e }),
+        }
+    }
+
+    fn free(&self, ptr: DevicePtr) -> Result<()> {
+        const OP: &str = "free";
+        if self.table().remove(&ptr).is_none() {
+            return Err(Error::Shape {
+                op: OP,
+                detail: format!("{ptr:#x} is not a live allocation of this device"),
+            });
+        }
+        self.bind(OP)?;
+        // SAFETY: ptr came from malloc_async on this stream and is freed once (removed from the
+        // table above); work using it was queued earlier on the same stream.
+        unsafe { drv::free_async(ptr, self.dev.stream().cu_stream()) }.op(OP)
+    }
+
+    fn copy_h2d(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
+        const OP: &str = "copy_h2d";
+        self.bind(OP)?;
+        // SAFETY: dst is device memory of this context; the copy from pageable host memory
+        // completes (is staged) before the call returns, so `src` may go away after it.
+        unsafe { drv::memcpy_htod_async(dst, src, self.dev.stream().cu_stream()) }.op(OP)?;
+        self.dev.synchronize()
+    }
+
+    fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        const OP: &str = "copy_d2h";
+        self.bind(OP)?;
+        // SAFETY: src is device memory of this context; the stream is synchronised before
+        // returning, so `dst` is fully written when the caller sees it.
+        unsafe { drv::memcpy_dtoh_async(dst, src, self.dev.stream().cu_stream()) }.op(OP)?;
+        self.dev.synchronize()
+    }
+
+    fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<()> {
+        const OP: &str = "copy_d2d";
+        self.bind(OP)?;
+        // SAFETY: both are device memory of this context, used only on this stream.
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.dev.stream().cu_stream()) }.op(OP)
+    }
+
+    unsafe fn launch(&self, name: &str, dims: LaunchDims, args: &[KernelArg]) -> Result<()> {
+        const OP: &str = "launch";
+        self.bind(OP)?;
+        let func = self.dev.kernel_by_name(name)?;
+        let mut storage: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                KernelArg::Ptr(p) => p,
+                KernelArg::I32(v) => v as u32 as u64,
+                KernelArg::I64(v) => v as u64,
+                KernelArg::F32(v) => v.to_bits() as u64,
+                KernelArg::U32(v) => v as u64,
+                KernelArg::U64(v) => v,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = storage
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: each parameter slot holds the argument's value in its first bytes
+        // (little-endian), which is what cuLaunchKernel reads for a parameter of that size; the
+        // argument list and the memory it points to are the caller's contract (this fn's safety
+        // section); the driver copies the parameters before returning.
+        unsafe {
+            drv::launch_kernel(
+                func.cu_function(),
+                dims.grid,
+                dims.block,
+                dims.shared_bytes,
+                self.dev.stream().cu_stream(),
+                &mut params,
+            )
+        }
+        .op(OP)
+    }
+
+    unsafe fn gemm_strided_batched(&self, g: &GemmStridedBatched) -> Result<()> {
+        const OP: &str = "gemm_strided_batched";
+        g.validate()
+            .map_err(|detail| Error::Shape { op: OP, detail })?;
+        self.bind(OP)?;
+        let blas = self.dev.blas(OP)?;
+        let handle = *blas.handle();
+        let mode = if self.allow_tf32 {
+            cublas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is this device's, bound to its stream; alpha and beta are host
+        // scalars that outlive the call; the matrices are the caller's contract.
+        unsafe {
+            cublas_sys::cublasSetMathMode(handle, mode)
+                .result()
+                .op(OP)?;
+            cudarc::cublas::result::sgemm_strided_batched(
+                handle,
+                op_flag(g.transa),
+                op_flag(g.transb),
+                g.m,
+                g.n,
+                g.k,
+                &g.alpha,
+                g.a as *const f32,
+                g.lda,
+                g.stride_a,
+                g.b as *const f32,
+                g.ldb,
+                g.stride_b,
+                &g.beta,
+                g.c as *mut f32,
+                g.ldc,
+                g.stride_c,
+                g.batch,
+            )
+            .op(OP)
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    fn bytes_in_use(&self) -> usize {
+        self.table().values().sum()
+    }
+}
