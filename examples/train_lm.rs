@@ -1075,8 +1075,11 @@ fn train(
                 seed: cli.seed,
                 val_windows: cli.val_windows,
                 warmup: cli.warmup,
-                // Through f64, so that 1e-3 gives 1e-4, not 1.00000005e-4.
-                min_lr: Some(cli.min_lr.unwrap_or((cli.lr as f64 / 10.0) as f32)),
+                // Through the decimal the user typed, so that 1e-3 gives 1e-4, not 1.00000005e-4.
+                min_lr: Some(cli.min_lr.unwrap_or_else(|| {
+                    let typed: f64 = cli.lr.to_string().parse().unwrap_or(cli.lr as f64);
+                    (typed / 10.0) as f32
+                })),
                 decay_steps: cli.decay_steps.unwrap_or(cli.steps),
                 weight_decay: cli.weight_decay,
                 attention: Some(if overridden {

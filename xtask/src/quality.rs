@@ -269,6 +269,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
         out.join("report.json").display(),
         out.join("curves.svg").display()
     );
+    let failed = runs.iter().filter(|r| r.result.is_err()).count();
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} runs failed (see above)",
+            runs.len()
+        ));
+    }
     Ok(())
 }
 
@@ -375,6 +382,22 @@ fn train_once(
         .map_err(|e| format!("{}: {e}", report_path.display()))?;
     let r: TrainReport =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", report_path.display()))?;
+    // A run that trained but scored nothing, or scored NaN, failed all the same.
+    let finite = r.val.iter().all(|p| p.bpb.is_finite());
+    if r.steps != args.steps
+        || r.val.is_empty()
+        || !finite
+        || !r.val_all.is_some_and(f64::is_finite)
+    {
+        return Err(format!(
+            "{}: {} of {} steps, validation {:?}, final score {:?}",
+            report_path.display(),
+            r.steps,
+            args.steps,
+            r.val.iter().map(|p| p.bpb).collect::<Vec<_>>(),
+            r.val_all
+        ));
+    }
     Ok(Measured {
         parameters: r.parameters,
         val: r.val,
