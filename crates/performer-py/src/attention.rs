@@ -17,6 +17,24 @@ use crate::errors::{OrRaise, value_error};
 use crate::kwargs::to_json;
 use crate::state::module_methods;
 
+/// `kwargs` with the first positional argument (`SelfAttention(512, heads=8)`, as torch's
+/// constructors take it) added under its name.
+fn with_first<'py>(
+    name: &str,
+    first: Option<&Bound<'py, PyAny>>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let Some(first) = first else {
+        return Ok(kwargs.cloned());
+    };
+    let merged = match kwargs {
+        Some(k) => k.copy()?,
+        None => PyDict::new(first.py()),
+    };
+    merged.set_item(name, first)?;
+    Ok(Some(merged))
+}
+
 /// A `SelfAttention` or `CrossAttention` layer.
 fn forward_block<'py>(
     py: Python<'py>,
@@ -66,8 +84,10 @@ module_methods!(PySelfAttention);
 #[pymethods]
 impl PySelfAttention {
     #[new]
-    #[pyo3(signature = (**kwargs))]
-    fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+    #[pyo3(signature = (dim = None, **kwargs))]
+    fn new(dim: Option<&Bound<'_, PyAny>>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let kwargs = with_first("dim", dim, kwargs)?;
+        let kwargs = kwargs.as_ref();
         let config = attention_config(&to_json("SelfAttention", kwargs)?).or_raise()?;
         Ok(PySelfAttention {
             layer: Arc::new(SelfAttention::new(config).or_raise()?),
@@ -114,8 +134,10 @@ module_methods!(PyCrossAttention);
 #[pymethods]
 impl PyCrossAttention {
     #[new]
-    #[pyo3(signature = (**kwargs))]
-    fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+    #[pyo3(signature = (dim = None, **kwargs))]
+    fn new(dim: Option<&Bound<'_, PyAny>>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let kwargs = with_first("dim", dim, kwargs)?;
+        let kwargs = kwargs.as_ref();
         let config = attention_config(&to_json("CrossAttention", kwargs)?).or_raise()?;
         Ok(PyCrossAttention {
             layer: Arc::new(CrossAttention::new(config).or_raise()?),
@@ -156,8 +178,13 @@ module_methods!(PyFastAttention);
 #[pymethods]
 impl PyFastAttention {
     #[new]
-    #[pyo3(signature = (**kwargs))]
-    fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+    #[pyo3(signature = (dim_heads = None, **kwargs))]
+    fn new(
+        dim_heads: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let kwargs = with_first("dim_heads", dim_heads, kwargs)?;
+        let kwargs = kwargs.as_ref();
         let config = fast_attention_config(&to_json("FastAttention", kwargs)?).or_raise()?;
         Ok(PyFastAttention {
             attn: Arc::new(FastAttention::new(config).or_raise()?),

@@ -158,23 +158,34 @@ def test_the_gil_is_released_during_compute():
     model = pr.PerformerLM(num_tokens=64, max_seq_len=4096, dim=64, depth=2, heads=4,
                            dim_head=16, causal=True)
     x = np.random.default_rng(0).integers(0, 64, (2, 4096))
-    started, done = threading.Event(), threading.Event()
+    done = threading.Event()
     took = []
 
     def work():
-        started.set()
-        t0 = time.perf_counter()
-        model(x)
-        took.append(time.perf_counter() - t0)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model(x)
+            took.append(time.perf_counter() - t0)
         done.set()
 
     worker = threading.Thread(target=work)
-    worker.start()
-    started.wait()
     last, longest_wait = time.perf_counter(), 0.0
+    worker.start()
     while not done.is_set():
         now = time.perf_counter()
         longest_wait, last = max(longest_wait, now - last), now
+    longest_wait = max(longest_wait, time.perf_counter() - last)
     worker.join()
-    assert took[0] > 0.05, "the call is too short to tell"
-    assert longest_wait < 0.5 * took[0], (longest_wait, took[0])
+    assert min(took) > 0.1, "the call is too short to tell"
+    assert longest_wait < 0.5 * min(took), (longest_wait, took)
+
+
+def test_attention_layers_take_their_first_argument_positionally():
+    # as torch's constructors: SelfAttention(dim, ...), FastAttention(dim_heads, ...)
+    x = np.zeros((1, 4, 32), np.float32)
+    assert pr.SelfAttention(32, heads=4)(x).shape == (1, 4, 32)
+    assert pr.CrossAttention(32, heads=4)(x, context=x).shape == (1, 4, 32)
+    q = np.zeros((1, 2, 4, 8), np.float32)
+    assert pr.FastAttention(8, nb_features=16)(q, q, q).shape == (1, 2, 4, 8)
+    assert pr.SelfAttention(32, heads=4).state_dict().keys() == \
+        pr.SelfAttention(dim=32, heads=4).state_dict().keys()
