@@ -90,14 +90,16 @@ fn run() -> Res<()> {
             }
             // The reference keeps int((1 - thres) * vocab); aim at the middle of K's interval.
             Filter::TopK {
-                thres: 1.0 - (k as f32 + 0.5) / vocab as f32,
+                thres: 1.0 - (k as f64 + 0.5) / vocab as f64,
             }
         }
         (None, Some(p), _) => {
             if !(0.0..=1.0).contains(&p) {
                 return Err("--top-p must lie in [0, 1]".into());
             }
-            Filter::TopP { thres: 1.0 - p }
+            Filter::TopP {
+                thres: 1.0 - f64::from(p),
+            }
         }
         (None, None, false) => Filter::TopK { thres: 0.9 },
     };

@@ -112,11 +112,12 @@ struct Cli {
     /// Redraw the random projections every this many forward calls (0: never).
     #[arg(long, default_value_t = 1000)]
     feature_redraw_interval: usize,
-    /// Attention variant: favor (performer-pytorch's default), favor-shift, relu, local,
-    /// hybrid (half the heads local), hybrid-shift, global (no local heads: linear in the
-    /// sequence at any length). `cargo xtask quality` compares them; the default is the best
-    /// by that study at about equal speed. --local-attn-heads, --shift-tokens,
-    /// --generalized-attention and --kernel-fn, when given, override the variant's choice.
+    /// Attention variant: favor (performer-pytorch's default), favor-shift, relu, relu-shift,
+    /// local, hybrid (half the heads local), hybrid-shift, global (no local heads: linear in
+    /// the sequence at any length). `cargo xtask quality` compares them; the default learned
+    /// fastest per step there, and per second on the main job (README, "Attention that
+    /// learns"). --local-attn-heads, --shift-tokens, --generalized-attention and --kernel-fn,
+    /// when given, override the variant's choice.
     #[arg(long, default_value = DEFAULT_ATTENTION)]
     attention: AttentionPreset,
     /// Local (windowed softmax) heads per layer (default: the --attention variant's).

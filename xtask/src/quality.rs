@@ -30,7 +30,7 @@ use runs::{Measured, Run, ValPoint};
 #[command(
     name = "cargo xtask quality",
     about = "Train the same PerformerLM once per attention variant on the same batches; report validation bits per byte, tokens/s and peak memory",
-    after_help = "Variants: favor favor-shift relu local hybrid hybrid-shift global (train_lm --attention). \
+    after_help = "Variants: favor favor-shift relu relu-shift local hybrid hybrid-shift global (train_lm --attention). \
                   Arguments after `--` go to every train_lm run."
 )]
 struct Args {
@@ -45,7 +45,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "favor,favor-shift,relu,local,hybrid,hybrid-shift,global"
+        default_value = "favor,favor-shift,relu,relu-shift,local,hybrid,hybrid-shift,global"
     )]
     variants: Vec<String>,
     /// Seeds: every run once per seed (weights, projections and batches).

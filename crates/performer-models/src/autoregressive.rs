@@ -1,5 +1,7 @@
 //! `AutoregressiveWrapper`: the next-token loss of a causal PerformerLM and generation.
 
+use std::sync::Arc;
+
 use ndarray::{Array2, ArrayView2, Axis, s};
 use performer_tensor::rng::Generator;
 use performer_tensor::{Error, Module, Result, Tensor, Visitor};
@@ -10,8 +12,10 @@ use crate::sampling::{GenerateOptions, apply_repetition_penalty, sample};
 /// Wraps a language model with performer-pytorch's loss (targets are the inputs shifted by
 /// one) and generation.
 pub struct AutoregressiveWrapper {
-    /// The model (`net.*` in state dicts).
-    pub net: PerformerLM,
+    /// The model (`net.*` in state dicts), shared: several wrappers (with their own
+    /// `ignore_index` and `pad_value`) may train or sample the same weights, as a PyTorch
+    /// wrapper holds a reference to its net.
+    pub net: Arc<PerformerLM>,
     /// Targets equal to this are ignored by the loss.
     pub ignore_index: i64,
     /// Fills sequences after their end token.
@@ -30,10 +34,11 @@ pub struct SeqInputs<'a> {
 }
 
 impl AutoregressiveWrapper {
-    /// Wraps `net` (ignore_index 0, pad_value 0, as the reference's defaults).
-    pub fn new(net: PerformerLM) -> Self {
+    /// Wraps `net` (ignore_index 0, pad_value 0, as the reference's defaults); an
+    /// `Arc<PerformerLM>` is shared with the caller.
+    pub fn new(net: impl Into<Arc<PerformerLM>>) -> Self {
         AutoregressiveWrapper {
-            net,
+            net: net.into(),
             ignore_index: 0,
             pad_value: 0,
         }
@@ -165,7 +170,7 @@ impl AutoregressiveWrapper {
         // A model in eval mode is only read, so threads sharing it (`Arc`) may generate at
         // once; one in training mode is switched to eval for the call and back, which is a
         // write: put a shared model in eval mode first.
-        let was_training = crate::mode::is_training(&self.net);
+        let was_training = crate::mode::is_training(self.net.as_ref());
         if was_training {
             self.net.set_training(false);
         }
@@ -257,6 +262,6 @@ impl AutoregressiveWrapper {
 
 impl Module for AutoregressiveWrapper {
     fn visit(&self, v: &mut Visitor<'_>) {
-        v.child("net", &self.net);
+        v.child("net", self.net.as_ref());
     }
 }

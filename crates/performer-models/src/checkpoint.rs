@@ -175,20 +175,30 @@ impl ModelConfig {
             }
         };
         let kwargs = obj.get("kwargs").cloned().unwrap_or_else(|| json!({}));
-        let op = format!("config.json ({class})");
+        Self::parse(&format!("config.json ({class})"), class, &kwargs)
+    }
+
+    /// A model class and its keyword arguments as JSON, as a constructor call
+    /// `PerformerLM(num_tokens=..., ...)` gives them: errors name the class and the argument
+    /// (the Python package's constructors go through here).
+    pub fn from_kwargs(class: &str, kwargs: &Value) -> Result<Self> {
+        Self::parse(class, class, kwargs)
+    }
+
+    fn parse(op: &str, class: &str, kwargs: &Value) -> Result<Self> {
         match class {
-            "Performer" => Ok(ModelConfig::Performer(parse_kwargs(&op, "", &kwargs)?)),
-            "PerformerLM" => Ok(ModelConfig::PerformerLM(parse_kwargs(&op, "", &kwargs)?)),
+            "Performer" => Ok(ModelConfig::Performer(parse_kwargs(op, "", kwargs)?)),
+            "PerformerLM" => Ok(ModelConfig::PerformerLM(parse_kwargs(op, "", kwargs)?)),
             "PerformerEncDec" => {
                 let map = kwargs.as_object().ok_or_else(|| {
-                    Error::invalid(&op, "kwargs", short_json(&kwargs), "must be an object")
+                    Error::invalid(op, "kwargs", short_json(kwargs), "must be an object")
                 })?;
                 Ok(ModelConfig::PerformerEncDec(
                     PerformerEncDecConfig::from_kwargs(map)?,
                 ))
             }
             other => Err(Error::invalid(
-                "config.json",
+                op,
                 "model",
                 other,
                 "expected Performer, PerformerLM or PerformerEncDec",

@@ -34,7 +34,7 @@ impl PerformerEncDec {
             PerformerLM::new(config.encoder())?
         };
         let dec = AutoregressiveWrapper {
-            net: dec_lm,
+            net: dec_lm.into(),
             ignore_index: config.ignore_index,
             pad_value: config.pad_value,
         };

@@ -270,7 +270,11 @@ fn kw_kernel(kw: &Value) -> Result<Activation> {
     }
 }
 
-fn attention_config(kw: &Value) -> Result<AttentionConfig> {
+/// A `SelfAttention` / `CrossAttention` configuration from performer-pytorch 1.1.4's keyword
+/// arguments as JSON (`{"dim": 64, "heads": 4, ...}`; missing keys take its defaults): the
+/// reader of fixtures' `config.json`, also used by the Python package. An unknown keyword or
+/// a value of the wrong type is an error naming it.
+pub fn attention_config(kw: &Value) -> Result<AttentionConfig> {
     let known = [
         "dim",
         "causal",
@@ -320,6 +324,40 @@ fn attention_config(kw: &Value) -> Result<AttentionConfig> {
         qkv_bias: kw_bool(kw, "qkv_bias", base.qkv_bias)?,
         attn_out_bias: kw_bool(kw, "attn_out_bias", base.attn_out_bias)?,
         ..base
+    })
+}
+
+/// A `FastAttention` configuration from performer-pytorch 1.1.4's keyword arguments as JSON
+/// (`{"dim_heads": 16, "causal": true, ...}`), as [`attention_config`] for the attention layers.
+pub fn fast_attention_config(kw: &Value) -> Result<FastAttentionConfig> {
+    if let Some(obj) = kw.as_object()
+        && let Some(k) = obj
+            .keys()
+            .find(|k| !FAST_ATTENTION_KWARGS.contains(&k.as_str()))
+    {
+        return Err(Error::invalid(
+            "FastAttention",
+            k,
+            "given",
+            "unknown keyword argument",
+        ));
+    }
+    let dim = kw_usize(kw, "dim_heads", None)?
+        .ok_or_else(|| Error::invalid("FastAttention", "dim_heads", "missing", "required"))?;
+    let ortho_scaling = match kw.get("ortho_scaling") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| Error::invalid("FastAttention", "ortho_scaling", v, "must be 0 or 1"))?,
+    };
+    Ok(FastAttentionConfig {
+        nb_features: kw_usize(kw, "nb_features", None)?,
+        ortho_scaling: OrthoScaling::from_code(ortho_scaling)?,
+        causal: kw_bool(kw, "causal", false)?,
+        generalized_attention: kw_bool(kw, "generalized_attention", false)?,
+        kernel_fn: kw_kernel(kw)?,
+        no_projection: kw_bool(kw, "no_projection", false)?,
+        ..FastAttentionConfig::new(dim)
     })
 }
 
@@ -373,20 +411,7 @@ fn run_module(fx: &Fixture) -> Result<Run> {
     let kw = fx.kw();
     match class {
         "FastAttention" => {
-            let dim = kw_usize(kw, "dim_heads", None)?.ok_or_else(|| {
-                Error::invalid("FastAttention", "dim_heads", "missing", "required")
-            })?;
-            let attn = FastAttention::new(FastAttentionConfig {
-                nb_features: kw_usize(kw, "nb_features", None)?,
-                ortho_scaling: OrthoScaling::from_code(
-                    kw.get("ortho_scaling").and_then(Value::as_i64).unwrap_or(0),
-                )?,
-                causal: kw_bool(kw, "causal", false)?,
-                generalized_attention: kw_bool(kw, "generalized_attention", false)?,
-                kernel_fn: kw_kernel(kw)?,
-                no_projection: kw_bool(kw, "no_projection", false)?,
-                ..FastAttentionConfig::new(dim)
-            })?;
+            let attn = FastAttention::new(fast_attention_config(kw)?)?;
             load_weights(&attn, fx)?;
             let missing =
                 || Error::invalid("fixture", "q/k/v", "missing", "FastAttention needs q, k, v");

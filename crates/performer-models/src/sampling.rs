@@ -11,15 +11,17 @@ pub enum Filter {
     /// Keep the `int((1 - thres) * vocab)` largest logits (at least one); performer-pytorch's
     /// `top_k`.
     TopK {
-        /// Fraction of the vocabulary dropped.
-        thres: f32,
+        /// Fraction of the vocabulary dropped. f64, as the reference's Python float: the
+        /// count `int((1 - thres) * vocab)` computed in f32 differs (thres 0.9 over 20000
+        /// tokens keeps 2000 in f32, 1999 in Python).
+        thres: f64,
     },
     /// Keep the smallest set of largest logits whose probability exceeds `1 - thres` (the
     /// first logit always stays); performer-pytorch's `top_p`.
     TopP {
         /// As in the reference: tokens are removed once the cumulative probability exceeds
-        /// `1 - thres`.
-        thres: f32,
+        /// `1 - thres`. f64, as the reference's Python float.
+        thres: f64,
     },
     /// Keep everything.
     None,
@@ -91,9 +93,10 @@ impl GenerateOptions {
 /// performer-pytorch's `top_k`: all but the `k = int((1 - thres) * vocab)` largest logits
 /// become -inf (ties at the k-th value resolved by position). `k` is at least 1 (the reference
 /// would produce no candidate at all below that).
-pub fn top_k(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
+pub fn top_k(logits: &ArrayView1<f32>, thres: f64) -> Array1<f32> {
     let v = logits.len();
-    let k = (((1.0 - thres) * v as f32) as usize).clamp(1, v.max(1));
+    // In f64, as Python computes `int((1 - thres) * num_logits)`.
+    let k = (((1.0 - thres) * v as f64) as usize).clamp(1, v.max(1));
     let mut order: Vec<usize> = (0..v).collect();
     let larger_first = |&a: &usize, &b: &usize| {
         logits[b]
@@ -119,7 +122,7 @@ pub fn top_k(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
 /// performer-pytorch's `top_p`: sort descending, remove tokens once the cumulative softmax
 /// probability exceeds `1 - thres` (shifted by one, so the token that crosses stays, and the
 /// first always stays).
-pub fn top_p(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
+pub fn top_p(logits: &ArrayView1<f32>, thres: f64) -> Array1<f32> {
     let v = logits.len();
     let mut order: Vec<usize> = (0..v).collect();
     order.sort_by(|&a, &b| {
@@ -130,6 +133,9 @@ pub fn top_p(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
     });
     let probs = softmax(&Array1::from_iter(order.iter().map(|&i| logits[i])).view());
     let mut out = logits.to_owned();
+    // torch compares the float32 cumulative sums with the Python float `1 - thres` rounded
+    // to float32.
+    let limit = (1.0 - thres) as f32;
     let mut cum = 0.0f32;
     let mut remove_next = false;
     for (rank, &i) in order.iter().enumerate() {
@@ -137,7 +143,7 @@ pub fn top_p(logits: &ArrayView1<f32>, thres: f32) -> Array1<f32> {
             out[i] = f32::NEG_INFINITY;
         }
         cum += probs[rank];
-        remove_next = cum > 1.0 - thres;
+        remove_next = cum > limit;
     }
     out
 }

@@ -224,6 +224,25 @@ fn top_k_keeps_the_largest_with_ties_to_the_lower_index() {
 }
 
 #[test]
+fn top_k_keeps_as_many_tokens_as_the_reference() {
+    // performer-pytorch keeps `int((1 - thres) * num_logits)`, computed with Python floats:
+    // (1 - 0.9) * 20000 = 1999.9999999999995, so 1999 (in f32 it would be 2000.0005, 2000).
+    for (vocab, thres, kept) in [
+        (20000, 0.9, 1999),
+        (1000, 0.95, 50),
+        (50000, 0.9, 4999),
+        (256, 0.9, 25),
+    ] {
+        let logits = Array1::from_iter((0..vocab).map(|i| ((i * 7919) % vocab) as f32));
+        let count = top_k(&logits.view(), thres)
+            .iter()
+            .filter(|x| x.is_finite())
+            .count();
+        assert_eq!(count, kept, "vocab {vocab}, thres {thres}");
+    }
+}
+
+#[test]
 fn filters_match_the_reference_on_fixed_logits() {
     let logits = Array1::from(vec![1.0f32, 3.0, -2.0, 0.5, 2.0, 2.5, -1.0, 0.0, 1.5, 4.0]);
     // top_k with thres 0.7 keeps int(0.3 * 10) = 3 logits: 4.0, 3.0, 2.5
@@ -258,8 +277,11 @@ fn generation_is_seeded_and_eos_stops_each_sequence() {
     performer_tensor::rng::manual_seed(2);
     let wrapper = AutoregressiveWrapper::new(PerformerLM::new(small_lm(true)).unwrap());
     let start = array![[1i64, 2, 3], [4, 5, 6]];
+    // top_k keeps int((1 - thres) * 20) tokens: with the default thres 0.9 that is 1 (Python
+    // computes 1.9999999999999996), a greedy choice no seed changes; keep 10.
     let opts = GenerateOptions {
         seed: 7,
+        filter: Filter::TopK { thres: 0.5 },
         ..Default::default()
     };
     let a = wrapper
@@ -276,7 +298,7 @@ fn generation_is_seeded_and_eos_stops_each_sequence() {
             12,
             &GenerateOptions {
                 seed: 8,
-                ..Default::default()
+                ..opts.clone()
             },
             &SeqInputs::default(),
         )

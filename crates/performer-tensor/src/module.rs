@@ -235,6 +235,14 @@ pub trait Module: Send + Sync {
     }
 }
 
+/// A shared module is the module it shares (a wrapper holds its net in an `Arc` so that
+/// several wrappers, or a Python object and a trainer, use the same weights).
+impl<M: Module + ?Sized> Module for std::sync::Arc<M> {
+    fn visit(&self, v: &mut Visitor<'_>) {
+        (**self).visit(v);
+    }
+}
+
 enum Target {
     Param(Param),
     Buffer(Buffer),
