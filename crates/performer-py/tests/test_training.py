@@ -2,6 +2,7 @@
 shifted targets, ignore_index), Trainer steps lower it and resume exactly from saved state,
 checkpoints round-trip, generation is seeded, and the GIL is released while Rust computes."""
 
+import math
 import threading
 import time
 
@@ -157,7 +158,15 @@ def test_the_gil_is_released_during_compute():
     # with the GIL released the loop never waits that long.
     model = pr.PerformerLM(num_tokens=64, max_seq_len=4096, dim=64, depth=2, heads=4,
                            dim_head=16, causal=True)
-    x = np.random.default_rng(0).integers(0, 64, (2, 4096))
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    model(rng.integers(0, 64, (1, 4096)))
+    one = time.perf_counter() - t0
+    # Size the batch so that a call lasts about 0.4 s on this machine, whatever its speed: a
+    # call that held the GIL then stalls the loop far longer than scheduling noise on a loaded
+    # machine (tens of milliseconds), and the check below does not depend on the machine.
+    batch = min(64, max(2, math.ceil(0.4 / max(one, 1e-3))))
+    x = rng.integers(0, 64, (batch, 4096))
     done = threading.Event()
     took = []
 
