@@ -310,6 +310,7 @@ fn two_ranks_with_batch_b_match_one_process_with_batch_2b() {
     }
     // Losses of 20 steps.
     assert_eq!(r0.losses.len(), 20);
+    assert_eq!(single.losses.len(), 20);
     let mut worst_loss = 0.0f32;
     for (step, (a, b)) in r0.losses.iter().zip(&single.losses).enumerate() {
         assert!(a.is_finite() && b.is_finite());
@@ -479,6 +480,11 @@ fn train_lm_on_two_ranks_matches_one_process_with_twice_the_batch_and_resumes_on
     assert_eq!(resumed.step, 20);
     let (a, b) = (val_at(&resumed, 20), val_at(&two, 20));
     assert!((a - b).abs() < 1e-3, "resumed {a} vs uninterrupted {b}");
+    assert_eq!(
+        resumed.train.len(),
+        two.train.len(),
+        "training curves' lengths"
+    );
     for (p, q) in resumed.train.iter().zip(&two.train) {
         assert_eq!(p.step, q.step);
         assert!(

@@ -47,6 +47,20 @@ impl KernelArg {
             KernelArg::U64(_) => 5,
         }
     }
+
+    /// The argument's value in the low bytes of a 64-bit parameter slot (little-endian), as
+    /// both launchers pass it: cuLaunchKernel and the emulator read as many bytes as the
+    /// kernel's parameter has.
+    pub(crate) fn slot_bits(&self) -> u64 {
+        match *self {
+            KernelArg::Ptr(p) => p,
+            KernelArg::I32(v) => v as u32 as u64,
+            KernelArg::I64(v) => v as u64,
+            KernelArg::F32(v) => v.to_bits() as u64,
+            KernelArg::U32(v) => v as u64,
+            KernelArg::U64(v) => v,
+        }
+    }
 }
 
 /// Grid, block and dynamic shared memory of one launch.

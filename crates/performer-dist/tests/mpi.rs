@@ -238,6 +238,8 @@ fn collectives(comm: &MpiCommunicator) {
         let want = (g0.get_param(p).unwrap() + g1.get_param(p).unwrap()) / 2.0;
         let got = overlapped.get_param(p).unwrap();
         let plain = plain.get_param(p).unwrap();
+        assert_eq!(want.shape(), got.shape());
+        assert_eq!(want.shape(), plain.shape());
         for ((w, g), q) in want.iter().zip(got).zip(plain) {
             assert!((w - g).abs() <= 1e-6 * w.abs().max(1.0), "{w} vs {g}");
             assert_eq!(g, q, "overlapped and plain reductions agree bit for bit");
@@ -248,7 +250,9 @@ fn collectives(comm: &MpiCommunicator) {
     let acc = dp.backward(&loss_on(&xs[rank]), Some(earlier)).unwrap();
     for p in [&m.a, &m.b] {
         let want = g0.get_param(p).unwrap() + g1.get_param(p).unwrap();
-        for (w, g) in want.iter().zip(acc.get_param(p).unwrap()) {
+        let got = acc.get_param(p).unwrap();
+        assert_eq!(want.shape(), got.shape());
+        for (w, g) in want.iter().zip(got) {
             assert!((w - g).abs() <= 1e-6 * w.abs().max(1.0), "{w} vs {g}");
         }
     }

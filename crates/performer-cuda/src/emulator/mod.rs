@@ -209,17 +209,7 @@ impl Launcher for EmulatedLauncher {
                 });
             }
         }
-        let mut storage: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                KernelArg::Ptr(p) => p,
-                KernelArg::I32(v) => v as u32 as u64,
-                KernelArg::I64(v) => v as u64,
-                KernelArg::F32(v) => v.to_bits() as u64,
-                KernelArg::U32(v) => v as u64,
-                KernelArg::U64(v) => v,
-            })
-            .collect();
+        let mut storage: Vec<u64> = args.iter().map(KernelArg::slot_bits).collect();
         let mut ptrs: Vec<*mut c_void> = storage
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
