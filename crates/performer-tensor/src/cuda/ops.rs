@@ -366,3 +366,146 @@ pub(crate) fn softmax(x: &Tensor, ax: usize, log: bool) -> Option<Result<Tensor>
 pub(crate) fn full_on(shape: &[usize], value: f32, device: Device) -> Result<Tensor> {
     Ok(constant(super::full(shape, value, device)?))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Normalization, embedding, loss
+
+/// Layer norm over the last axis with optional `weight` and `bias` (shapes checked by the
+/// caller).
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Option<Result<Tensor>> {
+    let mut all = vec![x];
+    all.extend(weight);
+    all.extend(bias);
+    let device = match common_device("layer_norm", &all) {
+        Ok(None) => return None,
+        Ok(Some(d)) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(layer_norm_on(x, weight, bias, eps, device))
+}
+
+fn layer_norm_on(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+    device: Device,
+) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    let err = move |e| map_err(OP, device, e);
+    let sx = storage_of(x).clone();
+    let cols = *sx.shape.last().expect("rank checked");
+    let rows = sx.numel() / cols.max(1);
+    let sw = weight.map(|w| storage_of(w).clone());
+    let sb = bias.map(|b| storage_of(b).clone());
+    let fwd = k::layer_norm_rows(
+        &sx.buf,
+        sw.as_ref().map(|s| &*s.buf),
+        sb.as_ref().map(|s| &*s.buf),
+        rows,
+        cols,
+        eps,
+    )
+    .map_err(err)?;
+    let y = fwd.y.duplicate().map_err(err)?;
+    let fwd = std::sync::Arc::new(fwd);
+    let mut inputs = vec![x];
+    inputs.extend(weight);
+    inputs.extend(bias);
+    let has_bias = sb.is_some();
+    let out = DeviceStorage::new(y, sx.shape.clone(), device);
+    Ok(record1(OP, &inputs, out, move |g, needs| {
+        let (gx, dw, db) = k::layer_norm_rows_backward(
+            &sx.buf,
+            sw.as_ref().map(|s| &*s.buf),
+            &fwd,
+            &g.buf,
+            rows,
+            cols,
+        )
+        .map_err(err)?;
+        // Without a weight the kernel gives no bias gradient: the column sums of `g`.
+        let db = match (db, has_bias) {
+            (Some(db), true) => Some(db),
+            (None, true) => Some(k::sum_cols(&g.buf, rows, cols).map_err(err)?),
+            _ => None,
+        };
+        let mut out = vec![needs[0].then(|| DeviceStorage::new(gx, sx.shape.clone(), device))];
+        if sw.is_some() {
+            out.push(dw.map(|d| DeviceStorage::new(d, vec![cols], device)));
+        }
+        if has_bias {
+            out.push(db.map(|d| DeviceStorage::new(d, vec![cols], device)));
+        }
+        Ok(out)
+    }))
+}
+
+/// Rows `ids` of a device table (ids checked by the caller), shape `ids.shape ++ [dim]`.
+pub(crate) fn embedding(table: &Tensor, ids: &ndarray::ArrayViewD<i64>) -> Option<Result<Tensor>> {
+    if table.device().is_cpu() {
+        return None;
+    }
+    const OP: &str = "embedding";
+    let st = storage_of(table).clone();
+    let device = st.device;
+    let err = move |e| map_err(OP, device, e);
+    let (vocab, dim) = (st.shape[0], st.shape[1]);
+    let flat: Vec<i64> = ids.iter().copied().collect();
+    let mut shape = ids.shape().to_vec();
+    shape.push(dim);
+    Some((|| {
+        let rows = k::embedding(&st.buf, vocab, dim, &flat).map_err(err)?;
+        let out = DeviceStorage::new(rows, shape, device);
+        Ok(record1(OP, &[table], out, move |g, _| {
+            let gt = k::embedding_backward(&g.buf, &flat, vocab, dim).map_err(err)?;
+            Ok(vec![Some(DeviceStorage::new(gt, vec![vocab, dim], device))])
+        }))
+    })())
+}
+
+/// Mean cross-entropy of `(N, C)` device logits against host targets (checked by the caller),
+/// computed on the device: the loss stays there until read.
+pub(crate) fn cross_entropy(
+    logits: &Tensor,
+    target: &ndarray::ArrayViewD<i64>,
+    ignore_index: Option<i64>,
+) -> Option<Result<Tensor>> {
+    if logits.device().is_cpu() {
+        return None;
+    }
+    const OP: &str = "cross_entropy";
+    let sx = storage_of(logits).clone();
+    let device = sx.device;
+    if sx.shape.len() != 2 {
+        return Some(Err(unsupported(
+            OP,
+            device,
+            format!(
+                "(N, C) logits only on a device, got {:?}: reshape to (N, C)",
+                sx.shape
+            ),
+        )));
+    }
+    let err = move |e| map_err(OP, device, e);
+    let (rows, cols) = (sx.shape[0], sx.shape[1]);
+    // Targets were checked to lie in 0..C, so a negative value never matches one.
+    let ignore = ignore_index.unwrap_or(i64::MIN);
+    let targets: Vec<i64> = target.iter().copied().collect();
+    Some((|| {
+        let fwd = k::cross_entropy(&sx.buf, rows, cols, &targets, ignore).map_err(err)?;
+        let loss = fwd.loss.duplicate().map_err(err)?;
+        let fwd = std::sync::Arc::new(fwd);
+        let out = DeviceStorage::new(loss, Vec::new(), device);
+        Ok(record1(OP, &[logits], out, move |g, _| {
+            let gx = k::cross_entropy_backward(&sx.buf, &fwd, &g.buf, rows, cols, ignore)
+                .map_err(err)?;
+            Ok(vec![Some(DeviceStorage::new(gx, sx.shape.clone(), device))])
+        }))
+    })())
+}
