@@ -84,6 +84,9 @@ pub struct Sgd {
     /// Nesterov momentum.
     pub nesterov: bool,
     buffers: Vec<Option<ArrayD<f32>>>,
+    /// Momentum buffers of parameters on a device.
+    #[cfg(feature = "cuda")]
+    device_buffers: Vec<Option<performer_cuda::DeviceBuffer>>,
     step: u64,
 }
 
@@ -99,8 +102,46 @@ impl Sgd {
             weight_decay: 0.0,
             nesterov: false,
             buffers: vec![None; n],
+            #[cfg(feature = "cuda")]
+            device_buffers: (0..n).map(|_| None).collect(),
             step: 0,
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Sgd {
+    /// The update of the parameters that live on a device (their gradients are device
+    /// tensors, which `get_param` does not return, so the host loop passes them by).
+    fn step_on_devices(&mut self, grads: &Gradients) -> Result<()> {
+        let on_device: Vec<usize> = (0..self.params.len())
+            .filter(|&i| !self.params[i].1.device().is_cpu())
+            .collect();
+        let mut found = Vec::new();
+        for &i in &on_device {
+            let (name, p) = &self.params[i];
+            if let Some(g) = grads.tensor(p.id()) {
+                crate::cuda::optim::check(name, p, &g)?;
+                found.push((i, g));
+            }
+        }
+        let cfg = performer_cuda::tensor_ops::SgdConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            dampening: self.dampening,
+            weight_decay: self.weight_decay,
+            nesterov: self.nesterov,
+        };
+        for (i, g) in found {
+            if self.device_buffers[i].is_none()
+                && let Some(b) = self.buffers[i].take()
+            {
+                let up = crate::cuda::upload("Sgd::step", &b, g.device())?;
+                self.device_buffers[i] = std::sync::Arc::into_inner(up.buf);
+            }
+            crate::cuda::optim::sgd(&self.params[i].1, &g, &mut self.device_buffers[i], cfg)?;
+        }
+        Ok(())
     }
 }
 
@@ -112,6 +153,8 @@ impl Optimizer for Sgd {
                 check_grad(name, p, g)?;
             }
         }
+        #[cfg(feature = "cuda")]
+        self.step_on_devices(grads)?;
         for ((_, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
             let Some(g) = grads.get_param(p) else {
                 continue;
@@ -167,6 +210,16 @@ impl Optimizer for Sgd {
                 );
             }
         }
+        #[cfg(feature = "cuda")]
+        for ((name, p), b) in self.params.iter().zip(&self.device_buffers) {
+            if let Some(b) = b
+                && self.momentum != 0.0
+            {
+                let host = crate::cuda::optim::to_host(b, &p.shape())
+                    .unwrap_or_else(|e| panic!("Sgd::state_dict: {e}"));
+                out.insert(format!("{name}.momentum_buffer"), TensorData::F32(host));
+            }
+        }
         out
     }
 
@@ -178,6 +231,8 @@ impl Optimizer for Sgd {
         }
         self.step = step;
         self.buffers = buffers;
+        #[cfg(feature = "cuda")]
+        self.device_buffers.iter_mut().for_each(|b| *b = None);
         Ok(())
     }
 }
@@ -200,6 +255,9 @@ pub struct Adam {
     /// [`Adam::exclude_from_weight_decay`] took some out).
     decays: Vec<bool>,
     moments: Vec<Option<(ArrayD<f32>, ArrayD<f32>)>>,
+    /// Moments of parameters on a device.
+    #[cfg(feature = "cuda")]
+    device_moments: Vec<crate::cuda::optim::DeviceMoments>,
     step: u64,
 }
 
@@ -219,6 +277,8 @@ impl Adam {
             decoupled: false,
             decays: vec![true; n],
             moments: vec![None; n],
+            #[cfg(feature = "cuda")]
+            device_moments: (0..n).map(|_| None).collect(),
             step: 0,
         }
     }
@@ -247,6 +307,51 @@ impl Adam {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Adam {
+    /// The update of the parameters that live on a device (after `self.step` was counted).
+    fn step_on_devices(&mut self, grads: &Gradients) -> Result<()> {
+        let mut found = Vec::new();
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            if p.device().is_cpu() {
+                continue;
+            }
+            if let Some(g) = grads.tensor(p.id()) {
+                crate::cuda::optim::check(name, p, &g)?;
+                found.push((i, g));
+            }
+        }
+        for (i, g) in found {
+            let cfg = performer_cuda::tensor_ops::AdamConfig {
+                lr: self.lr,
+                beta1: self.betas.0,
+                beta2: self.betas.1,
+                eps: self.eps,
+                weight_decay: if self.decays[i] {
+                    self.weight_decay
+                } else {
+                    0.0
+                },
+                decoupled: self.decoupled,
+            };
+            let host = if self.device_moments[i].is_none() {
+                self.moments[i].take()
+            } else {
+                None
+            };
+            crate::cuda::optim::adam(
+                &self.params[i].1,
+                &g,
+                &mut self.device_moments[i],
+                host,
+                self.step,
+                cfg,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl Optimizer for Adam {
     fn step(&mut self, grads: &Gradients) -> Result<()> {
         for (name, p) in &self.params {
@@ -267,6 +372,8 @@ impl Optimizer for Adam {
         let decay = (1.0 - lr * wd) as f32;
         let (w1, b2f, w2) = ((1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32);
         let (wdf, eps, decoupled) = (wd as f32, self.eps, self.decoupled);
+        #[cfg(feature = "cuda")]
+        self.step_on_devices(grads)?;
         for (((_, p), slot), &decays) in self
             .params
             .iter()
@@ -320,6 +427,17 @@ impl Optimizer for Adam {
                 out.insert(format!("{name}.exp_avg_sq"), TensorData::F32(v.clone()));
             }
         }
+        #[cfg(feature = "cuda")]
+        for ((name, p), mv) in self.params.iter().zip(&self.device_moments) {
+            if let Some((m, v)) = mv {
+                let host = |b| {
+                    crate::cuda::optim::to_host(b, &p.shape())
+                        .unwrap_or_else(|e| panic!("Adam::state_dict: {e}"))
+                };
+                out.insert(format!("{name}.exp_avg"), TensorData::F32(host(m)));
+                out.insert(format!("{name}.exp_avg_sq"), TensorData::F32(host(v)));
+            }
+        }
         out
     }
 
@@ -341,6 +459,8 @@ impl Optimizer for Adam {
         }
         self.step = step;
         self.moments = moments;
+        #[cfg(feature = "cuda")]
+        self.device_moments.iter_mut().for_each(|m| *m = None);
         Ok(())
     }
 }
@@ -364,17 +484,36 @@ fn lerp(a: f32, b: f32, w: f32) -> f32 {
 /// (PyTorch's `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`, applied only when below
 /// 1). Returns the norm before clipping, which may be infinite or NaN.
 pub fn clip_grad_norm(grads: &mut Gradients, params: &[Param], max_norm: f32) -> f32 {
-    let total: f64 = params
+    #[allow(unused_mut)]
+    let mut total: f64 = params
         .iter()
         .filter_map(|p| grads.get_param(p))
         .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
         .sum();
+    // Gradients on a device: their squares summed there, the sum read back (the step's one
+    // device read), the scaling done there.
+    #[cfg(feature = "cuda")]
+    let on_device: Vec<crate::Tensor> = params
+        .iter()
+        .filter(|p| !p.device().is_cpu())
+        .filter_map(|p| grads.tensor(p.id()))
+        .collect();
+    #[cfg(feature = "cuda")]
+    for g in &on_device {
+        total += crate::cuda::optim::sum_squares(g).unwrap_or(f64::NAN);
+    }
     let norm = total.sqrt() as f32;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for p in params {
             if let Some(g) = grads.get_mut(p.id()) {
                 g.mapv_inplace(|x| x * coef);
+            }
+        }
+        #[cfg(feature = "cuda")]
+        for p in params.iter().filter(|p| !p.device().is_cpu()) {
+            if let Some(g) = grads.tensor(p.id()) {
+                grads.insert_tensor(p.id(), crate::no_grad(|| g.mul_scalar(coef)));
             }
         }
     }

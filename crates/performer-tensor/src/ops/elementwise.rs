@@ -8,6 +8,8 @@ use super::arrays::{fill_vec, map_array, zip_map, zip_map3};
 use super::broadcast::sum_to;
 use crate::shape::broadcast_shapes;
 use crate::{Result, Tensor};
+#[cfg(feature = "cuda")]
+use performer_cuda::tensor_ops::Unary::{Affine, Pow};
 
 /// Which binary op: a closed set so forward and backward sit side by side.
 #[derive(Clone, Copy)]
@@ -74,6 +76,7 @@ impl Binary {
 }
 
 fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
+    on_device!(crate::cuda::ops::binary(a, b, op.name()));
     let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
     let ab = a
         .data()
@@ -135,6 +138,7 @@ pub(crate) struct UnaryKernels {
 /// `map_array` is compiled for the baseline x86-64 only, and GELU's erf there cost as much as
 /// a matrix product of the same layer.
 pub(crate) fn unary_vectorized(x: &Tensor, name: &'static str, k: UnaryKernels) -> Tensor {
+    on_device!(crate::cuda::ops::unary(x, name));
     let xv = x.view();
     let out = match xv.as_slice() {
         Some(xs) => {
@@ -173,6 +177,7 @@ pub(crate) fn unary(
     f: impl Fn(f32) -> f32 + Sync + Send,
     df: impl Fn(f32, f32) -> f32 + Sync + Send + 'static,
 ) -> Tensor {
+    on_device!(crate::cuda::ops::unary(x, name));
     let out = map_array(&x.view(), f);
     if !crate::is_grad_enabled() || !x.is_tracked() {
         return Tensor::new(out);
@@ -227,31 +232,57 @@ impl Tensor {
 
     /// `self + s`.
     pub fn add_scalar(&self, s: f32) -> Tensor {
+        on_device!(crate::cuda::ops::unary_with(
+            self,
+            "add_scalar",
+            Affine(1.0, s)
+        ));
         unary(self, "add_scalar", move |x| x + s, |_, _| 1.0)
     }
 
     /// `self - s`.
     pub fn sub_scalar(&self, s: f32) -> Tensor {
+        on_device!(crate::cuda::ops::unary_with(
+            self,
+            "sub_scalar",
+            Affine(1.0, -s)
+        ));
         unary(self, "sub_scalar", move |x| x - s, |_, _| 1.0)
     }
 
     /// `self * s`.
     pub fn mul_scalar(&self, s: f32) -> Tensor {
+        on_device!(crate::cuda::ops::unary_with(
+            self,
+            "mul_scalar",
+            Affine(s, 0.0)
+        ));
         unary(self, "mul_scalar", move |x| x * s, move |_, _| s)
     }
 
     /// `self / s`.
     pub fn div_scalar(&self, s: f32) -> Tensor {
+        on_device!(crate::cuda::ops::unary_with(
+            self,
+            "div_scalar",
+            Affine(1.0 / s, 0.0)
+        ));
         unary(self, "div_scalar", move |x| x / s, move |_, _| 1.0 / s)
     }
 
     /// `s - self`.
     pub fn rsub_scalar(&self, s: f32) -> Tensor {
+        on_device!(crate::cuda::ops::unary_with(
+            self,
+            "rsub_scalar",
+            Affine(-1.0, s)
+        ));
         unary(self, "rsub_scalar", move |x| s - x, |_, _| -1.0)
     }
 
     /// `self ^ p`.
     pub fn powf(&self, p: f32) -> Tensor {
+        on_device!(crate::cuda::ops::unary_with(self, "powf", Pow(p)));
         unary(
             self,
             "powf",
