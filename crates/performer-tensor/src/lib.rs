@@ -31,6 +31,7 @@ pub mod ops;
 pub mod optim;
 pub mod parallel;
 mod param;
+pub mod profile;
 pub mod rng;
 pub mod schedule;
 pub mod shape;
