@@ -137,7 +137,7 @@ impl Category {
     /// The category of an op by the name it records in the graph.
     pub fn of_op(name: &str) -> Category {
         match name {
-            "matmul" => Category::Gemm,
+            "matmul" | "linear" => Category::Gemm,
             "softmax_kernel"
             | "generalized_kernel"
             | "favor_attention"
@@ -331,9 +331,11 @@ pub fn enter_phase(phase: Phase) {
 }
 
 /// An op named `name` has finished: the time since the last mark is its own. `bytes` (its
-/// inputs and outputs) is evaluated only when profiling.
+/// inputs and outputs) is evaluated only when profiling. Ops that return without recording a
+/// graph node (inference paths) call this themselves, so that their time is not left to the
+/// next op.
 #[inline]
-pub(crate) fn op_done(name: &'static str, bytes: impl FnOnce() -> u64) {
+pub fn op_done(name: &'static str, bytes: impl FnOnce() -> u64) {
     if enabled() {
         op_done_slow(name, bytes());
     }
