@@ -74,6 +74,7 @@ impl Tensor {
         + 'static,
     ) -> Tensor {
         let data = data.into();
+        crate::profile::op_done(name, || traffic_bytes(std::slice::from_ref(&data), inputs));
         if !needs_graph(inputs) {
             return Tensor::new(data);
         }
@@ -85,13 +86,27 @@ impl Tensor {
             Some(g) => backward(g, needs),
             None => Ok(vec![None; needs.len()]),
         };
-        Self::from_multi_op(vec![data], name, inputs, wrapped)
+        Self::record_multi_op(vec![data], name, inputs, wrapped)
             .pop()
             .expect("one output")
     }
 
     /// The results of an op with several outputs, sharing one backward.
     pub fn from_multi_op(
+        datas: Vec<Data>,
+        name: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Vec<Tensor> {
+        crate::profile::op_done(name, || traffic_bytes(&datas, inputs));
+        Self::record_multi_op(datas, name, inputs, backward)
+    }
+
+    /// [`Tensor::from_multi_op`] once the op's time has been accounted for.
+    fn record_multi_op(
         datas: Vec<Data>,
         name: &'static str,
         inputs: &[&Tensor],
@@ -116,7 +131,7 @@ impl Tensor {
             #[cfg(feature = "cuda")]
             device_backward: None,
         });
-        datas
+        let tensors = datas
             .into_iter()
             .zip(ids)
             .enumerate()
@@ -130,7 +145,9 @@ impl Tensor {
                     }),
                 )
             })
-            .collect()
+            .collect();
+        crate::profile::autograd_done();
+        tensors
     }
 
     /// Differentiates this one-element tensor with respect to every leaf it depends on.
@@ -238,7 +255,17 @@ fn run_node_backward(node: &Node, grads: &mut HashMap<TensorId, ArrayD<f32>>) ->
         return Ok(());
     }
     let needs: Vec<bool> = node.inputs.iter().map(Tensor::is_tracked).collect();
+    crate::profile::autograd_done();
     let in_grads = backward(out_grads, &needs)?;
+    crate::profile::op_done(node.name, || {
+        let inputs: usize = node.inputs.iter().map(Tensor::numel).sum();
+        let outputs: usize = node
+            .outputs
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        4 * (inputs + outputs) as u64
+    });
     if in_grads.len() != node.inputs.len() {
         return Err(Error::Backward(format!(
             "op `{}` returned {} input gradients for {} inputs",
@@ -286,6 +313,13 @@ fn leaves_final_after(order: &[Arc<Node>]) -> Vec<Vec<TensorId>> {
         ids.sort_unstable();
     }
     ready
+}
+
+/// Bytes an op reads and writes, roughly: its inputs and outputs once each (the profile's GB/s).
+fn traffic_bytes(outputs: &[Data], inputs: &[&Tensor]) -> u64 {
+    let n: usize = outputs.iter().map(|d| d.len()).sum::<usize>()
+        + inputs.iter().map(|t| t.numel()).sum::<usize>();
+    4 * n as u64
 }
 
 pub(crate) fn needs_graph(inputs: &[&Tensor]) -> bool {

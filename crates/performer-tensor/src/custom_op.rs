@@ -54,6 +54,11 @@ pub fn apply_custom_op<O: CustomOp>(op: O, inputs: &[&Tensor]) -> Result<Vec<Ten
     let (outputs, saved) = op.forward(&datas, tracked)?;
     let outputs: Vec<Data> = outputs.into_iter().map(ArrayD::into_shared).collect();
     if !tracked {
+        crate::profile::op_done(op.name(), || {
+            let n: usize = outputs.iter().map(|d| d.len()).sum::<usize>()
+                + inputs.iter().map(|t| t.numel()).sum::<usize>();
+            4 * n as u64
+        });
         return Ok(outputs.into_iter().map(Tensor::new).collect());
     }
     let kept_inputs: Vec<Data> = datas.into_iter().cloned().collect();

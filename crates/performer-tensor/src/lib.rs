@@ -46,6 +46,7 @@ pub mod ops;
 pub mod optim;
 pub mod parallel;
 mod param;
+pub mod profile;
 pub mod rng;
 pub mod schedule;
 pub mod shape;
