@@ -86,6 +86,7 @@ const WORKLOADS: &[(&str, Option<usize>, Builder)] = &[
     ("lm-noncausal-1k", Some(1024), lm_noncausal),
     ("lm-full-1k", Some(1024), lm_full),
     ("generate-512", Some(512), generate),
+    ("generate-512-bf16", Some(512), generate_bf16),
     ("matmul-4k", Some(4096), matmul),
 ];
 
@@ -213,10 +214,22 @@ fn random_tokens(n: usize, vocab: u64) -> ndarray::Array2<i64> {
 /// The lm-causal-1k model with max_seq_len 2048; one repetition primes with `prompt` random
 /// tokens and samples 64 more (top-k, filter_thres 0.9). tokens = 64.
 fn generate(prompt: usize) -> Result<Prepared, BenchError> {
+    generate_stored(prompt, performer::tensor::DType::F32)
+}
+
+/// `generate` with the model's weights stored in bf16 (`PerformerLM::to_dtype`; f32
+/// activations and sums): the same seeded weights, rounded, and the same prompt.
+fn generate_bf16(prompt: usize) -> Result<Prepared, BenchError> {
+    generate_stored(prompt, performer::tensor::DType::BF16)
+}
+
+fn generate_stored(prompt: usize, dtype: performer::tensor::DType) -> Result<Prepared, BenchError> {
     use performer::{AutoregressiveWrapper, GenerateOptions, PerformerLM, SeqInputs};
 
     const NEW_TOKENS: usize = 64;
-    let model = AutoregressiveWrapper::new(PerformerLM::new(lm_config(2048, true))?);
+    let net = PerformerLM::new(lm_config(2048, true))?;
+    net.to_dtype(dtype);
+    let model = AutoregressiveWrapper::new(net);
     let prime = random_tokens(prompt, 256);
     let opts = GenerateOptions::default(); // top-k, filter_thres 0.9, temperature 1
     Ok(Prepared {
