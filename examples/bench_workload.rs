@@ -130,6 +130,7 @@ const WORKLOADS: &[(&str, Option<usize>, Builder)] = &[
     ("lm-full-1k", Some(1024), lm_full),
     ("lm-small-64", Some(64), lm_small),
     ("generate-512", Some(512), generate),
+    ("generate-512-bf16", Some(512), generate_bf16),
     ("matmul-4k", Some(4096), matmul),
 ];
 
@@ -283,10 +284,22 @@ fn random_tokens(batch: usize, n: usize, vocab: u64) -> ndarray::Array2<i64> {
 /// The lm-causal-1k model with max_seq_len 2048; one repetition primes with `prompt` random
 /// tokens and samples 64 more (top-k, filter_thres 0.9). tokens = 64.
 fn generate(prompt: usize) -> Result<Prepared, BenchError> {
+    generate_stored(prompt, performer::tensor::DType::F32)
+}
+
+/// `generate` with the model's weights stored in bf16 (`PerformerLM::to_dtype`; f32
+/// activations and sums): the same seeded weights, rounded, and the same prompt.
+fn generate_bf16(prompt: usize) -> Result<Prepared, BenchError> {
+    generate_stored(prompt, performer::tensor::DType::BF16)
+}
+
+fn generate_stored(prompt: usize, dtype: performer::tensor::DType) -> Result<Prepared, BenchError> {
     use performer::{AutoregressiveWrapper, GenerateOptions, PerformerLM, SeqInputs};
 
     const NEW_TOKENS: usize = 64;
-    let model = AutoregressiveWrapper::new(PerformerLM::new(lm_config(2048, true))?);
+    let net = PerformerLM::new(lm_config(2048, true))?;
+    net.to_dtype(dtype);
+    let model = AutoregressiveWrapper::new(net);
     let prime = random_tokens(1, prompt, 256);
     let opts = GenerateOptions::default(); // top-k, filter_thres 0.9, temperature 1
     Ok(Prepared {

@@ -9,6 +9,9 @@
               PyTorch with a seeded random initialization, and writes model.safetensors (its
               full state_dict, aliases included) and probe.safetensors with tokens `x` and
               PyTorch's `logits`, for Rust to load and compare.
+  export-bf16 DIR  export of the model converted with `.to(torch.bfloat16)`: every float
+              tensor of model.safetensors is BF16, as PyTorch writes it; the logits are those
+              of the same bf16 values in float32 (`.float()`, exact).
 
 Run with the reference environment: $PERFORMER_REF_PYTHON tools/roundtrip.py check DIR
 Exit status 0 when the logits agree within 1e-4 of the largest magnitude.
@@ -57,7 +60,7 @@ def check(d):
     return 0 if err <= TOLERANCE else 1
 
 
-def export(d):
+def export(d, bf16=False):
     config = load_config(d)
     torch.manual_seed(1234)
     module = build_module(config)
@@ -65,17 +68,26 @@ def export(d):
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    if bf16:
+        module = module.to(torch.bfloat16)
+        # as saved from PyTorch: the tensors as they are (bf16 floats, int64 counters), cloned
+        # because the proj_updater aliases share storage
+        state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+        assert state["token_emb.weight"].dtype == torch.bfloat16
+        module = module.float()
     num_tokens = config["kwargs"]["num_tokens"]
     x = torch.randint(0, num_tokens, (2, 24), generator=torch.Generator().manual_seed(5))
     logits = logits_of(module, x)
-    save_file(state_dict_tensors(module), os.path.join(d, "model.safetensors"))
+    save_file(state if bf16 else state_dict_tensors(module), os.path.join(d, "model.safetensors"))
     save_file({"x": x, "logits": logits.contiguous()}, os.path.join(d, "probe.safetensors"))
     print(f"exported a PyTorch {config['model']} checkpoint to {d}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("check", "export"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("check", "export", "export-bf16"):
         print(__doc__)
         sys.exit(2)
-    sys.exit(check(sys.argv[2]) if sys.argv[1] == "check" else export(sys.argv[2]))
+    if sys.argv[1] == "check":
+        sys.exit(check(sys.argv[2]))
+    sys.exit(export(sys.argv[2], bf16=sys.argv[1] == "export-bf16"))

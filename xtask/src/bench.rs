@@ -608,7 +608,12 @@ fn format_table(workloads: &[Workload], records: &[Record], with_reference: bool
                 row.push(ratio(|r| r.peak_rss_mib));
             }
             row.push(if imp == OURS {
-                target_check(w, r)
+                let baseline = w
+                    .target
+                    .min_speedup_over
+                    .and_then(|(name, _)| find(name, OURS))
+                    .and_then(|b| b.median_ms);
+                target_check(w, r, baseline)
             } else {
                 String::new()
             });
@@ -660,9 +665,14 @@ fn format_table(workloads: &[Workload], records: &[Record], with_reference: bool
 }
 
 /// `ok`, `miss: ...` against the BENCHMARKS.md target, or `-` where there is none.
-fn target_check(w: &Workload, r: &Record) -> String {
+/// `baseline_ms` is the same run's median of the workload a relative target names.
+fn target_check(w: &Workload, r: &Record, baseline_ms: Option<f64>) -> String {
     let t = w.target;
-    if t.max_ms.is_none() && t.min_tokens_per_s.is_none() && t.max_rss_mib.is_none() {
+    if t.max_ms.is_none()
+        && t.min_tokens_per_s.is_none()
+        && t.max_rss_mib.is_none()
+        && t.min_speedup_over.is_none()
+    {
         return "-".into();
     }
     if r.median_ms.is_none() {
@@ -684,6 +694,15 @@ fn target_check(w: &Workload, r: &Record) -> String {
     {
         misses.push(format!("MiB > {max}"));
     }
+    if let (Some((name, min)), Some(ms)) = (t.min_speedup_over, r.median_ms) {
+        match baseline_ms {
+            Some(base) if base / ms < min => {
+                misses.push(format!("{:.2}x < {min}x {name}", base / ms));
+            }
+            Some(_) => {}
+            None => misses.push(format!("no {name} in this run to compare with")),
+        }
+    }
     if misses.is_empty() {
         "ok".into()
     } else {
@@ -704,6 +723,9 @@ fn list_workloads() -> String {
         }
         if let Some(v) = t.max_rss_mib {
             target.push(format!("<= {v} MiB"));
+        }
+        if let Some((name, v)) = t.min_speedup_over {
+            target.push(format!(">= {v}x {name} (same run)"));
         }
         s.push_str(&format!(
             "{:<18} {:>6.1} {:>7}  {}\n",
@@ -817,7 +839,39 @@ mod tests {
             .unwrap();
         assert!(ours_attn.ends_with("ok"), "{table}");
         let slow = Record::measured("attn-causal-1k", OURS, 40.0, 1024, 200.0, 4.3e9);
-        assert_eq!(target_check(&w[0], &slow), "miss: ms > 30, MiB > 150");
+        assert_eq!(target_check(&w[0], &slow, None), "miss: ms > 30, MiB > 150");
+    }
+
+    #[test]
+    fn relative_targets_compare_with_the_named_workload_of_the_same_run() {
+        let all = workloads::all();
+        let bf16 = all.iter().find(|w| w.name == "generate-512-bf16").unwrap();
+        let f32_row = all.iter().find(|w| w.name == "generate-512").unwrap();
+        let fast = Record::measured("generate-512-bf16", OURS, 20.0, 64, 100.0, 1e9);
+        let slow = Record::measured("generate-512-bf16", OURS, 25.0, 64, 100.0, 1e9);
+        assert_eq!(target_check(bf16, &fast, Some(36.0)), "ok");
+        assert_eq!(
+            target_check(bf16, &slow, Some(36.0)),
+            "miss: 1.44x < 1.6x generate-512"
+        );
+        assert!(target_check(bf16, &fast, None).starts_with("miss: no generate-512"));
+        // Through the table: the baseline is the same run's generate-512 row.
+        let records = vec![
+            Record::measured("generate-512", OURS, 36.0, 64, 100.0, 1e9),
+            fast.clone(),
+        ];
+        let table = format_table(&[f32_row.clone(), bf16.clone()], &records, false);
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("generate-512-bf16"))
+            .unwrap();
+        assert!(line.ends_with("ok"), "{table}");
+        let records = vec![
+            Record::measured("generate-512", OURS, 30.0, 64, 100.0, 1e9),
+            fast,
+        ];
+        let table = format_table(&[f32_row.clone(), bf16.clone()], &records, false);
+        assert!(table.contains("1.50x < 1.6x generate-512"), "{table}");
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2};
-use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t};
+use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t, gemv_t_bf16};
 use performer_tensor::team::Team;
-use performer_tensor::{Error, Module, Param, Result, Tensor, Visitor};
+use performer_tensor::{Error, Module, Param, Result, Tensor, Transposed, Visitor};
 
 use crate::init;
 
@@ -210,9 +210,10 @@ pub fn linear_rows(
 }
 
 /// A Linear layer as the decoding step reads it: its weight's cached transpose `(in, out)`
-/// ([`Param::transposed`]) and its bias, both contiguous, after checking its shape.
+/// ([`Param::transposed_weights`], f32 or bf16 as the weight is stored) and its bias, both
+/// contiguous, after checking its shape.
 pub(crate) struct RowWeights {
-    transposed: performer_tensor::Data,
+    transposed: Transposed,
     bias: Option<performer_tensor::Data>,
     outputs: usize,
 }
@@ -248,17 +249,10 @@ impl RowWeights {
             None => None,
         };
         Ok(RowWeights {
-            transposed: layer.weight.transposed()?,
+            transposed: layer.weight.transposed_weights()?,
             bias,
             outputs,
         })
-    }
-
-    /// The weight's transpose, `(in, out)` row-major.
-    pub(crate) fn transposed(&self) -> &[f32] {
-        self.transposed
-            .as_slice()
-            .expect("a fresh contiguous transpose")
     }
 
     /// The bias, if any.
@@ -268,9 +262,27 @@ impl RowWeights {
             .map(|b| b.as_slice().expect("made contiguous"))
     }
 
+    /// `out = x[r0..r0 + x.len()] W^T[r0..r0 + x.len(), c0..c0 + out.len()]`: rows `r0..` of
+    /// the transpose times `x`, over the output features from `c0`, in the weight's storage
+    /// type (bf16 weights are widened as they are read).
+    fn product(&self, r0: usize, c0: usize, x: &[f32], out: &mut [f32]) {
+        let n = self.outputs;
+        let rows = r0 * n..(r0 + x.len()) * n;
+        match &self.transposed {
+            Transposed::F32(t) => {
+                let t = t.as_slice().expect("a fresh contiguous transpose");
+                gemv_t(&t[rows], n, c0, x, out);
+            }
+            Transposed::BF16(t) => {
+                let t = t.as_slice().expect("a fresh contiguous transpose");
+                gemv_t_bf16(&t[rows], n, c0, x, out);
+            }
+        }
+    }
+
     /// `out = x W^T + bias` over the output features `c0..c0 + out.len()`.
     pub(crate) fn columns(&self, c0: usize, x: &[f32], out: &mut [f32]) {
-        gemv_t(self.transposed(), self.outputs, c0, x, out);
+        self.product(0, c0, x, out);
         if let Some(b) = self.bias() {
             let b = &b[c0..c0 + out.len()];
             out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
@@ -281,9 +293,7 @@ impl RowWeights {
     /// `r0..r0 + h.len()` contribute (their rows of the transpose), without the bias. A step
     /// that computes its inputs in pieces multiplies each piece as soon as it has it.
     pub(crate) fn rows_share(&self, r0: usize, h: &[f32], out: &mut [f32]) {
-        let n = self.outputs;
-        let rows = &self.transposed()[r0 * n..(r0 + h.len()) * n];
-        gemv_t(rows, n, 0, h, out);
+        self.product(r0, 0, h, out);
     }
 }
 

@@ -1,7 +1,8 @@
 //! Per-token decoding cost against position, on the lm-causal-1k model of BENCHMARKS.md
 //! (vocab 256, dim 256, depth 4, heads 4, dim_head 64, nb_features 256) with max_seq_len 4160:
 //! primes 512 tokens, times 64 steps; continues to position 4096, times 64 steps again.
-//! `cargo run --release -p performer-models --example decode_timing`
+//! `cargo run --release -p performer-models --example decode_timing [-- --bf16]`
+//! (`--bf16`: the same model with its weights stored in bf16, `PerformerLM::to_dtype`).
 //!
 //! One untimed prompt pass first (it makes the weights' cached transposes), then the timed
 //! one; the allocator is mimalloc, as in `bench_workload`.
@@ -46,6 +47,10 @@ fn measure() -> performer_tensor::Result<()> {
         ..Default::default()
     })?;
     lm.set_training(false);
+    if std::env::args().any(|a| a == "--bf16") {
+        lm.to_dtype(performer_tensor::DType::BF16);
+        println!("weights stored in bf16");
+    }
     let mut g = performer_tensor::rng::Generator::seeded(1);
     let prompt = Array2::from_shape_simple_fn((1, 512), || g.below(256) as i64);
     lm.decode(&mut lm.decoding_state(1, None, None)?, &prompt.view(), None)?;

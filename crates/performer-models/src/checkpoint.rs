@@ -3,11 +3,11 @@
 //! parameter, and the int64 redraw counters) and a `config.json` next to it with the class name
 //! and its keyword arguments, so a model moves between PyTorch and Rust both ways.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use performer_tensor::io::{TensorData, load_safetensors, save_safetensors};
-use performer_tensor::{Error, Module, Result, StateValue};
+use performer_tensor::io::{TensorData, load_safetensors, save_safetensors, save_safetensors_as};
+use performer_tensor::{DType, Entry, Error, Module, Result, StateValue, Visitor};
 use serde_json::{Value, json};
 
 use crate::config::{PerformerConfig, PerformerEncDecConfig, PerformerLMConfig, parse_kwargs};
@@ -103,13 +103,42 @@ pub fn pytorch_state_dict(model: &dyn Module) -> BTreeMap<String, StateValue> {
     state
 }
 
-/// Saves `model`'s state dict (aliases included) as safetensors, atomically.
+/// Saves `model`'s state dict (aliases included) as safetensors, atomically. Each parameter is
+/// written in its storage type: those of a model converted with
+/// [`PerformerLM::to_dtype`]`(DType::BF16)` as safetensors `BF16` (the bytes PyTorch writes
+/// for `torch.bfloat16`, half the size), everything else as float32 and int64, so the file
+/// holds the model exactly. PyTorch loads it into a float32 or a bfloat16 module
+/// (`load_state_dict` converts), and [`load_state_dict_file`] into a model of either storage
+/// type (an f32 model widens bf16 values exactly; a bf16 one rounds f32 values).
 pub fn save_state_dict_file(model: &dyn Module, path: impl AsRef<Path>) -> Result<()> {
     let tensors: BTreeMap<String, TensorData> = pytorch_state_dict(model)
         .into_iter()
         .map(|(k, v)| (k, v.into()))
         .collect();
-    save_safetensors(path, &tensors, None)
+    let bf16 = bf16_parameter_names(model);
+    if bf16.is_empty() {
+        return save_safetensors(path, &tensors, None);
+    }
+    // An alias repeats its original, in the same type.
+    let dtype = |k: &str| match bf16.contains(k) || bf16.contains(&k.replacen(ALIAS, "net.", 1)) {
+        true => DType::BF16,
+        false => DType::F32,
+    };
+    save_safetensors_as(path, &tensors, None, &dtype)
+}
+
+/// The state-dict names of `model`'s parameters stored in bf16 (every name of a shared one).
+fn bf16_parameter_names(model: &dyn Module) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut f = |name: &str, e: Entry<'_>| {
+        if let Entry::Param(p) = e
+            && p.dtype() == DType::BF16
+        {
+            names.insert(name.to_string());
+        }
+    };
+    model.visit(&mut Visitor::new(&mut f));
+    names
 }
 
 /// A model class and its keyword arguments, as in `config.json`.

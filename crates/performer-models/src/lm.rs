@@ -111,6 +111,48 @@ impl PerformerLM {
         &self.config
     }
 
+    /// Stores the Linear and token-embedding weights (every matrix of the model: the token
+    /// table, the layers' projections and the logits projection) as `dtype`, for inference:
+    /// activations, biases, norms, position tables and every sum stay f32, and the weights are
+    /// widened as they are read (the decoding step's matrix-vector products read the bf16
+    /// values directly, half the bytes of f32). f32 to bf16 rounds each weight to the nearest
+    /// bfloat16; bf16 to f32 is exact (the weights keep their rounding).
+    ///
+    /// Training a bf16 model is refused with a typed error by the optimizers (an update below
+    /// a weight's bf16 spacing would round away): convert back to f32 first.
+    pub fn to_dtype(&self, dtype: performer_tensor::DType) {
+        for (_, p) in self.weight_matrices() {
+            p.to_dtype(dtype);
+        }
+    }
+
+    /// How the weights that [`PerformerLM::to_dtype`] converts are stored (those of the token
+    /// embedding).
+    pub fn dtype(&self) -> performer_tensor::DType {
+        self.token_emb.weight.dtype()
+    }
+
+    /// The parameters [`PerformerLM::to_dtype`] converts, with their names: the token table,
+    /// the logits projection and the matrices of the layers (Linear weights; position tables
+    /// stay f32: the steps read them whole).
+    fn weight_matrices(&self) -> Vec<(String, performer_tensor::Param)> {
+        let mut out = vec![(
+            "token_emb.weight".to_string(),
+            self.token_emb.weight.clone(),
+        )];
+        if let Some(l) = &self.to_out {
+            out.push(("to_out.weight".to_string(), l.weight.clone()));
+        }
+        out.extend(
+            self.performer
+                .named_parameters()
+                .into_iter()
+                .filter(|(_, p)| p.shape().len() == 2)
+                .map(|(k, p)| (format!("performer.{k}"), p)),
+        );
+        out
+    }
+
     /// Stops projection redraws (`fix_projection_matrices_`).
     pub fn fix_projection_matrices(&self) {
         self.performer.fix_projection_matrices();

@@ -68,13 +68,33 @@ fn temp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn rust_checkpoint_loads_in_pytorch_with_the_same_logits() {
-    let Some(py) = python("rust_checkpoint_loads_in_pytorch_with_the_same_logits") else {
+    rust_checkpoint_in_pytorch(
+        "rust_checkpoint_loads_in_pytorch_with_the_same_logits",
+        None,
+    );
+}
+
+#[test]
+fn rust_bf16_checkpoint_loads_in_pytorch_with_the_same_logits() {
+    // Its matrices are BF16 in the file; PyTorch's load_state_dict widens them into its
+    // float32 module, which then gives the bf16 model's logits.
+    rust_checkpoint_in_pytorch(
+        "rust_bf16_checkpoint_loads_in_pytorch_with_the_same_logits",
+        Some(performer_tensor::DType::BF16),
+    );
+}
+
+fn rust_checkpoint_in_pytorch(test: &str, dtype: Option<performer_tensor::DType>) {
+    let Some(py) = python(test) else {
         return;
     };
     performer_tensor::rng::manual_seed(3);
     let lm = PerformerLM::new(config()).unwrap();
     lm.set_training(false);
-    let dir = temp_dir("rust");
+    if let Some(d) = dtype {
+        lm.to_dtype(d);
+    }
+    let dir = temp_dir(if dtype.is_some() { "rust-bf16" } else { "rust" });
     save_pretrained(&dir, &lm, &ModelConfig::PerformerLM(config())).unwrap();
     let x = Array2::from_shape_fn((2, 24), |(i, j)| ((i * 7 + j * 3) % 40) as i64);
     let logits = lm.forward(&x.view(), &LmInputs::default()).unwrap();
@@ -103,15 +123,31 @@ fn rust_checkpoint_loads_in_pytorch_with_the_same_logits() {
 
 #[test]
 fn pytorch_checkpoint_loads_in_rust_with_the_same_logits() {
-    let Some(py) = python("pytorch_checkpoint_loads_in_rust_with_the_same_logits") else {
+    pytorch_checkpoint_in_rust(
+        "pytorch_checkpoint_loads_in_rust_with_the_same_logits",
+        "export",
+    );
+}
+
+#[test]
+fn pytorch_bf16_checkpoint_loads_in_rust_with_the_same_logits() {
+    // Every float tensor BF16, as `model.to(torch.bfloat16)` saves them: read into an f32 model.
+    pytorch_checkpoint_in_rust(
+        "pytorch_bf16_checkpoint_loads_in_rust_with_the_same_logits",
+        "export-bf16",
+    );
+}
+
+fn pytorch_checkpoint_in_rust(test: &str, mode: &str) {
+    let Some(py) = python(test) else {
         return;
     };
-    let dir = temp_dir("torch");
+    let dir = temp_dir(&format!("torch-{mode}"));
     let text = serde_json::to_string_pretty(&ModelConfig::PerformerLM(config()).to_json()).unwrap();
     std::fs::write(dir.join("config.json"), text).unwrap();
     let out = Command::new(&py)
         .arg(script())
-        .arg("export")
+        .arg(mode)
         .arg(&dir)
         .output()
         .unwrap();
@@ -121,6 +157,12 @@ fn pytorch_checkpoint_loads_in_rust_with_the_same_logits() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success());
+    // What the file holds: the dtype of the token table in its header.
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let want = if mode == "export-bf16" { "BF16" } else { "F32" };
+    assert_eq!(header["token_emb.weight"]["dtype"], want);
     let (_, model) = load_pretrained(&dir).unwrap();
     let AnyModel::PerformerLM(lm) = model else {
         panic!("not a PerformerLM")

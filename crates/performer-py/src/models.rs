@@ -146,6 +146,27 @@ impl PyPerformerLM {
         self.lm.fix_projection_matrices();
     }
 
+    /// Stores the weight matrices (token embedding, every Linear) as `dtype`: `"bfloat16"`
+    /// (`"bf16"`, `torch.bfloat16`) for inference at half the bytes per weight, with f32
+    /// activations and sums, or `"float32"` back (exact). Optimizers refuse a bfloat16 model
+    /// (`ValueError`). Returns the model, as `torch.nn.Module.to` does.
+    fn to_dtype<'py>(
+        slf: Bound<'py, Self>,
+        dtype: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, Self>> {
+        let text = dtype.str()?.to_string();
+        let name = text.strip_prefix("torch.").unwrap_or(&text);
+        let parsed: performer_tensor::DType = name.parse().or_raise()?;
+        slf.get().lm.to_dtype(parsed);
+        Ok(slf)
+    }
+
+    /// How the weight matrices are stored: `"float32"` or `"bfloat16"`.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.lm.dtype().name()
+    }
+
     /// The constructor's keyword arguments (every knob, defaults filled in).
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {

@@ -447,6 +447,74 @@ multiversion! {
     }
 }
 
+/// [`gemv_t_strip`] on bfloat16 weights, each widened to f32 as it is loaded (exact: a shift
+/// of its bits), so activations and sums stay f32.
+#[inline(always)]
+fn gemv_t_bf16_strip<const C: usize>(
+    wt: &[half::bf16],
+    n: usize,
+    c0: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let mut acc = [[0f32; C]; 2];
+    let row = |i: usize| -> &[half::bf16; C] {
+        wt[i * n + c0..i * n + c0 + C].try_into().expect("C values")
+    };
+    let wide = |w: half::bf16| f32::from_bits((w.to_bits() as u32) << 16);
+    for p in 0..x.len() / 2 {
+        let (i0, i1) = (2 * p, 2 * p + 1);
+        let (a0, a1, r0, r1) = (x[i0], x[i1], row(i0), row(i1));
+        for l in 0..C {
+            acc[0][l] += a0 * wide(r0[l]);
+            acc[1][l] += a1 * wide(r1[l]);
+        }
+    }
+    if x.len() % 2 == 1 {
+        let i = x.len() - 1;
+        let (a, r) = (x[i], row(i));
+        for l in 0..C {
+            acc[0][l] += a * wide(r[l]);
+        }
+    }
+    for (l, o) in out[..C].iter_mut().enumerate() {
+        *o = acc[0][l] + acc[1][l];
+    }
+}
+
+multiversion! {
+    /// [`gemv_t`] on a bfloat16 `(k, n)` matrix: `out[j] = sum_i x[i] * wt[i * n + j0 + j]`,
+    /// every weight widened to f32 as it is loaded and every product and sum in f32, in the
+    /// same order as [`gemv_t`] (so the result equals `gemv_t` on the widened weights, bit for
+    /// bit). Half the bytes of `gemv_t` to read, which is what bounds a decoding step.
+    ///
+    /// # Panics
+    /// If `j0 + out.len() > n` or `wt` holds fewer than `k * n` values.
+    pub fn gemv_t_bf16(wt: &[half::bf16], n: usize, j0: usize, x: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        assert!(j0 + out.len() <= n, "gemv_t_bf16: columns {j0}..{} of {n}", j0 + out.len());
+        assert!(wt.len() >= k * n, "gemv_t_bf16: {} weights for {k} x {n}", wt.len());
+        let mut done = 0;
+        while out.len() - done >= GEMV_T_COLS {
+            gemv_t_bf16_strip::<GEMV_T_COLS>(wt, n, j0 + done, x, &mut out[done..]);
+            done += GEMV_T_COLS;
+        }
+        while out.len() - done >= LANES {
+            gemv_t_bf16_strip::<LANES>(wt, n, j0 + done, x, &mut out[done..]);
+            done += LANES;
+        }
+        let tail = &mut out[done..];
+        tail.fill(0.0);
+        let c0 = j0 + done;
+        for (i, &a) in x.iter().enumerate() {
+            let row = &wt[i * n + c0..i * n + c0 + tail.len()];
+            for (o, &w) in tail.iter_mut().zip(row) {
+                *o += a * f32::from_bits((w.to_bits() as u32) << 16);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,6 +565,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn gemv_t_bf16_equals_gemv_t_on_the_widened_weights() {
+        let (k, n) = (37, 300);
+        let wt16: Vec<half::bf16> = (0..k * n)
+            .map(|i| half::bf16::from_f32(((i * 7919) % 1000) as f32 / 250.0 - 2.0))
+            .collect();
+        let wide: Vec<f32> = wt16.iter().map(|w| w.to_f32()).collect();
+        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.37).sin()).collect();
+        // Whole strips, narrow strips and a scalar tail, from several first columns.
+        for (j0, cols) in [(0, n), (5, 150), (128, 17), (299, 1), (7, 0)] {
+            let mut want = vec![f32::NAN; cols];
+            let mut got = vec![f32::NAN; cols];
+            gemv_t(&wide, n, j0, &x, &mut want);
+            gemv_t_bf16(&wt16, n, j0, &x, &mut got);
+            assert_eq!(got.len(), want.len());
+            for (c, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "column {} from {j0}", j0 + c);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "gemv_t_bf16: columns")]
+    fn gemv_t_bf16_refuses_columns_past_the_matrix() {
+        gemv_t_bf16(&[half::bf16::ZERO; 8], 4, 3, &[1.0, 1.0], &mut [0.0; 2]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensors, View};
 
+use crate::dtype::{DType, to_bf16};
 use crate::param::StateValue;
 use crate::{Error, Result};
 
@@ -118,8 +119,16 @@ impl View for &Encoded {
     }
 }
 
-fn encode(t: &TensorData) -> Encoded {
+/// `t`'s bytes; a float tensor as `floats` (bfloat16: each value rounded to nearest even, the
+/// bytes PyTorch writes for a `torch.bfloat16` tensor).
+fn encode(t: &TensorData, floats: DType) -> Encoded {
     let (dtype, bytes) = match t {
+        TensorData::F32(a) if floats == DType::BF16 => (
+            Dtype::BF16,
+            a.iter()
+                .flat_map(|&v| to_bf16(v).to_bits().to_le_bytes())
+                .collect(),
+        ),
         TensorData::F32(a) => (Dtype::F32, a.iter().flat_map(|v| v.to_le_bytes()).collect()),
         TensorData::I64(a) => (Dtype::I64, a.iter().flat_map(|v| v.to_le_bytes()).collect()),
         TensorData::Bool(a) => (Dtype::BOOL, a.iter().map(|&v| v as u8).collect()),
@@ -136,9 +145,20 @@ pub fn to_safetensors_bytes(
     tensors: &BTreeMap<String, TensorData>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
+    to_safetensors_bytes_as(tensors, metadata, &|_| DType::F32)
+}
+
+/// [`to_safetensors_bytes`] with each float tensor written as `float_dtype(name)`: float32, or
+/// bfloat16 (values rounded to nearest even; exact for values that came from bfloat16).
+/// Integer and boolean tensors are written as they are.
+pub fn to_safetensors_bytes_as(
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: Option<HashMap<String, String>>,
+    float_dtype: &dyn Fn(&str) -> DType,
+) -> Result<Vec<u8>> {
     let encoded: Vec<(String, Encoded)> = tensors
         .iter()
-        .map(|(k, v)| (k.clone(), encode(v)))
+        .map(|(k, v)| (k.clone(), encode(v, float_dtype(k))))
         .collect();
     let views = encoded.iter().map(|(k, e)| (k.as_str(), e));
     safetensors::serialize(views, metadata)
@@ -152,6 +172,18 @@ pub fn save_safetensors(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     let bytes = to_safetensors_bytes(tensors, metadata)?;
+    write_atomic(path, &bytes)
+}
+
+/// [`save_safetensors`] with each float tensor written as `float_dtype(name)` (see
+/// [`to_safetensors_bytes_as`]).
+pub fn save_safetensors_as(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: Option<HashMap<String, String>>,
+    float_dtype: &dyn Fn(&str) -> DType,
+) -> Result<()> {
+    let bytes = to_safetensors_bytes_as(tensors, metadata, float_dtype)?;
     write_atomic(path, &bytes)
 }
 
@@ -331,4 +363,60 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_files_hold_the_bits_pytorch_writes_and_read_back() {
+        // `torch.tensor([...]).to(torch.bfloat16)` saved by safetensors.torch (torch 2.15 in
+        // the reference environment) stores these bits: ties to even, subnormals kept.
+        let values = [
+            1.0 + 3.0 * 2f32.powi(-8),
+            1.0 + 2f32.powi(-8),
+            -2.5,
+            3.0e38,
+            1e-40,
+            0.1,
+        ];
+        let torch_bits: [u16; 6] = [0x3f82, 0x3f80, 0xc020, 0x7f62, 0x0001, 0x3dcd];
+        let tensors = BTreeMap::from([
+            (
+                "w".to_string(),
+                TensorData::F32(ArrayD::from_shape_vec(IxDyn(&[6]), values.to_vec()).unwrap()),
+            ),
+            (
+                "c".to_string(),
+                TensorData::I64(ArrayD::from_elem(IxDyn(&[]), 3)),
+            ),
+        ]);
+        let bytes = to_safetensors_bytes_as(&tensors, None, &|_| DType::BF16).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let w = st.tensor("w").unwrap();
+        assert_eq!(w.dtype(), Dtype::BF16);
+        let bits: Vec<u16> = w
+            .data()
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        assert_eq!(bits, torch_bits);
+        assert_eq!(st.tensor("c").unwrap().dtype(), Dtype::I64);
+        // Read back: the bf16 values, widened exactly; the counter as it was.
+        let back = from_safetensors_bytes(&bytes).unwrap();
+        let w = back["w"].clone().into_f32("w").unwrap();
+        for ((&got, &bits), &orig) in w.iter().zip(&torch_bits).zip(&values) {
+            assert_eq!(got.to_bits(), (bits as u32) << 16, "{orig}");
+        }
+        assert_eq!(back["c"], tensors["c"]);
+        // NaN stays NaN.
+        let nan = BTreeMap::from([(
+            "n".to_string(),
+            TensorData::F32(ArrayD::from_elem(IxDyn(&[1]), f32::NAN)),
+        )]);
+        let bytes = to_safetensors_bytes_as(&nan, None, &|_| DType::BF16).unwrap();
+        let back = from_safetensors_bytes(&bytes).unwrap();
+        assert!(back["n"].clone().into_f32("n").unwrap()[0].is_nan());
+    }
 }

@@ -36,6 +36,7 @@ mod autograd;
 mod cuda;
 mod custom_op;
 mod device;
+pub mod dtype;
 mod error;
 pub mod fast_math;
 pub mod gemm;
@@ -57,10 +58,11 @@ pub mod testing;
 pub use autograd::{GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad};
 pub use custom_op::{CustomOp, apply_custom_op};
 pub use device::Device;
+pub use dtype::DType;
 pub use error::{Error, Result};
 pub use gradcheck::{GradcheckOptions, gradcheck};
 pub use module::{Entry, Module, TrainingFlag, Visitor};
-pub use param::{Buffer, Param, StateValue};
+pub use param::{Buffer, Param, StateValue, Transposed};
 pub use tensor::{BackwardFn, Data, Tensor, TensorId};
 
 /// Re-export of the array crate our tensors are built on.

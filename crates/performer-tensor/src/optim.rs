@@ -24,6 +24,16 @@ pub trait Optimizer {
 }
 
 fn check_grad(name: &str, p: &Param, g: &ArrayD<f32>) -> Result<()> {
+    // A bf16 parameter is for inference: an update smaller than its spacing (2^-8 of the
+    // value) would round away, so training one is refused rather than silently stalled.
+    if p.dtype() != crate::DType::F32 {
+        return Err(Error::invalid(
+            "optimizer step",
+            format!("parameter `{name}`"),
+            p.dtype(),
+            "is stored for inference only; convert the model back with to_dtype(DType::F32) before training",
+        ));
+    }
     if g.shape() != p.shape().as_slice() {
         return Err(Error::shape(
             "optimizer step",

@@ -3,28 +3,92 @@
 //! A [`Param`] is a cheap handle (modules that share weights share the handle) with a stable
 //! [`TensorId`]: every [`Param::tensor`] call returns a leaf with that id, so the gradients of
 //! all its uses in a graph add up under one key. Optimizers replace its value in place.
+//!
+//! A parameter is stored in f32, or in bfloat16 for inference ([`Param::to_dtype`]): readers
+//! still get f32 values ([`Param::value`] widens a copy), and the decoding step's
+//! matrix-vector products read the bf16 transpose directly ([`Param::transposed_weights`]).
 
 use std::sync::{Arc, Mutex, RwLock};
 
-use ndarray::{ArrayD, IxDyn};
+use half::bf16;
+use ndarray::{ArcArray, ArrayD, IxDyn};
 
+use crate::dtype::{DType, from_bf16, to_bf16};
 use crate::tensor::{Data, TensorId};
 use crate::{Device, Error, Result, Tensor};
 
+/// A parameter's values in their storage type.
+#[derive(Clone)]
+enum Stored {
+    F32(Data),
+    Bf16(ArcArray<bf16, IxDyn>),
+}
+
+impl Stored {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Stored::F32(a) => a.shape(),
+            Stored::Bf16(a) => a.shape(),
+        }
+    }
+
+    fn to_f32(&self) -> Data {
+        match self {
+            Stored::F32(a) => a.clone(),
+            Stored::Bf16(a) => a.mapv(from_bf16).into_shared(),
+        }
+    }
+
+    fn from_f32(value: Data, dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => Stored::F32(value),
+            DType::BF16 => Stored::Bf16(value.mapv(to_bf16).into_shared()),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Stored::F32(_) => DType::F32,
+            Stored::Bf16(_) => DType::BF16,
+        }
+    }
+}
+
+/// The contiguous transpose `(in, out)` of a 2-D parameter in its storage type
+/// ([`Param::transposed_weights`]): what the matrix-vector products of decoding read.
+#[derive(Clone, Debug)]
+pub enum Transposed {
+    /// f32 values.
+    F32(Data),
+    /// bfloat16 values, widened to f32 as the products read them.
+    BF16(ArcArray<bf16, IxDyn>),
+}
+
+impl Transposed {
+    /// The shape, `(in, out)` for a Linear weight.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Transposed::F32(a) => a.shape(),
+            Transposed::BF16(a) => a.shape(),
+        }
+    }
+}
+
 struct ParamInner {
     id: TensorId,
-    value: RwLock<Data>,
-    /// The contiguous transpose of a 2-D value ([`Param::transposed`]), made on first use and
-    /// dropped whenever the value changes. Locked only while `value`'s lock is held (read to
-    /// fill it, write to clear it), so it can never outlive the value it was made from.
-    transposed: Mutex<Option<Data>>,
+    value: RwLock<Stored>,
+    /// The contiguous transpose of a 2-D value ([`Param::transposed_weights`]) in the storage
+    /// type, made on first use and dropped whenever the value changes. Locked only while
+    /// `value`'s lock is held (read to fill it, write to clear it), so it can never outlive the
+    /// value it was made from.
+    transposed: Mutex<Option<Transposed>>,
     /// The value while the parameter lives on a device ([`Param::to_device`]); the host slot
     /// then holds an empty array and every accessor reads this one.
     #[cfg(feature = "cuda")]
     device: RwLock<Option<crate::cuda::DeviceStorage>>,
 }
 
-/// A trainable f32 tensor.
+/// A trainable tensor, stored in f32 (or bfloat16 for inference, see [`Param::to_dtype`]).
 #[derive(Clone)]
 pub struct Param(Arc<ParamInner>);
 
@@ -33,7 +97,7 @@ impl Param {
     pub fn new(value: impl Into<Data>) -> Self {
         Param(Arc::new(ParamInner {
             id: TensorId::fresh(),
-            value: RwLock::new(value.into()),
+            value: RwLock::new(Stored::F32(value.into())),
             transposed: Mutex::new(None),
             #[cfg(feature = "cuda")]
             device: RwLock::new(None),
@@ -62,11 +126,11 @@ impl Param {
             let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
             let mut dev = self.0.device.write().unwrap_or_else(|e| e.into_inner());
             if device.is_cpu() {
-                *slot = host.into_shared();
+                *slot = Stored::F32(host.into_shared());
                 *dev = None;
             } else {
                 *dev = Some(crate::cuda::upload("Param::to_device", &host, device)?);
-                *slot = ArrayD::zeros(IxDyn(&[0])).into_shared();
+                *slot = Stored::F32(ArrayD::zeros(IxDyn(&[0])).into_shared());
             }
             *self.0.transposed.lock().unwrap_or_else(|e| e.into_inner()) = None;
             Ok(())
@@ -109,8 +173,8 @@ impl Param {
         Tensor::leaf_with_id(self.0.id, self.value())
     }
 
-    /// The current value (shared, no copy; on a device, a copy brought to the host, which
-    /// panics if the copy fails).
+    /// The current value in f32: shared, no copy, for an f32 parameter; a widened copy for a
+    /// bf16 one; on a device, a copy brought to the host (which panics if the copy fails).
     pub fn value(&self) -> Data {
         #[cfg(feature = "cuda")]
         if let Some(s) = self.device_storage() {
@@ -123,7 +187,27 @@ impl Param {
             .value
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .to_f32()
+    }
+
+    /// How the values are stored.
+    pub fn dtype(&self) -> DType {
+        self.0
+            .value
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .dtype()
+    }
+
+    /// Stores the values as `dtype` from now on: f32 to bf16 rounds each value to the nearest
+    /// bfloat16 (ties to even), bf16 to f32 is exact. [`Param::set`] and [`Param::update`] keep
+    /// the storage type. A bf16 parameter is for inference: optimizers refuse it.
+    pub fn to_dtype(&self, dtype: DType) {
+        let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
+        if slot.dtype() != dtype {
+            *slot = Stored::from_f32(slot.to_f32(), dtype);
+            self.forget_transposed();
+        }
     }
 
     /// The shape.
@@ -132,19 +216,21 @@ impl Param {
         if let Some(s) = self.device_storage() {
             return s.shape.clone();
         }
-        self.value().shape().to_vec()
+        self.0
+            .value
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .shape()
+            .to_vec()
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        if let Some(s) = self.device_storage() {
-            return s.numel();
-        }
-        self.value().len()
+        self.shape().iter().product()
     }
 
-    /// Replaces the value; the shape must stay the same.
+    /// Replaces the value; the shape must stay the same. A bf16 parameter stores the value
+    /// rounded to bf16.
     pub fn set(&self, value: impl Into<Data>) -> Result<()> {
         let value = value.into();
         #[cfg(feature = "cuda")]
@@ -170,12 +256,14 @@ impl Param {
                 ),
             ));
         }
-        *slot = value;
+        *slot = Stored::from_f32(value, slot.dtype());
         self.forget_transposed();
         Ok(())
     }
 
-    /// Updates the value in place (copy-on-write if a graph still holds the old value).
+    /// Updates the value in place (copy-on-write if a graph still holds the old value). A bf16
+    /// parameter is widened, updated and rounded back (optimizers never get here: they refuse
+    /// bf16 parameters, whose small updates would round away).
     pub fn update(&self, f: impl FnOnce(&mut ArrayD<f32>)) {
         #[cfg(feature = "cuda")]
         if let Some(s) = self.device_storage() {
@@ -188,19 +276,37 @@ impl Param {
             return;
         }
         let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
-        let mut owned =
-            std::mem::replace(&mut *slot, ArrayD::zeros(IxDyn(&[0])).into_shared()).into_owned();
+        let dtype = slot.dtype();
+        let value = match std::mem::replace(
+            &mut *slot,
+            Stored::F32(ArrayD::zeros(IxDyn(&[0])).into_shared()),
+        ) {
+            Stored::F32(a) => a,
+            bf16 @ Stored::Bf16(_) => bf16.to_f32(),
+        };
+        let mut owned = value.into_owned();
         f(&mut owned);
-        *slot = owned.into_shared();
+        *slot = Stored::from_f32(owned.into_shared(), dtype);
         self.forget_transposed();
     }
 
-    /// The transpose of a 2-D value as a contiguous array: `(in, out)` for a Linear weight
+    /// The transpose of a 2-D value as a contiguous f32 array: `(in, out)` for a Linear weight
     /// stored `(out, in)`. Products with many rows run about a fifth faster against this
     /// layout than against the strided transpose of the weight (the GEMM's packing of a
     /// column-major right operand is the slow case), so inference keeps one copy: it is made
     /// on the first call and kept until the value changes ([`Param::set`], [`Param::update`]).
+    /// For a bf16 parameter the kept copy is bf16 ([`Param::transposed_weights`]) and this
+    /// returns a widened copy of it (a prompt's GEMMs then read f32, and only for the call).
     pub fn transposed(&self) -> Result<Data> {
+        match self.transposed_weights()? {
+            Transposed::F32(a) => Ok(a),
+            Transposed::BF16(a) => Ok(a.mapv(from_bf16).into_shared()),
+        }
+    }
+
+    /// The contiguous transpose of a 2-D value in the storage type, cached as
+    /// [`Param::transposed`] describes: what the decoding step's matrix-vector products read.
+    pub fn transposed_weights(&self) -> Result<Transposed> {
         if !self.device().is_cpu() {
             return Err(Error::Unsupported {
                 op: "Param::transposed".into(),
@@ -209,7 +315,7 @@ impl Param {
             });
         }
         let value = self.0.value.read().unwrap_or_else(|e| e.into_inner());
-        if value.ndim() != 2 {
+        if value.shape().len() != 2 {
             return Err(Error::shape(
                 "Param::transposed",
                 format!("a 2-D value, got {:?}", value.shape()),
@@ -217,8 +323,52 @@ impl Param {
         }
         let mut cached = self.0.transposed.lock().unwrap_or_else(|e| e.into_inner());
         Ok(cached
-            .get_or_insert_with(|| value.t().as_standard_layout().into_owned().into_shared())
+            .get_or_insert_with(|| match &*value {
+                Stored::F32(a) => {
+                    Transposed::F32(a.t().as_standard_layout().into_owned().into_shared())
+                }
+                Stored::Bf16(a) => {
+                    Transposed::BF16(a.t().as_standard_layout().into_owned().into_shared())
+                }
+            })
             .clone())
+    }
+
+    /// Rows `ids` of a 2-D value, `(ids.len(), columns)` in f32: an embedding lookup without
+    /// a graph, which widens only the rows it reads from a bf16 parameter (not the table).
+    /// An id past the rows is an [`Error::Index`] naming `op`.
+    pub fn rows(&self, op: &str, ids: &[usize]) -> Result<ndarray::Array2<f32>> {
+        if !self.device().is_cpu() {
+            return Err(Error::Unsupported {
+                op: op.to_string(),
+                device: self.device().to_string(),
+                detail: "a host-side lookup; device layers gather on the device".into(),
+            });
+        }
+        let value = self.0.value.read().unwrap_or_else(|e| e.into_inner());
+        let &[n, cols] = value.shape() else {
+            return Err(Error::shape(
+                op,
+                format!("the table must be 2-D, got {:?}", value.shape()),
+            ));
+        };
+        if let Some(&bad) = ids.iter().find(|&&i| i >= n) {
+            return Err(Error::Index {
+                op: op.to_string(),
+                index: bad as i64,
+                size: n,
+            });
+        }
+        let mut out = ndarray::Array2::<f32>::zeros((ids.len(), cols));
+        for (mut row, &i) in out.rows_mut().into_iter().zip(ids) {
+            match &*value {
+                Stored::F32(a) => row.assign(&a.index_axis(ndarray::Axis(0), i)),
+                Stored::Bf16(a) => row.zip_mut_with(&a.index_axis(ndarray::Axis(0), i), |o, &w| {
+                    *o = from_bf16(w)
+                }),
+            }
+        }
+        Ok(out)
     }
 
     /// Drops the cached transpose; called with the value's write lock held.
@@ -234,7 +384,13 @@ impl Param {
 
 impl std::fmt::Debug for Param {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Param(id={:?}, shape={:?})", self.id(), self.shape())
+        write!(
+            f,
+            "Param(id={:?}, shape={:?}, dtype={})",
+            self.id(),
+            self.shape(),
+            self.dtype()
+        )
     }
 }
 
@@ -394,6 +550,65 @@ mod tests {
         assert_eq!(p.transposed().unwrap()[[2, 1]], 15.0);
         p.update(|v| v.mapv_inplace(|x| -x));
         assert_eq!(p.transposed().unwrap()[[2, 1]], -15.0);
+    }
+
+    #[test]
+    fn bf16_storage_rounds_keeps_its_type_and_converts_back_exactly() {
+        let p = param_2x3(0.0);
+        p.update(|v| v[[0, 1]] = 1.0 + 3.0 * 2f32.powi(-8));
+        let t0 = p.transposed().unwrap();
+        p.to_dtype(DType::BF16);
+        assert_eq!(p.dtype(), DType::BF16);
+        assert_eq!(p.shape(), vec![2, 3]);
+        // Rounded to nearest even on the way in; the cached f32 transpose was dropped.
+        assert_eq!(p.value()[[0, 1]], 1.0 + 2f32.powi(-6));
+        assert_eq!(p.transposed().unwrap()[[1, 0]], 1.0 + 2f32.powi(-6));
+        assert_ne!(p.transposed().unwrap(), t0);
+        match p.transposed_weights().unwrap() {
+            Transposed::BF16(t) => {
+                assert_eq!(t.shape(), &[3, 2]);
+                assert_eq!(from_bf16(t[[2, 1]]), 5.0);
+            }
+            Transposed::F32(_) => panic!("a bf16 parameter's transpose is bf16"),
+        }
+        // set and update keep bf16 (and round).
+        p.set(param_2x3(0.0).value()).unwrap();
+        assert_eq!(p.dtype(), DType::BF16);
+        p.update(|v| v[[1, 2]] = 1.0 + 2f32.powi(-9));
+        assert_eq!(p.value()[[1, 2]], 1.0);
+        assert_eq!(p.dtype(), DType::BF16);
+        // Back to f32: the same (bf16) values, exactly.
+        let before = p.value();
+        p.to_dtype(DType::F32);
+        assert_eq!(p.dtype(), DType::F32);
+        assert_eq!(p.value(), before);
+        assert!(matches!(
+            p.transposed_weights().unwrap(),
+            Transposed::F32(_)
+        ));
+    }
+
+    #[test]
+    fn rows_read_either_storage_type_and_refuse_ids_past_the_table() {
+        let p = param_2x3(0.5);
+        let want = |i: usize| (0..3).map(|j| 0.5 + (3 * i + j) as f32).collect::<Vec<_>>();
+        let got = p.rows("lookup", &[1, 0, 1]).unwrap();
+        assert_eq!(got.dim(), (3, 3));
+        assert_eq!(got.row(0).to_vec(), want(1));
+        assert_eq!(got.row(1).to_vec(), want(0));
+        p.to_dtype(DType::BF16);
+        let got = p.rows("lookup", &[1]).unwrap();
+        assert_eq!(got.row(0).to_vec(), want(1)); // these values are exact in bf16
+        let err = p.rows("lookup", &[0, 2]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Index { op, index: 2, size: 2 } if op == "lookup"),
+            "{err}"
+        );
+        let err = Param::new(ndarray::ArrayD::zeros(IxDyn(&[4])))
+            .rows("lookup", &[0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lookup") && err.contains("2-D"), "{err}");
     }
 
     #[test]

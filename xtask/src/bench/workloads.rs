@@ -152,6 +152,8 @@ pub struct Target {
     pub min_tokens_per_s: Option<f64>,
     /// Peak RSS at most this.
     pub max_rss_mib: Option<f64>,
+    /// At least this many times faster (median) than the named workload of the same run.
+    pub min_speedup_over: Option<(&'static str, f64)>,
 }
 
 /// One benchmark workload.
@@ -223,6 +225,7 @@ const fn target(
         max_ms,
         min_tokens_per_s,
         max_rss_mib,
+        min_speedup_over: None,
     }
 }
 
@@ -295,6 +298,18 @@ pub fn all() -> Vec<Workload> {
                 new_tokens: 64,
             },
             target(None, Some(1500.0), None),
+        ),
+        Workload::named(
+            "generate-512-bf16",
+            Kind::Generate {
+                shape: LM_BASE,
+                prompt: 512,
+                new_tokens: 64,
+            },
+            Target {
+                min_speedup_over: Some(("generate-512", 1.6)),
+                ..Target::default()
+            },
         ),
         Workload::named(
             "matmul-4k",

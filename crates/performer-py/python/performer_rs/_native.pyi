@@ -80,6 +80,13 @@ class PerformerLM(_Module):
     __call__ = forward
     def fix_projection_matrices_(self) -> None:
         """Fixes the projection matrices: the model outputs deterministically from now on."""
+    def to_dtype(self, dtype: Any) -> "PerformerLM":
+        """Stores the weight matrices as "bfloat16" (or torch.bfloat16) for inference, f32
+        activations and sums, or "float32" back; returns the model. Optimizers refuse a
+        bfloat16 model (ValueError)."""
+    @property
+    def dtype(self) -> str:
+        """How the weight matrices are stored: "float32" or "bfloat16"."""
     @property
     def config(self) -> Dict[str, Any]: ...
     @property
