@@ -36,6 +36,8 @@ mod autograd;
 mod cuda;
 mod custom_op;
 mod device;
+#[cfg(feature = "cuda")]
+mod device_memory;
 mod error;
 pub mod fast_math;
 pub mod gemm;
@@ -52,6 +54,7 @@ pub mod shape;
 pub mod team;
 mod tensor;
 pub mod testing;
+mod transfer;
 
 pub use autograd::{GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad};
 pub use custom_op::{CustomOp, apply_custom_op};
