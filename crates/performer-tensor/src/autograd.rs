@@ -432,7 +432,7 @@ impl Gradients {
         }
         #[cfg(feature = "cuda")]
         for (id, g) in other.device {
-            crate::cuda::autograd::accumulate(&mut self.device, id, g)?;
+            no_grad(|| crate::cuda::autograd::accumulate(&mut self.device, id, g))?;
         }
         Ok(())
     }

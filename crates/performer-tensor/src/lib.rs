@@ -36,6 +36,8 @@ mod autograd;
 mod cuda;
 mod custom_op;
 mod device;
+#[cfg(feature = "cuda")]
+mod device_memory;
 pub mod dtype;
 mod error;
 pub mod fast_math;
@@ -54,6 +56,7 @@ pub mod shape;
 pub mod team;
 mod tensor;
 pub mod testing;
+mod transfer;
 
 pub use autograd::{GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad};
 pub use custom_op::{CustomOp, apply_custom_op};

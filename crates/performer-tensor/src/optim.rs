@@ -146,7 +146,7 @@ impl Sgd {
             if self.device_buffers[i].is_none()
                 && let Some(b) = self.buffers[i].take()
             {
-                let up = crate::cuda::upload("Sgd::step", &b, g.device())?;
+                let up = crate::device_memory::upload("Sgd::step", &b, g.device())?;
                 self.device_buffers[i] = std::sync::Arc::into_inner(up.buf);
             }
             crate::cuda::optim::sgd(&self.params[i].1, &g, &mut self.device_buffers[i], cfg)?;

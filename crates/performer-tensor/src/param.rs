@@ -85,7 +85,7 @@ struct ParamInner {
     /// The value while the parameter lives on a device ([`Param::to_device`]); the host slot
     /// then holds an empty array and every accessor reads this one.
     #[cfg(feature = "cuda")]
-    device: RwLock<Option<crate::cuda::DeviceStorage>>,
+    device: RwLock<Option<crate::device_memory::DeviceStorage>>,
 }
 
 /// A trainable tensor, stored in f32 (or bfloat16 for inference, see [`Param::to_dtype`]).
@@ -129,7 +129,11 @@ impl Param {
                 *slot = Stored::F32(host.into_shared());
                 *dev = None;
             } else {
-                *dev = Some(crate::cuda::upload("Param::to_device", &host, device)?);
+                *dev = Some(crate::device_memory::upload(
+                    "Param::to_device",
+                    &host,
+                    device,
+                )?);
                 *slot = Stored::F32(ArrayD::zeros(IxDyn(&[0])).into_shared());
             }
             *self.0.transposed.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -145,7 +149,7 @@ impl Param {
 
     /// The device value, where the parameter lives on a device.
     #[cfg(feature = "cuda")]
-    pub(crate) fn device_storage(&self) -> Option<crate::cuda::DeviceStorage> {
+    pub(crate) fn device_storage(&self) -> Option<crate::device_memory::DeviceStorage> {
         self.0
             .device
             .read()
@@ -155,7 +159,7 @@ impl Param {
 
     /// Replaces the device value (optimizers; same shape and device, checked by the caller).
     #[cfg(feature = "cuda")]
-    pub(crate) fn set_device_storage(&self, s: crate::cuda::DeviceStorage) {
+    pub(crate) fn set_device_storage(&self, s: crate::device_memory::DeviceStorage) {
         *self.0.device.write().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
 
@@ -241,7 +245,7 @@ impl Param {
                     format!("parameter {:?}, new value {:?}", s.shape, value.shape()),
                 ));
             }
-            let up = crate::cuda::upload("Param::set", &value.to_owned(), s.device)?;
+            let up = crate::device_memory::upload("Param::set", &value.to_owned(), s.device)?;
             self.set_device_storage(up);
             return Ok(());
         }
@@ -421,7 +425,7 @@ pub struct Buffer {
     /// A device copy of a float value after [`Buffer::to_device`] (the host value stays the
     /// authority: buffers change only through [`Buffer::set`], which refreshes the copy).
     #[cfg(feature = "cuda")]
-    device: Arc<RwLock<Option<crate::cuda::DeviceStorage>>>,
+    device: Arc<RwLock<Option<crate::device_memory::DeviceStorage>>>,
 }
 
 impl Buffer {
@@ -463,7 +467,7 @@ impl Buffer {
             let value = self.get();
             let mut dev = self.device.write().unwrap_or_else(|e| e.into_inner());
             *dev = match (&value, device.is_cpu()) {
-                (StateValue::F32(a), false) => Some(crate::cuda::upload(
+                (StateValue::F32(a), false) => Some(crate::device_memory::upload(
                     "Buffer::to_device",
                     &a.to_owned(),
                     device,
@@ -489,7 +493,11 @@ impl Buffer {
     pub fn tensor(&self) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(s) = &*self.device.read().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(crate::cuda::constant(s.clone()));
+            return Ok(Tensor::from_storage(
+                TensorId::fresh(),
+                crate::tensor::Storage::Device(s.clone()),
+                None,
+            ));
         }
         match &*self.value.read().unwrap_or_else(|e| e.into_inner()) {
             StateValue::F32(a) => Ok(Tensor::new(a.clone())),
@@ -514,7 +522,7 @@ impl Buffer {
         {
             let mut dev = self.device.write().unwrap_or_else(|e| e.into_inner());
             if let (Some(s), StateValue::F32(a)) = (&*dev, &value) {
-                let up = crate::cuda::upload("Buffer::set", &a.to_owned(), s.device)?;
+                let up = crate::device_memory::upload("Buffer::set", &a.to_owned(), s.device)?;
                 *dev = Some(up);
             }
         }

@@ -50,7 +50,7 @@ pub(crate) enum Storage {
     Host(Data),
     /// A contiguous row-major buffer on a CUDA device or the emulated device.
     #[cfg(feature = "cuda")]
-    Device(crate::cuda::DeviceStorage),
+    Device(crate::device_memory::DeviceStorage),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -61,6 +61,12 @@ pub(crate) enum Storage {
 pub type BackwardFn =
     dyn Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>> + Send + Sync;
 
+/// Gradients of a device op's outputs in (None where none reached them), gradients of its
+/// inputs out, as tensors where those inputs live.
+#[cfg(feature = "cuda")]
+pub(crate) type DeviceBackwardFn =
+    dyn Fn(Vec<Option<Tensor>>, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+
 /// One recorded op (or a leaf variable, which has no backward).
 pub(crate) struct Node {
     pub(crate) name: &'static str,
@@ -69,7 +75,7 @@ pub(crate) struct Node {
     pub(crate) backward: Option<Box<BackwardFn>>,
     /// The backward of an op on device tensors (its gradients are tensors).
     #[cfg(feature = "cuda")]
-    pub(crate) device_backward: Option<Box<crate::cuda::DeviceBackwardFn>>,
+    pub(crate) device_backward: Option<Box<DeviceBackwardFn>>,
 }
 
 /// Which output of which node a tensor is.

@@ -6,8 +6,7 @@ use std::collections::HashMap;
 
 use ndarray::ArrayD;
 
-use super::DeviceBackwardFn;
-use crate::tensor::{Node, TensorId};
+use crate::tensor::{DeviceBackwardFn, Node, TensorId};
 use crate::{Error, Result, Tensor};
 
 /// Gradients that live on a device, by tensor id.
@@ -59,7 +58,12 @@ pub(crate) fn run_device_node(
             )));
         }
         if input.device().is_cpu() {
-            crate::autograd::accumulate(grads, input.id(), g.to_array());
+            match grads.get_mut(&input.id()) {
+                Some(acc) => *acc += &g.to_array(),
+                None => {
+                    grads.insert(input.id(), g.to_array());
+                }
+            }
         } else {
             accumulate(dgrads, input.id(), g)?;
         }
@@ -67,10 +71,10 @@ pub(crate) fn run_device_node(
     Ok(())
 }
 
-/// `dgrads[id] += g` on the device.
+/// `dgrads[id] += g` on the device (the callers run with gradients off: nothing is recorded).
 pub(crate) fn accumulate(dgrads: &mut DeviceGrads, id: TensorId, g: Tensor) -> Result<()> {
     let sum = match dgrads.remove(&id) {
-        Some(acc) => crate::no_grad(|| acc.add(&g))?,
+        Some(acc) => acc.add(&g)?,
         None => g,
     };
     dgrads.insert(id, sum);

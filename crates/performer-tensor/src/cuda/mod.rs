@@ -1,6 +1,7 @@
-//! Device tensors (feature `cuda`): storage in a [`DeviceBuffer`] on a real GPU or on the
-//! emulated device, the transfers between host and device, the autograd glue for ops whose
-//! gradients live on a device, and ([`ops`]) the ops that have a device implementation.
+//! Device tensors (feature `cuda`): storage in a [`DeviceBuffer`](performer_cuda::DeviceBuffer)
+//! on a real GPU or on the emulated device, the transfers between host and device, the
+//! autograd glue for ops whose gradients live on a device, and ([`ops`]) the ops that have a
+//! device implementation.
 //!
 //! A device tensor is always contiguous and row-major; views (reshape) share the buffer,
 //! permutations copy on the device. Every op checks that its operands share one device and
@@ -11,89 +12,12 @@
 pub(crate) mod autograd;
 pub(crate) mod ops;
 pub(crate) mod optim;
-mod registry;
 
 use std::sync::Arc;
 
-use ndarray::{ArrayD, IxDyn};
-use performer_cuda::DeviceBuffer;
-
+pub(crate) use crate::device_memory::{DeviceStorage, full, map_err, upload};
 use crate::tensor::{GradLink, Node, Storage, TensorId};
 use crate::{Device, Error, Result, Tensor};
-
-pub use registry::launcher;
-
-/// The values of a device tensor: a shared, immutable, contiguous row-major buffer and its
-/// shape. Cloning shares the buffer.
-#[derive(Clone)]
-pub struct DeviceStorage {
-    pub(crate) buf: Arc<DeviceBuffer>,
-    pub(crate) shape: Vec<usize>,
-    pub(crate) device: Device,
-}
-
-impl DeviceStorage {
-    pub(crate) fn new(buf: DeviceBuffer, shape: Vec<usize>, device: Device) -> Self {
-        debug_assert_eq!(buf.len(), shape.iter().product::<usize>());
-        DeviceStorage {
-            buf: Arc::new(buf),
-            shape,
-            device,
-        }
-    }
-
-    pub(crate) fn numel(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// The same buffer under another shape of as many elements.
-    pub(crate) fn reshaped(&self, shape: Vec<usize>) -> Self {
-        DeviceStorage {
-            buf: self.buf.clone(),
-            shape,
-            device: self.device,
-        }
-    }
-
-    pub(crate) fn to_vec(&self) -> Result<Vec<f32>> {
-        self.buf
-            .to_f32()
-            .map_err(|e| map_err("to_host", self.device, e))
-    }
-
-    pub(crate) fn to_array(&self) -> Result<ArrayD<f32>> {
-        Ok(ArrayD::from_shape_vec(IxDyn(&self.shape), self.to_vec()?).expect("length of shape"))
-    }
-
-    pub(crate) fn host_access_panic(&self) -> ! {
-        panic!(
-            "Tensor::data: the tensor (shape {:?}) lives on {}; this op has no device \
-             implementation: call to_host() first",
-            self.shape, self.device
-        )
-    }
-}
-
-/// Our error for a device failure in `op`: out of memory and mismatched devices keep their
-/// own typed variants, shape errors stay shape errors, the rest keeps the backend's error.
-pub(crate) fn map_err(op: &str, device: Device, e: performer_cuda::Error) -> Error {
-    match e {
-        performer_cuda::Error::OutOfMemory {
-            requested,
-            in_use,
-            capacity,
-            ..
-        } => Error::OutOfMemory {
-            op: op.to_string(),
-            device: device.to_string(),
-            requested,
-            in_use,
-            capacity,
-        },
-        performer_cuda::Error::Shape { detail, .. } => Error::shape(op, detail),
-        other => Error::backend(op, other),
-    }
-}
 
 /// The device all of `tensors` live on: `None` when they are all on the host, an
 /// [`Error::DeviceMismatch`] naming `op` and both devices when they differ.
@@ -119,11 +43,6 @@ pub(crate) fn storage_of(t: &Tensor) -> &DeviceStorage {
     }
 }
 
-/// Gradients of a device op's outputs in (None where none reached them), gradients of its
-/// inputs out, as tensors where those inputs live.
-pub(crate) type DeviceBackwardFn =
-    dyn Fn(Vec<Option<Tensor>>, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync;
-
 /// The outputs of an op with a device backward: recorded in the graph when gradients are
 /// enabled and some input is tracked, constants otherwise.
 pub(crate) fn record(
@@ -135,7 +54,7 @@ pub(crate) fn record(
     + Sync
     + 'static,
 ) -> Vec<Tensor> {
-    if !crate::autograd::needs_graph(inputs) {
+    if !(crate::is_grad_enabled() && inputs.iter().any(|t| t.is_tracked())) {
         return outputs
             .into_iter()
             .map(|s| Tensor::from_storage(TensorId::fresh(), s, None))
@@ -208,15 +127,6 @@ fn shape_of(s: &Storage) -> &[usize] {
     }
 }
 
-/// Host values to `device` (contiguous, row-major).
-pub(crate) fn upload(op: &str, values: &ArrayD<f32>, device: Device) -> Result<DeviceStorage> {
-    let dev = launcher(device)?;
-    let std = values.as_standard_layout();
-    let slice = std.as_slice().expect("standard layout");
-    let buf = DeviceBuffer::from_f32(&dev, slice).map_err(|e| map_err(op, device, e))?;
-    Ok(DeviceStorage::new(buf, values.shape().to_vec(), device))
-}
-
 /// `tensor` moved to `device`, differentiably (the gradient moves back).
 pub(crate) fn to_device(t: &Tensor, device: Device) -> Result<Tensor> {
     let from = t.device();
@@ -241,14 +151,4 @@ pub(crate) fn to_device(t: &Tensor, device: Device) -> Result<Tensor> {
     })
     .pop()
     .expect("one output"))
-}
-
-/// A constant of `shape` filled with `value` on `device`.
-pub(crate) fn full(shape: &[usize], value: f32, device: Device) -> Result<DeviceStorage> {
-    let dev = launcher(device)?;
-    let numel = crate::shape::checked_numel(shape)
-        .ok_or_else(|| Error::shape("full", format!("{shape:?} is too large to allocate")))?;
-    let buf = performer_cuda::tensor_ops::full(&dev, numel, value)
-        .map_err(|e| map_err("full", device, e))?;
-    Ok(DeviceStorage::new(buf, shape.to_vec(), device))
 }

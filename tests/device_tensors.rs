@@ -1,11 +1,14 @@
 //! Device tensors on the emulated device against the same ops on the CPU: values, gradients
 //! (which live on the device), transfers, and the typed errors for operands on two devices
 //! and for running out of device memory. Shapes are small: the emulator runs every CUDA thread
-//! as a fiber.
+//! as a fiber. (performer-tensor's own tests; they live in the facade so that CI runs them in
+//! its one build with the optional features.)
 
-use performer_tensor::optim::{Adam, Optimizer, Sgd, clip_grad_norm};
-use performer_tensor::testing::assert_close;
-use performer_tensor::{
+#![cfg(feature = "cuda")]
+
+use performer::tensor::optim::{Adam, Optimizer, Sgd, clip_grad_norm};
+use performer::tensor::testing::assert_close;
+use performer::tensor::{
     Buffer, CustomOp, Data, Device, Error, Gradients, Module, Param, StateValue, Tensor, Visitor,
     apply_custom_op, no_grad,
 };
@@ -15,8 +18,8 @@ const DEV: Device = Device::Emulated;
 /// Whether the emulated device can run here; CI sets `PERFORMER_CUDA_REQUIRE_CXX=1` so that a
 /// missing compiler fails instead of skipping.
 fn emulator() -> bool {
-    match performer_cuda::emulator_available() {
-        Ok(()) => true,
+    match Tensor::full_on(&[1], 0.0, DEV) {
+        Ok(_) => true,
         Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
             eprintln!("skipped: no emulated device here: {e}");
             false
@@ -26,7 +29,7 @@ fn emulator() -> bool {
 }
 
 fn seeded(shape: &[usize], seed: u64) -> Tensor {
-    performer_tensor::rng::manual_seed(seed);
+    performer::tensor::rng::manual_seed(seed);
     Tensor::randn(shape)
 }
 
@@ -347,7 +350,7 @@ fn custom_ops_accept_device_operands() {
             &self,
             inputs: &[&Data],
             _: bool,
-        ) -> performer_tensor::Result<(Vec<ndarray::ArrayD<f32>>, ())> {
+        ) -> performer::tensor::Result<(Vec<ndarray::ArrayD<f32>>, ())> {
             Ok((vec![inputs[0].mapv(|v| 2.0 * v)], ()))
         }
         fn backward(
@@ -356,7 +359,7 @@ fn custom_ops_accept_device_operands() {
             _: &(),
             g: &[Option<ndarray::ArrayD<f32>>],
             _: &[bool],
-        ) -> performer_tensor::Result<Vec<Option<ndarray::ArrayD<f32>>>> {
+        ) -> performer::tensor::Result<Vec<Option<ndarray::ArrayD<f32>>>> {
             Ok(vec![g[0].as_ref().map(|g| g.mapv(|v| 2.0 * v))])
         }
     }

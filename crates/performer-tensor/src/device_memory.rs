@@ -1,0 +1,130 @@
+//! Device memory for tensors (feature `cuda`): [`DeviceStorage`], the process-wide launcher of
+//! each device, uploads and fills, and the translation of the device layer's errors into ours.
+//! A leaf below `tensor`: it knows nothing of tensors or graphs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ndarray::{ArrayD, IxDyn};
+use performer_cuda::{DeviceBuffer, EmulatedLauncher, GpuLauncher, SharedLauncher};
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+
+/// The values of a device tensor: a shared, immutable, contiguous row-major buffer and its
+/// shape. Cloning shares the buffer.
+#[derive(Clone)]
+pub struct DeviceStorage {
+    pub(crate) buf: Arc<DeviceBuffer>,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) device: Device,
+}
+
+impl DeviceStorage {
+    pub(crate) fn new(buf: DeviceBuffer, shape: Vec<usize>, device: Device) -> Self {
+        debug_assert_eq!(buf.len(), shape.iter().product::<usize>());
+        DeviceStorage {
+            buf: Arc::new(buf),
+            shape,
+            device,
+        }
+    }
+
+    pub(crate) fn numel(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The same buffer under another shape of as many elements.
+    pub(crate) fn reshaped(&self, shape: Vec<usize>) -> Self {
+        DeviceStorage {
+            buf: self.buf.clone(),
+            shape,
+            device: self.device,
+        }
+    }
+
+    pub(crate) fn to_vec(&self) -> Result<Vec<f32>> {
+        self.buf
+            .to_f32()
+            .map_err(|e| map_err("to_host", self.device, e))
+    }
+
+    pub(crate) fn to_array(&self) -> Result<ArrayD<f32>> {
+        Ok(ArrayD::from_shape_vec(IxDyn(&self.shape), self.to_vec()?).expect("length of shape"))
+    }
+
+    pub(crate) fn host_access_panic(&self) -> ! {
+        panic!(
+            "Tensor::data: the tensor (shape {:?}) lives on {}; this op has no device \
+             implementation: call to_host() first",
+            self.shape, self.device
+        )
+    }
+}
+
+/// Our error for a device failure in `op`: out of memory and mismatched devices keep their
+/// own typed variants, shape errors stay shape errors, the rest keeps the backend's error.
+pub(crate) fn map_err(op: &str, device: Device, e: performer_cuda::Error) -> Error {
+    match e {
+        performer_cuda::Error::OutOfMemory {
+            requested,
+            in_use,
+            capacity,
+            ..
+        } => Error::OutOfMemory {
+            op: op.to_string(),
+            device: device.to_string(),
+            requested,
+            in_use,
+            capacity,
+        },
+        performer_cuda::Error::Shape { detail, .. } => Error::shape(op, detail),
+        other => Error::backend(op, other),
+    }
+}
+
+/// Host values to `device` (contiguous, row-major).
+pub(crate) fn upload(op: &str, values: &ArrayD<f32>, device: Device) -> Result<DeviceStorage> {
+    let dev = launcher(device)?;
+    let std = values.as_standard_layout();
+    let slice = std.as_slice().expect("standard layout");
+    let buf = DeviceBuffer::from_f32(&dev, slice).map_err(|e| map_err(op, device, e))?;
+    Ok(DeviceStorage::new(buf, values.shape().to_vec(), device))
+}
+
+/// A constant of `shape` filled with `value` on `device`.
+pub(crate) fn full(shape: &[usize], value: f32, device: Device) -> Result<DeviceStorage> {
+    let dev = launcher(device)?;
+    let numel = crate::shape::checked_numel(shape)
+        .ok_or_else(|| Error::shape("full", format!("{shape:?} is too large to allocate")))?;
+    let buf = performer_cuda::tensor_ops::full(&dev, numel, value)
+        .map_err(|e| map_err("full", device, e))?;
+    Ok(DeviceStorage::new(buf, shape.to_vec(), device))
+}
+
+/// The launcher of `device` (created on first use; TF32 off: GEMMs in full f32).
+pub fn launcher(device: Device) -> Result<SharedLauncher> {
+    static LAUNCHERS: Mutex<Option<HashMap<Device, SharedLauncher>>> = Mutex::new(None);
+    let mut map = LAUNCHERS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = map.get_or_insert_with(HashMap::new);
+    if let Some(l) = map.get(&device) {
+        return Ok(l.clone());
+    }
+    let op = format!("to_device({device})");
+    let launcher: SharedLauncher = match device {
+        Device::Cpu => {
+            return Err(Error::invalid(
+                "launcher",
+                "device",
+                device,
+                "the host has no launcher",
+            ));
+        }
+        Device::Cuda(n) => {
+            Arc::new(GpuLauncher::new(n, false).map_err(|e| map_err(&op, device, e))?)
+        }
+        Device::Emulated => Arc::new(EmulatedLauncher::new().map_err(|e| map_err(&op, device, e))?),
+    };
+    map.insert(device, launcher.clone());
+    Ok(launcher)
+}
