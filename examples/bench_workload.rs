@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release --example bench_workload
-//! target/release/examples/bench_workload --workload NAME [--n N] [--reps R] [--seed S]
+//! target/release/examples/bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile]
 //! target/release/examples/bench_workload --list
 //! ```
 //!
@@ -11,6 +11,12 @@
 //! `{"median_ms": .., "times_ms": [..], "tokens": .., "peak_rss_mib": ..}` (`peak_rss_mib` is this
 //! process's own `VmHWM`, for standalone use; xtask measures it from outside with `wait4`).
 //! Threads: rayon's global pool, sized by `RAYON_NUM_THREADS` (xtask sets it) or all cores.
+//!
+//! With `--profile`, `R` more repetitions run under the op timer of
+//! `performer::tensor::profile` (after the timed ones, which it does not slow), followed by the
+//! GEMM calibration product; the JSON line gains a `"profile"` object (rows by phase and
+//! category, per-op times, GEMM FLOPs, the measured GEMM rate) that `cargo xtask bench
+//! --profile` turns into a table.
 //!
 //! Exit status: 0 measured; 2 bad arguments; 3 the workload is not implemented yet (the last
 //! stderr line is `not implemented yet: REASON`; xtask shows `n/a` and the reason); 1 it failed.
@@ -25,6 +31,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+use performer::tensor::profile::{self, Phase};
 use performer::tensor::{Tensor, rng};
 
 /// The allocator: mimalloc, told never to return freed memory to the OS. Every repetition
@@ -36,7 +43,43 @@ use performer::tensor::{Tensor, rng};
 /// attn-causal-4k, about as much as the computation). Peak RSS is unaffected: it is the high
 /// water mark either way.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: ProfiledAlloc = ProfiledAlloc;
+
+/// mimalloc, each call reported to the op timer's allocator row while `--profile` runs (one
+/// relaxed load per call otherwise).
+struct ProfiledAlloc;
+
+// SAFETY: every method forwards to mimalloc's with the same arguments; the timer around the
+// call only reads the clock and thread-local cells (it never allocates).
+unsafe impl std::alloc::GlobalAlloc for ProfiledAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded from the caller's contract.
+        profile::time_allocator(|| unsafe {
+            std::alloc::GlobalAlloc::alloc(&mimalloc::MiMalloc, layout)
+        })
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded from the caller's contract.
+        profile::time_allocator(|| unsafe {
+            std::alloc::GlobalAlloc::alloc_zeroed(&mimalloc::MiMalloc, layout)
+        })
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded from the caller's contract.
+        profile::time_allocator(|| unsafe {
+            std::alloc::GlobalAlloc::dealloc(&mimalloc::MiMalloc, ptr, layout)
+        })
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        // SAFETY: forwarded from the caller's contract.
+        profile::time_allocator(|| unsafe {
+            std::alloc::GlobalAlloc::realloc(&mimalloc::MiMalloc, ptr, layout, new)
+        })
+    }
+}
 
 /// Sets mimalloc's purge delay to -1 (never purge).
 fn keep_freed_memory() {
@@ -85,6 +128,7 @@ const WORKLOADS: &[(&str, Option<usize>, Builder)] = &[
     ("lm-causal-1k", Some(1024), lm_causal),
     ("lm-noncausal-1k", Some(1024), lm_noncausal),
     ("lm-full-1k", Some(1024), lm_full),
+    ("lm-small-64", Some(64), lm_small),
     ("generate-512", Some(512), generate),
     ("generate-512-bf16", Some(512), generate_bf16),
     ("matmul-4k", Some(4096), matmul),
@@ -140,6 +184,13 @@ fn lm_full(n: usize) -> Result<Prepared, BenchError> {
     lm_train(LmVariant::Full, n)
 }
 
+fn lm_small(n: usize) -> Result<Prepared, BenchError> {
+    lm_train(LmVariant::Small, n)
+}
+
+/// Sequences per step of lm-small-64.
+const SMALL_BATCH: usize = 12;
+
 /// Which PerformerLM a training workload builds.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum LmVariant {
@@ -149,11 +200,14 @@ enum LmVariant {
     NonCausal,
     /// Causal + reversible, ff_glu, use_scalenorm, local_attn_heads 2 (window 256), shift_tokens.
     Full,
+    /// The shape of a quick CPU run: dim 128, depth 4, heads 4, dim_head 32, nb_features 64,
+    /// causal, shift_tokens, batch 12.
+    Small,
 }
 
-/// PerformerLM (max_seq_len n) in an AutoregressiveWrapper; one repetition is the loss on n + 1
-/// seeded random tokens, backward, an Adam step (lr 1e-4) and zeroing the gradients.
-/// tokens = n.
+/// PerformerLM (max_seq_len n) in an AutoregressiveWrapper; one repetition is the loss on a
+/// batch of n + 1 seeded random tokens (1 sequence; 12 for lm-small-64), backward, an Adam step
+/// (lr 1e-4) and zeroing the gradients. tokens = batch x n.
 fn lm_train(variant: LmVariant, n: usize) -> Result<Prepared, BenchError> {
     use performer::models::{LocalAttnHeads, PerformerLMConfig};
     use performer::tensor::Module;
@@ -172,22 +226,38 @@ fn lm_train(variant: LmVariant, n: usize) -> Result<Prepared, BenchError> {
             shift_tokens: true,
             ..base
         },
+        LmVariant::Small => PerformerLMConfig {
+            dim: 128,
+            dim_head: 32,
+            nb_features: Some(64),
+            shift_tokens: true,
+            ..base
+        },
+    };
+    let batch = if variant == LmVariant::Small {
+        SMALL_BATCH
+    } else {
+        1
     };
     let model = AutoregressiveWrapper::new(PerformerLM::new(config)?);
     model.set_training(true);
     let mut opt = Adam::new(model.named_parameters(), 1e-4);
-    let x = random_tokens(n + 1, 256);
+    let x = random_tokens(batch, n + 1, 256);
     Ok(Prepared {
         step: Box::new(move || {
             let loss = model
                 .loss(&x.view(), &SeqInputs::default())
                 .map_err(|e| e.to_string())?;
+            // The phases only matter to `--profile` (no-ops otherwise).
+            profile::enter_phase(Phase::Backward);
             // Gradients are returned fresh by each backward: dropping them is zero_grad.
             let grads = loss.backward().map_err(|e| e.to_string())?;
+            drop(loss); // the graph, freed before the update
+            profile::enter_phase(Phase::Optimizer);
             opt.step(&grads).map_err(|e| e.to_string())?;
             Ok(())
         }),
-        tokens: n,
+        tokens: batch * n,
     })
 }
 
@@ -206,9 +276,9 @@ fn lm_config(max_seq_len: usize, causal: bool) -> performer::PerformerLMConfig {
     }
 }
 
-/// `(1, n)` tokens uniform in `0..vocab` from the global seeded generator.
-fn random_tokens(n: usize, vocab: u64) -> ndarray::Array2<i64> {
-    rng::with_rng(|g| ndarray::Array2::from_shape_simple_fn((1, n), || g.below(vocab) as i64))
+/// `(batch, n)` tokens uniform in `0..vocab` from the global seeded generator.
+fn random_tokens(batch: usize, n: usize, vocab: u64) -> ndarray::Array2<i64> {
+    rng::with_rng(|g| ndarray::Array2::from_shape_simple_fn((batch, n), || g.below(vocab) as i64))
 }
 
 /// The lm-causal-1k model with max_seq_len 2048; one repetition primes with `prompt` random
@@ -230,7 +300,7 @@ fn generate_stored(prompt: usize, dtype: performer::tensor::DType) -> Result<Pre
     let net = PerformerLM::new(lm_config(2048, true))?;
     net.to_dtype(dtype);
     let model = AutoregressiveWrapper::new(net);
-    let prime = random_tokens(prompt, 256);
+    let prime = random_tokens(1, prompt, 256);
     let opts = GenerateOptions::default(); // top-k, filter_thres 0.9, temperature 1
     Ok(Prepared {
         step: Box::new(move || {
@@ -277,9 +347,11 @@ struct Options {
     n: Option<usize>,
     reps: usize,
     seed: u64,
+    profile: bool,
 }
 
-const USAGE: &str = "usage: bench_workload --workload NAME [--n N] [--reps R] [--seed S] | --list";
+const USAGE: &str =
+    "usage: bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile] | --list";
 
 fn parse_args() -> Result<Option<Options>, String> {
     let mut args = std::env::args().skip(1);
@@ -288,6 +360,7 @@ fn parse_args() -> Result<Option<Options>, String> {
         n: None,
         reps: 3,
         seed: 0,
+        profile: false,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -304,6 +377,7 @@ fn parse_args() -> Result<Option<Options>, String> {
                     .parse()
                     .map_err(|e| format!("--seed: {e}"))?
             }
+            "--profile" => opts.profile = true,
             "--list" => return Ok(None),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -316,6 +390,66 @@ fn parse_args() -> Result<Option<Options>, String> {
         return Err("--reps must be at least 1".into());
     }
     Ok(Some(opts))
+}
+
+/// `reps` more repetitions under the op timer (after the timed ones), then the GEMM rate of
+/// this machine measured in the same process (the matmul-4k product, median of 3 after a
+/// warm-up). Returns the JSON object `{"reps", "step_ms": [..], "rows": [..], "ops": [..],
+/// "gemm_flops_all_threads", "gemm_gflops"}` with the rows summed over the repetitions.
+fn profile_steps(prepared: &mut Prepared, reps: usize) -> Result<String, String> {
+    use std::collections::BTreeMap;
+    let mut rows: BTreeMap<(Phase, &'static str), [u64; 4]> = BTreeMap::new();
+    let mut ops: BTreeMap<(Phase, &'static str), [u64; 2]> = BTreeMap::new();
+    let mut gemm_all = 0;
+    let mut step_ms = Vec::new();
+    for _ in 0..reps {
+        let start = Instant::now();
+        profile::start();
+        let result = (prepared.step)();
+        let report = profile::stop();
+        step_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        result?;
+        for r in report.rows {
+            let acc = rows.entry((r.phase, r.category.name())).or_default();
+            for (a, v) in acc.iter_mut().zip([r.ns, r.calls, r.bytes, r.flops]) {
+                *a += v;
+            }
+        }
+        for o in report.ops {
+            let acc = ops.entry((o.phase, o.name)).or_default();
+            acc[0] += o.ns;
+            acc[1] += o.calls;
+        }
+        gemm_all += report.gemm_flops_all_threads;
+    }
+    let mut calibration = matmul(4096).map_err(|_| "the GEMM calibration failed to build")?;
+    let mut gemm_ms = Vec::new();
+    for rep in 0..4 {
+        let start = Instant::now();
+        (calibration.step)()?;
+        if rep > 0 {
+            gemm_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let gemm_gflops = 2.0 * 4096.0 * 512.0 * 2048.0 / (median(&gemm_ms) * 1e6);
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|((phase, category), [ns, calls, bytes, flops])| {
+            serde_json::json!({"phase": phase.name(), "category": category, "ns": ns,
+                "calls": calls, "bytes": bytes, "flops": flops})
+        })
+        .collect();
+    let ops: Vec<serde_json::Value> = ops
+        .into_iter()
+        .map(|((phase, name), [ns, calls])| {
+            serde_json::json!({"phase": phase.name(), "name": name, "ns": ns, "calls": calls})
+        })
+        .collect();
+    Ok(
+        serde_json::json!({"reps": reps, "step_ms": step_ms, "rows": rows, "ops": ops,
+        "gemm_flops_all_threads": gemm_all, "gemm_gflops": gemm_gflops})
+        .to_string(),
+    )
 }
 
 fn median(times: &[f64]) -> f64 {
@@ -399,10 +533,22 @@ fn main() -> ExitCode {
         }
     }
 
+    let profile_json = if opts.profile {
+        match profile_steps(&mut prepared, opts.reps) {
+            Ok(p) => format!(", \"profile\": {p}"),
+            Err(e) => {
+                eprintln!("bench_workload: {name}: profiled repetition failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        String::new()
+    };
+
     let times: Vec<String> = times_ms.iter().map(|t| format!("{t:.6}")).collect();
     let rss = own_peak_rss_mib().map_or(String::new(), |m| format!(", \"peak_rss_mib\": {m:.3}"));
     println!(
-        "{{\"median_ms\": {:.6}, \"times_ms\": [{}], \"tokens\": {}{rss}}}",
+        "{{\"median_ms\": {:.6}, \"times_ms\": [{}], \"tokens\": {}{rss}{profile_json}}}",
         median(&times_ms),
         times.join(", "),
         prepared.tokens

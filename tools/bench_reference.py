@@ -29,6 +29,10 @@ Workloads (f32, batch 1, seeded random inputs, `torch.set_num_threads(T)`):
   repetition is loss on 1025 random tokens, backward, Adam step, zero_grad. lm-full-1k adds
   reversible, ff_glu, use_scalenorm, local_attn_heads 2 (local_window_size 256), shift_tokens.
   tokens = 1024 (the positions the model sees).
+* `lm-small-64`: the shape of a quick CPU run, PerformerLM(num_tokens 256, max_seq_len 64, dim 128,
+  depth 4, heads 4, dim_head 32, nb_features 64, causal, shift_tokens); one repetition is the
+  loss on a batch of 12 x 65 random tokens, backward, Adam step, zero_grad.
+  tokens = 12 x 64 = 768.
 * `generate-512`: the lm-causal-1k model with max_seq_len 2048; one repetition primes with 512
   random tokens and samples 64 more with `generate` (top-k, filter_thres 0.9). tokens = 64.
 * `generate-512-bf16`: performer-rs only (its weights in bf16); exits 3, "not implemented yet".
@@ -62,6 +66,9 @@ LM_FULL = dict(
     local_window_size=256,
     shift_tokens=True,
 )
+# lm-small-64: the shape of a quick CPU run (issue 21), batch 12.
+LM_SMALL = dict(dim=128, depth=4, heads=4, dim_head=32, nb_features=64, shift_tokens=True)
+SMALL_BATCH = 12
 
 
 def quiet():
@@ -84,15 +91,19 @@ def attention(causal, n):
     return step, n
 
 
-def lm_train(causal, full, n):
+def lm_train(causal, full, n, small=False):
     kwargs = dict(LM, max_seq_len=n, causal=causal)
     if full:
         kwargs.update(LM_FULL)
+    batch = 1
+    if small:
+        kwargs.update(LM_SMALL)
+        batch = SMALL_BATCH
     with quiet():
         model = AutoregressiveWrapper(PerformerLM(**kwargs))
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randint(0, LM["num_tokens"], (1, n + 1))
+    x = torch.randint(0, LM["num_tokens"], (batch, n + 1))
 
     def step():
         with quiet():
@@ -101,7 +112,7 @@ def lm_train(causal, full, n):
         opt.step()
         opt.zero_grad()
 
-    return step, n
+    return step, batch * n
 
 
 def generate(prime_len, new_tokens=64):
@@ -136,6 +147,7 @@ WORKLOADS = {
     "lm-causal-1k": (lambda n: lm_train(True, False, n), 1024),
     "lm-noncausal-1k": (lambda n: lm_train(False, False, n), 1024),
     "lm-full-1k": (lambda n: lm_train(True, True, n), 1024),
+    "lm-small-64": (lambda n: lm_train(True, False, n, small=True), 64),
     "generate-512": (generate, 512),
     # performer-pytorch's generate is not run in bf16 here: our side only (bench shows n/a).
     "generate-512-bf16": (None, 512),

@@ -16,6 +16,7 @@
 
 pub(crate) mod child;
 mod plot;
+mod profile;
 mod report;
 mod workloads;
 
@@ -38,7 +39,7 @@ const SCALING: &str = "scaling";
     name = "cargo xtask bench",
     about = "Run the BENCHMARKS.md workloads, each in its own process, and report time, tokens/s, peak RSS and GFLOP/s",
     after_help = "Workloads: attn-noncausal-4k attn-causal-1k attn-causal-4k attn-causal-64k lm-causal-1k \
-                  lm-noncausal-1k lm-full-1k generate-512 matmul-4k, and `scaling` (the sweep)."
+                  lm-noncausal-1k lm-full-1k lm-small-64 generate-512 matmul-4k, and `scaling` (the sweep)."
 )]
 struct Args {
     /// Timed repetitions per workload, after one warm-up; the median is reported.
@@ -79,6 +80,11 @@ struct Args {
     /// List the workloads with their FLOP counts and targets, and exit.
     #[arg(long)]
     list: bool,
+    /// Instead of the suite: one training workload's per-op breakdown (forward, backward and
+    /// optimizer; each row's share and rate; the step's distance from its GEMM floor), printed
+    /// and written to OUT/profile-WORKLOAD.md.
+    #[arg(long, value_name = "WORKLOAD")]
+    profile: Option<String>,
 }
 
 /// Entry point: `args` are the arguments after `bench`.
@@ -128,6 +134,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ));
     }
     let ours = Runner::Ours { exe };
+    if let Some(name) = &args.profile {
+        return run_profile(name, &ours, &args, threads, &out_dir);
+    }
 
     let ctx = Ctx {
         reps: args.reps,
@@ -241,6 +250,61 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for p in &wrote {
         println!("wrote {}", p.display());
     }
+    Ok(())
+}
+
+/// `--profile NAME`: runs the workload's process with `--profile`, prints the table and
+/// writes it to `out_dir/profile-NAME.md`.
+fn run_profile(
+    name: &str,
+    ours: &Runner,
+    args: &Args,
+    threads: usize,
+    out_dir: &Path,
+) -> Result<(), String> {
+    let w = workloads::all()
+        .into_iter()
+        .find(|w| w.name == name)
+        .ok_or_else(|| format!("unknown workload {name:?} for --profile"))?;
+    if !matches!(w.kind, Kind::LmTrain { .. }) {
+        return Err(format!(
+            "--profile breaks down training steps; {name} is not one (lm-* workloads are)"
+        ));
+    }
+    let ctx = Ctx {
+        reps: args.reps,
+        threads,
+        timeout: Duration::from_secs(args.timeout),
+        ref_max_causal: args.ref_max_causal,
+        ref_max_noncausal: args.ref_max_noncausal,
+    };
+    let mut cmd = ours.command(&w, &ctx);
+    cmd.arg("--profile");
+    let load_before = load_average();
+    eprintln!(
+        "bench --profile {name}: {threads} thread(s), 1 warm-up + {} timed + {} profiled reps, cpu: {}",
+        args.reps,
+        args.reps,
+        cpu_name()
+    );
+    let done = child::run_process(cmd, ctx.timeout).map_err(|f| f.to_string())?;
+    let line = child::parse_process_line(&done.stdout)
+        .ok_or_else(|| "no JSON line on stdout".to_string())?;
+    let median = report::median(&line.times_ms).unwrap_or(line.median_ms);
+    let p = profile::parse(&done.stdout)?;
+    let mut text = profile::format(&w, median, &p);
+    if let (Some(before), Some(after)) = (load_before, load_average()) {
+        text.push_str(&format!(
+            "
+load average (1 min): {before:.2} at the start, {after:.2} at the end, {} core(s)
+",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ));
+    }
+    print!("{text}");
+    let path = out_dir.join(format!("profile-{name}.md"));
+    report::write_text_atomic(&path, &text)?;
+    println!("\nwrote {}", path.display());
     Ok(())
 }
 

@@ -57,7 +57,10 @@ impl Linear {
         let mut shape = lead;
         shape.push(self.out_features() as isize);
         if !performer_tensor::is_grad_enabled() {
-            return Tensor::new(self.forward_inference(x)?).reshape(&shape);
+            let y = self.forward_inference(x)?;
+            // The op timer's row for this product (no graph node reports it).
+            performer_tensor::profile::op_done("linear", || 4 * (x.numel() + y.len()) as u64);
+            return Tensor::new(y).reshape(&shape);
         }
         let flat = x.reshape(&[-1, inf as isize])?;
         let mut y = flat.matmul(&self.weight.tensor().transpose(0, 1)?)?;

@@ -74,6 +74,7 @@ impl Tensor {
         + 'static,
     ) -> Tensor {
         let data = data.into();
+        crate::profile::op_done(name, || traffic_bytes(std::slice::from_ref(&data), inputs));
         if !needs_graph(inputs) {
             return Tensor::new(data);
         }
@@ -85,13 +86,27 @@ impl Tensor {
             Some(g) => backward(g, needs),
             None => Ok(vec![None; needs.len()]),
         };
-        Self::from_multi_op(vec![data], name, inputs, wrapped)
+        Self::record_multi_op(vec![data], name, inputs, wrapped)
             .pop()
             .expect("one output")
     }
 
     /// The results of an op with several outputs, sharing one backward.
     pub fn from_multi_op(
+        datas: Vec<Data>,
+        name: &'static str,
+        inputs: &[&Tensor],
+        backward: impl Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Vec<Tensor> {
+        crate::profile::op_done(name, || traffic_bytes(&datas, inputs));
+        Self::record_multi_op(datas, name, inputs, backward)
+    }
+
+    /// [`Tensor::from_multi_op`] once the op's time has been accounted for.
+    fn record_multi_op(
         datas: Vec<Data>,
         name: &'static str,
         inputs: &[&Tensor],
@@ -113,8 +128,10 @@ impl Tensor {
                 .map(|(id, d)| (*id, d.shape().to_vec()))
                 .collect(),
             backward: Some(Box::new(backward)),
+            #[cfg(feature = "cuda")]
+            device_backward: None,
         });
-        datas
+        let tensors = datas
             .into_iter()
             .zip(ids)
             .enumerate()
@@ -128,7 +145,9 @@ impl Tensor {
                     }),
                 )
             })
-            .collect()
+            .collect();
+        crate::profile::autograd_done();
+        tensors
     }
 
     /// Differentiates this one-element tensor with respect to every leaf it depends on.
@@ -187,10 +206,23 @@ impl Tensor {
         // the last node (in the order they run) that takes the leaf as an input.
         let ready_after = on_ready.as_ref().map(|_| leaves_final_after(&order));
         let mut grads: HashMap<TensorId, ArrayD<f32>> = HashMap::new();
+        #[cfg(feature = "cuda")]
+        let mut dgrads = crate::cuda::autograd::DeviceGrads::new();
+        #[cfg(feature = "cuda")]
+        if !self.device().is_cpu() {
+            dgrads.insert(self.id(), Tensor::new(grad).to_device(self.device())?);
+        } else {
+            grads.insert(self.id(), grad);
+        }
+        #[cfg(not(feature = "cuda"))]
         grads.insert(self.id(), grad);
         // Closures compute on arrays; ops they build from tensors are not part of this graph.
         let _mode = GradModeGuard::new(false);
         for (step, node) in order.iter().rev().enumerate() {
+            #[cfg(feature = "cuda")]
+            if let Some(backward) = &node.device_backward {
+                crate::cuda::autograd::run_device_node(node, backward, &mut grads, &mut dgrads)?;
+            }
             run_node_backward(node, &mut grads)?;
             if let (Some(hook), Some(ready)) = (on_ready.as_deref_mut(), &ready_after) {
                 for id in &ready[step] {
@@ -200,7 +232,11 @@ impl Tensor {
                 }
             }
         }
-        Ok(Gradients { map: grads })
+        Ok(Gradients {
+            map: grads,
+            #[cfg(feature = "cuda")]
+            device: dgrads,
+        })
     }
 }
 
@@ -219,7 +255,17 @@ fn run_node_backward(node: &Node, grads: &mut HashMap<TensorId, ArrayD<f32>>) ->
         return Ok(());
     }
     let needs: Vec<bool> = node.inputs.iter().map(Tensor::is_tracked).collect();
+    crate::profile::autograd_done();
     let in_grads = backward(out_grads, &needs)?;
+    crate::profile::op_done(node.name, || {
+        let inputs: usize = node.inputs.iter().map(Tensor::numel).sum();
+        let outputs: usize = node
+            .outputs
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        4 * (inputs + outputs) as u64
+    });
     if in_grads.len() != node.inputs.len() {
         return Err(Error::Backward(format!(
             "op `{}` returned {} input gradients for {} inputs",
@@ -253,10 +299,7 @@ fn leaves_final_after(order: &[Arc<Node>]) -> Vec<Vec<TensorId>> {
     let mut last_use: HashMap<TensorId, usize> = HashMap::new();
     for (step, node) in order.iter().rev().enumerate() {
         for input in &node.inputs {
-            if input
-                .grad_link()
-                .is_some_and(|link| link.node.backward.is_none())
-            {
+            if input.grad_link().is_some_and(|link| link.node.is_leaf()) {
                 last_use.insert(input.id(), step);
             }
         }
@@ -272,11 +315,18 @@ fn leaves_final_after(order: &[Arc<Node>]) -> Vec<Vec<TensorId>> {
     ready
 }
 
-fn needs_graph(inputs: &[&Tensor]) -> bool {
+/// Bytes an op reads and writes, roughly: its inputs and outputs once each (the profile's GB/s).
+fn traffic_bytes(outputs: &[Data], inputs: &[&Tensor]) -> u64 {
+    let n: usize = outputs.iter().map(|d| d.len()).sum::<usize>()
+        + inputs.iter().map(|t| t.numel()).sum::<usize>();
+    4 * n as u64
+}
+
+pub(crate) fn needs_graph(inputs: &[&Tensor]) -> bool {
     is_grad_enabled() && inputs.iter().any(|t| t.is_tracked())
 }
 
-fn accumulate(grads: &mut HashMap<TensorId, ArrayD<f32>>, id: TensorId, g: ArrayD<f32>) {
+pub(crate) fn accumulate(grads: &mut HashMap<TensorId, ArrayD<f32>>, id: TensorId, g: ArrayD<f32>) {
     match grads.get_mut(&id) {
         Some(acc) => add_assign(acc, &g),
         None => {
@@ -320,9 +370,14 @@ fn topological_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
 
 /// Gradients of the leaves of a graph, by tensor id (a parameter's id is stable, so
 /// `grads.get_param(&p)` finds its gradient).
+///
+/// Gradients live where their tensors live: those of device tensors are device tensors,
+/// reached through [`Gradients::tensor`] (the array accessors see host gradients only).
 #[derive(Default, Debug, Clone)]
 pub struct Gradients {
     map: HashMap<TensorId, ArrayD<f32>>,
+    #[cfg(feature = "cuda")]
+    device: HashMap<TensorId, Tensor>,
 }
 
 impl Gradients {
@@ -375,6 +430,10 @@ impl Gradients {
         for (id, g) in other.map {
             self.accumulate(id, g)?;
         }
+        #[cfg(feature = "cuda")]
+        for (id, g) in other.device {
+            crate::cuda::autograd::accumulate(&mut self.device, id, g)?;
+        }
         Ok(())
     }
 
@@ -383,16 +442,53 @@ impl Gradients {
         for g in self.map.values_mut() {
             g.mapv_inplace(|x| x * factor);
         }
+        #[cfg(feature = "cuda")]
+        for g in self.device.values_mut() {
+            *g = no_grad(|| g.mul_scalar(factor));
+        }
     }
 
-    /// Number of stored gradients.
+    /// The gradient under `id` as an untracked tensor where it lives: a device tensor for a
+    /// device tensor's gradient, a host tensor (a copy of the array) otherwise.
+    pub fn tensor(&self, id: TensorId) -> Option<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = self.device.get(&id) {
+            return Some(t.clone());
+        }
+        self.map.get(&id).map(|a| Tensor::new(a.clone()))
+    }
+
+    /// Stores `g` (host or device) under `id`, replacing what was there.
+    pub fn insert_tensor(&mut self, id: TensorId, g: Tensor) {
+        #[cfg(feature = "cuda")]
+        if !g.device().is_cpu() {
+            self.map.remove(&id);
+            self.device.insert(id, g.detach());
+            return;
+        }
+        self.map.insert(id, g.to_array());
+    }
+
+    /// The ids of every stored gradient, host and device, in no particular order.
+    pub fn ids(&self) -> Vec<TensorId> {
+        #[allow(unused_mut)]
+        let mut ids: Vec<TensorId> = self.map.keys().copied().collect();
+        #[cfg(feature = "cuda")]
+        ids.extend(self.device.keys().copied());
+        ids
+    }
+
+    /// Number of stored gradients (host and device).
     pub fn len(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        return self.map.len() + self.device.len();
+        #[cfg(not(feature = "cuda"))]
         self.map.len()
     }
 
     /// Whether no gradient is stored.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
     /// Iterates over (id, gradient).
@@ -401,7 +497,16 @@ impl Gradients {
     }
 
     /// Whether every stored gradient is finite.
+    /// Device gradients are copied to the host to be checked.
     pub fn all_finite(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if !self
+            .device
+            .values()
+            .all(|g| g.to_vec().iter().all(|x| x.is_finite()))
+        {
+            return false;
+        }
         self.map.values().all(|g| g.iter().all(|x| x.is_finite()))
     }
 }

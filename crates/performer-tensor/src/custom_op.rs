@@ -39,11 +39,26 @@ pub trait CustomOp: Send + Sync + 'static {
 
 /// Runs `op` on tensors, recording it in the graph when some input is tracked.
 pub fn apply_custom_op<O: CustomOp>(op: O, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+    // A custom op computes on host arrays: device operands make a (differentiable) round trip.
+    #[cfg(feature = "cuda")]
+    if let Some(device) = crate::cuda::common_device(op.name(), inputs)? {
+        let host: Vec<Tensor> = inputs.iter().map(|t| t.to_host()).collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = host.iter().collect();
+        return apply_custom_op(op, &refs)?
+            .iter()
+            .map(|t| t.to_device(device))
+            .collect();
+    }
     let tracked = crate::is_grad_enabled() && inputs.iter().any(|t| t.is_tracked());
     let datas: Vec<&Data> = inputs.iter().map(|t| t.data()).collect();
     let (outputs, saved) = op.forward(&datas, tracked)?;
     let outputs: Vec<Data> = outputs.into_iter().map(ArrayD::into_shared).collect();
     if !tracked {
+        crate::profile::op_done(op.name(), || {
+            let n: usize = outputs.iter().map(|d| d.len()).sum::<usize>()
+                + inputs.iter().map(|t| t.numel()).sum::<usize>();
+            4 * n as u64
+        });
         return Ok(outputs.into_iter().map(Tensor::new).collect());
     }
     let kept_inputs: Vec<Data> = datas.into_iter().cloned().collect();

@@ -84,6 +84,43 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Operands of one op live on different devices (move one with `Tensor::to_device`).
+    #[error("{op}: operands on different devices: {left} and {right}")]
+    DeviceMismatch {
+        /// The operation.
+        op: String,
+        /// The device of the first operand.
+        left: String,
+        /// The device of the operand that differs from the first.
+        right: String,
+    },
+    /// A device allocation past the device's free memory.
+    #[error(
+        "{op}: out of memory on {device}: {requested} bytes requested, {in_use} of {capacity} in use"
+    )]
+    OutOfMemory {
+        /// The operation that allocated.
+        op: String,
+        /// The device.
+        device: String,
+        /// Bytes asked for.
+        requested: usize,
+        /// Bytes already allocated on the device.
+        in_use: usize,
+        /// The device's capacity in bytes (0 where the driver does not say).
+        capacity: usize,
+    },
+    /// An op asked of a tensor on a device where it has no implementation (yet), or a device
+    /// this build cannot reach (the `cuda` feature is off).
+    #[error("{op}: not available on {device}: {detail}")]
+    Unsupported {
+        /// The operation.
+        op: String,
+        /// The device.
+        device: String,
+        /// What to do instead.
+        detail: String,
+    },
     /// Anything else, with its explanation.
     #[error("{0}")]
     Other(String),

@@ -87,6 +87,9 @@ macro_rules! multiversion {
     };
 }
 
+/// For the fused kernels of other modules (the optimizers' update).
+pub(crate) use multiversion;
+
 multiversion! {
     /// `x = e^x` for every element.
     pub fn exp_inplace(xs: &mut [f32]) {

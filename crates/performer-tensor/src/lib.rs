@@ -18,9 +18,24 @@
 
 #![warn(missing_docs)]
 
+/// The one early branch of an op that has a device implementation: `$e` is `None` for host
+/// operands (the CPU code below it runs, unchanged) and the op's result otherwise. Compiles to
+/// nothing without the `cuda` feature.
+macro_rules! on_device {
+    ($e:expr) => {
+        #[cfg(feature = "cuda")]
+        if let Some(r) = $e {
+            return r;
+        }
+    };
+}
+
 mod alloc;
 mod autograd;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod custom_op;
+mod device;
 pub mod dtype;
 mod error;
 pub mod fast_math;
@@ -32,6 +47,7 @@ pub mod ops;
 pub mod optim;
 pub mod parallel;
 mod param;
+pub mod profile;
 pub mod rng;
 pub mod schedule;
 pub mod shape;
@@ -41,6 +57,7 @@ pub mod testing;
 
 pub use autograd::{GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad};
 pub use custom_op::{CustomOp, apply_custom_op};
+pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use gradcheck::{GradcheckOptions, gradcheck};

@@ -141,6 +141,25 @@ pub trait Module: Send + Sync {
         out
     }
 
+    /// Moves every parameter and float buffer to `device` ([`Param::to_device`],
+    /// [`Buffer::to_device`]); stops at the first failure (out of device memory), leaving the
+    /// entries visited so far moved.
+    fn to_device(&self, device: crate::Device) -> Result<()> {
+        let mut result = Ok(());
+        let mut f = |_: &str, e: Entry<'_>| {
+            if result.is_err() {
+                return;
+            }
+            result = match e {
+                Entry::Param(p) => p.to_device(device),
+                Entry::Buffer(b) => b.to_device(device),
+                Entry::Training(_) => Ok(()),
+            };
+        };
+        self.visit(&mut Visitor::new(&mut f));
+        result
+    }
+
     /// Sets training (true) or evaluation (false) mode on the whole tree.
     fn set_training(&self, training: bool) {
         let mut f = |_: &str, e: Entry<'_>| {

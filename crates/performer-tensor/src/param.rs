@@ -15,7 +15,7 @@ use ndarray::{ArcArray, ArrayD, IxDyn};
 
 use crate::dtype::{DType, from_bf16, to_bf16};
 use crate::tensor::{Data, TensorId};
-use crate::{Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 /// A parameter's values in their storage type.
 #[derive(Clone)]
@@ -82,6 +82,10 @@ struct ParamInner {
     /// `value`'s lock is held (read to fill it, write to clear it), so it can never outlive the
     /// value it was made from.
     transposed: Mutex<Option<Transposed>>,
+    /// The value while the parameter lives on a device ([`Param::to_device`]); the host slot
+    /// then holds an empty array and every accessor reads this one (a device value is f32).
+    #[cfg(feature = "cuda")]
+    device: RwLock<Option<crate::cuda::DeviceStorage>>,
 }
 
 /// A trainable tensor, stored in f32 (or bfloat16 for inference, see [`Param::to_dtype`]).
@@ -95,7 +99,64 @@ impl Param {
             id: TensorId::fresh(),
             value: RwLock::new(Stored::F32(value.into())),
             transposed: Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            device: RwLock::new(None),
         }))
+    }
+
+    /// Where the value lives.
+    pub fn device(&self) -> Device {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            return s.device;
+        }
+        Device::Cpu
+    }
+
+    /// Moves the value to `device` (a copy there; the host copy is released). The id stays,
+    /// so gradients and optimizer state keep their keys; gradients of later graphs live on
+    /// `device`. Without the `cuda` feature only [`Device::Cpu`] is accepted.
+    pub fn to_device(&self, device: Device) -> Result<()> {
+        if device == self.device() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let host = self.value().to_owned();
+            let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
+            let mut dev = self.0.device.write().unwrap_or_else(|e| e.into_inner());
+            if device.is_cpu() {
+                *slot = Stored::F32(host.into_shared());
+                *dev = None;
+            } else {
+                *dev = Some(crate::cuda::upload("Param::to_device", &host, device)?);
+                *slot = Stored::F32(ArrayD::zeros(IxDyn(&[0])).into_shared());
+            }
+            *self.0.transposed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Error::Unsupported {
+            op: "Param::to_device".into(),
+            device: device.to_string(),
+            detail: "performer-tensor was built without its `cuda` feature".into(),
+        })
+    }
+
+    /// The device value, where the parameter lives on a device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_storage(&self) -> Option<crate::cuda::DeviceStorage> {
+        self.0
+            .device
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the device value (optimizers; same shape and device, checked by the caller).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn set_device_storage(&self, s: crate::cuda::DeviceStorage) {
+        *self.0.device.write().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
 
     /// The stable id its gradients are stored under.
@@ -105,12 +166,23 @@ impl Param {
 
     /// The current value as a leaf tensor (ops record it only while gradients are enabled).
     pub fn tensor(&self) -> Tensor {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            return Tensor::leaf_from_storage(self.0.id, crate::tensor::Storage::Device(s));
+        }
         Tensor::leaf_with_id(self.0.id, self.value())
     }
 
     /// The current value in f32: shared, no copy, for an f32 parameter; a widened copy for a
-    /// bf16 one.
+    /// bf16 one; on a device, a copy brought to the host, which panics if the copy fails.
     pub fn value(&self) -> Data {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            return s
+                .to_array()
+                .unwrap_or_else(|e| panic!("Param::value: {e}"))
+                .into_shared();
+        }
         self.0
             .value
             .read()
@@ -140,6 +212,10 @@ impl Param {
 
     /// The shape.
     pub fn shape(&self) -> Vec<usize> {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            return s.shape.clone();
+        }
         self.0
             .value
             .read()
@@ -150,6 +226,10 @@ impl Param {
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            return s.numel();
+        }
         self.shape().iter().product()
     }
 
@@ -157,6 +237,18 @@ impl Param {
     /// rounded to bf16.
     pub fn set(&self, value: impl Into<Data>) -> Result<()> {
         let value = value.into();
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            if s.shape != value.shape() {
+                return Err(Error::shape(
+                    "Param::set",
+                    format!("parameter {:?}, new value {:?}", s.shape, value.shape()),
+                ));
+            }
+            let up = crate::cuda::upload("Param::set", &value.to_owned(), s.device)?;
+            self.set_device_storage(up);
+            return Ok(());
+        }
         let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
         if slot.shape() != value.shape() {
             return Err(Error::shape(
@@ -177,6 +269,16 @@ impl Param {
     /// parameter is widened, updated and rounded back (optimizers never get here: they refuse
     /// bf16 parameters, whose small updates would round away).
     pub fn update(&self, f: impl FnOnce(&mut ArrayD<f32>)) {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            let mut host = s
+                .to_array()
+                .unwrap_or_else(|e| panic!("Param::update: {e}"));
+            f(&mut host);
+            self.set(host)
+                .unwrap_or_else(|e| panic!("Param::update: {e}"));
+            return;
+        }
         let mut slot = self.0.value.write().unwrap_or_else(|e| e.into_inner());
         let dtype = slot.dtype();
         let value = match std::mem::replace(
@@ -209,6 +311,13 @@ impl Param {
     /// The contiguous transpose of a 2-D value in the storage type, cached as
     /// [`Param::transposed`] describes: what the decoding step's matrix-vector products read.
     pub fn transposed_weights(&self) -> Result<Transposed> {
+        if !self.device().is_cpu() {
+            return Err(Error::Unsupported {
+                op: "Param::transposed".into(),
+                device: self.device().to_string(),
+                detail: "a host-side cache of the transpose; device layers use the value".into(),
+            });
+        }
         let value = self.0.value.read().unwrap_or_else(|e| e.into_inner());
         if value.shape().len() != 2 {
             return Err(Error::shape(
@@ -304,27 +413,82 @@ impl StateValue {
 /// A non-trainable tensor that belongs to a module's state (projection matrices, fixed
 /// position tables, counters).
 #[derive(Clone)]
-pub struct Buffer(Arc<RwLock<StateValue>>);
+pub struct Buffer {
+    value: Arc<RwLock<StateValue>>,
+    /// A device copy of a float value after [`Buffer::to_device`] (the host value stays the
+    /// authority: buffers change only through [`Buffer::set`], which refreshes the copy).
+    #[cfg(feature = "cuda")]
+    device: Arc<RwLock<Option<crate::cuda::DeviceStorage>>>,
+}
 
 impl Buffer {
     /// A float buffer.
     pub fn new(value: impl Into<Data>) -> Self {
-        Buffer(Arc::new(RwLock::new(StateValue::F32(value.into()))))
+        Self::from_value(StateValue::F32(value.into()))
     }
 
     /// An integer buffer.
     pub fn new_i64(value: ArrayD<i64>) -> Self {
-        Buffer(Arc::new(RwLock::new(StateValue::I64(value))))
+        Self::from_value(StateValue::I64(value))
+    }
+
+    fn from_value(value: StateValue) -> Self {
+        Buffer {
+            value: Arc::new(RwLock::new(value)),
+            #[cfg(feature = "cuda")]
+            device: Arc::new(RwLock::new(None)),
+        }
+    }
+
+    /// Where [`Buffer::tensor`] puts its tensor (integer buffers always stay on the host).
+    pub fn device(&self) -> Device {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = &*self.device.read().unwrap_or_else(|e| e.into_inner()) {
+            return s.device;
+        }
+        Device::Cpu
+    }
+
+    /// Keeps a copy of a float value on `device` for [`Buffer::tensor`] (integer buffers stay
+    /// on the host: they are read there). Without the `cuda` feature only [`Device::Cpu`].
+    pub fn to_device(&self, device: Device) -> Result<()> {
+        if device == self.device() {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let value = self.get();
+            let mut dev = self.device.write().unwrap_or_else(|e| e.into_inner());
+            *dev = match (&value, device.is_cpu()) {
+                (StateValue::F32(a), false) => Some(crate::cuda::upload(
+                    "Buffer::to_device",
+                    &a.to_owned(),
+                    device,
+                )?),
+                _ => None,
+            };
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Error::Unsupported {
+            op: "Buffer::to_device".into(),
+            device: device.to_string(),
+            detail: "performer-tensor was built without its `cuda` feature".into(),
+        })
     }
 
     /// The current value (shared for float buffers).
     pub fn get(&self) -> StateValue {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.value.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The float value as a constant tensor (an error for an integer buffer).
     pub fn tensor(&self) -> Result<Tensor> {
-        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = &*self.device.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(crate::cuda::constant(s.clone()));
+        }
+        match &*self.value.read().unwrap_or_else(|e| e.into_inner()) {
             StateValue::F32(a) => Ok(Tensor::new(a.clone())),
             StateValue::I64(_) => Err(Error::Other("an integer buffer has no float tensor".into())),
         }
@@ -332,7 +496,7 @@ impl Buffer {
 
     /// Replaces the value; kind and shape must match.
     pub fn set(&self, value: StateValue) -> Result<()> {
-        let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.value.write().unwrap_or_else(|e| e.into_inner());
         let same_kind = matches!(
             (&*slot, &value),
             (StateValue::F32(_), StateValue::F32(_)) | (StateValue::I64(_), StateValue::I64(_))
@@ -342,6 +506,14 @@ impl Buffer {
                 "Buffer::set",
                 format!("buffer {:?}, new value {:?}", slot.shape(), value.shape()),
             ));
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let mut dev = self.device.write().unwrap_or_else(|e| e.into_inner());
+            if let (Some(s), StateValue::F32(a)) = (&*dev, &value) {
+                let up = crate::cuda::upload("Buffer::set", &a.to_owned(), s.device)?;
+                *dev = Some(up);
+            }
         }
         *slot = value;
         Ok(())

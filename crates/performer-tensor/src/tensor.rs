@@ -38,8 +38,19 @@ pub struct Tensor {
 
 struct Inner {
     id: TensorId,
-    data: Data,
+    storage: Storage,
     grad: Option<GradLink>,
+}
+
+/// Where a tensor's values are: host memory, or (feature `cuda`) a device buffer. With the
+/// feature off there is one variant and every match on it compiles away.
+#[derive(Clone)]
+pub(crate) enum Storage {
+    /// An ndarray array in host memory (any strides).
+    Host(Data),
+    /// A contiguous row-major buffer on a CUDA device or the emulated device.
+    #[cfg(feature = "cuda")]
+    Device(crate::cuda::DeviceStorage),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -56,6 +67,9 @@ pub(crate) struct Node {
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) outputs: Vec<(TensorId, Vec<usize>)>,
     pub(crate) backward: Option<Box<BackwardFn>>,
+    /// The backward of an op on device tensors (its gradients are tensors).
+    #[cfg(feature = "cuda")]
+    pub(crate) device_backward: Option<Box<crate::cuda::DeviceBackwardFn>>,
 }
 
 /// Which output of which node a tensor is.
@@ -73,7 +87,18 @@ impl Node {
             inputs: Vec::new(),
             outputs: vec![(id, shape)],
             backward: None,
+            #[cfg(feature = "cuda")]
+            device_backward: None,
         }
+    }
+
+    /// Whether this is a leaf (a variable or parameter): a node without any backward.
+    pub(crate) fn is_leaf(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device_backward.is_some() {
+            return false;
+        }
+        self.backward.is_none()
     }
 }
 
@@ -99,8 +124,26 @@ impl Drop for Node {
 
 impl Tensor {
     pub(crate) fn from_parts(id: TensorId, data: Data, grad: Option<GradLink>) -> Self {
+        Self::from_storage(id, Storage::Host(data), grad)
+    }
+
+    pub(crate) fn from_storage(id: TensorId, storage: Storage, grad: Option<GradLink>) -> Self {
         Tensor {
-            inner: Arc::new(Inner { id, data, grad }),
+            inner: Arc::new(Inner { id, storage, grad }),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    /// Where the values live.
+    pub fn device(&self) -> crate::Device {
+        match &self.inner.storage {
+            Storage::Host(_) => crate::Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Device(s) => s.device,
         }
     }
 
@@ -118,10 +161,14 @@ impl Tensor {
 
     /// A leaf variable with a given id (used by [`crate::Param`], whose id is stable).
     pub fn leaf_with_id(id: TensorId, data: Data) -> Self {
-        let node = Node::leaf(id, data.shape().to_vec());
-        Self::from_parts(
+        Self::leaf_from_storage(id, Storage::Host(data))
+    }
+
+    pub(crate) fn leaf_from_storage(id: TensorId, storage: Storage) -> Self {
+        let node = Node::leaf(id, storage_shape(&storage).to_vec());
+        Self::from_storage(
             id,
-            data,
+            storage,
             Some(GradLink {
                 node: Arc::new(node),
                 output: 0,
@@ -193,39 +240,60 @@ impl Tensor {
         self.inner.id
     }
 
-    /// The shared data (any strides).
+    /// The shared host data (any strides).
+    ///
+    /// # Panics
+    /// If the tensor lives on a device (feature `cuda`): the ops with a device implementation
+    /// never get here; call [`Tensor::to_host`] before an op that has none.
     pub fn data(&self) -> &Data {
-        &self.inner.data
+        match &self.inner.storage {
+            Storage::Host(d) => d,
+            #[cfg(feature = "cuda")]
+            Storage::Device(s) => s.host_access_panic(),
+        }
     }
 
-    /// A view of the data.
+    /// A view of the host data (panics on a device tensor, like [`Tensor::data`]).
     pub fn view(&self) -> ArrayViewD<'_, f32> {
-        self.inner.data.view()
+        self.data().view()
     }
 
-    /// The data as an owned array (copies).
+    /// The data as an owned host array (copies; from a device, waits for it and panics if the
+    /// copy fails: [`Tensor::to_host`] returns that error instead).
     pub fn to_array(&self) -> ArrayD<f32> {
-        self.inner.data.to_owned()
+        match &self.inner.storage {
+            Storage::Host(d) => d.to_owned(),
+            #[cfg(feature = "cuda")]
+            Storage::Device(s) => s.to_array().unwrap_or_else(|e| panic!("to_array: {e}")),
+        }
     }
 
-    /// The values in row-major order.
+    /// The values in row-major order (copied from a device like [`Tensor::to_array`]).
     pub fn to_vec(&self) -> Vec<f32> {
-        self.inner.data.iter().copied().collect()
+        match &self.inner.storage {
+            Storage::Host(d) => d.iter().copied().collect(),
+            #[cfg(feature = "cuda")]
+            Storage::Device(s) => s.to_vec().unwrap_or_else(|e| panic!("to_vec: {e}")),
+        }
     }
 
     /// The shape.
     pub fn shape(&self) -> &[usize] {
-        self.inner.data.shape()
+        storage_shape(&self.inner.storage)
     }
 
     /// Number of axes.
     pub fn rank(&self) -> usize {
-        self.inner.data.ndim()
+        self.shape().len()
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.inner.data.len()
+        match &self.inner.storage {
+            Storage::Host(d) => d.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Device(s) => s.numel(),
+        }
     }
 
     /// Size of `axis` (negative counts from the end).
@@ -245,7 +313,12 @@ impl Tensor {
                 ),
             ));
         }
-        Ok(*self.inner.data.iter().next().expect("one element"))
+        match &self.inner.storage {
+            Storage::Host(d) => Ok(*d.iter().next().expect("one element")),
+            // The one place a training step reads the device: the loss, when asked.
+            #[cfg(feature = "cuda")]
+            Storage::Device(s) => Ok(s.to_vec()?[0]),
+        }
     }
 
     /// Whether gradients flow through this tensor.
@@ -253,9 +326,15 @@ impl Tensor {
         self.inner.grad.is_some()
     }
 
+    /// A leaf variable over this tensor's values, wherever they live (a new id; like
+    /// `detach().requires_grad_()` in PyTorch): how a variable is made on a device.
+    pub fn to_var(&self) -> Tensor {
+        Self::leaf_from_storage(TensorId::fresh(), self.inner.storage.clone())
+    }
+
     /// The same data, cut from the graph (a new id; no gradient flows through it).
     pub fn detach(&self) -> Tensor {
-        Self::new(self.inner.data.clone())
+        Self::from_storage(TensorId::fresh(), self.inner.storage.clone(), None)
     }
 
     pub(crate) fn grad_link(&self) -> Option<&GradLink> {
@@ -271,6 +350,14 @@ impl Tensor {
     }
 }
 
+fn storage_shape(storage: &Storage) -> &[usize] {
+    match storage {
+        Storage::Host(d) => d.shape(),
+        #[cfg(feature = "cuda")]
+        Storage::Device(s) => &s.shape,
+    }
+}
+
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -280,7 +367,9 @@ impl fmt::Debug for Tensor {
             self.shape(),
             self.is_tracked()
         )?;
-        if self.numel() <= 16 {
+        if !self.device().is_cpu() {
+            write!(f, ", device={}", self.device())?;
+        } else if self.numel() <= 16 {
             write!(f, ", values={:?}", self.to_vec())?;
         }
         write!(f, ")")

@@ -100,12 +100,17 @@ pub fn median(values: &[f64]) -> Option<f64> {
 /// Writes `records` as a pretty JSON list to `path` atomically: a temporary file in the same
 /// folder, flushed to disk, then renamed over `path`, so a reader never sees half a report.
 pub fn write_json_atomic(path: &Path, records: &[Record]) -> Result<(), String> {
+    let mut text = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
+    text.push('\n');
+    write_text_atomic(path, &text)
+}
+
+/// Writes `text` to `path` atomically (as [`write_json_atomic`] does).
+pub fn write_text_atomic(path: &Path, text: &str) -> Result<(), String> {
     let dir = path
         .parent()
         .ok_or_else(|| format!("{} has no parent folder", path.display()))?;
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let mut text = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
-    text.push('\n');
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

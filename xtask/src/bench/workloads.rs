@@ -91,6 +91,18 @@ pub const LM_BASE: LmShape = LmShape {
     causal: true,
 };
 
+/// The `lm-small-64` PerformerLM: the shape of a quick CPU run (dim 128, depth 4, heads 4,
+/// dim_head 32, nb_features 64, causal; shift_tokens changes no FLOP count).
+pub const LM_SMALL: LmShape = LmShape {
+    dim: 128,
+    dim_head: 32,
+    nb_features: 64,
+    ..LM_BASE
+};
+
+/// Sequences per step of `lm-small-64`.
+pub const LM_SMALL_BATCH: usize = 12;
+
 /// What one workload process runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kind {
@@ -101,13 +113,15 @@ pub enum Kind {
         /// Sequence length.
         n: usize,
     },
-    /// One training step of PerformerLM on `n + 1` tokens: loss, backward, Adam step.
-    /// `reversible` and `shift_tokens` change no FLOP count.
+    /// One training step of PerformerLM on `batch` sequences of `n + 1` tokens: loss,
+    /// backward, Adam step. `reversible` and `shift_tokens` change no FLOP count.
     LmTrain {
         /// The model.
         shape: LmShape,
-        /// Positions the model sees.
+        /// Positions the model sees per sequence.
         n: usize,
+        /// Sequences per step.
+        batch: usize,
     },
     /// Prime with `prompt` random tokens, sample `new_tokens` more (top-k, filter_thres 0.9).
     Generate {
@@ -172,7 +186,8 @@ impl Workload {
     /// for generation, rows for the matmul).
     pub fn tokens(&self) -> usize {
         match self.kind {
-            Kind::Attention { n, .. } | Kind::LmTrain { n, .. } => n,
+            Kind::Attention { n, .. } => n,
+            Kind::LmTrain { n, batch, .. } => batch * n,
             Kind::Generate { new_tokens, .. } => new_tokens,
             Kind::Matmul { m, .. } => m,
         }
@@ -185,7 +200,9 @@ impl Workload {
                 3.0 * ATTN_HEADS as f64
                     * fast_attention_head_fwd(n, ATTN_DIM_HEAD, NB_FEATURES, causal)
             }
-            Kind::LmTrain { shape, n } => 3.0 * lm_forward(&shape, n) + adam(&shape),
+            Kind::LmTrain { shape, n, batch } => {
+                3.0 * batch as f64 * lm_forward(&shape, n) + adam(&shape)
+            }
             Kind::Generate {
                 shape,
                 prompt,
@@ -222,7 +239,11 @@ pub fn all() -> Vec<Workload> {
             shape.scalenorm = true;
             shape.local_heads = 2;
         }
-        Kind::LmTrain { shape, n: 1024 }
+        Kind::LmTrain {
+            shape,
+            n: 1024,
+            batch: 1,
+        }
     };
     vec![
         Workload::named(
@@ -259,6 +280,15 @@ pub fn all() -> Vec<Workload> {
             "lm-full-1k",
             lm(true, true),
             target(None, Some(2600.0), Some(300.0)),
+        ),
+        Workload::named(
+            "lm-small-64",
+            Kind::LmTrain {
+                shape: LM_SMALL,
+                n: 64,
+                batch: LM_SMALL_BATCH,
+            },
+            target(None, Some(12000.0), None),
         ),
         Workload::named(
             "generate-512",
@@ -364,6 +394,32 @@ pub fn lm_forward(s: &LmShape, n: usize) -> f64 {
     s.depth as f64 * per_layer + n as f64 * head_per_position(s)
 }
 
+/// Forward FLOPs of PerformerLM's matrix products alone over `n` positions: the projections,
+/// the feed-forward and the logits, the FAVOR+ feature maps' `x W^T` and attention products
+/// (with the chunked causal form's intra-chunk blocks), and local attention's scores and
+/// weighted sums. A training step does three times these (each product's backward is two
+/// products of its size); at the machine's GEMM rate they are the step's floor.
+pub fn lm_matmul_flops(s: &LmShape, n: usize) -> f64 {
+    let (dim, inner, hidden) = (
+        s.dim as f64,
+        (s.heads * s.dim_head) as f64,
+        (s.dim * s.ff_mult) as f64,
+    );
+    let ff_in_width = if s.ff_glu { 2.0 * hidden } else { hidden };
+    let dense =
+        3.0 * 2.0 * dim * inner + 2.0 * inner * dim + 2.0 * dim * ff_in_width + 2.0 * hidden * dim;
+    let (nf, d, m) = (n as f64, s.dim_head as f64, s.nb_features as f64);
+    let mut favor = 2.0 * (2.0 * nf * d * m) + 4.0 * nf * m * d;
+    if s.causal {
+        favor += 2.0 * nf * CAUSAL_CHUNK as f64 * (m + d);
+    }
+    let keys = (s.local_window * if s.causal { 2 } else { 3 }) as f64;
+    let local = 4.0 * nf * keys * d;
+    let per_layer =
+        nf * dense + (s.heads - s.local_heads) as f64 * favor + s.local_heads as f64 * local;
+    s.depth as f64 * per_layer + nf * 2.0 * dim * s.vocab as f64
+}
+
 /// Forward FLOPs of one generated position with carried attention state.
 pub fn lm_decode_step(s: &LmShape) -> f64 {
     let (d, m) = (s.dim_head as f64, s.nb_features as f64);
@@ -436,6 +492,25 @@ mod tests {
             ..LM_BASE
         };
         assert_eq!(lm_parameters(&full), 4_335_368);
+        // ... and lm-small-64's (dim 128, dim_head 32, nb_features 64, max_seq_len 64,
+        // shift_tokens=True: the shift has no parameters).
+        assert_eq!(lm_parameters(&LM_SMALL), 857_088);
+    }
+
+    #[test]
+    fn matmul_flops_are_most_but_not_all_of_the_count() {
+        for w in all() {
+            let Kind::LmTrain { shape, n, batch } = w.kind else {
+                continue;
+            };
+            let products = 3.0 * batch as f64 * lm_matmul_flops(&shape, n);
+            let share = products / w.flops();
+            assert!(
+                (0.85..1.0).contains(&share),
+                "{}: matrix products are {share} of the counted FLOPs",
+                w.name
+            );
+        }
     }
 
     #[test]

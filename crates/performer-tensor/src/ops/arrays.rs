@@ -114,6 +114,68 @@ fn zip_map3_rows(
     unsafe { out.assume_init() }
 }
 
+/// Whether `a`'s rows (its last axis) are contiguous slices, long enough for the row paths.
+pub(super) fn rows_are_slices(a: &ArrayViewD<f32>) -> bool {
+    by_rows(a) && a.strides()[a.ndim() - 1] == 1
+}
+
+/// A slice kernel `kernel(x_row, out_row)` over the rows of `x` (last axis contiguous, see
+/// [`rows_are_slices`]) into a standard-layout result: a GLU's halves and other column slices
+/// get the vectorized kernel row by row instead of a scalar loop over a strided view.
+pub(super) fn map_rows_with(
+    x: &ArrayViewD<f32>,
+    kernel: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> ArrayD<f32> {
+    let last = Axis(x.ndim() - 1);
+    let mut out = ArrayD::<f32>::uninit(x.raw_dim());
+    let row = |mut o: ndarray::ArrayViewMut1<MaybeUninit<f32>>, x: ndarray::ArrayView1<f32>| {
+        let os = o
+            .as_slice_mut()
+            .expect("rows of a fresh array are contiguous");
+        kernel(x.as_slice().expect("rows checked contiguous"), os);
+    };
+    let zip = Zip::from(out.lanes_mut(last)).and(x.lanes(last));
+    if x.len() < PAR_THRESHOLD {
+        zip.for_each(row);
+    } else {
+        zip.par_for_each(row);
+    }
+    // SAFETY: every row of `out` was written in full by the kernel.
+    unsafe { out.assume_init() }
+}
+
+/// [`map_rows_with`] for a kernel of two operands of the same shape, both with contiguous rows.
+pub(super) fn zip_rows_with(
+    a: &ArrayViewD<f32>,
+    b: &ArrayViewD<f32>,
+    kernel: impl Fn(&[f32], &[f32], &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> ArrayD<f32> {
+    let last = Axis(a.ndim() - 1);
+    let mut out = ArrayD::<f32>::uninit(a.raw_dim());
+    let row = |mut o: ndarray::ArrayViewMut1<MaybeUninit<f32>>,
+               x: ndarray::ArrayView1<f32>,
+               y: ndarray::ArrayView1<f32>| {
+        let os = o
+            .as_slice_mut()
+            .expect("rows of a fresh array are contiguous");
+        kernel(
+            x.as_slice().expect("rows checked contiguous"),
+            y.as_slice().expect("rows checked contiguous"),
+            os,
+        );
+    };
+    let zip = Zip::from(out.lanes_mut(last))
+        .and(a.lanes(last))
+        .and(b.lanes(last));
+    if a.len() < PAR_THRESHOLD {
+        zip.for_each(row);
+    } else {
+        zip.par_for_each(row);
+    }
+    // SAFETY: every row of `out` was written in full by the kernel.
+    unsafe { out.assume_init() }
+}
+
 /// `f` over every element, in parallel when large. The result has the operand's shape.
 pub(crate) fn map_array(x: &ArrayViewD<f32>, f: impl Fn(f32) -> f32 + Sync + Send) -> ArrayD<f32> {
     if let Some(xs) = x.as_slice() {

@@ -58,6 +58,7 @@ impl Tensor {
         for &id in ids.iter() {
             check_index("embedding", id, num)?;
         }
+        on_device!(crate::cuda::ops::embedding(self, ids));
         let flat: Vec<i64> = ids.iter().copied().collect();
         let rows = self.index_select(0, &flat)?;
         let mut shape: Vec<isize> = ids.shape().iter().map(|&d| d as isize).collect();

@@ -77,6 +77,7 @@ impl Tensor {
                 ));
             }
         }
+        on_device!(crate::cuda::ops::layer_norm(self, weight, bias, eps));
         let rows = self.numel() / d.max(1);
         let large = self.numel() >= PAR_THRESHOLD;
         let x = self.data().as_standard_layout();

@@ -13,6 +13,7 @@ impl Tensor {
     /// -1 (inferred). Shares the data when the layout allows.
     pub fn reshape(&self, shape: &[isize]) -> Result<Tensor> {
         let target = infer_shape(self.shape(), shape)?;
+        on_device!(crate::cuda::ops::reshape(self, &target));
         let in_shape = self.shape().to_vec();
         let data = match self.data().clone().into_shape_with_order(IxDyn(&target)) {
             Ok(view) => view,
@@ -68,6 +69,7 @@ impl Tensor {
             }
             perm.push(n);
         }
+        on_device!(crate::cuda::ops::permute(self, &perm));
         let data = self.data().clone().permuted_axes(IxDyn(&perm));
         let mut inverse = vec![0; r];
         for (i, &p) in perm.iter().enumerate() {

@@ -50,6 +50,7 @@ impl Tensor {
             }
             count += 1;
         }
+        on_device!(crate::cuda::ops::cross_entropy(self, target, ignore_index));
         let x = self.view();
         let large = x.len() >= PAR_THRESHOLD;
         // Per position: log-sum-exp of the lane, then minus the target's logit.

@@ -162,6 +162,7 @@ impl Tensor {
 }
 
 fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    on_device!(crate::cuda::ops::matmul(a, b));
     let out = batched_matmul(&a.view(), &b.view())?;
     let (ad, bd) = (a.data().clone(), b.data().clone());
     Ok(Tensor::from_op(out, "matmul", &[a, b], move |g, needs| {

@@ -84,6 +84,7 @@ impl Tensor {
     /// Sum over `axes` (negative axes count from the end; an empty list sums nothing).
     pub fn sum(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
         let axes = normalize_axes("sum", axes, self.rank())?;
+        on_device!(crate::cuda::ops::sum(self, &axes, keepdim));
         let in_shape = self.shape().to_vec();
         let kept = sum_keep(&self.view(), &axes);
         let out = if keepdim {

@@ -192,6 +192,7 @@ impl Tensor {
     /// Softmax along `axis`.
     pub fn softmax(&self, axis: isize) -> Result<Tensor> {
         let ax = normalize_axis("softmax", axis, self.rank())?;
+        on_device!(crate::cuda::ops::softmax(self, ax, false));
         let y = softmax_array(&self.view(), ax).into_shared();
         let yd = y.clone();
         Ok(Tensor::from_op(y, "softmax", &[self], move |g, _| {
@@ -210,6 +211,7 @@ impl Tensor {
     /// Log-softmax along `axis`.
     pub fn log_softmax(&self, axis: isize) -> Result<Tensor> {
         let ax = normalize_axis("log_softmax", axis, self.rank())?;
+        on_device!(crate::cuda::ops::softmax(self, ax, true));
         let y = log_softmax_array(&self.view(), ax).into_shared();
         let yd = y.clone();
         Ok(Tensor::from_op(y, "log_softmax", &[self], move |g, _| {

@@ -1,0 +1,254 @@
+//! Device tensors (feature `cuda`): storage in a [`DeviceBuffer`] on a real GPU or on the
+//! emulated device, the transfers between host and device, the autograd glue for ops whose
+//! gradients live on a device, and ([`ops`]) the ops that have a device implementation.
+//!
+//! A device tensor is always contiguous and row-major; views (reshape) share the buffer,
+//! permutations copy on the device. Every op checks that its operands share one device and
+//! returns [`Error::DeviceMismatch`] otherwise. CPU code never comes here: each op that has a
+//! device implementation starts with one early branch (`on_device!`) that returns `None` for
+//! host operands.
+
+pub(crate) mod autograd;
+pub(crate) mod ops;
+pub(crate) mod optim;
+mod registry;
+
+use std::sync::Arc;
+
+use ndarray::{ArrayD, IxDyn};
+use performer_cuda::DeviceBuffer;
+
+use crate::tensor::{GradLink, Node, Storage, TensorId};
+use crate::{Device, Error, Result, Tensor};
+
+pub use registry::launcher;
+
+/// The values of a device tensor: a shared, immutable, contiguous row-major buffer and its
+/// shape. Cloning shares the buffer.
+#[derive(Clone)]
+pub struct DeviceStorage {
+    pub(crate) buf: Arc<DeviceBuffer>,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) device: Device,
+}
+
+impl DeviceStorage {
+    pub(crate) fn new(buf: DeviceBuffer, shape: Vec<usize>, device: Device) -> Self {
+        debug_assert_eq!(buf.len(), shape.iter().product::<usize>());
+        DeviceStorage {
+            buf: Arc::new(buf),
+            shape,
+            device,
+        }
+    }
+
+    pub(crate) fn numel(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The same buffer under another shape of as many elements.
+    pub(crate) fn reshaped(&self, shape: Vec<usize>) -> Self {
+        DeviceStorage {
+            buf: self.buf.clone(),
+            shape,
+            device: self.device,
+        }
+    }
+
+    pub(crate) fn to_vec(&self) -> Result<Vec<f32>> {
+        self.buf
+            .to_f32()
+            .map_err(|e| map_err("to_host", self.device, e))
+    }
+
+    pub(crate) fn to_array(&self) -> Result<ArrayD<f32>> {
+        Ok(ArrayD::from_shape_vec(IxDyn(&self.shape), self.to_vec()?).expect("length of shape"))
+    }
+
+    pub(crate) fn host_access_panic(&self) -> ! {
+        panic!(
+            "Tensor::data: the tensor (shape {:?}) lives on {}; this op has no device \
+             implementation: call to_host() first",
+            self.shape, self.device
+        )
+    }
+}
+
+/// Our error for a device failure in `op`: out of memory and mismatched devices keep their
+/// own typed variants, shape errors stay shape errors, the rest keeps the backend's error.
+pub(crate) fn map_err(op: &str, device: Device, e: performer_cuda::Error) -> Error {
+    match e {
+        performer_cuda::Error::OutOfMemory {
+            requested,
+            in_use,
+            capacity,
+            ..
+        } => Error::OutOfMemory {
+            op: op.to_string(),
+            device: device.to_string(),
+            requested,
+            in_use,
+            capacity,
+        },
+        performer_cuda::Error::Shape { detail, .. } => Error::shape(op, detail),
+        other => Error::backend(op, other),
+    }
+}
+
+/// The device all of `tensors` live on: `None` when they are all on the host, an
+/// [`Error::DeviceMismatch`] naming `op` and both devices when they differ.
+pub(crate) fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Option<Device>> {
+    let first = tensors[0].device();
+    for t in &tensors[1..] {
+        if t.device() != first {
+            return Err(Error::DeviceMismatch {
+                op: op.to_string(),
+                left: first.to_string(),
+                right: t.device().to_string(),
+            });
+        }
+    }
+    Ok((!first.is_cpu()).then_some(first))
+}
+
+/// The device storage of a tensor known to be on a device.
+pub(crate) fn storage_of(t: &Tensor) -> &DeviceStorage {
+    match t.storage() {
+        Storage::Device(s) => s,
+        Storage::Host(_) => unreachable!("checked to be on a device by common_device"),
+    }
+}
+
+/// Gradients of a device op's outputs in (None where none reached them), gradients of its
+/// inputs out, as tensors where those inputs live.
+pub(crate) type DeviceBackwardFn =
+    dyn Fn(Vec<Option<Tensor>>, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+
+/// The outputs of an op with a device backward: recorded in the graph when gradients are
+/// enabled and some input is tracked, constants otherwise.
+pub(crate) fn record(
+    name: &'static str,
+    inputs: &[&Tensor],
+    outputs: Vec<Storage>,
+    backward: impl Fn(Vec<Option<Tensor>>, &[bool]) -> Result<Vec<Option<Tensor>>>
+    + Send
+    + Sync
+    + 'static,
+) -> Vec<Tensor> {
+    if !crate::autograd::needs_graph(inputs) {
+        return outputs
+            .into_iter()
+            .map(|s| Tensor::from_storage(TensorId::fresh(), s, None))
+            .collect();
+    }
+    let ids: Vec<TensorId> = outputs.iter().map(|_| TensorId::fresh()).collect();
+    let node = Arc::new(Node {
+        name,
+        inputs: inputs.iter().map(|t| (*t).clone()).collect(),
+        outputs: ids
+            .iter()
+            .zip(&outputs)
+            .map(|(id, s)| (*id, shape_of(s).to_vec()))
+            .collect(),
+        backward: None,
+        device_backward: Some(Box::new(backward)),
+    });
+    outputs
+        .into_iter()
+        .zip(ids)
+        .enumerate()
+        .map(|(output, (s, id))| {
+            Tensor::from_storage(
+                id,
+                s,
+                Some(GradLink {
+                    node: node.clone(),
+                    output,
+                }),
+            )
+        })
+        .collect()
+}
+
+/// [`record`] for an op with one device output whose backward takes one gradient.
+pub(crate) fn record1(
+    name: &'static str,
+    inputs: &[&Tensor],
+    output: DeviceStorage,
+    backward: impl Fn(&DeviceStorage, &[bool]) -> Result<Vec<Option<DeviceStorage>>>
+    + Send
+    + Sync
+    + 'static,
+) -> Tensor {
+    record(
+        name,
+        inputs,
+        vec![Storage::Device(output)],
+        move |grads, needs| match grads.into_iter().next().flatten() {
+            Some(g) => Ok(backward(storage_of(&g), needs)?
+                .into_iter()
+                .map(|g| g.map(constant))
+                .collect()),
+            None => Ok(vec![None; needs.len()]),
+        },
+    )
+    .pop()
+    .expect("one output")
+}
+
+/// An untracked tensor over device storage.
+pub(crate) fn constant(s: DeviceStorage) -> Tensor {
+    Tensor::from_storage(TensorId::fresh(), Storage::Device(s), None)
+}
+
+fn shape_of(s: &Storage) -> &[usize] {
+    match s {
+        Storage::Host(d) => d.shape(),
+        Storage::Device(d) => &d.shape,
+    }
+}
+
+/// Host values to `device` (contiguous, row-major).
+pub(crate) fn upload(op: &str, values: &ArrayD<f32>, device: Device) -> Result<DeviceStorage> {
+    let dev = launcher(device)?;
+    let std = values.as_standard_layout();
+    let slice = std.as_slice().expect("standard layout");
+    let buf = DeviceBuffer::from_f32(&dev, slice).map_err(|e| map_err(op, device, e))?;
+    Ok(DeviceStorage::new(buf, values.shape().to_vec(), device))
+}
+
+/// `tensor` moved to `device`, differentiably (the gradient moves back).
+pub(crate) fn to_device(t: &Tensor, device: Device) -> Result<Tensor> {
+    let from = t.device();
+    if from == device {
+        return Ok(t.clone());
+    }
+    let storage = match t.storage() {
+        Storage::Host(d) => Storage::Device(upload("to_device", &d.to_owned(), device)?),
+        Storage::Device(s) if device.is_cpu() => Storage::Host(s.to_array()?.into_shared()),
+        Storage::Device(s) => Storage::Device(upload("to_device", &s.to_array()?, device)?),
+    };
+    let name = if device.is_cpu() {
+        "to_host"
+    } else {
+        "to_device"
+    };
+    Ok(record(name, &[t], vec![storage], move |grads, _| {
+        Ok(vec![match grads.into_iter().next().flatten() {
+            Some(g) => Some(to_device(&g, from)?),
+            None => None,
+        }])
+    })
+    .pop()
+    .expect("one output"))
+}
+
+/// A constant of `shape` filled with `value` on `device`.
+pub(crate) fn full(shape: &[usize], value: f32, device: Device) -> Result<DeviceStorage> {
+    let dev = launcher(device)?;
+    let numel = crate::shape::checked_numel(shape)
+        .ok_or_else(|| Error::shape("full", format!("{shape:?} is too large to allocate")))?;
+    let buf = performer_cuda::tensor_ops::full(&dev, numel, value)
+        .map_err(|e| map_err("full", device, e))?;
+    Ok(DeviceStorage::new(buf, shape.to_vec(), device))
+}

@@ -1,0 +1,511 @@
+//! Device implementations of the tensor ops, each reached by one early branch at the top of
+//! the CPU op (`on_device!`). Each returns `None` when every operand is on the host (the CPU
+//! code runs, unchanged), and otherwise the result computed by the kernels of
+//! `performer_cuda::tensor_ops` with a device backward, or a typed error: operands on two
+//! devices ([`Error::DeviceMismatch`]), out of memory ([`Error::OutOfMemory`]), an op or a form
+//! of one with no device kernel ([`Error::Unsupported`]).
+//!
+//! Ops whose CPU signature cannot fail (`relu`, `exp`, `mul_scalar`, `sum_all`, ...) panic
+//! with the typed error's message when the device fails (out of memory): their signatures are
+//! the CPU's, kept unchanged.
+
+use performer_cuda::tensor_ops::{self as k, Binary, Reduce, Unary};
+
+use super::{DeviceStorage, common_device, constant, map_err, record1, storage_of};
+use crate::{Device, Error, Result, Tensor};
+
+/// `op`'s device, `None` for host operands, the mismatch error otherwise.
+macro_rules! device_or_host {
+    ($op:expr, $($t:expr),+) => {
+        match common_device($op, &[$($t),+]) {
+            Ok(None) => return None,
+            Ok(Some(d)) => d,
+            Err(e) => return Some(Err(e)),
+        }
+    };
+}
+
+fn unsupported(op: &str, device: Device, detail: impl Into<String>) -> Error {
+    Error::Unsupported {
+        op: op.to_string(),
+        device: device.to_string(),
+        detail: detail.into(),
+    }
+}
+
+fn infallible(op: &str, r: Result<Tensor>) -> Tensor {
+    r.unwrap_or_else(|e| panic!("{op} on a device: {e}"))
+}
+
+fn row_major_strides(shape: &[usize]) -> Vec<i64> {
+    let mut s = vec![0i64; shape.len()];
+    let mut acc = 1i64;
+    for a in (0..shape.len()).rev() {
+        s[a] = acc;
+        acc *= shape[a] as i64;
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise
+
+/// `a op b` with broadcasting for the CPU op named `name`.
+pub(crate) fn binary(a: &Tensor, b: &Tensor, name: &'static str) -> Option<Result<Tensor>> {
+    let device = device_or_host!(name, a, b);
+    let op = match name {
+        "add" => Binary::Add,
+        "sub" => Binary::Sub,
+        "mul" => Binary::Mul,
+        "div" => Binary::Div,
+        "maximum" => Binary::Max,
+        "minimum" => Binary::Min,
+        _ => {
+            return Some(Err(unsupported(
+                name,
+                device,
+                "no device kernel; use to_host()",
+            )));
+        }
+    };
+    let (sa, sb) = (storage_of(a).clone(), storage_of(b).clone());
+    Some((|| {
+        let (out, shape) = k::binary(&sa.buf, &sa.shape, &sb.buf, &sb.shape, op)
+            .map_err(|e| map_err(name, device, e))?;
+        let out = DeviceStorage::new(out, shape, device);
+        Ok(record1(name, &[a, b], out, move |g, needs| {
+            let (ga, gb) = k::binary_backward(
+                &sa.buf, &sa.shape, &sb.buf, &sb.shape, &g.buf, op, needs[0], needs[1],
+            )
+            .map_err(|e| map_err(name, device, e))?;
+            Ok(vec![
+                ga.map(|g| DeviceStorage::new(g, sa.shape.clone(), device)),
+                gb.map(|g| DeviceStorage::new(g, sb.shape.clone(), device)),
+            ])
+        }))
+    })())
+}
+
+/// The device function of the CPU's element-wise op `name`, where there is one.
+fn unary_of(name: &str) -> Option<Unary> {
+    Some(match name {
+        "neg" => Unary::Neg,
+        "exp" => Unary::Exp,
+        "log" => Unary::Log,
+        "sqrt" => Unary::Sqrt,
+        "relu" => Unary::Relu,
+        "gelu" => Unary::Gelu,
+        "tanh" => Unary::Tanh,
+        "sigmoid" => Unary::Sigmoid,
+        "abs" => Unary::Abs,
+        "recip" => Unary::Recip,
+        "square" => Unary::Square,
+        "silu" => Unary::Silu,
+        _ => return None,
+    })
+}
+
+/// The CPU's element-wise op `name` (no parameters) on a device.
+pub(crate) fn unary(x: &Tensor, name: &'static str) -> Option<Tensor> {
+    if x.device().is_cpu() {
+        return None;
+    }
+    let r = match unary_of(name) {
+        Some(f) => unary_on(x, name, f),
+        None => Err(unsupported(
+            name,
+            x.device(),
+            "no device kernel; use to_host()",
+        )),
+    };
+    Some(infallible(name, r))
+}
+
+/// An element-wise op with parameters (`Affine`, `Pow`) on a device.
+pub(crate) fn unary_with(x: &Tensor, name: &'static str, f: Unary) -> Option<Tensor> {
+    if x.device().is_cpu() {
+        return None;
+    }
+    Some(infallible(name, unary_on(x, name, f)))
+}
+
+fn unary_on(x: &Tensor, name: &'static str, f: Unary) -> Result<Tensor> {
+    let sx = storage_of(x).clone();
+    let device = sx.device;
+    let y = k::unary(&sx.buf, f).map_err(|e| map_err(name, device, e))?;
+    let y = DeviceStorage::new(y, sx.shape.clone(), device);
+    let sy = y.clone();
+    Ok(record1(name, &[x], y, move |g, _| {
+        let gx =
+            k::unary_backward(&sx.buf, &sy.buf, &g.buf, f).map_err(|e| map_err(name, device, e))?;
+        Ok(vec![Some(DeviceStorage::new(gx, sx.shape.clone(), device))])
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout
+
+/// The same elements under another shape (shares the buffer).
+pub(crate) fn reshape(x: &Tensor, shape: &[usize]) -> Option<Result<Tensor>> {
+    if x.device().is_cpu() {
+        return None;
+    }
+    let sx = storage_of(x);
+    let in_shape = sx.shape.clone();
+    Some(Ok(record1(
+        "reshape",
+        &[x],
+        sx.reshaped(shape.to_vec()),
+        move |g, _| Ok(vec![Some(g.reshaped(in_shape.clone()))]),
+    )))
+}
+
+/// A contiguous copy of `s` with its axes in the order `perm`.
+fn permuted(op: &str, s: &DeviceStorage, perm: &[usize]) -> Result<DeviceStorage> {
+    let strides = row_major_strides(&s.shape);
+    let shape: Vec<usize> = perm.iter().map(|&p| s.shape[p]).collect();
+    let st: Vec<i64> = perm.iter().map(|&p| strides[p]).collect();
+    let buf = k::strided_copy(&s.buf, 0, &shape, &st).map_err(|e| map_err(op, s.device, e))?;
+    Ok(DeviceStorage::new(buf, shape, s.device))
+}
+
+/// Axes reordered (copied into the new order on the device).
+pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Option<Result<Tensor>> {
+    if x.device().is_cpu() {
+        return None;
+    }
+    let mut inverse = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inverse[p] = i;
+    }
+    Some(permuted("permute", storage_of(x), perm).map(|out| {
+        record1("permute", &[x], out, move |g, _| {
+            Ok(vec![Some(permuted("permute", g, &inverse)?)])
+        })
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions
+
+/// Sum over `axes` (normalized, any order).
+pub(crate) fn sum(x: &Tensor, axes: &[usize], keepdim: bool) -> Option<Result<Tensor>> {
+    if x.device().is_cpu() {
+        return None;
+    }
+    Some(sum_on(x, axes, keepdim))
+}
+
+fn sum_on(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
+    let sx = storage_of(x).clone();
+    let device = sx.device;
+    let rank = sx.shape.len();
+    let kept: Vec<usize> = (0..rank).filter(|a| !axes.contains(a)).collect();
+    let reduced: Vec<usize> = (0..rank).filter(|a| axes.contains(a)).collect();
+    let rows: usize = kept.iter().map(|&a| sx.shape[a]).product();
+    let cols: usize = reduced.iter().map(|&a| sx.shape[a]).product();
+    // Kept axes first, summed axes last: one row per output element.
+    let perm: Vec<usize> = kept.iter().chain(&reduced).copied().collect();
+    let arranged = if perm.iter().enumerate().all(|(i, &p)| i == p) {
+        sx.clone()
+    } else {
+        permuted("sum", &sx, &perm)?
+    };
+    let out = k::reduce_rows(&arranged.buf, rows, cols, Reduce::Sum)
+        .map_err(|e| map_err("sum", device, e))?;
+    let out_shape: Vec<usize> = (0..rank)
+        .filter_map(|a| {
+            if axes.contains(&a) {
+                keepdim.then_some(1)
+            } else {
+                Some(sx.shape[a])
+            }
+        })
+        .collect();
+    let in_shape = sx.shape.clone();
+    // The gradient reads the output gradient (one value per kept index) with stride 0 along
+    // the summed axes.
+    let mut back_strides = vec![0i64; rank];
+    let kept_shape: Vec<usize> = kept.iter().map(|&a| sx.shape[a]).collect();
+    let kept_strides = row_major_strides(&kept_shape);
+    for (i, &a) in kept.iter().enumerate() {
+        back_strides[a] = kept_strides[i];
+    }
+    Ok(record1(
+        "sum",
+        &[x],
+        DeviceStorage::new(out, out_shape, device),
+        move |g, _| {
+            let gx = k::strided_copy(&g.buf, 0, &in_shape, &back_strides)
+                .map_err(|e| map_err("sum", device, e))?;
+            Ok(vec![Some(DeviceStorage::new(gx, in_shape.clone(), device))])
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products
+
+/// The matrix product of operands of rank >= 2: `(..., m, k) @ (k, n)` (a weight shared by every
+/// batch) or `(..., m, k) @ (..., k, n)` with equal batch axes, as cuBLAS GEMMs.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Option<Result<Tensor>> {
+    let device = device_or_host!("matmul", a, b);
+    Some(matmul_on(a, b, device))
+}
+
+fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
+    let (sa, sb) = (storage_of(a).clone(), storage_of(b).clone());
+    let (ra, rb) = (sa.shape.len(), sb.shape.len());
+    if ra < 2 || rb < 2 {
+        return Err(unsupported(
+            "matmul",
+            device,
+            format!(
+                "operands of rank >= 2 only on a device, got {:?} and {:?}",
+                sa.shape, sb.shape
+            ),
+        ));
+    }
+    let (m, kk) = (sa.shape[ra - 2], sa.shape[ra - 1]);
+    let (kb, n) = (sb.shape[rb - 2], sb.shape[rb - 1]);
+    if kk != kb {
+        return Err(Error::shape(
+            "matmul",
+            format!("{:?} @ {:?}: inner sizes differ", sa.shape, sb.shape),
+        ));
+    }
+    let a_batch: usize = sa.shape[..ra - 2].iter().product();
+    let mut out_shape = sa.shape[..ra - 2].to_vec();
+    out_shape.extend([m, n]);
+    let err = move |e| map_err("matmul", device, e);
+    if rb == 2 {
+        // One weight: (batch * m, k) @ (k, n).
+        let rows = a_batch * m;
+        let c = k::matmul(&sa.buf, false, &sb.buf, false, 1, rows, kk, n).map_err(err)?;
+        let out = DeviceStorage::new(c, out_shape, device);
+        return Ok(record1("matmul", &[a, b], out, move |g, needs| {
+            let ga = needs[0]
+                .then(|| k::matmul(&g.buf, false, &sb.buf, true, 1, rows, n, kk))
+                .transpose()
+                .map_err(err)?;
+            let gb = needs[1]
+                .then(|| k::matmul(&sa.buf, true, &g.buf, false, 1, kk, rows, n))
+                .transpose()
+                .map_err(err)?;
+            Ok(vec![
+                ga.map(|g| DeviceStorage::new(g, sa.shape.clone(), device)),
+                gb.map(|g| DeviceStorage::new(g, sb.shape.clone(), device)),
+            ])
+        }));
+    }
+    if sa.shape[..ra - 2] != sb.shape[..rb - 2] {
+        return Err(unsupported(
+            "matmul",
+            device,
+            format!(
+                "batch axes must be equal (or the right operand 2-D) on a device, got {:?} and {:?}",
+                sa.shape, sb.shape
+            ),
+        ));
+    }
+    let batch = a_batch;
+    let c = k::matmul(&sa.buf, false, &sb.buf, false, batch, m, kk, n).map_err(err)?;
+    let out = DeviceStorage::new(c, out_shape, device);
+    Ok(record1("matmul", &[a, b], out, move |g, needs| {
+        let ga = needs[0]
+            .then(|| k::matmul(&g.buf, false, &sb.buf, true, batch, m, n, kk))
+            .transpose()
+            .map_err(err)?;
+        let gb = needs[1]
+            .then(|| k::matmul(&sa.buf, true, &g.buf, false, batch, kk, m, n))
+            .transpose()
+            .map_err(err)?;
+        Ok(vec![
+            ga.map(|g| DeviceStorage::new(g, sa.shape.clone(), device)),
+            gb.map(|g| DeviceStorage::new(g, sb.shape.clone(), device)),
+        ])
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+
+/// Softmax or log-softmax along the last axis `ax` (other axes: unsupported on a device).
+pub(crate) fn softmax(x: &Tensor, ax: usize, log: bool) -> Option<Result<Tensor>> {
+    if x.device().is_cpu() {
+        return None;
+    }
+    let name = if log { "log_softmax" } else { "softmax" };
+    let sx = storage_of(x).clone();
+    let device = sx.device;
+    if ax + 1 != sx.shape.len() {
+        return Some(Err(unsupported(
+            name,
+            device,
+            format!(
+                "the last axis only on a device (asked {ax} of {:?})",
+                sx.shape
+            ),
+        )));
+    }
+    let cols = sx.shape[ax];
+    let rows = sx.numel() / cols.max(1);
+    Some((|| {
+        let y = k::softmax_rows(&sx.buf, rows, cols, log).map_err(|e| map_err(name, device, e))?;
+        let y = DeviceStorage::new(y, sx.shape.clone(), device);
+        let sy = y.clone();
+        Ok(record1(name, &[x], y, move |g, _| {
+            let gx = k::softmax_rows_backward(&sy.buf, &g.buf, rows, cols, log)
+                .map_err(|e| map_err(name, device, e))?;
+            Ok(vec![Some(DeviceStorage::new(gx, sy.shape.clone(), device))])
+        }))
+    })())
+}
+
+/// A device tensor of `shape` filled with `value` (a constant).
+pub(crate) fn full_on(shape: &[usize], value: f32, device: Device) -> Result<Tensor> {
+    Ok(constant(super::full(shape, value, device)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalization, embedding, loss
+
+/// Layer norm over the last axis with optional `weight` and `bias` (shapes checked by the
+/// caller).
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+) -> Option<Result<Tensor>> {
+    let mut all = vec![x];
+    all.extend(weight);
+    all.extend(bias);
+    let device = match common_device("layer_norm", &all) {
+        Ok(None) => return None,
+        Ok(Some(d)) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(layer_norm_on(x, weight, bias, eps, device))
+}
+
+fn layer_norm_on(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+    device: Device,
+) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    let err = move |e| map_err(OP, device, e);
+    let sx = storage_of(x).clone();
+    let cols = *sx.shape.last().expect("rank checked");
+    let rows = sx.numel() / cols.max(1);
+    let sw = weight.map(|w| storage_of(w).clone());
+    let sb = bias.map(|b| storage_of(b).clone());
+    let fwd = k::layer_norm_rows(
+        &sx.buf,
+        sw.as_ref().map(|s| &*s.buf),
+        sb.as_ref().map(|s| &*s.buf),
+        rows,
+        cols,
+        eps,
+    )
+    .map_err(err)?;
+    let y = fwd.y.duplicate().map_err(err)?;
+    let fwd = std::sync::Arc::new(fwd);
+    let mut inputs = vec![x];
+    inputs.extend(weight);
+    inputs.extend(bias);
+    let has_bias = sb.is_some();
+    let out = DeviceStorage::new(y, sx.shape.clone(), device);
+    Ok(record1(OP, &inputs, out, move |g, needs| {
+        let (gx, dw, db) = k::layer_norm_rows_backward(
+            &sx.buf,
+            sw.as_ref().map(|s| &*s.buf),
+            &fwd,
+            &g.buf,
+            rows,
+            cols,
+        )
+        .map_err(err)?;
+        // Without a weight the kernel gives no bias gradient: the column sums of `g`.
+        let db = match (db, has_bias) {
+            (Some(db), true) => Some(db),
+            (None, true) => Some(k::sum_cols(&g.buf, rows, cols).map_err(err)?),
+            _ => None,
+        };
+        let mut out = vec![needs[0].then(|| DeviceStorage::new(gx, sx.shape.clone(), device))];
+        if sw.is_some() {
+            out.push(dw.map(|d| DeviceStorage::new(d, vec![cols], device)));
+        }
+        if has_bias {
+            out.push(db.map(|d| DeviceStorage::new(d, vec![cols], device)));
+        }
+        Ok(out)
+    }))
+}
+
+/// Rows `ids` of a device table (ids checked by the caller), shape `ids.shape ++ [dim]`.
+pub(crate) fn embedding(table: &Tensor, ids: &ndarray::ArrayViewD<i64>) -> Option<Result<Tensor>> {
+    if table.device().is_cpu() {
+        return None;
+    }
+    const OP: &str = "embedding";
+    let st = storage_of(table).clone();
+    let device = st.device;
+    let err = move |e| map_err(OP, device, e);
+    let (vocab, dim) = (st.shape[0], st.shape[1]);
+    let flat: Vec<i64> = ids.iter().copied().collect();
+    let mut shape = ids.shape().to_vec();
+    shape.push(dim);
+    Some((|| {
+        let rows = k::embedding(&st.buf, vocab, dim, &flat).map_err(err)?;
+        let out = DeviceStorage::new(rows, shape, device);
+        Ok(record1(OP, &[table], out, move |g, _| {
+            let gt = k::embedding_backward(&g.buf, &flat, vocab, dim).map_err(err)?;
+            Ok(vec![Some(DeviceStorage::new(gt, vec![vocab, dim], device))])
+        }))
+    })())
+}
+
+/// Mean cross-entropy of `(N, C)` device logits against host targets (checked by the caller),
+/// computed on the device: the loss stays there until read.
+pub(crate) fn cross_entropy(
+    logits: &Tensor,
+    target: &ndarray::ArrayViewD<i64>,
+    ignore_index: Option<i64>,
+) -> Option<Result<Tensor>> {
+    if logits.device().is_cpu() {
+        return None;
+    }
+    const OP: &str = "cross_entropy";
+    let sx = storage_of(logits).clone();
+    let device = sx.device;
+    if sx.shape.len() != 2 {
+        return Some(Err(unsupported(
+            OP,
+            device,
+            format!(
+                "(N, C) logits only on a device, got {:?}: reshape to (N, C)",
+                sx.shape
+            ),
+        )));
+    }
+    let err = move |e| map_err(OP, device, e);
+    let (rows, cols) = (sx.shape[0], sx.shape[1]);
+    // Targets were checked to lie in 0..C, so a negative value never matches one.
+    let ignore = ignore_index.unwrap_or(i64::MIN);
+    let targets: Vec<i64> = target.iter().copied().collect();
+    Some((|| {
+        let fwd = k::cross_entropy(&sx.buf, rows, cols, &targets, ignore).map_err(err)?;
+        let loss = fwd.loss.duplicate().map_err(err)?;
+        let fwd = std::sync::Arc::new(fwd);
+        let out = DeviceStorage::new(loss, Vec::new(), device);
+        Ok(record1(OP, &[logits], out, move |g, _| {
+            let gx = k::cross_entropy_backward(&sx.buf, &fwd, &g.buf, rows, cols, ignore)
+                .map_err(err)?;
+            Ok(vec![Some(DeviceStorage::new(gx, sx.shape.clone(), device))])
+        }))
+    })())
+}
