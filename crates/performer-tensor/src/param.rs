@@ -83,7 +83,7 @@ struct ParamInner {
     /// value it was made from.
     transposed: Mutex<Option<Transposed>>,
     /// The value while the parameter lives on a device ([`Param::to_device`]); the host slot
-    /// then holds an empty array and every accessor reads this one.
+    /// then holds an empty array and every accessor reads this one (a device value is f32).
     #[cfg(feature = "cuda")]
     device: RwLock<Option<crate::device_memory::DeviceStorage>>,
 }
@@ -230,6 +230,10 @@ impl Param {
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(s) = self.device_storage() {
+            return s.numel();
+        }
         self.shape().iter().product()
     }
 
