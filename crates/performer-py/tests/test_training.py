@@ -204,3 +204,22 @@ def test_attention_layers_take_their_first_argument_positionally():
     assert pr.FastAttention(8, nb_features=16)(q, q, q).shape == (1, 2, 4, 8)
     assert pr.SelfAttention(32, heads=4).state_dict().keys() == \
         pr.SelfAttention(dim=32, heads=4).state_dict().keys()
+
+
+def test_bfloat16_weights_for_inference():
+    model = pr.PerformerLM(**KW).eval()
+    x = batch()
+    ref = model(x)
+    assert model.dtype == "float32"
+    assert model.to_dtype("bfloat16") is model and model.dtype == "bfloat16"
+    low = model(x)
+    # weights rounded to bf16 (8 significant bits), activations and sums in f32
+    rel = np.abs(low - ref).max() / np.abs(ref).max()
+    assert 0 < rel < 1e-2, rel
+    with pytest.raises(Exception, match="inference only.*to_dtype"):
+        pr.Trainer(pr.AutoregressiveWrapper(model), lr=1e-3).step(x)
+    with pytest.raises(Exception, match="bfloat16"):
+        model.to_dtype("float16")
+    model.to_dtype("float32")
+    assert model.dtype == "float32"
+    np.testing.assert_array_equal(model(x), low)  # widening back is exact
