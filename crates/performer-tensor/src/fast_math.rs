@@ -384,30 +384,97 @@ multiversion! {
 /// 20% slower, their rows too short for the prefetchers).
 pub const GEMV_T_COLS: usize = 8 * LANES;
 
+/// A weight type the matrix-vector products read: f32, or bfloat16 widened to f32 as it is
+/// loaded (exact: a shift of its bits), so that activations and sums stay f32 either way.
+trait GemvWeight: Copy {
+    fn widen(self) -> f32;
+}
+
+impl GemvWeight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl GemvWeight for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// `sum_i x[i] * wt[i * n + c0 + l]` for the `C` columns `l` from `c0`, two rows at a time into
 /// two accumulators (consecutive additions then do not wait on each other), summed at the end.
 #[inline(always)]
-fn gemv_t_strip<const C: usize>(wt: &[f32], n: usize, c0: usize, x: &[f32], out: &mut [f32]) {
+fn gemv_t_strip<W: GemvWeight, const C: usize>(
+    wt: &[W],
+    n: usize,
+    c0: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
     let mut acc = [[0f32; C]; 2];
     let row =
-        |i: usize| -> &[f32; C] { wt[i * n + c0..i * n + c0 + C].try_into().expect("C values") };
+        |i: usize| -> &[W; C] { wt[i * n + c0..i * n + c0 + C].try_into().expect("C values") };
     for p in 0..x.len() / 2 {
         let (i0, i1) = (2 * p, 2 * p + 1);
         let (a0, a1, r0, r1) = (x[i0], x[i1], row(i0), row(i1));
         for l in 0..C {
-            acc[0][l] += a0 * r0[l];
-            acc[1][l] += a1 * r1[l];
+            acc[0][l] += a0 * r0[l].widen();
+            acc[1][l] += a1 * r1[l].widen();
         }
     }
     if x.len() % 2 == 1 {
         let i = x.len() - 1;
         let (a, r) = (x[i], row(i));
         for l in 0..C {
-            acc[0][l] += a * r[l];
+            acc[0][l] += a * r[l].widen();
         }
     }
     for (l, o) in out[..C].iter_mut().enumerate() {
         *o = acc[0][l] + acc[1][l];
+    }
+}
+
+/// The body of [`gemv_t`] and [`gemv_t_bf16`] (inlined into each one's target-feature builds).
+#[inline(always)]
+fn gemv_t_columns<W: GemvWeight>(
+    name: &str,
+    wt: &[W],
+    n: usize,
+    j0: usize,
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let k = x.len();
+    assert!(
+        j0 + out.len() <= n,
+        "{name}: columns {j0}..{} of {n}",
+        j0 + out.len()
+    );
+    assert!(
+        wt.len() >= k * n,
+        "{name}: {} weights for {k} x {n}",
+        wt.len()
+    );
+    let mut done = 0;
+    while out.len() - done >= GEMV_T_COLS {
+        gemv_t_strip::<W, GEMV_T_COLS>(wt, n, j0 + done, x, &mut out[done..]);
+        done += GEMV_T_COLS;
+    }
+    while out.len() - done >= LANES {
+        gemv_t_strip::<W, LANES>(wt, n, j0 + done, x, &mut out[done..]);
+        done += LANES;
+    }
+    let tail = &mut out[done..];
+    tail.fill(0.0);
+    let c0 = j0 + done;
+    for (i, &a) in x.iter().enumerate() {
+        let row = &wt[i * n + c0..i * n + c0 + tail.len()];
+        for (o, &w) in tail.iter_mut().zip(row) {
+            *o += a * w.widen();
+        }
     }
 }
 
@@ -423,62 +490,7 @@ multiversion! {
     /// # Panics
     /// If `j0 + out.len() > n` or `wt` holds fewer than `k * n` values.
     pub fn gemv_t(wt: &[f32], n: usize, j0: usize, x: &[f32], out: &mut [f32]) {
-        let k = x.len();
-        assert!(j0 + out.len() <= n, "gemv_t: columns {j0}..{} of {n}", j0 + out.len());
-        assert!(wt.len() >= k * n, "gemv_t: {} weights for {k} x {n}", wt.len());
-        let mut done = 0;
-        while out.len() - done >= GEMV_T_COLS {
-            gemv_t_strip::<GEMV_T_COLS>(wt, n, j0 + done, x, &mut out[done..]);
-            done += GEMV_T_COLS;
-        }
-        while out.len() - done >= LANES {
-            gemv_t_strip::<LANES>(wt, n, j0 + done, x, &mut out[done..]);
-            done += LANES;
-        }
-        let tail = &mut out[done..];
-        tail.fill(0.0);
-        let c0 = j0 + done;
-        for (i, &a) in x.iter().enumerate() {
-            let row = &wt[i * n + c0..i * n + c0 + tail.len()];
-            for (o, &w) in tail.iter_mut().zip(row) {
-                *o += a * w;
-            }
-        }
-    }
-}
-
-/// [`gemv_t_strip`] on bfloat16 weights, each widened to f32 as it is loaded (exact: a shift
-/// of its bits), so activations and sums stay f32.
-#[inline(always)]
-fn gemv_t_bf16_strip<const C: usize>(
-    wt: &[half::bf16],
-    n: usize,
-    c0: usize,
-    x: &[f32],
-    out: &mut [f32],
-) {
-    let mut acc = [[0f32; C]; 2];
-    let row = |i: usize| -> &[half::bf16; C] {
-        wt[i * n + c0..i * n + c0 + C].try_into().expect("C values")
-    };
-    let wide = |w: half::bf16| f32::from_bits((w.to_bits() as u32) << 16);
-    for p in 0..x.len() / 2 {
-        let (i0, i1) = (2 * p, 2 * p + 1);
-        let (a0, a1, r0, r1) = (x[i0], x[i1], row(i0), row(i1));
-        for l in 0..C {
-            acc[0][l] += a0 * wide(r0[l]);
-            acc[1][l] += a1 * wide(r1[l]);
-        }
-    }
-    if x.len() % 2 == 1 {
-        let i = x.len() - 1;
-        let (a, r) = (x[i], row(i));
-        for l in 0..C {
-            acc[0][l] += a * wide(r[l]);
-        }
-    }
-    for (l, o) in out[..C].iter_mut().enumerate() {
-        *o = acc[0][l] + acc[1][l];
+        gemv_t_columns("gemv_t", wt, n, j0, x, out)
     }
 }
 
@@ -491,27 +503,7 @@ multiversion! {
     /// # Panics
     /// If `j0 + out.len() > n` or `wt` holds fewer than `k * n` values.
     pub fn gemv_t_bf16(wt: &[half::bf16], n: usize, j0: usize, x: &[f32], out: &mut [f32]) {
-        let k = x.len();
-        assert!(j0 + out.len() <= n, "gemv_t_bf16: columns {j0}..{} of {n}", j0 + out.len());
-        assert!(wt.len() >= k * n, "gemv_t_bf16: {} weights for {k} x {n}", wt.len());
-        let mut done = 0;
-        while out.len() - done >= GEMV_T_COLS {
-            gemv_t_bf16_strip::<GEMV_T_COLS>(wt, n, j0 + done, x, &mut out[done..]);
-            done += GEMV_T_COLS;
-        }
-        while out.len() - done >= LANES {
-            gemv_t_bf16_strip::<LANES>(wt, n, j0 + done, x, &mut out[done..]);
-            done += LANES;
-        }
-        let tail = &mut out[done..];
-        tail.fill(0.0);
-        let c0 = j0 + done;
-        for (i, &a) in x.iter().enumerate() {
-            let row = &wt[i * n + c0..i * n + c0 + tail.len()];
-            for (o, &w) in tail.iter_mut().zip(row) {
-                *o += a * f32::from_bits((w.to_bits() as u32) << 16);
-            }
-        }
+        gemv_t_columns("gemv_t_bf16", wt, n, j0, x, out)
     }
 }
 
