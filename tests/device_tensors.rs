@@ -302,7 +302,9 @@ fn module_to_device_and_optimizer_steps_match_the_cpu() {
             );
             oc.step(&gc).unwrap();
             od.step(&gd).unwrap();
-            for ((name, pc), (_, pd)) in cpu.named_parameters().iter().zip(dev.named_parameters()) {
+            let (cpu_params, dev_params) = (cpu.named_parameters(), dev.named_parameters());
+            assert_eq!(cpu_params.len(), dev_params.len());
+            for ((name, pc), (_, pd)) in cpu_params.iter().zip(&dev_params) {
                 assert_eq!(pd.device(), DEV);
                 assert_close(
                     &format!("{what} step {step} {name}"),

@@ -74,7 +74,9 @@ fn to_dtype_stores_every_matrix_in_bf16_and_nothing_else() {
     assert_eq!(lm.dtype(), DType::BF16);
     assert_eq!(f32_lm.dtype(), DType::F32);
     let mut matrices = 0;
-    for ((name, p), (_, q)) in lm.named_parameters().iter().zip(f32_lm.named_parameters()) {
+    let (params, f32_params) = (lm.named_parameters(), f32_lm.named_parameters());
+    assert_eq!(params.len(), f32_params.len());
+    for ((name, p), (_, q)) in params.iter().zip(&f32_params) {
         let is_matrix = p.shape().len() == 2;
         let want = if is_matrix { DType::BF16 } else { DType::F32 };
         assert_eq!(p.dtype(), want, "{name}");
@@ -266,6 +268,7 @@ fn bf16_generation_samples_the_tokens_f32_samples_once_the_model_has_learned() {
         )
         .unwrap()
     });
+    assert_eq!(a.dim(), b.dim());
     let per_row: Vec<usize> = (0..2)
         .map(|i| {
             let (ra, rb) = (a.row(i), b.row(i));
@@ -286,6 +289,7 @@ fn bf16_decoding_steps_equal_the_bf16_full_forward() {
     // that model's, which they must equal exactly.
     let (_, lm) = pair(small_config(), 2, DType::BF16);
     let (decoded, forward) = decode_and_forward(&lm);
+    assert_eq!(decoded.len(), forward.len());
     for (end, (d, f)) in decoded.iter().zip(&forward).enumerate() {
         let err = relative_error(d, f).unwrap();
         // The tolerance of tests/decoding.rs for f32 models.
@@ -305,6 +309,7 @@ fn bf16_decoding_steps_equal_the_bf16_full_forward() {
     rounded.set_training(false);
     let (d16, f16) = decode_and_forward(&lm);
     let (d32, f32_) = decode_and_forward(&rounded);
+    assert_eq!((d16.len(), f16.len()), (d32.len(), f32_.len()));
     for (a, b) in d16.iter().zip(&d32).chain(f16.iter().zip(&f32_)) {
         assert_eq!(relative_error(a, b).unwrap(), 0.0);
     }
