@@ -27,6 +27,8 @@ mod column_blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod decoding;
+#[cfg(feature = "cuda")]
+mod device;
 mod fast_attention;
 mod feature;
 pub mod heads;

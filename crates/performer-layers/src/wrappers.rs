@@ -275,6 +275,23 @@ impl PreShiftTokens {
                 format!("need 1..={dim} segments for dim {dim}"),
             ));
         }
+        // On a device without a mask: one kernel per shifted segment, no split and concat.
+        #[cfg(feature = "cuda")]
+        if mask.is_none() && !x.device().is_cpu() {
+            let size = dim / segments;
+            let mut y = x.clone();
+            for (i, &amount) in self.shifts.iter().enumerate() {
+                if amount != 0 {
+                    let shift = i32::try_from(amount).unwrap_or(i32::MAX);
+                    y = performer_tensor::device_ops::token_shift(
+                        &y,
+                        i * size..(i + 1) * size,
+                        shift,
+                    )?;
+                }
+            }
+            return Ok(y);
+        }
         let pieces = x.split(dim / segments, -1)?;
         let masked_out = match mask {
             Some(m) => {

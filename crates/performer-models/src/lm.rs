@@ -407,6 +407,11 @@ impl DecodingState {
     pub fn batch(&self) -> usize {
         self.batch
     }
+
+    /// Whether the state's running sums live on a device (those of a model moved there).
+    pub fn on_device(&self) -> bool {
+        false
+    }
 }
 
 impl PerformerLM {
