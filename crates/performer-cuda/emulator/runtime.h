@@ -176,7 +176,7 @@ inline void ensure_stacks(size_t threads) {
     }
 }
 
-// Runs one block: the fast path if its first thread never parks, fibers otherwise.
+// Runs one block: the fast path if its first thread (and thread 0) never park, fibers otherwise.
 inline void run_block(dim3 block) {
     blockIdx = block;
     const unsigned n = block_threads();
@@ -208,16 +208,31 @@ inline void run_block(dim3 block) {
     start(first);
     resume(first);
     if (g.failure.failed) return;
-    if (g.fibers[first].state == Done) {
+    // A first thread that never parks may belong to an idle warp (a grid-stride loop over rows
+    // with one row per warp, where the last block's later warps get none) while the other
+    // warps reach their collectives: thread 0 is asked too. In such loops its warp has the
+    // most rows of the block, so a block whose first thread and thread 0 both finish without
+    // parking has no barrier for the rest to reach.
+    const bool probe0 = first != 0 && g.fibers[first].state == Done;
+    if (probe0) {
+        start(0);
+        resume(0);
+        if (g.failure.failed) return;
+    }
+    if (g.fibers[first].state == Done && g.fibers[0].state == Done) {
         g.fast_path = true;
         for (unsigned i = 1; i < n && !g.failure.failed; ++i) {
+            if (probe0 && order[i] == 0) continue;
             threadIdx = g.fibers[order[i]].tid;
             g.body(g.body_arg);
         }
         g.fast_path = false;
         return;
     }
-    for (unsigned i = 1; i < n; ++i) start(order[i]);
+    for (unsigned i = 1; i < n; ++i) {
+        if (probe0 && order[i] == 0) continue;
+        start(order[i]);
+    }
     for (;;) {
         bool any = false;
         for (unsigned t = n; t > 1; --t) std::swap(order[t - 1], order[g.next() % t]);
