@@ -31,7 +31,7 @@ fn check_grad(name: &str, p: &Param, g: &ArrayD<f32>) -> Result<()> {
             "optimizer step",
             format!("parameter `{name}`"),
             p.dtype(),
-            "is stored for inference only; convert the model back with to_dtype(DType::F32) before training",
+            "is stored for inference only; convert the model back to float32 with to_dtype (Rust: DType::F32, Python: \"float32\") before training",
         ));
     }
     if g.shape() != p.shape().as_slice() {
