@@ -15,6 +15,9 @@ use performer::tensor::{
 
 const DEV: Device = Device::Emulated;
 
+#[path = "device_tensors/generic_ops.rs"]
+mod generic_ops;
+
 /// Whether the emulated device can run here; CI sets `PERFORMER_CUDA_REQUIRE_CXX=1` so that a
 /// missing compiler fails instead of skipping.
 fn emulator() -> bool {

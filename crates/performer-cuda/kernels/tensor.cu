@@ -44,6 +44,10 @@ __device__ __forceinline__ i64 strided_offset(const i64* __restrict__ meta, i64 
 #define U_RECIP 11
 #define U_SQUARE 12
 #define U_SILU 13
+#define U_CLAMP 14   // into [a, b]
+#define U_ELU 15
+#define U_SOFTPLUS 16  // beta 1, threshold 20 (torch.nn.Softplus)
+#define U_LEAKY_RELU 17  // slope a below 0
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -63,12 +67,17 @@ __device__ __forceinline__ float unary_value(int op, float x, float a, float b) 
         case U_RECIP: return 1.f / x;
         case U_SQUARE: return x * x;
         case U_SILU: return x * sigmoid_f(x);
+        // NaN passes through (neither comparison holds), as on the CPU.
+        case U_CLAMP: return x < a ? a : (x > b ? b : x);
+        case U_ELU: return x > 0.f ? x : expm1f(x);
+        case U_SOFTPLUS: return x > 20.f ? x : log1pf(expf(x));
+        case U_LEAKY_RELU: return x > 0.f ? x : a * x;
         default: return __int_as_float(0x7fc00000);  // NaN: an unknown op cannot pass a test
     }
 }
 
 // d y / d x at x (y = the forward's output).
-__device__ __forceinline__ float unary_slope(int op, float x, float y, float a) {
+__device__ __forceinline__ float unary_slope(int op, float x, float y, float a, float b) {
     switch (op) {
         case U_NEG: return -1.f;
         case U_EXP: return y;
@@ -91,6 +100,11 @@ __device__ __forceinline__ float unary_slope(int op, float x, float y, float a) 
             const float s = sigmoid_f(x);
             return s * (1.f + x * (1.f - s));
         }
+        // PyTorch's clamp passes the gradient on the closed interval.
+        case U_CLAMP: return (x >= a && x <= b) ? 1.f : 0.f;
+        case U_ELU: return x > 0.f ? 1.f : y + 1.f;
+        case U_SOFTPLUS: return x > 20.f ? 1.f : sigmoid_f(x);
+        case U_LEAKY_RELU: return x > 0.f ? 1.f : a;
         default: return __int_as_float(0x7fc00000);
     }
 }
@@ -104,9 +118,9 @@ extern "C" __global__ void unary_f32(const float* __restrict__ x, float* __restr
 // gx = gy * f'(x); y is the forward's output (used by exp, sqrt, tanh, sigmoid, recip).
 extern "C" __global__ void unary_backward_f32(const float* __restrict__ x, const float* __restrict__ y,
                                               const float* __restrict__ gy, float* __restrict__ gx,
-                                              i64 n, int op, float a)
+                                              i64 n, int op, float a, float b)
 {
-    GRID_STRIDE(i, n) gx[i] = gy[i] * unary_slope(op, x[i], y[i], a);
+    GRID_STRIDE(i, n) gx[i] = gy[i] * unary_slope(op, x[i], y[i], a, b);
 }
 
 #define B_ADD 0
@@ -115,6 +129,7 @@ extern "C" __global__ void unary_backward_f32(const float* __restrict__ x, const
 #define B_DIV 3
 #define B_MAX 4
 #define B_MIN 5
+#define B_POW 6
 
 __device__ __forceinline__ float binary_value(int op, float a, float b) {
     switch (op) {
@@ -124,6 +139,7 @@ __device__ __forceinline__ float binary_value(int op, float a, float b) {
         case B_DIV: return a / b;
         case B_MAX: return fmaxf(a, b);
         case B_MIN: return fminf(a, b);
+        case B_POW: return powf(a, b);
         default: return __int_as_float(0x7fc00000);
     }
 }
@@ -139,8 +155,9 @@ extern "C" __global__ void binary_f32(const float* __restrict__ a, const float* 
 }
 
 // Full-size partial gradients of a binary op (reduced to each operand's shape by sum_to_f32):
-// ga[i] = gout[i] * d(a op b)/da, gb[i] likewise; either may be null. Max and min send the
-// gradient to `a` on ties, as the CPU path does.
+// ga[i] = gout[i] * d(a op b)/da, gb[i] likewise; either may be null. Max and min split the
+// gradient evenly between tied operands, as the CPU path does; pow's exponent gets no gradient
+// where the base is <= 0, nor its base where the exponent is 0 (the CPU's conventions).
 extern "C" __global__ void binary_backward_f32(const float* __restrict__ a, const float* __restrict__ b,
                                                const float* __restrict__ gout, float* __restrict__ ga,
                                                float* __restrict__ gb, i64 n, int op,
@@ -156,8 +173,17 @@ extern "C" __global__ void binary_backward_f32(const float* __restrict__ a, cons
             case B_SUB: da = g; db = -g; break;
             case B_MUL: da = g * y; db = g * x; break;
             case B_DIV: da = g / y; db = -g * x / (y * y); break;
-            case B_MAX: da = x >= y ? g : 0.f; db = x >= y ? 0.f : g; break;
-            case B_MIN: da = x <= y ? g : 0.f; db = x <= y ? 0.f : g; break;
+            case B_MAX:
+            case B_MIN: {
+                const bool first = (op == B_MAX) == (x > y);
+                da = x == y ? 0.5f * g : (first ? g : 0.f);
+                db = x == y ? 0.5f * g : (first ? 0.f : g);
+                break;
+            }
+            case B_POW:
+                da = y == 0.f ? 0.f : g * y * powf(x, y - 1.f);
+                db = x > 0.f ? g * powf(x, y) * logf(x) : 0.f;
+                break;
             default: da = db = __int_as_float(0x7fc00000);
         }
         if (ga) ga[i] = da;
@@ -185,6 +211,99 @@ extern "C" __global__ void sum_to_f32(const float* __restrict__ x, float* __rest
         float s = 0.f;
         for (i64 r = 0; r < n_red; ++r) s += base[strided_offset(meta2, r, 0)];
         y[j] = s;
+    }
+}
+
+// dst[off(i)] = src[i], meta = [rank, shape, stride_dst]: writes a contiguous tensor into a
+// view of a larger one (dst offset by the caller): the inverse of strided_copy_f32, for narrow's
+// backward, pad and cat. The view's offsets are distinct, so no two threads write one element.
+extern "C" __global__ void strided_scatter_f32(const float* __restrict__ src, float* __restrict__ dst,
+                                               i64 n, const i64* __restrict__ meta)
+{
+    GRID_STRIDE(i, n) dst[strided_offset(meta, i, 0)] = src[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather along one axis (index_select, gather): out[i] = x[off_x(i) + idx[off_idx(i)] * step],
+// meta = [rank, shape (the output's), stride_x (0 on the gathered axis), stride_idx]. Indices
+// were checked by the host. The backward adds each output's gradient into the element it was
+// read from (gx zeroed by the caller); repeated indices meet in atomicAdd.
+
+extern "C" __global__ void gather_f32(const float* __restrict__ x, const i64* __restrict__ idx,
+                                      float* __restrict__ out, i64 n, i64 step,
+                                      const i64* __restrict__ meta)
+{
+    GRID_STRIDE(i, n) {
+        out[i] = x[strided_offset(meta, i, 0) + idx[strided_offset(meta, i, 1)] * step];
+    }
+}
+
+extern "C" __global__ void gather_backward_f32(const float* __restrict__ gout,
+                                               const i64* __restrict__ idx, float* __restrict__ gx,
+                                               i64 n, i64 step, const i64* __restrict__ meta)
+{
+    GRID_STRIDE(i, n) {
+        atomicAdd(&gx[strided_offset(meta, i, 0) + idx[strided_offset(meta, i, 1)] * step], gout[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Select by a condition (where, masked_fill): out[i] = cond[off_c(i)] != 0 ? a[off_a(i)] :
+// b[off_b(i)], meta = [rank, shape, stride_cond, stride_a, stride_b]. The backward writes the
+// full-size partial gradients (reduced to each operand's shape by sum_to_f32), meta = [rank,
+// shape, stride_cond]; ga or gb may be null.
+
+extern "C" __global__ void where_f32(const float* __restrict__ cond, const float* __restrict__ a,
+                                     const float* __restrict__ b, float* __restrict__ out, i64 n,
+                                     const i64* __restrict__ meta)
+{
+    GRID_STRIDE(i, n) {
+        out[i] = cond[strided_offset(meta, i, 0)] != 0.f ? a[strided_offset(meta, i, 1)]
+                                                         : b[strided_offset(meta, i, 2)];
+    }
+}
+
+extern "C" __global__ void where_backward_f32(const float* __restrict__ cond,
+                                              const float* __restrict__ gout, float* __restrict__ ga,
+                                              float* __restrict__ gb, i64 n,
+                                              const i64* __restrict__ meta)
+{
+    GRID_STRIDE(i, n) {
+        const bool c = cond[strided_offset(meta, i, 0)] != 0.f;
+        if (ga) ga[i] = c ? gout[i] : 0.f;
+        if (gb) gb[i] = c ? 0.f : gout[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward of the row reductions of reduce_rows_f32 over (rows, cols):
+// max: the gradient of each row's maximum m[r] shared evenly among the elements equal to it
+// (PyTorch's amax); one thread per row counts its ties, then writes its row.
+extern "C" __global__ void max_rows_backward_f32(const float* __restrict__ x,
+                                                 const float* __restrict__ m,
+                                                 const float* __restrict__ gm,
+                                                 float* __restrict__ gx, i64 rows, i64 cols)
+{
+    GRID_STRIDE(r, rows) {
+        const float* xr = x + r * cols;
+        const float mr = m[r];
+        float ties = 0.f;
+        for (i64 c = 0; c < cols; ++c) ties += xr[c] == mr ? 1.f : 0.f;
+        const float share = gm[r] / ties;
+        for (i64 c = 0; c < cols; ++c) gx[r * cols + c] = xr[c] == mr ? share : 0.f;
+    }
+}
+
+// norm (the Euclidean norm nrm[r] of each row): gx = gn * x / nrm, 0 where the norm is 0.
+extern "C" __global__ void norm_rows_backward_f32(const float* __restrict__ x,
+                                                  const float* __restrict__ nrm,
+                                                  const float* __restrict__ gn,
+                                                  float* __restrict__ gx, i64 rows, i64 cols)
+{
+    GRID_STRIDE(i, rows * cols) {
+        const i64 r = i / cols;
+        const float n = nrm[r];
+        gx[i] = n > 0.f ? gn[r] * x[i] / n : 0.f;
     }
 }
 

@@ -118,6 +118,15 @@ pub enum Unary {
     Square,
     /// `x * sigmoid(x)`.
     Silu,
+    /// `x` clamped into `[lo, hi]` (an infinite bound clamps nothing); the gradient passes on the
+    /// closed interval.
+    Clamp(f32, f32),
+    /// ELU with alpha 1.
+    Elu,
+    /// Softplus with beta 1 and threshold 20.
+    Softplus,
+    /// Leaky ReLU with the given negative slope.
+    LeakyRelu(f32),
 }
 
 impl Unary {
@@ -137,6 +146,10 @@ impl Unary {
             Unary::Recip => (11, 0.0, 0.0),
             Unary::Square => (12, 0.0, 0.0),
             Unary::Silu => (13, 0.0, 0.0),
+            Unary::Clamp(lo, hi) => (14, lo, hi),
+            Unary::Elu => (15, 0.0, 0.0),
+            Unary::Softplus => (16, 0.0, 0.0),
+            Unary::LeakyRelu(a) => (17, a, 0.0),
         }
     }
 }
@@ -180,8 +193,9 @@ pub fn unary_backward(
     expect(OP, "y", y, n)?;
     expect(OP, "gy", gy, n)?;
     let gx = f32_buf(&dev, n)?;
-    let (code, a, _) = f.code();
-    // SAFETY: unary_backward_f32(x, y, gy, gx, i64 n, int op, float a); all hold n floats.
+    let (code, a, b) = f.code();
+    // SAFETY: unary_backward_f32(x, y, gy, gx, i64 n, int op, float a, float b); all hold n
+    // floats.
     unsafe {
         dev.launch(
             "unary_backward_f32",
@@ -194,6 +208,7 @@ pub fn unary_backward(
                 KernelArg::I64(n as i64),
                 KernelArg::I32(code),
                 KernelArg::F32(a),
+                KernelArg::F32(b),
             ],
         )?;
     }
@@ -211,10 +226,12 @@ pub enum Binary {
     Mul,
     /// `a / b`.
     Div,
-    /// `max(a, b)` (gradient to `a` on ties).
+    /// `max(a, b)` (ties split the gradient evenly).
     Max,
-    /// `min(a, b)` (gradient to `a` on ties).
+    /// `min(a, b)` (ties split the gradient evenly).
     Min,
+    /// `a ^ b` (no gradient to `b` where `a <= 0`, none to `a` where `b == 0`).
+    Pow,
 }
 
 /// NumPy broadcasting of two shapes; None when they do not broadcast.
@@ -432,32 +449,12 @@ pub fn strided_copy(
 ) -> Result<DeviceBuffer> {
     const OP: &str = "strided_copy";
     let dev = device_of(OP, &[x])?;
-    if shape.len() != strides.len() {
-        return Err(Error::Shape {
-            op: OP,
-            detail: format!("shape {shape:?} and strides {strides:?} differ in rank"),
-        });
-    }
     let n = numel(shape);
-    // Every element of the view must be inside x.
-    if n > 0 {
-        let (mut lo, mut hi) = (offset as i64, offset as i64);
-        for (&d, &s) in shape.iter().zip(strides) {
-            let span = (d as i64 - 1) * s;
-            if span < 0 { lo += span } else { hi += span }
-        }
-        if lo < 0 || hi >= x.len() as i64 {
-            return Err(Error::Shape {
-                op: OP,
-                detail: format!(
-                    "view offset {offset} shape {shape:?} strides {strides:?} reaches outside \
-                     the {} elements of x",
-                    x.len()
-                ),
-            });
-        }
-    }
+    check_view(OP, x.len(), offset, shape, strides)?;
     let y = f32_buf(&dev, n)?;
+    if n == 0 {
+        return Ok(y);
+    }
     let m = meta(&dev, shape, &[strides])?;
     // SAFETY: strided_copy_f32(x, y, i64 n, meta); every offset of the view lies inside x
     // (checked above), y holds n floats.
@@ -469,6 +466,384 @@ pub fn strided_copy(
         )?;
     }
     Ok(y)
+}
+
+/// Writes the contiguous `src` into the view of `dst` with element offset `offset`, shape
+/// `shape` and element strides `strides` (the inverse of [`strided_copy`]: a slice of `dst`
+/// receives `src`). The view's elements must be distinct (no zero or overlapping strides).
+pub fn strided_scatter(
+    src: &DeviceBuffer,
+    dst: &DeviceBuffer,
+    offset: usize,
+    shape: &[usize],
+    strides: &[i64],
+) -> Result<()> {
+    const OP: &str = "strided_scatter";
+    let dev = device_of(OP, &[src, dst])?;
+    let n = numel(shape);
+    expect(OP, "src", src, n)?;
+    expect(OP, "dst", dst, dst.len())?;
+    check_view(OP, dst.len(), offset, shape, strides)?;
+    if strides.iter().zip(shape).any(|(&s, &d)| s == 0 && d > 1) {
+        return Err(Error::Shape {
+            op: OP,
+            detail: format!("strides {strides:?} of shape {shape:?} repeat an element"),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let m = meta(&dev, shape, &[strides])?;
+    // SAFETY: strided_scatter_f32(src, dst, i64 n, meta); src holds n floats, every offset of
+    // the view lies inside dst (checked above) and no two coincide for these (row-major
+    // sub-view) strides, so each thread writes its own element.
+    unsafe {
+        dev.launch(
+            "strided_scatter_f32",
+            LaunchDims::cover(n, THREADS),
+            &[
+                src.arg(),
+                dst.arg_at(offset),
+                KernelArg::I64(n as i64),
+                m.arg(),
+            ],
+        )
+    }
+}
+
+/// Checks that the view (offset, shape, strides) lies inside a buffer of `len` elements.
+fn check_view(
+    op: &'static str,
+    len: usize,
+    offset: usize,
+    shape: &[usize],
+    strides: &[i64],
+) -> Result<()> {
+    if shape.len() != strides.len() {
+        return Err(Error::Shape {
+            op,
+            detail: format!("shape {shape:?} and strides {strides:?} differ in rank"),
+        });
+    }
+    if numel(shape) == 0 {
+        return Ok(());
+    }
+    let (mut lo, mut hi) = (offset as i64, offset as i64);
+    for (&d, &s) in shape.iter().zip(strides) {
+        let span = (d as i64 - 1) * s;
+        if span < 0 { lo += span } else { hi += span }
+    }
+    if lo < 0 || hi >= len as i64 {
+        return Err(Error::Shape {
+            op,
+            detail: format!(
+                "view offset {offset} shape {shape:?} strides {strides:?} reaches outside the \
+                 {len} elements of the buffer"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Indices of a [`gather`] on the device, with the strides that read them under the output's
+/// shape (an `index_select` reuses one index per position of the gathered axis).
+#[derive(Debug)]
+pub struct GatherIndex {
+    /// The indices (i64).
+    pub values: DeviceBuffer,
+    /// Element strides of `values` under the output's shape.
+    pub strides: Vec<i64>,
+}
+
+/// Checks a gather's shapes and indices (on the host, where they are given) and uploads them.
+fn gather_index(
+    op: &'static str,
+    dev: &SharedLauncher,
+    x_shape: &[usize],
+    axis: usize,
+    out_shape: &[usize],
+    index: &[i64],
+    index_strides: &[i64],
+) -> Result<GatherIndex> {
+    let fits = axis < x_shape.len()
+        && out_shape.len() == x_shape.len()
+        && index_strides.len() == x_shape.len()
+        && out_shape
+            .iter()
+            .zip(x_shape)
+            .enumerate()
+            .all(|(i, (&o, &x))| i == axis || o <= x);
+    if !fits {
+        return Err(Error::Shape {
+            op,
+            detail: format!(
+                "an output {out_shape:?} gathered along axis {axis} of {x_shape:?} (index \
+                 strides {index_strides:?})"
+            ),
+        });
+    }
+    check_view(op, index.len(), 0, out_shape, index_strides)?;
+    let size = x_shape[axis];
+    if let Some(&bad) = index.iter().find(|&&i| i < 0 || i as u64 >= size as u64) {
+        return Err(Error::Shape {
+            op,
+            detail: format!("index {bad} outside 0..{size} along axis {axis}"),
+        });
+    }
+    Ok(GatherIndex {
+        values: DeviceBuffer::from_i64(dev, index)?,
+        strides: index_strides.to_vec(),
+    })
+}
+
+/// `out[p] = x[p with p[axis] replaced by index[p]]` for every position `p` of `out_shape`
+/// (PyTorch's `gather`; `index_select` when the index strides read one index per position of
+/// `axis`). `index` is read with `index_strides` under `out_shape`; every index must lie in
+/// `0..x_shape[axis]` and every other axis of the output be no longer than `x`'s. Returns the
+/// output and the uploaded index, which [`gather_backward`] reuses.
+pub fn gather(
+    x: &DeviceBuffer,
+    x_shape: &[usize],
+    axis: usize,
+    out_shape: &[usize],
+    index: &[i64],
+    index_strides: &[i64],
+) -> Result<(DeviceBuffer, GatherIndex)> {
+    const OP: &str = "gather";
+    let dev = device_of(OP, &[x])?;
+    expect(OP, "x", x, numel(x_shape))?;
+    let idx = gather_index(OP, &dev, x_shape, axis, out_shape, index, index_strides)?;
+    let n = numel(out_shape);
+    let out = f32_buf(&dev, n)?;
+    if n == 0 {
+        return Ok((out, idx));
+    }
+    let mut xs = row_major_strides(x_shape);
+    let step = xs[axis];
+    xs[axis] = 0;
+    let m = meta(&dev, out_shape, &[&xs, &idx.strides])?;
+    // SAFETY: gather_f32(x, idx, out, i64 n, i64 step, meta); every non-gathered coordinate of
+    // the output is below x's size on that axis and every index below x's size on `axis`
+    // (checked by gather_index), so each read lies inside x; the index view lies inside idx.
+    unsafe {
+        dev.launch(
+            "gather_f32",
+            LaunchDims::cover(n, THREADS),
+            &[
+                x.arg(),
+                idx.values.arg(),
+                out.arg(),
+                KernelArg::I64(n as i64),
+                KernelArg::I64(step),
+                m.arg(),
+            ],
+        )?;
+    }
+    Ok((out, idx))
+}
+
+/// Gradient of [`gather`]: each output gradient added into the element it was read from.
+pub fn gather_backward(
+    gout: &DeviceBuffer,
+    index: &GatherIndex,
+    x_shape: &[usize],
+    axis: usize,
+    out_shape: &[usize],
+) -> Result<DeviceBuffer> {
+    const OP: &str = "gather_backward";
+    let dev = device_of(OP, &[gout, &index.values])?;
+    let n = numel(out_shape);
+    expect(OP, "gout", gout, n)?;
+    if axis >= x_shape.len()
+        || out_shape.len() != x_shape.len()
+        || index.strides.len() != x_shape.len()
+        || out_shape
+            .iter()
+            .zip(x_shape)
+            .enumerate()
+            .any(|(i, (&o, &x))| i != axis && o > x)
+    {
+        return Err(Error::Shape {
+            op: OP,
+            detail: format!("an output {out_shape:?} gathered along axis {axis} of {x_shape:?}"),
+        });
+    }
+    check_view(OP, index.values.len(), 0, out_shape, &index.strides)?;
+    let gx = full(&dev, numel(x_shape), 0.0)?;
+    if n == 0 {
+        return Ok(gx);
+    }
+    let mut xs = row_major_strides(x_shape);
+    let step = xs[axis];
+    xs[axis] = 0;
+    let m = meta(&dev, out_shape, &[&xs, &index.strides])?;
+    // SAFETY: gather_backward_f32(gout, idx, gx, i64 n, i64 step, meta); the same offsets as
+    // the forward's reads (indices checked when the GatherIndex was made, shapes above), now
+    // written with atomicAdd into gx of x's size.
+    unsafe {
+        dev.launch(
+            "gather_backward_f32",
+            LaunchDims::cover(n, THREADS),
+            &[
+                gout.arg(),
+                index.values.arg(),
+                gx.arg(),
+                KernelArg::I64(n as i64),
+                KernelArg::I64(step),
+                m.arg(),
+            ],
+        )?;
+    }
+    Ok(gx)
+}
+
+/// `cond ? a : b` element-wise with broadcasting of all three (`cond` nonzero is true); returns
+/// the output and its shape.
+pub fn where_select(
+    cond: &DeviceBuffer,
+    c_shape: &[usize],
+    a: &DeviceBuffer,
+    a_shape: &[usize],
+    b: &DeviceBuffer,
+    b_shape: &[usize],
+) -> Result<(DeviceBuffer, Vec<usize>)> {
+    const OP: &str = "where";
+    let dev = device_of(OP, &[cond, a, b])?;
+    expect(OP, "cond", cond, numel(c_shape))?;
+    expect(OP, "a", a, numel(a_shape))?;
+    expect(OP, "b", b, numel(b_shape))?;
+    let ab = broadcast_shape(a_shape, b_shape).ok_or_else(|| shape_err(OP, a_shape, b_shape))?;
+    let out_shape = broadcast_shape(&ab, c_shape).ok_or_else(|| shape_err(OP, &ab, c_shape))?;
+    let n = numel(&out_shape);
+    let out = f32_buf(&dev, n)?;
+    if n == 0 {
+        return Ok((out, out_shape));
+    }
+    let m = meta(
+        &dev,
+        &out_shape,
+        &[
+            &broadcast_strides(c_shape, &out_shape),
+            &broadcast_strides(a_shape, &out_shape),
+            &broadcast_strides(b_shape, &out_shape),
+        ],
+    )?;
+    // SAFETY: where_f32(cond, a, b, out, i64 n, meta); meta maps each of the n output indices
+    // into cond, a and b within their shapes (broadcast strides), out holds n floats.
+    unsafe {
+        dev.launch(
+            "where_f32",
+            LaunchDims::cover(n, THREADS),
+            &[
+                cond.arg(),
+                a.arg(),
+                b.arg(),
+                out.arg(),
+                KernelArg::I64(n as i64),
+                m.arg(),
+            ],
+        )?;
+    }
+    Ok((out, out_shape))
+}
+
+/// Gradients of [`where_select`] with respect to `a` and `b` (each reduced to its operand's
+/// shape), where asked for.
+pub fn where_backward(
+    cond: &DeviceBuffer,
+    c_shape: &[usize],
+    a_shape: &[usize],
+    b_shape: &[usize],
+    gout: &DeviceBuffer,
+    need_a: bool,
+    need_b: bool,
+) -> Result<(Option<DeviceBuffer>, Option<DeviceBuffer>)> {
+    const OP: &str = "where_backward";
+    let dev = device_of(OP, &[cond, gout])?;
+    expect(OP, "cond", cond, numel(c_shape))?;
+    let ab = broadcast_shape(a_shape, b_shape).ok_or_else(|| shape_err(OP, a_shape, b_shape))?;
+    let out_shape = broadcast_shape(&ab, c_shape).ok_or_else(|| shape_err(OP, &ab, c_shape))?;
+    let n = numel(&out_shape);
+    expect(OP, "gout", gout, n)?;
+    let ga = need_a.then(|| f32_buf(&dev, n)).transpose()?;
+    let gb = need_b.then(|| f32_buf(&dev, n)).transpose()?;
+    if n > 0 {
+        let m = meta(&dev, &out_shape, &[&broadcast_strides(c_shape, &out_shape)])?;
+        let ptr =
+            |o: &Option<DeviceBuffer>| o.as_ref().map_or(KernelArg::Ptr(0), DeviceBuffer::arg);
+        // SAFETY: where_backward_f32(cond, gout, ga, gb, i64 n, meta); ga and gb are null or
+        // hold n floats, meta maps the n indices into cond within its shape.
+        unsafe {
+            dev.launch(
+                "where_backward_f32",
+                LaunchDims::cover(n, THREADS),
+                &[
+                    cond.arg(),
+                    gout.arg(),
+                    ptr(&ga),
+                    ptr(&gb),
+                    KernelArg::I64(n as i64),
+                    m.arg(),
+                ],
+            )?;
+        }
+    }
+    let ga = ga.map(|g| sum_to(&g, &out_shape, a_shape)).transpose()?;
+    let gb = gb.map(|g| sum_to(&g, &out_shape, b_shape)).transpose()?;
+    Ok((ga, gb))
+}
+
+/// Backward of a row reduction of `(rows, cols)` `x` to `y` (one value per row), given the
+/// gradient `gy` of `y`: for [`Reduce::Max`] the gradient is shared evenly among the elements
+/// equal to their row's maximum (PyTorch's `amax`); for [`Reduce::SumSquares`] `y` must be the
+/// row norms (the square roots), and the gradient is `gy * x / y` (0 where the norm is 0).
+pub fn reduce_rows_backward(
+    x: &DeviceBuffer,
+    y: &DeviceBuffer,
+    gy: &DeviceBuffer,
+    rows: usize,
+    cols: usize,
+    op: Reduce,
+) -> Result<DeviceBuffer> {
+    const OP: &str = "reduce_rows_backward";
+    let dev = device_of(OP, &[x, y, gy])?;
+    expect(OP, "x", x, rows * cols)?;
+    expect(OP, "y", y, rows)?;
+    expect(OP, "gy", gy, rows)?;
+    let gx = f32_buf(&dev, rows * cols)?;
+    if rows * cols == 0 {
+        return Ok(gx);
+    }
+    let (kernel, dims) = match op {
+        Reduce::Max => ("max_rows_backward_f32", LaunchDims::cover(rows, THREADS)),
+        Reduce::SumSquares => (
+            "norm_rows_backward_f32",
+            LaunchDims::cover(rows * cols, THREADS),
+        ),
+        Reduce::Sum => {
+            return Err(Error::Shape {
+                op: OP,
+                detail: "a sum's backward is a broadcast (strided_copy with stride 0)".into(),
+            });
+        }
+    };
+    // SAFETY: max_rows_backward_f32 / norm_rows_backward_f32(x, y, gy, gx, i64 rows, i64 cols);
+    // x and gx hold rows*cols floats, y and gy rows.
+    unsafe {
+        dev.launch(
+            kernel,
+            dims,
+            &[
+                x.arg(),
+                y.arg(),
+                gy.arg(),
+                gx.arg(),
+                KernelArg::I64(rows as i64),
+                KernelArg::I64(cols as i64),
+            ],
+        )?;
+    }
+    Ok(gx)
 }
 
 /// Reductions of [`reduce_rows`].

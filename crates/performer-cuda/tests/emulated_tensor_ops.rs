@@ -74,6 +74,28 @@ fn unary_cpu(f: Unary, x: f64) -> f64 {
         Unary::Recip => 1.0 / x,
         Unary::Square => x * x,
         Unary::Silu => x * sig(x),
+        Unary::Clamp(lo, hi) => x.clamp(lo as f64, hi as f64),
+        Unary::Elu => {
+            if x > 0.0 {
+                x
+            } else {
+                x.exp_m1()
+            }
+        }
+        Unary::Softplus => {
+            if x > 20.0 {
+                x
+            } else {
+                x.exp().ln_1p()
+            }
+        }
+        Unary::LeakyRelu(a) => {
+            if x > 0.0 {
+                x
+            } else {
+                a as f64 * x
+            }
+        }
     }
 }
 
@@ -108,6 +130,11 @@ fn unary_ops_and_their_backward() {
         Unary::Recip,
         Unary::Square,
         Unary::Silu,
+        Unary::Clamp(-0.5, 0.75),
+        Unary::Clamp(f32::NEG_INFINITY, 0.3),
+        Unary::Elu,
+        Unary::Softplus,
+        Unary::LeakyRelu(0.1),
     ];
     for f in ops_list {
         let needs_pos = matches!(f, Unary::Log | Unary::Sqrt | Unary::Pow(_) | Unary::Recip);
@@ -169,7 +196,9 @@ fn binary_ops_broadcast_forward_and_backward() {
                 .map(|v| v + 3.0)
                 .collect::<Vec<_>>(),
         );
-        let (ad, bd) = (up(&dev, &a), up(&dev, &b));
+        // Pow's base positive (its exponent's gradient needs a logarithm).
+        let apos: Vec<f64> = round(&a.iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
+        let (ad, bd, apos_d) = (up(&dev, &a), up(&dev, &b), up(&dev, &apos));
         for op in [
             Binary::Add,
             Binary::Sub,
@@ -177,7 +206,13 @@ fn binary_ops_broadcast_forward_and_backward() {
             Binary::Div,
             Binary::Max,
             Binary::Min,
+            Binary::Pow,
         ] {
+            let (a, ad) = if op == Binary::Pow {
+                (&apos, &apos_d)
+            } else {
+                (&a, &ad)
+            };
             let f = |x: f64, y: f64| match op {
                 Binary::Add => x + y,
                 Binary::Sub => x - y,
@@ -185,8 +220,9 @@ fn binary_ops_broadcast_forward_and_backward() {
                 Binary::Div => x / y,
                 Binary::Max => x.max(y),
                 Binary::Min => x.min(y),
+                Binary::Pow => x.powf(y),
             };
-            let (out, shape) = ok(ops::binary(&ad, sa, &bd, sb, op));
+            let (out, shape) = ok(ops::binary(ad, sa, &bd, sb, op));
             let n: usize = shape.iter().product();
             let eval = |a: &[f64], b: &[f64]| -> Vec<f64> {
                 (0..n)
@@ -196,14 +232,14 @@ fn binary_ops_broadcast_forward_and_backward() {
             close(
                 &format!("{op:?} {sa:?} {sb:?}"),
                 &down(&out),
-                &eval(&a, &b),
+                &eval(a, &b),
                 TOL,
             );
             let g = randn(&mut rng, n);
             let gd = up(&dev, &g);
-            let (ga, gb) = ok(ops::binary_backward(&ad, sa, &bd, sb, &gd, op, true, true));
-            let want_a = numeric_grad(&a, &g, &|x| eval(x, &b));
-            let want_b = numeric_grad(&b, &g, &|y| eval(&a, y));
+            let (ga, gb) = ok(ops::binary_backward(ad, sa, &bd, sb, &gd, op, true, true));
+            let want_a = numeric_grad(a, &g, &|x| eval(x, &b));
+            let want_b = numeric_grad(&b, &g, &|y| eval(a, y));
             close(
                 &format!("{op:?} {sa:?} {sb:?} da"),
                 &down(&ga.unwrap()),

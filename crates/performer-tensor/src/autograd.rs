@@ -171,7 +171,9 @@ impl Tensor {
     /// the backward is still to come (data-parallel training starts reducing those gradients
     /// across processes there). Every leaf that receives a gradient through an op is handed
     /// over exactly once, in the order they become final; an error from `on_ready` stops the
-    /// backward and is returned. The returned store is the same as `backward`'s.
+    /// backward and is returned. The returned store is the same as `backward`'s. A leaf on a
+    /// device (feature `cuda`) is handed over as a host copy of its gradient, read from the
+    /// device when it becomes final.
     pub fn backward_with_hook(&self, on_ready: &mut LeafHook<'_>) -> Result<Gradients> {
         if self.numel() != 1 {
             return Err(Error::Backward(format!(
@@ -228,6 +230,12 @@ impl Tensor {
                 for id in &ready[step] {
                     if let Some(g) = grads.get(id) {
                         hook(*id, g)?;
+                    }
+                    // A device leaf's gradient is handed over as a host copy (the hook's
+                    // signature is the host's); the store keeps the device tensor.
+                    #[cfg(feature = "cuda")]
+                    if let Some(g) = dgrads.get(id) {
+                        hook(*id, &g.to_host()?.to_array())?;
                     }
                 }
             }

@@ -12,6 +12,9 @@
 pub(crate) mod autograd;
 pub(crate) mod ops;
 pub(crate) mod optim;
+pub(crate) mod row_ops;
+pub(crate) mod select_ops;
+pub(crate) mod shape_ops;
 
 use std::sync::Arc;
 

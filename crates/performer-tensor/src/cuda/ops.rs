@@ -15,17 +15,18 @@ use super::{DeviceStorage, common_device, constant, map_err, record1, storage_of
 use crate::{Device, Error, Result, Tensor};
 
 /// `op`'s device, `None` for host operands, the mismatch error otherwise.
-macro_rules! device_or_host {
+macro_rules! device_or_host_impl {
     ($op:expr, $($t:expr),+) => {
-        match common_device($op, &[$($t),+]) {
+        match $crate::cuda::common_device($op, &[$($t),+]) {
             Ok(None) => return None,
             Ok(Some(d)) => d,
             Err(e) => return Some(Err(e)),
         }
     };
 }
+pub(super) use device_or_host_impl as device_or_host;
 
-fn unsupported(op: &str, device: Device, detail: impl Into<String>) -> Error {
+pub(super) fn unsupported(op: &str, device: Device, detail: impl Into<String>) -> Error {
     Error::Unsupported {
         op: op.to_string(),
         device: device.to_string(),
@@ -33,11 +34,11 @@ fn unsupported(op: &str, device: Device, detail: impl Into<String>) -> Error {
     }
 }
 
-fn infallible(op: &str, r: Result<Tensor>) -> Tensor {
+pub(super) fn infallible(op: &str, r: Result<Tensor>) -> Tensor {
     r.unwrap_or_else(|e| panic!("{op} on a device: {e}"))
 }
 
-fn row_major_strides(shape: &[usize]) -> Vec<i64> {
+pub(super) fn row_major_strides(shape: &[usize]) -> Vec<i64> {
     let mut s = vec![0i64; shape.len()];
     let mut acc = 1i64;
     for a in (0..shape.len()).rev() {
@@ -60,6 +61,7 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, name: &'static str) -> Option<Resul
         "div" => Binary::Div,
         "maximum" => Binary::Max,
         "minimum" => Binary::Min,
+        "pow" => Binary::Pow,
         _ => {
             return Some(Err(unsupported(
                 name,
@@ -101,6 +103,8 @@ fn unary_of(name: &str) -> Option<Unary> {
         "recip" => Unary::Recip,
         "square" => Unary::Square,
         "silu" => Unary::Silu,
+        "elu" => Unary::Elu,
+        "softplus" => Unary::Softplus,
         _ => return None,
     })
 }
@@ -161,7 +165,7 @@ pub(crate) fn reshape(x: &Tensor, shape: &[usize]) -> Option<Result<Tensor>> {
 }
 
 /// A contiguous copy of `s` with its axes in the order `perm`.
-fn permuted(op: &str, s: &DeviceStorage, perm: &[usize]) -> Result<DeviceStorage> {
+pub(super) fn permuted(op: &str, s: &DeviceStorage, perm: &[usize]) -> Result<DeviceStorage> {
     let strides = row_major_strides(&s.shape);
     let shape: Vec<usize> = perm.iter().map(|&p| s.shape[p]).collect();
     let st: Vec<i64> = perm.iter().map(|&p| strides[p]).collect();
@@ -330,7 +334,9 @@ fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // Softmax
 
-/// Softmax or log-softmax along the last axis `ax` (other axes: unsupported on a device).
+/// Softmax or log-softmax along axis `ax`: rows of the last axis in one kernel; another axis
+/// is swapped to the last place and back around it (each swap a device copy with its own
+/// backward).
 pub(crate) fn softmax(x: &Tensor, ax: usize, log: bool) -> Option<Result<Tensor>> {
     if x.device().is_cpu() {
         return None;
@@ -338,15 +344,17 @@ pub(crate) fn softmax(x: &Tensor, ax: usize, log: bool) -> Option<Result<Tensor>
     let name = if log { "log_softmax" } else { "softmax" };
     let sx = storage_of(x).clone();
     let device = sx.device;
-    if ax + 1 != sx.shape.len() {
-        return Some(Err(unsupported(
-            name,
-            device,
-            format!(
-                "the last axis only on a device (asked {ax} of {:?})",
-                sx.shape
-            ),
-        )));
+    let last = sx.shape.len() - 1;
+    if ax != last {
+        let (a, l) = (ax as isize, last as isize);
+        let inner = |t: Tensor| {
+            if log { t.log_softmax(l) } else { t.softmax(l) }
+        };
+        return Some(
+            x.transpose(a, l)
+                .and_then(inner)
+                .and_then(|t| t.transpose(a, l)),
+        );
     }
     let cols = sx.shape[ax];
     let rows = sx.numel() / cols.max(1);

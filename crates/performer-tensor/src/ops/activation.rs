@@ -88,6 +88,11 @@ impl Tensor {
 
     /// Leaky ReLU with the given negative slope (PyTorch's default is 0.01).
     pub fn leaky_relu(&self, negative_slope: f32) -> Tensor {
+        on_device!(crate::cuda::ops::unary_with(
+            self,
+            "leaky_relu",
+            performer_cuda::tensor_ops::Unary::LeakyRelu(negative_slope)
+        ));
         unary(
             self,
             "leaky_relu",

@@ -16,6 +16,7 @@ impl Tensor {
         if !training || p == 0.0 {
             return Ok(self.clone());
         }
+        on_device!(crate::cuda::row_ops::dropout(self, p));
         let scale = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
         let mask: ArrayD<f32> = crate::rng::with_rng(|g| {
             ArrayD::from_shape_simple_fn(self.data().raw_dim(), || {

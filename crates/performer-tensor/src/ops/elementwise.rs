@@ -347,6 +347,11 @@ impl Tensor {
     pub fn clamp(&self, min: Option<f32>, max: Option<f32>) -> Tensor {
         let lo = min.unwrap_or(f32::NEG_INFINITY);
         let hi = max.unwrap_or(f32::INFINITY);
+        on_device!(crate::cuda::ops::unary_with(
+            self,
+            "clamp",
+            performer_cuda::tensor_ops::Unary::Clamp(lo, hi)
+        ));
         unary(
             self,
             "clamp",

@@ -28,6 +28,7 @@ impl Tensor {
             .iter()
             .map(|&i| check_index("index_select", i, size))
             .collect::<Result<_>>()?;
+        on_device!(crate::cuda::select_ops::index_select(self, ax, indices));
         let out = self.view().select(Axis(ax), &idx);
         let in_shape = self.shape().to_vec();
         Ok(Tensor::from_op(
@@ -91,6 +92,7 @@ impl Tensor {
         for &i in index.iter() {
             check_index("gather", i, size)?;
         }
+        on_device!(crate::cuda::select_ops::gather(self, ax, index));
         let x = self.view();
         let out = ArrayD::from_shape_fn(index.raw_dim(), |mut pos| {
             pos[ax] = index[&pos] as usize;
@@ -120,6 +122,7 @@ impl Tensor {
                 ),
             )
         })?;
+        on_device!(crate::cuda::select_ops::masked_fill(self, mask, value));
         let out = Zip::from(&self.view())
             .and(&m)
             .map_collect(|&x, &mk| if mk { value } else { x });
@@ -139,6 +142,7 @@ impl Tensor {
     pub fn where_cond(cond: &ArrayViewD<bool>, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let ab = broadcast_shapes("where", a.shape(), b.shape())?;
         let shape = broadcast_shapes("where", &ab, cond.shape())?;
+        on_device!(crate::cuda::select_ops::where_cond(cond, a, b));
         let (c, av, bv) = (
             cond.broadcast(IxDyn(&shape)).expect("checked"),
             a.data().broadcast(IxDyn(&shape)).expect("checked"),

@@ -56,6 +56,28 @@ pub fn layer_norm_row(
 }
 
 impl Tensor {
+    /// performer-pytorch's ScaleNorm over the last axis: `x / max(|x|, eps) * g` with a learned
+    /// one-element `g`. On the host it is exactly `x.div(x.norm([-1]).clamp(eps))?.mul(g)`; on
+    /// a device one kernel each way.
+    pub fn scale_norm(&self, g: &Tensor, eps: f32) -> Result<Tensor> {
+        if self.rank() == 0 {
+            return Err(Error::shape("scale_norm", "needs rank >= 1"));
+        }
+        if g.numel() != 1 || g.rank() > self.rank() {
+            return Err(Error::shape(
+                "scale_norm",
+                format!(
+                    "g {:?} must hold one element (input {:?})",
+                    g.shape(),
+                    self.shape()
+                ),
+            ));
+        }
+        on_device!(crate::cuda::row_ops::scale_norm(self, g, eps));
+        let n = self.norm(&[-1], true)?.clamp(Some(eps), None);
+        self.div(&n)?.mul(g)
+    }
+
     /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last axis (biased variance, as
     /// `torch.nn.LayerNorm`). `weight` and `bias`, when given, have the last axis's size.
     pub fn layer_norm(

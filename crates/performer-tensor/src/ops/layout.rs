@@ -104,6 +104,7 @@ impl Tensor {
                 size,
             });
         }
+        on_device!(crate::cuda::shape_ops::narrow(self, ax, start, len));
         let mut data = self.data().clone();
         data.slice_axis_inplace(Axis(ax), Slice::from(start..start + len));
         let in_shape = self.shape().to_vec();
@@ -153,6 +154,7 @@ impl Tensor {
 
     /// Broadcasts to `shape` (a view with zero strides; the gradient is summed back).
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
+        on_device!(crate::cuda::shape_ops::broadcast_to(self, shape));
         let data = self.data().broadcast(IxDyn(shape)).ok_or_else(|| {
             Error::shape(
                 "broadcast_to",
@@ -171,6 +173,7 @@ impl Tensor {
 
     /// A copy in row-major (C) order; a no-op view if already contiguous.
     pub fn contiguous(&self) -> Tensor {
+        on_device!(crate::cuda::shape_ops::contiguous(self));
         if self.data().is_standard_layout() {
             return self.clone();
         }
@@ -204,6 +207,7 @@ impl Tensor {
                 ),
             ));
         };
+        on_device!(crate::cuda::shape_ops::pad(self, ax, before, after, value));
         shape[ax] = padded;
         let mut out = ArrayD::from_elem(IxDyn(&shape), value);
         out.slice_axis_mut(Axis(ax), Slice::from(before..before + len))
@@ -288,6 +292,7 @@ impl Tensor {
                 ));
             }
         }
+        on_device!(crate::cuda::shape_ops::cat(tensors, ax));
         let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
         let out = ndarray::concatenate(Axis(ax), &views)
             .map_err(|e| Error::shape("cat", e.to_string()))?;

@@ -124,6 +124,12 @@ impl Tensor {
                 format!("cannot reduce empty axis {ax} of {:?}", self.shape()),
             ));
         }
+        on_device!(crate::cuda::row_ops::reduce_axes(
+            self,
+            &axes,
+            keepdim,
+            performer_cuda::tensor_ops::Reduce::Max
+        ));
         let in_shape = self.shape().to_vec();
         let m = reduce_keep(&self.view(), &axes, &lane_max);
         let kept = m.clone();
@@ -151,6 +157,12 @@ impl Tensor {
     /// Euclidean norm over `axes` (the gradient at a zero norm is 0).
     pub fn norm(&self, axes: &[isize], keepdim: bool) -> Result<Tensor> {
         let axes = normalize_axes("norm", axes, self.rank())?;
+        on_device!(crate::cuda::row_ops::reduce_axes(
+            self,
+            &axes,
+            keepdim,
+            performer_cuda::tensor_ops::Reduce::SumSquares
+        ));
         let in_shape = self.shape().to_vec();
         let sq = map_array(&self.view(), |x| x * x);
         let n = sum_keep(&sq.view(), &axes).mapv(f32::sqrt);
