@@ -543,13 +543,17 @@ impl FastAttention {
         // The fused pass records no graph, so gradients through q, k or v take forward's way.
         let records_graph =
             performer_tensor::is_grad_enabled() && [q, k, v].iter().any(|t| t.is_tracked());
-        if matches!(kind, Kind::NoProjection) || self.uses_cuda() || records_graph {
+        let on_device = !q.device().is_cpu();
+        if matches!(kind, Kind::NoProjection) || self.uses_cuda() || records_graph || on_device {
             let out = self.forward(q, k, v)?;
             let flat = |t: &Tensor| -> Result<Array3<f32>> {
                 let s = t.shape();
-                t.data()
-                    .as_standard_layout()
-                    .into_owned()
+                // The running sums live on the host: a device tensor's values are copied there.
+                let owned = match on_device {
+                    true => t.to_host()?.data().to_owned(),
+                    false => t.data().as_standard_layout().into_owned(),
+                };
+                owned
                     .into_shape_with_order((s[0] * s[1], s[2], s[3]))
                     .map_err(|err| Error::shape(OP, err.to_string()))
             };

@@ -279,6 +279,18 @@ impl FastAttention {
         } else {
             FeatureMap::Softmax
         };
+        // Device tensors: the kernels run on their buffers (no host copy). Generalized
+        // attention on a device takes the CPU ops' round trip through the host.
+        #[cfg(feature = "cuda")]
+        if map == FeatureMap::Softmax && !q.device().is_cpu() {
+            return crate::device::favor_attention(
+                q,
+                k,
+                v,
+                &self.projection_matrix()?,
+                self.config.causal,
+            );
+        }
         #[cfg(feature = "cuda")]
         if let Some(backend) = self.cuda.lock().unwrap_or_else(|e| e.into_inner()).clone()
             && map == FeatureMap::Softmax

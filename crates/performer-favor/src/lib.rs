@@ -27,6 +27,10 @@ mod column_blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod decoding;
+#[cfg(feature = "cuda")]
+mod device;
+#[cfg(feature = "cuda")]
+mod device_decoding;
 mod fast_attention;
 mod feature;
 pub mod heads;
@@ -36,6 +40,8 @@ mod projection;
 mod simd;
 
 pub use decoding::{CausalState, ContextState, StateStep};
+#[cfg(feature = "cuda")]
+pub use device_decoding::{DeviceCausalState, DeviceContextState};
 pub use fast_attention::{
     AttentionDevice, FastAttention, FastAttentionConfig, ProjectionUpdater, default_nb_features,
 };

@@ -22,7 +22,11 @@ pub mod init;
 mod layer_norm;
 mod linear;
 mod local_attention;
+#[cfg(feature = "cuda")]
+mod local_attention_device;
 mod position;
+#[cfg(feature = "cuda")]
+mod reversible_device;
 mod sequence;
 mod state;
 mod wrappers;

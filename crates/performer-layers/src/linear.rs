@@ -56,7 +56,8 @@ impl Linear {
             .collect();
         let mut shape = lead;
         shape.push(self.out_features() as isize);
-        if !performer_tensor::is_grad_enabled() {
+        // The host fast path reads plain arrays; a device input takes the tensor ops below.
+        if !performer_tensor::is_grad_enabled() && x.device().is_cpu() {
             let y = self.forward_inference(x)?;
             // The op timer's row for this product (no graph node reports it).
             performer_tensor::profile::op_done("linear", || 4 * (x.numel() + y.len()) as u64);

@@ -152,6 +152,25 @@ impl LocalAttention {
             None => None,
         };
         let training = self.training.get() && self.dropout > 0.0;
+        // Device tensors: the same attention in the device's tensor ops.
+        #[cfg(feature = "cuda")]
+        if !q.device().is_cpu() {
+            let geometry = crate::local_attention_device::LocalGeometry {
+                window: self.window_size,
+                causal: self.causal,
+                back: self.look_backward,
+                fwd: self.look_forward,
+                freqs: &freqs,
+                dropout: if training { self.dropout } else { 0.0 },
+            };
+            return crate::local_attention_device::forward(
+                &geometry,
+                q,
+                k,
+                v,
+                mask.as_ref().map(|m| m.view()),
+            );
+        }
         let seed = if training {
             performer_tensor::rng::with_rng(|g| g.next_u64())
         } else {

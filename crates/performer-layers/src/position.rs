@@ -89,6 +89,10 @@ pub fn rotate_every_two(x: &Tensor) -> Result<Tensor> {
 /// `[sin | cos]`, each frequency is repeated for a pair of features and
 /// `x -> x cos + rotate_every_two(x) sin` for both `q` and `k` `(..., n, d)`.
 pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if !q.device().is_cpu() {
+        return Ok((apply_rotary(q, sinu_pos)?, apply_rotary(k, sinu_pos)?));
+    }
     let op = rotary_op(sinu_pos, &[q, k])?;
     Ok((
         apply_custom_op(op.clone(), &[q])?.remove(0),
@@ -99,6 +103,11 @@ pub fn apply_rotary_pos_emb(q: &Tensor, k: &Tensor, sinu_pos: &Tensor) -> Result
 /// [`apply_rotary_pos_emb`] of one tensor `x` `(..., n, d)` (a query alone at other positions
 /// than the keys, say).
 pub fn apply_rotary(x: &Tensor, sinu_pos: &Tensor) -> Result<Tensor> {
+    // A device tensor is rotated by the device's kernel (the table moves to its device).
+    #[cfg(feature = "cuda")]
+    if !x.device().is_cpu() {
+        return performer_tensor::device_ops::rotary(x, sinu_pos);
+    }
     let op = rotary_op(sinu_pos, &[x])?;
     Ok(apply_custom_op(op, &[x])?.remove(0))
 }

@@ -38,7 +38,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    fn f_inputs<'a>(&self, inputs: &BlockInputs<'a>) -> BlockInputs<'a> {
+    pub(crate) fn f_inputs<'a>(&self, inputs: &BlockInputs<'a>) -> BlockInputs<'a> {
         match self.route {
             Route::SelfAttention => BlockInputs {
                 mask: inputs.mask,
@@ -201,6 +201,11 @@ impl Block for ReversibleSequence {
                 "ReversibleSequence",
                 format!("input must be (b, n, dim), got {:?}", x.shape()),
             ));
+        }
+        // Device tensors: the same coupling and replaying backward, kept on the device.
+        #[cfg(feature = "cuda")]
+        if !x.device().is_cpu() {
+            return crate::reversible_device::forward(&self.layers, self.parameters(), x, inputs);
         }
         let doubled = Tensor::cat(&[x.clone(), x.clone()], -1)?;
         let params = self.parameters();

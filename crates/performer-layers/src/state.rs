@@ -25,6 +25,20 @@ pub enum BlockState {
     Layers(Vec<[BlockState; 2]>),
 }
 
+impl BlockState {
+    /// Whether this state keeps its sums on a device: some attention's FAVOR+ or context sums,
+    /// or some token shift's previous position (the states of blocks run on device tensors;
+    /// the local heads' recent keys stay on the host).
+    pub fn on_device(&self) -> bool {
+        match self {
+            BlockState::Empty | BlockState::Stateless => false,
+            BlockState::Attention(a) => a.sums_on_device(),
+            BlockState::Shift(s) => s.prev_device.is_some() || s.inner.on_device(),
+            BlockState::Layers(layers) => layers.iter().flatten().any(BlockState::on_device),
+        }
+    }
+}
+
 /// What an attention layer remembers while decoding.
 #[derive(Default)]
 pub struct AttentionState {
@@ -36,12 +50,27 @@ pub struct AttentionState {
     pub(crate) context: Option<ContextState>,
     /// Recent keys and values of the local heads.
     pub(crate) local: Option<LocalCache>,
+    /// The FAVOR+ heads' running sums on a device (a layer on device tensors).
+    #[cfg(feature = "cuda")]
+    pub(crate) favor_device: Option<performer_favor::DeviceCausalState>,
+    /// The context's sums on a device.
+    #[cfg(feature = "cuda")]
+    pub(crate) context_device: Option<performer_favor::DeviceContextState>,
 }
 
 impl AttentionState {
     /// Positions seen.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// Whether the attention sums (FAVOR+ heads, context) live on a device.
+    pub fn sums_on_device(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.favor_device.is_some() || self.context_device.is_some() {
+            return true;
+        }
+        false
     }
 }
 
@@ -50,6 +79,8 @@ impl AttentionState {
 pub struct ShiftState {
     /// The previous position's input `(b, dim)`.
     pub(crate) prev: Option<ndarray::Array2<f32>>,
+    /// The previous position's input `(b, 1, dim)` where the block runs on a device.
+    pub(crate) prev_device: Option<performer_tensor::Tensor>,
     /// Whether the previous position was a real token, per sequence (None: no mask given).
     pub(crate) prev_keep: Option<Vec<bool>>,
     /// The wrapped block's state.

@@ -275,6 +275,23 @@ impl PreShiftTokens {
                 format!("need 1..={dim} segments for dim {dim}"),
             ));
         }
+        // On a device without a mask: one kernel per shifted segment, no split and concat.
+        #[cfg(feature = "cuda")]
+        if mask.is_none() && !x.device().is_cpu() {
+            let size = dim / segments;
+            let mut y = x.clone();
+            for (i, &amount) in self.shifts.iter().enumerate() {
+                if amount != 0 {
+                    let shift = i32::try_from(amount).unwrap_or(i32::MAX);
+                    y = performer_tensor::device_ops::token_shift(
+                        &y,
+                        i * size..(i + 1) * size,
+                        shift,
+                    )?;
+                }
+            }
+            return Ok(y);
+        }
         let pieces = x.split(dim / segments, -1)?;
         let masked_out = match mask {
             Some(m) => {
@@ -365,6 +382,32 @@ impl Block for PreShiftTokens {
             ));
         };
         let n = x.shape().get(1).copied().unwrap_or(0);
+        // On a device the previous position stays there.
+        #[cfg(feature = "cuda")]
+        if !x.device().is_cpu() {
+            check_decode_length("PreShiftTokens::decode", n, st.prev_device.is_none())?;
+            let shifted = match &st.prev_device {
+                None => self.shift(x, inputs.mask)?,
+                Some(prev) => {
+                    let prev = match &st.prev_keep {
+                        // The reference masks before shifting: a padding token's features are 0.
+                        Some(keep) => {
+                            let keep =
+                                ndarray::Array3::from_shape_fn((keep.len(), 1, 1), |(i, _, _)| {
+                                    f32::from(u8::from(keep[i]))
+                                });
+                            prev.mul(&Tensor::new(keep.into_dyn()).to_device(x.device())?)?
+                        }
+                        None => prev.clone(),
+                    };
+                    let both = Tensor::cat(&[prev, x.clone()], 1)?;
+                    self.shift(&both, None)?.narrow(1, 1, 1)?
+                }
+            };
+            st.prev_device = Some(x.narrow(1, n - 1, 1)?);
+            st.prev_keep = inputs.mask.map(|m| m.column(n - 1).to_vec());
+            return self.inner.decode(&shifted, inputs, &mut st.inner);
+        }
         check_decode_length("PreShiftTokens::decode", n, st.prev.is_none())?;
         let shifted = match &st.prev {
             None => self.shift(x, inputs.mask)?,

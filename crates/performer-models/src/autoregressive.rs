@@ -87,6 +87,16 @@ impl AutoregressiveWrapper {
                 return_encodings: false,
             },
         )?;
+        if !logits.device().is_cpu() {
+            // The device's cross-entropy takes (N, C) rows: the same mean over the same tokens.
+            let c = logits.shape()[2] as isize;
+            let targets = xo
+                .into_shape_with_order(xi.len())
+                .map_err(|e| Error::shape("AutoregressiveWrapper::loss", e.to_string()))?;
+            return logits
+                .reshape(&[-1, c])?
+                .cross_entropy(&targets.into_dyn().view(), Some(self.ignore_index));
+        }
         logits
             .permute(&[0, 2, 1])?
             .cross_entropy(&xo.into_dyn().view(), Some(self.ignore_index))

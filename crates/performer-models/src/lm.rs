@@ -326,7 +326,7 @@ impl PerformerLM {
                 },
             )?;
             let last = h.select(1, x.ncols() - 1)?;
-            let logits = self.logits(&last)?;
+            let logits = self.logits(&last)?.to_host()?;
             logits
                 .view()
                 .into_dimensionality::<ndarray::Ix2>()
@@ -407,6 +407,13 @@ impl DecodingState {
     pub fn batch(&self) -> usize {
         self.batch
     }
+
+    /// Whether the state's running sums live on a device (those of a model moved there: the
+    /// FAVOR+ heads' and the context's sums and the token shifts' previous positions; the local
+    /// heads' recent keys and values stay on the host).
+    pub fn on_device(&self) -> bool {
+        self.net.on_device()
+    }
 }
 
 impl PerformerLM {
@@ -482,7 +489,9 @@ impl PerformerLM {
         // positions, and hides them from local heads and token shifts): drop it, so the pass
         // skips the masking copies and a step takes the row path. `generate` passes one.
         let mask = mask.filter(|m| !m.iter().all(|&keep| keep));
-        if n == 1 && state.pos > 0 && mask.is_none() {
+        // The row path computes on host arrays; a model on a device steps through tensors.
+        let on_host = self.token_emb.weight.device().is_cpu();
+        if n == 1 && state.pos > 0 && mask.is_none() && on_host {
             return performer_tensor::no_grad(|| {
                 performer_tensor::team::with_team(|team| self.step_rows(state, tokens, team))
             });
@@ -501,7 +510,9 @@ impl PerformerLM {
                 .decode_last(&h, &block_inputs, &mut state.net)?;
             state.pos += n;
             let last = self.norm.forward(&last.select(1, 0)?)?;
+            // Sampling reads the logits on the host (a copy from a device).
             self.logits(&last)?
+                .to_host()?
                 .view()
                 .into_dimensionality::<ndarray::Ix2>()
                 .map(|a| a.to_owned())

@@ -59,6 +59,10 @@ pub mod testing;
 mod transfer;
 
 pub use autograd::{GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad};
+/// Device ops for the crates above this one (feature `cuda`): device buffers of tensors, a
+/// graph record for fused device kernels, rotary embedding and token shift on a device.
+#[cfg(feature = "cuda")]
+pub use cuda::model_ops as device_ops;
 pub use custom_op::{CustomOp, apply_custom_op};
 pub use device::Device;
 pub use dtype::DType;

@@ -1,31 +1,35 @@
 //! Incremental decoding of [`Attention`] on tensors: the prompt in one pass from an empty state,
 //! then one position at a time ([`Attention::decode`], [`Attention::decode_last`]).
 
-use performer_tensor::{Error, Result, Tensor};
+use performer_tensor::{Device, Error, Result, Tensor};
 
 use super::layer::Attention;
 use crate::block::{BlockInputs, check_decode_length};
 use crate::position::{apply_rotary, apply_rotary_pos_emb};
 use crate::state::BlockState;
 
-/// `(b, h, n, d)` -> `(b * h, n, d)` as an owned array.
+/// `(b, h, n, d)` -> `(b * h, n, d)` as an owned host array (the decoding sums are kept on
+/// the host: a device tensor's new positions are copied there).
 fn heads_first(t: &Tensor) -> Result<ndarray::Array3<f32>> {
     let s = t.shape().to_vec();
-    t.data()
-        .as_standard_layout()
-        .into_owned()
+    let owned = match t.device().is_cpu() {
+        true => t.data().as_standard_layout().into_owned(),
+        false => t.to_host()?.data().to_owned(),
+    };
+    owned
         .into_shape_with_order((s[0] * s[1], s[2], s[3]))
         .map_err(|e| Error::shape("Attention::decode", e.to_string()))
 }
 
-/// `(b * h, d)` -> `(b, h, 1, d)`.
-fn one_position(a: ndarray::Array2<f32>, b: usize) -> Result<Tensor> {
+/// `(b * h, d)` -> `(b, h, 1, d)` on `device` (where the layer's input lives).
+fn one_position(a: ndarray::Array2<f32>, b: usize, device: Device) -> Result<Tensor> {
     let (bh, d) = a.dim();
-    Ok(Tensor::new(
+    Tensor::new(
         a.into_shape_with_order((b, bh / b, 1, d))
             .map_err(|e| Error::shape("Attention::decode", e.to_string()))?
             .into_dyn(),
-    ))
+    )
+    .to_device(device)
 }
 
 impl Attention {
@@ -109,7 +113,12 @@ impl Attention {
             self.split_heads(&self.to_q.forward(x)?)?
         };
         let mut outs = Vec::with_capacity(2);
-        if cross {
+        // A layer on device tensors keeps its FAVOR+ sums there (softmax kernel).
+        let device_sums = !x.device().is_cpu() && !c.generalized_attention && !c.no_projection;
+        if cross && device_sums {
+            #[cfg(feature = "cuda")]
+            outs.push(self.decode_context_on_device(&q, inputs, st)?);
+        } else if cross {
             let context = inputs.context.expect("checked");
             if st.context.is_none() {
                 let (k, v) = (
@@ -146,6 +155,7 @@ impl Attention {
                     self.fast_attention
                         .query_context(ctx, &qs.index_axis(ndarray::Axis(1), t))?,
                     b,
+                    x.device(),
                 )?);
             }
             outs.push(if n == 1 {
@@ -176,27 +186,39 @@ impl Attention {
                         (gq, gk) = apply_rotary_pos_emb(&gq, &gk, pos)?;
                     }
                 }
-                let favor = st.favor.get_or_insert_with(|| {
-                    self.fast_attention.causal_state(b * global, self.dim_head)
-                });
-                if fresh && !one_query {
-                    // Every position's output, with the state taken from the same pass.
-                    outs.push(
-                        self.fast_attention
-                            .forward_extending(favor, &gq, &gk, &gv)?,
-                    );
-                } else {
-                    self.fast_attention.extend_state(
-                        favor,
-                        &heads_first(&gk)?.view(),
-                        &heads_first(&gv)?.view(),
-                    )?;
-                    let qs = heads_first(&gq)?;
-                    outs.push(one_position(
-                        self.fast_attention
-                            .query_state(favor, &qs.index_axis(ndarray::Axis(1), 0))?,
-                        b,
+                if device_sums {
+                    #[cfg(feature = "cuda")]
+                    outs.push(self.decode_favor_on_device(
+                        &gq,
+                        &gk,
+                        &gv,
+                        st,
+                        fresh && !one_query,
                     )?);
+                } else {
+                    let favor = st.favor.get_or_insert_with(|| {
+                        self.fast_attention.causal_state(b * global, self.dim_head)
+                    });
+                    if fresh && !one_query {
+                        // Every position's output, with the state taken from the same pass.
+                        outs.push(
+                            self.fast_attention
+                                .forward_extending(favor, &gq, &gk, &gv)?,
+                        );
+                    } else {
+                        self.fast_attention.extend_state(
+                            favor,
+                            &heads_first(&gk)?.view(),
+                            &heads_first(&gv)?.view(),
+                        )?;
+                        let qs = heads_first(&gq)?;
+                        outs.push(one_position(
+                            self.fast_attention
+                                .query_state(favor, &qs.index_axis(ndarray::Axis(1), 0))?,
+                            b,
+                            x.device(),
+                        )?);
+                    }
                 }
             }
             if let Some(local) = &self.local_attn {
@@ -230,6 +252,7 @@ impl Attention {
                             keep,
                         )?,
                         b,
+                        x.device(),
                     )?);
                 }
             }

@@ -10,6 +10,7 @@
 //! host operands.
 
 pub(crate) mod autograd;
+pub mod model_ops;
 pub(crate) mod ops;
 pub(crate) mod optim;
 pub(crate) mod row_ops;
