@@ -551,6 +551,10 @@ pub struct RunReport {
     pub tokens_per_second: f64,
     /// The last generated sample, prime included.
     pub sample: String,
+    /// Where the model's parameters were at the end (`cpu`, `cuda:0`, `emulated`): read from
+    /// the parameters themselves, not from `--device`.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// Mean loss over windows at `offsets`, in bits per byte (eval mode, no graph).
@@ -1543,6 +1547,10 @@ fn train(
             val_all_bytes,
             tokens_per_second: session_tokens as f64 / session_train.as_secs_f64().max(1e-9),
             sample: last_sample.clone(),
+            device: params
+                .first()
+                .map(|p| p.device().to_string())
+                .unwrap_or_default(),
         };
         write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())
             .map_err(|e| format!("--report {}: {e}", path.display()))?;

@@ -417,3 +417,48 @@ fn non_causal_linear_attention_through_emulated_cublas() {
         1e-4,
     );
 }
+
+/// A warp collective in a block whose other warps have no work: attention_grad_prep covers
+/// `rows * 32` threads with blocks of 256, so with 3 rows five warps of the one block skip the
+/// loop and return at once. Only the warps with a row reach the shuffle, which is correct CUDA
+/// (a collective needs only its own warp); the emulator must not take it for a divergent
+/// barrier whichever thread it happens to run first (every launch draws a new order).
+#[test]
+fn a_warp_collective_beside_idle_warps_is_not_divergence() {
+    let Some(dev) = emulated("a_warp_collective_beside_idle_warps_is_not_divergence") else {
+        return;
+    };
+    let (rows, e) = (3usize, 5usize);
+    let mut rng = Rng::new(11);
+    let g = round(&rng.normal_vec(rows * e, 1.0));
+    let out = round(&rng.normal_vec(rows * e, 1.0));
+    let den: Vec<f64> = (0..rows).map(|r| 1.5 + r as f64).collect();
+    let (gd, outd, dend) = (up(&dev, &g), up(&dev, &out), up(&dev, &den));
+    let want_dnum: Vec<f64> = (0..rows * e).map(|i| g[i] / den[i / e]).collect();
+    let want_dden: Vec<f64> = (0..rows)
+        .map(|r| -(0..e).map(|c| g[r * e + c] * out[r * e + c]).sum::<f64>() / den[r])
+        .collect();
+    for _ in 0..16 {
+        let dnum = scratch(&dev, rows * e);
+        let dden = scratch(&dev, rows);
+        launch(
+            &dev,
+            "attention_grad_prep",
+            LaunchDims::cover(rows * 32, 256),
+            &[
+                gd.arg(),
+                outd.arg(),
+                dend.arg(),
+                A::I64(1),
+                dnum.arg(),
+                A::I64(e as i64),
+                dden.arg(),
+                A::I64(1),
+                A::I64(rows as i64),
+                A::I32(e as i32),
+            ],
+        );
+        close("dnum", &down(&dnum), &want_dnum, 1e-5);
+        close("dden", &down(&dden), &want_dden, 1e-5);
+    }
+}
