@@ -32,6 +32,14 @@
 //! a complete checkpoint. `--resume DIR` continues a run exactly: the weights, the optimizer, the
 //! step and every random state are restored, so 10 steps + resume 10 steps end bit for bit where
 //! an uninterrupted 20-step run ends (`tests/train_lm_resume.rs` checks exactly that).
+//!
+//! `--device cuda:0` (or `emulated`, the CPU-run stand-in for a GPU) trains on a device: built
+//! with the facade's `cuda` feature (`cargo run --release --features cuda --example train_lm --
+//! --device cuda:0`), the model is moved there once (`Module::to_device`), the batches' token
+//! ids go up with each forward, the gradients, Adam's moments and the clipping stay there, and
+//! only the loss scalar comes back per step. Checkpoints copy the weights and moments to the
+//! host to write them, so a checkpoint is the same file whichever device trained it, and a run
+//! may resume on another device.
 
 use std::f64::consts::LN_2;
 use std::io::Read;
@@ -52,7 +60,7 @@ use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator, RngState};
 use performer::tensor::schedule::WarmupCosine;
-use performer::tensor::{Gradients, Module, no_grad};
+use performer::tensor::{Device, Gradients, Module, Tensor, no_grad};
 use performer::{
     AutoregressiveWrapper, Filter, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
     save_pretrained,
@@ -206,6 +214,11 @@ struct Cli {
     /// Threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where to train: cpu, cuda (= cuda:0), cuda:N, or emulated (the CUDA kernels run on the
+    /// CPU; slow, for checking the device path). Devices other than cpu need the `cuda`
+    /// feature. Not saved in the checkpoint: a run may resume on another device.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
     /// Skip scoring the whole validation split at the end.
     #[arg(long)]
     no_final_eval: bool,
@@ -538,6 +551,10 @@ pub struct RunReport {
     pub tokens_per_second: f64,
     /// The last generated sample, prime included.
     pub sample: String,
+    /// Where the model's parameters were at the end (`cpu`, `cuda:0`, `emulated`): read from
+    /// the parameters themselves, not from `--device`.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// Mean loss over windows at `offsets`, in bits per byte (eval mode, no graph).
@@ -867,6 +884,44 @@ fn describe_attention(config: &PerformerLMConfig) -> String {
     )
 }
 
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    s.parse::<Device>().map_err(|e| e.to_string())
+}
+
+/// Whether this build can train on `device`, and with what: an error naming the missing
+/// feature or the unsupported combination, before any data is read.
+fn check_device(device: Device, distributed: bool) -> Res<()> {
+    if device.is_cpu() {
+        return Ok(());
+    }
+    if !cfg!(feature = "cuda") {
+        return Err(format!(
+            "--device {device}: train_lm was built without the `cuda` feature; run \
+             `cargo run --release --features cuda --example train_lm -- --device {device} ...`"
+        )
+        .into());
+    }
+    if distributed {
+        return Err(format!(
+            "--device {device} with --distributed: data-parallel training averages host \
+             gradients; train on one device, or on the CPU across ranks"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `--inject-nonfinite-at`: every gradient of `params` replaced by NaN, where it lives.
+fn poison_gradients(grads: &mut Gradients, params: &[performer::tensor::Param]) -> Res<()> {
+    for p in params {
+        if let Some(g) = grads.tensor(p.id()) {
+            let nan = Tensor::full_on(g.shape(), f32::NAN, g.device())?;
+            grads.insert_tensor(p.id(), nan);
+        }
+    }
+    Ok(())
+}
+
 fn explicitly_given(matches: &clap::ArgMatches, id: &str) -> bool {
     matches.value_source(id) == Some(ValueSource::CommandLine)
 }
@@ -971,6 +1026,7 @@ fn train(
     comm: &dyn performer::dist::Communicator,
 ) -> Res<Outcome> {
     let mut cli = cli.clone();
+    check_device(cli.device, cli.distributed.is_some())?;
     let mut dist = distributed::Dist::new(
         comm,
         cli.distributed.is_some(),
@@ -1173,6 +1229,13 @@ fn train(
         .into());
     }
 
+    // The model on its device before the optimizer sees its parameters (their ids stay, so a
+    // resumed optimizer state finds them; Adam uploads the moments at its first step).
+    model
+        .net
+        .to_device(cli.device)
+        .map_err(|e| format!("--device {}: moving the model: {e}", cli.device))?;
+
     // Optimizer (over the PerformerLM's names, as the checkpoint stores them).
     let params: Vec<_> = model.net.parameters();
     let schedule = settings.schedule()?;
@@ -1223,6 +1286,9 @@ fn train(
     );
     if let Some(line) = dist.describe(per_rank_batch) {
         println!("{line}");
+    }
+    if !cli.device.is_cpu() {
+        println!("device: {}", cli.device);
     }
     println!("out:   {}", out_dir.display());
 
@@ -1277,11 +1343,7 @@ fn train(
             interrupted.store(true, Ordering::SeqCst);
         }
         if cli.inject_nonfinite_at == step {
-            for p in &params {
-                if let Some(g) = grads.get_mut(p.id()) {
-                    g.fill(f32::NAN);
-                }
-            }
+            poison_gradients(&mut grads, &params)?;
         }
         let loss = loss_sum / settings.grad_accum as f64;
         // Checked before the update, so the weights and the optimizer never see it.
@@ -1485,6 +1547,10 @@ fn train(
             val_all_bytes,
             tokens_per_second: session_tokens as f64 / session_train.as_secs_f64().max(1e-9),
             sample: last_sample.clone(),
+            device: params
+                .first()
+                .map(|p| p.device().to_string())
+                .unwrap_or_default(),
         };
         write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())
             .map_err(|e| format!("--report {}: {e}", path.display()))?;

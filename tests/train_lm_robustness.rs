@@ -139,6 +139,25 @@ fn a_nonfinite_step_stops_the_run_and_keeps_the_last_checkpoint() {
 }
 
 #[test]
+#[cfg(not(feature = "cuda"))]
+fn a_device_without_the_cuda_feature_is_a_clear_error() {
+    let s = Scratch::new("no_cuda");
+    let out = s.dir.join("run");
+    let mut a = args(&s.data, &out, 2, 2);
+    a.extend(["--device".into(), "emulated".into()]);
+    let err = run(&a).expect_err("--device emulated needs the cuda feature");
+    assert!(
+        err.contains("without the `cuda` feature") && err.contains("--features cuda"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing may be written before the check");
+    a.pop();
+    a.push("gpu".into());
+    let err = run(&a).expect_err("an unknown device");
+    assert!(err.contains("cuda:N"), "{err}");
+}
+
+#[test]
 fn skip_nonfinite_skips_the_update_and_goes_on() {
     let s = Scratch::new("nan_skip");
     let out = s.dir.join("run");

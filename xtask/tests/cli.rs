@@ -90,3 +90,33 @@ fn an_unknown_command_fails_and_lists_the_commands() {
         );
     }
 }
+
+#[test]
+fn parity_on_a_device_without_the_cuda_feature_says_how_to_build() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let out = xtask(&["parity", "--device", "emulated"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "parity --device emulated ran:\n{err}"
+    );
+    assert!(
+        err.contains("without its `cuda` feature") && err.contains("--features cuda"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no fixture may run: {}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn parity_refuses_an_unknown_device() {
+    let out = xtask(&["parity", "--device", "gpu"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cuda:N"), "{err}");
+}

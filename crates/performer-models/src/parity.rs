@@ -1,6 +1,13 @@
 //! The parity runner of `../shared/FIXTURES.md`: loads a fixture directory (config.json,
 //! weights, inputs, expected outputs and gradients from performer-pytorch), runs the same module
 //! in Rust and reports the worst relative errors of the forward output and of the gradients.
+//!
+//! [`run_fixture_on`] runs a fixture on a device (`Device::Emulated`, `Device::Cuda(n)`; the
+//! `cuda` feature of performer-tensor): the weights are loaded on the host, the module is moved
+//! with [`Module::to_device`], the float inputs and the probe are uploaded and made leaves there,
+//! and the output and every gradient are downloaded only to be compared, with the CPU's
+//! tolerances. An output or a gradient that does not live on the device is a failure: the run
+//! must not pass by falling back to the host.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +17,7 @@ use performer_favor::{FastAttention, FastAttentionConfig, OrthoScaling};
 use performer_layers::{AttentionConfig, BlockInputs, CrossAttention, SelfAttention};
 use performer_tensor::io::{TensorData, load_safetensors};
 use performer_tensor::ops::Activation;
-use performer_tensor::{Error, Gradients, Module, Result, Tensor};
+use performer_tensor::{Device, Error, Gradients, Module, Result, Tensor, TensorId};
 use serde_json::Value;
 
 use crate::checkpoint::{ModelConfig, strip_aliases, to_state};
@@ -381,7 +388,10 @@ fn backprop(
             format!("probe {:?} vs output {:?}", probe.shape(), out.shape()),
         ));
     }
-    let grads = out.mul(&Tensor::new(probe.clone()))?.sum_all().backward()?;
+    // The probe goes where the output is (a host output of a device run is caught by the
+    // comparison, which checks where every result lives).
+    let probe = Tensor::new(probe.clone()).to_device(out.device())?;
+    let grads = out.mul(&probe)?.sum_all().backward()?;
     Ok(Run {
         out,
         grads,
@@ -390,11 +400,26 @@ fn backprop(
     })
 }
 
-fn load_weights(module: &dyn Module, fx: &Fixture) -> Result<()> {
-    module.load_state_dict(&strip_aliases(to_state(fx.weights.clone())?)?)
+/// Loads the fixture's weights into `module` on the host, then moves it to `device` (as a
+/// PyTorch user calls `load_state_dict` and then `.cuda()`).
+fn load_weights(module: &dyn Module, fx: &Fixture, device: Device) -> Result<()> {
+    module.load_state_dict(&strip_aliases(to_state(fx.weights.clone())?)?)?;
+    if !device.is_cpu() {
+        module.to_device(device)?;
+    }
+    Ok(())
 }
 
-fn run_module(fx: &Fixture) -> Result<Run> {
+/// A leaf variable over `x` on `device` (uploaded first, so that its gradient lives there).
+fn leaf_on(x: ArrayD<f32>, device: Device) -> Result<Tensor> {
+    if device.is_cpu() {
+        Ok(Tensor::var(x))
+    } else {
+        Ok(Tensor::new(x).to_device(device)?.to_var())
+    }
+}
+
+fn run_module(fx: &Fixture, device: Device) -> Result<Run> {
     let class = fx.config["model"].as_str().ok_or_else(|| {
         Error::invalid(
             "fixture",
@@ -407,12 +432,14 @@ fn run_module(fx: &Fixture) -> Result<Run> {
     let probe = fx
         .f32("probe")?
         .ok_or_else(|| Error::invalid("fixture", "probe", "missing", "inputs need a probe"))?;
-    let var = |name: &str| -> Result<Option<Tensor>> { Ok(fx.f32(name)?.map(Tensor::var)) };
+    let var = |name: &str| -> Result<Option<Tensor>> {
+        fx.f32(name)?.map(|x| leaf_on(x, device)).transpose()
+    };
     let kw = fx.kw();
     match class {
         "FastAttention" => {
             let attn = FastAttention::new(fast_attention_config(kw)?)?;
-            load_weights(&attn, fx)?;
+            load_weights(&attn, fx, device)?;
             let missing =
                 || Error::invalid("fixture", "q/k/v", "missing", "FastAttention needs q, k, v");
             let (q, k, v) = (
@@ -435,7 +462,7 @@ fn run_module(fx: &Fixture) -> Result<Run> {
             } else {
                 Box::new(CrossAttention::new(cfg)?)
             };
-            load_weights(module.as_ref(), fx)?;
+            load_weights(module.as_ref(), fx, device)?;
             module.set_training(train);
             let x =
                 var("x")?.ok_or_else(|| Error::invalid("fixture", "x", "missing", "needs x"))?;
@@ -462,7 +489,7 @@ fn run_module(fx: &Fixture) -> Result<Run> {
                 "kwargs": fx.config.get("kwargs").cloned().unwrap_or_else(|| serde_json::json!({})),
             });
             let model = AnyModel::build(&ModelConfig::from_json(&model_part)?)?;
-            load_weights(model.module(), fx)?;
+            load_weights(model.module(), fx, device)?;
             model.module().set_training(train);
             match &model {
                 AnyModel::Performer(p) => {
@@ -537,8 +564,40 @@ fn run_enc_dec(fx: &Fixture, ed: &PerformerEncDec, probe: &ArrayD<f32>) -> Resul
     backprop(loss, &probe, ed, vec![])
 }
 
-/// Runs one fixture directory.
+/// Runs one fixture directory on the host.
 pub fn run_fixture(dir: &Path) -> FixtureReport {
+    run_fixture_on(dir, Device::Cpu)
+}
+
+/// Runs one fixture directory on `device` with the CPU's tolerances (see the module's docs).
+/// A device the build cannot reach (no `cuda` feature, no driver, no C++ compiler for the
+/// emulator) fails the fixture with that error; so does a panic inside the run (the CPU-facing
+/// signatures of some ops panic on a device failure), reported with its message instead of
+/// ending the whole run.
+pub fn run_fixture_on(dir: &Path, device: Device) -> FixtureReport {
+    let name = fixture_name(dir);
+    let fx = match load(dir) {
+        Ok(f) => f,
+        Err(e) => return failed(name, format!("cannot load: {e}")),
+    };
+    if let Err(e) = check_keys(&fx) {
+        return failed(name, format!("cannot run: {e}"));
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_module(&fx, device).map(|run| compare(&fx, &run, device, name.clone()))
+    }));
+    match outcome {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => failed(name, format!("cannot run on {device}: {e}")),
+        Err(panic) => failed(
+            name,
+            format!("panicked on {device}: {}", panic_message(panic.as_ref())),
+        ),
+    }
+}
+
+/// The fixture's directory name with its group (`models/lm_causal`).
+fn fixture_name(dir: &Path) -> String {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -547,32 +606,72 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
         .parent()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned());
-    let name = match group {
+    match group {
         Some(g) => format!("{g}/{name}"),
         None => name,
-    };
-    let fail = |name: String, why: String| FixtureReport {
+    }
+}
+
+/// A report of a fixture that could not be compared at all.
+fn failed(name: String, why: String) -> FixtureReport {
+    FixtureReport {
         name,
         forward_error: f32::INFINITY,
         gradient_error: f32::INFINITY,
         worst_gradient: String::new(),
         passed: false,
         problems: vec![why],
-    };
-    let fx = match load(dir) {
-        Ok(f) => f,
-        Err(e) => return fail(name, format!("cannot load: {e}")),
-    };
-    if let Err(e) = check_keys(&fx) {
-        return fail(name, format!("cannot run: {e}"));
     }
-    let run = match run_module(&fx) {
-        Ok(r) => r,
-        Err(e) => return fail(name, format!("cannot run: {e}")),
-    };
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+/// `t`'s values on the host, for comparison; an error when `t` does not live on `device`
+/// (a device run must keep its results on the device).
+fn download(what: &str, t: &Tensor, device: Device) -> Result<ArrayD<f32>> {
+    if t.device() != device {
+        return Err(Error::invalid(
+            "parity",
+            what,
+            format!("on {}", t.device()),
+            format!("must live on {device}, where the module runs"),
+        ));
+    }
+    Ok(t.to_host()?.to_array())
+}
+
+/// The gradient stored under `id`, downloaded (see [`download`]); `None` when none reached it.
+fn gradient(
+    grads: &Gradients,
+    id: TensorId,
+    what: &str,
+    device: Device,
+) -> Result<Option<ArrayD<f32>>> {
+    grads
+        .tensor(id)
+        .map(|g| download(what, &g, device))
+        .transpose()
+}
+
+/// Compares a run with the fixture's expected output and gradients.
+fn compare(fx: &Fixture, run: &Run, device: Device, name: String) -> FixtureReport {
     let mut problems = Vec::new();
     let forward_error = match fx.expected.get("out").cloned().map(|t| t.into_f32("out")) {
-        Some(Ok(want)) => relative_error(&run.out.to_array(), &want),
+        Some(Ok(want)) => match download("output", &run.out, device) {
+            Ok(ours) => relative_error(&ours, &want),
+            Err(e) => {
+                problems.push(e.to_string());
+                f32::INFINITY
+            }
+        },
         _ => {
             problems.push("expected.safetensors has no float `out`".into());
             f32::INFINITY
@@ -591,7 +690,14 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
     };
     for (name, p) in &run.params {
         let key = format!("grad.{name}");
-        let ours = run.grads.get_param(p);
+        let ours = match gradient(&run.grads, p.id(), &key, device) {
+            Ok(g) => g,
+            Err(e) => {
+                record(key.clone(), f32::INFINITY, &mut problems);
+                problems.push(e.to_string());
+                continue;
+            }
+        };
         match (fx.expected.get(&key), ours) {
             (Some(want), ours) => {
                 let want = match want.clone().into_f32(&key) {
@@ -602,7 +708,7 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
                     }
                 };
                 match ours {
-                    Some(ours) => record(key, relative_error(ours, &want), &mut problems),
+                    Some(ours) => record(key, relative_error(&ours, &want), &mut problems),
                     None => {
                         record(key.clone(), f32::INFINITY, &mut problems);
                         problems.push(format!("{key}: no gradient reached the Rust parameter"));
@@ -635,11 +741,15 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
     for (name, t) in &run.float_inputs {
         let key = format!("grad.input.{name}");
         match fx.expected.get(&key).cloned().map(|w| w.into_f32(&key)) {
-            Some(Ok(want)) => match run.grads.get(t) {
-                Some(ours) => record(key, relative_error(ours, &want), &mut problems),
-                None => {
+            Some(Ok(want)) => match gradient(&run.grads, t.id(), &key, device) {
+                Ok(Some(ours)) => record(key, relative_error(&ours, &want), &mut problems),
+                Ok(None) => {
                     record(key.clone(), f32::INFINITY, &mut problems);
                     problems.push(format!("{key}: no gradient reached the Rust input"));
+                }
+                Err(e) => {
+                    record(key.clone(), f32::INFINITY, &mut problems);
+                    problems.push(e.to_string());
                 }
             },
             Some(Err(e)) => problems.push(e.to_string()),
@@ -674,5 +784,29 @@ pub fn run_fixture(dir: &Path) -> FixtureReport {
         worst_gradient,
         passed: problems.is_empty(),
         problems,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_away_from_the_device_is_refused() {
+        let host = Tensor::new(ndarray::ArrayD::zeros(ndarray::IxDyn(&[2, 3])));
+        let err = download("output", &host, Device::Emulated).unwrap_err();
+        assert!(err.to_string().contains("must live on emulated"), "{err}");
+        assert_eq!(
+            download("output", &host, Device::Cpu).unwrap().shape(),
+            [2, 3]
+        );
+    }
+
+    #[test]
+    fn a_panic_in_a_run_is_a_failed_report_with_its_message() {
+        let msg: Box<dyn std::any::Any + Send> = Box::new(String::from("boom"));
+        assert_eq!(panic_message(msg.as_ref()), "boom");
+        let msg: Box<dyn std::any::Any + Send> = Box::new("static boom");
+        assert_eq!(panic_message(msg.as_ref()), "static boom");
     }
 }
