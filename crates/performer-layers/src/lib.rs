@@ -19,6 +19,7 @@ mod embedding;
 mod feed_forward;
 mod fused_step;
 pub mod init;
+mod layer;
 mod layer_norm;
 mod linear;
 mod local_attention;
@@ -36,6 +37,7 @@ pub use block::{Block, BlockInputs, decode_rows_via_tensors};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use feed_forward::{Chunk, FeedForward};
+pub use layer::{Layer, Route};
 pub use layer_norm::LayerNorm;
 pub use linear::{Linear, linear_rows};
 pub use local_attention::{LocalAttention, LocalCache};
@@ -43,6 +45,6 @@ pub use position::{
     AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding, apply_rotary,
     apply_rotary_pos_emb, rotate_every_two, rotate_rows,
 };
-pub use sequence::{Layer, ReversibleSequence, Route, SequentialSequence};
+pub use sequence::{ReversibleSequence, SequentialSequence};
 pub use state::{AttentionState, BlockState, ShiftState};
 pub use wrappers::{PreLayerNorm, PreScaleNorm, PreShiftTokens, ReZero};
