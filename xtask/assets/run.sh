@@ -78,24 +78,22 @@ if [ -x "$HERE/tools/xtask" ]; then
 fi
 STEPDATA="${TMPDIR:-/tmp}/performer-train-step.txt"
 for i in $(seq 1 400); do echo "line $i: the quick brown fox jumps over the lazy dog"; done > "$STEPDATA"
-train_step() {
-    "$HERE/tools/train_lm" --data "$STEPDATA" --device cuda:0 --steps 1 --dim 32 --depth 1 \
-        --heads 2 --dim-head 16 --nb-features 16 --seq-len 32 --batch-size 2 \
-        --local-window-size 16 --validate-every 1 --val-windows 1 --generate-every 0 \
-        --generate-length 2 --prime-length 2 --no-final-eval --out "${TMPDIR:-/tmp}/performer-step-$1" "${@:2}"
-}
+# One tiny training step on cuda:0 (timeout runs programs, not shell functions: an array).
+STEP=("$HERE/tools/train_lm" --data "$STEPDATA" --device cuda:0 --steps 1 --dim 32 --depth 1
+      --heads 2 --dim-head 16 --nb-features 16 --seq-len 32 --batch-size 2
+      --local-window-size 16 --validate-every 1 --val-windows 1 --generate-every 0
+      --generate-length 2 --prime-length 2 --no-final-eval)
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ -x "$HERE/tools/train_lm" ]; then
-    run_stage "train_lm one step on cuda:0" 120 "$DEVLOG" train_step plain
-    run_stage "train_lm one step on cuda:0 --amp" 120 "$DEVLOG" train_step amp --amp
+    run_stage "train_lm one step on cuda:0" 120 "$DEVLOG" \
+        "${STEP[@]}" --out "${TMPDIR:-/tmp}/performer-step-f32"
+    run_stage "train_lm one step on cuda:0 --amp" 120 "$DEVLOG" \
+        "${STEP[@]}" --amp --out "${TMPDIR:-/tmp}/performer-step-amp"
     if [ -n "$SANITIZER" ]; then
         for tool in memcheck racecheck; do
             run_stage "compute-sanitizer $tool: train step" 240 "$DEVLOG" \
-                "$SANITIZER" --tool "$tool" --error-exitcode 1 "$HERE/tools/train_lm" \
-                --data "$STEPDATA" --device cuda:0 --steps 1 --dim 32 --depth 1 --heads 2 \
-                --dim-head 16 --nb-features 16 --seq-len 32 --batch-size 2 --local-window-size 16 \
-                --validate-every 1 --val-windows 1 --generate-every 0 --generate-length 2 \
-                --prime-length 2 --no-final-eval --out "${TMPDIR:-/tmp}/performer-step-$tool"
+                "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+                "${STEP[@]}" --out "${TMPDIR:-/tmp}/performer-step-$tool"
         done
         grep -E "ERROR SUMMARY|========= " "$DEVLOG" | tail -n 20 || true
     else

@@ -346,7 +346,7 @@ mod tests {
             "tools/xtask\" parity --device cuda:0",
             "--tool \"$tool\"",
             "for tool in memcheck racecheck",
-            "train_step amp --amp",
+            "\"${STEP[@]}\" --amp",
         ] {
             assert!(RUN_SH.contains(stage), "run.sh lacks {stage:?}");
         }
