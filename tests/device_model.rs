@@ -111,23 +111,47 @@ fn named_grads(
 
 fn compare_grads(what: &str, dev: &[(String, ArrayD<f32>)], cpu: &[(String, ArrayD<f32>)]) {
     assert_eq!(dev.len(), cpu.len(), "{what}: as many gradients");
+    let mut worst = (0f32, String::new());
     for ((name, d), (cpu_name, c)) in dev.iter().zip(cpu) {
         assert_eq!(name, cpu_name);
-        assert_close(&format!("{what} {name}: device gradient"), d, c, 1e-3);
+        let err = assert_close(&format!("{what} {name}: device gradient"), d, c, 1e-3);
+        if err >= worst.0 {
+            worst = (err, name.clone());
+        }
     }
+    println!(
+        "{what}: {} gradients, worst relative error {:.2e} ({})",
+        dev.len(),
+        worst.0,
+        worst.1
+    );
 }
 
 fn compare_params(what: &str, dev: &dyn Module, cpu: &dyn Module, tol: f32) {
     let (d, c) = (dev.named_parameters(), cpu.named_parameters());
     assert_eq!(d.len(), c.len());
+    let mut worst = 0f32;
     for ((name, pd), (_, pc)) in d.iter().zip(&c) {
-        assert_close(
+        assert_eq!(pd.device(), DEV, "{name}");
+        worst = worst.max(assert_close(
             &format!("{what} {name}: device weights"),
             &pd.value(),
             &pc.value(),
             tol,
-        );
+        ));
     }
+    println!("{what}: worst relative error of the weights {worst:.2e}");
+}
+
+/// Adam for the step comparisons, with eps 1e-6 instead of 1e-8: Adam's first update is
+/// `lr g / (|g| + eps)`, so a gradient element that is zero but for rounding (1e-9 where the
+/// largest are 1e-2, seen in this model's GLU weights: 1.9e-9 on the CPU, 2.2e-9 on the
+/// device) moves its weight by a good fraction of `lr` either way with eps 1e-8: the rounding
+/// of the two devices' sums, not their training step, would decide the comparison.
+fn adam(params: Vec<(String, Param)>) -> Adam {
+    let mut opt = Adam::new(params, 1e-2);
+    opt.eps = 1e-6;
+    opt
 }
 
 fn no_skip(_: &str) -> bool {
@@ -135,7 +159,6 @@ fn no_skip(_: &str) -> bool {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn lm_forward_gradients_and_adam_steps_match_the_cpu() {
     if !emulator() {
         return;
@@ -160,8 +183,10 @@ fn lm_forward_gradients_and_adam_steps_match_the_cpu() {
         AutoregressiveWrapper::new(cpu),
         AutoregressiveWrapper::new(dev),
     );
-    let mut cpu_opt = Adam::new(cpu_w.named_parameters(), 1e-2);
-    let mut dev_opt = Adam::new(dev_w.named_parameters(), 1e-2);
+    let (mut cpu_opt, mut dev_opt) = (
+        adam(cpu_w.named_parameters()),
+        adam(dev_w.named_parameters()),
+    );
     for step in 0..3 {
         let x = tokens(2, 13, 20, step);
         let cpu_loss = cpu_w.loss(&x.view(), &SeqInputs::default()).unwrap();
@@ -174,9 +199,9 @@ fn lm_forward_gradients_and_adam_steps_match_the_cpu() {
         );
         let cpu_grads = cpu_loss.backward().unwrap();
         let dev_grads = dev_loss.backward().unwrap();
-        if step == 0 {
+        {
             compare_grads(
-                "PerformerLM",
+                &format!("PerformerLM step {step}"),
                 &named_grads(&dev_w, &dev_grads, &no_skip),
                 &named_grads(&cpu_w, &cpu_grads, &no_skip),
             );
@@ -189,7 +214,6 @@ fn lm_forward_gradients_and_adam_steps_match_the_cpu() {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn lm_generates_on_the_device_as_on_the_cpu() {
     if !emulator() {
         return;
@@ -254,7 +278,6 @@ fn enc_dec_pair(seed: u64) -> (PerformerEncDec, PerformerEncDec) {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn enc_dec_loss_gradients_adam_and_generate_match_the_cpu() {
     if !emulator() {
         return;
@@ -264,8 +287,7 @@ fn enc_dec_loss_gradients_adam_and_generate_match_the_cpu() {
     assert_on(&dev, DEV);
     // The encoder's logits head is unused (it returns embeddings), as in performer-pytorch.
     let skip = |name: &str| name.starts_with("enc.to_out.");
-    let mut cpu_opt = Adam::new(cpu.named_parameters(), 1e-2);
-    let mut dev_opt = Adam::new(dev.named_parameters(), 1e-2);
+    let (mut cpu_opt, mut dev_opt) = (adam(cpu.named_parameters()), adam(dev.named_parameters()));
     for step in 0..3 {
         let src = tokens(2, 10, 12, step);
         let tgt = tokens(2, 9, 12, step + 5);
@@ -418,7 +440,6 @@ fn attention_config() -> AttentionConfig {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn self_attention_moved_to_the_device_matches_the_cpu() {
     if !emulator() {
         return;
@@ -445,7 +466,6 @@ fn self_attention_moved_to_the_device_matches_the_cpu() {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn cross_attention_moved_to_the_device_matches_the_cpu() {
     if !emulator() {
         return;
@@ -475,7 +495,6 @@ fn cross_attention_moved_to_the_device_matches_the_cpu() {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn performer_moved_to_the_device_matches_the_cpu() {
     if !emulator() {
         return;
@@ -503,7 +522,6 @@ fn performer_moved_to_the_device_matches_the_cpu() {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn mixed_devices_and_out_of_memory_are_typed_errors() {
     if !emulator() {
         return;
@@ -530,22 +548,13 @@ fn mixed_devices_and_out_of_memory_are_typed_errors() {
         "{err}"
     );
 
-    // A feed-forward whose hidden activations (8192 rows of 2 x 65536) exceed the emulated
-    // device's 4 GiB: out of memory, typed, and the device works afterwards.
-    let cfg = PerformerConfig {
-        dim: 16,
-        depth: 1,
-        heads: 1,
-        dim_head: Some(8),
-        nb_features: Some(8),
-        ff_mult: 4096,
-        ff_glu: true,
-        ..Default::default()
-    };
-    let big = Performer::new(cfg).unwrap();
-    big.to_device(DEV).unwrap();
+    // A model's feed-forward whose hidden activations (8192 rows of 2 x 65536 GLU features,
+    // 4 GiB) exceed the emulated device's 4 GiB: out of memory, typed, naming the device; and
+    // the device works afterwards.
+    let ff = performer::layers::FeedForward::new(16, 4096, 0.0, true);
+    ff.to_device(DEV).unwrap();
     let x = Tensor::full_on(&[2, 4096, 16], 0.1, DEV).unwrap();
-    let err = no_grad(|| big.forward(&x, None, None, None, None))
+    let err = no_grad(|| ff.forward(&x, &BlockInputs::none()))
         .expect_err("4 GiB of activations do not fit");
     assert!(
         matches!(&err, Error::OutOfMemory { device, .. } if device == "emulated"),
@@ -556,7 +565,6 @@ fn mixed_devices_and_out_of_memory_are_typed_errors() {
 }
 
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn checkpoints_round_trip_from_a_device_model() {
     if !emulator() {
         return;
@@ -604,7 +612,6 @@ fn checkpoints_round_trip_from_a_device_model() {
 /// the same coupling run with ordinary autograd from the same generator state (the same masks,
 /// drawn in the same order).
 #[test]
-#[ignore = "pending: narrow, cat and pad on the device (dops)"]
 fn reversible_dropout_on_the_device_replays_its_masks() {
     use performer::layers::{
         FeedForward, Layer, PreLayerNorm, ReversibleSequence, Route, SequentialSequence,

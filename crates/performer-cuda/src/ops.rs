@@ -399,7 +399,11 @@ fn grad_prep(
     unsafe {
         dev.launch(
             "attention_grad_prep",
-            grid_1d(rows * 32),
+            // One warp per block: a warp past the last row skips the loop and its shuffles
+            // (legal: a warp's collectives need only that warp), and a block is then all in
+            // or all out, which the emulator's per-block fast path relies on (with 256-thread
+            // blocks a block's first thread could skip while its other warps shuffle).
+            LaunchDims::cover(rows * 32, 32),
             &[
                 g.arg(),
                 out.arg(),
