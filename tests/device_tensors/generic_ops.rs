@@ -198,6 +198,36 @@ fn reductions_and_element_wise_ops_match_the_cpu() {
     );
 }
 
+/// Matrix products whose batch axes broadcast (and vectors, as PyTorch treats them), and
+/// cross-entropy over `(N, C, d)` logits with an ignored target.
+#[test]
+fn broadcast_products_and_spatial_cross_entropy_match_the_cpu() {
+    if !emulator() {
+        return;
+    }
+    let a = seeded(&[2, 1, 3, 4], 80);
+    let b = seeded(&[3, 4, 5], 81);
+    check("matmul broadcast batch", &[&a, &b], |t| {
+        t[0].matmul(&t[1]).unwrap()
+    });
+    let m = seeded(&[3, 4], 82);
+    check("matmul matrix by batch", &[&m, &b], |t| {
+        t[0].matmul(&t[1]).unwrap()
+    });
+    let v = seeded(&[4], 83);
+    check("matmul vector by batch", &[&v, &b], |t| {
+        t[0].matmul(&t[1]).unwrap()
+    });
+    check("matmul batch by vector", &[&a, &v], |t| {
+        t[0].matmul(&t[1]).unwrap()
+    });
+    let logits = seeded(&[2, 5, 3], 84);
+    let targets = ndarray::arr2(&[[4i64, 0, -100], [2, 2, 1]]).into_dyn();
+    check("cross_entropy (N, C, d)", &[&logits], |t| {
+        t[0].cross_entropy(&targets.view(), Some(-100)).unwrap()
+    });
+}
+
 /// Device dropout: the same generator state gives the same mask (the reversible stack's
 /// replay), kept elements are scaled by 1 / (1 - p), about p of them are dropped, the gradient
 /// is the same mask, p = 1 drops all, and eval mode is the identity.

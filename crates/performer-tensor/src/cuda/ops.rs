@@ -310,14 +310,24 @@ fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
         }));
     }
     if sa.shape[..ra - 2] != sb.shape[..rb - 2] {
-        return Err(unsupported(
-            "matmul",
-            device,
-            format!(
-                "batch axes must be equal (or the right operand 2-D) on a device, got {:?} and {:?}",
-                sa.shape, sb.shape
-            ),
-        ));
+        // Batch axes that broadcast: both operands repeated to the common batch shape (device
+        // copies whose backward sums back), then one batched product.
+        let batch =
+            k::broadcast_shape(&sa.shape[..ra - 2], &sb.shape[..rb - 2]).ok_or_else(|| {
+                Error::shape(
+                    "matmul",
+                    format!(
+                        "{:?} @ {:?}: batch axes do not broadcast",
+                        sa.shape, sb.shape
+                    ),
+                )
+            })?;
+        let full = |t: &Tensor, rows: usize, cols: usize| {
+            let mut shape = batch.clone();
+            shape.extend([rows, cols]);
+            t.broadcast_to(&shape)
+        };
+        return matmul_on(&full(a, m, kk)?, &full(b, kb, n)?, device);
     }
     let batch = a_batch;
     let c = gemm(&sa.buf, false, &sb.buf, false, batch, m, kk, n).map_err(err)?;
@@ -497,15 +507,23 @@ pub(crate) fn cross_entropy(
     const OP: &str = "cross_entropy";
     let sx = storage_of(logits).clone();
     let device = sx.device;
-    if sx.shape.len() != 2 {
-        return Some(Err(unsupported(
-            OP,
-            device,
-            format!(
-                "(N, C) logits only on a device, got {:?}: reshape to (N, C)",
-                sx.shape
-            ),
-        )));
+    if sx.shape.len() > 2 {
+        // (N, C, d1, ...): the class axis moved last and the rest flattened into rows, in the
+        // row-major order of the targets (N, d1, ...).
+        let rank = sx.shape.len() as isize;
+        let mut perm: Vec<isize> = vec![0];
+        perm.extend(2..rank);
+        perm.push(1);
+        let flat_targets: Vec<i64> = target.iter().copied().collect();
+        let flat_targets =
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[flat_targets.len()]), flat_targets)
+                .expect("one axis");
+        return Some(
+            logits
+                .permute(&perm)
+                .and_then(|t| t.reshape(&[-1, sx.shape[1] as isize]))
+                .and_then(|t| t.cross_entropy(&flat_targets.view(), ignore_index)),
+        );
     }
     let err = move |e| map_err(OP, device, e);
     let (rows, cols) = (sx.shape[0], sx.shape[1]);
