@@ -500,7 +500,7 @@ fn performer_moved_to_the_device_matches_the_cpu() {
         return;
     }
     let x = layer_input();
-    // A whole Performer stack (sequential, scale norm, not causal).
+    // A whole Performer stack (sequential, scale norm, not causal, feed-forwards in chunks).
     let pcfg = PerformerConfig {
         dim: 16,
         depth: 2,
@@ -508,6 +508,7 @@ fn performer_moved_to_the_device_matches_the_cpu() {
         dim_head: Some(8),
         nb_features: Some(8),
         use_scalenorm: true,
+        ff_chunks: 2,
         ..Default::default()
     };
     let (cpu, dev) = (

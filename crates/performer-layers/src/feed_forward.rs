@@ -141,6 +141,16 @@ impl Block for Chunk {
                 format!("input must be (b, n, ...), got {:?}", x.shape()),
             ));
         }
+        // Device tensors: the pieces through the device's ops and autograd, without the
+        // host op's recomputation (every piece's activations are kept, as with one chunk).
+        if !x.device().is_cpu() {
+            let outs = x
+                .chunk(self.chunks, 1)?
+                .iter()
+                .map(|piece| self.inner.forward(piece, &BlockInputs::none()))
+                .collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&outs, 1);
+        }
         let params = self.inner.parameters();
         let mut op_inputs = vec![x.clone()];
         op_inputs.extend(params.iter().map(Param::tensor));
