@@ -19,6 +19,7 @@ mod embedding;
 mod feed_forward;
 mod fused_step;
 pub mod init;
+mod layer;
 mod layer_norm;
 mod linear;
 mod local_attention;

@@ -10,7 +10,7 @@ use performer_tensor::rng::{self, RngState};
 use performer_tensor::{Gradients, Param, Result, Tensor, device_ops, enable_grad, no_grad};
 
 use crate::block::BlockInputs;
-use crate::sequence::Layer;
+use crate::layer::Layer;
 
 /// `acc += g` (device tensors; no graph).
 fn add_into(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {

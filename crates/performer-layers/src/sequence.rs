@@ -3,8 +3,6 @@
 //! argument routing: mask and position embedding to every layer's attention branch `f`,
 //! context and context mask to cross-attention layers' `f`, nothing to the feed-forward `g`.
 
-use std::sync::Arc;
-
 use ndarray::{Array2, ArrayD, ArrayView2};
 use performer_favor::FastAttention;
 use performer_tensor::rng::{self, RngState};
@@ -17,39 +15,7 @@ use performer_tensor::{
 use crate::block::{Block, BlockInputs};
 use crate::state::BlockState;
 
-/// Whether a layer's attention branch attends to the context.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// Self-attention: receives `mask` and `pos_emb`.
-    SelfAttention,
-    /// Cross-attention: receives `mask`, `pos_emb`, `context` and `context_mask`.
-    CrossAttention,
-}
-
-/// One residual layer: attention-like branch `f` and feed-forward branch `g`.
-#[derive(Clone)]
-pub struct Layer {
-    /// The attention branch.
-    pub f: Arc<dyn Block>,
-    /// The feed-forward branch.
-    pub g: Arc<dyn Block>,
-    /// What `f` receives.
-    pub route: Route,
-}
-
-impl Layer {
-    pub(crate) fn f_inputs<'a>(&self, inputs: &BlockInputs<'a>) -> BlockInputs<'a> {
-        match self.route {
-            Route::SelfAttention => BlockInputs {
-                mask: inputs.mask,
-                pos_emb: inputs.pos_emb,
-                context: None,
-                context_mask: None,
-            },
-            Route::CrossAttention => *inputs,
-        }
-    }
-}
+pub use crate::layer::{Layer, Route};
 
 /// The per-layer states of a stack, created on first use.
 fn layer_states(state: &mut BlockState, layers: usize) -> Result<&mut Vec<[BlockState; 2]>> {
