@@ -219,6 +219,12 @@ struct Cli {
     /// feature. Not saved in the checkpoint: a run may resume on another device.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
+    /// bf16 autocast on the device (performer-pytorch's amp_enabled): the matrix products of
+    /// the forward and backward read bf16 operands and accumulate in f32; weights, Adam's
+    /// state, FAVOR+, softmax, norms and the loss stay f32 (performer_tensor::autocast). Needs
+    /// a --device other than cpu.
+    #[arg(long)]
+    amp: bool,
     /// Skip scoring the whole validation split at the end.
     #[arg(long)]
     no_final_eval: bool,
@@ -302,6 +308,9 @@ pub struct Settings {
     /// a checkpoint from before the variants).
     #[serde(default)]
     pub attention: Option<String>,
+    /// bf16 autocast of the device's matrix products (`--amp`).
+    #[serde(default)]
+    pub amp: bool,
 }
 
 impl Settings {
@@ -890,8 +899,15 @@ fn parse_device(s: &str) -> std::result::Result<Device, String> {
 
 /// Whether this build can train on `device`, and with what: an error naming the missing
 /// feature or the unsupported combination, before any data is read.
-fn check_device(device: Device, distributed: bool) -> Res<()> {
+fn check_device(device: Device, distributed: bool, amp: bool) -> Res<()> {
     if device.is_cpu() {
+        if amp {
+            return Err(
+                "--amp: bf16 autocast is for the device path; add --device cuda:N \
+                        (or emulated)"
+                    .into(),
+            );
+        }
         return Ok(());
     }
     if !cfg!(feature = "cuda") {
@@ -1026,7 +1042,7 @@ fn train(
     comm: &dyn performer::dist::Communicator,
 ) -> Res<Outcome> {
     let mut cli = cli.clone();
-    check_device(cli.device, cli.distributed.is_some())?;
+    check_device(cli.device, cli.distributed.is_some(), cli.amp)?;
     let mut dist = distributed::Dist::new(
         comm,
         cli.distributed.is_some(),
@@ -1064,6 +1080,7 @@ fn train(
             "clip",
             "seed",
             "val_windows",
+            "amp",
         ];
         let ignored: Vec<String> = FIXED
             .iter()
@@ -1139,6 +1156,7 @@ fn train(
                 })),
                 decay_steps: cli.decay_steps.unwrap_or(cli.steps),
                 weight_decay: cli.weight_decay,
+                amp: cli.amp,
                 attention: Some(if overridden {
                     format!("{} with knobs given one by one", cli.attention)
                 } else {
@@ -1332,7 +1350,10 @@ fn train(
             // The global batch, the same on every rank; this rank trains on its share.
             let x = sample_batch(&mut sampler, &corpus.train, settings.batch_size, window);
             let x = dist.my_rows(x)?;
-            let loss = model.loss(&x.view(), &SeqInputs::default())?;
+            // The backward's products follow the forward's autocast choice.
+            let loss = performer::tensor::autocast::autocast_bf16(settings.amp, || {
+                model.loss(&x.view(), &SeqInputs::default())
+            })?;
             loss_sum += loss.item()? as f64;
             let last = micro + 1 == settings.grad_accum;
             grads = Some(dist.backward(&loss, grads.take(), last)?);

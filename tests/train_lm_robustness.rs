@@ -155,6 +155,10 @@ fn a_device_without_the_cuda_feature_is_a_clear_error() {
     a.push("gpu".into());
     let err = run(&a).expect_err("an unknown device");
     assert!(err.contains("cuda:N"), "{err}");
+    a.truncate(a.len() - 2);
+    a.push("--amp".into());
+    let err = run(&a).expect_err("--amp on the CPU");
+    assert!(err.contains("--amp") && err.contains("--device"), "{err}");
 }
 
 #[test]

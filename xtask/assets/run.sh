@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepared GPU run of performer-cuda, written by `cargo xtask device-bundle`.
 # Usage on the GPU machine: bash .device/run.sh
-# Stages: environment, GPU tests, performer-cuda benchmark, performer-pytorch + fla benchmark,
-# table. A failing stage is reported and the later stages still run. Logs go to $OUT when set,
+# Stages: environment, GPU tests, every parity fixture on cuda:0, one train_lm step on cuda:0
+# (f32, --amp, under compute-sanitizer memcheck and racecheck), performer-cuda benchmark,
+# performer-pytorch + fla benchmark, table. A failing stage is reported and the later stages still run. Logs go to $OUT when set,
 # else .device/out; at most 8 files, so that all of them come back from a device run.
 set -u
 
@@ -63,6 +64,42 @@ for t in "$HERE"/bin/*; do
     run_stage "test $name" 180 "$TESTLOG" "$t" --test-threads=1 --nocapture
 done
 grep -E "^(test result|SKIPPED|---- |thread .* panicked)|max rel err above" "$TESTLOG" || true
+
+# --- the whole stack on the real device ----------------------------------------------------------
+# Every parity fixture with the module, inputs and gradients on cuda:0 and the CPU's tolerances
+# (xtask built with its cuda feature), then one tiny training step of train_lm on cuda:0 under
+# compute-sanitizer's memcheck and racecheck (the toolkit's, when the image has it).
+# (Into tests.log: the logs stay at 8 files.)
+DEVLOG="$TESTLOG"
+if [ -x "$HERE/tools/xtask" ]; then
+    run_stage "parity --device cuda:0 (every fixture)" 240 "$DEVLOG" \
+        "$HERE/tools/xtask" parity --device cuda:0 "$HERE/fixtures"
+    grep -E "fixtures on|FAIL" "$DEVLOG" || true
+fi
+STEPDATA="${TMPDIR:-/tmp}/performer-train-step.txt"
+for i in $(seq 1 400); do echo "line $i: the quick brown fox jumps over the lazy dog"; done > "$STEPDATA"
+# One tiny training step on cuda:0 (timeout runs programs, not shell functions: an array).
+STEP=("$HERE/tools/train_lm" --data "$STEPDATA" --device cuda:0 --steps 1 --dim 32 --depth 1
+      --heads 2 --dim-head 16 --nb-features 16 --seq-len 32 --batch-size 2
+      --local-window-size 16 --validate-every 1 --val-windows 1 --generate-every 0
+      --generate-length 2 --prime-length 2 --no-final-eval)
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -x "$HERE/tools/train_lm" ]; then
+    run_stage "train_lm one step on cuda:0" 120 "$DEVLOG" \
+        "${STEP[@]}" --out "${TMPDIR:-/tmp}/performer-step-f32"
+    run_stage "train_lm one step on cuda:0 --amp" 120 "$DEVLOG" \
+        "${STEP[@]}" --amp --out "${TMPDIR:-/tmp}/performer-step-amp"
+    if [ -n "$SANITIZER" ]; then
+        for tool in memcheck racecheck; do
+            run_stage "compute-sanitizer $tool: train step" 240 "$DEVLOG" \
+                "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+                "${STEP[@]}" --out "${TMPDIR:-/tmp}/performer-step-$tool"
+        done
+        grep -E "ERROR SUMMARY|========= " "$DEVLOG" | tail -n 20 || true
+    else
+        echo "compute-sanitizer not found: memcheck and racecheck skipped" | tee -a "$SUMMARY"
+    fi
+fi
 
 # --- benchmarks --------------------------------------------------------------------------------
 CUDA_CSV="$LOGDIR/bench_cuda.csv"

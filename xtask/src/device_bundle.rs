@@ -4,6 +4,10 @@
 //! * the release test binaries of performer-cuda and performer-favor's CUDA integration test
 //!   (found with `cargo test --no-run
 //!   --message-format=json`) and the `cuda_bench` example, stripped, in `.device/bin/`;
+//! * `tools/xtask` (built with its `cuda` feature) with a copy of `fixtures/`, and
+//!   `tools/train_lm` (the facade's `cuda` feature): run.sh runs every parity fixture on cuda:0
+//!   and one training step on cuda:0 (f32, `--amp`, and under compute-sanitizer's memcheck and
+//!   racecheck);
 //! * `run.sh` (tests, then benchmarks, table last) and the Python comparison scripts;
 //! * the wheels the comparison needs (performer-pytorch and its pure-Python dependencies,
 //!   flash-linear-attention), fetched here with `pip download` for Python 3.12, or reused from
@@ -92,6 +96,46 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--no-run",
         ],
     )?);
+    // The whole stack on the device: xtask with its cuda feature (parity --device cuda:0 over
+    // the fixtures, copied beside it) and train_lm with the facade's (one step, plain, --amp and
+    // under compute-sanitizer). In tools/, so that run.sh does not take them for tests.
+    let tools = bundle.join("tools");
+    if tools.exists() {
+        std::fs::remove_dir_all(&tools).map_err(|e| format!("{}: {e}", tools.display()))?;
+    }
+    std::fs::create_dir_all(&tools).map_err(|e| format!("{}: {e}", tools.display()))?;
+    let mut tool_exes = named(
+        cargo_executables(
+            &root,
+            &["build", "--release", "-p", "xtask", "--features", "cuda"],
+        )?,
+        "xtask",
+    )?;
+    tool_exes.extend(named(
+        cargo_executables(
+            &root,
+            &[
+                "build",
+                "--release",
+                "-p",
+                "performer",
+                "--features",
+                "cuda",
+                "--example",
+                "train_lm",
+            ],
+        )?,
+        "train_lm",
+    )?);
+    for (name, exe) in &tool_exes {
+        copy_stripped(exe, &tools.join(name))?;
+    }
+    let fixtures = bundle.join("fixtures");
+    if fixtures.exists() {
+        std::fs::remove_dir_all(&fixtures).map_err(|e| format!("{}: {e}", fixtures.display()))?;
+    }
+    copy_dir(&root.join("fixtures"), &fixtures)?;
+
     let bench = cargo_executables(
         &root,
         &[
@@ -107,15 +151,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Err("cargo reported no test or benchmark executables".into());
     }
     for (name, exe) in tests.iter().chain(bench.iter()) {
-        let dest = bin.join(name);
-        std::fs::copy(exe, &dest)
-            .map_err(|e| format!("copy {} -> {}: {e}", exe.display(), dest.display()))?;
-        // Debug line tables are for local profiling; the bundle has a size limit.
-        let _ = Command::new("strip")
-            .arg("--strip-debug")
-            .arg(&dest)
-            .status();
-        println!("bundled {}", dest.display());
+        copy_stripped(exe, &bin.join(name))?;
     }
 
     write(&bundle.join("run.sh"), RUN_SH)?;
@@ -133,7 +169,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if !skip_wheels {
         fetch_wheels(&bundle.join("wheels"))?;
     }
-    let size = dir_size(&bundle.join("bin"))? + dir_size(&bundle.join("wheels")).unwrap_or(0);
+    let size = dir_size(&bundle.join("bin"))?
+        + dir_size(&tools)?
+        + dir_size(&fixtures)?
+        + dir_size(&bundle.join("wheels")).unwrap_or(0);
     println!(
         "bundle {}: {:.1} MiB (limit {} MiB)",
         bundle.display(),
@@ -146,6 +185,48 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ));
     }
     println!("on the GPU machine: bash .device/run.sh   (logs in $OUT or .device/out)");
+    Ok(())
+}
+
+/// Copies `exe` to `dest` and strips its debug line tables (they are for local profiling; the
+/// bundle has a size limit).
+fn copy_stripped(exe: &Path, dest: &Path) -> Result<(), String> {
+    std::fs::copy(exe, dest)
+        .map_err(|e| format!("copy {} -> {}: {e}", exe.display(), dest.display()))?;
+    let _ = Command::new("strip")
+        .arg("--strip-debug")
+        .arg(dest)
+        .status();
+    println!("bundled {}", dest.display());
+    Ok(())
+}
+
+/// The executables of `found` named `name` (one expected): an error naming what cargo built
+/// otherwise.
+fn named(found: Vec<(String, PathBuf)>, name: &str) -> Result<Vec<(String, PathBuf)>, String> {
+    let names: Vec<String> = found.iter().map(|(n, _)| n.clone()).collect();
+    let picked: Vec<(String, PathBuf)> = found.into_iter().filter(|(n, _)| n == name).collect();
+    if picked.is_empty() {
+        return Err(format!(
+            "cargo built no executable named {name} (built: {names:?})"
+        ));
+    }
+    Ok(picked)
+}
+
+/// Copies the directory tree `from` to `to` (regular files and folders).
+fn copy_dir(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    for entry in std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().map_err(|e| e.to_string())?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst)
+                .map_err(|e| format!("copy {} -> {}: {e}", src.display(), dst.display()))?;
+        }
+    }
     Ok(())
 }
 
@@ -248,4 +329,49 @@ fn dir_size(dir: &Path) -> Result<u64, String> {
         };
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_sh_parses_and_runs_the_device_stages() {
+        let path = std::env::temp_dir().join(format!("run-sh-{}.sh", std::process::id()));
+        std::fs::write(&path, RUN_SH).unwrap();
+        let status = Command::new("bash").arg("-n").arg(&path).status();
+        let _ = std::fs::remove_file(&path);
+        assert!(status.unwrap().success(), "bash -n rejects run.sh");
+        for stage in [
+            "tools/xtask\" parity --device cuda:0",
+            "--tool \"$tool\"",
+            "for tool in memcheck racecheck",
+            "\"${STEP[@]}\" --amp",
+        ] {
+            assert!(RUN_SH.contains(stage), "run.sh lacks {stage:?}");
+        }
+    }
+
+    #[test]
+    fn copy_dir_copies_the_tree_and_named_picks_by_name() {
+        let root = std::env::temp_dir().join(format!("copy-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f.txt"), "x").unwrap();
+        std::fs::write(root.join("a/g.txt"), "y").unwrap();
+        copy_dir(&root.join("a"), &root.join("c")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("c/b/f.txt")).unwrap(),
+            "x"
+        );
+        assert_eq!(std::fs::read_to_string(root.join("c/g.txt")).unwrap(), "y");
+        let _ = std::fs::remove_dir_all(&root);
+        let found = vec![
+            ("xtask".to_string(), PathBuf::from("/x")),
+            ("build-script-build".to_string(), PathBuf::from("/y")),
+        ];
+        assert_eq!(named(found.clone(), "xtask").unwrap().len(), 1);
+        let err = named(found, "train_lm").unwrap_err();
+        assert!(err.contains("train_lm") && err.contains("xtask"), "{err}");
+    }
 }

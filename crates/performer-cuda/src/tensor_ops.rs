@@ -1634,14 +1634,46 @@ pub fn matmul(
     k: usize,
     n: usize,
 ) -> Result<DeviceBuffer> {
-    const OP: &str = "matmul";
-    let dev = device_of(OP, &[a, b])?;
-    expect(OP, "a", a, batch * m * k)?;
-    expect(OP, "b", b, batch * k * n)?;
+    gemm("matmul", a, ta, b, tb, batch, m, k, n, false)
+}
+
+/// [`matmul`] with bf16 operands and f32 accumulation (autocast,
+/// [`Launcher::gemm_strided_batched_bf16`]): `A` and `B` are read as f32 and rounded to bf16
+/// for the products; `C` is f32.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16(
+    a: &DeviceBuffer,
+    ta: bool,
+    b: &DeviceBuffer,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<DeviceBuffer> {
+    gemm("matmul_bf16", a, ta, b, tb, batch, m, k, n, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    op: &'static str,
+    a: &DeviceBuffer,
+    ta: bool,
+    b: &DeviceBuffer,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    bf16: bool,
+) -> Result<DeviceBuffer> {
+    let dev = device_of(op, &[a, b])?;
+    expect(op, "a", a, batch * m * k)?;
+    expect(op, "b", b, batch * k * n)?;
     for (what, v) in [("m", m), ("n", n), ("k", k), ("batch", batch)] {
         if v > i32::MAX as usize {
             return Err(Error::TooLarge {
-                op: OP,
+                op,
                 detail: format!("{what} = {v} exceeds cuBLAS's int"),
             });
         }
@@ -1676,8 +1708,14 @@ pub fn matmul(
         stride_c: (m * n) as i64,
         batch: batch as i32,
     };
-    // SAFETY: every matrix of every batch lies in a, b, c, whose lengths were checked above
-    // against batch * (m*k, k*n, m*n) with the leading dimensions of their row-major storage.
-    unsafe { dev.gemm_strided_batched(&g) }?;
+    if bf16 {
+        // SAFETY: every matrix of every batch lies in a, b, c, whose lengths were checked above
+        // against batch * (m*k, k*n, m*n) with the leading dimensions of their row-major
+        // storage (the bf16 form reads the same f32 matrices).
+        unsafe { dev.gemm_strided_batched_bf16(&g) }?;
+    } else {
+        // SAFETY: as above.
+        unsafe { dev.gemm_strided_batched(&g) }?;
+    }
     Ok(c)
 }

@@ -1,6 +1,7 @@
-//! One residual layer of a stack ([`Layer`]: an attention-like branch and a feed-forward
-//! branch) and what its attention branch receives ([`Route`]). Both stacks (`sequence.rs`) and
-//! the device form of the reversible one (`reversible_device.rs`) build on it.
+//! One residual layer of a stack ([`Layer`]: attention-like branch `f`, feed-forward branch
+//! `g`) and how its `f` is routed ([`Route`]); shared by the host stacks (`sequence.rs`) and the
+//! reversible stack on device tensors (`reversible_device.rs`), which would otherwise import
+//! each other.
 
 use std::sync::Arc;
 

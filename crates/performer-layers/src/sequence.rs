@@ -13,8 +13,9 @@ use performer_tensor::{
 };
 
 use crate::block::{Block, BlockInputs};
-use crate::layer::Layer;
 use crate::state::BlockState;
+
+use crate::layer::Layer;
 
 /// The per-layer states of a stack, created on first use.
 fn layer_states(state: &mut BlockState, layers: usize) -> Result<&mut Vec<[BlockState; 2]>> {

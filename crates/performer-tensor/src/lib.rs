@@ -31,6 +31,7 @@ macro_rules! on_device {
 }
 
 mod alloc;
+pub mod autocast;
 mod autograd;
 #[cfg(feature = "cuda")]
 mod cuda;

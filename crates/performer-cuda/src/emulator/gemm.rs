@@ -1,6 +1,7 @@
 //! cuBLAS's `cublasSgemmStridedBatched` on the CPU, reading its arguments exactly as cuBLAS
 //! does: column-major storage, transpose flags, leading dimensions and batch strides, and
-//! `beta == 0` meaning C is not read. A caller that passes row-major thinking, a wrong flag or
+//! `beta == 0` meaning C is not read; and its bf16 form (operands rounded to bf16, f32 in
+//! memory: `CUBLAS_COMPUTE_32F_FAST_16BF`). A caller that passes row-major thinking, a wrong flag or
 //! a wrong leading dimension gets the same wrong numbers (or the same error) as on a GPU.
 
 use crate::error::{Error, Result};
@@ -9,6 +10,26 @@ use crate::launcher::{GemmStridedBatched, Transpose};
 use super::memory::Memory;
 
 const OP: &str = "gemm_strided_batched";
+
+/// How the operands enter the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Operands {
+    /// As stored (`cublasSgemmStridedBatched`).
+    F32,
+    /// Rounded to bf16 first (`CUBLAS_COMPUTE_32F_FAST_16BF`).
+    Bf16,
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as an f32: the top 16 bits kept. NaN stays
+/// NaN; a value past bf16's largest finite rounds to infinity, as the hardware conversion does.
+pub(crate) fn round_to_bf16(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    f32::from_bits(rounded & 0xffff_0000)
+}
 
 /// The element range `[0, len)` one stored operand spans: `rows x cols` with leading
 /// dimension `ld`.
@@ -21,7 +42,7 @@ fn span(rows: i32, cols: i32, ld: i32) -> usize {
 }
 
 /// Checks that every matrix of every batch lies inside live allocations, then computes.
-pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched) -> Result<()> {
+pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched, operands: Operands) -> Result<()> {
     g.validate().map_err(|detail| Error::Emulator {
         op: OP,
         detail: format!("CUBLAS_STATUS_INVALID_VALUE: {detail}"),
@@ -96,7 +117,10 @@ pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched) -> Result<()> {
                     };
                     // SAFETY: ai < a_span and bi < b_span (row < m, col < n, kk < k), and both
                     // spans were checked to lie in live allocations above.
-                    let (av, bv) = unsafe { (*a.add(ai), *b.add(bi)) };
+                    let (mut av, mut bv) = unsafe { (*a.add(ai), *b.add(bi)) };
+                    if operands == Operands::Bf16 {
+                        (av, bv) = (round_to_bf16(av), round_to_bf16(bv));
+                    }
                     acc += av as f64 * bv as f64;
                 }
                 let ci = row + col * ldc;
@@ -114,4 +138,24 @@ pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_to_bf16;
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        let ulp = 2f32.powi(-7); // bf16's spacing in [1, 2)
+        assert_eq!(round_to_bf16(1.0), 1.0);
+        // Ties go to the even significand.
+        assert_eq!(round_to_bf16(1.0 + ulp / 2.0), 1.0);
+        assert_eq!(round_to_bf16(1.0 + 1.5 * ulp), 1.0 + 2.0 * ulp);
+        // Past the tie, up; below it, down; negative values mirror.
+        assert_eq!(round_to_bf16(1.0 + ulp / 2.0 + 2f32.powi(-20)), 1.0 + ulp);
+        assert_eq!(round_to_bf16(-(1.0 + ulp / 2.0 - 2f32.powi(-20))), -1.0);
+        assert!(round_to_bf16(f32::NAN).is_nan());
+        assert_eq!(round_to_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(round_to_bf16(0.0), 0.0);
+    }
 }

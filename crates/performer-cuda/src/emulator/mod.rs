@@ -260,7 +260,12 @@ impl Launcher for EmulatedLauncher {
 
     unsafe fn gemm_strided_batched(&self, g: &GemmStridedBatched) -> Result<()> {
         let mem = self.mem();
-        gemm::run(&mem, g)
+        gemm::run(&mem, g, gemm::Operands::F32)
+    }
+
+    unsafe fn gemm_strided_batched_bf16(&self, g: &GemmStridedBatched) -> Result<()> {
+        let mem = self.mem();
+        gemm::run(&mem, g, gemm::Operands::Bf16)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -282,18 +282,25 @@ fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
     let mut out_shape = sa.shape[..ra - 2].to_vec();
     out_shape.extend([m, n]);
     let err = move |e| map_err("matmul", device, e);
+    // bf16 operands with f32 accumulation inside autocast (crate::autocast); the backward's
+    // products follow the forward's choice, whenever they run.
+    let gemm = if crate::autocast::is_autocast_bf16() {
+        k::matmul_bf16
+    } else {
+        k::matmul
+    };
     if rb == 2 {
         // One weight: (batch * m, k) @ (k, n).
         let rows = a_batch * m;
-        let c = k::matmul(&sa.buf, false, &sb.buf, false, 1, rows, kk, n).map_err(err)?;
+        let c = gemm(&sa.buf, false, &sb.buf, false, 1, rows, kk, n).map_err(err)?;
         let out = DeviceStorage::new(c, out_shape, device);
         return Ok(record1("matmul", &[a, b], out, move |g, needs| {
             let ga = needs[0]
-                .then(|| k::matmul(&g.buf, false, &sb.buf, true, 1, rows, n, kk))
+                .then(|| gemm(&g.buf, false, &sb.buf, true, 1, rows, n, kk))
                 .transpose()
                 .map_err(err)?;
             let gb = needs[1]
-                .then(|| k::matmul(&sa.buf, true, &g.buf, false, 1, kk, rows, n))
+                .then(|| gemm(&sa.buf, true, &g.buf, false, 1, kk, rows, n))
                 .transpose()
                 .map_err(err)?;
             Ok(vec![
@@ -323,15 +330,15 @@ fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
         return matmul_on(&full(a, m, kk)?, &full(b, kb, n)?, device);
     }
     let batch = a_batch;
-    let c = k::matmul(&sa.buf, false, &sb.buf, false, batch, m, kk, n).map_err(err)?;
+    let c = gemm(&sa.buf, false, &sb.buf, false, batch, m, kk, n).map_err(err)?;
     let out = DeviceStorage::new(c, out_shape, device);
     Ok(record1("matmul", &[a, b], out, move |g, needs| {
         let ga = needs[0]
-            .then(|| k::matmul(&g.buf, false, &sb.buf, true, batch, m, n, kk))
+            .then(|| gemm(&g.buf, false, &sb.buf, true, batch, m, n, kk))
             .transpose()
             .map_err(err)?;
         let gb = needs[1]
-            .then(|| k::matmul(&sa.buf, true, &g.buf, false, batch, kk, m, n))
+            .then(|| gemm(&sa.buf, true, &g.buf, false, batch, kk, m, n))
             .transpose()
             .map_err(err)?;
         Ok(vec![
