@@ -9,10 +9,21 @@ median after warm-up), writing CSV rows impl,n,fwd_ms,fwd_bwd_ms,note:
 
 "fwd" runs under torch.no_grad(); "fwd_bwd" is a forward with autograd plus backward.
 Failures (OOM, import errors) are recorded as rows with empty times and the error as the note.
+
+With --lm FILE it times instead performer-pytorch's PerformerLM (causal) as lm_bench.rs times
+performer-rs's, and appends one JSON line per measurement to FILE (and prints it):
+* train_step, f32 and bf16 (torch.autocast('cuda', dtype=torch.bfloat16), performer-pytorch's
+  amp): AutoregressiveWrapper loss over `batch` windows of `seq + 1` tokens, backward, Adam step,
+  loss.item(); tokens per step batch * seq;
+* generate (f32): AutoregressiveWrapper.generate of `new` tokens after a `prompt`-token prompt
+  (top-k 0.9, its defaults), which re-runs the model over the whole prefix for every token.
+Wall-clock times after torch.cuda.synchronize(), `warmup` untimed then `reps` timed repetitions.
 """
 import argparse
 import csv
+import json
 import sys
+import time
 import traceback
 
 import torch
@@ -78,6 +89,90 @@ def guarded(rows, impl, n, note, fwd_fn, both_fn, warmup, iters):
     rows.append([impl, n, f"{fwd:.4f}", f"{both:.4f}", note])
 
 
+def lm_line(path, row):
+    print(json.dumps(row), flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def wall_times(fn, warmup, reps):
+    """Sorted wall-clock ms of `reps` calls of fn after `warmup` untimed ones, synchronised."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)
+
+
+def lm_bench(a):
+    """The PerformerLM training step and generate of lm_bench.rs, with performer-pytorch."""
+    dims = f"vocab {a.vocab} dim {a.lm_dim} depth {a.depth} heads {a.lm_heads} causal"
+
+    def measure(workload, precision, tokens, shape, setup):
+        """setup() builds the model and inputs (not timed) and returns one repetition."""
+        row = {"impl": "performer-pytorch", "workload": workload, "precision": precision,
+               "device": torch.cuda.get_device_name(0), "tokens": tokens, "shape": shape}
+        try:
+            times = wall_times(setup(), a.warmup, a.reps)
+            med = times[len(times) // 2]
+            row.update(median_ms=med, times_ms=times, tokens_per_s=tokens / (med / 1e3))
+        except Exception as exc:  # OOM or import failure: record and go on
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        torch.cuda.empty_cache()
+        lm_line(a.lm, row)
+
+    def build():
+        from performer_pytorch import PerformerLM
+        from performer_pytorch.autoregressive_wrapper import AutoregressiveWrapper
+        torch.manual_seed(0)
+        net = PerformerLM(num_tokens=a.vocab, max_seq_len=max(a.seq, a.prompt + a.new),
+                          dim=a.lm_dim, depth=a.depth, heads=a.lm_heads,
+                          dim_head=a.lm_dim // a.lm_heads, causal=True).cuda()
+        return AutoregressiveWrapper(net).cuda()
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def train_setup(precision):
+        def setup():
+            model = build()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            x = torch.randint(1, a.vocab, (a.batch, a.seq + 1), device="cuda", generator=gen)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = model(x)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss.item()  # waits for the device, as lm_bench.rs reads its loss
+            return step
+        return setup
+
+    for precision in ["f32", "bf16"]:
+        measure("train_step", precision, a.batch * a.seq,
+                f"{dims}, batch {a.batch} seq {a.seq}, Adam", train_setup(precision))
+
+    def generate_setup():
+        model = build().eval()
+        prompt = torch.randint(1, a.vocab, (a.gen_batch, a.prompt), device="cuda", generator=gen)
+
+        def generate():
+            with torch.no_grad():
+                out = model.generate(prompt, a.new)
+            assert tuple(out.shape) == (a.gen_batch, a.new), out.shape
+        return generate
+
+    measure("generate", "f32", a.gen_batch * a.new,
+            f"{dims}, batch {a.gen_batch} prompt {a.prompt} new {a.new}, top-k 0.9", generate_setup)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="4096,16384,65536")
@@ -87,8 +182,25 @@ def main():
     ap.add_argument("--features", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--csv", required=True)
+    ap.add_argument("--csv")
+    ap.add_argument("--lm", help="time the PerformerLM workloads instead; JSON lines to this file")
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--lm-dim", type=int, default=512)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--lm-heads", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--lm-batch", dest="batch_lm", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--gen-batch", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
+    if a.lm:
+        a.batch = a.batch_lm
+        print("torch", torch.__version__, "device", torch.cuda.get_device_name(0), flush=True)
+        return lm_bench(a)
+    if not a.csv:
+        ap.error("--csv is required (or --lm FILE)")
     b, h, d, m = a.batch, a.heads, a.dim, a.features
     rows = Rows(a.csv)
     print("torch", torch.__version__, "device", torch.cuda.get_device_name(0), flush=True)

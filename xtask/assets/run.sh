@@ -3,7 +3,8 @@
 # Usage on the GPU machine: bash .device/run.sh
 # Stages: environment, GPU tests, every parity fixture on cuda:0, one train_lm step on cuda:0
 # (f32, --amp, under compute-sanitizer memcheck and racecheck), performer-cuda benchmark,
-# performer-pytorch + fla benchmark, table. A failing stage is reported and the later stages still run. Logs go to $OUT when set,
+# performer-pytorch + fla benchmark, the PerformerLM training step and generate of performer-rs
+# and performer-pytorch, tables. A failing stage is reported and the later stages still run. Logs go to $OUT when set,
 # else .device/out; at most 8 files, so that all of them come back from a device run.
 set -u
 
@@ -120,9 +121,27 @@ run_stage "bench performer-pytorch + fla" 270 "$REFLOG" \
     python3 "$HERE/bench_reference.py" --n 4096,16384,65536 --batch 1 --heads 8 --dim 64 --features 256 \
     --warmup 3 --iters 10 --csv "$REF_CSV"
 
-# --- table (last) ------------------------------------------------------------------------------
+# --- PerformerLM: a training step and generate, performer-rs and performer-pytorch ---------------
+# The same shapes on both sides (a causal model, vocab 256, dim 512, depth 6, heads 8; training
+# batch 8 x 1024 tokens with Adam, f32 and bf16 autocast; generate 64 tokens after 512), one
+# warm-up then 5 timed repetitions. JSON lines outside $OUT (8 files at most come back): each
+# line is also printed into the stage's log.
+LM_OURS="${TMPDIR:-/tmp}/performer-lm-ours.jsonl"
+LM_REF="${TMPDIR:-/tmp}/performer-lm-ref.jsonl"
+rm -f "$LM_OURS" "$LM_REF"
+LM_SHAPE=(--vocab 256 --seq 1024 --prompt 512 --new 64 --gen-batch 1 --warmup 1 --reps 5)
+if [ -x "$HERE/tools/lm_bench" ]; then
+    run_stage "bench PerformerLM performer-rs" 120 "$LOGDIR/bench_cuda.log" \
+        "$HERE/tools/lm_bench" --device cuda:0 --dim 512 --depth 6 --heads 8 --batch 8 \
+        "${LM_SHAPE[@]}" --out "$LM_OURS"
+fi
+run_stage "bench PerformerLM performer-pytorch" 120 "$REFLOG" \
+    python3 "$HERE/bench_reference.py" --lm "$LM_REF" --lm-dim 512 --depth 6 --lm-heads 8 \
+    --lm-batch 8 "${LM_SHAPE[@]}"
+
+# --- tables (last) -----------------------------------------------------------------------------
 TABLE="$LOGDIR/table.txt"
-python3 "$HERE/bench_table.py" "$CUDA_CSV" "$REF_CSV" > "$TABLE" 2>&1 || echo "table failed" >> "$TABLE"
+python3 "$HERE/bench_table.py" "$LM_OURS" "$LM_REF" "$CUDA_CSV" "$REF_CSV" > "$TABLE" 2>&1 || echo "table failed" >> "$TABLE"
 echo
 echo "=== summary ($(( $(date +%s) - START_ALL ))s, logs in $LOGDIR)"
 cat "$SUMMARY"

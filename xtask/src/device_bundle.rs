@@ -7,7 +7,8 @@
 //! * `tools/xtask` (built with its `cuda` feature) with a copy of `fixtures/`, and
 //!   `tools/train_lm` (the facade's `cuda` feature): run.sh runs every parity fixture on cuda:0
 //!   and one training step on cuda:0 (f32, `--amp`, and under compute-sanitizer's memcheck and
-//!   racecheck);
+//!   racecheck), and `tools/lm_bench` (the PerformerLM training step and generate, timed
+//!   against performer-pytorch by `bench_reference.py --lm`);
 //! * `run.sh` (tests, then benchmarks, table last) and the Python comparison scripts;
 //! * the wheels the comparison needs (performer-pytorch and its pure-Python dependencies,
 //!   flash-linear-attention), fetched here with `pip download` for Python 3.12, or reused from
@@ -111,22 +112,23 @@ pub fn run(args: &[String]) -> Result<(), String> {
         )?,
         "xtask",
     )?;
-    tool_exes.extend(named(
-        cargo_executables(
-            &root,
-            &[
-                "build",
-                "--release",
-                "-p",
-                "performer",
-                "--features",
-                "cuda",
-                "--example",
-                "train_lm",
-            ],
-        )?,
-        "train_lm",
-    )?);
+    let facade_examples = cargo_executables(
+        &root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "performer",
+            "--features",
+            "cuda",
+            "--example",
+            "train_lm",
+            "--example",
+            "lm_bench",
+        ],
+    )?;
+    tool_exes.extend(named(facade_examples.clone(), "train_lm")?);
+    tool_exes.extend(named(facade_examples, "lm_bench")?);
     for (name, exe) in &tool_exes {
         copy_stripped(exe, &tools.join(name))?;
     }
@@ -347,8 +349,77 @@ mod tests {
             "--tool \"$tool\"",
             "for tool in memcheck racecheck",
             "\"${STEP[@]}\" --amp",
+            "tools/lm_bench\" --device cuda:0",
+            "bench_reference.py\" --lm",
+            "\"$LM_OURS\" \"$LM_REF\"",
         ] {
             assert!(RUN_SH.contains(stage), "run.sh lacks {stage:?}");
+        }
+    }
+
+    /// The comparison scripts compile, and the table reads sample PerformerLM lines of both
+    /// sides into the ratios the issue sets goals for (skipped without python3; CI has it).
+    #[test]
+    fn bench_scripts_compile_and_the_table_gives_the_lm_ratios() {
+        if Command::new("python3").arg("--version").output().is_err() {
+            eprintln!("skipped: no python3");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("bench-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (reference, table) = (dir.join("bench_reference.py"), dir.join("bench_table.py"));
+        std::fs::write(&reference, BENCH_REFERENCE).unwrap();
+        std::fs::write(&table, BENCH_TABLE).unwrap();
+        for script in [&reference, &table] {
+            let ok = Command::new("python3")
+                .args(["-m", "py_compile"])
+                .arg(script)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "{} does not compile", script.display());
+        }
+        let line = |imp: &str, workload: &str, precision: &str, ms: f64, tokens: f64| {
+            format!(
+                r#"{{"impl":"{imp}","workload":"{workload}","precision":"{precision}","tokens":{tokens},"median_ms":{ms},"tokens_per_s":{}}}"#,
+                tokens / (ms / 1e3)
+            )
+        };
+        let ours = [
+            line("performer-rs", "train_step", "f32", 100.0, 8192.0),
+            line("performer-rs", "train_step", "bf16", 40.0, 8192.0),
+            line("performer-rs", "generate", "f32", 64.0, 64.0),
+        ]
+        .join("\n");
+        let reference_lines = [
+            line("performer-pytorch", "train_step", "f32", 250.0, 8192.0),
+            r#"{"impl":"performer-pytorch","workload":"train_step","precision":"bf16","tokens":8192,"error":"OutOfMemoryError: x"}"#.to_string(),
+            line("performer-pytorch", "generate", "f32", 3200.0, 64.0),
+        ]
+        .join("\n");
+        let (a, b) = (dir.join("ours.jsonl"), dir.join("ref.jsonl"));
+        std::fs::write(&a, ours).unwrap();
+        std::fs::write(&b, reference_lines).unwrap();
+        let out = Command::new("python3")
+            .arg(&table)
+            .arg(&a)
+            .arg(&b)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for want in [
+            "2.50x performer-pytorch's tokens/s (misses the goal 3x)",
+            "50.00x performer-pytorch's tokens/s (misses the goal 100x)",
+            "error: OutOfMemoryError: x",
+            "bf16 autocast speedup of the training step, performer-rs: 2.50x",
+        ] {
+            assert!(text.contains(want), "table lacks {want:?}:\n{text}");
         }
     }
 
