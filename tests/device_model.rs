@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use ndarray::{Array2, ArrayD};
 use performer::layers::Block;
 use performer::models::LocalAttnHeads;
+use performer::tensor::ops::Activation;
 use performer::tensor::optim::{Adam, Optimizer};
 use performer::tensor::testing::assert_close;
 use performer::tensor::{Device, Error, Gradients, Module, Param, Tensor, no_grad, rng};
@@ -397,11 +398,19 @@ fn fast_attention_moved_to_the_device_matches_the_cpu() {
         return;
     }
     let x = layer_input();
-    // FastAttention alone, causal and not, on (b, h, n, d) queries, keys and values.
-    for causal in [true, false] {
+    // FastAttention alone, causal and not, on (b, h, n, d) queries, keys and values, with the
+    // softmax kernel, generalized attention (GELU, so that negative projections matter) and
+    // no projection.
+    let maps = [(false, false), (true, false), (false, true)];
+    for ((generalized_attention, no_projection), causal) in
+        maps.into_iter().flat_map(|m| [(m, true), (m, false)])
+    {
         let cfg = FastAttentionConfig {
             causal,
             nb_features: Some(8),
+            generalized_attention,
+            kernel_fn: Activation::Gelu,
+            no_projection,
             ..FastAttentionConfig::new(8)
         };
         let (cpu, dev) = (
@@ -414,7 +423,10 @@ fn fast_attention_moved_to_the_device_matches_the_cpu() {
             .permute(&[0, 2, 1, 3])
             .unwrap();
         layer_matches(
-            &format!("FastAttention (causal {causal})"),
+            &format!(
+                "FastAttention (causal {causal}, generalized {generalized_attention}, \
+                 no projection {no_projection})"
+            ),
             &cpu,
             &dev,
             &qkv,
