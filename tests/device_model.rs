@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use ndarray::{Array2, ArrayD};
 use performer::layers::Block;
 use performer::models::LocalAttnHeads;
+use performer::tensor::ops::Activation;
 use performer::tensor::optim::{Adam, Optimizer};
 use performer::tensor::testing::assert_close;
 use performer::tensor::{Device, Error, Gradients, Module, Param, Tensor, no_grad, rng};
@@ -397,11 +398,19 @@ fn fast_attention_moved_to_the_device_matches_the_cpu() {
         return;
     }
     let x = layer_input();
-    // FastAttention alone, causal and not, on (b, h, n, d) queries, keys and values.
-    for causal in [true, false] {
+    // FastAttention alone, causal and not, on (b, h, n, d) queries, keys and values, with the
+    // softmax kernel, generalized attention (GELU, so that negative projections matter) and
+    // no projection.
+    let maps = [(false, false), (true, false), (false, true)];
+    for ((generalized_attention, no_projection), causal) in
+        maps.into_iter().flat_map(|m| [(m, true), (m, false)])
+    {
         let cfg = FastAttentionConfig {
             causal,
             nb_features: Some(8),
+            generalized_attention,
+            kernel_fn: Activation::Gelu,
+            no_projection,
             ..FastAttentionConfig::new(8)
         };
         let (cpu, dev) = (
@@ -414,7 +423,10 @@ fn fast_attention_moved_to_the_device_matches_the_cpu() {
             .permute(&[0, 2, 1, 3])
             .unwrap();
         layer_matches(
-            &format!("FastAttention (causal {causal})"),
+            &format!(
+                "FastAttention (causal {causal}, generalized {generalized_attention}, \
+                 no projection {no_projection})"
+            ),
             &cpu,
             &dev,
             &qkv,
@@ -425,6 +437,55 @@ fn fast_attention_moved_to_the_device_matches_the_cpu() {
             },
         );
     }
+}
+
+/// A padding mask reaches every masked path of the LM on the device (FAVOR+ keys and values,
+/// the local head's mask, token shift's zeroed padding): logits and every parameter's gradient
+/// against the CPU.
+#[test]
+fn lm_with_a_padding_mask_matches_the_cpu() {
+    if !emulator() {
+        return;
+    }
+    let (cpu, dev) = lm_pair(12);
+    dev.to_device(DEV).unwrap();
+    let x = tokens(2, 12, 20, 3);
+    // The second sequence ends in three padding tokens, the first has one in the middle.
+    let mask = Array2::from_shape_fn((2, 12), |(i, j)| {
+        !((i == 1 && j >= 9) || (i == 0 && j == 5))
+    });
+    let inputs = LmInputs {
+        mask: Some(mask.view()),
+        ..LmInputs::default()
+    };
+    let want = cpu.forward(&x.view(), &inputs).unwrap();
+    let got = dev.forward(&x.view(), &inputs).unwrap();
+    assert_eq!(got.device(), DEV);
+    assert_close(
+        "PerformerLM logits with a padding mask",
+        &got.to_array(),
+        &want.to_array(),
+        1e-4,
+    );
+    let w = Tensor::from_vec(
+        (0..want.numel())
+            .map(|i| ((i % 5) as f32 - 2.0) * 0.5)
+            .collect(),
+        want.shape(),
+    )
+    .unwrap();
+    let gc = want.mul(&w).unwrap().sum_all().backward().unwrap();
+    let gd = got
+        .mul(&w.to_device(DEV).unwrap())
+        .unwrap()
+        .sum_all()
+        .backward()
+        .unwrap();
+    compare_grads(
+        "PerformerLM with a padding mask",
+        &named_grads(&dev, &gd, &no_skip),
+        &named_grads(&cpu, &gc, &no_skip),
+    );
 }
 
 fn attention_config() -> AttentionConfig {

@@ -1638,7 +1638,7 @@ pub fn matmul(
 }
 
 /// [`matmul`] with bf16 operands and f32 accumulation (autocast,
-/// [`Launcher::gemm_strided_batched_bf16`]): `A` and `B` are read as f32 and rounded to bf16
+/// [`Launcher::gemm_strided_batched_bf16`](crate::Launcher::gemm_strided_batched_bf16)): `A` and `B` are read as f32 and rounded to bf16
 /// for the products; `C` is f32.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_bf16(

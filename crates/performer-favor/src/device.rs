@@ -2,14 +2,18 @@
 //! live on a device, performer-cuda's kernels run on their buffers directly, with no copy to
 //! the host: the softmax feature maps (forward and backward) and causal linear attention
 //! (forward and backward) are recorded as device ops; non-causal attention is three batched
-//! GEMMs and a normalization on the features, in the device's tensor ops.
+//! GEMMs and a normalization on the features, in the device's tensor ops. Generalized attention
+//! (features from tensor ops) and `no_projection` (softmaxes as features) reuse both.
 
 use std::sync::Arc;
 
 use performer_cuda::ops::{self, FeatureKind, LinearDims, Precision};
 use performer_cuda::{DeviceBuffer, SharedLauncher};
 use performer_tensor::device_ops::{self as dops, buffer, from_buffer, record};
+use performer_tensor::ops::Activation;
 use performer_tensor::{Device, Error, Result, Tensor};
+
+use crate::feature::GENERALIZED_FEATURE_EPS;
 
 const OP: &str = "FastAttention (device)";
 
@@ -180,4 +184,52 @@ pub(crate) fn favor_attention(
     } else {
         non_causal(&qf, &kf, v)
     }
+}
+
+/// performer-pytorch's generalized-kernel features `f(d^-1/4 x P^T) + 1e-3` of device rows `x`
+/// `(..., n, d)` with `projection` `(m, d)`, in device tensor ops (their backward is autograd's).
+pub(crate) fn generalized_features(
+    x: &Tensor,
+    projection: &Tensor,
+    f: Activation,
+) -> Result<Tensor> {
+    let d = x.shape()[x.rank() - 1];
+    let u = x
+        .mul_scalar((d as f32).powf(-0.25))
+        .matmul(&projection.transpose(0, 1)?)?;
+    Ok(f.apply(&u).add_scalar(GENERALIZED_FEATURE_EPS))
+}
+
+/// Linear attention of device features `qf` `(..., n, m)` over `kf` `(..., nk, m)` and `v`
+/// `(..., nk, e)` (generalized attention and `no_projection`): the softmax path's causal
+/// kernel or non-causal GEMMs, so these maps never leave the device either.
+pub(crate) fn attention_on_features(
+    qf: &Tensor,
+    kf: &Tensor,
+    v: &Tensor,
+    causal_mask: bool,
+) -> Result<Tensor> {
+    let Some(device) = dops::device_of(OP, &[qf, kf, v])? else {
+        return Err(Error::invalid(
+            OP,
+            "q",
+            "on the host",
+            "the device path takes device tensors",
+        ));
+    };
+    if !causal_mask {
+        return non_causal(qf, kf, v);
+    }
+    if kf.shape() != qf.shape() || v.shape()[..v.rank() - 1] != qf.shape()[..qf.rank() - 1] {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "causal attention on features: q {:?}, k {:?}, v {:?} need one layout and length",
+                qf.shape(),
+                kf.shape(),
+                v.shape()
+            ),
+        ));
+    }
+    causal(&dops::launcher(device)?, device, qf, kf, v)
 }

@@ -268,6 +268,10 @@ impl FastAttention {
             } else {
                 k.softmax(-2)?
             };
+            #[cfg(feature = "cuda")]
+            if !q.device().is_cpu() {
+                return crate::device::attention_on_features(&qs, &ks, v, self.config.causal);
+            }
             return if self.config.causal {
                 causal_linear_attention(&qs, &ks, v, CAUSAL_EPS, self.chunk)
             } else {
@@ -279,17 +283,22 @@ impl FastAttention {
         } else {
             FeatureMap::Softmax
         };
-        // Device tensors: the kernels run on their buffers (no host copy). Generalized
-        // attention on a device takes the CPU ops' round trip through the host.
+        // Device tensors: the kernels run on their buffers (no host copy); generalized
+        // features come from device tensor ops, then the same attention kernels.
         #[cfg(feature = "cuda")]
-        if map == FeatureMap::Softmax && !q.device().is_cpu() {
-            return crate::device::favor_attention(
-                q,
-                k,
-                v,
-                &self.projection_matrix()?,
-                self.config.causal,
-            );
+        if !q.device().is_cpu() {
+            let projection = self.projection_matrix()?;
+            return match map {
+                FeatureMap::Softmax => {
+                    crate::device::favor_attention(q, k, v, &projection, self.config.causal)
+                }
+                FeatureMap::Generalized(f) => crate::device::attention_on_features(
+                    &crate::device::generalized_features(q, &projection, f)?,
+                    &crate::device::generalized_features(k, &projection, f)?,
+                    v,
+                    self.config.causal,
+                ),
+            };
         }
         #[cfg(feature = "cuda")]
         if let Some(backend) = self.cuda.lock().unwrap_or_else(|e| e.into_inner()).clone()
