@@ -663,7 +663,9 @@ fn checkpoints_round_trip_from_a_device_model() {
     performer::models::checkpoint::load_state_dict_file(&other, dir.join("model.safetensors"))
         .unwrap();
     assert_on(&other, DEV);
-    for ((name, a), (_, b)) in other.named_parameters().iter().zip(cpu.named_parameters()) {
+    let (loaded, saved_back) = (other.named_parameters(), cpu.named_parameters());
+    assert_eq!(loaded.len(), saved_back.len(), "as many parameters");
+    for ((name, a), (_, b)) in loaded.iter().zip(&saved_back) {
         assert_eq!(a.value(), b.value(), "{name}");
     }
     std::fs::remove_dir_all(&dir).ok();

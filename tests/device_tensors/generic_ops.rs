@@ -36,6 +36,7 @@ fn check(what: &str, inputs: &[&Tensor], f: impl Fn(&[Tensor]) -> Tensor) {
         .sum_all()
         .backward()
         .unwrap();
+    assert_eq!(cpu.len(), dev.len(), "{what}: as many inputs on both sides");
     for (i, (c, d)) in cpu.iter().zip(&dev).enumerate() {
         let name = format!("{what} gradient of input {i}");
         assert_close(
@@ -252,6 +253,7 @@ fn dropout_replays_from_the_generator_state() {
     assert_ne!(yv, other, "the next call draws a new mask");
     let dropped = yv.iter().filter(|&&v| v == 0.0).count() as f32 / yv.len() as f32;
     assert!((dropped - p).abs() < 0.04, "dropped fraction {dropped}");
+    assert_eq!(yv.len(), xv.len());
     for (&yi, &xi) in yv.iter().zip(&xv) {
         assert!(
             yi == 0.0 || (yi - xi / (1.0 - p)).abs() <= 1e-6 * xi.abs().max(1.0),
@@ -266,7 +268,13 @@ fn dropout_replays_from_the_generator_state() {
         .backward()
         .unwrap();
     let g = device_grad(&grads, &x, "x");
-    for ((&gi, &yi), &wi) in g.iter().zip(&yv).zip(w.to_vec().iter()) {
+    let wv = w.to_vec();
+    assert_eq!(
+        (g.len(), wv.len()),
+        (yv.len(), yv.len()),
+        "gradient, weights, output"
+    );
+    for ((&gi, &yi), &wi) in g.iter().zip(&yv).zip(&wv) {
         let want = if yi == 0.0 { 0.0 } else { wi / (1.0 - p) };
         assert!(
             (gi - want).abs() <= 1e-6 * want.abs().max(1.0),
