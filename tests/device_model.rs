@@ -259,6 +259,43 @@ fn lm_generates_on_the_device_as_on_the_cpu() {
     assert_eq!(a, b, "the same 16 sampled tokens");
 }
 
+/// Decoding with generalized attention and with no projection on the device (their running
+/// sums take the host state's path): logits at every step within 1e-4 of the CPU's.
+#[test]
+fn generalized_and_unprojected_lms_decode_on_the_device_as_on_the_cpu() {
+    if !emulator() {
+        return;
+    }
+    for (generalized_attention, no_projection) in [(true, false), (false, true)] {
+        let what = format!("generalized {generalized_attention}, no projection {no_projection}");
+        let build = || {
+            rng::manual_seed(21);
+            let m = PerformerLM::new(PerformerLMConfig {
+                generalized_attention,
+                no_projection,
+                ..lm_config()
+            })
+            .unwrap();
+            m.fix_projection_matrices();
+            m.set_training(false);
+            m
+        };
+        let (cpu, dev) = (build(), build());
+        dev.to_device(DEV).unwrap();
+        let prompt = tokens(2, 5, 20, 1);
+        let mut cs = cpu.decoding_state(2, None, None).unwrap();
+        let mut ds = dev.decoding_state(2, None, None).unwrap();
+        let mut want = cpu.decode(&mut cs, &prompt.view(), None).unwrap();
+        let mut got = dev.decode(&mut ds, &prompt.view(), None).unwrap();
+        for step in 0..6 {
+            assert_close(&format!("{what}: decode step {step}"), &got, &want, 1e-4);
+            let next = [(step % 20) as i64, ((step * 7 + 2) % 20) as i64];
+            want = cpu.step(&mut cs, &next).unwrap();
+            got = dev.step(&mut ds, &next).unwrap();
+        }
+    }
+}
+
 fn enc_dec_pair(seed: u64) -> (PerformerEncDec, PerformerEncDec) {
     let kwargs = serde_json::json!({
         "dim": 16,

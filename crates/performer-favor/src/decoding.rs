@@ -388,6 +388,13 @@ fn step_head(kind: Kind, q: &[f32], k: &[f32], v: &[f32], s: HeadStep<'_>, count
 }
 
 impl FastAttention {
+    /// The projection as the host decoding path reads it: a model moved to a device keeps it
+    /// there, while these running sums (generalized attention, `no_projection`, host models)
+    /// live in host memory. A host projection is returned as it is (no copy).
+    fn host_projection(&self) -> Result<Tensor> {
+        self.projection_matrix()?.to_host()
+    }
+
     /// An empty causal state for `heads` heads with values of size `value_dim`.
     pub fn causal_state(&self, heads: usize, value_dim: usize) -> CausalState {
         let m = match kind_of(self) {
@@ -433,7 +440,7 @@ impl FastAttention {
                 format!("k {:?} and v {:?} differ in length", k.shape(), v.shape()),
             ));
         }
-        let p = self.projection_matrix()?;
+        let p = self.host_projection()?;
         let p = p
             .view()
             .into_dimensionality::<ndarray::Ix2>()
@@ -560,7 +567,7 @@ impl FastAttention {
             self.extend_state(state, &flat(k)?.view(), &flat(v)?.view())?;
             return Ok(out);
         }
-        let p = self.projection_matrix()?;
+        let p = self.host_projection()?;
         let p = p
             .view()
             .into_dimensionality::<ndarray::Ix2>()
@@ -683,7 +690,7 @@ impl FastAttention {
             ));
         }
         // Shared with the module (no copy) when it is contiguous, as it always is here.
-        let projection = self.projection_matrix()?.data().clone();
+        let projection = self.host_projection()?.data().clone();
         let projection = if projection.is_standard_layout() {
             projection
         } else {
@@ -734,7 +741,7 @@ impl FastAttention {
                 "extend it with the current position's key first",
             ));
         }
-        let p = self.projection_matrix()?;
+        let p = self.host_projection()?;
         let p = p
             .view()
             .into_dimensionality::<ndarray::Ix2>()
@@ -779,7 +786,7 @@ impl FastAttention {
                 format!("k {:?} and v {:?} do not match", k.shape(), v.shape()),
             ));
         }
-        let p = self.projection_matrix()?;
+        let p = self.host_projection()?;
         let p = p
             .view()
             .into_dimensionality::<ndarray::Ix2>()
@@ -843,7 +850,7 @@ impl FastAttention {
             state.heads,
             self.config().dim_heads,
         )?;
-        let p = self.projection_matrix()?;
+        let p = self.host_projection()?;
         let p = p
             .view()
             .into_dimensionality::<ndarray::Ix2>()
