@@ -152,6 +152,43 @@ fn decode_on_both(
     worst
 }
 
+/// A sequence that starts with padding only: the second sequence's prompt of 2 and its first
+/// 3 steps are masked, so each of its queries sees no real token and attends uniformly over
+/// its whole look-around: the -1 fillers before the sequence (positions 2, 3), the padding 0
+/// after the newest position and the cached values (position 4, after the window rolled)
+/// all reach the output. Then 3 unmasked steps. Logits within 1e-4 at every step.
+fn padding_only_start(what: &str, (cpu, dev): (&PerformerLM, &PerformerLM)) -> f32 {
+    let prompt = tokens(2, 5);
+    let mask = Array2::from_shape_fn((BATCH, 2), |(i, _)| i == 0);
+    let mut cs = cpu.decoding_state(BATCH, None, None).unwrap();
+    let mut ds = dev.decoding_state(BATCH, None, None).unwrap();
+    let want = cpu
+        .decode(&mut cs, &prompt.view(), Some(mask.view()))
+        .unwrap();
+    let got = dev
+        .decode(&mut ds, &prompt.view(), Some(mask.view()))
+        .unwrap();
+    let mut worst = assert_close(&format!("{what}: prompt logits"), &got, &want, 1e-4);
+    for step in 0..6 {
+        let next = Array2::from_shape_fn((BATCH, 1), |(i, _)| ((step * 3 + i) % VOCAB) as i64);
+        let keep = Array2::from_shape_fn((BATCH, 1), |(i, _)| i == 0 || step >= 3);
+        let want = cpu
+            .decode(&mut cs, &next.view(), Some(keep.view()))
+            .unwrap();
+        let got = dev
+            .decode(&mut ds, &next.view(), Some(keep.view()))
+            .unwrap();
+        worst = worst.max(assert_close(
+            &format!("{what}: step {step} (position {})", 2 + step),
+            &got,
+            &want,
+            1e-4,
+        ));
+    }
+    println!("{what}: worst relative error {worst:.2e}");
+    worst
+}
+
 #[test]
 fn local_heads_decode_on_the_device_as_on_the_cpu() {
     let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
@@ -162,6 +199,7 @@ fn local_heads_decode_on_the_device_as_on_the_cpu() {
     // A prompt shorter than the window: the first steps see the fillers before the sequence.
     decode_on_both("local heads, prompt of 2", (&cpu, &dev), 2, false, 11);
     decode_on_both("local heads, padded prompt of 5", (&cpu, &dev), 5, true, 11);
+    padding_only_start("local heads, a sequence of padding", (&cpu, &dev));
 }
 
 #[test]
