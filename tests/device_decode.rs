@@ -136,7 +136,7 @@ fn decode_on_both(
             1e-4,
         ));
         assert_step_copies(
-            &format!("{what}: step {step} (position {})", 5 + step),
+            &format!("{what}: step {step} (position {})", prompt_len + step),
             &copies,
         );
         meta = meta.max(copies.meta_copies);
