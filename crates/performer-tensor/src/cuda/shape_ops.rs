@@ -7,7 +7,7 @@ use performer_cuda::tensor_ops as k;
 use performer_cuda::{DeviceBuffer, Elem};
 
 use super::ops::row_major_strides;
-use super::{DeviceStorage, common_device, map_err, record, record1, storage_of};
+use super::{DeviceStorage, common_device, map_err, record, record1, storage_of, try_some};
 use crate::tensor::Storage;
 use crate::{Device, Error, Result, Tensor};
 
@@ -17,7 +17,7 @@ pub(crate) fn narrow(x: &Tensor, ax: usize, start: usize, len: usize) -> Option<
         return None;
     }
     const OP: &str = "narrow";
-    let sx = storage_of(x).clone();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let err = move |e| map_err(OP, device, e);
     let strides = row_major_strides(&sx.shape);
@@ -48,7 +48,7 @@ pub(crate) fn pad(
         return None;
     }
     const OP: &str = "pad";
-    let sx = storage_of(x).clone();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let err = move |e| map_err(OP, device, e);
     let mut out_shape = sx.shape.clone();
@@ -83,7 +83,10 @@ pub(crate) fn cat(tensors: &[Tensor], ax: usize) -> Option<Result<Tensor>> {
 fn cat_on(tensors: &[&Tensor], ax: usize, device: Device) -> Result<Tensor> {
     const OP: &str = "cat";
     let err = move |e| map_err(OP, device, e);
-    let parts: Vec<DeviceStorage> = tensors.iter().map(|t| storage_of(t).clone()).collect();
+    let parts: Vec<DeviceStorage> = tensors
+        .iter()
+        .map(|t| storage_of(t))
+        .collect::<Result<_>>()?;
     let mut out_shape = parts[0].shape.clone();
     out_shape[ax] = parts.iter().map(|p| p.shape[ax]).sum();
     let strides = row_major_strides(&out_shape);
@@ -104,7 +107,7 @@ fn cat_on(tensors: &[&Tensor], ax: usize, device: Device) -> Result<Tensor> {
         let Some(g) = grads.into_iter().next().flatten() else {
             return Ok(vec![None; needs.len()]);
         };
-        let g = storage_of(&g);
+        let g = storage_of(&g)?;
         shapes
             .iter()
             .zip(&offsets)
@@ -133,7 +136,7 @@ pub(crate) fn broadcast_to(x: &Tensor, shape: &[usize]) -> Option<Result<Tensor>
         return None;
     }
     const OP: &str = "broadcast_to";
-    let sx = storage_of(x).clone();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let err = move |e| map_err(OP, device, e);
     // Only `x` stretches (NumPy's broadcast_to), so the target keeps every axis of x.
