@@ -46,6 +46,19 @@ pub fn launcher(device: Device) -> Result<SharedLauncher> {
     crate::device_memory::launcher(device)
 }
 
+/// Device memory of `device` in bytes: `(in use now, the peak since the last
+/// [`reset_peak_memory`])`, what a training step's memory is measured by.
+pub fn memory(device: Device) -> Result<(usize, usize)> {
+    let l = launcher(device)?;
+    Ok((l.bytes_in_use(), l.peak_bytes()))
+}
+
+/// Starts a new peak of `device`'s memory at the bytes in use now.
+pub fn reset_peak_memory(device: Device) -> Result<()> {
+    launcher(device)?.reset_peak_bytes();
+    Ok(())
+}
+
 /// The device layer's error `e` in `op` on `device` as ours: out of memory stays
 /// [`Error::OutOfMemory`], shape errors stay shape errors.
 pub fn error(op: &str, device: Device, e: performer_cuda::Error) -> Error {

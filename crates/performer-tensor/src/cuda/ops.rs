@@ -201,15 +201,16 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Option<Result<Tensor>> {
     for (i, &p) in perm.iter().enumerate() {
         inverse[p] = i;
     }
-    Some(
-        storage_of(x)
-            .and_then(|s| permuted("permute", &s, perm))
-            .map(|out| {
-                record1("permute", &[x], out, move |g, _| {
-                    Ok(vec![Some(permuted("permute", g, &inverse)?)])
-                })
-            }),
-    )
+    // A bf16 input gives a bf16 output (the copy runs on an f32 temporary).
+    let dtype = stored(x).dtype();
+    let out = storage_of(x)
+        .and_then(|s| permuted("permute", &s, perm))
+        .and_then(|s| s.as_dtype("permute", dtype));
+    Some(out.map(|out| {
+        record1("permute", &[x], out, move |g, _| {
+            Ok(vec![Some(permuted("permute", g, &inverse)?)])
+        })
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,18 +311,13 @@ fn gemm(
 }
 
 fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
-    // Inside autocast the operands are kept for the backward as bf16 (f32 ones cast once
-    // here, as PyTorch's autocast saves its casts), the product is stored as bf16, and the
-    // backward's products read bf16 operands and write f32 gradients. Outside it, f32.
+    // Inside autocast the product reads bf16 operands (f32 ones cast to temporaries) and is
+    // stored as bf16, and the backward's products read bf16 operands and write f32 gradients.
+    // The operands are kept as they are stored: the graph holds them anyway, so a kept bf16
+    // cast of an f32 operand would only add memory; the backward casts again. Outside
+    // autocast everything is f32.
     let autocast = crate::autocast::is_autocast_bf16();
-    let (sa, sb) = if autocast {
-        (
-            stored(a).as_dtype("matmul", DType::BF16)?,
-            stored(b).as_dtype("matmul", DType::BF16)?,
-        )
-    } else {
-        (storage_of(a)?, storage_of(b)?)
-    };
+    let (sa, sb) = (stored(a).clone(), stored(b).clone());
     let out_dtype = if autocast { DType::BF16 } else { DType::F32 };
     let (ra, rb) = (sa.shape.len(), sb.shape.len());
     if ra < 2 || rb < 2 {
@@ -416,6 +412,55 @@ fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
             gb.map(|g| DeviceStorage::new(g, sb.shape.clone(), device)),
         ])
     }))
+}
+
+/// `x @ w + bias` under autocast on a device as one op stored as bf16 (`Tensor::matmul_add`);
+/// `None` (the separate ops) on the host, outside autocast, or for shapes other than
+/// `(..., k) @ (k, n) + (n)`.
+pub(crate) fn matmul_add(x: &Tensor, w: &Tensor, bias: &Tensor) -> Option<Result<Tensor>> {
+    const OP: &str = "matmul_add";
+    let device = device_or_host!(OP, x, w, bias);
+    let (sx, sw) = (stored(x).clone(), stored(w).clone());
+    let n = *sw.shape.last()?;
+    if !crate::autocast::is_autocast_bf16()
+        || sx.shape.len() < 2
+        || sw.shape.len() != 2
+        || bias.shape() != [n]
+        || sx.shape.last() != sw.shape.first()
+    {
+        return None;
+    }
+    let kk = sw.shape[0];
+    let rows = sx.numel() / kk.max(1);
+    let mut out_shape = sx.shape.clone();
+    *out_shape.last_mut().expect("rank >= 2") = n;
+    let err = move |e| map_err(OP, device, e);
+    Some((|| {
+        // The product in f32 from bf16 operands, the bias added in f32, one rounding to bf16.
+        let sbias = storage_of(bias)?;
+        let c = gemm(true, &sx, false, &sw, false, [1, rows, kk, n], DType::F32)?;
+        let (y, _) = k::binary(&c, &[rows, n], &sbias.buf, &[n], Binary::Add).map_err(err)?;
+        let out = DeviceStorage::new(y, out_shape, device).as_dtype(OP, DType::BF16)?;
+        drop((c, sbias));
+        let f32_ = DType::F32;
+        Ok(record1(OP, &[x, w, bias], out, move |g, needs| {
+            let gx = needs[0]
+                .then(|| gemm(true, g, false, &sw, true, [1, rows, n, kk], f32_))
+                .transpose()?;
+            let gw = needs[1]
+                .then(|| gemm(true, &sx, true, g, false, [1, kk, rows, n], f32_))
+                .transpose()?;
+            let gb = needs[2]
+                .then(|| k::sum_cols(&g.buf, rows, n))
+                .transpose()
+                .map_err(err)?;
+            Ok(vec![
+                gx.map(|b| DeviceStorage::new(b, sx.shape.clone(), device)),
+                gw.map(|b| DeviceStorage::new(b, sw.shape.clone(), device)),
+                gb.map(|b| DeviceStorage::new(b, vec![n], device)),
+            ])
+        }))
+    })())
 }
 
 // ---------------------------------------------------------------------------------------------
