@@ -737,3 +737,31 @@ extern "C" __global__ void clip_scale_f32(float* __restrict__ x, i64 n, const fl
     const float scale = fminf(1.f, max_norm / (sqrtf(sumsq[0]) + 1e-6f));
     GRID_STRIDE(i, n) x[i] *= scale;
 }
+
+// ---------------------------------------------------------------------------------------------
+// bf16 storage (autocast). A bf16 value is the upper 16 bits of an f32, held as an unsigned
+// short so that the emulator's C++ needs no cuda_bf16.h. Narrowing rounds to nearest, ties to
+// even, with integer ops (the same bits as __float2bfloat16_rn): NaN stays a (quiet) NaN,
+// values past bf16's largest finite round to infinity. Widening is exact.
+
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float x) {
+    const unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x0040u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
+    return __uint_as_float((unsigned)b << 16);
+}
+
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, unsigned short* __restrict__ y,
+                                       i64 n)
+{
+    GRID_STRIDE(i, n) y[i] = f32_to_bf16_bits(x[i]);
+}
+
+extern "C" __global__ void bf16_to_f32(const unsigned short* __restrict__ x, float* __restrict__ y,
+                                       i64 n)
+{
+    GRID_STRIDE(i, n) y[i] = bf16_bits_to_f32(x[i]);
+}

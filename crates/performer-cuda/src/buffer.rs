@@ -16,6 +16,9 @@ pub enum Elem {
     F32,
     /// `long long` (token ids, targets).
     I64,
+    /// bfloat16, held as the upper 16 bits of an f32 (`unsigned short` in the kernels):
+    /// activations stored under autocast.
+    Bf16,
 }
 
 impl Elem {
@@ -24,6 +27,7 @@ impl Elem {
         match self {
             Elem::F32 => 4,
             Elem::I64 => 8,
+            Elem::Bf16 => 2,
         }
     }
 }
@@ -81,6 +85,25 @@ impl DeviceBuffer {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         launcher.copy_h2d(buf.ptr, &bytes)?;
         Ok(buf)
+    }
+
+    /// A copy of host bf16 values, given as their bits (`half::bf16::to_bits`).
+    pub fn from_bf16_bits(launcher: &SharedLauncher, bits: &[u16]) -> Result<Self> {
+        let buf = Self::alloc(launcher, bits.len(), Elem::Bf16)?;
+        let bytes: Vec<u8> = bits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        launcher.copy_h2d(buf.ptr, &bytes)?;
+        Ok(buf)
+    }
+
+    /// The bf16 values' bits, copied to the host (waits for earlier work).
+    pub fn to_bf16_bits(&self) -> Result<Vec<u16>> {
+        self.expect("to_bf16_bits", Elem::Bf16)?;
+        let mut bytes = vec![0u8; self.len * 2];
+        self.launcher.copy_d2h(self.ptr, &mut bytes)?;
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect())
     }
 
     fn expect(&self, op: &'static str, elem: Elem) -> Result<()> {

@@ -17,6 +17,7 @@ pub struct GpuLauncher {
     allow_tf32: bool,
     poison: bool,
     in_use: std::sync::Mutex<std::collections::HashMap<DevicePtr, usize>>,
+    peak: std::sync::atomic::AtomicUsize,
 }
 
 impl GpuLauncher {
@@ -28,6 +29,7 @@ impl GpuLauncher {
             allow_tf32,
             poison: false,
             in_use: std::sync::Mutex::new(std::collections::HashMap::new()),
+            peak: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -80,7 +82,13 @@ impl Launcher for GpuLauncher {
         // used through this launcher, whose work is all on that stream.
         match unsafe { drv::malloc_async(stream, bytes.max(1)) } {
             Ok(ptr) => {
-                self.table().insert(ptr, bytes);
+                let now = {
+                    let mut table = self.table();
+                    table.insert(ptr, bytes);
+                    table.values().sum::<usize>()
+                };
+                self.peak
+                    .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
                 if self.poison && bytes >= 4 {
                     let len = bytes / 4;
                     // SAFETY: fill_f32(float* x, i64 len, float value) writes x[0..len), inside
@@ -92,7 +100,7 @@ impl Launcher for GpuLauncher {
                             &[
                                 KernelArg::Ptr(ptr),
                                 KernelArg::I64(len as i64),
-                                KernelArg::F32(f32::NAN),
+                                KernelArg::F32(f32::from_bits(crate::launcher::POISON_BITS)),
                             ],
                         )?;
                     }
@@ -265,11 +273,74 @@ impl Launcher for GpuLauncher {
         }
     }
 
+    unsafe fn gemm_strided_batched_bf16_storage(
+        &self,
+        g: &GemmStridedBatched,
+        c_bf16: bool,
+    ) -> Result<()> {
+        const OP: &str = "gemm_strided_batched_bf16_storage";
+        g.validate()
+            .map_err(|detail| Error::Shape { op: OP, detail })?;
+        self.bind(OP)?;
+        let blas = self.dev.blas(OP)?;
+        let handle = *blas.handle();
+        let bf16_type = cublas_sys::cudaDataType::CUDA_R_16BF;
+        let c_type = if c_bf16 {
+            bf16_type
+        } else {
+            cublas_sys::cudaDataType::CUDA_R_32F
+        };
+        // SAFETY: as in gemm_strided_batched: this device's handle on its stream, host f32
+        // scalars alpha and beta (CUBLAS_COMPUTE_32F's scale type), A and B bf16 and C f32 or
+        // bf16 in live allocations by the caller's contract.
+        unsafe {
+            cublas_sys::cublasSetMathMode(handle, cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                .result()
+                .op(OP)?;
+            cublas_sys::cublasGemmStridedBatchedEx(
+                handle,
+                op_flag(g.transa),
+                op_flag(g.transb),
+                g.m,
+                g.n,
+                g.k,
+                (&g.alpha as *const f32).cast::<c_void>(),
+                g.a as *const c_void,
+                bf16_type,
+                g.lda,
+                g.stride_a,
+                g.b as *const c_void,
+                bf16_type,
+                g.ldb,
+                g.stride_b,
+                (&g.beta as *const f32).cast::<c_void>(),
+                g.c as *mut c_void,
+                c_type,
+                g.ldc,
+                g.stride_c,
+                g.batch,
+                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+            .result()
+            .op(OP)
+        }
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize()
     }
 
     fn bytes_in_use(&self) -> usize {
         self.table().values().sum()
+    }
+
+    fn peak_bytes(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reset_peak_bytes(&self) {
+        self.peak
+            .store(self.bytes_in_use(), std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -110,6 +110,8 @@ pub const TENSOR: KernelSource = KernelSource {
         "adam_f32",
         "sgd_f32",
         "clip_scale_f32",
+        "f32_to_bf16",
+        "bf16_to_f32",
     ],
 };
 

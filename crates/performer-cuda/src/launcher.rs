@@ -234,9 +234,37 @@ pub trait Launcher: Send + Sync + fmt::Debug {
     /// As [`Launcher::gemm_strided_batched`].
     unsafe fn gemm_strided_batched_bf16(&self, g: &GemmStridedBatched) -> Result<()>;
 
+    /// [`Launcher::gemm_strided_batched`] on bf16 *storage* (autocast with bf16 activations):
+    /// A and B hold bf16 values (2 bytes each; element offsets, leading dimensions and strides
+    /// count bf16 elements), products accumulate in f32, and C is written as f32 or, with
+    /// `c_bf16`, rounded to bf16 (nearest even). On a GPU this is `cublasGemmStridedBatchedEx`
+    /// with `CUDA_R_16BF` A and B, `CUDA_R_32F` or `CUDA_R_16BF` C and `CUBLAS_COMPUTE_32F`;
+    /// the emulator widens the stored values exactly and runs its cuBLAS-convention GEMM.
+    ///
+    /// # Safety
+    /// As [`Launcher::gemm_strided_batched`], with A and B measured in 2-byte elements and C in
+    /// 2 or 4.
+    unsafe fn gemm_strided_batched_bf16_storage(
+        &self,
+        g: &GemmStridedBatched,
+        c_bf16: bool,
+    ) -> Result<()>;
+
     /// Waits for all work issued so far.
     fn synchronize(&self) -> Result<()>;
 
     /// Bytes allocated and not yet freed.
     fn bytes_in_use(&self) -> usize;
+
+    /// The largest [`Launcher::bytes_in_use`] since the device was made or since the last
+    /// [`Launcher::reset_peak_bytes`] (what a step's memory is measured by).
+    fn peak_bytes(&self) -> usize;
+
+    /// Starts a new peak at the bytes in use now.
+    fn reset_peak_bytes(&self);
 }
+
+/// The bits every fresh allocation is filled with where allocations are poisoned (always on
+/// the emulator): a quiet NaN read as f32, and read as two bf16 values a quiet NaN in each half
+/// (a plain f32 NaN, 0x7fc00000, would read as a bf16 zero in its low half).
+pub const POISON_BITS: u32 = 0x7fc0_7fc0;

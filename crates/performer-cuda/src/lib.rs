@@ -43,7 +43,9 @@ pub use device::CudaDevice;
 pub use emulator::{EmulatedLauncher, emulator_available};
 pub use error::{Error, Result};
 pub use gpu_launcher::GpuLauncher;
-pub use launcher::{DevicePtr, GemmStridedBatched, KernelArg, LaunchDims, Launcher, Transpose};
+pub use launcher::{
+    DevicePtr, GemmStridedBatched, KernelArg, LaunchDims, Launcher, POISON_BITS, Transpose,
+};
 pub use libs::{driver_available, nvrtc_available, search_dirs};
 pub use ops::{FeatureKind, Precision};
 pub use shape::{AttentionShape, MAX_BATCH_HEADS};

@@ -1654,9 +1654,12 @@ pub fn matmul_bf16(
     gemm("matmul_bf16", a, ta, b, tb, batch, m, k, n, true)
 }
 
+/// [`matmul`] on bf16 buffers (autocast with bf16 activations,
+/// [`Launcher::gemm_strided_batched_bf16_storage`](crate::Launcher::gemm_strided_batched_bf16_storage)):
+/// `a` and `b` must hold bf16; products accumulate in f32; `C` is `out` ([`Elem::F32`], or
+/// [`Elem::Bf16`] rounded to nearest even).
 #[allow(clippy::too_many_arguments)]
-fn gemm(
-    op: &'static str,
+pub fn matmul_bf16_storage(
     a: &DeviceBuffer,
     ta: bool,
     b: &DeviceBuffer,
@@ -1665,11 +1668,59 @@ fn gemm(
     m: usize,
     k: usize,
     n: usize,
-    bf16: bool,
+    out: Elem,
 ) -> Result<DeviceBuffer> {
-    let dev = device_of(op, &[a, b])?;
-    expect(op, "a", a, batch * m * k)?;
-    expect(op, "b", b, batch * k * n)?;
+    const OP: &str = "matmul_bf16_storage";
+    let dev = device_of(OP, &[a, b])?;
+    expect_elem(OP, "a", a, batch * m * k, Elem::Bf16)?;
+    expect_elem(OP, "b", b, batch * k * n, Elem::Bf16)?;
+    if out == Elem::I64 {
+        return Err(Error::Shape {
+            op: OP,
+            detail: "the product is written as f32 or bf16, not i64".into(),
+        });
+    }
+    check_gemm_sizes(OP, batch, m, k, n)?;
+    let c = DeviceBuffer::alloc(&dev, batch * m * n, out)?;
+    if batch * m * n == 0 {
+        return Ok(c);
+    }
+    if k == 0 {
+        // +0.0 is all-zero bits in both f32 and bf16.
+        let zeros = vec![0u8; c.len() * out.size()];
+        dev.copy_h2d(c.ptr(), &zeros)?;
+        return Ok(c);
+    }
+    let g = row_major_gemm(a, ta, b, tb, batch, m, k, n, &c);
+    // SAFETY: every matrix of every batch lies in a, b, c, whose lengths and element types
+    // were checked above against batch * (m*k, k*n, m*n) with the leading dimensions of their
+    // row-major storage, counted in their own (2- or 4-byte) elements.
+    unsafe { dev.gemm_strided_batched_bf16_storage(&g, out == Elem::Bf16) }?;
+    Ok(c)
+}
+
+/// Fails unless `b` holds `len` values of `elem`.
+fn expect_elem(
+    op: &'static str,
+    what: &str,
+    b: &DeviceBuffer,
+    len: usize,
+    elem: Elem,
+) -> Result<()> {
+    if b.elem() != elem || b.len() != len {
+        return Err(Error::Shape {
+            op,
+            detail: format!(
+                "{what} holds {} {:?} values, expected {len} {elem:?}",
+                b.len(),
+                b.elem()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_gemm_sizes(op: &'static str, batch: usize, m: usize, k: usize, n: usize) -> Result<()> {
     for (what, v) in [("m", m), ("n", n), ("k", k), ("batch", batch)] {
         if v > i32::MAX as usize {
             return Err(Error::TooLarge {
@@ -1678,18 +1729,25 @@ fn gemm(
             });
         }
     }
-    let c = f32_buf(&dev, batch * m * n)?;
-    if batch * m * n == 0 {
-        return Ok(c);
-    }
-    if k == 0 {
-        fill(&c, 0.0)?;
-        return Ok(c);
-    }
-    // Column-major view: C^T (n x m, ld n) = B' (n x k) * A' (k x m). Row-major B stored (k, n)
-    // is column-major (n x k) with ld n: no transpose; stored (n, k) (tb) is its transpose with
-    // ld k. Likewise A.
-    let g = GemmStridedBatched {
+    Ok(())
+}
+
+/// The column-major GEMM that computes the row-major `C = op(A) op(B)`: `C^T (n x m, ld n) =
+/// B' (n x k) * A' (k x m)`. Row-major B stored `(k, n)` is column-major `(n x k)` with ld n:
+/// no transpose; stored `(n, k)` (`tb`) is its transpose with ld k. Likewise A.
+#[allow(clippy::too_many_arguments)]
+fn row_major_gemm(
+    a: &DeviceBuffer,
+    ta: bool,
+    b: &DeviceBuffer,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    c: &DeviceBuffer,
+) -> GemmStridedBatched {
+    GemmStridedBatched {
         transa: if tb { Transpose::Yes } else { Transpose::No },
         transb: if ta { Transpose::Yes } else { Transpose::No },
         m: n as i32,
@@ -1707,7 +1765,35 @@ fn gemm(
         ldc: n as i32,
         stride_c: (m * n) as i64,
         batch: batch as i32,
-    };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    op: &'static str,
+    a: &DeviceBuffer,
+    ta: bool,
+    b: &DeviceBuffer,
+    tb: bool,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    bf16: bool,
+) -> Result<DeviceBuffer> {
+    let dev = device_of(op, &[a, b])?;
+    expect(op, "a", a, batch * m * k)?;
+    expect(op, "b", b, batch * k * n)?;
+    check_gemm_sizes(op, batch, m, k, n)?;
+    let c = f32_buf(&dev, batch * m * n)?;
+    if batch * m * n == 0 {
+        return Ok(c);
+    }
+    if k == 0 {
+        fill(&c, 0.0)?;
+        return Ok(c);
+    }
+    let g = row_major_gemm(a, ta, b, tb, batch, m, k, n, &c);
     if bf16 {
         // SAFETY: every matrix of every batch lies in a, b, c, whose lengths were checked above
         // against batch * (m*k, k*n, m*n) with the leading dimensions of their row-major
@@ -1718,4 +1804,35 @@ fn gemm(
         unsafe { dev.gemm_strided_batched(&g) }?;
     }
     Ok(c)
+}
+
+/// `x` (f32) rounded to bf16 storage: round to nearest, ties to even; NaN stays NaN, values
+/// past bf16's largest finite become infinities (the hardware conversion's rule).
+pub fn to_bf16(x: &DeviceBuffer) -> Result<DeviceBuffer> {
+    convert(x, Elem::F32, Elem::Bf16, "f32_to_bf16")
+}
+
+/// `x` (bf16) widened to f32 (exact).
+pub fn to_f32(x: &DeviceBuffer) -> Result<DeviceBuffer> {
+    convert(x, Elem::Bf16, Elem::F32, "bf16_to_f32")
+}
+
+fn convert(x: &DeviceBuffer, from: Elem, to: Elem, kernel: &'static str) -> Result<DeviceBuffer> {
+    expect_elem(kernel, "x", x, x.len(), from)?;
+    let dev = x.launcher().clone();
+    let y = DeviceBuffer::alloc(&dev, x.len(), to)?;
+    if x.is_empty() {
+        return Ok(y);
+    }
+    // SAFETY: f32_to_bf16(const float* x, unsigned short* y, i64 n) and bf16_to_f32 (the same
+    // with the types swapped): x holds n values of `from` and y n of `to` (checked above and
+    // allocated so).
+    unsafe {
+        dev.launch(
+            kernel,
+            LaunchDims::cover(x.len(), THREADS),
+            &[x.arg(), y.arg(), KernelArg::I64(x.len() as i64)],
+        )?;
+    }
+    Ok(y)
 }

@@ -31,7 +31,7 @@ fn dims3(name: &str, t: &Tensor) -> Result<(usize, usize, usize)> {
 }
 
 fn buf(t: &Tensor) -> Result<Arc<DeviceBuffer>> {
-    buffer(t).cloned().ok_or_else(|| {
+    buffer(t)?.ok_or_else(|| {
         Error::invalid(
             OP,
             "operand",

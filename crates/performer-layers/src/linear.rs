@@ -64,10 +64,12 @@ impl Linear {
             return Tensor::new(y).reshape(&shape);
         }
         let flat = x.reshape(&[-1, inf as isize])?;
-        let mut y = flat.matmul(&self.weight.tensor().transpose(0, 1)?)?;
-        if let Some(b) = &self.bias {
-            y = y.add(&b.tensor())?;
-        }
+        let weight_t = self.weight.tensor().transpose(0, 1)?;
+        // One op with the bias: under bf16 autocast on a device its result is bf16.
+        let y = match &self.bias {
+            Some(b) => flat.matmul_add(&weight_t, &b.tensor())?,
+            None => flat.matmul(&weight_t)?,
+        };
         y.reshape(&shape)
     }
 

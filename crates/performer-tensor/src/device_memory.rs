@@ -6,13 +6,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ndarray::{ArrayD, IxDyn};
-use performer_cuda::{DeviceBuffer, EmulatedLauncher, GpuLauncher, SharedLauncher};
+use performer_cuda::{DeviceBuffer, Elem, EmulatedLauncher, GpuLauncher, SharedLauncher};
 
 use crate::device::Device;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 /// The values of a device tensor: a shared, immutable, contiguous row-major buffer and its
-/// shape. Cloning shares the buffer.
+/// shape. Cloning shares the buffer. The buffer holds f32 or (autocast's activations) bf16:
+/// [`DeviceStorage::dtype`]. Code that hands `buf` to an f32 kernel takes the storage through
+/// [`DeviceStorage::as_f32`] (`cuda::storage_of` does), and performer-cuda's f32 kernels refuse
+/// a bf16 buffer with a typed error, so bf16 bits are never read as f32.
 #[derive(Clone)]
 pub struct DeviceStorage {
     pub(crate) buf: Arc<DeviceBuffer>,
@@ -30,6 +34,33 @@ impl DeviceStorage {
         }
     }
 
+    /// How the values are stored.
+    pub(crate) fn dtype(&self) -> DType {
+        match self.buf.elem() {
+            Elem::Bf16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// The values as f32 storage: this storage, or an f32 copy (exact) of bf16 storage.
+    pub(crate) fn as_f32(&self, op: &str) -> Result<DeviceStorage> {
+        self.as_dtype(op, DType::F32)
+    }
+
+    /// The values as `dtype` storage: this storage when it is already so, otherwise a
+    /// converted copy (to bf16: rounded to nearest even).
+    pub(crate) fn as_dtype(&self, op: &str, dtype: DType) -> Result<DeviceStorage> {
+        if self.dtype() == dtype {
+            return Ok(self.clone());
+        }
+        let buf = match dtype {
+            DType::F32 => performer_cuda::tensor_ops::to_f32(&self.buf),
+            DType::BF16 => performer_cuda::tensor_ops::to_bf16(&self.buf),
+        }
+        .map_err(|e| map_err(op, self.device, e))?;
+        Ok(DeviceStorage::new(buf, self.shape.clone(), self.device))
+    }
+
     pub(crate) fn numel(&self) -> usize {
         self.buf.len()
     }
@@ -43,10 +74,19 @@ impl DeviceStorage {
         }
     }
 
+    /// The values on the host, as f32 (bf16 values widened exactly).
     pub(crate) fn to_vec(&self) -> Result<Vec<f32>> {
-        self.buf
-            .to_f32()
-            .map_err(|e| map_err("to_host", self.device, e))
+        let err = |e| map_err("to_host", self.device, e);
+        match self.dtype() {
+            DType::F32 => self.buf.to_f32().map_err(err),
+            DType::BF16 => Ok(self
+                .buf
+                .to_bf16_bits()
+                .map_err(err)?
+                .into_iter()
+                .map(|b| f32::from_bits((b as u32) << 16))
+                .collect()),
+        }
     }
 
     pub(crate) fn to_array(&self) -> Result<ArrayD<f32>> {

@@ -18,6 +18,42 @@ pub(crate) enum Operands {
     F32,
     /// Rounded to bf16 first (`CUBLAS_COMPUTE_32F_FAST_16BF`).
     Bf16,
+    /// A and B stored as bf16 (2 bytes each), C written as f32 (`CUDA_R_16BF` operands).
+    Bf16Stored,
+    /// A and B stored as bf16, C written as bf16, rounded to nearest even.
+    Bf16StoredToBf16,
+}
+
+impl Operands {
+    /// Bytes per stored element of A and B.
+    fn ab_size(self) -> usize {
+        match self {
+            Operands::F32 | Operands::Bf16 => 4,
+            Operands::Bf16Stored | Operands::Bf16StoredToBf16 => 2,
+        }
+    }
+
+    /// Bytes per stored element of C.
+    fn c_size(self) -> usize {
+        if self == Operands::Bf16StoredToBf16 {
+            2
+        } else {
+            4
+        }
+    }
+}
+
+/// The f32 a bf16 value (its bits) stands for: exact.
+fn widen_bf16(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// The bits of `x` rounded to the nearest bf16 (ties to even; NaN stays NaN).
+fn narrow_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return ((x.to_bits() >> 16) | 0x40) as u16;
+    }
+    (round_to_bf16(x).to_bits() >> 16) as u16
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), as an f32: the top 16 bits kept. NaN stays
@@ -64,10 +100,11 @@ pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched, operands: Operands) -> R
     let a_span = span(a_rows, a_cols, g.lda);
     let b_span = span(b_rows, b_cols, g.ldb);
     let c_span = span(m, n, g.ldc);
-    let offset = |base: u64, stride: i64, i: i32| -> Result<u64> {
+    let (ab_size, c_size) = (operands.ab_size(), operands.c_size());
+    let offset = |base: u64, stride: i64, i: i32, size: usize| -> Result<u64> {
         let off = stride
             .checked_mul(i as i64)
-            .and_then(|o| o.checked_mul(4))
+            .and_then(|o| o.checked_mul(size as i64))
             .ok_or_else(|| Error::Emulator {
                 op: OP,
                 detail: format!("batch stride {stride} overflows"),
@@ -79,28 +116,38 @@ pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched, operands: Operands) -> R
             mem.check_range(
                 OP,
                 &format!("A of batch {i}"),
-                offset(g.a, g.stride_a, i)?,
-                a_span * 4,
+                offset(g.a, g.stride_a, i, ab_size)?,
+                a_span * ab_size,
             )?;
             mem.check_range(
                 OP,
                 &format!("B of batch {i}"),
-                offset(g.b, g.stride_b, i)?,
-                b_span * 4,
+                offset(g.b, g.stride_b, i, ab_size)?,
+                b_span * ab_size,
             )?;
         }
         mem.check_range(
             OP,
             &format!("C of batch {i}"),
-            offset(g.c, g.stride_c, i)?,
-            c_span * 4,
+            offset(g.c, g.stride_c, i, c_size)?,
+            c_span * c_size,
         )?;
     }
     let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
     for i in 0..g.batch {
-        let a = offset(g.a, g.stride_a, i)? as *const f32;
-        let b = offset(g.b, g.stride_b, i)? as *const f32;
-        let c = offset(g.c, g.stride_c, i)? as *mut f32;
+        let a = offset(g.a, g.stride_a, i, ab_size)?;
+        let b = offset(g.b, g.stride_b, i, ab_size)?;
+        let c = offset(g.c, g.stride_c, i, c_size)?;
+        // SAFETY (for `load`): called only with indices inside the spans checked above.
+        let load = |base: u64, idx: usize| -> f32 {
+            if ab_size == 2 {
+                // SAFETY: see above; bf16 elements are 2-byte aligned in their allocation.
+                widen_bf16(unsafe { *(base as *const u16).add(idx) })
+            } else {
+                // SAFETY: see above.
+                unsafe { *(base as *const f32).add(idx) }
+            }
+        };
         for col in 0..n as usize {
             for row in 0..m as usize {
                 let mut acc = 0.0f64;
@@ -115,9 +162,9 @@ pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched, operands: Operands) -> R
                     } else {
                         col + kk * ldb
                     };
-                    // SAFETY: ai < a_span and bi < b_span (row < m, col < n, kk < k), and both
-                    // spans were checked to lie in live allocations above.
-                    let (mut av, mut bv) = unsafe { (*a.add(ai), *b.add(bi)) };
+                    // ai < a_span and bi < b_span (row < m, col < n, kk < k), and both spans
+                    // were checked to lie in live allocations above.
+                    let (mut av, mut bv) = (load(a, ai), load(b, bi));
                     if operands == Operands::Bf16 {
                         (av, bv) = (round_to_bf16(av), round_to_bf16(bv));
                     }
@@ -127,12 +174,23 @@ pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched, operands: Operands) -> R
                 // SAFETY: ci < c_span, checked to lie in a live allocation above; the launcher's
                 // lock keeps every other user of device memory out meanwhile.
                 unsafe {
-                    let old = if g.beta == 0.0 {
-                        0.0
+                    if c_size == 2 {
+                        let c = c as *mut u16;
+                        let old = if g.beta == 0.0 {
+                            0.0
+                        } else {
+                            widen_bf16(*c.add(ci)) as f64 * g.beta as f64
+                        };
+                        *c.add(ci) = narrow_bf16((g.alpha as f64 * acc + old) as f32);
                     } else {
-                        *c.add(ci) as f64 * g.beta as f64
-                    };
-                    *c.add(ci) = (g.alpha as f64 * acc + old) as f32;
+                        let c = c as *mut f32;
+                        let old = if g.beta == 0.0 {
+                            0.0
+                        } else {
+                            *c.add(ci) as f64 * g.beta as f64
+                        };
+                        *c.add(ci) = (g.alpha as f64 * acc + old) as f32;
+                    }
                 }
             }
         }

@@ -26,6 +26,7 @@ struct Mapping {
 pub(crate) struct Memory {
     live: BTreeMap<DevicePtr, Mapping>,
     in_use: usize,
+    peak: usize,
     capacity: usize,
 }
 
@@ -40,12 +41,21 @@ impl Memory {
         Self {
             live: BTreeMap::new(),
             in_use: 0,
+            peak: 0,
             capacity,
         }
     }
 
     pub(crate) fn in_use(&self) -> usize {
         self.in_use
+    }
+
+    pub(crate) fn peak(&self) -> usize {
+        self.peak
+    }
+
+    pub(crate) fn reset_peak(&mut self) {
+        self.peak = self.in_use;
     }
 
     pub(crate) fn alloc(&mut self, bytes: usize) -> Result<DevicePtr> {
@@ -100,9 +110,10 @@ impl Memory {
         }
         let start = base + data_pages - bytes_padded;
         // SAFETY: [start, start + bytes_padded) lies inside the writable part of the mapping and
-        // is 4-byte aligned; NaN poison in every f32 slot.
+        // is 4-byte aligned; NaN poison in every f32 slot and in every bf16 half of one.
         unsafe {
-            std::slice::from_raw_parts_mut(start as *mut f32, bytes_padded / 4).fill(f32::NAN);
+            std::slice::from_raw_parts_mut(start as *mut u32, bytes_padded / 4)
+                .fill(crate::launcher::POISON_BITS);
         }
         self.live.insert(
             start as DevicePtr,
@@ -113,6 +124,7 @@ impl Memory {
             },
         );
         self.in_use += bytes;
+        self.peak = self.peak.max(self.in_use);
         Ok(start as DevicePtr)
     }
 

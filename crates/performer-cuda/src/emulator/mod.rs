@@ -270,11 +270,33 @@ impl Launcher for EmulatedLauncher {
         gemm::run(&mem, g, gemm::Operands::Bf16)
     }
 
+    unsafe fn gemm_strided_batched_bf16_storage(
+        &self,
+        g: &GemmStridedBatched,
+        c_bf16: bool,
+    ) -> Result<()> {
+        let mem = self.mem();
+        let out = if c_bf16 {
+            gemm::Operands::Bf16StoredToBf16
+        } else {
+            gemm::Operands::Bf16Stored
+        };
+        gemm::run(&mem, g, out)
+    }
+
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
 
     fn bytes_in_use(&self) -> usize {
         self.mem().in_use()
+    }
+
+    fn peak_bytes(&self) -> usize {
+        self.mem().peak()
+    }
+
+    fn reset_peak_bytes(&self) {
+        self.mem().reset_peak()
     }
 }

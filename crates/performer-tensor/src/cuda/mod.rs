@@ -23,6 +23,18 @@ pub(crate) use crate::device_memory::{DeviceStorage, full, map_err, upload};
 use crate::tensor::{GradLink, Node, Storage, TensorId};
 use crate::{Device, Error, Result, Tensor};
 
+/// The value of a `Result`, or an early `return Some(Err(e))` (for the `on_device!` entry
+/// points, which return `Option<Result<_>>`).
+macro_rules! try_some_impl {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        }
+    };
+}
+pub(crate) use try_some_impl as try_some;
+
 /// The device all of `tensors` live on: `None` when they are all on the host, an
 /// [`Error::DeviceMismatch`] naming `op` and both devices when they differ.
 pub(crate) fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Option<Device>> {
@@ -39,12 +51,41 @@ pub(crate) fn common_device(op: &str, tensors: &[&Tensor]) -> Result<Option<Devi
     Ok((!first.is_cpu()).then_some(first))
 }
 
-/// The device storage of a tensor known to be on a device.
-pub(crate) fn storage_of(t: &Tensor) -> &DeviceStorage {
+/// The device storage of a tensor known to be on a device, as it is stored (f32 or bf16): for
+/// the ops that handle bf16 themselves (matmul, element-wise ops, reshape, conversions).
+pub(crate) fn stored(t: &Tensor) -> &DeviceStorage {
     match t.storage() {
         Storage::Device(s) => s,
         Storage::Host(_) => unreachable!("checked to be on a device by common_device"),
     }
+}
+
+/// The f32 storage of a tensor known to be on a device: its own, or an f32 copy of bf16
+/// storage. Every op with only f32 kernels reads its operands through this.
+pub(crate) fn storage_of(t: &Tensor) -> Result<DeviceStorage> {
+    stored(t).as_f32("to_f32")
+}
+
+/// `t` stored as `dtype` on its device, differentiably (the gradient, f32, passes through).
+/// A host tensor is f32 only.
+pub(crate) fn to_dtype(t: &Tensor, dtype: crate::DType) -> Result<Tensor> {
+    let Storage::Device(s) = t.storage() else {
+        return match dtype {
+            crate::DType::F32 => Ok(t.clone()),
+            crate::DType::BF16 => Err(Error::Unsupported {
+                op: "to_dtype".to_string(),
+                device: t.device().to_string(),
+                detail: "host tensors are f32; bf16 storage is for device tensors".into(),
+            }),
+        };
+    };
+    if s.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    let out = s.as_dtype("to_dtype", dtype)?;
+    Ok(record1("to_dtype", &[t], out, |g, _| {
+        Ok(vec![Some(g.clone())])
+    }))
 }
 
 /// The outputs of an op with a device backward: recorded in the graph when gradients are
@@ -108,7 +149,7 @@ pub(crate) fn record1(
         inputs,
         vec![Storage::Device(output)],
         move |grads, needs| match grads.into_iter().next().flatten() {
-            Some(g) => Ok(backward(storage_of(&g), needs)?
+            Some(g) => Ok(backward(&storage_of(&g)?, needs)?
                 .into_iter()
                 .map(|g| g.map(constant))
                 .collect()),

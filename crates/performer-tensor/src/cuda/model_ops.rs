@@ -17,11 +17,13 @@ use super::{DeviceStorage, common_device, constant, map_err, record1, storage_of
 use crate::tensor::Storage;
 use crate::{Device, Error, Result, Tensor};
 
-/// The device buffer of `t` (contiguous, row-major, `t.numel()` values), `None` on the host.
-pub fn buffer(t: &Tensor) -> Option<&Arc<DeviceBuffer>> {
+/// The device buffer of `t` as f32 (contiguous, row-major, `t.numel()` values): its own, or an
+/// f32 copy of bf16 storage (so a fused kernel never reads bf16 bits as f32); `None` on the
+/// host.
+pub fn buffer(t: &Tensor) -> Result<Option<Arc<DeviceBuffer>>> {
     match t.storage() {
-        Storage::Device(s) => Some(&s.buf),
-        Storage::Host(_) => None,
+        Storage::Device(s) => Ok(Some(s.as_f32("device_ops::buffer")?.buf)),
+        Storage::Host(_) => Ok(None),
     }
 }
 
@@ -42,6 +44,19 @@ pub fn from_buffer(op: &str, buf: DeviceBuffer, shape: &[usize], device: Device)
 /// The launcher of `device` (shared by every tensor there).
 pub fn launcher(device: Device) -> Result<SharedLauncher> {
     crate::device_memory::launcher(device)
+}
+
+/// Device memory of `device` in bytes: `(in use now, the peak since the last
+/// [`reset_peak_memory`])`, what a training step's memory is measured by.
+pub fn memory(device: Device) -> Result<(usize, usize)> {
+    let l = launcher(device)?;
+    Ok((l.bytes_in_use(), l.peak_bytes()))
+}
+
+/// Starts a new peak of `device`'s memory at the bytes in use now.
+pub fn reset_peak_memory(device: Device) -> Result<()> {
+    launcher(device)?.reset_peak_bytes();
+    Ok(())
 }
 
 /// The device layer's error `e` in `op` on `device` as ours: out of memory stays
@@ -103,7 +118,7 @@ pub fn rotary(x: &Tensor, sinu_pos: &Tensor) -> Result<Tensor> {
         ));
     }
     let err = move |e| map_err(OP, device, e);
-    let table = storage_of(sinu_pos);
+    let table = storage_of(sinu_pos)?;
     // Pair i of every row reads sin_i (cos_i) twice: a copy with stride 0 over the pair.
     let half = (d / 2) as i64;
     let expand = |offset: usize| {
@@ -111,7 +126,7 @@ pub fn rotary(x: &Tensor, sinu_pos: &Tensor) -> Result<Tensor> {
     };
     let (sin, cos) = (Arc::new(expand(0)?), Arc::new(expand(half as usize)?));
     let groups = x.numel() / (n * d).max(1);
-    let sx = storage_of(x);
+    let sx = storage_of(x)?;
     let y = k::rotary(&sx.buf, &sin, &cos, groups, n, d, false).map_err(err)?;
     Ok(record1(
         OP,
@@ -143,7 +158,7 @@ pub fn token_shift(x: &Tensor, cols: std::ops::Range<usize>, shift: i32) -> Resu
         ));
     };
     let err = move |e| map_err(OP, device, e);
-    let sx = storage_of(x);
+    let sx = storage_of(x)?;
     let y = k::token_shift(&sx.buf, b, n, d, cols.clone(), shift).map_err(err)?;
     Ok(record1(
         OP,

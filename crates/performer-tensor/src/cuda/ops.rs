@@ -10,9 +10,12 @@
 //! the CPU's, kept unchanged.
 
 use performer_cuda::tensor_ops::{self as k, Binary, Reduce, Unary};
+use performer_cuda::{DeviceBuffer, Elem};
 
-use super::{DeviceStorage, common_device, constant, map_err, record1, storage_of};
-use crate::{Device, Error, Result, Tensor};
+use super::{
+    DeviceStorage, common_device, constant, map_err, record1, storage_of, stored, try_some,
+};
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// `op`'s device, `None` for host operands, the mismatch error otherwise.
 macro_rules! device_or_host_impl {
@@ -70,12 +73,22 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, name: &'static str) -> Option<Resul
             )));
         }
     };
-    let (sa, sb) = (storage_of(a).clone(), storage_of(b).clone());
+    // Kept as stored for the backward (bf16 activations stay bf16 there); the kernels read
+    // f32 copies. bf16 with bf16 gives bf16, anything with f32 gives f32 (PyTorch's promotion).
+    let (ra, rb) = (stored(a).clone(), stored(b).clone());
+    let out_dtype = if ra.dtype() == DType::BF16 && rb.dtype() == DType::BF16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
     Some((|| {
+        let (sa, sb) = (ra.as_f32(name)?, rb.as_f32(name)?);
         let (out, shape) = k::binary(&sa.buf, &sa.shape, &sb.buf, &sb.shape, op)
             .map_err(|e| map_err(name, device, e))?;
-        let out = DeviceStorage::new(out, shape, device);
+        let out = DeviceStorage::new(out, shape, device).as_dtype(name, out_dtype)?;
+        drop((sa, sb));
         Ok(record1(name, &[a, b], out, move |g, needs| {
+            let (sa, sb) = (ra.as_f32(name)?, rb.as_f32(name)?);
             let (ga, gb) = k::binary_backward(
                 &sa.buf, &sa.shape, &sb.buf, &sb.shape, &g.buf, op, needs[0], needs[1],
             )
@@ -134,12 +147,18 @@ pub(crate) fn unary_with(x: &Tensor, name: &'static str, f: Unary) -> Option<Ten
 }
 
 fn unary_on(x: &Tensor, name: &'static str, f: Unary) -> Result<Tensor> {
-    let sx = storage_of(x).clone();
-    let device = sx.device;
-    let y = k::unary(&sx.buf, f).map_err(|e| map_err(name, device, e))?;
-    let y = DeviceStorage::new(y, sx.shape.clone(), device);
-    let sy = y.clone();
+    // bf16 in, bf16 out (autocast's activations), and both kept as bf16 for the backward; the
+    // kernels run on f32 copies.
+    let rx = stored(x).clone();
+    let device = rx.device;
+    let y = {
+        let sx = rx.as_f32(name)?;
+        let y = k::unary(&sx.buf, f).map_err(|e| map_err(name, device, e))?;
+        DeviceStorage::new(y, sx.shape.clone(), device).as_dtype(name, rx.dtype())?
+    };
+    let ry = y.clone();
     Ok(record1(name, &[x], y, move |g, _| {
+        let (sx, sy) = (rx.as_f32(name)?, ry.as_f32(name)?);
         let gx =
             k::unary_backward(&sx.buf, &sy.buf, &g.buf, f).map_err(|e| map_err(name, device, e))?;
         Ok(vec![Some(DeviceStorage::new(gx, sx.shape.clone(), device))])
@@ -154,7 +173,7 @@ pub(crate) fn reshape(x: &Tensor, shape: &[usize]) -> Option<Result<Tensor>> {
     if x.device().is_cpu() {
         return None;
     }
-    let sx = storage_of(x);
+    let sx = stored(x);
     let in_shape = sx.shape.clone();
     Some(Ok(record1(
         "reshape",
@@ -182,7 +201,12 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Option<Result<Tensor>> {
     for (i, &p) in perm.iter().enumerate() {
         inverse[p] = i;
     }
-    Some(permuted("permute", storage_of(x), perm).map(|out| {
+    // A bf16 input gives a bf16 output (the copy runs on an f32 temporary).
+    let dtype = stored(x).dtype();
+    let out = storage_of(x)
+        .and_then(|s| permuted("permute", &s, perm))
+        .and_then(|s| s.as_dtype("permute", dtype));
+    Some(out.map(|out| {
         record1("permute", &[x], out, move |g, _| {
             Ok(vec![Some(permuted("permute", g, &inverse)?)])
         })
@@ -201,7 +225,7 @@ pub(crate) fn sum(x: &Tensor, axes: &[usize], keepdim: bool) -> Option<Result<Te
 }
 
 fn sum_on(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
-    let sx = storage_of(x).clone();
+    let sx = storage_of(x)?;
     let device = sx.device;
     let rank = sx.shape.len();
     let kept: Vec<usize> = (0..rank).filter(|a| !axes.contains(a)).collect();
@@ -257,8 +281,44 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Option<Result<Tensor>> {
     Some(matmul_on(a, b, device))
 }
 
+/// One row-major product of [`matmul_on`]: in f32, or under autocast on bf16 copies of the
+/// operands (the ones already bf16 are read as they are) with f32 accumulation, the result
+/// stored as `out`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    autocast: bool,
+    x: &DeviceStorage,
+    tx: bool,
+    y: &DeviceStorage,
+    ty: bool,
+    dims: [usize; 4],
+    out: DType,
+) -> Result<DeviceBuffer> {
+    const OP: &str = "matmul";
+    let [batch, m, kk, n] = dims;
+    let err = |e| map_err(OP, x.device, e);
+    if autocast {
+        let (x, y) = (x.as_dtype(OP, DType::BF16)?, y.as_dtype(OP, DType::BF16)?);
+        let out = match out {
+            DType::BF16 => Elem::Bf16,
+            DType::F32 => Elem::F32,
+        };
+        k::matmul_bf16_storage(&x.buf, tx, &y.buf, ty, batch, m, kk, n, out).map_err(err)
+    } else {
+        let (x, y) = (x.as_f32(OP)?, y.as_f32(OP)?);
+        k::matmul(&x.buf, tx, &y.buf, ty, batch, m, kk, n).map_err(err)
+    }
+}
+
 fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
-    let (sa, sb) = (storage_of(a).clone(), storage_of(b).clone());
+    // Inside autocast the product reads bf16 operands (f32 ones cast to temporaries) and is
+    // stored as bf16, and the backward's products read bf16 operands and write f32 gradients.
+    // The operands are kept as they are stored: the graph holds them anyway, so a kept bf16
+    // cast of an f32 operand would only add memory; the backward casts again. Outside
+    // autocast everything is f32.
+    let autocast = crate::autocast::is_autocast_bf16();
+    let (sa, sb) = (stored(a).clone(), stored(b).clone());
+    let out_dtype = if autocast { DType::BF16 } else { DType::F32 };
     let (ra, rb) = (sa.shape.len(), sb.shape.len());
     if ra < 2 || rb < 2 {
         return Err(unsupported(
@@ -281,28 +341,28 @@ fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
     let a_batch: usize = sa.shape[..ra - 2].iter().product();
     let mut out_shape = sa.shape[..ra - 2].to_vec();
     out_shape.extend([m, n]);
-    let err = move |e| map_err("matmul", device, e);
-    // bf16 operands with f32 accumulation inside autocast (crate::autocast); the backward's
-    // products follow the forward's choice, whenever they run.
-    let gemm = if crate::autocast::is_autocast_bf16() {
-        k::matmul_bf16
-    } else {
-        k::matmul
-    };
+    // The backward's products follow the forward's choice, whenever they run.
+    let f32_ = DType::F32;
     if rb == 2 {
         // One weight: (batch * m, k) @ (k, n).
         let rows = a_batch * m;
-        let c = gemm(&sa.buf, false, &sb.buf, false, 1, rows, kk, n).map_err(err)?;
+        let c = gemm(
+            autocast,
+            &sa,
+            false,
+            &sb,
+            false,
+            [1, rows, kk, n],
+            out_dtype,
+        )?;
         let out = DeviceStorage::new(c, out_shape, device);
         return Ok(record1("matmul", &[a, b], out, move |g, needs| {
             let ga = needs[0]
-                .then(|| gemm(&g.buf, false, &sb.buf, true, 1, rows, n, kk))
-                .transpose()
-                .map_err(err)?;
+                .then(|| gemm(autocast, g, false, &sb, true, [1, rows, n, kk], f32_))
+                .transpose()?;
             let gb = needs[1]
-                .then(|| gemm(&sa.buf, true, &g.buf, false, 1, kk, rows, n))
-                .transpose()
-                .map_err(err)?;
+                .then(|| gemm(autocast, &sa, true, g, false, [1, kk, rows, n], f32_))
+                .transpose()?;
             Ok(vec![
                 ga.map(|g| DeviceStorage::new(g, sa.shape.clone(), device)),
                 gb.map(|g| DeviceStorage::new(g, sb.shape.clone(), device)),
@@ -330,22 +390,77 @@ fn matmul_on(a: &Tensor, b: &Tensor, device: Device) -> Result<Tensor> {
         return matmul_on(&full(a, m, kk)?, &full(b, kb, n)?, device);
     }
     let batch = a_batch;
-    let c = gemm(&sa.buf, false, &sb.buf, false, batch, m, kk, n).map_err(err)?;
+    let c = gemm(
+        autocast,
+        &sa,
+        false,
+        &sb,
+        false,
+        [batch, m, kk, n],
+        out_dtype,
+    )?;
     let out = DeviceStorage::new(c, out_shape, device);
     Ok(record1("matmul", &[a, b], out, move |g, needs| {
         let ga = needs[0]
-            .then(|| gemm(&g.buf, false, &sb.buf, true, batch, m, n, kk))
-            .transpose()
-            .map_err(err)?;
+            .then(|| gemm(autocast, g, false, &sb, true, [batch, m, n, kk], f32_))
+            .transpose()?;
         let gb = needs[1]
-            .then(|| gemm(&sa.buf, true, &g.buf, false, batch, kk, m, n))
-            .transpose()
-            .map_err(err)?;
+            .then(|| gemm(autocast, &sa, true, g, false, [batch, kk, m, n], f32_))
+            .transpose()?;
         Ok(vec![
             ga.map(|g| DeviceStorage::new(g, sa.shape.clone(), device)),
             gb.map(|g| DeviceStorage::new(g, sb.shape.clone(), device)),
         ])
     }))
+}
+
+/// `x @ w + bias` under autocast on a device as one op stored as bf16 (`Tensor::matmul_add`);
+/// `None` (the separate ops) on the host, outside autocast, or for shapes other than
+/// `(..., k) @ (k, n) + (n)`.
+pub(crate) fn matmul_add(x: &Tensor, w: &Tensor, bias: &Tensor) -> Option<Result<Tensor>> {
+    const OP: &str = "matmul_add";
+    let device = device_or_host!(OP, x, w, bias);
+    let (sx, sw) = (stored(x).clone(), stored(w).clone());
+    let n = *sw.shape.last()?;
+    if !crate::autocast::is_autocast_bf16()
+        || sx.shape.len() < 2
+        || sw.shape.len() != 2
+        || bias.shape() != [n]
+        || sx.shape.last() != sw.shape.first()
+    {
+        return None;
+    }
+    let kk = sw.shape[0];
+    let rows = sx.numel() / kk.max(1);
+    let mut out_shape = sx.shape.clone();
+    *out_shape.last_mut().expect("rank >= 2") = n;
+    let err = move |e| map_err(OP, device, e);
+    Some((|| {
+        // The product in f32 from bf16 operands, the bias added in f32, one rounding to bf16.
+        let sbias = storage_of(bias)?;
+        let c = gemm(true, &sx, false, &sw, false, [1, rows, kk, n], DType::F32)?;
+        let (y, _) = k::binary(&c, &[rows, n], &sbias.buf, &[n], Binary::Add).map_err(err)?;
+        let out = DeviceStorage::new(y, out_shape, device).as_dtype(OP, DType::BF16)?;
+        drop((c, sbias));
+        let f32_ = DType::F32;
+        Ok(record1(OP, &[x, w, bias], out, move |g, needs| {
+            let gx = needs[0]
+                .then(|| gemm(true, g, false, &sw, true, [1, rows, n, kk], f32_))
+                .transpose()?;
+            let gw = needs[1]
+                .then(|| gemm(true, &sx, true, g, false, [1, kk, rows, n], f32_))
+                .transpose()?;
+            let gb = needs[2]
+                .then(|| k::sum_cols(&g.buf, rows, n))
+                .transpose()
+                .map_err(err)?;
+            Ok(vec![
+                gx.map(|b| DeviceStorage::new(b, sx.shape.clone(), device)),
+                gw.map(|b| DeviceStorage::new(b, sw.shape.clone(), device)),
+                gb.map(|b| DeviceStorage::new(b, vec![n], device)),
+            ])
+        }))
+    })())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,7 +474,7 @@ pub(crate) fn softmax(x: &Tensor, ax: usize, log: bool) -> Option<Result<Tensor>
         return None;
     }
     let name = if log { "log_softmax" } else { "softmax" };
-    let sx = storage_of(x).clone();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let last = sx.shape.len() - 1;
     if ax != last {
@@ -423,11 +538,11 @@ fn layer_norm_on(
 ) -> Result<Tensor> {
     const OP: &str = "layer_norm";
     let err = move |e| map_err(OP, device, e);
-    let sx = storage_of(x).clone();
+    let sx = storage_of(x)?;
     let cols = *sx.shape.last().expect("rank checked");
     let rows = sx.numel() / cols.max(1);
-    let sw = weight.map(|w| storage_of(w).clone());
-    let sb = bias.map(|b| storage_of(b).clone());
+    let sw = weight.map(storage_of).transpose()?;
+    let sb = bias.map(storage_of).transpose()?;
     let fwd = k::layer_norm_rows(
         &sx.buf,
         sw.as_ref().map(|s| &*s.buf),
@@ -477,7 +592,7 @@ pub(crate) fn embedding(table: &Tensor, ids: &ndarray::ArrayViewD<i64>) -> Optio
         return None;
     }
     const OP: &str = "embedding";
-    let st = storage_of(table).clone();
+    let st = try_some!(storage_of(table));
     let device = st.device;
     let err = move |e| map_err(OP, device, e);
     let (vocab, dim) = (st.shape[0], st.shape[1]);
@@ -505,7 +620,7 @@ pub(crate) fn cross_entropy(
         return None;
     }
     const OP: &str = "cross_entropy";
-    let sx = storage_of(logits).clone();
+    let sx = try_some!(storage_of(logits));
     let device = sx.device;
     if sx.shape.len() > 2 {
         // (N, C, d1, ...): the class axis moved last and the rest flattened into rows, in the

@@ -69,7 +69,7 @@ pub(crate) fn adam(
         });
     }
     let (m, v) = moments.as_ref().expect("set above");
-    k::adam_step(&s.buf, &storage_of(g).buf, m, v, step, cfg).map_err(err)?;
+    k::adam_step(&s.buf, &storage_of(g)?.buf, m, v, step, cfg).map_err(err)?;
     p.set_device_storage(s);
     Ok(())
 }
@@ -90,7 +90,7 @@ pub(crate) fn sgd(
     }
     k::sgd_step(
         &s.buf,
-        &storage_of(g).buf,
+        &storage_of(g)?.buf,
         buf.as_ref().expect("set above"),
         first,
         cfg,
@@ -102,7 +102,7 @@ pub(crate) fn sgd(
 
 /// Sum of squares of a device gradient, read back (the one device read of a clipped step).
 pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
-    let s = storage_of(g);
+    let s = storage_of(g)?;
     let r = k::reduce_rows(&s.buf, 1, s.numel(), Reduce::SumSquares)
         .map_err(|e| map_err("clip_grad_norm", s.device, e))?;
     let v = r

@@ -5,7 +5,7 @@
 
 use performer_cuda::tensor_ops::{self as k, Reduce, Unary};
 
-use super::{DeviceStorage, common_device, map_err, record1, storage_of};
+use super::{DeviceStorage, common_device, map_err, record1, storage_of, stored, try_some};
 use crate::{Device, Error, Result, Tensor};
 
 /// `x` reduced over `axes` (normalized) by the maximum (`Reduce::Max`, PyTorch's amax: ties
@@ -58,7 +58,7 @@ fn reduce_rows(x: &Tensor, op: Reduce) -> Result<Tensor> {
         Reduce::SumSquares => "norm",
         Reduce::Sum => "sum",
     };
-    let sx = storage_of(x).clone();
+    let sx = storage_of(x)?;
     let device = sx.device;
     let err = move |e| map_err(name, device, e);
     let (rows, cols) = (sx.shape[0], sx.shape[1]);
@@ -88,7 +88,7 @@ pub(crate) fn scale_norm(x: &Tensor, g: &Tensor, eps: f32) -> Option<Result<Tens
 fn scale_norm_on(x: &Tensor, g: &Tensor, eps: f32, device: Device) -> Result<Tensor> {
     const OP: &str = "scale_norm";
     let err = move |e| map_err(OP, device, e);
-    let (sx, sg) = (storage_of(x).clone(), storage_of(g).clone());
+    let (sx, sg) = (storage_of(x)?, storage_of(g)?);
     let cols = *sx.shape.last().expect("rank checked by the caller");
     let rows = sx.numel() / cols.max(1);
     let (y, norms) = k::scale_norm_rows(&sx.buf, &sg.buf, rows, cols, eps).map_err(err)?;
@@ -121,12 +121,15 @@ pub(crate) fn dropout(x: &Tensor, p: f32) -> Option<Result<Tensor>> {
         return Some(Err(Error::invalid(OP, "p", p, "must lie in [0, 1]")));
     }
     let seed = crate::rng::with_rng(|g| g.next_u64());
-    let sx = storage_of(x).clone();
+    // bf16 in, bf16 out (autocast's activations); the kernel runs on an f32 copy.
+    let dtype = stored(x).dtype();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let err = move |e| map_err(OP, device, e);
     Some((|| {
         let y = k::dropout(&sx.buf, p, seed, 0).map_err(err)?;
-        let out = DeviceStorage::new(y, sx.shape.clone(), device);
+        let out = DeviceStorage::new(y, sx.shape.clone(), device).as_dtype(OP, dtype)?;
+        drop(sx);
         Ok(record1(OP, &[x], out, move |g, _| {
             let gx = k::dropout(&g.buf, p, seed, 0).map_err(err)?;
             Ok(vec![Some(DeviceStorage::new(gx, g.shape.clone(), device))])

@@ -8,7 +8,7 @@ use ndarray::ArrayViewD;
 use performer_cuda::tensor_ops as k;
 
 use super::ops::{device_or_host, row_major_strides};
-use super::{DeviceStorage, map_err, record1, storage_of, upload};
+use super::{DeviceStorage, map_err, record1, storage_of, try_some, upload};
 use crate::{Device, Result, Tensor};
 
 /// Entries `indices` (checked by the caller) of axis `ax`.
@@ -16,7 +16,7 @@ pub(crate) fn index_select(x: &Tensor, ax: usize, indices: &[i64]) -> Option<Res
     if x.device().is_cpu() {
         return None;
     }
-    let sx = storage_of(x);
+    let sx = try_some!(storage_of(x));
     let mut out_shape = sx.shape.clone();
     out_shape[ax] = indices.len();
     // One index per position of `ax`, the same for every other coordinate.
@@ -51,7 +51,7 @@ fn gather_on(
     values: &[i64],
     index_strides: &[i64],
 ) -> Result<Tensor> {
-    let sx = storage_of(x).clone();
+    let sx = storage_of(x)?;
     let device = sx.device;
     let err = move |e| map_err(op, device, e);
     let (y, index) =
@@ -99,7 +99,7 @@ fn where_on(
 ) -> Result<Tensor> {
     let err = move |e| map_err(op, device, e);
     let c = upload(op, &cond.mapv(|c| if c { 1.0 } else { 0.0 }), device)?;
-    let (sa, sb) = (storage_of(a).clone(), storage_of(b).clone());
+    let (sa, sb) = (storage_of(a)?, storage_of(b)?);
     let (y, shape) =
         k::where_select(&c.buf, &c.shape, &sa.buf, &sa.shape, &sb.buf, &sb.shape).map_err(err)?;
     let out = DeviceStorage::new(y, shape, device);

@@ -7,9 +7,9 @@ use performer_cuda::tensor_ops as k;
 use performer_cuda::{DeviceBuffer, Elem};
 
 use super::ops::row_major_strides;
-use super::{DeviceStorage, common_device, map_err, record, record1, storage_of};
+use super::{DeviceStorage, common_device, map_err, record, record1, storage_of, stored, try_some};
 use crate::tensor::Storage;
-use crate::{Device, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
 
 /// `len` entries of axis `ax` from `start` (bounds checked by the caller).
 pub(crate) fn narrow(x: &Tensor, ax: usize, start: usize, len: usize) -> Option<Result<Tensor>> {
@@ -17,7 +17,9 @@ pub(crate) fn narrow(x: &Tensor, ax: usize, start: usize, len: usize) -> Option<
         return None;
     }
     const OP: &str = "narrow";
-    let sx = storage_of(x).clone();
+    // A bf16 input gives a bf16 output (the copy runs on an f32 temporary).
+    let dtype = stored(x).dtype();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let err = move |e| map_err(OP, device, e);
     let strides = row_major_strides(&sx.shape);
@@ -27,9 +29,11 @@ pub(crate) fn narrow(x: &Tensor, ax: usize, start: usize, len: usize) -> Option<
     Some((|| {
         let y = k::strided_copy(&sx.buf, offset, &out_shape, &strides).map_err(err)?;
         let in_shape = sx.shape.clone();
-        let out = DeviceStorage::new(y, out_shape.clone(), device);
+        let out = DeviceStorage::new(y, out_shape.clone(), device).as_dtype(OP, dtype)?;
+        let (dev, numel) = (sx.buf.launcher().clone(), sx.numel());
+        drop(sx);
         Ok(record1(OP, &[x], out, move |g, _| {
-            let gx = k::full(sx.buf.launcher(), sx.numel(), 0.0).map_err(err)?;
+            let gx = k::full(&dev, numel, 0.0).map_err(err)?;
             k::strided_scatter(&g.buf, &gx, offset, &out_shape, &strides).map_err(err)?;
             Ok(vec![Some(DeviceStorage::new(gx, in_shape.clone(), device))])
         }))
@@ -48,7 +52,8 @@ pub(crate) fn pad(
         return None;
     }
     const OP: &str = "pad";
-    let sx = storage_of(x).clone();
+    let dtype = stored(x).dtype();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let err = move |e| map_err(OP, device, e);
     let mut out_shape = sx.shape.clone();
@@ -60,7 +65,8 @@ pub(crate) fn pad(
         let y = k::full(sx.buf.launcher(), numel, value).map_err(err)?;
         k::strided_scatter(&sx.buf, &y, offset, &sx.shape, &strides).map_err(err)?;
         let in_shape = sx.shape.clone();
-        let out = DeviceStorage::new(y, out_shape, device);
+        let out = DeviceStorage::new(y, out_shape, device).as_dtype(OP, dtype)?;
+        drop(sx);
         Ok(record1(OP, &[x], out, move |g, _| {
             let gx = k::strided_copy(&g.buf, offset, &in_shape, &strides).map_err(err)?;
             Ok(vec![Some(DeviceStorage::new(gx, in_shape.clone(), device))])
@@ -83,7 +89,16 @@ pub(crate) fn cat(tensors: &[Tensor], ax: usize) -> Option<Result<Tensor>> {
 fn cat_on(tensors: &[&Tensor], ax: usize, device: Device) -> Result<Tensor> {
     const OP: &str = "cat";
     let err = move |e| map_err(OP, device, e);
-    let parts: Vec<DeviceStorage> = tensors.iter().map(|t| storage_of(t).clone()).collect();
+    // bf16 pieces give bf16; any f32 piece gives f32.
+    let dtype = if tensors.iter().all(|t| t.dtype() == DType::BF16) {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let parts: Vec<DeviceStorage> = tensors
+        .iter()
+        .map(|t| storage_of(t))
+        .collect::<Result<_>>()?;
     let mut out_shape = parts[0].shape.clone();
     out_shape[ax] = parts.iter().map(|p| p.shape[ax]).sum();
     let strides = row_major_strides(&out_shape);
@@ -99,12 +114,13 @@ fn cat_on(tensors: &[&Tensor], ax: usize, device: Device) -> Result<Tensor> {
         start += p.shape[ax];
     }
     let shapes: Vec<Vec<usize>> = parts.iter().map(|p| p.shape.clone()).collect();
-    let out = Storage::Device(DeviceStorage::new(y, out_shape, device));
+    drop(parts);
+    let out = Storage::Device(DeviceStorage::new(y, out_shape, device).as_dtype(OP, dtype)?);
     Ok(record(OP, tensors, vec![out], move |grads, needs| {
         let Some(g) = grads.into_iter().next().flatten() else {
             return Ok(vec![None; needs.len()]);
         };
-        let g = storage_of(&g);
+        let g = storage_of(&g)?;
         shapes
             .iter()
             .zip(&offsets)
@@ -133,7 +149,8 @@ pub(crate) fn broadcast_to(x: &Tensor, shape: &[usize]) -> Option<Result<Tensor>
         return None;
     }
     const OP: &str = "broadcast_to";
-    let sx = storage_of(x).clone();
+    let dtype = stored(x).dtype();
+    let sx = try_some!(storage_of(x));
     let device = sx.device;
     let err = move |e| map_err(OP, device, e);
     // Only `x` stretches (NumPy's broadcast_to), so the target keeps every axis of x.
@@ -158,7 +175,7 @@ pub(crate) fn broadcast_to(x: &Tensor, shape: &[usize]) -> Option<Result<Tensor>
     Some((|| {
         let y = k::strided_copy(&sx.buf, 0, &out_shape, &strides).map_err(err)?;
         let in_shape = sx.shape.clone();
-        let out = DeviceStorage::new(y, out_shape.clone(), device);
+        let out = DeviceStorage::new(y, out_shape.clone(), device).as_dtype(OP, dtype)?;
         Ok(record1(OP, &[x], out, move |g, _| {
             let gx = k::sum_to(&g.buf, &out_shape, &in_shape).map_err(err)?;
             Ok(vec![Some(DeviceStorage::new(gx, in_shape.clone(), device))])

@@ -159,6 +159,15 @@ impl Tensor {
         }
         Ok(out)
     }
+
+    /// `self @ weight + bias`, a linear layer's product and bias (`weight` `(k, n)`, `bias`
+    /// `(n)`): [`Tensor::matmul`] then [`Tensor::add`], except on a device inside bf16
+    /// autocast, where it is one op whose result is stored as bf16, as PyTorch's `F.linear` is
+    /// under autocast (the separate add would promote the bf16 product to f32).
+    pub fn matmul_add(&self, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        on_device!(crate::cuda::ops::matmul_add(self, weight, bias));
+        self.matmul(weight)?.add(bias)
+    }
 }
 
 fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
