@@ -260,7 +260,8 @@ fn lm_generates_on_the_device_as_on_the_cpu() {
 }
 
 /// Decoding with generalized attention and with no projection on the device (their running
-/// sums take the host state's path): logits at every step within 1e-4 of the CPU's.
+/// sums live there; tests/device_decode counts the copies): logits at every step within 1e-4
+/// of the CPU's.
 #[test]
 fn generalized_and_unprojected_lms_decode_on_the_device_as_on_the_cpu() {
     if !emulator() {
