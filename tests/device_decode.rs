@@ -67,6 +67,14 @@ fn config(generalized_attention: bool, no_projection: bool) -> PerformerLMConfig
     }
 }
 
+/// [`config`] with one layer (the feature maps' tests: the local heads' test has two).
+fn one_layer(generalized_attention: bool, no_projection: bool) -> PerformerLMConfig {
+    PerformerLMConfig {
+        depth: 1,
+        ..config(generalized_attention, no_projection)
+    }
+}
+
 /// Two equal models in eval mode (one seed, fixed projections); the second on the device.
 fn pair(config: PerformerLMConfig, seed: u64) -> (PerformerLM, PerformerLM) {
     let build = || {
@@ -235,7 +243,7 @@ fn generalized_and_unprojected_heads_decode_on_the_device_as_on_the_cpu() {
     }
     for (generalized, no_projection) in [(true, false), (false, true)] {
         let what = format!("generalized {generalized}, no projection {no_projection}");
-        let (cpu, dev) = pair(config(generalized, no_projection), 32);
+        let (cpu, dev) = pair(one_layer(generalized, no_projection), 32);
         decode_on_both(&what, (&cpu, &dev), 5, true, 10);
     }
 }
@@ -253,8 +261,7 @@ fn cross_attention_decodes_on_the_device_as_on_the_cpu() {
             format!("cross-attending, generalized {generalized}, no projection {no_projection}");
         let config = PerformerLMConfig {
             cross_attend: true,
-            depth: 1,
-            ..config(generalized, no_projection)
+            ..one_layer(generalized, no_projection)
         };
         let (cpu, dev) = pair(config, 34);
         decode_on_both(&what, (&cpu, &dev), 3, false, 6);
@@ -269,7 +276,7 @@ fn generate_samples_the_cpus_tokens() {
     }
     // (The softmax kernel's generate, local heads included, is device_model's.)
     for (generalized, no_projection) in [(true, false), (false, true)] {
-        let (cpu, dev) = pair(config(generalized, no_projection), 33);
+        let (cpu, dev) = pair(one_layer(generalized, no_projection), 33);
         let opts = GenerateOptions {
             seed: 9,
             ..Default::default()
