@@ -201,17 +201,17 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: &Tensor) -> Result<Tensor
 /// `(b, n)` (checked by the caller) marks the real tokens. The only copies are the tables and
 /// the prompt's `keep`, uploaded once.
 pub(crate) fn cache_from(
-    layer: &crate::LocalAttention,
+    g: &LocalGeometry<'_>,
     k: &Tensor,
     v: &Tensor,
     mask: Option<ArrayView2<'_, bool>>,
 ) -> Result<DeviceLocalCache> {
     const OP: &str = "LocalAttention::cache_from (device)";
-    if !layer.causal || layer.look_backward != 1 || layer.look_forward != 0 {
+    if !g.causal || g.back != 1 || g.fwd != 0 {
         return Err(Error::invalid(
             OP,
             "causal",
-            layer.causal,
+            g.causal,
             "only causal local attention looking one window back decodes incrementally",
         ));
     }
@@ -233,11 +233,10 @@ pub(crate) fn cache_from(
             format!("mask {:?} must be (b, n) = ({}, {})", m.shape(), s[0], s[2]),
         ));
     }
-    let freqs = layer.freqs()?;
     let device = k.device();
     let up = |a: ArrayD<f32>| Tensor::new(a).to_device(device);
     let (b, h, n, d) = (s[0], s[1], s[2], s[3]);
-    let w = layer.window_size;
+    let w = g.window;
     let p = n - 1;
     let i = p / w;
     // Padded so that position P sits at row P + w: slot j (position (i - 1) w + j) is row
@@ -252,7 +251,7 @@ pub(crate) fn cache_from(
         let real = pos >= 0 && pos as usize <= p && mask.is_none_or(|m| m[[bi, pos as usize]]);
         f32::from(u8::from(real))
     });
-    let (cos, sin) = rotary_tables(&freqs, 0, 2 * w);
+    let (cos, sin) = rotary_tables(g.freqs, 0, 2 * w);
     Ok(DeviceLocalCache {
         k: slots(k)?,
         v: slots(v)?,

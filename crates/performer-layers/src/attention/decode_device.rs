@@ -100,8 +100,17 @@ impl Attention {
     ) -> Result<Tensor> {
         if st.pos == 0 {
             let out = local.forward(q, k, v, inputs.mask)?;
+            let freqs = local.freqs()?;
+            let geometry = local_attention_device::LocalGeometry {
+                window: local.window_size,
+                causal: local.causal,
+                back: local.look_backward,
+                fwd: local.look_forward,
+                freqs: &freqs,
+                dropout: 0.0,
+            };
             st.local_device = Some(local_attention_device::cache_from(
-                local,
+                &geometry,
                 k,
                 v,
                 inputs.mask,
