@@ -14,6 +14,7 @@
 use std::sync::Mutex;
 
 use ndarray::Array2;
+use performer::models::DecodingState;
 use performer::models::LocalAttnHeads;
 use performer::tensor::testing::assert_close;
 use performer::tensor::{Device, Module, Tensor, rng};
@@ -66,6 +67,14 @@ fn config(generalized_attention: bool, no_projection: bool) -> PerformerLMConfig
     }
 }
 
+/// [`config`] with one layer (the feature maps' tests: the local heads' test has two).
+fn one_layer(generalized_attention: bool, no_projection: bool) -> PerformerLMConfig {
+    PerformerLMConfig {
+        depth: 1,
+        ..config(generalized_attention, no_projection)
+    }
+}
+
 /// Two equal models in eval mode (one seed, fixed projections); the second on the device.
 fn pair(config: PerformerLMConfig, seed: u64) -> (PerformerLM, PerformerLM) {
     let build = || {
@@ -102,6 +111,31 @@ fn assert_step_copies(what: &str, copies: &Transfers) {
     );
 }
 
+/// Fresh decoding states of both models; a model that cross-attends gets a context of 6
+/// positions (the second sequence's last 2 masked), on the device for the device model.
+fn states(cpu: &PerformerLM, dev: &PerformerLM) -> (DecodingState, DecodingState) {
+    if !cpu.config().cross_attend {
+        return (
+            cpu.decoding_state(BATCH, None, None).unwrap(),
+            dev.decoding_state(BATCH, None, None).unwrap(),
+        );
+    }
+    let context = Tensor::new(
+        ndarray::Array3::from_shape_fn((BATCH, 6, cpu.config().dim), |(b, i, j)| {
+            ((b * 31 + i * 7 + j * 3) % 11) as f32 / 11.0 - 0.5
+        })
+        .into_dyn(),
+    );
+    let on_device = context.to_device(DEV).unwrap();
+    let mask = Array2::from_shape_fn((BATCH, 6), |(b, i)| !(b == 1 && i >= 4));
+    (
+        cpu.decoding_state(BATCH, Some(&context), Some(mask.view()))
+            .unwrap(),
+        dev.decoding_state(BATCH, Some(&on_device), Some(mask.view()))
+            .unwrap(),
+    )
+}
+
 /// Decodes a prompt of `prompt_len` (the second sequence's first two tokens masked as padding
 /// when `masked`) and then `steps` tokens on both models: the logits agree within 1e-4 at every
 /// step and each step copies only what [`assert_step_copies`] allows. A last step masks the
@@ -117,8 +151,7 @@ fn decode_on_both(
     let prompt = tokens(prompt_len, 3);
     let mask = Array2::from_shape_fn((BATCH, prompt_len), |(i, j)| !(i == 1 && j < 2));
     let mask = masked.then(|| mask.view());
-    let mut cs = cpu.decoding_state(BATCH, None, None).unwrap();
-    let mut ds = dev.decoding_state(BATCH, None, None).unwrap();
+    let (mut cs, mut ds) = states(cpu, dev);
     let want = cpu.decode(&mut cs, &prompt.view(), mask).unwrap();
     let got = dev.decode(&mut ds, &prompt.view(), mask).unwrap();
     let mut worst = assert_close(&format!("{what}: prompt logits"), &got, &want, 1e-4);
@@ -210,8 +243,28 @@ fn generalized_and_unprojected_heads_decode_on_the_device_as_on_the_cpu() {
     }
     for (generalized, no_projection) in [(true, false), (false, true)] {
         let what = format!("generalized {generalized}, no projection {no_projection}");
-        let (cpu, dev) = pair(config(generalized, no_projection), 32);
+        let (cpu, dev) = pair(one_layer(generalized, no_projection), 32);
         decode_on_both(&what, (&cpu, &dev), 5, true, 10);
+    }
+}
+
+/// Cross-attention to a context (with a padding mask) while decoding: its sums, computed once,
+/// live on the device for every feature map.
+#[test]
+fn cross_attention_decodes_on_the_device_as_on_the_cpu() {
+    let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    if !emulator() {
+        return;
+    }
+    for (generalized, no_projection) in [(false, false), (true, false), (false, true)] {
+        let what =
+            format!("cross-attending, generalized {generalized}, no projection {no_projection}");
+        let config = PerformerLMConfig {
+            cross_attend: true,
+            ..one_layer(generalized, no_projection)
+        };
+        let (cpu, dev) = pair(config, 34);
+        decode_on_both(&what, (&cpu, &dev), 3, false, 6);
     }
 }
 
@@ -223,7 +276,7 @@ fn generate_samples_the_cpus_tokens() {
     }
     // (The softmax kernel's generate, local heads included, is device_model's.)
     for (generalized, no_projection) in [(true, false), (false, true)] {
-        let (cpu, dev) = pair(config(generalized, no_projection), 33);
+        let (cpu, dev) = pair(one_layer(generalized, no_projection), 33);
         let opts = GenerateOptions {
             seed: 9,
             ..Default::default()

@@ -214,6 +214,46 @@ fn lm_forward_gradients_and_adam_steps_match_the_cpu() {
     compare_params("PerformerLM after 3 Adam steps", &dev_w, &cpu_w, 1e-4);
 }
 
+/// Decodes `prompt` and then `steps` tokens (chosen by `stride`) on both models: the logits
+/// within 1e-4 of the CPU's at every step, the device state on the device.
+fn decodes_alike(
+    what: &str,
+    cpu: &PerformerLM,
+    dev: &PerformerLM,
+    prompt: &Array2<i64>,
+    steps: usize,
+    stride: usize,
+) {
+    let b = prompt.nrows();
+    let mut cs = cpu.decoding_state(b, None, None).unwrap();
+    let mut ds = dev.decoding_state(b, None, None).unwrap();
+    let mut want = cpu.decode(&mut cs, &prompt.view(), None).unwrap();
+    let mut got = dev.decode(&mut ds, &prompt.view(), None).unwrap();
+    for step in 0..steps {
+        assert_close(
+            &format!("{what}: decode step {step} logits"),
+            &got,
+            &want,
+            1e-4,
+        );
+        let next: Vec<i64> = (0..b)
+            .map(|i| ((step * (1 + i * stride) + i) % 20) as i64)
+            .collect();
+        want = cpu.step(&mut cs, &next).unwrap();
+        got = dev.step(&mut ds, &next).unwrap();
+    }
+    assert_close(
+        &format!("{what}: decode step {steps} logits"),
+        &got,
+        &want,
+        1e-4,
+    );
+    assert!(
+        ds.on_device(),
+        "{what}: the decoding state of a device model lives on the device"
+    );
+}
+
 #[test]
 fn lm_generates_on_the_device_as_on_the_cpu() {
     if !emulator() {
@@ -226,20 +266,7 @@ fn lm_generates_on_the_device_as_on_the_cpu() {
     }
     // The decoding state step by step: the prompt's pass, then one token at a time.
     let prompt = tokens(2, 5, 20, 3);
-    let mut cs = cpu.decoding_state(2, None, None).unwrap();
-    let mut ds = dev.decoding_state(2, None, None).unwrap();
-    let mut want = cpu.decode(&mut cs, &prompt.view(), None).unwrap();
-    let mut got = dev.decode(&mut ds, &prompt.view(), None).unwrap();
-    for step in 0..8 {
-        assert_close(&format!("decode step {step} logits"), &got, &want, 1e-4);
-        let next = [(step % 20) as i64, ((step * 3 + 1) % 20) as i64];
-        want = cpu.step(&mut cs, &next).unwrap();
-        got = dev.step(&mut ds, &next).unwrap();
-    }
-    assert!(
-        ds.on_device(),
-        "the decoding state of a device model lives on the device"
-    );
+    decodes_alike("PerformerLM", &cpu, &dev, &prompt, 8, 3);
     // generate: the same 16 tokens from the same seed.
     let opts = GenerateOptions {
         seed: 7,
@@ -260,7 +287,8 @@ fn lm_generates_on_the_device_as_on_the_cpu() {
 }
 
 /// Decoding with generalized attention and with no projection on the device (their running
-/// sums take the host state's path): logits at every step within 1e-4 of the CPU's.
+/// sums live there; tests/device_decode counts the copies): logits at every step within 1e-4
+/// of the CPU's.
 #[test]
 fn generalized_and_unprojected_lms_decode_on_the_device_as_on_the_cpu() {
     if !emulator() {
@@ -282,17 +310,7 @@ fn generalized_and_unprojected_lms_decode_on_the_device_as_on_the_cpu() {
         };
         let (cpu, dev) = (build(), build());
         dev.to_device(DEV).unwrap();
-        let prompt = tokens(2, 5, 20, 1);
-        let mut cs = cpu.decoding_state(2, None, None).unwrap();
-        let mut ds = dev.decoding_state(2, None, None).unwrap();
-        let mut want = cpu.decode(&mut cs, &prompt.view(), None).unwrap();
-        let mut got = dev.decode(&mut ds, &prompt.view(), None).unwrap();
-        for step in 0..6 {
-            assert_close(&format!("{what}: decode step {step}"), &got, &want, 1e-4);
-            let next = [(step % 20) as i64, ((step * 7 + 2) % 20) as i64];
-            want = cpu.step(&mut cs, &next).unwrap();
-            got = dev.step(&mut ds, &next).unwrap();
-        }
+        decodes_alike(&what, &cpu, &dev, &tokens(2, 5, 20, 1), 6, 7);
     }
 }
 
@@ -369,6 +387,27 @@ fn enc_dec_loss_gradients_adam_and_generate_match_the_cpu() {
     assert_eq!(a, b, "the same 16 sampled tokens");
 }
 
+/// The gradients of a fixed, uneven weighting of the outputs as the loss (weights cycling
+/// over `period` values around 0): of the CPU output `yc`, and of the device output `yd`.
+fn weighted_backward(yc: &Tensor, yd: &Tensor, period: usize) -> (Gradients, Gradients) {
+    let half = (period / 2) as f32;
+    let w = Tensor::from_vec(
+        (0..yc.numel())
+            .map(|i| ((i % period) as f32 - half) / half)
+            .collect(),
+        yc.shape(),
+    )
+    .unwrap();
+    let gc = yc.mul(&w).unwrap().sum_all().backward().unwrap();
+    let gd = yd
+        .mul(&w.to_device(DEV).unwrap())
+        .unwrap()
+        .sum_all()
+        .backward()
+        .unwrap();
+    (gc, gd)
+}
+
 /// `f` on the CPU module and on the device module with the same input: the outputs and the
 /// gradients of the input and of every parameter agree.
 fn layer_matches<M: Module>(
@@ -390,21 +429,7 @@ fn layer_matches<M: Module>(
         &yc.to_array(),
         1e-4,
     );
-    // A fixed, uneven weighting of the output as the loss.
-    let w = Tensor::from_vec(
-        (0..yc.numel())
-            .map(|i| ((i % 7) as f32 - 3.0) * 0.25)
-            .collect(),
-        yc.shape(),
-    )
-    .unwrap();
-    let gc = yc.mul(&w).unwrap().sum_all().backward().unwrap();
-    let gd = yd
-        .mul(&w.to_device(DEV).unwrap())
-        .unwrap()
-        .sum_all()
-        .backward()
-        .unwrap();
+    let (gc, gd) = weighted_backward(&yc, &yd, 7);
     let dx = gd.tensor(xd.id()).expect("a gradient reached the input");
     assert_eq!(dx.device(), DEV);
     assert_close(
@@ -504,20 +529,7 @@ fn lm_with_a_padding_mask_matches_the_cpu() {
         &want.to_array(),
         1e-4,
     );
-    let w = Tensor::from_vec(
-        (0..want.numel())
-            .map(|i| ((i % 5) as f32 - 2.0) * 0.5)
-            .collect(),
-        want.shape(),
-    )
-    .unwrap();
-    let gc = want.mul(&w).unwrap().sum_all().backward().unwrap();
-    let gd = got
-        .mul(&w.to_device(DEV).unwrap())
-        .unwrap()
-        .sum_all()
-        .backward()
-        .unwrap();
+    let (gc, gd) = weighted_backward(&want, &got, 5);
     compare_grads(
         "PerformerLM with a padding mask",
         &named_grads(&dev, &gd, &no_skip),
