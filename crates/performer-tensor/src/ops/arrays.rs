@@ -304,7 +304,7 @@ pub(crate) fn reshape_array(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
 /// `as_standard_layout` walks a dynamic-rank index for every element (measured: most of the
 /// time of `reshape` after the attention heads' permute). Parallel over rows when large.
 pub(crate) fn to_standard(x: &ArrayViewD<f32>) -> ArrayD<f32> {
-    if x.is_standard_layout() || x.ndim() == 0 || x.is_empty() {
+    if x.is_standard_layout() || x.ndim() == 0 || x.is_empty() || short_rows(x) {
         return x.as_standard_layout().into_owned();
     }
     let mut out = crate::alloc::uninit_array(x.shape());
@@ -313,11 +313,23 @@ pub(crate) fn to_standard(x: &ArrayViewD<f32>) -> ArrayD<f32> {
     unsafe { crate::alloc::assume_init(out) }
 }
 
+/// Whether the rows (last axis) of `x` are too short for the row-by-row copies below, whose
+/// fixed cost per row would exceed ndarray's per-element walk.
+fn short_rows(x: &ArrayViewD<f32>) -> bool {
+    x.shape().last().is_none_or(|&n| n < 16)
+}
+
 /// Writes `src` into `dst` (the same shape, rank at least 1) row by row along the last axis:
 /// block copies where both rows are contiguous, a strided loop otherwise. Parallel over rows
 /// when large. Every element of `dst` is written.
 pub(super) fn write_rows(mut dst: ndarray::ArrayViewMutD<MaybeUninit<f32>>, src: &ArrayViewD<f32>) {
     debug_assert_eq!(dst.shape(), src.shape());
+    if short_rows(src) {
+        Zip::from(&mut dst).and(src).for_each(|o, &v| {
+            o.write(v);
+        });
+        return;
+    }
     let last = Axis(src.ndim() - 1);
     let row = |mut d: ndarray::ArrayViewMut1<MaybeUninit<f32>>, s: ndarray::ArrayView1<f32>| {
         if let (Some(ds), Some(ss)) = (d.as_slice_mut(), s.as_slice()) {
@@ -481,6 +493,7 @@ mod tests {
             let a = awkward(&shape);
             let views = [
                 a.view().permuted_axes(IxDyn(&[0, 2, 1, 3])),
+                a.view().permuted_axes(IxDyn(&[0, 1, 3, 2])),
                 a.view().permuted_axes(IxDyn(&[3, 1, 2, 0])),
                 a.slice_axis(Axis(3), ndarray::Slice::from(1..)).into_dyn(),
                 a.slice_axis(Axis(1), ndarray::Slice::new(0, None, 2))
@@ -508,12 +521,40 @@ mod tests {
                 (vec![a.clone(), b.clone(), a.clone()], 1),
                 (vec![b.clone(), a.clone()], 0),
                 (vec![c.clone(), a.clone(), c.clone()], 2),
+                (vec![a.narrow(-1, 0, 1).unwrap(), c.clone()], 2),
             ] {
                 let got = Tensor::cat(&pieces, ax as isize).unwrap();
                 let views: Vec<_> = pieces.iter().map(|t| t.view()).collect();
                 let want = ndarray::concatenate(Axis(ax), &views).unwrap();
                 assert_eq!(got.shape(), want.shape());
                 assert_eq!(bits(&got.view()), bits(&want.view()), "n {n}, axis {ax}");
+            }
+        }
+    }
+
+    #[test]
+    fn narrow_backward_pads_the_gradient_with_zeros_bit_for_bit() {
+        for n in [6usize, 400] {
+            let x = Tensor::var(awkward(&[3, n, 40]));
+            for (ax, start, len) in [
+                (2usize, 7, 20),
+                (2, 0, 40),
+                (1, 1, n - 2),
+                (0, 2, 1),
+                (2, 40, 0),
+            ] {
+                let y = x.narrow(ax as isize, start, len).unwrap();
+                let w = awkward(y.shape());
+                let grads = y.mul(&Tensor::new(w.clone())).unwrap().sum_all().backward();
+                let Ok(grads) = grads else {
+                    assert_eq!(len, 0, "only an empty slice has no gradient path");
+                    continue;
+                };
+                let got = grads.get(&x).expect("gradient of x");
+                let mut want = ArrayD::<f32>::zeros(IxDyn(x.shape()));
+                want.slice_axis_mut(Axis(ax), ndarray::Slice::from(start..start + len))
+                    .assign(&w);
+                assert_eq!(bits(&got.view()), bits(&want.view()), "n {n} axis {ax}");
             }
         }
     }
