@@ -135,6 +135,7 @@ impl Launcher for GpuLauncher {
 
     fn copy_h2d(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
         const OP: &str = "copy_h2d";
+        crate::transfers::count_h2d(src.len());
         self.bind(OP)?;
         // SAFETY: dst is device memory of this context; the copy from pageable host memory
         // completes (is staged) before the call returns, so `src` may go away after it.
@@ -144,6 +145,7 @@ impl Launcher for GpuLauncher {
 
     fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
         const OP: &str = "copy_d2h";
+        crate::transfers::count_d2h(dst.len());
         self.bind(OP)?;
         // SAFETY: src is device memory of this context; the stream is synchronised before
         // returning, so `dst` is fully written when the caller sees it.

@@ -33,6 +33,7 @@ pub mod ops;
 pub mod reference;
 mod shape;
 pub mod tensor_ops;
+pub mod transfers;
 
 pub use attention::{
     AttentionForward, AttentionGrads, CudaFastAttention, HostGrads, fast_attention_host,

@@ -281,7 +281,7 @@ fn meta(dev: &SharedLauncher, shape: &[usize], strides: &[&[i64]]) -> Result<Dev
     for s in strides {
         m.extend_from_slice(s);
     }
-    DeviceBuffer::from_i64(dev, &m)
+    crate::transfers::as_metadata(|| DeviceBuffer::from_i64(dev, &m))
 }
 
 fn shape_err(op: &'static str, a: &[usize], b: &[usize]) -> Error {

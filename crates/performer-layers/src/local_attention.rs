@@ -615,7 +615,7 @@ impl LocalCache {
 }
 
 impl LocalAttention {
-    fn freqs(&self) -> Result<Vec<f32>> {
+    pub(crate) fn freqs(&self) -> Result<Vec<f32>> {
         match self.inv_freq.get() {
             StateValue::F32(a) => Ok(a.iter().copied().collect()),
             StateValue::I64(_) => Err(Error::Other(

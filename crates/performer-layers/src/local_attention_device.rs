@@ -11,7 +11,7 @@
 //! kept scores pass unchanged, a fully masked query attends uniformly, as in the reference.
 
 use ndarray::{Array2, ArrayD, ArrayView2, IxDyn};
-use performer_tensor::{Result, Tensor};
+use performer_tensor::{Error, Result, Tensor};
 
 /// The settings of one call (from the layer).
 pub(crate) struct LocalGeometry<'a> {
@@ -141,4 +141,207 @@ pub(crate) fn forward(
     let mut flat: Vec<isize> = lead.iter().map(|&x| x as isize).collect();
     flat.extend([(windows * w) as isize, d as isize]);
     out.reshape(&flat)?.narrow(-2, 0, n)
+}
+
+/// The decoding cache of causal local heads on a device: what [`crate::LocalCache`] keeps on
+/// the host, laid out as the newest position's look-around so that a step is a few device
+/// ops and copies nothing to or from the host.
+///
+/// With window `w`, the query at position `p` (window `i = p / w`) sees `2 w` slots: the
+/// positions `(i - 1) w .. (i + 1) w`. The cache holds exactly those slots, as the reference's
+/// parallel forward over the prefix fills them: -1 (keys and values) for positions before the
+/// sequence, 0 for positions after `p` (autopad), the unrotated keys and values of the others.
+/// `keep` is 1 where a slot holds a real token at or before `p`. A new position writes its
+/// slot `w + p % w`; a position that opens a window first moves the second half of the slots
+/// to the first and empties the second (the window before the previous one falls out of
+/// reach).
+pub(crate) struct DeviceLocalCache {
+    /// Keys of the slots, unrotated: (b, h, 2w, d).
+    k: Tensor,
+    /// Values of the slots: (b, h, 2w, d).
+    v: Tensor,
+    /// 1 where a slot holds a real token the query may see, 0 elsewhere: (b, 1, 1, 2w).
+    keep: Tensor,
+    /// The rotary tables of the slots (the keys' rotation by slot index), (2w, d).
+    cos: Tensor,
+    sin: Tensor,
+    /// `rotate_half` as a product, (d, d).
+    rot: Tensor,
+    /// Empty slots of a fresh window: zeros (b, h, w, d) and (b, 1, 1, w).
+    empty_rows: Tensor,
+    empty_keep: Tensor,
+    /// `keep` of an unmasked new position: ones (b, 1, 1, 1).
+    kept: Tensor,
+    /// The position the next step decodes.
+    next: usize,
+    window: usize,
+}
+
+/// `t` with the slot `at` (axis -2 of `t`, or -1 for `keep`) replaced by `row`.
+fn write_slot(t: &Tensor, row: &Tensor, at: usize, axis: isize) -> Result<Tensor> {
+    let rank = t.rank() as isize;
+    let len = t.shape()[(rank + axis) as usize];
+    let mut parts = Vec::with_capacity(3);
+    if at > 0 {
+        parts.push(t.narrow(axis, 0, at)?);
+    }
+    parts.push(row.clone());
+    if at + 1 < len {
+        parts.push(t.narrow(axis, at + 1, len - at - 1)?);
+    }
+    Tensor::cat(&parts, axis)
+}
+
+/// `x cos + rotate_half(x) sin` with tables that broadcast over `x`.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: &Tensor) -> Result<Tensor> {
+    x.mul(cos)?.add(&x.matmul(rot)?.mul(sin)?)
+}
+
+/// The device cache after a prompt's keys and values `(b, h, n, d)` on their device; `mask`
+/// `(b, n)` (checked by the caller) marks the real tokens. The only copies are the tables and
+/// the prompt's `keep`, uploaded once.
+pub(crate) fn cache_from(
+    layer: &crate::LocalAttention,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<ArrayView2<'_, bool>>,
+) -> Result<DeviceLocalCache> {
+    const OP: &str = "LocalAttention::cache_from (device)";
+    if !layer.causal || layer.look_backward != 1 || layer.look_forward != 0 {
+        return Err(Error::invalid(
+            OP,
+            "causal",
+            layer.causal,
+            "only causal local attention looking one window back decodes incrementally",
+        ));
+    }
+    let s = k.shape().to_vec();
+    if s.len() != 4 || v.shape() != s || s.contains(&0) {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "k {s:?} and v {:?} must be one (b, h, n, d) shape",
+                v.shape()
+            ),
+        ));
+    }
+    if let Some(m) = mask
+        && m.shape() != [s[0], s[2]]
+    {
+        return Err(Error::shape(
+            OP,
+            format!("mask {:?} must be (b, n) = ({}, {})", m.shape(), s[0], s[2]),
+        ));
+    }
+    let freqs = layer.freqs()?;
+    let device = k.device();
+    let up = |a: ArrayD<f32>| Tensor::new(a).to_device(device);
+    let (b, h, n, d) = (s[0], s[1], s[2], s[3]);
+    let w = layer.window_size;
+    let p = n - 1;
+    let i = p / w;
+    // Padded so that position P sits at row P + w: slot j (position (i - 1) w + j) is row
+    // i w + j.
+    let slots = |t: &Tensor| -> Result<Tensor> {
+        t.pad(-2, 0, (i + 1) * w - n, 0.0)?
+            .pad(-2, w, 0, -1.0)?
+            .narrow(-2, i * w, 2 * w)
+    };
+    let keep = ndarray::Array4::from_shape_fn((b, 1, 1, 2 * w), |(bi, _, _, j)| {
+        let pos = (i * w + j) as i64 - w as i64;
+        let real = pos >= 0 && pos as usize <= p && mask.is_none_or(|m| m[[bi, pos as usize]]);
+        f32::from(u8::from(real))
+    });
+    let (cos, sin) = rotary_tables(&freqs, 0, 2 * w);
+    Ok(DeviceLocalCache {
+        k: slots(k)?,
+        v: slots(v)?,
+        keep: up(keep.into_dyn())?,
+        cos: up(cos)?,
+        sin: up(sin)?,
+        rot: up(rotate_half_matrix(d))?,
+        empty_rows: Tensor::full_on(&[b, h, w, d], 0.0, device)?,
+        empty_keep: Tensor::full_on(&[b, 1, 1, w], 0.0, device)?,
+        kept: Tensor::full_on(&[b, 1, 1, 1], 1.0, device)?,
+        next: n,
+        window: w,
+    })
+}
+
+/// Attention of the next position's query `q` `(b, h, 1, d)` over the cache, after appending
+/// its key `k` and value `v` (same shape) and whether it is a real token (`keep` `(b)`, None:
+/// all are): `(b, h, 1, d)` on the cache's device, equal to the host step's (and so to the
+/// parallel forward over the prefix at that position).
+pub(crate) fn step(
+    cache: &mut DeviceLocalCache,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep: Option<ndarray::ArrayView1<'_, bool>>,
+) -> Result<Tensor> {
+    let w = cache.window;
+    let p = cache.next;
+    let want = [
+        cache.k.shape()[0],
+        cache.k.shape()[1],
+        1,
+        cache.k.shape()[3],
+    ];
+    if q.shape() != want || k.shape() != want || v.shape() != want {
+        return Err(Error::shape(
+            "LocalAttention::step (device)",
+            format!(
+                "q {:?}, k {:?}, v {:?} must be one position of the cache's heads {want:?}",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            ),
+        ));
+    }
+    if let Some(m) = keep
+        && m.len() != want[0]
+    {
+        return Err(Error::shape(
+            "LocalAttention::step (device)",
+            format!("keep has {} entries for {} sequences", m.len(), want[0]),
+        ));
+    }
+    let d = want[3];
+    if p.is_multiple_of(w) {
+        // A new window: the newest window becomes the one before, the new one starts empty.
+        cache.k = Tensor::cat(&[cache.k.narrow(-2, w, w)?, cache.empty_rows.clone()], -2)?;
+        cache.v = Tensor::cat(&[cache.v.narrow(-2, w, w)?, cache.empty_rows.clone()], -2)?;
+        cache.keep = Tensor::cat(
+            &[cache.keep.narrow(-1, w, w)?, cache.empty_keep.clone()],
+            -1,
+        )?;
+    }
+    let slot = w + p % w;
+    let kept = match keep {
+        Some(m) => {
+            let b = m.len();
+            let m =
+                ndarray::Array4::from_shape_fn((b, 1, 1, 1), |(bi, ..)| f32::from(u8::from(m[bi])));
+            Tensor::new(m.into_dyn()).to_device(q.device())?
+        }
+        None => cache.kept.clone(),
+    };
+    cache.k = write_slot(&cache.k, k, slot, -2)?;
+    cache.v = write_slot(&cache.v, v, slot, -2)?;
+    cache.keep = write_slot(&cache.keep, &kept, slot, -1)?;
+    cache.next += 1;
+    let keys = rotate(&cache.k, &cache.cos, &cache.sin, &cache.rot)?;
+    let query = rotate(
+        &q.mul_scalar((d as f32).powf(-0.5)),
+        &cache.cos.narrow(0, slot, 1)?,
+        &cache.sin.narrow(0, slot, 1)?,
+        &cache.rot,
+    )?;
+    // Masked slots score -f32::MAX (not -inf), as on the host: `sim keep + (keep - 1) MAX`.
+    let fill = cache.keep.mul_scalar(f32::MAX).add_scalar(-f32::MAX);
+    let sim = query
+        .matmul(&keys.transpose(-1, -2)?)?
+        .mul(&cache.keep)?
+        .add(&fill)?;
+    sim.softmax(-1)?.matmul(&cache.v)
 }

@@ -26,9 +26,9 @@ pub enum BlockState {
 }
 
 impl BlockState {
-    /// Whether this state keeps its sums on a device: some attention's FAVOR+ or context sums,
-    /// or some token shift's previous position (the states of blocks run on device tensors;
-    /// the local heads' recent keys stay on the host).
+    /// Whether this state keeps its sums on a device: some attention's FAVOR+ or context sums
+    /// or local heads' recent keys, or some token shift's previous position (the states of
+    /// blocks run on device tensors).
     pub fn on_device(&self) -> bool {
         match self {
             BlockState::Empty | BlockState::Stateless => false,
@@ -56,6 +56,9 @@ pub struct AttentionState {
     /// The context's sums on a device.
     #[cfg(feature = "cuda")]
     pub(crate) context_device: Option<performer_favor::DeviceContextState>,
+    /// The local heads' recent keys and values on a device.
+    #[cfg(feature = "cuda")]
+    pub(crate) local_device: Option<crate::local_attention_device::DeviceLocalCache>,
 }
 
 impl AttentionState {
@@ -64,10 +67,14 @@ impl AttentionState {
         self.pos
     }
 
-    /// Whether the attention sums (FAVOR+ heads, context) live on a device.
+    /// Whether the attention sums (FAVOR+ heads, context, local heads' recent keys) live on a
+    /// device.
     pub fn sums_on_device(&self) -> bool {
         #[cfg(feature = "cuda")]
-        if self.favor_device.is_some() || self.context_device.is_some() {
+        if self.favor_device.is_some()
+            || self.context_device.is_some()
+            || self.local_device.is_some()
+        {
             return true;
         }
         false

@@ -389,23 +389,32 @@ impl Block for PreShiftTokens {
             let shifted = match &st.prev_device {
                 None => self.shift(x, inputs.mask)?,
                 Some(prev) => {
-                    let prev = match &st.prev_keep {
-                        // The reference masks before shifting: a padding token's features are 0.
-                        Some(keep) => {
-                            let keep =
-                                ndarray::Array3::from_shape_fn((keep.len(), 1, 1), |(i, _, _)| {
-                                    f32::from(u8::from(keep[i]))
-                                });
-                            prev.mul(&Tensor::new(keep.into_dyn()).to_device(x.device())?)?
-                        }
-                        None => prev.clone(),
-                    };
-                    let both = Tensor::cat(&[prev, x.clone()], 1)?;
+                    let both = Tensor::cat(&[prev.clone(), x.clone()], 1)?;
                     self.shift(&both, None)?.narrow(1, 1, 1)?
                 }
             };
-            st.prev_device = Some(x.narrow(1, n - 1, 1)?);
-            st.prev_keep = inputs.mask.map(|m| m.column(n - 1).to_vec());
+            // Kept already masked (the reference masks before shifting: a padding token's
+            // features are 0), so that the next step uploads nothing.
+            let last = x.narrow(1, n - 1, 1)?;
+            st.prev_device = Some(match inputs.mask {
+                Some(m) if m.shape() != [x.shape()[0], n] => {
+                    return Err(Error::shape(
+                        "PreShiftTokens::decode",
+                        format!(
+                            "mask {:?} must cover the new positions ({}, {n})",
+                            m.shape(),
+                            x.shape()[0]
+                        ),
+                    ));
+                }
+                Some(m) => {
+                    let keep = ndarray::Array3::from_shape_fn((m.nrows(), 1, 1), |(i, _, _)| {
+                        f32::from(u8::from(m[[i, n - 1]]))
+                    });
+                    last.mul(&Tensor::new(keep.into_dyn()).to_device(x.device())?)?
+                }
+                None => last,
+            });
             return self.inner.decode(&shifted, inputs, &mut st.inner);
         }
         check_decode_length("PreShiftTokens::decode", n, st.prev.is_none())?;

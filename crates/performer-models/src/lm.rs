@@ -409,8 +409,8 @@ impl DecodingState {
     }
 
     /// Whether the state's running sums live on a device (those of a model moved there: the
-    /// FAVOR+ heads' and the context's sums and the token shifts' previous positions; the local
-    /// heads' recent keys and values stay on the host).
+    /// FAVOR+ heads' and the context's sums, the local heads' recent keys and values and the
+    /// token shifts' previous positions).
     pub fn on_device(&self) -> bool {
         self.net.on_device()
     }

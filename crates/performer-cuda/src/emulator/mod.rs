@@ -158,6 +158,7 @@ impl Launcher for EmulatedLauncher {
     }
 
     fn copy_h2d(&self, dst: DevicePtr, src: &[u8]) -> Result<()> {
+        crate::transfers::count_h2d(src.len());
         let mem = self.mem();
         mem.check_range("copy_h2d", "destination", dst, src.len())?;
         // SAFETY: the destination range lies in a live allocation (checked above, under the lock
@@ -167,6 +168,7 @@ impl Launcher for EmulatedLauncher {
     }
 
     fn copy_d2h(&self, src: DevicePtr, dst: &mut [u8]) -> Result<()> {
+        crate::transfers::count_d2h(dst.len());
         let mem = self.mem();
         mem.check_range("copy_d2h", "source", src, dst.len())?;
         // SAFETY: as in copy_h2d, with the roles swapped.

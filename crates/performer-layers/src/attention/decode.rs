@@ -113,8 +113,8 @@ impl Attention {
             self.split_heads(&self.to_q.forward(x)?)?
         };
         let mut outs = Vec::with_capacity(2);
-        // A layer on device tensors keeps its FAVOR+ sums there (softmax kernel).
-        let device_sums = !x.device().is_cpu() && !c.generalized_attention && !c.no_projection;
+        // A layer on device tensors keeps its FAVOR+ sums there (every feature map).
+        let device_sums = !x.device().is_cpu();
         if cross && device_sums {
             #[cfg(feature = "cuda")]
             outs.push(self.decode_context_on_device(&q, inputs, st)?);
@@ -228,7 +228,11 @@ impl Attention {
                     k.narrow(1, global, lh)?,
                     v.narrow(1, global, lh)?,
                 );
-                if fresh {
+                if !x.device().is_cpu() {
+                    // On a device the cache stays there too (no copy of keys or outputs).
+                    #[cfg(feature = "cuda")]
+                    outs.push(self.decode_local_on_device(local, &lq, &lk, &lv, inputs, st)?);
+                } else if fresh {
                     outs.push(local.forward(&lq, &lk, &lv, inputs.mask)?);
                     st.local = Some(local.cache_from(
                         &heads_first(&lk)?.view(),

@@ -1,12 +1,15 @@
 //! Incremental decoding of [`Attention`] on device tensors (feature `cuda`): the FAVOR+ heads'
-//! running sums and the context's sums live on the layer's device
-//! ([`performer_favor::DeviceCausalState`], [`performer_favor::DeviceContextState`]), so a
-//! decoding step copies nothing of them to the host.
+//! running sums, the context's sums ([`performer_favor::DeviceCausalState`],
+//! [`performer_favor::DeviceContextState`]) and the local heads' recent keys and values
+//! (`DeviceLocalCache`) live on the layer's device, so a decoding step copies nothing of them
+//! to the host.
 
 use performer_tensor::{Result, Tensor};
 
 use super::layer::Attention;
 use crate::block::BlockInputs;
+use crate::local_attention::LocalAttention;
+use crate::local_attention_device;
 use crate::state::AttentionState;
 
 /// `(b, h, n, d)` -> `(b * h, n, d)` (a view of the device buffer).
@@ -81,5 +84,38 @@ impl Attention {
             .query_device_context(sums, &heads_first(q)?)?;
         let e = out.shape()[2];
         out.reshape(&[b as isize, h as isize, n as isize, e as isize])
+    }
+
+    /// The local heads' output for queries `q` and the new keys `k`, values `v` `(b, lh, n,
+    /// d)`: a fresh state's prompt through the parallel forward, with the device cache taken
+    /// from its keys and values; then one position at a time from that cache.
+    pub(super) fn decode_local_on_device(
+        &self,
+        local: &LocalAttention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        inputs: &BlockInputs<'_>,
+        st: &mut AttentionState,
+    ) -> Result<Tensor> {
+        if st.pos == 0 {
+            let out = local.forward(q, k, v, inputs.mask)?;
+            st.local_device = Some(local_attention_device::cache_from(
+                local,
+                k,
+                v,
+                inputs.mask,
+            )?);
+            return Ok(out);
+        }
+        let cache = st.local_device.as_mut().ok_or_else(|| {
+            performer_tensor::Error::Other(
+                "Attention::decode: the local heads' device cache is missing (a state begun \
+                 on the host continues on the host)"
+                    .into(),
+            )
+        })?;
+        let keep = inputs.mask.map(|m| m.index_axis_move(ndarray::Axis(1), 0));
+        local_attention_device::step(cache, q, k, v, keep)
     }
 }

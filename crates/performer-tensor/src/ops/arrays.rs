@@ -225,6 +225,14 @@ pub(crate) fn zip_map(
         });
         return ArrayD::from_shape_vec(a.raw_dim(), v).expect("length of the operands");
     }
+    if let (Some(xs), Some(block)) = (a.as_slice(), repeated_block(b)) {
+        return ArrayD::from_shape_vec(a.raw_dim(), zip_map_repeated(xs, block, false, f))
+            .expect("length of the operand");
+    }
+    if let (Some(block), Some(ys)) = (repeated_block(a), b.as_slice()) {
+        return ArrayD::from_shape_vec(b.raw_dim(), zip_map_repeated(ys, block, true, f))
+            .expect("length of the operand");
+    }
     if by_rows(a) {
         return zip_map_rows(a, b, f);
     }
@@ -282,13 +290,280 @@ pub(crate) fn zip_map3(
 
 /// Reshapes an array of any layout, copying only when its strides do not allow a view.
 pub(crate) fn reshape_array(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
-    if a.is_standard_layout() {
-        return a
-            .into_shape_with_order(IxDyn(shape))
-            .expect("element count checked by caller");
-    }
-    a.as_standard_layout()
-        .into_owned()
-        .into_shape_with_order(IxDyn(shape))
+    let a = if a.is_standard_layout() {
+        a
+    } else {
+        to_standard(&a.view())
+    };
+    a.into_shape_with_order(IxDyn(shape))
         .expect("element count checked by caller")
+}
+
+/// A standard-layout (row-major) copy of `x`, whatever its strides, written row by row along
+/// the last axis: a row whose source is contiguous is one block copy, where ndarray's
+/// `as_standard_layout` walks a dynamic-rank index for every element (measured: most of the
+/// time of `reshape` after the attention heads' permute). Parallel over rows when large.
+pub(crate) fn to_standard(x: &ArrayViewD<f32>) -> ArrayD<f32> {
+    if x.is_standard_layout() || x.ndim() == 0 || x.is_empty() {
+        return x.as_standard_layout().into_owned();
+    }
+    let mut out = crate::alloc::uninit_array(x.shape());
+    write_rows(out.view_mut(), x);
+    // SAFETY: `write_rows` wrote every element of `out` (same shape as `x`).
+    unsafe { crate::alloc::assume_init(out) }
+}
+
+/// Writes `src` into `dst` (the same shape, rank at least 1) row by row along the last axis:
+/// block copies where both rows are contiguous, a strided loop otherwise. Parallel over rows
+/// when large. Every element of `dst` is written.
+pub(super) fn write_rows(mut dst: ndarray::ArrayViewMutD<MaybeUninit<f32>>, src: &ArrayViewD<f32>) {
+    debug_assert_eq!(dst.shape(), src.shape());
+    let last = Axis(src.ndim() - 1);
+    let row = |mut d: ndarray::ArrayViewMut1<MaybeUninit<f32>>, s: ndarray::ArrayView1<f32>| {
+        if let (Some(ds), Some(ss)) = (d.as_slice_mut(), s.as_slice()) {
+            for (o, &v) in ds.iter_mut().zip(ss) {
+                o.write(v);
+            }
+        } else {
+            Zip::from(d).and(s).for_each(|o, &v| {
+                o.write(v);
+            });
+        }
+    };
+    let zip = Zip::from(dst.lanes_mut(last)).and(src.lanes(last));
+    if src.len() < PAR_THRESHOLD {
+        zip.for_each(row);
+    } else {
+        zip.par_for_each(row);
+    }
+}
+
+/// The block `b` repeats when it is broadcast over its leading axes: the contiguous values of
+/// its trailing axes (a bias broadcast over the rows of an activation), if the leading axes all
+/// have stride 0 (or size 1) and the trailing ones are in standard layout.
+fn repeated_block<'a>(b: &ArrayViewD<'a, f32>) -> Option<&'a [f32]> {
+    let lead = b
+        .shape()
+        .iter()
+        .zip(b.strides())
+        .take_while(|&(&d, &s)| d <= 1 || s == 0)
+        .count();
+    if lead == 0 || lead == b.ndim() {
+        return None;
+    }
+    let mut v = b.clone();
+    for _ in 0..lead {
+        v = v.index_axis_move(Axis(0), 0);
+    }
+    v.to_slice().filter(|block| !block.is_empty())
+}
+
+/// `f(x, block[j])` over a contiguous `xs` whose rows (of the block's length) pair with the
+/// repeated `block`, or `f(block[j], x)` when `block_first`: a bias add as a plain loop over
+/// slices (ndarray's `Zip` over the broadcast view walks the rows one by one). Parallel over
+/// groups of rows when large.
+fn zip_map_repeated(
+    xs: &[f32],
+    block: &[f32],
+    block_first: bool,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Vec<f32> {
+    let l = block.len();
+    let rows_per_task = (SLICE_CHUNK / l).max(1);
+    let mut v = Vec::with_capacity(xs.len());
+    let spare = &mut v.spare_capacity_mut()[..xs.len()];
+    let task = |(t, out): (usize, &mut [MaybeUninit<f32>])| {
+        let start = t * rows_per_task * l;
+        let n = out.len();
+        let rows = out.chunks_mut(l).zip(xs[start..start + n].chunks(l));
+        for (orow, xrow) in rows {
+            if block_first {
+                for ((o, &x), &y) in orow.iter_mut().zip(xrow).zip(block) {
+                    o.write(f(y, x));
+                }
+            } else {
+                for ((o, &x), &y) in orow.iter_mut().zip(xrow).zip(block) {
+                    o.write(f(x, y));
+                }
+            }
+        }
+    };
+    if xs.len() < PAR_THRESHOLD {
+        task((0, spare));
+    } else {
+        spare
+            .par_chunks_mut(rows_per_task * l)
+            .enumerate()
+            .for_each(task);
+    }
+    // SAFETY: the chunks of whole rows cover 0..len, and every element of each was written.
+    unsafe { v.set_len(xs.len()) };
+    v
+}
+
+/// Sums a standard-layout `x` over one axis `ax` that is not its last (lanes strided by the
+/// size `inner` of the axes after it), keeping `ax` as size 1: each output value adds its lane
+/// from the first element to the last, starting at zero, as ndarray's `sum` of a strided lane
+/// does (so the values are the same bits), but row by row, so that the loop runs over
+/// contiguous values and vectorizes. `None` where that order is not ndarray's (contiguous lanes,
+/// lanes of one element) or `x` is not in standard layout.
+pub(super) fn sum_strided_axis(x: &ArrayViewD<f32>, ax: usize) -> Option<ArrayD<f32>> {
+    let xs = x.as_slice()?;
+    let shape = x.shape();
+    let len = shape[ax];
+    let inner: usize = shape[ax + 1..].iter().product();
+    if len < 2 || inner < 2 {
+        return None;
+    }
+    let outer: usize = shape[..ax].iter().product();
+    let mut out = vec![0f32; outer * inner];
+    // Column pieces of at least 64 values, enough of them to share over the threads.
+    let threads = rayon::current_num_threads();
+    let par = xs.len() >= PAR_THRESHOLD;
+    let piece = if par {
+        let per_row = (2 * threads).div_ceil(outer).max(1);
+        inner.div_ceil(per_row).max(64)
+    } else {
+        inner
+    };
+    let column_piece = |o: usize, c: usize, acc: &mut [f32]| {
+        let base = o * len * inner + c * piece;
+        for i in 0..len {
+            let row = &xs[base + i * inner..base + i * inner + acc.len()];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    };
+    if par {
+        out.par_chunks_mut(inner).enumerate().for_each(|(o, row)| {
+            row.par_chunks_mut(piece)
+                .enumerate()
+                .for_each(|(c, acc)| column_piece(o, c, acc));
+        });
+    } else {
+        for (o, row) in out.chunks_mut(inner).enumerate() {
+            column_piece(o, 0, row);
+        }
+    }
+    let mut kept = shape.to_vec();
+    kept[ax] = 1;
+    Some(ArrayD::from_shape_vec(IxDyn(&kept), out).expect("outer x inner values"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tensor;
+
+    fn bits(a: &ArrayViewD<f32>) -> Vec<u32> {
+        a.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Values with ties of sign, a NaN and a wide range, so that a different summation order
+    /// or a lost -0.0 shows in the bits.
+    fn awkward(shape: &[usize]) -> ArrayD<f32> {
+        let mut a = Tensor::randn(shape).to_array();
+        for (i, v) in a.iter_mut().enumerate() {
+            match i % 97 {
+                0 => *v = -0.0,
+                1 => *v *= 1e7,
+                2 => *v *= 1e-7,
+                _ => {}
+            }
+        }
+        a
+    }
+
+    #[test]
+    fn to_standard_copies_any_layout_bit_for_bit() {
+        for shape in [[2usize, 3, 5, 7], [4, 8, 64, 32]] {
+            let a = awkward(&shape);
+            let views = [
+                a.view().permuted_axes(IxDyn(&[0, 2, 1, 3])),
+                a.view().permuted_axes(IxDyn(&[3, 1, 2, 0])),
+                a.slice_axis(Axis(3), ndarray::Slice::from(1..)).into_dyn(),
+                a.slice_axis(Axis(1), ndarray::Slice::new(0, None, 2))
+                    .into_dyn(),
+            ];
+            for v in views {
+                let copy = to_standard(&v);
+                assert!(copy.is_standard_layout());
+                assert_eq!(copy.shape(), v.shape());
+                assert_eq!(bits(&copy.view()), bits(&v), "shape {:?}", v.shape());
+            }
+        }
+    }
+
+    #[test]
+    fn cat_of_views_matches_ndarray_concatenate() {
+        for n in [5usize, 300] {
+            let a = Tensor::new(awkward(&[3, n, 40]));
+            let b = Tensor::new(awkward(&[3, 40, n]))
+                .permute(&[0, 2, 1])
+                .unwrap();
+            let c = a.narrow(-1, 7, 9).unwrap();
+            for (pieces, ax) in [
+                (vec![a.clone(), b.clone()], 2usize),
+                (vec![a.clone(), b.clone(), a.clone()], 1),
+                (vec![b.clone(), a.clone()], 0),
+                (vec![c.clone(), a.clone(), c.clone()], 2),
+            ] {
+                let got = Tensor::cat(&pieces, ax as isize).unwrap();
+                let views: Vec<_> = pieces.iter().map(|t| t.view()).collect();
+                let want = ndarray::concatenate(Axis(ax), &views).unwrap();
+                assert_eq!(got.shape(), want.shape());
+                assert_eq!(bits(&got.view()), bits(&want.view()), "n {n}, axis {ax}");
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_block_maps_match_zip_over_the_broadcast() {
+        for rows in [3usize, 700] {
+            let x = awkward(&[2, rows, 48]);
+            for block_shape in [vec![48usize], vec![rows, 48], vec![1, 1, 48]] {
+                let b = awkward(&block_shape);
+                let bb = b.broadcast(IxDyn(x.shape())).unwrap();
+                assert!(repeated_block(&bb).is_some(), "{block_shape:?}");
+                let f = |x: f32, y: f32| x * 3.0 - y;
+                for (first, second) in [(x.view(), bb.clone()), (bb.clone(), x.view())] {
+                    let got = zip_map(&first, &second, f);
+                    let want = Zip::from(&first).and(&second).map_collect(|&x, &y| f(x, y));
+                    assert_eq!(got.shape(), want.shape());
+                    assert_eq!(bits(&got.view()), bits(&want.view()), "{block_shape:?}");
+                }
+            }
+        }
+        // A broadcast along the last axis is not a repeated block.
+        let col = awkward(&[4, 1]);
+        assert!(repeated_block(&col.broadcast(IxDyn(&[4, 6])).unwrap()).is_none());
+    }
+
+    #[test]
+    fn strided_axis_sums_match_ndarray_lane_sums() {
+        for shape in [[3usize, 7, 5], [4, 900, 64], [2, 2, 2]] {
+            let mut x = awkward(&shape);
+            x[[0, 1, 1]] = f32::NAN;
+            for ax in 0..2 {
+                let got = sum_strided_axis(&x.view(), ax).expect("a strided axis");
+                let want = Zip::from(x.lanes(Axis(ax)))
+                    .map_collect(|l| l.sum())
+                    .insert_axis(Axis(ax));
+                assert_eq!(got.shape(), want.shape());
+                assert_eq!(bits(&got.view()), bits(&want.view()), "{shape:?} axis {ax}");
+            }
+            assert!(sum_strided_axis(&x.view(), 2).is_none(), "contiguous lanes");
+        }
+        let one = awkward(&[3, 1, 4]);
+        assert!(
+            sum_strided_axis(&one.view(), 1).is_none(),
+            "lanes of one value"
+        );
+        let t = awkward(&[6, 5]);
+        assert!(
+            sum_strided_axis(&t.t().into_dyn(), 0).is_none(),
+            "not standard"
+        );
+    }
 }

@@ -12,6 +12,15 @@ pub(crate) fn sum_to(g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
     if g.shape() == shape {
         return g;
     }
+    sum_to_view(&g.view(), shape)
+}
+
+/// [`sum_to`] reading a view of the gradient (a copy when nothing was broadcast): the gradient
+/// of a broadcast operand is summed straight from the shared gradient, never from a clone.
+pub(crate) fn sum_to_view(g: &ndarray::ArrayViewD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    if g.shape() == shape {
+        return g.to_owned();
+    }
     let lead = g.ndim() - shape.len();
     let axes: Vec<usize> = (0..g.ndim())
         .filter(|&ax| ax < lead || (shape[ax - lead] == 1 && g.shape()[ax] != 1))

@@ -7,7 +7,7 @@ use ndarray::{ArrayD, IxDyn};
 use super::arrays::{
     fill_vec, map_array, map_rows_with, rows_are_slices, zip_map, zip_map3, zip_rows_with,
 };
-use super::broadcast::sum_to;
+use super::broadcast::{sum_to, sum_to_view};
 use crate::shape::broadcast_shapes;
 use crate::{Result, Tensor};
 #[cfg(feature = "cuda")]
@@ -97,8 +97,22 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
         let bb = bd
             .broadcast(IxDyn(g.shape()))
             .expect("same broadcast as forward");
-        // `g` itself is handed on where the local derivative is 1, cloned only when both
-        // operands need it.
+        if let Binary::Add = op {
+            // A broadcast operand (a bias) sums its gradient from a view of `g`; an operand of
+            // `g`'s own shape takes `g` itself, cloned only when both operands need it whole.
+            let reduced = |shape: &[usize], need: bool| {
+                (need && shape != g.shape()).then(|| sum_to_view(&g.view(), shape))
+            };
+            let (ra, rb) = (reduced(ad.shape(), needs[0]), reduced(bd.shape(), needs[1]));
+            let (fa, fb) = match (needs[0] && ra.is_none(), needs[1] && rb.is_none()) {
+                (true, true) => (Some(g.clone()), Some(g)),
+                (true, false) => (Some(g), None),
+                (false, true) => (None, Some(g)),
+                (false, false) => (None, None),
+            };
+            return Ok(vec![ra.or(fa), rb.or(fb)]);
+        }
+        // Sub hands `g` itself to its first operand (after the second took what it needs).
         let mut g = Some(g);
         let partial = |g: &ArrayD<f32>, which: usize| {
             zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
@@ -107,13 +121,11 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
             })
         };
         let gb = needs[1].then(|| match op {
-            Binary::Add if needs[0] => g.clone().expect("present"),
-            Binary::Add => g.take().expect("present"),
             Binary::Sub => map_array(&g.as_ref().expect("present").view(), |v| -v),
             _ => partial(g.as_ref().expect("present"), 1),
         });
         let ga = needs[0].then(|| match op {
-            Binary::Add | Binary::Sub => g.take().expect("present"),
+            Binary::Sub => g.take().expect("present"),
             _ => partial(g.as_ref().expect("present"), 0),
         });
         Ok(vec![

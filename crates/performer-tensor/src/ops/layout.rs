@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
-use super::arrays::reshape_array;
+use super::arrays::{reshape_array, to_standard, write_rows};
 use super::broadcast::sum_to;
 use crate::shape::{normalize_axis, numel};
 use crate::{Error, Result, Tensor};
@@ -17,7 +17,10 @@ impl Tensor {
         let in_shape = self.shape().to_vec();
         let data = match self.data().clone().into_shape_with_order(IxDyn(&target)) {
             Ok(view) => view,
-            Err(_) => reshape_array(self.to_array(), &target).into_shared(),
+            Err(_) => to_standard(&self.view())
+                .into_shape_with_order(IxDyn(&target))
+                .expect("element count checked")
+                .into_shared(),
         };
         Ok(Tensor::from_op(data, "reshape", &[self], move |g, _| {
             Ok(vec![Some(reshape_array(g, &in_shape))])
@@ -177,7 +180,7 @@ impl Tensor {
         if self.data().is_standard_layout() {
             return self.clone();
         }
-        let data = self.data().as_standard_layout().into_owned();
+        let data = to_standard(&self.view());
         Tensor::from_op(data, "contiguous", &[self], |g, _| Ok(vec![Some(g)]))
     }
 
@@ -293,9 +296,23 @@ impl Tensor {
             }
         }
         on_device!(crate::cuda::shape_ops::cat(tensors, ax));
-        let views: Vec<_> = tensors.iter().map(|t| t.view()).collect();
-        let out = ndarray::concatenate(Axis(ax), &views)
-            .map_err(|e| Error::shape("cat", e.to_string()))?;
+        // Each piece is written row by row into its slice of the result (ndarray's
+        // `concatenate` walked a dynamic-rank index per element).
+        let mut out_shape = first.shape().to_vec();
+        out_shape[ax] = tensors.iter().map(|t| t.shape()[ax]).sum();
+        let mut out = crate::alloc::uninit_array(&out_shape);
+        let mut start = 0;
+        for t in tensors {
+            let len = t.shape()[ax];
+            if len > 0 {
+                let piece = out.slice_axis_mut(Axis(ax), Slice::from(start..start + len));
+                write_rows(piece, &t.view());
+            }
+            start += len;
+        }
+        // SAFETY: the pieces cover axis `ax` of `out` from 0 to its length, and `write_rows`
+        // wrote every element of each.
+        let out = unsafe { crate::alloc::assume_init(out) };
         let sizes: Vec<usize> = tensors.iter().map(|t| t.shape()[ax]).collect();
         let refs: Vec<&Tensor> = tensors.iter().collect();
         Ok(Tensor::from_op(out, "cat", &refs, move |g, needs| {

@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayD, ArrayView1, ArrayViewD, Axis, IxDyn, Zip};
 
-use super::arrays::{map_array, reshape_array, zip_map, zip_map3};
+use super::arrays::{map_array, reshape_array, sum_strided_axis, zip_map, zip_map3};
 use crate::parallel::PAR_THRESHOLD;
 use crate::shape::normalize_axes;
 use crate::{Result, Tensor};
@@ -40,9 +40,22 @@ fn reduce_keep(
     out
 }
 
-/// Sums `x` over `axes` (sorted ascending), keeping them as size 1.
+/// Sums `x` over `axes` (sorted ascending), keeping them as size 1. An axis whose lanes are
+/// strided in a standard-layout array (a bias gradient: the rows of an activation summed) is
+/// summed row by row ([`sum_strided_axis`], the same values as the lane loop).
 pub(crate) fn sum_keep(x: &ArrayViewD<f32>, axes: &[usize]) -> ArrayD<f32> {
-    reduce_keep(x, axes, &|l| l.sum())
+    let lane_sum = |l: ArrayView1<f32>| l.sum();
+    let sum_axis = |x: &ArrayViewD<f32>, ax: usize| {
+        sum_strided_axis(x, ax).unwrap_or_else(|| reduce_axis(x, ax, &lane_sum))
+    };
+    let Some((&last, rest)) = axes.split_last() else {
+        return x.to_owned();
+    };
+    let mut out = sum_axis(x, last);
+    for &ax in rest.iter().rev() {
+        out = sum_axis(&out.view(), ax);
+    }
+    out
 }
 
 /// Maximum of a lane (NaN entries are skipped, as `f32::max` does; written as a comparison so
