@@ -220,7 +220,8 @@ struct Cli {
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
     /// bf16 autocast on the device (performer-pytorch's amp_enabled): the matrix products of
-    /// the forward and backward read bf16 operands and accumulate in f32; weights, Adam's
+    /// the forward and backward read bf16 operands and accumulate in f32, and the activations
+    /// they and the element-wise ops produce are stored in bf16; weights, gradients, Adam's
     /// state, FAVOR+, softmax, norms and the loss stay f32 (performer_tensor::autocast). Needs
     /// a --device other than cpu.
     #[arg(long)]

@@ -450,6 +450,9 @@ pub fn strided_copy(
     const OP: &str = "strided_copy";
     let dev = device_of(OP, &[x])?;
     let n = numel(shape);
+    // The view is checked in elements: they must be f32 (a bf16 buffer's would be half as
+    // many bytes).
+    expect(OP, "x", x, x.len())?;
     check_view(OP, x.len(), offset, shape, strides)?;
     let y = f32_buf(&dev, n)?;
     if n == 0 {

@@ -86,6 +86,9 @@ fn conversion_rounds_to_nearest_even_and_keeps_nan_and_infinities() {
     assert!(ops::to_f32(&up).is_err());
     assert!(ops::to_bf16(&b).is_err());
     assert!(ops::unary(&b, ops::Unary::Exp).is_err());
+    // A strided copy checks its view in elements: a bf16 buffer is refused, not read as f32
+    // past its end.
+    assert!(ops::strided_copy(&b, 0, &[b.len()], &[1]).is_err());
 }
 
 /// bf16 bits of `x`, rounded to nearest even (the reference for the device's rounding).

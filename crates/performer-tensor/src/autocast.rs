@@ -1,13 +1,17 @@
 //! bf16 autocast for the device path, performer-pytorch's `amp_enabled` (PyTorch's
 //! `torch.autocast(dtype=torch.bfloat16)`), opt-in per thread like [`crate::no_grad`].
 //!
-//! Inside [`autocast_bf16`], every matrix product of device tensors ([`crate::Tensor::matmul`]
-//! on `Device::Cuda` or `Device::Emulated`) reads its operands as bf16 and accumulates in f32
-//! (cuBLAS `CUBLAS_COMPUTE_32F_FAST_16BF`), and so do the two products of its backward, whenever
-//! the backward runs. Everything else is unchanged and stays f32: tensors in memory (activations
-//! are f32 values, rounded to bf16 only as GEMM operands), parameters (the master weights), the
-//! optimizer's state, the FAVOR+ kernels (feature maps, causal running sums and normalizer),
-//! softmax, norms and the loss. On the CPU autocast changes nothing.
+//! Inside [`autocast_bf16`], device tensors' activations are stored in bf16, following PyTorch
+//! autocast's rules. A matrix product of device tensors ([`crate::Tensor::matmul`], and a linear
+//! layer's product and bias, [`crate::Tensor::matmul_add`]) reads bf16 operands (f32 ones cast
+//! to temporaries), accumulates in f32 (cuBLAS `CUBLAS_COMPUTE_32F` on `CUDA_R_16BF` matrices)
+//! and writes bf16; the two products of its backward read bf16 operands and write f32
+//! gradients, whenever the backward runs. Element-wise ops, activations, dropout and layout
+//! copies of bf16 inputs write bf16; a binary op of bf16 and f32 writes f32. Everything else
+//! reads its inputs through f32 copies and writes f32: softmax, norms, reductions, the loss,
+//! the FAVOR+ kernels (feature maps, causal running sums and normalizer). Parameters (the
+//! master weights), every gradient and the optimizer's state stay f32. On the CPU autocast
+//! changes nothing.
 
 use std::cell::Cell;
 

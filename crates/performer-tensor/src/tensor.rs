@@ -155,26 +155,6 @@ impl Tensor {
         }
     }
 
-    /// This tensor stored as `dtype` (a device copy rounded to nearest even for bf16, widened
-    /// exactly for f32; itself when it already is), differentiably: the gradient passes
-    /// through unchanged, in f32. Host tensors are f32 only: bf16 on the host is
-    /// [`crate::Error::Unsupported`].
-    pub fn to_dtype(&self, dtype: crate::DType) -> crate::Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        {
-            crate::cuda::to_dtype(self, dtype)
-        }
-        #[cfg(not(feature = "cuda"))]
-        match dtype {
-            crate::DType::F32 => Ok(self.clone()),
-            crate::DType::BF16 => Err(crate::Error::Unsupported {
-                op: "to_dtype".to_string(),
-                device: self.device().to_string(),
-                detail: "host tensors are f32; bf16 storage is for device tensors".into(),
-            }),
-        }
-    }
-
     /// Where the values live.
     pub fn device(&self) -> crate::Device {
         match &self.inner.storage {

@@ -20,6 +20,26 @@ impl crate::Tensor {
         }
     }
 
+    /// This tensor stored as `dtype` (a device copy rounded to nearest even for bf16, widened
+    /// exactly for f32; itself when it already is), differentiably: the gradient passes
+    /// through unchanged, in f32. Host tensors are f32 only: bf16 on the host is
+    /// [`crate::Error::Unsupported`].
+    pub fn to_dtype(&self, dtype: crate::DType) -> crate::Result<crate::Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            crate::cuda::to_dtype(self, dtype)
+        }
+        #[cfg(not(feature = "cuda"))]
+        match dtype {
+            crate::DType::F32 => Ok(self.clone()),
+            crate::DType::BF16 => Err(crate::Error::Unsupported {
+                op: "to_dtype".to_string(),
+                device: self.device().to_string(),
+                detail: "host tensors are f32; bf16 storage is for device tensors".into(),
+            }),
+        }
+    }
+
     /// This tensor in host memory ([`Tensor::to_device`] with [`Device::Cpu`]).
     ///
     /// [`Tensor::to_device`]: crate::Tensor::to_device
