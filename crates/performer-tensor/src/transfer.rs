@@ -8,7 +8,7 @@ use crate::error::Error;
 impl crate::Tensor {
     /// This tensor on `device` (a copy; the same tensor when it is already there). The move
     /// is differentiable: the gradient comes back to where this tensor lives. Without the
-    /// `cuda` feature every device other than [`Device::Cpu`] is [`Error::Unsupported`].
+    /// `cuda` feature every device other than [`Device::Cpu`] is [`crate::Error::Unsupported`].
     pub fn to_device(&self, device: Device) -> crate::Result<crate::Tensor> {
         #[cfg(feature = "cuda")]
         return crate::cuda::to_device(self, device);
@@ -48,7 +48,7 @@ impl crate::Tensor {
     }
 
     /// A constant tensor of `shape` filled with `value`, allocated on `device` (nothing is
-    /// copied from the host). Out of device memory is [`Error::OutOfMemory`].
+    /// copied from the host). Out of device memory is [`crate::Error::OutOfMemory`].
     pub fn full_on(shape: &[usize], value: f32, device: Device) -> crate::Result<crate::Tensor> {
         if device.is_cpu() {
             return crate::Tensor::try_full(shape, value);
