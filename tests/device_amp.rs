@@ -7,21 +7,11 @@
 
 use ndarray::{ArrayD, IxDyn};
 use performer::tensor::autocast::autocast_bf16;
+use performer::tensor::testing::emulated_device_available;
 use performer::tensor::testing::relative_error;
 use performer::tensor::{DType, Device, Tensor};
 
 const DEV: Device = Device::Emulated;
-
-fn emulator() -> bool {
-    match Tensor::full_on(&[1], 0.0, DEV) {
-        Ok(_) => true,
-        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
-            eprintln!("skipped: no emulated device here: {e}");
-            false
-        }
-        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
-    }
-}
 
 /// `x` rounded to the nearest bf16, ties to even (the reference's own rounding, written apart
 /// from the emulator's).
@@ -48,7 +38,7 @@ fn reference(a: &ArrayD<f32>, w: &ArrayD<f32>, round: fn(f32) -> f32) -> ArrayD<
 
 #[test]
 fn autocast_matmul_rounds_operands_to_bf16_forward_and_backward() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (a, w) = (seeded(&[2, 5, 24], 3), seeded(&[24, 7], 4));
@@ -107,7 +97,7 @@ fn autocast_matmul_rounds_operands_to_bf16_forward_and_backward() {
 
 #[test]
 fn without_autocast_and_on_the_cpu_matmul_stays_f32() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (a, w) = (seeded(&[2, 5, 24], 3), seeded(&[24, 7], 4));
@@ -136,7 +126,7 @@ fn without_autocast_and_on_the_cpu_matmul_stays_f32() {
 /// the bf16 buffer; a bf16 tensor read back is its bf16 values widened exactly.
 #[test]
 fn autocast_stores_products_and_activations_as_bf16_and_the_rest_as_f32() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let _serial = serial();
@@ -211,7 +201,7 @@ fn autocast_stores_products_and_activations_as_bf16_and_the_rest_as_f32() {
 /// GELU's derivative). And the same through a bf16 product (`bf16(x) @ w` under autocast).
 #[test]
 fn gradients_through_bf16_storage_match_the_cpu_on_the_rounded_values() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let _serial = serial();
@@ -349,7 +339,7 @@ fn lm_step(amp: bool) -> (f32, Vec<(String, ArrayD<f32>)>, usize) {
 /// or read a wrong half, would be far outside them.
 #[test]
 fn an_lm_step_under_autocast_is_close_to_f32_and_needs_less_memory() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let _serial = serial();

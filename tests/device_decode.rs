@@ -17,6 +17,7 @@ use ndarray::Array2;
 use performer::models::DecodingState;
 use performer::models::LocalAttnHeads;
 use performer::tensor::testing::assert_close;
+use performer::tensor::testing::emulated_device_available;
 use performer::tensor::{Device, Module, Tensor, rng};
 use performer::{
     AutoregressiveWrapper, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
@@ -27,19 +28,6 @@ const DEV: Device = Device::Emulated;
 
 /// Held by every test of this file: the copy counters see the whole process.
 static DEVICE: Mutex<()> = Mutex::new(());
-
-/// Whether the emulated device can run here; CI sets `PERFORMER_CUDA_REQUIRE_CXX=1` so that a
-/// missing compiler fails instead of skipping.
-fn emulator() -> bool {
-    match Tensor::full_on(&[1], 0.0, DEV) {
-        Ok(_) => true,
-        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
-            eprintln!("skipped: no emulated device here: {e}");
-            false
-        }
-        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
-    }
-}
 
 const VOCAB: usize = 20;
 const BATCH: usize = 2;
@@ -225,7 +213,7 @@ fn padding_only_start(what: &str, (cpu, dev): (&PerformerLM, &PerformerLM)) -> f
 #[test]
 fn local_heads_decode_on_the_device_as_on_the_cpu() {
     let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (cpu, dev) = pair(config(false, false), 31);
@@ -238,7 +226,7 @@ fn local_heads_decode_on_the_device_as_on_the_cpu() {
 #[test]
 fn generalized_and_unprojected_heads_decode_on_the_device_as_on_the_cpu() {
     let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     for (generalized, no_projection) in [(true, false), (false, true)] {
@@ -253,7 +241,7 @@ fn generalized_and_unprojected_heads_decode_on_the_device_as_on_the_cpu() {
 #[test]
 fn cross_attention_decodes_on_the_device_as_on_the_cpu() {
     let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     for (generalized, no_projection) in [(false, false), (true, false), (false, true)] {
@@ -271,7 +259,7 @@ fn cross_attention_decodes_on_the_device_as_on_the_cpu() {
 #[test]
 fn generate_samples_the_cpus_tokens() {
     let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     // (The softmax kernel's generate, local heads included, is device_model's.)

@@ -20,6 +20,7 @@ use performer::models::LocalAttnHeads;
 use performer::tensor::ops::Activation;
 use performer::tensor::optim::{Adam, Optimizer};
 use performer::tensor::testing::assert_close;
+use performer::tensor::testing::emulated_device_available;
 use performer::tensor::{Device, Error, Gradients, Module, Param, Tensor, no_grad, rng};
 use performer::{
     AttentionConfig, AutoregressiveWrapper, BlockInputs, CrossAttention, FastAttention,
@@ -28,19 +29,6 @@ use performer::{
 };
 
 const DEV: Device = Device::Emulated;
-
-/// Whether the emulated device can run here; CI sets `PERFORMER_CUDA_REQUIRE_CXX=1` so that a
-/// missing compiler fails instead of skipping.
-fn emulator() -> bool {
-    match Tensor::full_on(&[1], 0.0, DEV) {
-        Ok(_) => true,
-        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
-            eprintln!("skipped: no emulated device here: {e}");
-            false
-        }
-        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
-    }
-}
 
 /// The language model, tiny: causal, one local head of two, rotary, reversible, GLU,
 /// token shift, no dropout.
@@ -161,7 +149,7 @@ fn no_skip(_: &str) -> bool {
 
 #[test]
 fn lm_forward_gradients_and_adam_steps_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (cpu, dev) = lm_pair(11);
@@ -256,7 +244,7 @@ fn decodes_alike(
 
 #[test]
 fn lm_generates_on_the_device_as_on_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (cpu, dev) = lm_pair(12);
@@ -291,7 +279,7 @@ fn lm_generates_on_the_device_as_on_the_cpu() {
 /// of the CPU's.
 #[test]
 fn generalized_and_unprojected_lms_decode_on_the_device_as_on_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     for (generalized_attention, no_projection) in [(true, false), (false, true)] {
@@ -335,7 +323,7 @@ fn enc_dec_pair(seed: u64) -> (PerformerEncDec, PerformerEncDec) {
 
 #[test]
 fn enc_dec_loss_gradients_adam_and_generate_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (cpu, dev) = enc_dec_pair(13);
@@ -456,7 +444,7 @@ fn layer_input() -> Tensor {
 
 #[test]
 fn fast_attention_moved_to_the_device_matches_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = layer_input();
@@ -506,7 +494,7 @@ fn fast_attention_moved_to_the_device_matches_the_cpu() {
 /// against the CPU.
 #[test]
 fn lm_with_a_padding_mask_matches_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (cpu, dev) = lm_pair(12);
@@ -551,7 +539,7 @@ fn attention_config() -> AttentionConfig {
 
 #[test]
 fn self_attention_moved_to_the_device_matches_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = layer_input();
@@ -577,7 +565,7 @@ fn self_attention_moved_to_the_device_matches_the_cpu() {
 
 #[test]
 fn cross_attention_moved_to_the_device_matches_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = layer_input();
@@ -606,7 +594,7 @@ fn cross_attention_moved_to_the_device_matches_the_cpu() {
 
 #[test]
 fn performer_moved_to_the_device_matches_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = layer_input();
@@ -634,7 +622,7 @@ fn performer_moved_to_the_device_matches_the_cpu() {
 
 #[test]
 fn mixed_devices_and_out_of_memory_are_typed_errors() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     // A cross-attending decoder on the device given a context on the host.
@@ -677,7 +665,7 @@ fn mixed_devices_and_out_of_memory_are_typed_errors() {
 
 #[test]
 fn checkpoints_round_trip_from_a_device_model() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let (cpu, dev) = lm_pair(15);
@@ -730,7 +718,7 @@ fn reversible_dropout_on_the_device_replays_its_masks() {
         FeedForward, Layer, PreLayerNorm, ReversibleSequence, Route, SequentialSequence,
     };
     use std::sync::Arc;
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let cfg = AttentionConfig {

@@ -8,20 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use performer::models::parity::{find_fixtures, run_fixture_on};
-use performer::tensor::{Device, Tensor};
-
-/// Whether the emulated device can run here; CI sets `PERFORMER_CUDA_REQUIRE_CXX=1` so that a
-/// missing compiler fails instead of skipping.
-fn emulator() -> bool {
-    match Tensor::full_on(&[1], 0.0, Device::Emulated) {
-        Ok(_) => true,
-        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
-            eprintln!("skipped: no emulated device here: {e}");
-            false
-        }
-        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
-    }
-}
+use performer::tensor::Device;
+use performer::tensor::testing::emulated_device_available;
 
 fn fixtures(group: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -51,7 +39,7 @@ fn assert_pass_on_device(dirs: &[PathBuf]) {
 
 #[test]
 fn attention_and_layer_fixtures_pass_on_the_emulated_device() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let mut dirs = fixtures("fast_attention");
@@ -64,7 +52,7 @@ fn attention_and_layer_fixtures_pass_on_the_emulated_device() {
 /// runs them all, and tests/device_model.rs covers PerformerLM and PerformerEncDec training).
 #[test]
 fn model_fixtures_pass_on_the_emulated_device() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let dirs: Vec<PathBuf> = fixtures("models")
@@ -87,7 +75,7 @@ fn model_fixtures_pass_on_the_emulated_device() {
 #[test]
 #[ignore = "slow on the emulator; run with --ignored, or `xtask parity --device emulated`"]
 fn every_fixture_passes_on_the_emulated_device() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let mut dirs = fixtures("fast_attention");

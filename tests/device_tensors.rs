@@ -8,6 +8,7 @@
 
 use performer::tensor::optim::{Adam, Optimizer, Sgd, clip_grad_norm};
 use performer::tensor::testing::assert_close;
+use performer::tensor::testing::emulated_device_available;
 use performer::tensor::{
     Buffer, CustomOp, Data, Device, Error, Gradients, Module, Param, StateValue, Tensor, Visitor,
     apply_custom_op, no_grad,
@@ -17,19 +18,6 @@ const DEV: Device = Device::Emulated;
 
 #[path = "device_tensors/generic_ops.rs"]
 mod generic_ops;
-
-/// Whether the emulated device can run here; CI sets `PERFORMER_CUDA_REQUIRE_CXX=1` so that a
-/// missing compiler fails instead of skipping.
-fn emulator() -> bool {
-    match Tensor::full_on(&[1], 0.0, DEV) {
-        Ok(_) => true,
-        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
-            eprintln!("skipped: no emulated device here: {e}");
-            false
-        }
-        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
-    }
-}
 
 fn seeded(shape: &[usize], seed: u64) -> Tensor {
     performer::tensor::rng::manual_seed(seed);
@@ -51,7 +39,7 @@ fn device_grad(grads: &Gradients, t: &Tensor, what: &str) -> ndarray::ArrayD<f32
 
 #[test]
 fn transfers_keep_values_and_report_devices() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = seeded(&[3, 5], 1);
@@ -75,7 +63,7 @@ fn transfers_keep_values_and_report_devices() {
 /// CPU: the loss within 1e-5 and every gradient within 1e-4 (relative to its largest value).
 #[test]
 fn mlp_forward_and_gradients_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = seeded(&[2, 3, 4], 2);
@@ -135,7 +123,7 @@ fn mlp_forward_and_gradients_match_the_cpu() {
 /// host and moved: its gradient comes back to the host through the move.
 #[test]
 fn layout_ops_and_batched_products_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let a = Tensor::var(seeded(&[2, 3, 4], 7).to_array());
@@ -168,7 +156,7 @@ fn layout_ops_and_batched_products_match_the_cpu() {
 
 #[test]
 fn operands_on_two_devices_are_a_typed_error() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = seeded(&[2, 3], 9);
@@ -194,7 +182,7 @@ fn operands_on_two_devices_are_a_typed_error() {
 
 #[test]
 fn out_of_device_memory_is_a_typed_error() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     // 64 GiB of f32 on an emulated device of 4 GiB.
@@ -264,7 +252,7 @@ impl Module for Tiny {
 /// dict comes back to the host to be written; moving back to the CPU keeps the values.
 #[test]
 fn module_to_device_and_optimizer_steps_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     type MakeOpt = fn(Vec<(String, Param)>) -> Box<dyn Optimizer>;
@@ -342,7 +330,7 @@ fn cpu_value(m: &Tiny, name: &str) -> StateValue {
 /// its gradient comes back to the device.
 #[test]
 fn custom_ops_accept_device_operands() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     struct Double;
@@ -382,7 +370,7 @@ fn custom_ops_accept_device_operands() {
 /// within 1e-5 and every gradient within 1e-4.
 #[test]
 fn embedding_layer_norm_and_cross_entropy_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let table = Tensor::var(seeded(&[7, 8], 50).to_array());

@@ -8,18 +8,7 @@
 #[path = "../examples/lm_bench.rs"]
 mod lm_bench;
 
-use performer::tensor::{Device, Tensor};
-
-fn emulator() -> bool {
-    match Tensor::full_on(&[1], 0.0, Device::Emulated) {
-        Ok(_) => true,
-        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
-            eprintln!("skipped: no emulated device here: {e}");
-            false
-        }
-        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
-    }
-}
+use performer::tensor::testing::emulated_device_available;
 
 fn args(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
@@ -27,7 +16,7 @@ fn args(s: &str) -> Vec<String> {
 
 #[test]
 fn tiny_benchmark_on_the_emulated_device_prints_parseable_lines() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let out = std::env::temp_dir().join(format!("lm-bench-{}.jsonl", std::process::id()));

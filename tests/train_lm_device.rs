@@ -12,21 +12,9 @@ mod train_lm;
 
 use std::path::{Path, PathBuf};
 
+use performer::tensor::Module;
+use performer::tensor::testing::emulated_device_available;
 use performer::tensor::testing::relative_error;
-use performer::tensor::{Device, Module, Tensor};
-
-/// Whether the emulated device can run here; CI sets `PERFORMER_CUDA_REQUIRE_CXX=1` so that a
-/// missing compiler fails instead of skipping.
-fn emulator() -> bool {
-    match Tensor::full_on(&[1], 0.0, Device::Emulated) {
-        Ok(_) => true,
-        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
-            eprintln!("skipped: no emulated device here: {e}");
-            false
-        }
-        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
-    }
-}
 
 struct Scratch(PathBuf);
 
@@ -95,7 +83,7 @@ fn run(args: &[String]) -> train_lm::TrainerState {
 
 #[test]
 fn training_on_the_emulated_device_follows_the_cpu_and_resumes_on_it() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let tmp = std::env::temp_dir().join(format!("train_lm_device_{}", std::process::id()));

@@ -56,7 +56,7 @@ fn tied(shape: &[usize], seed: u64) -> Tensor {
 
 #[test]
 fn slicing_padding_and_joining_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = seeded(&[2, 5, 3], 60);
@@ -99,7 +99,7 @@ fn slicing_padding_and_joining_match_the_cpu() {
 
 #[test]
 fn indexing_and_selection_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = seeded(&[2, 5, 3], 63);
@@ -138,7 +138,7 @@ fn indexing_and_selection_match_the_cpu() {
 
 #[test]
 fn reductions_and_element_wise_ops_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let x = tied(&[2, 5, 3], 67);
@@ -203,7 +203,7 @@ fn reductions_and_element_wise_ops_match_the_cpu() {
 /// cross-entropy over `(N, C, d)` logits with an ignored target.
 #[test]
 fn broadcast_products_and_spatial_cross_entropy_match_the_cpu() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let a = seeded(&[2, 1, 3, 4], 80);
@@ -234,7 +234,7 @@ fn broadcast_products_and_spatial_cross_entropy_match_the_cpu() {
 /// is the same mask, p = 1 drops all, and eval mode is the identity.
 #[test]
 fn dropout_replays_from_the_generator_state() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let p = 0.3;
@@ -293,7 +293,7 @@ fn dropout_replays_from_the_generator_state() {
 
 #[test]
 fn mixed_devices_in_the_new_ops_are_typed_errors() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let h = seeded(&[2, 3], 76);
@@ -326,7 +326,7 @@ fn mixed_devices_in_the_new_ops_are_typed_errors() {
 /// the device gradient in the returned store), once.
 #[test]
 fn backward_with_hook_hands_over_device_leaves() {
-    if !emulator() {
+    if !emulated_device_available() {
         return;
     }
     let a = seeded(&[3, 4], 77).to_device(DEV).unwrap().to_var();

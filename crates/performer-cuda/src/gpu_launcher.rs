@@ -228,51 +228,6 @@ impl Launcher for GpuLauncher {
         }
     }
 
-    unsafe fn gemm_strided_batched_bf16(&self, g: &GemmStridedBatched) -> Result<()> {
-        const OP: &str = "gemm_strided_batched_bf16";
-        g.validate()
-            .map_err(|detail| Error::Shape { op: OP, detail })?;
-        self.bind(OP)?;
-        let blas = self.dev.blas(OP)?;
-        let handle = *blas.handle();
-        let f32_type = cublas_sys::cudaDataType::CUDA_R_32F;
-        // SAFETY: as in gemm_strided_batched: this device's handle on its stream, host scalars
-        // alpha and beta (f32, as CUBLAS_COMPUTE_32F_FAST_16BF's scale type is), the matrices
-        // f32 (CUDA_R_32F) in live allocations by the caller's contract.
-        unsafe {
-            cublas_sys::cublasSetMathMode(handle, cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
-                .result()
-                .op(OP)?;
-            cublas_sys::cublasGemmStridedBatchedEx(
-                handle,
-                op_flag(g.transa),
-                op_flag(g.transb),
-                g.m,
-                g.n,
-                g.k,
-                (&g.alpha as *const f32).cast::<c_void>(),
-                g.a as *const c_void,
-                f32_type,
-                g.lda,
-                g.stride_a,
-                g.b as *const c_void,
-                f32_type,
-                g.ldb,
-                g.stride_b,
-                (&g.beta as *const f32).cast::<c_void>(),
-                g.c as *mut c_void,
-                f32_type,
-                g.ldc,
-                g.stride_c,
-                g.batch,
-                cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-            )
-            .result()
-            .op(OP)
-        }
-    }
-
     unsafe fn gemm_strided_batched_bf16_storage(
         &self,
         g: &GemmStridedBatched,

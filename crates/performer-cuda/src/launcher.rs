@@ -223,17 +223,6 @@ pub trait Launcher: Send + Sync + fmt::Debug {
     /// (the emulator checks this; a GPU does not).
     unsafe fn gemm_strided_batched(&self, g: &GemmStridedBatched) -> Result<()>;
 
-    /// [`Launcher::gemm_strided_batched`] in bf16 with f32 accumulation (autocast): A, B and C
-    /// stay f32 in memory; every element of A and B is rounded to bf16 (8-bit significand,
-    /// round to nearest even) before its products, which are accumulated in f32. On a GPU this
-    /// is `cublasGemmStridedBatchedEx` with `CUDA_R_32F` matrices and
-    /// `CUBLAS_COMPUTE_32F_FAST_16BF` (bf16 tensor cores, f32 accumulation); the emulator
-    /// rounds the operands itself and runs its cuBLAS-convention GEMM on them.
-    ///
-    /// # Safety
-    /// As [`Launcher::gemm_strided_batched`].
-    unsafe fn gemm_strided_batched_bf16(&self, g: &GemmStridedBatched) -> Result<()>;
-
     /// [`Launcher::gemm_strided_batched`] on bf16 *storage* (autocast with bf16 activations):
     /// A and B hold bf16 values (2 bytes each; element offsets, leading dimensions and strides
     /// count bf16 elements), products accumulate in f32, and C is written as f32 or, with

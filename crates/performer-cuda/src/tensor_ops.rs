@@ -1637,24 +1637,7 @@ pub fn matmul(
     k: usize,
     n: usize,
 ) -> Result<DeviceBuffer> {
-    gemm("matmul", a, ta, b, tb, batch, m, k, n, false)
-}
-
-/// [`matmul`] with bf16 operands and f32 accumulation (autocast,
-/// [`Launcher::gemm_strided_batched_bf16`](crate::Launcher::gemm_strided_batched_bf16)): `A` and `B` are read as f32 and rounded to bf16
-/// for the products; `C` is f32.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_bf16(
-    a: &DeviceBuffer,
-    ta: bool,
-    b: &DeviceBuffer,
-    tb: bool,
-    batch: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Result<DeviceBuffer> {
-    gemm("matmul_bf16", a, ta, b, tb, batch, m, k, n, true)
+    gemm("matmul", a, ta, b, tb, batch, m, k, n)
 }
 
 /// [`matmul`] on bf16 buffers (autocast with bf16 activations,
@@ -1782,7 +1765,6 @@ fn gemm(
     m: usize,
     k: usize,
     n: usize,
-    bf16: bool,
 ) -> Result<DeviceBuffer> {
     let dev = device_of(op, &[a, b])?;
     expect(op, "a", a, batch * m * k)?;
@@ -1797,15 +1779,9 @@ fn gemm(
         return Ok(c);
     }
     let g = row_major_gemm(a, ta, b, tb, batch, m, k, n, &c);
-    if bf16 {
-        // SAFETY: every matrix of every batch lies in a, b, c, whose lengths were checked above
-        // against batch * (m*k, k*n, m*n) with the leading dimensions of their row-major
-        // storage (the bf16 form reads the same f32 matrices).
-        unsafe { dev.gemm_strided_batched_bf16(&g) }?;
-    } else {
-        // SAFETY: as above.
-        unsafe { dev.gemm_strided_batched(&g) }?;
-    }
+    // SAFETY: every matrix of every batch lies in a, b, c, whose lengths were checked above
+    // against batch * (m*k, k*n, m*n) with the leading dimensions of their row-major storage.
+    unsafe { dev.gemm_strided_batched(&g) }?;
     Ok(c)
 }
 

@@ -90,17 +90,17 @@ pub(crate) fn forward(
         Tensor::cat(&parts, -2)
     };
     let rot = up(rotate_half_matrix(d))?;
-    let rotate = |t: &Tensor, first: usize, rows: usize| -> Result<Tensor> {
+    let rotate_rows = |t: &Tensor, first: usize, rows: usize| -> Result<Tensor> {
         let (cos, sin) = rotary_tables(g.freqs, first, rows);
-        t.mul(&up(cos)?)?.add(&t.matmul(&rot)?.mul(&up(sin)?)?)
+        rotate(t, &up(cos)?, &up(sin)?, &rot)
     };
-    let keys = rotate(&look_around(k)?, 0, slots)?;
+    let keys = rotate_rows(&look_around(k)?, 0, slots)?;
     let values = look_around(v)?;
     let queries = with_windows(
         &q.mul_scalar((d as f32).powf(-0.5)).pad(-2, 0, pad, 0.0)?,
         w,
     )?;
-    let queries = rotate(&queries, slots - w, w)?;
+    let queries = rotate_rows(&queries, slots - w, w)?;
     let sim = queries.matmul(&keys.transpose(-1, -2)?)?;
 
     // keep[b?, window, query, slot]: 1 where the query may see the slot.

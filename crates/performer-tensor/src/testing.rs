@@ -147,6 +147,22 @@ pub fn gradient<'g>(grads: &'g Gradients, t: &Tensor, what: &str) -> &'g ArrayD<
     }
 }
 
+/// Whether the emulated device can run here (it needs a C++ compiler), for device tests that
+/// skip without one: prints why and returns false. With `PERFORMER_CUDA_REQUIRE_CXX=1` (as
+/// `.ci/run` sets it) a device that does not start panics instead, so CI fails rather than
+/// skips.
+#[cfg(feature = "cuda")]
+pub fn emulated_device_available() -> bool {
+    match Tensor::full_on(&[1], 0.0, crate::Device::Emulated) {
+        Ok(_) => true,
+        Err(e) if std::env::var("PERFORMER_CUDA_REQUIRE_CXX").as_deref() != Ok("1") => {
+            eprintln!("skipped: no emulated device here: {e}");
+            false
+        }
+        Err(e) => panic!("PERFORMER_CUDA_REQUIRE_CXX=1 and the emulated device fails: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
 //! cuBLAS's `cublasSgemmStridedBatched` on the CPU, reading its arguments exactly as cuBLAS
 //! does: column-major storage, transpose flags, leading dimensions and batch strides, and
-//! `beta == 0` meaning C is not read; and its bf16 form (operands rounded to bf16, f32 in
-//! memory: `CUBLAS_COMPUTE_32F_FAST_16BF`). A caller that passes row-major thinking, a wrong flag or
-//! a wrong leading dimension gets the same wrong numbers (or the same error) as on a GPU.
+//! `beta == 0` meaning C is not read; and its bf16-storage form (`cublasGemmStridedBatchedEx`
+//! with `CUDA_R_16BF` A and B, C f32 or bf16). A caller that passes row-major thinking, a wrong
+//! flag or a wrong leading dimension gets the same wrong numbers (or the same error) as on a GPU.
 
 use crate::error::{Error, Result};
 use crate::launcher::{GemmStridedBatched, Transpose};
@@ -16,8 +16,6 @@ const OP: &str = "gemm_strided_batched";
 pub(crate) enum Operands {
     /// As stored (`cublasSgemmStridedBatched`).
     F32,
-    /// Rounded to bf16 first (`CUBLAS_COMPUTE_32F_FAST_16BF`).
-    Bf16,
     /// A and B stored as bf16 (2 bytes each), C written as f32 (`CUDA_R_16BF` operands).
     Bf16Stored,
     /// A and B stored as bf16, C written as bf16, rounded to nearest even.
@@ -28,7 +26,7 @@ impl Operands {
     /// Bytes per stored element of A and B.
     fn ab_size(self) -> usize {
         match self {
-            Operands::F32 | Operands::Bf16 => 4,
+            Operands::F32 => 4,
             Operands::Bf16Stored | Operands::Bf16StoredToBf16 => 2,
         }
     }
@@ -164,11 +162,7 @@ pub(crate) fn run(mem: &Memory, g: &GemmStridedBatched, operands: Operands) -> R
                     };
                     // ai < a_span and bi < b_span (row < m, col < n, kk < k), and both spans
                     // were checked to lie in live allocations above.
-                    let (mut av, mut bv) = (load(a, ai), load(b, bi));
-                    if operands == Operands::Bf16 {
-                        (av, bv) = (round_to_bf16(av), round_to_bf16(bv));
-                    }
-                    acc += av as f64 * bv as f64;
+                    acc += load(a, ai) as f64 * load(b, bi) as f64;
                 }
                 let ci = row + col * ldc;
                 // SAFETY: ci < c_span, checked to lie in a live allocation above; the launcher's

@@ -265,11 +265,6 @@ impl Launcher for EmulatedLauncher {
         gemm::run(&mem, g, gemm::Operands::F32)
     }
 
-    unsafe fn gemm_strided_batched_bf16(&self, g: &GemmStridedBatched) -> Result<()> {
-        let mem = self.mem();
-        gemm::run(&mem, g, gemm::Operands::Bf16)
-    }
-
     unsafe fn gemm_strided_batched_bf16_storage(
         &self,
         g: &GemmStridedBatched,
