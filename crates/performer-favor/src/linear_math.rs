@@ -358,6 +358,18 @@ impl CausalBackward {
         }
     }
 
+    /// `(m, e, chunk)` as made by [`CausalBackward::new`].
+    pub fn shape(&self) -> (usize, usize, usize) {
+        (self.r.nrows(), self.r.ncols(), self.a.nrows())
+    }
+
+    /// Ready for a new head: the reverse state back to zero (the other buffers are written
+    /// before they are read in every chunk).
+    pub fn reset(&mut self) {
+        self.r.fill(0.0);
+        self.rz.fill(0.0);
+    }
+
     /// One chunk (chunks fed from the last to the first): writes the gradients of the
     /// transposed features `dqt`, `dkt` (m, l) and of the values `dv` (l, e).
     pub fn chunk(

@@ -394,6 +394,16 @@ impl Optimizer for Adam {
                 continue;
             };
             let wdf = if decays { wdf } else { 0.0 };
+            // A Linear's weight gradient arrives transposed (the backward of the weight's
+            // transpose view): one row-by-row copy into standard layout lets it take the fused
+            // pass below, where the general loop would walk four operands of mixed layouts.
+            let standard;
+            let g = if g.is_standard_layout() {
+                g
+            } else {
+                standard = crate::ops::to_standard(&g.view());
+                &standard
+            };
             let (m, v) = slot
                 .get_or_insert_with(|| (ArrayD::zeros(g.raw_dim()), ArrayD::zeros(g.raw_dim())));
             let coeffs = AdamCoefficients {
@@ -420,21 +430,7 @@ impl Optimizer for Adam {
                     adam_slices(ws, ms, vs, gs, coeffs);
                     return;
                 }
-                Zip::from(w)
-                    .and(&mut *m)
-                    .and(&mut *v)
-                    .and(g)
-                    .for_each(|w, m, v, &g| {
-                        let g = if !decoupled && wdf != 0.0 {
-                            g + wdf * *w
-                        } else {
-                            g
-                        };
-                        *m = lerp(*m, g, w1);
-                        *v = *v * b2f + w2 * g * g;
-                        let denom = v.sqrt() / bias2_sqrt + eps;
-                        *w += neg_step_size * (*m / denom);
-                    });
+                adam_strided(w, m, v, &g.view(), coeffs);
             });
         }
         Ok(())
@@ -518,6 +514,24 @@ struct AdamCoefficients {
 /// Values per task of the parallel update.
 const ADAM_CHUNK: usize = 1 << 14;
 
+/// Adam's update of arrays of any layouts (the same shape): the general loop, which the fused
+/// [`adam_slices`] matches element for element.
+fn adam_strided(
+    w: &mut ArrayD<f32>,
+    m: &mut ArrayD<f32>,
+    v: &mut ArrayD<f32>,
+    g: &ndarray::ArrayViewD<f32>,
+    c: AdamCoefficients,
+) {
+    Zip::from(w).and(m).and(v).and(g).for_each(|w, m, v, &g| {
+        let g = if c.l2 != 0.0 { g + c.l2 * *w } else { g };
+        *m = lerp(*m, g, c.w1);
+        *v = *v * c.b2 + c.w2 * g * g;
+        let denom = v.sqrt() / c.bias2_sqrt + c.eps;
+        *w += c.neg_step_size * (*m / denom);
+    });
+}
+
 /// [`adam_update`] over whole parameters, split over rayon's threads when large.
 fn adam_slices(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: AdamCoefficients) {
     use rayon::prelude::*;
@@ -600,11 +614,52 @@ mod tests {
     use super::*;
     use ndarray::Array2;
 
-    /// The fused pass (contiguous gradients; parallel above `PAR_THRESHOLD`) and the general
-    /// loop (a gradient stored transposed) give the same bits, for Adam with coupled weight
-    /// decay and for AdamW.
+    /// The fused pass and the general loop give the same bits on the same values, whatever
+    /// the gradient's layout, with and without coupled weight decay, serial and parallel.
     #[test]
-    fn fused_update_matches_the_general_loop_bit_for_bit() {
+    fn fused_pass_matches_the_general_loop_bit_for_bit() {
+        for (len, l2) in [(60000, 0.0), (60000, 0.05), (1000, 0.05)] {
+            let c = AdamCoefficients {
+                w1: 0.1,
+                b2: 0.999,
+                w2: 1.0 - 0.999,
+                bias2_sqrt: 0.05,
+                neg_step_size: -1e-2,
+                eps: 1e-8,
+                l2,
+            };
+            let (rows, cols) = (len / 200, 200);
+            let w0 = crate::rng::randn(&[rows, cols]);
+            let m0 = crate::rng::randn(&[rows, cols]).mapv(|x| 0.1 * x);
+            let v0 = crate::rng::randn(&[rows, cols]).mapv(|x| x * x);
+            let g = crate::rng::randn(&[rows, cols]);
+            let g2: Array2<f32> = g.clone().into_dimensionality().unwrap();
+            let transposed = g2.t().as_standard_layout().into_owned().reversed_axes();
+            let (mut w1, mut m1, mut v1) = (w0.clone(), m0.clone(), v0.clone());
+            adam_slices(
+                w1.as_slice_mut().unwrap(),
+                m1.as_slice_mut().unwrap(),
+                v1.as_slice_mut().unwrap(),
+                g.as_slice().unwrap(),
+                c,
+            );
+            let (mut w2, mut m2, mut v2) = (w0.clone(), m0, v0);
+            adam_strided(&mut w2, &mut m2, &mut v2, &transposed.view().into_dyn(), c);
+            for (what, a, b) in [("w", &w1, &w2), ("m", &m1, &m2), ("v", &v1, &v2)] {
+                assert_eq!(a.shape(), b.shape());
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{len} values, l2 {l2}: {what} differs"
+                );
+            }
+            assert!(w1.iter().zip(&w0).any(|(x, y)| x != y), "nothing moved");
+        }
+    }
+
+    /// A gradient stored transposed (a Linear weight's) updates the weights to the bits of the
+    /// same gradient stored contiguously, for Adam with coupled weight decay and for AdamW.
+    #[test]
+    fn transposed_gradient_updates_like_a_contiguous_one() {
         let (rows, cols) = (300, 200); // 60000 values: the parallel path
         for decoupled in [false, true] {
             let init = crate::rng::randn(&[rows, cols]);
@@ -640,7 +695,7 @@ mod tests {
                 a.iter()
                     .zip(b.iter())
                     .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "decoupled {decoupled}: the fused update differs from the general loop"
+                "decoupled {decoupled}: the transposed gradient updated other bits"
             );
             assert!(
                 a.iter().zip(init.iter()).any(|(x, y)| x != y),

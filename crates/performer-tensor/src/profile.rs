@@ -137,7 +137,7 @@ impl Category {
     /// The category of an op by the name it records in the graph.
     pub fn of_op(name: &str) -> Category {
         match name {
-            "matmul" | "linear" => Category::Gemm,
+            "matmul" | "matmul_add" | "linear" => Category::Gemm,
             "softmax_kernel"
             | "generalized_kernel"
             | "favor_attention"

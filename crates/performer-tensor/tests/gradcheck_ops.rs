@@ -179,6 +179,58 @@ fn matmul_shapes() {
 }
 
 #[test]
+fn matmul_add_gradients() {
+    // The fused CPU op: 2-D operands, the weight transposed (a Linear's view of its weight).
+    check(
+        |x| x[0].matmul_add(&x[1].transpose(0, 1)?, &x[2]),
+        &[randn(&[5, 4], 40), randn(&[3, 4], 41), randn(&[3], 42)],
+    );
+    // A permuted input, and the unfused fallback (3-D input).
+    check(
+        |x| x[0].matmul_add(&x[1], &x[2]),
+        &[
+            transposed_layout(&randn(&[6, 4], 43)),
+            randn(&[4, 3], 44),
+            randn(&[3], 45),
+        ],
+    );
+    check(
+        |x| x[0].matmul_add(&x[1], &x[2]),
+        &[randn(&[2, 5, 4], 46), randn(&[4, 3], 47), randn(&[3], 48)],
+    );
+}
+
+/// The fused CPU `matmul_add` has the bits of `matmul` then `add`, forward and backward, on
+/// products large enough for the parallel paths (and a weight read through a transpose).
+#[test]
+fn matmul_add_equals_matmul_then_add_bit_for_bit() {
+    for (rows, k, n) in [(768, 128, 512), (7, 5, 3), (300, 512, 128)] {
+        let run = |fused: bool| {
+            let x = Tensor::var(randn(&[rows, k], 50));
+            let w = Tensor::var(randn(&[n, k], 51));
+            let b = Tensor::var(randn(&[n], 52));
+            let wt = w.transpose(0, 1).unwrap();
+            let y = if fused {
+                x.matmul_add(&wt, &b).unwrap()
+            } else {
+                x.matmul(&wt).unwrap().add(&b).unwrap()
+            };
+            let probe = Tensor::new(randn(&[rows, n], 53));
+            let grads = y.mul(&probe).unwrap().sum_all().backward().unwrap();
+            let mut all = vec![y.to_array()];
+            all.extend([&x, &w, &b].map(|t| grads.get(t).unwrap().clone()));
+            all
+        };
+        let (fused, split) = (run(true), run(false));
+        for (i, (f, s)) in fused.iter().zip(&split).enumerate() {
+            assert_eq!(f.shape(), s.shape(), "{rows}x{k}x{n}: result {i}");
+            let same = f.iter().zip(s).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{rows}x{k}x{n}: result {i} differs in bits");
+        }
+    }
+}
+
+#[test]
 fn matmul_matches_naive_product() {
     let a = randn(&[2, 17, 33], 29);
     let b = randn(&[33, 9], 30);

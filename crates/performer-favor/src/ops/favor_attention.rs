@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::arguments::{AttnShapes, CAUSAL_EPS, attention_shapes, check_chunk};
 use super::feature_maps::sum_heads;
 use super::head_attention::{
-    AttentionSaved, FeatureSource, GradSink, HeadContext, HeadGrad, attend_head,
+    AttentionSaved, BackwardScratch, FeatureSource, GradSink, HeadContext, HeadGrad, attend_head,
     attend_head_backward, features_into, kept_output,
 };
 use super::save_plan::{SAVE_BUDGET_BYTES, SavePlan, SaveRequest, block_width};
@@ -169,60 +169,64 @@ impl CustomOp for FavorAttentionOp {
             .zip(dk.views())
             .zip(dv.views())
             .enumerate()
-            .map(|(i, ((dqi, dki), mut dvi))| {
-                let (qi, ki, vi) = (head(&q, i)?, head(&k, i)?, head(&v, i)?);
-                let ctx = &contexts[i];
-                let (q_src, k_src) = match &ctx.features {
-                    Some((qf, kf)) => (FeatureSource::Kept(qf), FeatureSource::Kept(kf)),
-                    None => (
-                        FeatureSource::Recompute {
+            .map_init(
+                || BackwardScratch::new(self.causal, m, sh.e, w),
+                |scratch, (i, ((dqi, dki), mut dvi))| {
+                    let (qi, ki, vi) = (head(&q, i)?, head(&k, i)?, head(&v, i)?);
+                    let ctx = &contexts[i];
+                    let (q_src, k_src) = match &ctx.features {
+                        Some((qf, kf)) => (FeatureSource::Kept(qf), FeatureSource::Kept(kf)),
+                        None => (
+                            FeatureSource::Recompute {
+                                spec,
+                                x: qi.view(),
+                                width: w,
+                                proj: p.view(),
+                                stab: None,
+                            },
+                            FeatureSource::Recompute {
+                                spec,
+                                x: ki.view(),
+                                width: w,
+                                proj: p.view(),
+                                stab: Some(ctx.key_stab),
+                            },
+                        ),
+                    };
+                    let grad = HeadGrad {
+                        g: head(&gv, i)?,
+                        out: head(&ov, i)?,
+                        den: den.row(i),
+                    };
+                    let mut dp = needs[3].then(|| Array2::<f32>::zeros((m, d)));
+                    attend_head_backward(
+                        scratch,
+                        self.causal,
+                        w,
+                        ctx,
+                        &q_src,
+                        &k_src,
+                        &vi,
+                        &grad,
+                        &mut GradSink::Rows {
                             spec,
                             x: qi.view(),
-                            width: w,
                             proj: p.view(),
-                            stab: None,
+                            dx: dqi,
                         },
-                        FeatureSource::Recompute {
+                        &mut GradSink::Rows {
                             spec,
                             x: ki.view(),
-                            width: w,
                             proj: p.view(),
-                            stab: Some(ctx.key_stab),
+                            dx: dki,
                         },
-                    ),
-                };
-                let grad = HeadGrad {
-                    g: head(&gv, i)?,
-                    out: head(&ov, i)?,
-                    den: den.row(i),
-                };
-                let mut dp = needs[3].then(|| Array2::<f32>::zeros((m, d)));
-                attend_head_backward(
-                    self.causal,
-                    w,
-                    ctx,
-                    &q_src,
-                    &k_src,
-                    &vi,
-                    &grad,
-                    &mut GradSink::Rows {
-                        spec,
-                        x: qi.view(),
-                        proj: p.view(),
-                        dx: dqi,
-                    },
-                    &mut GradSink::Rows {
-                        spec,
-                        x: ki.view(),
-                        proj: p.view(),
-                        dx: dki,
-                    },
-                    &mut dvi,
-                    dp.as_mut(),
-                    m,
-                )?;
-                Ok(dp)
-            })
+                        &mut dvi,
+                        dp.as_mut(),
+                        m,
+                    )?;
+                    Ok(dp)
+                },
+            )
             .collect::<Result<_>>()?;
         let dp = needs[3].then(|| sum_heads(parts.into_iter().flatten().collect(), m, d));
         Ok(vec![
@@ -417,6 +421,86 @@ mod tests {
                         err < 1e-5,
                         "{map:?} causal {causal}: output {i} differs by {err}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Heads that share one thread's backward scratch (a one-thread pool runs every head on
+    /// it, one after another) get the bits of each head run alone, causal and not, with
+    /// features kept and recomputed, and a partial last chunk.
+    #[test]
+    fn heads_sharing_backward_scratch_equal_heads_alone() {
+        let (heads, n, d, m) = (5, 150, 8, 12);
+        let q = randn(&[1, heads, n, d], 11, 0.7);
+        let k = randn(&[1, heads, n, d], 12, 0.7);
+        let v = randn(&[1, heads, n, d], 13, 1.0);
+        let probe = randn(&[1, heads, n, d], 14, 1.0);
+        let p = gaussian_orthogonal_random_matrix_with(
+            m,
+            d,
+            OrthoScaling::Gaussian,
+            &mut Generator::seeded(15),
+        )
+        .unwrap()
+        .into_dyn();
+        let grads = |q: ArrayD<f32>, k, v, probe, causal, budget| {
+            let (q, k, v) = (Tensor::var(q), Tensor::var(k), Tensor::var(v));
+            let op = FavorAttentionOp {
+                map: FeatureMap::Softmax,
+                eps: FeatureMap::Softmax.eps(),
+                causal,
+                chunk: 32,
+                budget,
+            };
+            let proj = Tensor::new(p.clone());
+            let out = apply_custom_op(op, &[&q, &k, &v, &proj]).unwrap().remove(0);
+            let g = out
+                .mul(&Tensor::new(probe))
+                .unwrap()
+                .sum_all()
+                .backward()
+                .unwrap();
+            [&q, &k, &v].map(|t| g.get(t).unwrap().clone())
+        };
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let head_of = |a: &ArrayD<f32>, h: usize| {
+            a.slice(ndarray::s![.., h..h + 1, .., ..])
+                .to_owned()
+                .into_dyn()
+        };
+        for causal in [true, false] {
+            for budget in [0, usize::MAX] {
+                let shared = one_thread.install(|| {
+                    grads(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        probe.clone(),
+                        causal,
+                        budget,
+                    )
+                });
+                for h in 0..heads {
+                    let alone = grads(
+                        head_of(&q, h),
+                        head_of(&k, h),
+                        head_of(&v, h),
+                        head_of(&probe, h),
+                        causal,
+                        budget,
+                    );
+                    for (which, (all, one)) in shared.iter().zip(&alone).enumerate() {
+                        let all = head_of(all, h);
+                        assert_eq!(all.shape(), one.shape());
+                        assert!(
+                            all.iter().zip(one).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "causal {causal} budget {budget}: head {h}, gradient {which}"
+                        );
+                    }
                 }
             }
         }

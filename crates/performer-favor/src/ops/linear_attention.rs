@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::arguments::{DEFAULT_CHUNK, attention_shapes, check_chunk};
 use super::head_attention::{
-    AttentionSaved, FeatureSource, GradSink, HeadContext, HeadGrad, attend_head,
+    AttentionSaved, BackwardScratch, FeatureSource, GradSink, HeadContext, HeadGrad, attend_head,
     attend_head_backward, kept_output,
 };
 use super::save_plan::{SAVE_BUDGET_BYTES, SaveRequest, block_width};
@@ -130,6 +130,7 @@ impl CustomOp for LinearAttentionOp {
                     den: den.row(i),
                 };
                 attend_head_backward(
+                    &mut BackwardScratch::new(self.causal, sh.m, sh.e, w),
                     self.causal,
                     w,
                     &contexts[i],

@@ -7,7 +7,7 @@
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
-use super::broadcast::sum_to;
+use super::broadcast::{sum_to, sum_to_view};
 use crate::gemm::{MatDims, gemm_raw_threads};
 use crate::shape::broadcast_shapes;
 use crate::{Error, Result, Tensor};
@@ -164,11 +164,76 @@ impl Tensor {
     /// `(n)`): [`Tensor::matmul`] then [`Tensor::add`], except on a device inside bf16
     /// autocast, where it is one op whose result is stored as bf16, as PyTorch's `F.linear` is
     /// under autocast (the separate add would promote the bf16 product to f32).
+    ///
+    /// On the CPU, a 2-D `self` and `weight` with a bias of the product's width are one op
+    /// whose bias is added in place into the fresh product (no second array, no second graph
+    /// node); the result and every gradient have the bits of the two-op form.
     pub fn matmul_add(&self, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         on_device!(crate::cuda::ops::matmul_add(self, weight, bias));
-        self.matmul(weight)?.add(bias)
+        let fusable = self.rank() == 2
+            && weight.rank() == 2
+            && bias.rank() == 1
+            && bias.shape()[0] == weight.shape()[1]
+            && self.shape()[1] == weight.shape()[0];
+        if !fusable {
+            return self.matmul(weight)?.add(bias);
+        }
+        matmul_bias(self, weight, bias)
     }
 }
+
+/// `a @ w + bias` for 2-D `a`, `w` and a bias of `w`'s width, as one op: the product, then the
+/// bias added into it in place row by row (`p + b`, the add's own order); the backward runs the
+/// products of [`matmul_nd`]'s backward and sums the bias gradient as `add`'s backward does.
+fn matmul_bias(a: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let mut out = batched_matmul(&a.view(), &w.view())?;
+    let b = bias.data().clone();
+    let block = b.as_standard_layout();
+    let block = block.as_slice().expect("standard layout");
+    let n = block.len();
+    // No bias values (n = 0) means an empty product: nothing to add.
+    if let Some(rows_per_task) = ROWS_TASK_VALUES.checked_div(n) {
+        let values = out.as_slice_mut().expect("a fresh product is contiguous");
+        let add_rows = |rows: &mut [f32]| {
+            for row in rows.chunks_mut(n) {
+                for (p, &bv) in row.iter_mut().zip(block) {
+                    *p += bv;
+                }
+            }
+        };
+        if values.len() < crate::parallel::PAR_THRESHOLD {
+            add_rows(values);
+        } else {
+            values
+                .par_chunks_mut(rows_per_task.max(1) * n)
+                .for_each(add_rows);
+        }
+    }
+    let (ad, wd) = (a.data().clone(), w.data().clone());
+    Ok(Tensor::from_op(
+        out,
+        "matmul_add",
+        &[a, w, bias],
+        move |g, needs| {
+            let gv = g.view();
+            let gb = needs[2].then(|| sum_to_view(&gv, b.shape()));
+            let ga = if needs[0] {
+                Some(batched_matmul(&gv, &t_last2(&wd.view()))?)
+            } else {
+                None
+            };
+            let gw = if needs[1] {
+                Some(batched_matmul(&t_last2(&ad.view()), &gv)?)
+            } else {
+                None
+            };
+            Ok(vec![ga, gw, gb])
+        },
+    ))
+}
+
+/// Values per parallel task of the in-place bias add (whole rows each).
+const ROWS_TASK_VALUES: usize = 1 << 14;
 
 fn matmul_nd(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     on_device!(crate::cuda::ops::matmul(a, b));

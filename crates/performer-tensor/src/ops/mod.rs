@@ -17,5 +17,6 @@ mod reduce;
 mod softmax;
 
 pub use activation::Activation;
+pub(crate) use arrays::to_standard;
 pub use layer_norm::layer_norm_row;
 pub use matmul::batched_matmul;
