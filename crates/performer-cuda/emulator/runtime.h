@@ -396,7 +396,14 @@ inline float __fdividef(float a, float b) { return a / b; }
 namespace emu {
 
 // Argument kinds, as the Rust side encodes them (KernelArg in launcher.rs).
-enum Kind : unsigned char { KPtr = 0, KI32 = 1, KI64 = 2, KF32 = 3, KU32 = 4, KU64 = 5 };
+enum Kind : unsigned char {
+    KPtr = 0, KI32 = 1, KI64 = 2, KF32 = 3, KU32 = 4, KU64 = 5, KIndex = 6
+};
+
+// The one struct parameter the kernels take by value: kernels/tensor.cu's StridedIndex (264
+// bytes, which that file asserts). It is recognised by being a class of that size, as this
+// header comes before the kernel sources that define it.
+constexpr size_t STRIDED_INDEX_BYTES = 264;
 
 template <class T>
 constexpr int kind_of() {
@@ -407,6 +414,7 @@ constexpr int kind_of() {
     else if constexpr (std::is_same_v<T, unsigned>) return KU32;
     else if constexpr (std::is_same_v<T, unsigned long long> || std::is_same_v<T, unsigned long>)
         return KU64;
+    else if constexpr (std::is_class_v<T> && sizeof(T) == STRIDED_INDEX_BYTES) return KIndex;
     else return -1;
 }
 
@@ -418,6 +426,7 @@ inline const char* kind_name(int k) {
         case KF32: return "float";
         case KU32: return "unsigned";
         case KU64: return "u64";
+        case KIndex: return "StridedIndex";
         default: return "unsupported";
     }
 }

@@ -3,25 +3,36 @@
 // token shift and the optimizers. Every tensor is contiguous and row-major unless a `meta`
 // array describes strides. Sizes of whole tensors are i64; row widths int.
 //
-// `meta` (a device array of i64) describes an index mapping for the strided kernels:
-//   [rank, shape[rank], stride_0[rank], stride_1[rank], ...]
-// with shapes of the output's logical index space and element strides of each operand (0 on a
-// broadcast axis).
+// `meta` (a `StridedIndex`, passed by value as a kernel parameter, so a launch uploads nothing)
+// describes an index mapping for the strided kernels: a logical row-major index space of
+// `rank` axes (`shape`) and, for each operand, its element strides over those axes (0 on a
+// broadcast axis). The host merges axes that are contiguous for every operand and drops axes
+// of size 1 before it fills one, so `rank` is rarely above 4; it refuses more than
+// STRIDED_MAX_RANK.
 
 #define NEG_INF __int_as_float(0xff800000)
 
 #define GRID_STRIDE(i, total) \
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < (total); i += (i64)gridDim.x * blockDim.x)
 
-// Offset of the logical row-major index `idx` under the strides at meta[1 + rank * (1 + which)].
-__device__ __forceinline__ i64 strided_offset(const i64* __restrict__ meta, i64 idx, int which) {
-    const int rank = (int)meta[0];
-    const i64* shape = meta + 1;
-    const i64* stride = meta + 1 + (i64)rank * (1 + which);
+#define STRIDED_MAX_RANK 8
+#define STRIDED_MAX_OPERANDS 3
+
+// Mirrors `StridedIndex` in performer-cuda's launcher.rs (repr(C), 264 bytes).
+struct StridedIndex {
+    i64 rank;
+    i64 shape[STRIDED_MAX_RANK];
+    i64 stride[STRIDED_MAX_OPERANDS][STRIDED_MAX_RANK];
+};
+static_assert(sizeof(StridedIndex) == 264, "StridedIndex must match the host's layout");
+
+// Offset of the logical row-major index `idx` in operand `which` under `meta`.
+__device__ __forceinline__ i64 strided_offset(const StridedIndex& meta, i64 idx, int which) {
+    const int rank = (int)meta.rank;
     i64 off = 0;
     for (int a = rank - 1; a >= 0; --a) {
-        const i64 s = shape[a];
-        off += (idx % s) * stride[a];
+        const i64 s = meta.shape[a];
+        off += (idx % s) * meta.stride[which][a];
         idx /= s;
     }
     return off;
@@ -147,7 +158,7 @@ __device__ __forceinline__ float binary_value(int op, float a, float b) {
 // out[i] = a[off_a(i)] op b[off_b(i)], meta = [rank, shape, stride_a, stride_b].
 extern "C" __global__ void binary_f32(const float* __restrict__ a, const float* __restrict__ b,
                                       float* __restrict__ out, i64 n, int op,
-                                      const i64* __restrict__ meta)
+                                      const StridedIndex meta)
 {
     GRID_STRIDE(i, n) {
         out[i] = binary_value(op, a[strided_offset(meta, i, 0)], b[strided_offset(meta, i, 1)]);
@@ -161,7 +172,7 @@ extern "C" __global__ void binary_f32(const float* __restrict__ a, const float* 
 extern "C" __global__ void binary_backward_f32(const float* __restrict__ a, const float* __restrict__ b,
                                                const float* __restrict__ gout, float* __restrict__ ga,
                                                float* __restrict__ gb, i64 n, int op,
-                                               const i64* __restrict__ meta)
+                                               const StridedIndex meta)
 {
     GRID_STRIDE(i, n) {
         const float x = a[strided_offset(meta, i, 0)];
@@ -194,7 +205,7 @@ extern "C" __global__ void binary_backward_f32(const float* __restrict__ a, cons
 // y[i] = x[off(i)], meta = [rank, shape, stride_x]: permutes, slices (x offset by the caller),
 // broadcasts (stride 0) and makes contiguous.
 extern "C" __global__ void strided_copy_f32(const float* __restrict__ x, float* __restrict__ y, i64 n,
-                                            const i64* __restrict__ meta)
+                                            const StridedIndex meta)
 {
     GRID_STRIDE(i, n) y[i] = x[strided_offset(meta, i, 0)];
 }
@@ -203,7 +214,7 @@ extern "C" __global__ void strided_copy_f32(const float* __restrict__ x, float* 
 // axes (y's row-major index space, n_out elements), then meta2 = [rank2, shape2, stride_x2]
 // the summed axes. One thread per output, summing in a fixed order (deterministic).
 extern "C" __global__ void sum_to_f32(const float* __restrict__ x, float* __restrict__ y, i64 n_out,
-                                      const i64* __restrict__ meta, const i64* __restrict__ meta2,
+                                      const StridedIndex meta, const StridedIndex meta2,
                                       i64 n_red)
 {
     GRID_STRIDE(j, n_out) {
@@ -218,7 +229,7 @@ extern "C" __global__ void sum_to_f32(const float* __restrict__ x, float* __rest
 // view of a larger one (dst offset by the caller): the inverse of strided_copy_f32, for narrow's
 // backward, pad and cat. The view's offsets are distinct, so no two threads write one element.
 extern "C" __global__ void strided_scatter_f32(const float* __restrict__ src, float* __restrict__ dst,
-                                               i64 n, const i64* __restrict__ meta)
+                                               i64 n, const StridedIndex meta)
 {
     GRID_STRIDE(i, n) dst[strided_offset(meta, i, 0)] = src[i];
 }
@@ -231,7 +242,7 @@ extern "C" __global__ void strided_scatter_f32(const float* __restrict__ src, fl
 
 extern "C" __global__ void gather_f32(const float* __restrict__ x, const i64* __restrict__ idx,
                                       float* __restrict__ out, i64 n, i64 step,
-                                      const i64* __restrict__ meta)
+                                      const StridedIndex meta)
 {
     GRID_STRIDE(i, n) {
         out[i] = x[strided_offset(meta, i, 0) + idx[strided_offset(meta, i, 1)] * step];
@@ -240,7 +251,7 @@ extern "C" __global__ void gather_f32(const float* __restrict__ x, const i64* __
 
 extern "C" __global__ void gather_backward_f32(const float* __restrict__ gout,
                                                const i64* __restrict__ idx, float* __restrict__ gx,
-                                               i64 n, i64 step, const i64* __restrict__ meta)
+                                               i64 n, i64 step, const StridedIndex meta)
 {
     GRID_STRIDE(i, n) {
         atomicAdd(&gx[strided_offset(meta, i, 0) + idx[strided_offset(meta, i, 1)] * step], gout[i]);
@@ -255,7 +266,7 @@ extern "C" __global__ void gather_backward_f32(const float* __restrict__ gout,
 
 extern "C" __global__ void where_f32(const float* __restrict__ cond, const float* __restrict__ a,
                                      const float* __restrict__ b, float* __restrict__ out, i64 n,
-                                     const i64* __restrict__ meta)
+                                     const StridedIndex meta)
 {
     GRID_STRIDE(i, n) {
         out[i] = cond[strided_offset(meta, i, 0)] != 0.f ? a[strided_offset(meta, i, 1)]
@@ -266,7 +277,7 @@ extern "C" __global__ void where_f32(const float* __restrict__ cond, const float
 extern "C" __global__ void where_backward_f32(const float* __restrict__ cond,
                                               const float* __restrict__ gout, float* __restrict__ ga,
                                               float* __restrict__ gb, i64 n,
-                                              const i64* __restrict__ meta)
+                                              const StridedIndex meta)
 {
     GRID_STRIDE(i, n) {
         const bool c = cond[strided_offset(meta, i, 0)] != 0.f;

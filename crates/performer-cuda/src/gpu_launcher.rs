@@ -164,15 +164,14 @@ impl Launcher for GpuLauncher {
         const OP: &str = "launch";
         self.bind(OP)?;
         let func = self.dev.kernel_by_name(name)?;
-        let mut storage: Vec<u64> = args.iter().map(KernelArg::slot_bits).collect();
-        let mut params: Vec<*mut c_void> = storage
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
-        // SAFETY: each parameter slot holds the argument's value in its first bytes
-        // (little-endian), which is what cuLaunchKernel reads for a parameter of that size; the
-        // argument list and the memory it points to are the caller's contract (this fn's safety
-        // section); the driver copies the parameters before returning.
+        let mut slots = vec![0u64; args.len()];
+        let mut params = crate::launcher::param_ptrs(args, &mut slots);
+        // SAFETY: each parameter pointer points at the argument's value: a slot holding a
+        // scalar or pointer in its first bytes (little-endian), which is what cuLaunchKernel
+        // reads for a parameter of that size, or an index map laid out as the kernel's
+        // `StridedIndex` (repr(C), size asserted on both sides); `slots` and `args` outlive the
+        // call, and the driver copies the parameters before returning. The argument list and
+        // the memory it points to are the caller's contract (this fn's safety section).
         unsafe {
             drv::launch_kernel(
                 func.cu_function(),

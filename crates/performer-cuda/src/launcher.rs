@@ -10,14 +10,21 @@
 //! Device addresses are plain `u64`s ([`DevicePtr`]); [`DeviceBuffer`](crate::DeviceBuffer) is the
 //! owning handle most callers want.
 
+use std::ffi::c_void;
 use std::fmt;
 
 use crate::error::Result;
+use crate::strided_index::StridedIndex;
 
 /// An address in a launcher's device memory (a `CUdeviceptr` on a GPU). 0 is null.
 pub type DevicePtr = u64;
 
-/// One kernel argument, typed as the kernel's parameter is (`float*`, `int`, `long long`, ...).
+/// One kernel argument, typed as the kernel's parameter is (`float*`, `int`, `long long`, ...,
+/// or the strided kernels' `StridedIndex` struct, passed by value).
+// The index map makes every argument 272 bytes. Argument lists are short-lived arrays of a
+// dozen entries on the caller's stack, so that costs a few kilobytes of stack per launch,
+// while boxing it would allocate on every strided launch and lose `Copy`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KernelArg {
     /// A device pointer (any pointee type), or 0 for null.
@@ -32,6 +39,8 @@ pub enum KernelArg {
     U32(u32),
     /// `unsigned long long`.
     U64(u64),
+    /// `StridedIndex` (by value).
+    Index(StridedIndex),
 }
 
 impl KernelArg {
@@ -45,22 +54,35 @@ impl KernelArg {
             KernelArg::F32(_) => 3,
             KernelArg::U32(_) => 4,
             KernelArg::U64(_) => 5,
+            KernelArg::Index(_) => 6,
         }
     }
 
-    /// The argument's value in the low bytes of a 64-bit parameter slot (little-endian), as
-    /// both launchers pass it: cuLaunchKernel and the emulator read as many bytes as the
-    /// kernel's parameter has.
-    pub(crate) fn slot_bits(&self) -> u64 {
-        match *self {
+    /// Where the argument's value is, as cuLaunchKernel and the emulator read a parameter:
+    /// a scalar or pointer is written into `slot` (its low bytes, little-endian, which is what
+    /// a parameter of its size reads), an index map is read in place (the pointer borrows
+    /// `self`). Both must outlive the launch call.
+    pub(crate) fn param_ptr(&self, slot: &mut u64) -> *mut c_void {
+        *slot = match *self {
+            KernelArg::Index(ref map) => return map as *const StridedIndex as *mut c_void,
             KernelArg::Ptr(p) => p,
             KernelArg::I32(v) => v as u32 as u64,
             KernelArg::I64(v) => v as u64,
             KernelArg::F32(v) => v.to_bits() as u64,
             KernelArg::U32(v) => v as u64,
             KernelArg::U64(v) => v,
-        }
+        };
+        slot as *mut u64 as *mut c_void
     }
+}
+
+/// The parameter pointers of one launch (CUDA's `void** kernelParams`): `slots` holds the
+/// scalars' values (one per argument, filled here), index maps are read from `args` itself.
+pub(crate) fn param_ptrs(args: &[KernelArg], slots: &mut [u64]) -> Vec<*mut c_void> {
+    args.iter()
+        .zip(slots.iter_mut())
+        .map(|(a, slot)| a.param_ptr(slot))
+        .collect()
 }
 
 /// Grid, block and dynamic shared memory of one launch.

@@ -32,6 +32,7 @@ mod libs;
 pub mod ops;
 pub mod reference;
 mod shape;
+pub mod strided_index;
 pub mod tensor_ops;
 pub mod transfers;
 

@@ -9,6 +9,7 @@
 use crate::buffer::{DeviceBuffer, Elem, SharedLauncher};
 use crate::error::{Error, Result};
 use crate::launcher::{GemmStridedBatched, KernelArg, LaunchDims, Transpose};
+use crate::strided_index::StridedIndex;
 
 /// Threads per block of every kernel launched here.
 const THREADS: u32 = 256;
@@ -274,16 +275,6 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<i64> {
         .collect()
 }
 
-/// A device copy of an index-mapping description (`meta` in `kernels/tensor.cu`).
-fn meta(dev: &SharedLauncher, shape: &[usize], strides: &[&[i64]]) -> Result<DeviceBuffer> {
-    let mut m = vec![shape.len() as i64];
-    m.extend(shape.iter().map(|&s| s as i64));
-    for s in strides {
-        m.extend_from_slice(s);
-    }
-    crate::transfers::as_metadata(|| DeviceBuffer::from_i64(dev, &m))
-}
-
 fn shape_err(op: &'static str, a: &[usize], b: &[usize]) -> Error {
     Error::Shape {
         op,
@@ -307,15 +298,15 @@ pub fn binary(
         broadcast_shape(a_shape, b_shape).ok_or_else(|| shape_err(OP, a_shape, b_shape))?;
     let n = numel(&out_shape);
     let out = f32_buf(&dev, n)?;
-    let m = meta(
-        &dev,
+    let m = StridedIndex::new(
+        OP,
         &out_shape,
         &[
             &broadcast_strides(a_shape, &out_shape),
             &broadcast_strides(b_shape, &out_shape),
         ],
     )?;
-    // SAFETY: binary_f32(a, b, out, i64 n, int op, const i64* meta); meta maps each of the n
+    // SAFETY: binary_f32(a, b, out, i64 n, int op, StridedIndex meta); meta maps each of the n
     // output indices into a and b within their shapes (broadcast strides), out holds n floats.
     unsafe {
         dev.launch(
@@ -327,7 +318,7 @@ pub fn binary(
                 out.arg(),
                 KernelArg::I64(n as i64),
                 KernelArg::I32(op as i32),
-                m.arg(),
+                KernelArg::Index(m),
             ],
         )?;
     }
@@ -357,8 +348,8 @@ pub fn binary_backward(
     expect(OP, "gout", gout, n)?;
     let ga = need_a.then(|| f32_buf(&dev, n)).transpose()?;
     let gb = need_b.then(|| f32_buf(&dev, n)).transpose()?;
-    let m = meta(
-        &dev,
+    let m = StridedIndex::new(
+        OP,
         &out_shape,
         &[
             &broadcast_strides(a_shape, &out_shape),
@@ -380,7 +371,7 @@ pub fn binary_backward(
                 ptr(&gb),
                 KernelArg::I64(n as i64),
                 KernelArg::I32(op as i32),
-                m.arg(),
+                KernelArg::Index(m),
             ],
         )?;
     }
@@ -417,8 +408,8 @@ pub fn sum_to(x: &DeviceBuffer, x_shape: &[usize], target: &[usize]) -> Result<D
     let n_out = numel(target);
     let n_red = numel(&rshape);
     let y = f32_buf(&dev, n_out)?;
-    let m1 = meta(&dev, &kshape, &[&kstride])?;
-    let m2 = meta(&dev, &rshape, &[&rstride])?;
+    let m1 = StridedIndex::new(OP, &kshape, &[&kstride])?;
+    let m2 = StridedIndex::new(OP, &rshape, &[&rstride])?;
     // SAFETY: sum_to_f32(x, y, i64 n_out, meta, meta2, i64 n_red); the kept axes (meta) span the
     // n_out outputs in y's row-major order, the reduced ones (meta2) n_red elements, and every
     // combined offset lies inside x's shape.
@@ -430,8 +421,8 @@ pub fn sum_to(x: &DeviceBuffer, x_shape: &[usize], target: &[usize]) -> Result<D
                 x.arg(),
                 y.arg(),
                 KernelArg::I64(n_out as i64),
-                m1.arg(),
-                m2.arg(),
+                KernelArg::Index(m1),
+                KernelArg::Index(m2),
                 KernelArg::I64(n_red as i64),
             ],
         )?;
@@ -458,14 +449,19 @@ pub fn strided_copy(
     if n == 0 {
         return Ok(y);
     }
-    let m = meta(&dev, shape, &[strides])?;
+    let m = StridedIndex::new(OP, shape, &[strides])?;
     // SAFETY: strided_copy_f32(x, y, i64 n, meta); every offset of the view lies inside x
     // (checked above), y holds n floats.
     unsafe {
         dev.launch(
             "strided_copy_f32",
             LaunchDims::cover(n, THREADS),
-            &[x.arg_at(offset), y.arg(), KernelArg::I64(n as i64), m.arg()],
+            &[
+                x.arg_at(offset),
+                y.arg(),
+                KernelArg::I64(n as i64),
+                KernelArg::Index(m),
+            ],
         )?;
     }
     Ok(y)
@@ -496,7 +492,7 @@ pub fn strided_scatter(
     if n == 0 {
         return Ok(());
     }
-    let m = meta(&dev, shape, &[strides])?;
+    let m = StridedIndex::new(OP, shape, &[strides])?;
     // SAFETY: strided_scatter_f32(src, dst, i64 n, meta); src holds n floats, every offset of
     // the view lies inside dst (checked above) and no two coincide for these (row-major
     // sub-view) strides, so each thread writes its own element.
@@ -508,7 +504,7 @@ pub fn strided_scatter(
                 src.arg(),
                 dst.arg_at(offset),
                 KernelArg::I64(n as i64),
-                m.arg(),
+                KernelArg::Index(m),
             ],
         )
     }
@@ -624,7 +620,7 @@ pub fn gather(
     let mut xs = row_major_strides(x_shape);
     let step = xs[axis];
     xs[axis] = 0;
-    let m = meta(&dev, out_shape, &[&xs, &idx.strides])?;
+    let m = StridedIndex::new(OP, out_shape, &[&xs, &idx.strides])?;
     // SAFETY: gather_f32(x, idx, out, i64 n, i64 step, meta); every non-gathered coordinate of
     // the output is below x's size on that axis and every index below x's size on `axis`
     // (checked by gather_index), so each read lies inside x; the index view lies inside idx.
@@ -638,7 +634,7 @@ pub fn gather(
                 out.arg(),
                 KernelArg::I64(n as i64),
                 KernelArg::I64(step),
-                m.arg(),
+                KernelArg::Index(m),
             ],
         )?;
     }
@@ -679,7 +675,7 @@ pub fn gather_backward(
     let mut xs = row_major_strides(x_shape);
     let step = xs[axis];
     xs[axis] = 0;
-    let m = meta(&dev, out_shape, &[&xs, &index.strides])?;
+    let m = StridedIndex::new(OP, out_shape, &[&xs, &index.strides])?;
     // SAFETY: gather_backward_f32(gout, idx, gx, i64 n, i64 step, meta); the same offsets as
     // the forward's reads (indices checked when the GatherIndex was made, shapes above), now
     // written with atomicAdd into gx of x's size.
@@ -693,7 +689,7 @@ pub fn gather_backward(
                 gx.arg(),
                 KernelArg::I64(n as i64),
                 KernelArg::I64(step),
-                m.arg(),
+                KernelArg::Index(m),
             ],
         )?;
     }
@@ -722,8 +718,8 @@ pub fn where_select(
     if n == 0 {
         return Ok((out, out_shape));
     }
-    let m = meta(
-        &dev,
+    let m = StridedIndex::new(
+        OP,
         &out_shape,
         &[
             &broadcast_strides(c_shape, &out_shape),
@@ -743,7 +739,7 @@ pub fn where_select(
                 b.arg(),
                 out.arg(),
                 KernelArg::I64(n as i64),
-                m.arg(),
+                KernelArg::Index(m),
             ],
         )?;
     }
@@ -771,7 +767,7 @@ pub fn where_backward(
     let ga = need_a.then(|| f32_buf(&dev, n)).transpose()?;
     let gb = need_b.then(|| f32_buf(&dev, n)).transpose()?;
     if n > 0 {
-        let m = meta(&dev, &out_shape, &[&broadcast_strides(c_shape, &out_shape)])?;
+        let m = StridedIndex::new(OP, &out_shape, &[&broadcast_strides(c_shape, &out_shape)])?;
         let ptr =
             |o: &Option<DeviceBuffer>| o.as_ref().map_or(KernelArg::Ptr(0), DeviceBuffer::arg);
         // SAFETY: where_backward_f32(cond, gout, ga, gb, i64 n, meta); ga and gb are null or
@@ -786,7 +782,7 @@ pub fn where_backward(
                     ptr(&ga),
                     ptr(&gb),
                     KernelArg::I64(n as i64),
-                    m.arg(),
+                    KernelArg::Index(m),
                 ],
             )?;
         }

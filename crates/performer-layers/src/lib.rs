@@ -28,6 +28,7 @@ mod local_attention_device;
 mod position;
 #[cfg(feature = "cuda")]
 mod reversible_device;
+mod scale_norm;
 mod sequence;
 mod state;
 mod wrappers;

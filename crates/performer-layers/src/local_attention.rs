@@ -16,6 +16,8 @@
 //! O(n * L) for the backward's per-window key/value gradients. The backward recomputes the
 //! scores (nothing but a dropout seed is saved).
 
+use std::ops::Range;
+
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, ArrayViewMut2, Zip, s};
 use performer_favor::heads::{HeadsOut, head, lead_shape};
 use performer_tensor::fast_math::softmax_inplace;
@@ -210,11 +212,64 @@ struct LocalAttentionOp {
     heads_per_mask_row: usize,
 }
 
-/// One window's look-around: the key slots' absolute positions (-1 for fillers) and rotated keys.
+/// One window's look-around: the key slots' absolute positions (-1 for fillers), rotated keys
+/// and values, and the slots of windows inside the sequence (`live`; the others are fillers).
 struct WindowKeys {
     positions: Vec<i64>,
+    /// Rotated keys; filler rows are left unrotated at -1 (every score against them is masked,
+    /// so they are never read).
     k_rot: Array2<f32>,
     v: Array2<f32>,
+    live: Range<usize>,
+}
+
+/// cos and sin of `p f` for every look-around position `p` in `0..L` and rotary frequency `f`
+/// (`L x d/2` each). Rotating a window's keys and queries reads them instead of evaluating
+/// `sin_cos` per element, which cost as much as the window's products; the values are the bits
+/// [`rotate_half_split`] computes.
+struct RotaryTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RotaryTable {
+    fn new(freqs: &[f32], positions: usize) -> Self {
+        let half = freqs.len();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for &f in freqs {
+                let (sn, cs) = (p as f32 * f).sin_cos();
+                cos.push(cs);
+                sin.push(sn);
+            }
+        }
+        RotaryTable { half, cos, sin }
+    }
+
+    /// [`rotate_half_split`] of `row` at position `p` (`inverse`: the transpose), same bits.
+    fn rotate(&self, row: &mut [f32], p: usize, inverse: bool) {
+        let h = self.half;
+        let cos = &self.cos[p * h..(p + 1) * h];
+        let sin = &self.sin[p * h..(p + 1) * h];
+        let (x1s, x2s) = row.split_at_mut(h);
+        let lanes = x1s.iter_mut().zip(x2s.iter_mut()).zip(cos.iter().zip(sin));
+        if inverse {
+            // x1 cos - x2 (-sin) and x2 cos + x1 (-sin): negating a product is exact.
+            for ((x1, x2), (&cs, &sn)) in lanes {
+                let (a, b) = (*x1, *x2);
+                *x1 = a * cs + b * sn;
+                *x2 = b * cs - a * sn;
+            }
+        } else {
+            for ((x1, x2), (&cs, &sn)) in lanes {
+                let (a, b) = (*x1, *x2);
+                *x1 = a * cs - b * sn;
+                *x2 = b * cs + a * sn;
+            }
+        }
+    }
 }
 
 impl LocalAttentionOp {
@@ -222,45 +277,40 @@ impl LocalAttentionOp {
         self.window * (self.back + self.fwd + 1)
     }
 
-    /// `x cos(p f) + rotate_half(x) sin(p f)` for one row at position `p` (in place).
-    fn rotate(&self, row: &mut [f32], p: usize, inverse: bool) {
-        rotate_half_split(&self.freqs, row, p, inverse)
-    }
-
-    /// Gathers window `w_idx`'s key slots for one head (fillers -1, padding 0) and rotates them.
+    /// Gathers window `w_idx`'s key slots for one head (fillers -1, padding 0) and rotates
+    /// those inside the sequence's windows.
     fn window_keys(
         &self,
+        table: &RotaryTable,
         k: &ArrayView2<f32>,
         v: &ArrayView2<f32>,
         w_idx: usize,
         windows: usize,
     ) -> WindowKeys {
         let (n, d) = k.dim();
-        let l = self.slots();
+        let (w, l) = (self.window, self.slots());
+        // Window index of the look-around's first block; blocks outside 0..windows are fillers.
+        let first = w_idx as i64 - self.back as i64;
+        let blocks = (self.back + self.fwd + 1) as i64;
+        let live = ((-first).clamp(0, blocks) as usize * w)
+            ..((windows as i64 - first).clamp(0, blocks) as usize * w);
         let mut positions = vec![-1i64; l];
         let mut k_rot = Array2::<f32>::from_elem((l, d), -1.0);
         let mut vs = Array2::<f32>::from_elem((l, d), -1.0);
-        for (o, block) in (0..=self.back + self.fwd).enumerate() {
-            let j = w_idx as i64 + block as i64 - self.back as i64;
-            if j < 0 || j >= windows as i64 {
-                continue;
+        for slot in live.clone() {
+            let p = (first * w as i64 + slot as i64) as usize;
+            positions[slot] = p as i64;
+            let mut kr = k_rot.row_mut(slot);
+            let mut vr = vs.row_mut(slot);
+            if p < n {
+                kr.assign(&k.row(p));
+                vr.assign(&v.row(p));
+            } else {
+                kr.fill(0.0);
+                vr.fill(0.0);
             }
-            for r in 0..self.window {
-                let slot = o * self.window + r;
-                let p = j as usize * self.window + r;
-                positions[slot] = p as i64;
-                if p < n {
-                    k_rot.row_mut(slot).assign(&k.row(p));
-                    vs.row_mut(slot).assign(&v.row(p));
-                } else {
-                    k_rot.row_mut(slot).fill(0.0);
-                    vs.row_mut(slot).fill(0.0);
-                }
-            }
-        }
-        for (slot, mut row) in k_rot.rows_mut().into_iter().enumerate() {
-            self.rotate(
-                row.as_slice_mut().expect("owned rows are contiguous"),
+            table.rotate(
+                kr.as_slice_mut().expect("owned rows are contiguous"),
                 slot,
                 false,
             );
@@ -269,11 +319,17 @@ impl LocalAttentionOp {
             positions,
             k_rot,
             v: vs,
+            live,
         }
     }
 
     /// Scaled, rotated queries of window `w_idx` (rows past the sequence are zeros).
-    fn window_queries(&self, q: &ArrayView2<f32>, w_idx: usize) -> Array2<f32> {
+    fn window_queries(
+        &self,
+        table: &RotaryTable,
+        q: &ArrayView2<f32>,
+        w_idx: usize,
+    ) -> Array2<f32> {
         let (n, d) = q.dim();
         let l = self.slots();
         let scale = (d as f32).powf(-0.5);
@@ -285,7 +341,7 @@ impl LocalAttentionOp {
                     .and(q.row(p))
                     .for_each(|o, &x| *o = x * scale);
             }
-            self.rotate(
+            table.rotate(
                 out.row_mut(r).as_slice_mut().expect("contiguous"),
                 l - self.window + r,
                 false,
@@ -294,45 +350,59 @@ impl LocalAttentionOp {
         out
     }
 
-    /// Whether query at position `qp` may not see the key slot at position `kp`.
-    fn masked(&self, mask_row: Option<ndarray::ArrayView1<bool>>, qp: usize, kp: i64) -> bool {
-        if kp < 0 {
-            return true;
-        }
-        if self.causal && (qp as i64) < kp {
-            return true;
-        }
-        match mask_row {
-            Some(m) => (kp as usize) >= m.len() || !m[kp as usize],
-            None => false,
+    /// Whether each key slot may be seen at all: inside the sequence's windows and kept by the
+    /// input mask (padding positions past the mask are masked).
+    fn keys_kept(
+        &self,
+        keys: &WindowKeys,
+        mask_row: Option<ndarray::ArrayView1<bool>>,
+    ) -> Vec<bool> {
+        keys.positions
+            .iter()
+            .enumerate()
+            .map(|(slot, &kp)| {
+                keys.live.contains(&slot)
+                    && match mask_row {
+                        Some(m) => (kp as usize) < m.len() && m[kp as usize],
+                        None => true,
+                    }
+            })
+            .collect()
+    }
+
+    /// The slots row `r` of a window may see before causality cuts it off: a causal query at
+    /// slot `back w + r` of the look-around sees no later slot.
+    fn row_end(&self, r: usize) -> usize {
+        if self.causal {
+            self.back * self.window + r + 1
+        } else {
+            self.slots()
         }
     }
 
-    /// Attention weights of one window after softmax (before dropout): `(w, L)`.
-    fn weights(
-        &self,
-        qr: &Array2<f32>,
-        keys: &WindowKeys,
-        w_idx: usize,
-        mask_row: Option<ndarray::ArrayView1<bool>>,
-    ) -> Result<Array2<f32>> {
-        let mut sim = Array2::<f32>::zeros((self.window, self.slots()));
+    /// Attention weights of one window after softmax (before dropout): `(w, L)`. A row whose
+    /// keys are all masked attends uniformly to all `L` slots, fillers too.
+    fn weights(&self, qr: &Array2<f32>, keys: &WindowKeys, kept: &[bool]) -> Result<Array2<f32>> {
+        let live = keys.live.clone();
+        let mut sim = Array2::<f32>::from_elem((self.window, self.slots()), MASKED);
         gemm_into(
-            &mut sim.view_mut(),
+            &mut sim.slice_mut(s![.., live.clone()]),
             &qr.view(),
-            &keys.k_rot.t(),
+            &keys.k_rot.slice(s![live, ..]).t(),
             1.0,
             0.0,
             Threads::Single,
         )?;
         for (r, mut row) in sim.rows_mut().into_iter().enumerate() {
-            let qp = w_idx * self.window + r;
-            for (slot, x) in row.iter_mut().enumerate() {
-                if self.masked(mask_row, qp, keys.positions[slot]) {
+            let row = row.as_slice_mut().expect("contiguous");
+            let end = self.row_end(r);
+            for (x, &keep) in row[..end].iter_mut().zip(kept) {
+                if !keep {
                     *x = MASKED;
                 }
             }
-            softmax_inplace(row.as_slice_mut().expect("contiguous"));
+            row[end..].fill(MASKED);
+            softmax_inplace(row);
         }
         Ok(sim)
     }
@@ -378,6 +448,7 @@ impl CustomOp for LocalAttentionOp {
         let (n, d) = (shape[shape.len() - 2], shape[shape.len() - 1]);
         let (q, k, v) = (inputs[0].view(), inputs[1].view(), inputs[2].view());
         let windows = n.div_ceil(self.window);
+        let table = RotaryTable::new(&self.freqs, self.slots());
         let mut out = HeadsOut::zeros(lead, n, d);
         out.views()
             .into_par_iter()
@@ -385,12 +456,15 @@ impl CustomOp for LocalAttentionOp {
             .try_for_each(|(h, mut o)| -> Result<()> {
                 let (qh, kh, vh) = (head(&q, h)?, head(&k, h)?, head(&v, h)?);
                 for w_idx in 0..windows {
-                    let keys = self.window_keys(&kh, &vh, w_idx, windows);
-                    let qr = self.window_queries(&qh, w_idx);
-                    let mut attn = self.weights(&qr, &keys, w_idx, self.mask_row(h))?;
+                    let keys = self.window_keys(&table, &kh, &vh, w_idx, windows);
+                    let qr = self.window_queries(&table, &qh, w_idx);
+                    let kept = self.keys_kept(&keys, self.mask_row(h));
+                    let mut attn = self.weights(&qr, &keys, &kept)?;
                     if let Some(dm) = self.dropout_mask(h, w_idx) {
                         attn *= &dm;
                     }
+                    // Over all L slots even where fillers have weight 0: a shorter sum would
+                    // be blocked differently by the GEMM and round differently.
                     let mut ow = Array2::<f32>::zeros((self.window, d));
                     gemm_into(
                         &mut ow.view_mut(),
@@ -432,6 +506,7 @@ impl CustomOp for LocalAttentionOp {
         let windows = n.div_ceil(self.window);
         let scale = (d as f32).powf(-0.5);
         let l = self.slots();
+        let table = RotaryTable::new(&self.freqs, l);
         let mut dq = HeadsOut::zeros(lead, n, d);
         let mut dk = HeadsOut::zeros(lead, n, d);
         let mut dv = HeadsOut::zeros(lead, n, d);
@@ -443,24 +518,27 @@ impl CustomOp for LocalAttentionOp {
             .try_for_each(|(h, ((mut dqh, mut dkh), mut dvh))| -> Result<()> {
                 let (qh, kh, vh, gh) = (head(&q, h)?, head(&k, h)?, head(&v, h)?, head(&gv, h)?);
                 for w_idx in 0..windows {
-                    let keys = self.window_keys(&kh, &vh, w_idx, windows);
-                    let qr = self.window_queries(&qh, w_idx);
-                    let attn = self.weights(&qr, &keys, w_idx, self.mask_row(h))?;
+                    let keys = self.window_keys(&table, &kh, &vh, w_idx, windows);
+                    let qr = self.window_queries(&table, &qh, w_idx);
+                    let kept = self.keys_kept(&keys, self.mask_row(h));
+                    let attn = self.weights(&qr, &keys, &kept)?;
                     let dmask = self.dropout_mask(h, w_idx);
                     let start = w_idx * self.window;
                     let rows = self.window.min(n - start);
                     let mut go = Array2::<f32>::zeros((self.window, d));
                     go.slice_mut(s![..rows, ..])
                         .assign(&gh.slice(s![start..start + rows, ..]));
+                    // Only the live slots' gradients are kept (fillers' are dropped), and the
+                    // score gradients of filler slots are masked to zero, so every product
+                    // below runs over the live slots alone.
+                    let live = keys.live.clone();
                     // dv_slots = attn_d^T dO; d_attn = (dO v_slots^T) * dropout
-                    let attn_d = match &dmask {
-                        Some(m) => &attn * m,
-                        None => attn.clone(),
-                    };
+                    let attn_d = dmask.as_ref().map(|m| &attn * m);
+                    let attn_d = attn_d.as_ref().unwrap_or(&attn);
                     let mut dv_slots = Array2::<f32>::zeros((l, d));
                     gemm_into(
-                        &mut dv_slots.view_mut(),
-                        &attn_d.t(),
+                        &mut dv_slots.slice_mut(s![live.clone(), ..]),
+                        &attn_d.slice(s![.., live.clone()]).t(),
                         &go.view(),
                         1.0,
                         0.0,
@@ -468,9 +546,9 @@ impl CustomOp for LocalAttentionOp {
                     )?;
                     let mut da = Array2::<f32>::zeros((self.window, l));
                     gemm_into(
-                        &mut da.view_mut(),
+                        &mut da.slice_mut(s![.., live.clone()]),
                         &go.view(),
-                        &keys.v.t(),
+                        &keys.v.slice(s![live.clone(), ..]).t(),
                         1.0,
                         0.0,
                         Threads::Single,
@@ -479,19 +557,18 @@ impl CustomOp for LocalAttentionOp {
                         da *= m;
                     }
                     // softmax backward, zero where masked (masked_fill blocks the gradient)
-                    let mask_row = self.mask_row(h);
                     for (r, (mut dr, ar)) in da.rows_mut().into_iter().zip(attn.rows()).enumerate()
                     {
-                        let dot: f32 = dr.iter().zip(ar.iter()).map(|(x, y)| x * y).sum();
-                        let qp = start + r;
-                        for (slot, (x, &a)) in dr.iter_mut().zip(ar.iter()).enumerate() {
-                            *x = if self.masked(mask_row, qp, keys.positions[slot]) {
-                                0.0
-                            } else {
-                                a * (*x - dot)
-                            };
+                        let dr = dr.as_slice_mut().expect("contiguous");
+                        let ar = ar.as_slice().expect("contiguous");
+                        let dot: f32 = dr.iter().zip(ar).map(|(x, y)| x * y).sum();
+                        let end = self.row_end(r);
+                        for ((x, &a), &keep) in dr[..end].iter_mut().zip(ar).zip(&kept) {
+                            *x = if keep { a * (*x - dot) } else { 0.0 };
                         }
+                        dr[end..].fill(0.0);
                     }
+                    // Over all L slots (da is 0 on fillers), for the same rounding as ever.
                     let mut dqr = Array2::<f32>::zeros((self.window, d));
                     gemm_into(
                         &mut dqr.view_mut(),
@@ -503,8 +580,8 @@ impl CustomOp for LocalAttentionOp {
                     )?;
                     let mut dkr = Array2::<f32>::zeros((l, d));
                     gemm_into(
-                        &mut dkr.view_mut(),
-                        &da.t(),
+                        &mut dkr.slice_mut(s![live.clone(), ..]),
+                        &da.slice(s![.., live]).t(),
                         &qr.view(),
                         1.0,
                         0.0,
@@ -512,7 +589,7 @@ impl CustomOp for LocalAttentionOp {
                     )?;
                     for r in 0..rows {
                         let mut row = dqr.row_mut(r);
-                        self.rotate(
+                        table.rotate(
                             row.as_slice_mut().expect("contiguous"),
                             l - self.window + r,
                             true,
@@ -526,7 +603,7 @@ impl CustomOp for LocalAttentionOp {
                         &dv_slots,
                         &keys.positions,
                         n,
-                        |slot, row| self.rotate(row, slot, true),
+                        |slot, row| table.rotate(row, slot, true),
                         &mut dkh,
                         &mut dvh,
                     );

@@ -450,3 +450,65 @@ fn no_rows_and_a_scalar_are_errors() {
     let err = rotate_every_two(&scalar).unwrap_err();
     assert!(err.to_string().contains("rank 0"), "{err}");
 }
+
+/// PreScaleNorm's one-op normalization against the four tensor ops it replaces: the same
+/// output bits, and the same gradients for `x` and `g`, on a strided input (one half of a wider
+/// tensor, as in the reversible stack) with a zero row and a row below `eps` (clamped).
+#[test]
+fn scale_norm_matches_the_op_chain_bit_for_bit_and_in_gradients() {
+    let sn = PreScaleNorm {
+        g: performer_tensor::Param::new(ArrayD::from_elem(IxDyn(&[1]), 1.7)),
+        eps: 1e-2,
+        inner: Arc::new(FeedForward::new(8, 1, 0.0, false)),
+    };
+    let mut wide = randn(&[2, 5, 16], 21, 1.0);
+    wide.slice_mut(ndarray::s![0, 1, ..]).fill(0.0);
+    wide.slice_mut(ndarray::s![1, 3, ..])
+        .mapv_inplace(|v| v * 1e-4);
+    let wide = Tensor::var(wide);
+    let dy = randn(&[2, 5, 8], 22, 1.0);
+    let run = |chain: bool| {
+        let x = wide.narrow(-1, 8, 8).unwrap();
+        let y = if chain {
+            let n = x.norm(&[-1], true).unwrap().clamp(Some(sn.eps), None);
+            x.div(&n).unwrap().mul(&sn.g.tensor()).unwrap()
+        } else {
+            sn.normalize(&x).unwrap()
+        };
+        let grads = y.backward_with_grad(dy.clone()).unwrap();
+        let dx = grads.get(&wide).expect("x's gradient").clone();
+        let dg = grads.get_param(&sn.g).expect("g's gradient").clone();
+        (y.to_array(), dx, dg)
+    };
+    let (y, dx, dg) = run(false);
+    let (y_chain, dx_chain, dg_chain) = run(true);
+    assert_eq!(y.shape(), y_chain.shape());
+    for (a, b) in y.iter().zip(&y_chain) {
+        assert_eq!(a.to_bits(), b.to_bits(), "forward: {a} vs {b}");
+    }
+    assert_close("dx", &dx.view(), &dx_chain.view(), 1e-6);
+    assert_close("dg", &dg.view(), &dg_chain.view(), 1e-5);
+    // The clamped row passes no gradient through its norm: dx = g dy / eps there.
+    let want = dy.slice(ndarray::s![1, 3, ..]).mapv(|d| d * 1.7 / 1e-2);
+    assert_close(
+        "clamped row",
+        &dx.slice(ndarray::s![1, 3, 8..]),
+        &want.view(),
+        1e-6,
+    );
+}
+
+#[test]
+fn scale_norm_gradients() {
+    let sn = PreScaleNorm {
+        g: performer_tensor::Param::new(ArrayD::from_elem(IxDyn(&[1]), 0.8)),
+        eps: 1e-5,
+        inner: Arc::new(FeedForward::new(6, 1, 0.0, false)),
+    };
+    gradcheck(
+        |t| sn.normalize(&t[0]),
+        &[randn(&[3, 4, 6], 23, 1.0)],
+        GradcheckOptions::default(),
+    )
+    .unwrap();
+}

@@ -150,7 +150,7 @@ impl Category {
                 Category::Layout
             }
             "index_select" | "gather" => Category::Embedding,
-            "layer_norm" | "norm" => Category::Norm,
+            "layer_norm" | "norm" | "scale_norm" => Category::Norm,
             "softmax" | "log_softmax" | "cross_entropy" => Category::Loss,
             "ReversibleSequence" | "Chunk" => Category::Sequence,
             "add" | "sub" | "mul" | "div" | "maximum" | "minimum" | "pow" | "relu" | "gelu"

@@ -211,11 +211,8 @@ impl Launcher for EmulatedLauncher {
                 });
             }
         }
-        let mut storage: Vec<u64> = args.iter().map(KernelArg::slot_bits).collect();
-        let mut ptrs: Vec<*mut c_void> = storage
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
+        let mut slots = vec![0u64; args.len()];
+        let mut ptrs = crate::launcher::param_ptrs(args, &mut slots);
         let kinds: Vec<u8> = args.iter().map(KernelArg::kind).collect();
         let grid = [dims.grid.0, dims.grid.1, dims.grid.2];
         let block = [dims.block.0, dims.block.1, dims.block.2];
@@ -226,9 +223,11 @@ impl Launcher for EmulatedLauncher {
         })?;
         let mut err = vec![0u8; 1024];
         let _sched = scheduler_lock();
-        // SAFETY: `performer_emu_launch` reads `nargs` argument slots (each an 8-byte value,
-        // little-endian, read as the parameter's type after its kind was checked against the
-        // signature), the 3-element grid and block arrays, and writes at most `err.len()` bytes
+        // SAFETY: `performer_emu_launch` reads `nargs` arguments, each as the parameter's type
+        // after its kind was checked against the signature: an 8-byte slot (little-endian) for
+        // a scalar or pointer, an index map in place (repr(C), laid out as the kernels'
+        // `StridedIndex`, whose size both sides assert); `slots` and `args` outlive the call.
+        // It also reads the 3-element grid and block arrays, and writes at most `err.len()` bytes
         // of message. The kernel's own memory accesses are the caller's contract (this fn's
         // safety section); every pointer argument was checked to point into a live allocation,
         // the memory lock keeps them alive, and the scheduler lock serialises the library's

@@ -114,11 +114,16 @@ fn binary(a: &Tensor, b: &Tensor, op: Binary) -> Result<Tensor> {
         }
         // Sub hands `g` itself to its first operand (after the second took what it needs).
         let mut g = Some(g);
-        let partial = |g: &ArrayD<f32>, which: usize| {
-            zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
+        let partial = |g: &ArrayD<f32>, which: usize| match (op, which) {
+            // A product's partials are the other operand: a two-operand loop with the op known
+            // at compile time vectorizes (the generic one below picks the op per element).
+            // Same values: g * y and g * x are what the generic form multiplies.
+            (Binary::Mul, 0) => zip_map(&g.view(), &bb, |g, y| g * y),
+            (Binary::Mul, _) => zip_map(&g.view(), &ab, |g, x| g * x),
+            _ => zip_map3(&g.view(), &ab, &bb, move |g, x, y| {
                 let (da, db) = op.partials(x, y);
                 g * if which == 0 { da } else { db }
-            })
+            }),
         };
         let gb = needs[1].then(|| match op {
             Binary::Sub => map_array(&g.as_ref().expect("present").view(), |v| -v),
