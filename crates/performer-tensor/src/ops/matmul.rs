@@ -170,7 +170,13 @@ impl Tensor {
     /// node); the result and every gradient have the bits of the two-op form.
     pub fn matmul_add(&self, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         on_device!(crate::cuda::ops::matmul_add(self, weight, bias));
-        let fusable = self.rank() == 2
+        // The fused op reads host arrays; device operands outside autocast (which
+        // `on_device!` declined above) take the two device ops.
+        let on_host = [self, weight, bias]
+            .iter()
+            .all(|t| t.device() == crate::Device::Cpu);
+        let fusable = on_host
+            && self.rank() == 2
             && weight.rank() == 2
             && bias.rank() == 1
             && bias.shape()[0] == weight.shape()[1]
