@@ -105,11 +105,9 @@ impl PreScaleNorm {
     /// The normalization alone.
     pub fn normalize(&self, x: &Tensor) -> Result<Tensor> {
         // On the CPU: one op, with the forward's bits of the four below.
-        #[cfg(feature = "cuda")]
-        let on_host = x.device().is_cpu();
-        #[cfg(not(feature = "cuda"))]
-        let on_host = true;
-        if on_host && let Some(y) = crate::scale_norm::scale_norm(x, &self.g.tensor(), self.eps)? {
+        if x.device().is_cpu()
+            && let Some(y) = crate::scale_norm::scale_norm(x, &self.g.tensor(), self.eps)?
+        {
             return Ok(y);
         }
         let n = x.norm(&[-1], true)?.clamp(Some(self.eps), None);

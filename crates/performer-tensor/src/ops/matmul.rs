@@ -172,9 +172,7 @@ impl Tensor {
         on_device!(crate::cuda::ops::matmul_add(self, weight, bias));
         // The fused op reads host arrays; device operands outside autocast (which
         // `on_device!` declined above) take the two device ops.
-        let on_host = [self, weight, bias]
-            .iter()
-            .all(|t| t.device() == crate::Device::Cpu);
+        let on_host = [self, weight, bias].iter().all(|t| t.device().is_cpu());
         let fusable = on_host
             && self.rank() == 2
             && weight.rank() == 2
