@@ -3,6 +3,7 @@
 //! ```text
 //! cargo build --release --example bench_workload
 //! target/release/examples/bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile]
+//!     [--main-thread]
 //! target/release/examples/bench_workload --list
 //! ```
 //!
@@ -11,6 +12,8 @@
 //! `{"median_ms": .., "times_ms": [..], "tokens": .., "peak_rss_mib": ..}` (`peak_rss_mib` is this
 //! process's own `VmHWM`, for standalone use; xtask measures it from outside with `wait4`).
 //! Threads: rayon's global pool, sized by `RAYON_NUM_THREADS` (xtask sets it) or all cores.
+//! Everything (building, timing, profiling) runs on one of its workers (`team::on_pool`), as
+//! `train_lm` runs its steps; `--main-thread` runs it on the main thread instead.
 //!
 //! With `--profile`, `R` more repetitions run under the op timer of
 //! `performer::tensor::profile` (after the timed ones, which it does not slow), followed by the
@@ -32,7 +35,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use performer::tensor::profile::{self, Phase};
-use performer::tensor::{Tensor, rng};
+use performer::tensor::{Tensor, rng, team};
 
 /// The allocator: mimalloc, told never to return freed memory to the OS. Every repetition
 /// allocates its outputs and temporaries afresh (hundreds of MB for attn-causal-4k, GBs at 64k);
@@ -348,10 +351,11 @@ struct Options {
     reps: usize,
     seed: u64,
     profile: bool,
+    /// Run on the main thread instead of a rayon worker (to measure what `on_pool` changes).
+    main_thread: bool,
 }
 
-const USAGE: &str =
-    "usage: bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile] | --list";
+const USAGE: &str = "usage: bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile] [--main-thread] | --list";
 
 fn parse_args() -> Result<Option<Options>, String> {
     let mut args = std::env::args().skip(1);
@@ -361,6 +365,7 @@ fn parse_args() -> Result<Option<Options>, String> {
         reps: 3,
         seed: 0,
         profile: false,
+        main_thread: false,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -378,6 +383,7 @@ fn parse_args() -> Result<Option<Options>, String> {
                     .map_err(|e| format!("--seed: {e}"))?
             }
             "--profile" => opts.profile = true,
+            "--main-thread" => opts.main_thread = true,
             "--list" => return Ok(None),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -507,6 +513,18 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
 
+    if opts.main_thread {
+        return run(name, n, build, opts);
+    }
+    // The model, its steps and the profiler all on one rayon worker, as train_lm runs its
+    // steps (`on_pool`): from the main thread every parallel op would hand its whole loop to
+    // the workers and sleep, a third thread on two cores.
+    team::on_pool(move || run(name, n, build, opts))
+}
+
+/// Builds the workload, runs its repetitions and prints the JSON line.
+
+fn run(name: &'static str, n: usize, build: Builder, opts: Options) -> ExitCode {
     rng::manual_seed(opts.seed);
     let mut prepared = match build(n) {
         Ok(p) => p,

@@ -60,6 +60,7 @@ use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator, RngState};
 use performer::tensor::schedule::WarmupCosine;
+use performer::tensor::team::on_pool;
 use performer::tensor::{Device, Gradients, Module, Tensor, no_grad};
 use performer::{
     AutoregressiveWrapper, Filter, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
@@ -1351,9 +1352,12 @@ fn train(
             // The global batch, the same on every rank; this rank trains on its share.
             let x = sample_batch(&mut sampler, &corpus.train, settings.batch_size, window);
             let x = dist.my_rows(x)?;
-            // The backward's products follow the forward's autocast choice.
-            let loss = performer::tensor::autocast::autocast_bf16(settings.amp, || {
-                model.loss(&x.view(), &SeqInputs::default())
+            // The backward's products follow the forward's autocast choice. On a rayon worker:
+            // a step of small ops runs ~20% faster there than from this thread (`on_pool`).
+            let loss = on_pool(|| {
+                performer::tensor::autocast::autocast_bf16(settings.amp, || {
+                    model.loss(&x.view(), &SeqInputs::default())
+                })
             })?;
             loss_sum += loss.item()? as f64;
             let last = micro + 1 == settings.grad_accum;
@@ -1405,7 +1409,7 @@ fn train(
             pb.suspend(|| eprintln!("train_lm: {what}: update skipped (--skip-nonfinite)"));
         } else {
             opt.set_lr(schedule.lr(step));
-            opt.step(&grads)?;
+            on_pool(|| opt.step(&grads))?;
         }
         drop(grads);
         state.step = step;

@@ -24,6 +24,11 @@ pub fn is_autocast_bf16() -> bool {
     AUTOCAST_BF16.with(|a| a.get())
 }
 
+/// Sets this thread's autocast mode; returns the previous one.
+pub(crate) fn set_autocast_bf16(enabled: bool) -> bool {
+    AUTOCAST_BF16.with(|a| a.replace(enabled))
+}
+
 /// Restores the previous autocast mode when dropped.
 pub struct AutocastGuard {
     previous: bool,

@@ -29,6 +29,11 @@ pub fn is_grad_enabled() -> bool {
     GRAD_ENABLED.with(|g| g.get())
 }
 
+/// Sets this thread's gradient mode; returns the previous one.
+pub(crate) fn set_grad_enabled(enabled: bool) -> bool {
+    GRAD_ENABLED.with(|g| g.replace(enabled))
+}
+
 /// Restores the previous gradient mode when dropped.
 pub struct GradModeGuard {
     previous: bool,

@@ -225,22 +225,74 @@ pub fn with_team<R>(f: impl FnOnce(&Team) -> R) -> R {
 }
 
 /// Runs `f` on one of rayon's threads: here, when this thread is one already; otherwise on a
-/// worker while this thread waits, blocked.
+/// worker while this thread waits, blocked. The worker runs `f` with this thread's context:
+/// its global generator ([`crate::rng`]), gradient mode and autocast mode; the generator's
+/// state after `f` comes back to this thread, so a seeded run draws the same numbers wherever
+/// its steps ran. (The op timer, [`crate::profile`], stays per thread: start it inside.)
 ///
-/// Wrap a whole generation (the prompt's parallel pass and every decoding step) in it when the
-/// caller is not a rayon thread, such as a program's main thread. Rayon keeps one worker per
-/// core, so an outside thread that works as well (it leads every [`with_team`] phase and runs
-/// its own share of rayon's parallel loops) makes one more running thread than there are
-/// cores: whenever an idle worker wakes up to look for work it takes a core from the caller or
-/// its helper, and a decoding step whose helper is descheduled runs on one core. Measured on 2
-/// cores, 63 decoding steps after a 512-token prompt: medians 16.6-18.3 ms from the main
-/// thread, 14.8-15.1 ms on a worker, and no runs of 330-900 µs steps.
+/// Wrap a whole generation, or a training step (forward, backward and the optimizer), in it
+/// when the caller is not a rayon thread, such as a program's main thread. Rayon keeps one
+/// worker per core, so an outside thread that works as well (it leads every [`with_team`]
+/// phase and runs its own share of rayon's parallel loops) makes one more running thread than
+/// there are cores: whenever an idle worker wakes up to look for work it takes a core from the
+/// caller or its helper. And every parallel op called from outside the pool hands its whole
+/// loop to the workers and sleeps until they finish, where a worker runs half itself and
+/// shares the rest. Measured on 2 cores:
+/// - 63 decoding steps after a 512-token prompt: medians 16.6-18.3 ms from the main thread,
+///   14.8-15.1 ms on a worker, and no runs of 330-900 µs steps;
+/// - lm-small-64's training step (`cargo xtask bench`, thousands of small ops): medians of 15
+///   steps, three alternating rounds, 87.5 / 89.3 / 84.3 ms from the main thread and
+///   70.4 / 69.9 / 74.5 ms on a worker.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
-        f()
-    } else {
-        // `scope` runs its closure on a worker when called from outside the pool.
-        rayon::scope(|_| f())
+        return f();
+    }
+    let caller = ThreadContext::current();
+    // `scope` runs its closure on a worker when called from outside the pool.
+    let (result, after) = rayon::scope(|_| {
+        let restore = ContextRestore(caller.install());
+        let result = f();
+        let after = ThreadContext::current();
+        drop(restore);
+        (result, after)
+    });
+    after.install();
+    result
+}
+
+/// The per-thread state that ops read: what [`on_pool`] carries to the worker and back.
+#[derive(Clone, Copy)]
+struct ThreadContext {
+    rng: crate::rng::RngState,
+    grad_enabled: bool,
+    autocast_bf16: bool,
+}
+
+impl ThreadContext {
+    fn current() -> Self {
+        ThreadContext {
+            rng: crate::rng::get_state(),
+            grad_enabled: crate::autograd::is_grad_enabled(),
+            autocast_bf16: crate::autocast::is_autocast_bf16(),
+        }
+    }
+
+    /// Makes this the calling thread's context; returns the one it replaced.
+    fn install(self) -> Self {
+        let previous = ThreadContext::current();
+        crate::rng::set_state(self.rng);
+        crate::autograd::set_grad_enabled(self.grad_enabled);
+        crate::autocast::set_autocast_bf16(self.autocast_bf16);
+        previous
+    }
+}
+
+/// Puts a worker's own context back when [`on_pool`]'s closure returns or unwinds.
+struct ContextRestore(ThreadContext);
+
+impl Drop for ContextRestore {
+    fn drop(&mut self) {
+        self.0.install();
     }
 }
 
@@ -292,6 +344,45 @@ mod tests {
             on_pool(|| rayon::current_thread_index() == outer)
         });
         assert!(nested);
+    }
+
+    #[test]
+    fn on_pool_carries_the_generator_and_modes_there_and_back() {
+        use crate::{autocast, autograd, rng};
+        rng::manual_seed(11);
+        let expected: Vec<u64> = (0..6).map(|_| rng::with_rng(|g| g.next_u64())).collect();
+        rng::manual_seed(11);
+        let first: Vec<u64> = (0..3).map(|_| rng::with_rng(|g| g.next_u64())).collect();
+        let (on_worker, grad, bf16) = autograd::no_grad(|| {
+            autocast::autocast_bf16(true, || {
+                on_pool(|| {
+                    let draws: Vec<u64> = (0..2).map(|_| rng::with_rng(|g| g.next_u64())).collect();
+                    (
+                        draws,
+                        autograd::is_grad_enabled(),
+                        autocast::is_autocast_bf16(),
+                    )
+                })
+            })
+        });
+        assert!(
+            !grad,
+            "the worker recorded the graph inside the caller's no_grad"
+        );
+        assert!(bf16, "the worker lost the caller's autocast");
+        let last = rng::with_rng(|g| g.next_u64());
+        let mut seen = first;
+        seen.extend(on_worker);
+        seen.push(last);
+        assert_eq!(
+            seen, expected,
+            "the draws on the worker did not continue the caller's stream"
+        );
+        assert!(autograd::is_grad_enabled());
+        // The worker got its own context back.
+        let (worker_grad, worker_bf16) =
+            on_pool(|| (autograd::is_grad_enabled(), autocast::is_autocast_bf16()));
+        assert!(worker_grad && !worker_bf16);
     }
 
     #[test]
