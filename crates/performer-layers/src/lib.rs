@@ -31,6 +31,7 @@ mod reversible_device;
 mod scale_norm;
 mod sequence;
 mod state;
+mod token_shift;
 mod wrappers;
 
 pub use attention::{Attention, AttentionConfig, CrossAttention, SelfAttention};

@@ -298,25 +298,29 @@ impl PreShiftTokens {
             }
             return Ok(y);
         }
+        if let Some(m) = mask
+            && m.shape() != &x.shape()[..2]
+        {
+            return Err(Error::shape(
+                "PreShiftTokens",
+                format!(
+                    "mask {:?} must be (b, n) = {:?}",
+                    m.shape(),
+                    &x.shape()[..2]
+                ),
+            ));
+        }
+        // On the host: one op (the composed form below made seven nodes and copies).
+        if x.device().is_cpu() {
+            return crate::token_shift::token_shift(x, dim / segments, &self.shifts, mask);
+        }
         let pieces = x.split(dim / segments, -1)?;
         let masked_out = match mask {
-            Some(m) => {
-                if m.shape() != &x.shape()[..2] {
-                    return Err(Error::shape(
-                        "PreShiftTokens",
-                        format!(
-                            "mask {:?} must be (b, n) = {:?}",
-                            m.shape(),
-                            &x.shape()[..2]
-                        ),
-                    ));
-                }
-                Some(
-                    m.mapv(|keep| !keep)
-                        .insert_axis(ndarray::Axis(2))
-                        .into_dyn(),
-                )
-            }
+            Some(m) => Some(
+                m.mapv(|keep| !keep)
+                    .insert_axis(ndarray::Axis(2))
+                    .into_dyn(),
+            ),
             None => None,
         };
         let mut parts = Vec::with_capacity(pieces.len());

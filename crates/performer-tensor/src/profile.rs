@@ -146,9 +146,8 @@ impl Category {
             | "linear_attention" => Category::Favor,
             "local_attention" => Category::LocalAttention,
             "apply_rotary_pos_emb" => Category::Rotary,
-            "reshape" | "permute" | "narrow" | "contiguous" | "pad" | "cat" | "broadcast_to" => {
-                Category::Layout
-            }
+            "reshape" | "permute" | "narrow" | "contiguous" | "pad" | "cat" | "broadcast_to"
+            | "token_shift" => Category::Layout,
             "index_select" | "gather" => Category::Embedding,
             "layer_norm" | "norm" | "scale_norm" => Category::Norm,
             "softmax" | "log_softmax" | "cross_entropy" => Category::Loss,
