@@ -523,7 +523,6 @@ fn main() -> ExitCode {
 }
 
 /// Builds the workload, runs its repetitions and prints the JSON line.
-
 fn run(name: &'static str, n: usize, build: Builder, opts: Options) -> ExitCode {
     rng::manual_seed(opts.seed);
     let mut prepared = match build(n) {

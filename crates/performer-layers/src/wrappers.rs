@@ -315,14 +315,11 @@ impl PreShiftTokens {
             return crate::token_shift::token_shift(x, dim / segments, &self.shifts, mask);
         }
         let pieces = x.split(dim / segments, -1)?;
-        let masked_out = match mask {
-            Some(m) => Some(
-                m.mapv(|keep| !keep)
-                    .insert_axis(ndarray::Axis(2))
-                    .into_dyn(),
-            ),
-            None => None,
-        };
+        let masked_out = mask.map(|m| {
+            m.mapv(|keep| !keep)
+                .insert_axis(ndarray::Axis(2))
+                .into_dyn()
+        });
         let mut parts = Vec::with_capacity(pieces.len());
         for (i, piece) in pieces.into_iter().enumerate() {
             let amount = if i < segments { self.shifts[i] } else { 0 };
