@@ -1353,7 +1353,7 @@ fn train(
             let x = sample_batch(&mut sampler, &corpus.train, settings.batch_size, window);
             let x = dist.my_rows(x)?;
             // The backward's products follow the forward's autocast choice. On a rayon worker:
-            // a step of small ops runs ~20% faster there than from this thread (`on_pool`).
+            // a step of small ops runs 10-20% faster there than from this thread (`on_pool`).
             let loss = on_pool(|| {
                 performer::tensor::autocast::autocast_bf16(settings.amp, || {
                     model.loss(&x.view(), &SeqInputs::default())

@@ -79,6 +79,8 @@ impl KernelArg {
 /// The parameter pointers of one launch (CUDA's `void** kernelParams`): `slots` holds the
 /// scalars' values (one per argument, filled here), index maps are read from `args` itself.
 pub(crate) fn param_ptrs(args: &[KernelArg], slots: &mut [u64]) -> Vec<*mut c_void> {
+    // A shorter `slots` would silently drop the last arguments from the launch.
+    assert_eq!(slots.len(), args.len(), "one parameter slot per argument");
     args.iter()
         .zip(slots.iter_mut())
         .map(|(a, slot)| a.param_ptr(slot))

@@ -255,18 +255,14 @@ impl RotaryTable {
         let sin = &self.sin[p * h..(p + 1) * h];
         let (x1s, x2s) = row.split_at_mut(h);
         let lanes = x1s.iter_mut().zip(x2s.iter_mut()).zip(cos.iter().zip(sin));
+        // Two loops with the direction fixed, so each vectorizes.
         if inverse {
-            // x1 cos - x2 (-sin) and x2 cos + x1 (-sin): negating a product is exact.
             for ((x1, x2), (&cs, &sn)) in lanes {
-                let (a, b) = (*x1, *x2);
-                *x1 = a * cs + b * sn;
-                *x2 = b * cs - a * sn;
+                rotate_pair(x1, x2, cs, sn, true);
             }
         } else {
             for ((x1, x2), (&cs, &sn)) in lanes {
-                let (a, b) = (*x1, *x2);
-                *x1 = a * cs - b * sn;
-                *x2 = b * cs + a * sn;
+                rotate_pair(x1, x2, cs, sn, false);
             }
         }
     }
@@ -645,14 +641,24 @@ fn scatter_slots(
 /// `x cos(p f) + rotate_half(x) sin(p f)` for one row at position `p`, in place (`inverse`:
 /// the transpose, for gradients). The half-split layout of local-attention's rotary embedding.
 fn rotate_half_split(freqs: &[f32], row: &mut [f32], p: usize, inverse: bool) {
-    let half = freqs.len();
-    for j in 0..half {
-        let a = p as f32 * freqs[j];
-        let (sn, cs) = a.sin_cos();
-        let sn = if inverse { -sn } else { sn };
-        let (x1, x2) = (row[j], row[j + half]);
-        row[j] = x1 * cs - x2 * sn;
-        row[j + half] = x2 * cs + x1 * sn;
+    let (x1s, x2s) = row.split_at_mut(freqs.len());
+    for ((x1, x2), &f) in x1s.iter_mut().zip(x2s.iter_mut()).zip(freqs) {
+        let (sn, cs) = (p as f32 * f).sin_cos();
+        rotate_pair(x1, x2, cs, sn, inverse);
+    }
+}
+
+/// One pair `(x1, x2)` rotated by the angle whose cosine and sine are `cs`, `sn`
+/// (`inverse`: by its negative; `x2 (-sn)` is `-(x2 sn)` exactly, so both forms round alike).
+#[inline(always)]
+fn rotate_pair(x1: &mut f32, x2: &mut f32, cs: f32, sn: f32, inverse: bool) {
+    let (a, b) = (*x1, *x2);
+    if inverse {
+        *x1 = a * cs + b * sn;
+        *x2 = b * cs - a * sn;
+    } else {
+        *x1 = a * cs - b * sn;
+        *x2 = b * cs + a * sn;
     }
 }
 
@@ -871,5 +877,41 @@ impl LocalAttention {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RotaryTable, rotate_half_split};
+
+    /// The forward's table gives the bits of the per-element `sin_cos` form the decoding step
+    /// uses, at every look-around position and in both directions, and those are the bits of
+    /// `x cos(p f) + rotate_half(x) sin(p f)` written out.
+    #[test]
+    fn the_rotary_table_rotates_as_the_per_element_form() {
+        let freqs: Vec<f32> = (0..6).map(|i| 10000f32.powf(-(i as f32) / 6.0)).collect();
+        let positions = 40;
+        let table = RotaryTable::new(&freqs, positions);
+        let row: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        for p in 0..positions {
+            for inverse in [false, true] {
+                let (mut a, mut b) = (row.clone(), row.clone());
+                table.rotate(&mut a, p, inverse);
+                rotate_half_split(&freqs, &mut b, p, inverse);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "position {p}, inverse {inverse}");
+                // Written out: sign +1 forward, -1 inverse.
+                let sign = if inverse { -1.0f32 } else { 1.0 };
+                for j in 0..6 {
+                    let (sn, cs) = (p as f32 * freqs[j]).sin_cos();
+                    let sn = sign * sn;
+                    assert_eq!(a[j].to_bits(), (row[j] * cs - row[j + 6] * sn).to_bits());
+                    assert_eq!(
+                        a[j + 6].to_bits(),
+                        (row[j + 6] * cs + row[j] * sn).to_bits()
+                    );
+                }
+            }
+        }
     }
 }

@@ -10,6 +10,11 @@
 use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayViewD, Axis, IxDyn, Zip};
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 
+thread_local! {
+    /// One row's squares in the forward, reused from row to row.
+    static SQUARES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Rows from which the passes run on rayon's threads.
 const PAR_ELEMENTS: usize = 1 << 15;
 
@@ -65,8 +70,16 @@ impl CustomOp for ScaleNormOp {
         // The arithmetic of `x.norm(-1)` (squares, then ndarray's sum of the contiguous lane,
         // then sqrt), `clamp(eps)`, `div` and `mul`, so the output keeps their bits.
         let row = |mut o: ndarray::ArrayViewMut1<f32>, xr: ArrayView1<f32>, n: &mut f32| {
-            let sq: Array1<f32> = xr.mapv(|v| v * v);
-            *n = sq.sum().sqrt();
+            // The squares go to this thread's buffer (reused row after row) and are summed as
+            // ndarray sums a contiguous lane, as `norm` does on its array of squares.
+            *n = SQUARES
+                .with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.clear();
+                    buf.extend(xr.iter().map(|&v| v * v));
+                    ArrayView1::from(&buf[..]).sum()
+                })
+                .sqrt();
             let nc = if *n < eps { eps } else { *n };
             Zip::from(&mut o).and(&xr).for_each(|o, &v| *o = v / nc * g);
         };

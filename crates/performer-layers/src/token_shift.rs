@@ -4,7 +4,7 @@
 //! many copies per block: lm-small-64's profile had `cat`, `pad` and `narrow` at 2.8 ms of a
 //! ~70 ms step. The results are the same bits: every output is a copy of an input or a zero.
 
-use ndarray::{Array2, ArrayD};
+use ndarray::{Array2, ArrayD, ArrayView2};
 use performer_tensor::{CustomOp, Data, Error, Result, Tensor, apply_custom_op};
 
 /// `y[b, t, c] = x[b, t - s, c]` where feature `c` lies in a segment shifted by `s` and
@@ -126,42 +126,57 @@ pub(crate) fn token_shift(
     Ok(apply_custom_op(op, &[x])?.remove(0))
 }
 
+/// The same map as [`token_shift`] from tensor ops (split, mask, narrow and pad, cat), as
+/// performer-pytorch writes it: the path of device tensors with a mask (the device kernel
+/// takes none), and the reference the fused op is tested against.
+pub(crate) fn composed_token_shift(
+    x: &Tensor,
+    segment: usize,
+    shifts: &[i64],
+    keep: Option<ArrayView2<'_, bool>>,
+) -> Result<Tensor> {
+    let masked_out = keep.map(|k| {
+        k.mapv(|kept| !kept)
+            .insert_axis(ndarray::Axis(2))
+            .into_dyn()
+    });
+    let mut parts = Vec::new();
+    for (i, piece) in x.split(segment, -1)?.into_iter().enumerate() {
+        let amount = shifts.get(i).copied().unwrap_or(0);
+        parts.push(shift_along_sequence(&piece, amount, masked_out.as_ref())?);
+    }
+    Tensor::cat(&parts, -1)
+}
+
+/// Moves `t` `(b, n, f)` by `amount` positions along the sequence, filling with zeros; with
+/// `masked_out`, those positions read as zeros first.
+fn shift_along_sequence(
+    t: &Tensor,
+    amount: i64,
+    masked_out: Option<&ArrayD<bool>>,
+) -> Result<Tensor> {
+    if amount == 0 {
+        return Ok(t.clone());
+    }
+    let t = match masked_out {
+        Some(m) => t.masked_fill(&m.view(), 0.0)?,
+        None => t.clone(),
+    };
+    let n = t.shape()[1];
+    let k = (amount.unsigned_abs() as usize).min(n);
+    if amount > 0 {
+        t.narrow(1, 0, n - k)?.pad(1, k, 0, 0.0)
+    } else {
+        t.narrow(1, k, n - k)?.pad(1, 0, k, 0.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ndarray::{Array2, Array3, ArrayD};
     use performer_tensor::{GradcheckOptions, Result, Tensor, gradcheck, rng};
 
-    use super::token_shift;
-
-    /// The composed form the op replaces (performer-pytorch's shift: split, mask, narrow and
-    /// pad, cat), on tensors.
-    fn composed(x: &Tensor, shifts: &[i64], keep: Option<&Array2<bool>>) -> Result<Tensor> {
-        let (n, dim) = (x.shape()[1], x.shape()[2]);
-        let masked_out = keep.map(|k| {
-            k.mapv(|kept| !kept)
-                .insert_axis(ndarray::Axis(2))
-                .into_dyn()
-        });
-        let mut parts = Vec::new();
-        for (i, piece) in x.split(dim / shifts.len(), -1)?.into_iter().enumerate() {
-            let amount = shifts.get(i).copied().unwrap_or(0);
-            if amount == 0 {
-                parts.push(piece);
-                continue;
-            }
-            let piece = match &masked_out {
-                Some(m) => piece.masked_fill(&m.view(), 0.0)?,
-                None => piece,
-            };
-            let k = (amount.unsigned_abs() as usize).min(n);
-            parts.push(if amount > 0 {
-                piece.narrow(1, 0, n - k)?.pad(1, k, 0, 0.0)?
-            } else {
-                piece.narrow(1, k, n - k)?.pad(1, 0, k, 0.0)?
-            });
-        }
-        Tensor::cat(&parts, -1)
-    }
+    use super::{composed_token_shift, token_shift};
 
     fn bits(a: &ArrayD<f32>) -> Vec<u32> {
         a.iter().map(|v| v.to_bits()).collect()
@@ -208,7 +223,11 @@ mod tests {
                     &x,
                     &upstream,
                 );
-                let (y_ref, gx_ref) = run(|x| composed(x, shifts, mask), &x, &upstream);
+                let (y_ref, gx_ref) = run(
+                    |x| composed_token_shift(x, dim / shifts.len(), shifts, mask.map(|k| k.view())),
+                    &x,
+                    &upstream,
+                );
                 let what = format!("shifts {shifts:?} dim {dim} n {n} mask {}", mask.is_some());
                 assert_eq!(y.shape(), y_ref.shape(), "{what}");
                 assert_eq!(bits(&y), bits(&y_ref), "forward, {what}");

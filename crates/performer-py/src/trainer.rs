@@ -159,7 +159,7 @@ impl PyTrainer {
             }
         };
         let (objective, optimizer, clip) = (&self.objective, &mut self.optimizer, self.clip);
-        // Without the GIL, and on a rayon worker: a step of small ops runs ~20% faster there
+        // Without the GIL, and on a rayon worker: a step of small ops runs 10-20% faster there
         // than from the calling thread (`performer_tensor::team::on_pool` says why).
         py.detach(move || {
             performer_tensor::team::on_pool(move || -> performer_tensor::Result<f64> {

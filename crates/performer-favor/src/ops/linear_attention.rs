@@ -121,30 +121,33 @@ impl CustomOp for LinearAttentionOp {
             .zip(dk.views())
             .zip(dv.views())
             .enumerate()
-            .try_for_each(|(i, ((dqi, dki), mut dvi))| {
-                let qf = Blocks::transpose_of(&head(&q, i)?, w);
-                let kf = Blocks::transpose_of(&head(&k, i)?, w);
-                let grad = HeadGrad {
-                    g: head(&gv, i)?,
-                    out: head(&ov, i)?,
-                    den: den.row(i),
-                };
-                attend_head_backward(
-                    &mut BackwardScratch::new(self.causal, sh.m, sh.e, w),
-                    self.causal,
-                    w,
-                    &contexts[i],
-                    &FeatureSource::Kept(&qf),
-                    &FeatureSource::Kept(&kf),
-                    &head(&v, i)?,
-                    &grad,
-                    &mut GradSink::Features(dqi),
-                    &mut GradSink::Features(dki),
-                    &mut dvi,
-                    None,
-                    sh.m,
-                )
-            })?;
+            .try_for_each_init(
+                || BackwardScratch::new(self.causal, sh.m, sh.e, w),
+                |scratch, (i, ((dqi, dki), mut dvi))| {
+                    let qf = Blocks::transpose_of(&head(&q, i)?, w);
+                    let kf = Blocks::transpose_of(&head(&k, i)?, w);
+                    let grad = HeadGrad {
+                        g: head(&gv, i)?,
+                        out: head(&ov, i)?,
+                        den: den.row(i),
+                    };
+                    attend_head_backward(
+                        scratch,
+                        self.causal,
+                        w,
+                        &contexts[i],
+                        &FeatureSource::Kept(&qf),
+                        &FeatureSource::Kept(&kf),
+                        &head(&v, i)?,
+                        &grad,
+                        &mut GradSink::Features(dqi),
+                        &mut GradSink::Features(dki),
+                        &mut dvi,
+                        None,
+                        sh.m,
+                    )
+                },
+            )?;
         Ok(vec![
             needs[0].then(|| dq.into_array()),
             needs[1].then(|| dk.into_array()),
