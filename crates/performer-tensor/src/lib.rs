@@ -33,6 +33,7 @@ macro_rules! on_device {
 mod alloc;
 pub mod autocast;
 mod autograd;
+pub mod bf16_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod custom_op;
