@@ -4,9 +4,10 @@
 use std::sync::Mutex;
 
 use ndarray::{Array2, ArrayView2};
+use performer_tensor::bf16_gemm::{self, Bf16Pairs};
 use performer_tensor::fast_math::{GEMV_T_COLS, gemv_t, gemv_t_bf16};
 use performer_tensor::team::Team;
-use performer_tensor::{Error, Module, Param, Result, Tensor, Transposed, Visitor};
+use performer_tensor::{DType, Error, Module, Param, Result, Tensor, Transposed, Visitor};
 
 use crate::init;
 
@@ -87,6 +88,9 @@ impl Linear {
             .view()
             .into_shape_with_order((rows, inf))
             .map_err(|e| Error::shape("Linear", e.to_string()))?;
+        if self.weight.dtype() == DType::BF16 && bf16_gemm::use_native() {
+            return self.forward_native_bf16(&x, rows);
+        }
         let weight_t = self.weight.transposed()?;
         let weight_t = weight_t
             .view()
@@ -122,6 +126,33 @@ impl Linear {
             1.0,
             performer_tensor::gemm::Threads::All,
         )?;
+        Ok(y.into_dyn())
+    }
+
+    /// [`Linear::forward_inference`] for a bf16 weight with the CPU's bf16 dot products
+    /// ([`bf16_gemm`]): the product reads the weight's packed transpose
+    /// ([`Param::bf16_pairs`]), so no f32 copy of the weight is made.
+    fn forward_native_bf16(
+        &self,
+        x: &ArrayView2<f32>,
+        rows: usize,
+    ) -> Result<ndarray::ArrayD<f32>> {
+        let out = self.out_features();
+        let pairs = self.weight.bf16_pairs()?;
+        let mut y = match &self.bias {
+            Some(b) => {
+                let b = b.value();
+                let b = b
+                    .view()
+                    .into_shape_with_order(out)
+                    .map_err(|e| Error::shape("Linear", e.to_string()))?;
+                b.broadcast((rows, out))
+                    .expect("a row broadcasts to rows")
+                    .to_owned()
+            }
+            None => Array2::zeros((rows, out)),
+        };
+        bf16_gemm::matmul_pairs_into(&mut y.view_mut(), x, &pairs)?;
         Ok(y.into_dyn())
     }
 
@@ -213,12 +244,21 @@ pub fn linear_rows(
 }
 
 /// A Linear layer as the decoding step reads it: its weight's cached transpose `(in, out)`
-/// ([`Param::transposed_weights`], f32 or bf16 as the weight is stored) and its bias, both
-/// contiguous, after checking its shape.
+/// ([`Param::transposed_weights`], f32 or bf16 as the weight is stored, or a bf16 weight's
+/// packed transpose for the CPU's bf16 dot products) and its bias, both contiguous, after
+/// checking its shape.
 pub(crate) struct RowWeights {
-    transposed: Transposed,
+    weights: RowSource,
     bias: Option<performer_tensor::Data>,
     outputs: usize,
+}
+
+/// Where [`RowWeights`] reads a layer's weights.
+enum RowSource {
+    /// The cached transpose in the storage type (bf16 widened as it is read).
+    Transposed(Transposed),
+    /// A bf16 weight's packed transpose, for the CPU's bf16 dot products.
+    Pairs(std::sync::Arc<Bf16Pairs>),
 }
 
 impl RowWeights {
@@ -251,8 +291,15 @@ impl RowWeights {
             }
             None => None,
         };
+        // The mode is read here, on the step's own thread: the helpers that share the product
+        // use what it chose.
+        let weights = if layer.weight.dtype() == DType::BF16 && bf16_gemm::use_native() {
+            RowSource::Pairs(layer.weight.bf16_pairs()?)
+        } else {
+            RowSource::Transposed(layer.weight.transposed_weights()?)
+        };
         Ok(RowWeights {
-            transposed: layer.weight.transposed_weights()?,
+            weights,
             bias,
             outputs,
         })
@@ -271,7 +318,11 @@ impl RowWeights {
     fn product(&self, r0: usize, c0: usize, x: &[f32], out: &mut [f32]) {
         let n = self.outputs;
         let rows = r0 * n..(r0 + x.len()) * n;
-        match &self.transposed {
+        let transposed = match &self.weights {
+            RowSource::Pairs(p) => return bf16_gemm::gemv_pairs(p, r0, c0, x, out),
+            RowSource::Transposed(t) => t,
+        };
+        match transposed {
             Transposed::F32(t) => {
                 let t = t.as_slice().expect("a fresh contiguous transpose");
                 gemv_t(&t[rows], n, c0, x, out);

@@ -11,6 +11,7 @@ use performer_models::checkpoint::{
 };
 use performer_models::sampling::sample;
 use performer_models::*;
+use performer_tensor::bf16_gemm::{Bf16Products, native_available, use_native, with_bf16_products};
 use performer_tensor::io::{TensorData, load_safetensors, save_safetensors};
 use performer_tensor::optim::{Adam, Optimizer};
 use performer_tensor::rng::Generator;
@@ -153,14 +154,24 @@ fn worst_logit_error(f32_lm: &PerformerLM, lm: &PerformerLM, prompt: usize, step
 
 #[test]
 fn bf16_logits_stay_within_1e_2_of_f32_over_a_512_token_generation() {
+    // Both kinds of products: the CPU's bf16 dot products (activations rounded too, where the
+    // CPU has them; the default) and the widened weights (the weights' rounding only).
     let (f32_lm, lm) = pair(bench_config(), 0, DType::BF16);
-    let worst = worst_logit_error(&f32_lm, &lm, 512, 512);
-    println!(
-        "bf16 vs f32 logits, 512-token prompt then 512 steps: worst relative error {worst:.3e}"
-    );
-    assert!(worst < 1e-2, "worst relative error {worst}");
-    // Not trivially equal: the weights did change.
-    assert!(worst > 0.0);
+    for mode in [Bf16Products::Native, Bf16Products::Widened] {
+        let worst = with_bf16_products(mode, || worst_logit_error(&f32_lm, &lm, 512, 512));
+        println!(
+            "bf16 vs f32 logits, 512-token prompt then 512 steps, {mode:?} products{}: worst \
+             relative error {worst:.3e}",
+            if mode == Bf16Products::Native && !native_available() {
+                " (this CPU has no AVX-512 BF16: widened)"
+            } else {
+                ""
+            }
+        );
+        assert!(worst < 1e-2, "{mode:?}: worst relative error {worst}");
+        // Not trivially equal: the weights did change.
+        assert!(worst > 0.0);
+    }
 }
 
 /// Generates 64 tokens after `prime` with the default options (top-k 0.9, seed 0).
@@ -185,8 +196,13 @@ fn leading_agreement(a: &Array2<i64>, b: &Array2<i64>) -> usize {
 
 #[test]
 fn bf16_generation_computes_in_f32_what_the_same_weights_give_in_f32() {
-    // Activations and sums in f32: the bf16 model samples exactly what an f32 model holding
-    // the same (rounded) weights samples, all 64 tokens, on the benchmark's model.
+    with_bf16_products(Bf16Products::Widened, widened_generation_is_the_f32_models)
+}
+
+fn widened_generation_is_the_f32_models() {
+    // Widened products (activations and sums in f32): the bf16 model samples exactly what an
+    // f32 model holding the same (rounded) weights samples, all 64 tokens, on the benchmark's
+    // model.
     let (f32_lm, lm) = pair(bench_config(), 0, DType::BF16);
     let same_weights = PerformerLM::new(bench_config()).unwrap();
     same_weights.load_state_dict(&lm.state_dict()).unwrap();
@@ -281,7 +297,11 @@ fn bf16_generation_samples_the_tokens_f32_samples_once_the_model_has_learned() {
 
 #[test]
 fn bf16_decoding_steps_equal_the_bf16_full_forward() {
-    // The steps' matrix-vector products read bf16 directly; the full forward's GEMMs read the
+    with_bf16_products(Bf16Products::Widened, widened_decoding_is_the_full_forward)
+}
+
+fn widened_decoding_is_the_full_forward() {
+    // Widened products. The steps' matrix-vector products read bf16 directly; the full forward's GEMMs read the
     // widened weights: both must give the same model. The small model has local heads, token
     // shift and GLU; the benchmark's shape splits its products into several chunks. There
     // decoding and the full forward differ by 8.7e-4, and so do they for an f32 model of the
@@ -312,6 +332,50 @@ fn bf16_decoding_steps_equal_the_bf16_full_forward() {
     assert_eq!((d16.len(), f16.len()), (d32.len(), f32_.len()));
     for (a, b) in d16.iter().zip(&d32).chain(f16.iter().zip(&f32_)) {
         assert_eq!(relative_error(a, b).unwrap(), 0.0);
+    }
+}
+
+#[test]
+fn native_bf16_decoding_steps_agree_with_the_native_full_forward() {
+    // With the CPU's bf16 dot products (activations rounded to bf16 as they enter each
+    // product) the steps and the full forward round slightly different activations (FAVOR+'s
+    // stabilizers are per pass), so a rounding can land on the other side of a bf16 step: they
+    // agree within the bf16 logits' bar, 1e-2, not to f32 precision. On a CPU without AVX-512
+    // BF16 the products are the widened ones, which the test above checks exactly.
+    println!("native bf16 products on this CPU: {}", use_native());
+    for config in [
+        small_config(),
+        PerformerLMConfig {
+            max_seq_len: 64,
+            ..bench_config()
+        },
+    ] {
+        let (f32_lm, lm) = pair(config, 2, DType::BF16);
+        let (decoded, forward) = decode_and_forward(&lm);
+        let (d32, f32_) = decode_and_forward(&f32_lm);
+        assert_eq!(decoded.len(), forward.len());
+        let mut worst = 0f32;
+        for (end, ((d, f), (a, b))) in decoded
+            .iter()
+            .zip(&forward)
+            .zip(d32.iter().zip(&f32_))
+            .enumerate()
+        {
+            let steps = relative_error(d, f).unwrap();
+            let against_f32 = relative_error(d, a)
+                .unwrap()
+                .max(relative_error(f, b).unwrap());
+            worst = worst.max(steps);
+            assert!(
+                steps < 1e-2 && against_f32 < 1e-2,
+                "after {} tokens: decoding vs full forward {steps}, against f32 {against_f32}",
+                end + 8
+            );
+        }
+        println!(
+            "dim {}: decoding vs full forward, worst {worst:.3e}",
+            lm.config().dim
+        );
     }
 }
 

@@ -148,8 +148,10 @@ impl PyPerformerLM {
 
     /// Stores the weight matrices (token embedding, every Linear) as `dtype`: `"bfloat16"`
     /// (`"bf16"`, `torch.bfloat16`) for inference at half the bytes per weight, with f32
-    /// activations and sums, or `"float32"` back (exact). Optimizers refuse a bfloat16 model
-    /// (`ValueError`). Returns the model, as `torch.nn.Module.to` does.
+    /// activations and sums (on a CPU with AVX-512 BF16 each activation is rounded to bf16 as
+    /// it enters a product with a weight: `performer_tensor::bf16_gemm`), or `"float32"` back
+    /// (exact). Optimizers refuse a bfloat16 model (`ValueError`). Returns the model, as
+    /// `torch.nn.Module.to` does.
     fn to_dtype<'py>(
         slf: Bound<'py, Self>,
         dtype: Bound<'py, PyAny>,

@@ -383,14 +383,21 @@ mod native {
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn rows(y: &mut ArrayViewMut2<f32>, xp: &[u32], kp: usize, b: &Bf16Pairs) {
         let m = y.nrows();
+        // Contiguous rows take the sums with vector adds; other layouts go through a buffer.
+        let contiguous = y.ncols() <= 1 || y.strides()[1] == 1;
+        let row_stride = y.strides()[0];
         for j in (0..b.n).step_by(PACK_COLS) {
             let cols = (b.n - j).min(PACK_COLS);
+            let masks = [
+                ((1u32 << cols.min(16)) - 1) as __mmask16,
+                ((1u64 << cols.saturating_sub(16)) - 1) as __mmask16,
+            ];
             let mut i = 0;
             while i < m {
                 let rows = (m - i).min(ROW_BLOCK);
-                let mut sums = [[0f32; PACK_COLS]; ROW_BLOCK];
                 let x = &xp[i * kp..(i + rows) * kp];
                 let w = &b.pairs[j..];
+                let mut sums = [[_mm512_setzero_ps(); 2]; ROW_BLOCK];
                 // SAFETY: `x` holds `rows * kp` pairs; `w` starts at column `j` of the packed
                 // matrix and every read is at `p * n_padded + (0..32)` for `p < kp`, inside
                 // it because `j + 32 <= n_padded`.
@@ -407,9 +414,28 @@ mod native {
                     }
                 }
                 for (r, s) in sums.iter().take(rows).enumerate() {
-                    let mut yrow = y.row_mut(i + r);
-                    for (c, &v) in s.iter().take(cols).enumerate() {
-                        yrow[j + c] += v;
+                    if contiguous {
+                        // SAFETY: row `i + r` of `y` holds `b.n` contiguous values from this
+                        // pointer; the masks cover columns `j..j + cols` only.
+                        unsafe {
+                            let at = y.as_mut_ptr().offset((i + r) as isize * row_stride).add(j);
+                            for (h, &mask) in masks.iter().enumerate() {
+                                let p = at.add(16 * h);
+                                let before = _mm512_maskz_loadu_ps(mask, p);
+                                _mm512_mask_storeu_ps(p, mask, _mm512_add_ps(before, s[h]));
+                            }
+                        }
+                    } else {
+                        let mut buf = [0f32; PACK_COLS];
+                        // SAFETY: `buf` holds 32 floats.
+                        unsafe {
+                            _mm512_storeu_ps(buf.as_mut_ptr(), s[0]);
+                            _mm512_storeu_ps(buf.as_mut_ptr().add(16), s[1]);
+                        }
+                        let mut yrow = y.row_mut(i + r);
+                        for (c, &v) in buf.iter().take(cols).enumerate() {
+                            yrow[j + c] += v;
+                        }
                     }
                 }
                 i += rows;
@@ -429,7 +455,7 @@ mod native {
         kp: usize,
         w: &[u32],
         stride: usize,
-        out: &mut [[f32; PACK_COLS]; ROW_BLOCK],
+        out: &mut [[__m512; 2]; ROW_BLOCK],
     ) {
         debug_assert!(x.len() >= R * kp && w.len() >= (kp - 1) * stride + 32);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -449,13 +475,7 @@ mod native {
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: each row of `out` holds 32 floats.
-            unsafe {
-                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[0]);
-                _mm512_storeu_ps(out[r].as_mut_ptr().add(16), acc[1]);
-            }
-        }
+        out[..R].copy_from_slice(&acc);
     }
 
     /// `out[c] += sum_p xp[p] . rows[p][c0 + c]`: 64 columns at a time, the pairs alternating

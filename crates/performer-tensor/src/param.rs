@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use half::bf16;
 use ndarray::{ArcArray, ArrayD, IxDyn};
 
+use crate::bf16_gemm::Bf16Pairs;
 use crate::dtype::{DType, from_bf16, to_bf16};
 use crate::tensor::{Data, TensorId};
 use crate::{Device, Error, Result, Tensor};
@@ -82,6 +83,9 @@ struct ParamInner {
     /// `value`'s lock is held (read to fill it, write to clear it), so it can never outlive the
     /// value it was made from.
     transposed: Mutex<Option<Transposed>>,
+    /// A bf16 value's transpose packed for the CPU's bf16 dot products
+    /// ([`Param::bf16_pairs`]), kept and dropped as `transposed` is.
+    pairs: Mutex<Option<Arc<Bf16Pairs>>>,
     /// The value while the parameter lives on a device ([`Param::to_device`]); the host slot
     /// then holds an empty array and every accessor reads this one (a device value is f32).
     #[cfg(feature = "cuda")]
@@ -99,6 +103,7 @@ impl Param {
             id: TensorId::fresh(),
             value: RwLock::new(Stored::F32(value.into())),
             transposed: Mutex::new(None),
+            pairs: Mutex::new(None),
             #[cfg(feature = "cuda")]
             device: RwLock::new(None),
         }))
@@ -137,6 +142,7 @@ impl Param {
                 *slot = Stored::F32(ArrayD::zeros(IxDyn(&[0])).into_shared());
             }
             *self.0.transposed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *self.0.pairs.lock().unwrap_or_else(|e| e.into_inner()) = None;
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]
@@ -342,6 +348,35 @@ impl Param {
             .clone())
     }
 
+    /// The transpose `(in, out)` of a 2-D bf16 value packed for the CPU's bf16 dot products
+    /// ([`crate::bf16_gemm`]): what a bf16 Linear layer's native products read. Made on the
+    /// first call and kept until the value changes, as [`Param::transposed`] is. An f32 or
+    /// non-2-D value is an error.
+    pub fn bf16_pairs(&self) -> Result<Arc<Bf16Pairs>> {
+        let value = self.0.value.read().unwrap_or_else(|e| e.into_inner());
+        let Stored::Bf16(a) = &*value else {
+            return Err(Error::invalid(
+                "Param::bf16_pairs",
+                "dtype",
+                "f32",
+                "packs bf16 values only (Param::to_dtype(DType::BF16) first)",
+            ));
+        };
+        let a = a
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|_| {
+                Error::shape(
+                    "Param::bf16_pairs",
+                    format!("a 2-D value, got {:?}", a.shape()),
+                )
+            })?;
+        let mut cached = self.0.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(cached
+            .get_or_insert_with(|| Arc::new(Bf16Pairs::from_weight(&a)))
+            .clone())
+    }
+
     /// Rows `ids` of a 2-D value, `(ids.len(), columns)` in f32: an embedding lookup without
     /// a graph, which widens only the rows it reads from a bf16 parameter (not the table).
     /// An id past the rows is an [`Error::Index`] naming `op`.
@@ -382,6 +417,7 @@ impl Param {
     /// Drops the cached transpose; called with the value's write lock held.
     fn forget_transposed(&self) {
         *self.0.transposed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.0.pairs.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Whether two handles are the same parameter.
@@ -562,6 +598,37 @@ mod tests {
         assert_eq!(p.transposed().unwrap()[[2, 1]], 15.0);
         p.update(|v| v.mapv_inplace(|x| -x));
         assert_eq!(p.transposed().unwrap()[[2, 1]], -15.0);
+    }
+
+    #[test]
+    fn bf16_pairs_are_the_packed_transpose_kept_until_the_value_changes() {
+        let p = Param::new(ndarray::arr2(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]]).into_dyn());
+        let err = p.bf16_pairs().unwrap_err().to_string();
+        assert!(err.contains("Param::bf16_pairs"), "{err}");
+        p.to_dtype(DType::BF16);
+        let pairs = p.bf16_pairs().unwrap();
+        assert_eq!((pairs.k(), pairs.n()), (3, 2));
+        assert_eq!(pairs.get(2, 1), 6.0);
+        assert!(
+            Arc::ptr_eq(&pairs, &p.bf16_pairs().unwrap()),
+            "kept, not remade"
+        );
+        p.set(ndarray::arr2(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, -6.0]]).into_dyn())
+            .unwrap();
+        assert_eq!(
+            p.bf16_pairs().unwrap().get(2, 1),
+            -6.0,
+            "a stale copy after set"
+        );
+        p.update(|v| v.mapv_inplace(|x| 2.0 * x));
+        assert_eq!(
+            p.bf16_pairs().unwrap().get(2, 1),
+            -12.0,
+            "a stale copy after update"
+        );
+        let vector = Param::new(ndarray::arr1(&[1.0f32, 2.0]).into_dyn());
+        vector.to_dtype(DType::BF16);
+        assert!(vector.bf16_pairs().unwrap_err().to_string().contains("2-D"));
     }
 
     #[test]

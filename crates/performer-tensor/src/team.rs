@@ -226,7 +226,8 @@ pub fn with_team<R>(f: impl FnOnce(&Team) -> R) -> R {
 
 /// Runs `f` on one of rayon's threads: here, when this thread is one already; otherwise on a
 /// worker while this thread waits, blocked. The worker runs `f` with this thread's context:
-/// its global generator ([`crate::rng`]), gradient mode and autocast mode; the generator's
+/// its global generator ([`crate::rng`]), gradient mode, autocast mode and bf16 products' mode
+/// ([`crate::bf16_gemm::Bf16Products`]); the generator's
 /// state after `f` comes back to this thread, so a seeded run draws the same numbers wherever
 /// its steps ran. (The op timer, [`crate::profile`], stays per thread: start it inside.)
 ///
@@ -266,6 +267,7 @@ struct ThreadContext {
     rng: crate::rng::RngState,
     grad_enabled: bool,
     autocast_bf16: bool,
+    bf16_products: crate::bf16_gemm::Bf16Products,
 }
 
 impl ThreadContext {
@@ -274,6 +276,7 @@ impl ThreadContext {
             rng: crate::rng::get_state(),
             grad_enabled: crate::autograd::is_grad_enabled(),
             autocast_bf16: crate::autocast::is_autocast_bf16(),
+            bf16_products: crate::bf16_gemm::bf16_products(),
         }
     }
 
@@ -283,6 +286,7 @@ impl ThreadContext {
         crate::rng::set_state(self.rng);
         crate::autograd::set_grad_enabled(self.grad_enabled);
         crate::autocast::set_autocast_bf16(self.autocast_bf16);
+        crate::bf16_gemm::set_bf16_products(self.bf16_products);
         previous
     }
 }
@@ -353,18 +357,28 @@ mod tests {
         let expected: Vec<u64> = (0..6).map(|_| rng::with_rng(|g| g.next_u64())).collect();
         rng::manual_seed(11);
         let first: Vec<u64> = (0..3).map(|_| rng::with_rng(|g| g.next_u64())).collect();
-        let (on_worker, grad, bf16) = autograd::no_grad(|| {
+        use crate::bf16_gemm::{Bf16Products, bf16_products, with_bf16_products};
+        let (on_worker, grad, bf16, products) = autograd::no_grad(|| {
             autocast::autocast_bf16(true, || {
-                on_pool(|| {
-                    let draws: Vec<u64> = (0..2).map(|_| rng::with_rng(|g| g.next_u64())).collect();
-                    (
-                        draws,
-                        autograd::is_grad_enabled(),
-                        autocast::is_autocast_bf16(),
-                    )
+                with_bf16_products(Bf16Products::Widened, || {
+                    on_pool(|| {
+                        let draws: Vec<u64> =
+                            (0..2).map(|_| rng::with_rng(|g| g.next_u64())).collect();
+                        (
+                            draws,
+                            autograd::is_grad_enabled(),
+                            autocast::is_autocast_bf16(),
+                            bf16_products(),
+                        )
+                    })
                 })
             })
         });
+        assert_eq!(
+            products,
+            Bf16Products::Widened,
+            "the worker lost the caller's bf16 products"
+        );
         assert!(
             !grad,
             "the worker recorded the graph inside the caller's no_grad"
@@ -380,9 +394,15 @@ mod tests {
         );
         assert!(autograd::is_grad_enabled());
         // The worker got its own context back.
-        let (worker_grad, worker_bf16) =
-            on_pool(|| (autograd::is_grad_enabled(), autocast::is_autocast_bf16()));
+        let (worker_grad, worker_bf16, worker_products) = on_pool(|| {
+            (
+                autograd::is_grad_enabled(),
+                autocast::is_autocast_bf16(),
+                bf16_products(),
+            )
+        });
         assert!(worker_grad && !worker_bf16);
+        assert_eq!(worker_products, Bf16Products::Native);
     }
 
     #[test]

@@ -82,8 +82,9 @@ class PerformerLM(_Module):
         """Fixes the projection matrices: the model outputs deterministically from now on."""
     def to_dtype(self, dtype: Any) -> "PerformerLM":
         """Stores the weight matrices as "bfloat16" (or torch.bfloat16) for inference, f32
-        activations and sums, or "float32" back; returns the model. Optimizers refuse a
-        bfloat16 model (ValueError)."""
+        activations and sums (on a CPU with AVX-512 BF16 each activation is rounded to bf16
+        as it enters a product with a weight), or "float32" back; returns the model.
+        Optimizers refuse a bfloat16 model (ValueError)."""
     @property
     def dtype(self) -> str:
         """How the weight matrices are stored: "float32" or "bfloat16"."""
