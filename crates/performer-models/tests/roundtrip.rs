@@ -97,7 +97,13 @@ fn rust_checkpoint_in_pytorch(test: &str, dtype: Option<performer_tensor::DType>
     let dir = temp_dir(if dtype.is_some() { "rust-bf16" } else { "rust" });
     save_pretrained(&dir, &lm, &ModelConfig::PerformerLM(config())).unwrap();
     let x = Array2::from_shape_fn((2, 24), |(i, j)| ((i * 7 + j * 3) % 40) as i64);
-    let logits = lm.forward(&x.view(), &LmInputs::default()).unwrap();
+    // Widened products: PyTorch's f32 module holding the file's weights computes exactly
+    // those (the CPU's native bf16 products would round the activations too).
+    let logits = performer_tensor::bf16_gemm::with_bf16_products(
+        performer_tensor::bf16_gemm::Bf16Products::Widened,
+        || lm.forward(&x.view(), &LmInputs::default()),
+    )
+    .unwrap();
     let probe = BTreeMap::from([
         ("x".to_string(), TensorData::I64(x.into_dyn())),
         ("logits".to_string(), TensorData::F32(logits.to_array())),
