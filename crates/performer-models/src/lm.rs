@@ -113,10 +113,14 @@ impl PerformerLM {
 
     /// Stores the Linear and token-embedding weights (every matrix of the model: the token
     /// table, the layers' projections and the logits projection) as `dtype`, for inference:
-    /// activations, biases, norms, position tables and every sum stay f32, and the weights are
-    /// widened as they are read (the decoding step's matrix-vector products read the bf16
-    /// values directly, half the bytes of f32). f32 to bf16 rounds each weight to the nearest
-    /// bfloat16; bf16 to f32 is exact (the weights keep their rounding).
+    /// activations, biases, norms, position tables and every sum stay f32. How the products
+    /// read the bf16 weights is this thread's `performer_tensor::bf16_gemm::Bf16Products`: by
+    /// default, on a CPU with AVX-512 BF16, with its bf16 dot products (each activation
+    /// rounded to bf16 as it enters a product), elsewhere widened to f32 as they are read
+    /// (exactly an f32 model with the rounded weights). Either way the decoding step's
+    /// matrix-vector products read the bf16 values directly, half the bytes of f32. f32 to
+    /// bf16 rounds each weight to the nearest bfloat16; bf16 to f32 is exact (the weights keep
+    /// their rounding).
     ///
     /// Training a bf16 model is refused with a typed error by the optimizers (an update below
     /// a weight's bf16 spacing would round away): convert back to f32 first.
