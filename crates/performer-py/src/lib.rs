@@ -15,6 +15,7 @@ mod generate;
 mod kwargs;
 mod loss;
 mod models;
+mod products;
 mod state;
 mod trainer;
 mod wrapper;
@@ -33,5 +34,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<wrapper::PyAutoregressiveWrapper>()?;
     m.add_class::<trainer::PyTrainer>()?;
     m.add_class::<loss::Loss>()?;
+    m.add_function(wrap_pyfunction!(products::set_bf16_products, m)?)?;
+    m.add_function(wrap_pyfunction!(products::bf16_products, m)?)?;
     Ok(())
 }

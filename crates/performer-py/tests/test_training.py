@@ -230,3 +230,21 @@ def test_bfloat16_weights_for_inference():
         np.testing.assert_array_equal(widened[name], value, err_msg=name)
     back = model(x)
     assert np.abs(back - low).max() / np.abs(ref).max() < 1e-2
+
+
+def test_widened_bfloat16_products_are_the_float32_model_with_the_rounded_weights():
+    model = pr.PerformerLM(**KW).eval().to_dtype("bfloat16")
+    x = batch()
+    assert pr.bf16_products() == "native"
+    assert pr.set_bf16_products("widened") == "native"
+    try:
+        assert pr.bf16_products() == "widened"
+        low = model(x)
+        model.to_dtype("float32")
+        np.testing.assert_array_equal(model(x), low)  # widening back is exact
+    finally:
+        assert pr.set_bf16_products("native") == "widened"
+    with pytest.raises(ValueError, match=r"set_bf16_products: `mode` must be \"native\" or"):
+        pr.set_bf16_products("fast")
+    assert pr.bf16_products() == "native"
+

@@ -47,8 +47,9 @@ pub fn bf16_products() -> Bf16Products {
     PRODUCTS.with(|p| p.get())
 }
 
-/// Sets this thread's mode; returns the previous one.
-pub(crate) fn set_bf16_products(mode: Bf16Products) -> Bf16Products {
+/// Sets this thread's mode until it is set again, and returns the previous one (for a scope,
+/// [`with_bf16_products`]; the Python package's `set_bf16_products` calls this).
+pub fn set_bf16_products(mode: Bf16Products) -> Bf16Products {
     PRODUCTS.with(|p| p.replace(mode))
 }
 

@@ -21,6 +21,8 @@ from ._native import (
     PerformerLM,
     SelfAttention,
     Trainer,
+    bf16_products,
+    set_bf16_products,
 )
 from .filters import top_k, top_p
 from .interop import from_torch, to_torch_state_dict
@@ -35,7 +37,9 @@ __all__ = [
     "PerformerLM",
     "SelfAttention",
     "Trainer",
+    "bf16_products",
     "from_torch",
+    "set_bf16_products",
     "to_torch_state_dict",
     "top_k",
     "top_p",

@@ -248,3 +248,14 @@ class Trainer:
     def save(self, path: Union[str, PathLike]) -> None:
         """The optimizer's state (moments, step count) as safetensors."""
     def load(self, path: Union[str, PathLike]) -> None: ...
+
+
+def set_bf16_products(mode: str) -> str:
+    """Sets how a bfloat16 model's products run for calls from this Python thread and returns
+    the previous mode: "native" (the default: on a CPU with AVX-512 BF16 its bf16 dot
+    products, each activation rounded to bf16 as it enters a product with a weight; elsewhere
+    the same as "widened") or "widened" (weights widened to float32: exactly a float32 model
+    with the same rounded weights). Another name raises ValueError."""
+
+def bf16_products() -> str:
+    """This Python thread's mode for bfloat16 products: "native" or "widened"."""
