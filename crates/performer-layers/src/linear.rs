@@ -81,7 +81,6 @@ impl Linear {
     /// accumulated into (no second pass over the result, no second array).
     fn forward_inference(&self, x: &Tensor) -> Result<ndarray::ArrayD<f32>> {
         let inf = self.in_features();
-        let out = self.out_features();
         let rows: usize = x.shape()[..x.rank() - 1].iter().product();
         let x = x.data().as_standard_layout();
         let x = x
@@ -96,7 +95,7 @@ impl Linear {
             .view()
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|e| Error::shape("Linear", e.to_string()))?;
-        let Some(bias) = &self.bias else {
+        let Some(mut y) = self.rows_of_bias(rows)? else {
             let y = performer_tensor::gemm::matmul2(
                 &x,
                 &weight_t,
@@ -104,20 +103,6 @@ impl Linear {
             )?;
             return Ok(y.into_dyn());
         };
-        let bias = bias.value();
-        let bias = bias.as_standard_layout();
-        let bias = bias.as_slice().filter(|b| b.len() == out).ok_or_else(|| {
-            Error::shape(
-                "Linear",
-                format!("bias {:?} for {out} outputs", bias.shape()),
-            )
-        })?;
-        // Every row starts as the bias (copied, never zeroed first), and the product adds to it.
-        let mut filled = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            filled.extend_from_slice(bias);
-        }
-        let mut y = Array2::from_shape_vec((rows, out), filled).expect("rows x out values");
         performer_tensor::gemm::gemm_into(
             &mut y.view_mut(),
             &x,
@@ -129,6 +114,30 @@ impl Linear {
         Ok(y.into_dyn())
     }
 
+    /// `rows` copies of the bias, `(rows, out)`, for a product to add to (copied, never zeroed
+    /// first: no second pass over the result, no second array); `None` without a bias.
+    fn rows_of_bias(&self, rows: usize) -> Result<Option<Array2<f32>>> {
+        let Some(bias) = &self.bias else {
+            return Ok(None);
+        };
+        let out = self.out_features();
+        let bias = bias.value();
+        let bias = bias.as_standard_layout();
+        let bias = bias.as_slice().filter(|b| b.len() == out).ok_or_else(|| {
+            Error::shape(
+                "Linear",
+                format!("bias {:?} for {out} outputs", bias.shape()),
+            )
+        })?;
+        let mut filled = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            filled.extend_from_slice(bias);
+        }
+        Ok(Some(
+            Array2::from_shape_vec((rows, out), filled).expect("rows x out values"),
+        ))
+    }
+
     /// [`Linear::forward_inference`] for a bf16 weight with the CPU's bf16 dot products
     /// ([`bf16_gemm`]): the product reads the weight's packed transpose
     /// ([`Param::bf16_pairs`]), so no f32 copy of the weight is made.
@@ -137,20 +146,10 @@ impl Linear {
         x: &ArrayView2<f32>,
         rows: usize,
     ) -> Result<ndarray::ArrayD<f32>> {
-        let out = self.out_features();
         let pairs = self.weight.bf16_pairs()?;
-        let mut y = match &self.bias {
-            Some(b) => {
-                let b = b.value();
-                let b = b
-                    .view()
-                    .into_shape_with_order(out)
-                    .map_err(|e| Error::shape("Linear", e.to_string()))?;
-                b.broadcast((rows, out))
-                    .expect("a row broadcasts to rows")
-                    .to_owned()
-            }
-            None => Array2::zeros((rows, out)),
+        let mut y = match self.rows_of_bias(rows)? {
+            Some(y) => y,
+            None => Array2::zeros((rows, self.out_features())),
         };
         bf16_gemm::matmul_pairs_into(&mut y.view_mut(), x, &pairs)?;
         Ok(y.into_dyn())

@@ -353,6 +353,11 @@ fn native_bf16_decoding_steps_agree_with_the_native_full_forward() {
         let (f32_lm, lm) = pair(config, 2, DType::BF16);
         let (decoded, forward) = decode_and_forward(&lm);
         let (d32, f32_) = decode_and_forward(&f32_lm);
+        assert_eq!(
+            (decoded.len(), forward.len()),
+            (d32.len(), f32_.len()),
+            "the same prefixes for both models"
+        );
         assert_eq!(decoded.len(), forward.len());
         let mut worst = 0f32;
         for (end, ((d, f), (a, b))) in decoded

@@ -145,6 +145,9 @@ impl Bf16Pairs {
     }
 
     /// Element `(i, j)` widened to f32.
+    ///
+    /// # Panics
+    /// If `(i, j)` is outside the `(k, n)` matrix.
     pub fn get(&self, i: usize, j: usize) -> f32 {
         assert!(
             i < self.k && j < self.n,
@@ -297,35 +300,43 @@ pub fn gemv_pairs(b: &Bf16Pairs, r0: usize, c0: usize, x: &[f32], out: &mut [f32
     }
     let whole = x.len() / 2 * 2;
     if whole > 0 {
-        let mut xp = vec![0u32; whole / 2];
-        round_slice_into_pairs(&x[..whole], &mut xp);
-        let p0 = r / 2;
-        // The kernel reads whole vectors of 16 columns inside one panel: columns from a
-        // multiple of 16 (every caller's chunks start on one).
-        #[cfg(target_arch = "x86_64")]
-        let done = if native_available() && c0.is_multiple_of(16) {
-            // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked just above); pair rows
-            // `p0..p0 + xp.len()` and columns `c0..c0 + out.len()` are inside the matrix
-            // (asserted above), and `c0` is a multiple of 16.
-            unsafe { native::gemv(b, p0, &xp, c0, out) };
-            true
-        } else {
-            false
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let done = false;
-        if !done {
-            for (p, &xpair) in xp.iter().enumerate() {
-                for (c, o) in out.iter_mut().enumerate() {
-                    *o += pair_dot(xpair, b.pairs[b.index(p0 + p, c0 + c)]);
-                }
-            }
-        }
+        PAIRS.with(|scratch| {
+            let mut xp = scratch.borrow_mut();
+            xp.clear();
+            xp.resize(whole / 2, 0);
+            round_slice_into_pairs(&x[..whole], &mut xp);
+            pairs_times_rows(b, r / 2, &xp, c0, out);
+        });
         r += whole;
     }
     // An odd row left at the end.
     if whole < x.len() {
         single_row(b, r, c0, x[whole], out);
+    }
+}
+
+thread_local! {
+    /// [`gemv_pairs`]' activations as bf16 pairs, reused from call to call (a decoding step
+    /// makes one call per chunk of every layer).
+    static PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out[c] += sum_p xp[p] . b[p0 + p][c0 + c]`: the whole pairs of [`gemv_pairs`].
+fn pairs_times_rows(b: &Bf16Pairs, p0: usize, xp: &[u32], c0: usize, out: &mut [f32]) {
+    // The kernel reads whole vectors of 16 columns inside one panel: columns from a multiple
+    // of 16 (every caller's chunks start on one).
+    #[cfg(target_arch = "x86_64")]
+    if native_available() && c0.is_multiple_of(16) {
+        // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked just above); pair rows
+        // `p0..p0 + xp.len()` and columns `c0..c0 + out.len()` are inside the matrix
+        // (`gemv_pairs` asserted them), and `c0` is a multiple of 16.
+        unsafe { native::gemv(b, p0, xp, c0, out) };
+        return;
+    }
+    for (p, &xpair) in xp.iter().enumerate() {
+        for (c, o) in out.iter_mut().enumerate() {
+            *o += pair_dot(xpair, b.pairs[b.index(p0 + p, c0 + c)]);
+        }
     }
 }
 
