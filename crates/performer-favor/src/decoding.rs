@@ -12,9 +12,9 @@
 //! same for a fixed context (cross-attention): its sums are computed once.
 
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use performer_tensor::fast_math::{axpy, dot, gemv_rows_many, scaled_exp_inplace};
+use performer_tensor::fast_math::{axpy, dot, gemv_t, scaled_exp_inplace};
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
@@ -172,6 +172,40 @@ pub struct CausalState {
     /// Running max of the key projections (softmax only).
     reference: Array1<f32>,
     count: usize,
+    /// The projection's transpose `(d, m)`, made on the first step that reads it
+    /// ([`FastAttention::begin_step`]), with the projection it was made from.
+    projection_t: Option<ProjectionT>,
+}
+
+/// The contiguous transpose `(d, m)` of a projection `(m, d)`: a step's feature products walk
+/// it row by row into m sums at once (one product per feature, with no sum across lanes).
+#[derive(Clone, Debug)]
+struct ProjectionT {
+    /// The projection it was made from. Holding it keeps its buffer alive, so a projection
+    /// that is redrawn or changed (copy-on-write) lives at another address: a pointer
+    /// comparison tells whether the transpose is still the current one.
+    source: performer_tensor::Data,
+    t: Arc<[f32]>,
+}
+
+impl ProjectionT {
+    /// The transpose of `projection` `(m, d)`.
+    fn of(projection: &performer_tensor::Data) -> Result<Self> {
+        let p = projection
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| Error::shape("FastAttention::begin_step", e.to_string()))?;
+        let t: Vec<f32> = p.t().iter().copied().collect();
+        Ok(ProjectionT {
+            source: projection.clone(),
+            t: t.into(),
+        })
+    }
+
+    /// Whether this is the transpose of `projection`.
+    fn made_from(&self, projection: &performer_tensor::Data) -> bool {
+        self.source.as_ptr() == projection.as_ptr() && self.source.shape() == projection.shape()
+    }
 }
 
 impl CausalState {
@@ -245,8 +279,8 @@ struct HeadStep<'a> {
 /// head's sums, lent out once to whichever thread steps that head.
 pub struct StateStep<'s> {
     kind: Kind,
-    /// The projection matrix `(m, d)`, contiguous (unused by `no_projection`).
-    projection: performer_tensor::Data,
+    /// The projection's transpose `(d, m)`, contiguous (none for `no_projection`).
+    projection_t: Option<Arc<[f32]>>,
     d: usize,
     e: usize,
     m: usize,
@@ -300,12 +334,14 @@ impl StateStep<'_> {
             .ok_or_else(|| Error::invalid(OP, "head", h, "was already stepped in this step"))?;
         let mut features = vec![0f32; 2 * m];
         if let Kind::Softmax { dn, .. } | Kind::Generalized { dn, .. } = self.kind {
-            // dn P k then dn P q, in one pass over P.
-            let p = self
-                .projection
-                .as_slice()
-                .expect("made contiguous in begin_step");
-            gemv_rows_many(p, d, &[k, q].concat(), &mut features);
+            // dn P k then dn P q, each a pass over the transpose's rows.
+            let pt = self
+                .projection_t
+                .as_deref()
+                .expect("begin_step transposes the projection of these kinds");
+            let (kf, qf) = features.split_at_mut(m);
+            gemv_t(pt, m, 0, k, kf);
+            gemv_t(pt, m, 0, q, qf);
             features.iter_mut().for_each(|u| *u *= dn);
         }
         step_head(
@@ -409,6 +445,7 @@ impl FastAttention {
             v_sum: Array2::zeros((heads, value_dim)),
             reference: Array1::from_elem(heads, f32::NEG_INFINITY),
             count: 0,
+            projection_t: None,
         }
     }
 
@@ -689,12 +726,19 @@ impl FastAttention {
                 format!("a state of {m} features for an attention with {want_m}"),
             ));
         }
-        // Shared with the module (no copy) when it is contiguous, as it always is here.
-        let projection = self.host_projection()?.data().clone();
-        let projection = if projection.is_standard_layout() {
-            projection
-        } else {
-            projection.as_standard_layout().into_owned().into_shared()
+        let projection_t = match kind {
+            Kind::NoProjection => None,
+            _ => {
+                let projection = self.host_projection()?.data().clone();
+                if !state
+                    .projection_t
+                    .as_ref()
+                    .is_some_and(|t| t.made_from(&projection))
+                {
+                    state.projection_t = Some(ProjectionT::of(&projection)?);
+                }
+                state.projection_t.as_ref().map(|t| t.t.clone())
+            }
         };
         state.count += 1;
         let std = "standard layout";
@@ -715,7 +759,7 @@ impl FastAttention {
             .collect();
         Ok(StateStep {
             kind,
-            projection,
+            projection_t,
             d: self.config().dim_heads,
             e,
             m,

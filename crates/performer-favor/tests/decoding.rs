@@ -400,3 +400,45 @@ fn a_step_taken_head_by_head_equals_step_state_and_refuses_misuse() {
     }
     assert_eq!(by_heads.len(), 5);
 }
+
+#[test]
+fn a_step_after_a_redraw_reads_the_new_projection() {
+    // The fused step keeps the projection's transpose in the state between steps; a redrawn
+    // projection must replace it, as `extend_state` and `query_state` read the new one.
+    performer_tensor::rng::manual_seed(3);
+    let fa = FastAttention::new(FastAttentionConfig {
+        nb_features: Some(16),
+        causal: true,
+        ..FastAttentionConfig::new(8)
+    })
+    .unwrap();
+    let (h, d) = (2, 8);
+    let rows = |seed| {
+        randn(&[h, d], seed, 1.0)
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap()
+    };
+    let mut stepped = fa.causal_state(h, d);
+    for t in 0..6u64 {
+        if t == 3 {
+            fa.redraw_projection_matrix_with(&mut Generator::seeded(99))
+                .unwrap();
+        }
+        let (q, k, v) = (rows(10 * t + 1), rows(10 * t + 2), rows(10 * t + 3));
+        // The two-call path on a copy of the same sums.
+        let mut copy = stepped.clone();
+        let k3 = k.view().insert_axis(Axis(1));
+        let v3 = v.view().insert_axis(Axis(1));
+        fa.extend_state(&mut copy, &k3, &v3).unwrap();
+        let want = fa.query_state(&copy, &q.view()).unwrap();
+        let got =
+            with_team(|team| fa.step_state(&mut stepped, &q.view(), &k.view(), &v.view(), team))
+                .unwrap();
+        assert_close(
+            &format!("step {t}"),
+            got.view().into_dyn(),
+            want.view().into_dyn(),
+            1e-5,
+        );
+    }
+}
