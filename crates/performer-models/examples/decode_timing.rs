@@ -3,7 +3,7 @@
 //! primes 512 tokens, times 64 steps; continues to position 4096, times 64 steps again.
 //! `cargo run --release -p performer-models --example decode_timing [-- --bf16] [--large]`
 //! (`--bf16`: the same model with its weights stored in bf16, `PerformerLM::to_dtype`;
-//! `--large`: dim 1024, depth 8, 16 heads, about 105M parameters, whose f32 weights (420 MB)
+//! `--large`: dim 1024, depth 8, 16 heads, 101M parameters, whose f32 weights (405 MB)
 //! are far larger than the L3 cache, so that each step reads them from memory; the steps are
 //! then timed at position 512 only).
 //!
