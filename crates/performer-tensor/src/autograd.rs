@@ -12,9 +12,9 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use ndarray::{ArrayD, IxDyn, Zip};
+use ndarray::{ArrayD, ArrayViewMutD, Axis, IxDyn, Slice, Zip};
 
-use crate::tensor::{Data, GradLink, Node, TensorId};
+use crate::tensor::{Data, GradLink, Node, SliceOfInput, TensorId};
 use crate::{Error, Result, Tensor};
 
 /// What [`Tensor::backward_with_hook`] calls with each leaf's final gradient.
@@ -91,7 +91,40 @@ impl Tensor {
             Some(g) => backward(g, needs),
             None => Ok(vec![None; needs.len()]),
         };
-        Self::record_multi_op(vec![data], name, inputs, wrapped)
+        Self::record_multi_op(vec![data], name, inputs, None, wrapped)
+            .pop()
+            .expect("one output")
+    }
+
+    /// The result of an op whose output `data` is entries `start..` of `axis` of `input`
+    /// (`narrow`). Its gradient is added into that slice of the input's gradient in place;
+    /// `backward`, which pads it with zeros to the input's shape, says the same in the
+    /// general form.
+    pub(crate) fn from_slice_op(
+        data: impl Into<Data>,
+        name: &'static str,
+        input: &Tensor,
+        slice: SliceOfInput,
+        backward: impl Fn(ArrayD<f32>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Tensor {
+        let data = data.into();
+        let inputs = [input];
+        crate::profile::op_done(name, || traffic_bytes(std::slice::from_ref(&data), &inputs));
+        if !needs_graph(&inputs) {
+            return Tensor::new(data);
+        }
+        let wrapped = move |grads: Vec<Option<ArrayD<f32>>>, needs: &[bool]| match grads
+            .into_iter()
+            .next()
+            .flatten()
+        {
+            Some(g) => backward(g, needs),
+            None => Ok(vec![None; needs.len()]),
+        };
+        Self::record_multi_op(vec![data], name, &inputs, Some(slice), wrapped)
             .pop()
             .expect("one output")
     }
@@ -107,7 +140,7 @@ impl Tensor {
         + 'static,
     ) -> Vec<Tensor> {
         crate::profile::op_done(name, || traffic_bytes(&datas, inputs));
-        Self::record_multi_op(datas, name, inputs, backward)
+        Self::record_multi_op(datas, name, inputs, None, backward)
     }
 
     /// [`Tensor::from_multi_op`] once the op's time has been accounted for.
@@ -115,6 +148,7 @@ impl Tensor {
         datas: Vec<Data>,
         name: &'static str,
         inputs: &[&Tensor],
+        slice_of_input: Option<SliceOfInput>,
         backward: impl Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
         + Send
         + Sync
@@ -133,6 +167,7 @@ impl Tensor {
                 .map(|(id, d)| (*id, d.shape().to_vec()))
                 .collect(),
             backward: Some(Box::new(backward)),
+            slice_of_input,
             #[cfg(feature = "cuda")]
             device_backward: None,
         });
@@ -256,6 +291,9 @@ impl Tensor {
 /// Runs one node's backward: takes its outputs' gradients out of `grads` and adds its inputs'
 /// gradients in.
 fn run_node_backward(node: &Node, grads: &mut HashMap<TensorId, ArrayD<f32>>) -> Result<()> {
+    if let Some(slice) = node.slice_of_input {
+        return run_slice_backward(node, slice, grads);
+    }
     let Some(backward) = &node.backward else {
         return Ok(());
     };
@@ -305,6 +343,62 @@ fn run_node_backward(node: &Node, grads: &mut HashMap<TensorId, ArrayD<f32>>) ->
     Ok(())
 }
 
+/// The backward of a slicing op (`narrow`): adds its output's gradient into the slice of its
+/// input's gradient that the output was taken from. The first gradient to reach the input is
+/// made here, zeros around the slice, as `backward`'s zero padding would be; a later one is
+/// added into the slice alone. Either way every element gets the sums the padded form gives
+/// (`x + 0` is `x`).
+fn run_slice_backward(
+    node: &Node,
+    slice: SliceOfInput,
+    grads: &mut HashMap<TensorId, ArrayD<f32>>,
+) -> Result<()> {
+    let (Some((out_id, _)), Some(input)) = (node.outputs.first(), node.inputs.first()) else {
+        return Err(Error::Backward(format!(
+            "slicing op `{}` needs one input and one output",
+            node.name
+        )));
+    };
+    let Some(g) = grads.remove(out_id) else {
+        return Ok(());
+    };
+    crate::profile::autograd_done();
+    if input.is_tracked() {
+        let (axis, start) = (slice.axis, slice.start);
+        let fits = g.ndim() == input.rank()
+            && axis < g.ndim()
+            && g.shape()
+                .iter()
+                .zip(input.shape())
+                .enumerate()
+                .all(
+                    |(a, (&o, &i))| {
+                        if a == axis { start + o <= i } else { o == i }
+                    },
+                );
+        if !fits {
+            return Err(Error::Backward(format!(
+                "op `{}` has a gradient of shape {:?} for entries from {start} of axis {axis} \
+                 of an input of shape {:?}",
+                node.name,
+                g.shape(),
+                input.shape()
+            )));
+        }
+        let range = Slice::from(start..start + g.shape()[axis]);
+        match grads.get_mut(&input.id()) {
+            Some(acc) => add_assign_view(acc.slice_axis_mut(Axis(axis), range), &g),
+            None => {
+                let mut full = ArrayD::<f32>::zeros(IxDyn(input.shape()));
+                full.slice_axis_mut(Axis(axis), range).assign(&g);
+                grads.insert(input.id(), full);
+            }
+        }
+    }
+    crate::profile::op_done(node.name, || 4 * (input.numel() + g.len()) as u64);
+    Ok(())
+}
+
 /// For each node of `order` in the order the backward runs them (reversed), the leaves whose
 /// gradient is final once that node has run: those it is the last consumer of. A parameter
 /// used several times appears as several leaf nodes with one id, so leaves are keyed by id.
@@ -350,6 +444,11 @@ pub(crate) fn accumulate(grads: &mut HashMap<TensorId, ArrayD<f32>>, id: TensorI
 
 /// `acc += g`, in parallel for large arrays.
 pub(crate) fn add_assign(acc: &mut ArrayD<f32>, g: &ArrayD<f32>) {
+    add_assign_view(acc.view_mut(), g);
+}
+
+/// [`add_assign`] into a view (a slice of a gradient).
+fn add_assign_view(acc: ArrayViewMutD<f32>, g: &ArrayD<f32>) {
     let z = Zip::from(acc).and(g);
     if g.len() >= crate::parallel::PAR_THRESHOLD {
         z.par_for_each(|a, &b| *a += b);

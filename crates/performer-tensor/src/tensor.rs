@@ -73,9 +73,22 @@ pub(crate) struct Node {
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) outputs: Vec<(TensorId, Vec<usize>)>,
     pub(crate) backward: Option<Box<BackwardFn>>,
+    /// Set for an op whose one output is a slice of its one input along one axis (`narrow`):
+    /// the engine then adds the output's gradient into that slice of the input's gradient in
+    /// place, instead of running `backward` (which pads it with zeros to the input's shape, a
+    /// whole-input array to fill and then add).
+    pub(crate) slice_of_input: Option<SliceOfInput>,
     /// The backward of an op on device tensors (its gradients are tensors).
     #[cfg(feature = "cuda")]
     pub(crate) device_backward: Option<Box<DeviceBackwardFn>>,
+}
+
+/// Where a slicing op's output sits in its input: entries `start..start + len` of `axis`,
+/// `len` being the output's size along `axis`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SliceOfInput {
+    pub(crate) axis: usize,
+    pub(crate) start: usize,
 }
 
 /// Which output of which node a tensor is.
@@ -93,6 +106,7 @@ impl Node {
             inputs: Vec::new(),
             outputs: vec![(id, shape)],
             backward: None,
+            slice_of_input: None,
             #[cfg(feature = "cuda")]
             device_backward: None,
         }

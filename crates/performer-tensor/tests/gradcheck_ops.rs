@@ -257,6 +257,27 @@ fn layout_ops() {
     );
     check(|x| x[0].transpose(0, 2), std::slice::from_ref(&a));
     check(|x| x[0].narrow(1, 1, 2), std::slice::from_ref(&a));
+    // Overlapping slices of one input, and the input itself: the second and third gradients
+    // to reach it are added into the first (the slices' in place).
+    check(
+        |x| {
+            let (left, right) = (x[0].narrow(2, 0, 3)?, x[0].narrow(2, 1, 3)?);
+            left.mul(&right)?.add(&x[0].narrow(2, 1, 3)?.tanh())
+        },
+        std::slice::from_ref(&a),
+    );
+    check(
+        |x| {
+            x[0].narrow(1, 0, 2)?
+                .mul(&x[0].narrow(1, 1, 2)?)?
+                .add(&x[0].narrow(1, 1, 2)?)
+        },
+        std::slice::from_ref(&a),
+    );
+    check(
+        |x| x[0].tanh().narrow(0, 1, 1)?.add(&x[0].narrow(0, 0, 1)?),
+        std::slice::from_ref(&a),
+    );
     check(|x| x[0].select(2, 3), std::slice::from_ref(&a));
     check(|x| x[0].unsqueeze(1)?.squeeze(1), std::slice::from_ref(&a));
     check(|x| x[0].flatten(1, 2), std::slice::from_ref(&a));

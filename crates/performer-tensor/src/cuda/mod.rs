@@ -115,6 +115,7 @@ pub(crate) fn record(
             .map(|(id, s)| (*id, shape_of(s).to_vec()))
             .collect(),
         backward: None,
+        slice_of_input: None,
         device_backward: Some(Box::new(backward)),
     });
     outputs

@@ -111,12 +111,19 @@ impl Tensor {
         let mut data = self.data().clone();
         data.slice_axis_inplace(Axis(ax), Slice::from(start..start + len));
         let in_shape = self.shape().to_vec();
-        Ok(Tensor::from_op(data, "narrow", &[self], move |g, _| {
-            let mut full = ArrayD::<f32>::zeros(IxDyn(&in_shape));
-            full.slice_axis_mut(Axis(ax), Slice::from(start..start + len))
-                .assign(&g);
-            Ok(vec![Some(full)])
-        }))
+        let slice = crate::tensor::SliceOfInput { axis: ax, start };
+        Ok(Tensor::from_slice_op(
+            data,
+            "narrow",
+            self,
+            slice,
+            move |g, _| {
+                let mut full = ArrayD::<f32>::zeros(IxDyn(&in_shape));
+                full.slice_axis_mut(Axis(ax), Slice::from(start..start + len))
+                    .assign(&g);
+                Ok(vec![Some(full)])
+            },
+        ))
     }
 
     /// Entry `index` of `axis`, with that axis removed (a view).
