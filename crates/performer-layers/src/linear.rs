@@ -65,13 +65,11 @@ impl Linear {
             return Tensor::new(y).reshape(&shape);
         }
         let flat = x.reshape(&[-1, inf as isize])?;
-        let weight_t = self.weight.tensor().transpose(0, 1)?;
-        // One op with the bias: under bf16 autocast on a device its result is bf16.
-        let y = match &self.bias {
-            Some(b) => flat.matmul_add(&weight_t, &b.tensor())?,
-            None => flat.matmul(&weight_t)?,
-        };
-        y.reshape(&shape)
+        // One op with the bias (under bf16 autocast on a device its result is bf16); on the
+        // CPU the product reads a contiguous transpose of the weight.
+        let bias = self.bias.as_ref().map(|b| b.tensor());
+        flat.linear(&self.weight.tensor(), bias.as_ref())?
+            .reshape(&shape)
     }
 
     /// [`Linear::forward`] without a graph to record (inference, a prompt's pass) on plain

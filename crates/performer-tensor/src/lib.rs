@@ -59,6 +59,7 @@ pub mod team;
 mod tensor;
 pub mod testing;
 mod transfer;
+pub mod transpose;
 
 pub use autograd::{GradModeGuard, Gradients, LeafHook, enable_grad, is_grad_enabled, no_grad};
 /// Device ops for the crates above this one (feature `cuda`): device buffers of tensors, a

@@ -338,12 +338,8 @@ impl Param {
         let mut cached = self.0.transposed.lock().unwrap_or_else(|e| e.into_inner());
         Ok(cached
             .get_or_insert_with(|| match &*value {
-                Stored::F32(a) => {
-                    Transposed::F32(a.t().as_standard_layout().into_owned().into_shared())
-                }
-                Stored::Bf16(a) => {
-                    Transposed::BF16(a.t().as_standard_layout().into_owned().into_shared())
-                }
+                Stored::F32(a) => Transposed::F32(transpose_2d(a)),
+                Stored::Bf16(a) => Transposed::BF16(transpose_2d(a)),
             })
             .clone())
     }
@@ -568,6 +564,21 @@ impl Buffer {
         }
         *slot = value;
         Ok(())
+    }
+}
+
+/// The contiguous transpose of a 2-D array (a contiguous one in tiles,
+/// [`crate::transpose::transpose_into`]).
+fn transpose_2d<T: Copy + Default>(a: &ArcArray<T, IxDyn>) -> ArcArray<T, IxDyn> {
+    let (rows, cols) = (a.shape()[0], a.shape()[1]);
+    match a.as_slice() {
+        Some(values) => ndarray::Array::from_shape_vec(
+            IxDyn(&[cols, rows]),
+            crate::transpose::transposed(values, rows, cols),
+        )
+        .expect("rows * cols values")
+        .into_shared(),
+        None => a.t().as_standard_layout().into_owned().into_shared(),
     }
 }
 

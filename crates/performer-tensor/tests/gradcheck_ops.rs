@@ -231,6 +231,78 @@ fn matmul_add_equals_matmul_then_add_bit_for_bit() {
 }
 
 #[test]
+fn linear_gradients() {
+    // The fused CPU op, with and without a bias, on a permuted input and a permuted weight.
+    let (x, w, b) = (randn(&[5, 4], 60), randn(&[3, 4], 61), randn(&[3], 62));
+    check(
+        |x| x[0].linear(&x[1], Some(&x[2])),
+        &[x.clone(), w.clone(), b],
+    );
+    check(|x| x[0].linear(&x[1], None), &[x, w]);
+    check(
+        |x| x[0].linear(&x[1], None),
+        &[
+            transposed_layout(&randn(&[6, 4], 63)),
+            transposed_layout(&randn(&[3, 4], 64)),
+        ],
+    );
+    // The composed fallback (3-D input).
+    check(
+        |x| x[0].linear(&x[1], Some(&x[2])),
+        &[randn(&[2, 5, 4], 65), randn(&[3, 4], 66), randn(&[3], 67)],
+    );
+}
+
+/// The fused CPU `linear` has the bits of `matmul_add` against the weight's transposed view
+/// (the form it replaced in `Linear`), forward and backward, with and without a bias, on
+/// products large enough for the parallel paths and rows of 4 KB.
+#[test]
+fn linear_equals_matmul_add_on_the_transposed_weight_bit_for_bit() {
+    for (rows, k, n) in [
+        (768, 128, 512),
+        (7, 5, 3),
+        (300, 1024, 256),
+        (1024, 256, 1024),
+    ] {
+        for with_bias in [true, false] {
+            let run = |fused: bool| {
+                let x = Tensor::var(randn(&[rows, k], 70));
+                let w = Tensor::var(randn(&[n, k], 71));
+                let b = Tensor::var(randn(&[n], 72));
+                let bias = with_bias.then_some(&b);
+                let y = if fused {
+                    x.linear(&w, bias).unwrap()
+                } else {
+                    let wt = w.transpose(0, 1).unwrap();
+                    match bias {
+                        Some(b) => x.matmul_add(&wt, b).unwrap(),
+                        None => x.matmul(&wt).unwrap(),
+                    }
+                };
+                let probe = Tensor::new(randn(&[rows, n], 73));
+                let grads = y.mul(&probe).unwrap().sum_all().backward().unwrap();
+                let mut all = vec![y.to_array()];
+                all.extend([&x, &w].map(|t| grads.get(t).unwrap().clone()));
+                if with_bias {
+                    all.push(grads.get(&b).unwrap().clone());
+                }
+                all
+            };
+            let (fused, split) = (run(true), run(false));
+            assert_eq!(fused.len(), split.len());
+            for (i, (f, s)) in fused.iter().zip(&split).enumerate() {
+                assert_eq!(f.shape(), s.shape(), "{rows}x{k}x{n}: result {i}");
+                let same = f.iter().zip(s).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{rows}x{k}x{n} bias {with_bias}: result {i} differs in bits"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn matmul_matches_naive_product() {
     let a = randn(&[2, 17, 33], 29);
     let b = randn(&[33, 9], 30);
