@@ -3,10 +3,11 @@
 //! ndarray's copy of a transposed view walks the destination in order and reads the source a
 //! column at a time: every value is a new cache line, and where the rows are a multiple of 4 KB
 //! long (1024 floats, a Linear layer's 1024 inputs) all of a column's lines fall into the same
-//! few L1 sets. A 1024 x 256 weight took 0.77 ms that way on the 2-core Zen 4. Here the matrix
-//! goes in 16 x 16 tiles, and each tile walks contiguously along whichever side has the longer
-//! rows, so the strided side is the one whose lines spread over more sets: about 15 GB/s on the
-//! same box for the shapes of the benchmark models (0.06-0.07 ms for 256 KB, 0.29 ms for 1 MB).
+//! few L1 sets. A 1 MB weight took 0.34-0.77 ms that way on the 2-core Zen 4 (the 256 x 1024
+//! one the slowest). Here the matrix goes in 16 x 16 tiles, and each tile walks contiguously
+//! along whichever side has the longer rows, so the strided side is the one whose lines spread
+//! over more sets: 0.03 ms for 256 KB and 0.12 ms for 1 MB on the same box, either shape
+//! (medians of 200, one thread).
 
 /// Side of the square tiles: 16 values of the strided side are 16 cache lines, which fit the
 /// L1 however the row length falls on its sets, short of a multiple of 4 KB on both sides.
