@@ -195,7 +195,11 @@ impl ProjectionT {
             .view()
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|e| Error::shape("FastAttention::begin_step", e.to_string()))?;
-        let t: Vec<f32> = p.t().iter().copied().collect();
+        let (m, d) = p.dim();
+        let t: Vec<f32> = match p.as_slice() {
+            Some(values) => performer_tensor::transpose::transposed(values, m, d),
+            None => p.t().iter().copied().collect(),
+        };
         Ok(ProjectionT {
             source: projection.clone(),
             t: t.into(),

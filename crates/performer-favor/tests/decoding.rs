@@ -15,6 +15,11 @@ fn randn(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
     ArrayD::from_shape_simple_fn(IxDyn(shape), || scale * g.normal())
 }
 
+/// One row of `d` normal values per head: a step's queries, keys or values.
+fn head_rows(heads: usize, d: usize, seed: u64) -> ndarray::Array2<f32> {
+    randn(&[heads, d], seed, 1.0).into_dimensionality().unwrap()
+}
+
 fn check(cfg: FastAttentionConfig, label: &str) {
     performer_tensor::rng::manual_seed(1);
     let fa = FastAttention::new(cfg).unwrap();
@@ -356,11 +361,7 @@ fn a_step_taken_head_by_head_equals_step_state_and_refuses_misuse() {
     })
     .unwrap();
     let (h, d) = (3, 8);
-    let rows = |seed| {
-        randn(&[h, d], seed, 1.0)
-            .into_dimensionality::<ndarray::Ix2>()
-            .unwrap()
-    };
+    let rows = |seed| head_rows(h, d, seed);
     let (mut by_heads, mut together) = (fa.causal_state(h, d), fa.causal_state(h, d));
     for t in 0..5u64 {
         let (q, k, v) = (rows(10 * t + 1), rows(10 * t + 2), rows(10 * t + 3));
@@ -413,11 +414,7 @@ fn a_step_after_a_redraw_reads_the_new_projection() {
     })
     .unwrap();
     let (h, d) = (2, 8);
-    let rows = |seed| {
-        randn(&[h, d], seed, 1.0)
-            .into_dimensionality::<ndarray::Ix2>()
-            .unwrap()
-    };
+    let rows = |seed| head_rows(h, d, seed);
     let mut stepped = fa.causal_state(h, d);
     for t in 0..6u64 {
         if t == 3 {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, ArrayViewMutD, Axis, IxDyn, Slice, Zip};
 
-use crate::tensor::{Data, GradLink, Node, SliceOfInput, TensorId};
+use crate::tensor::{BackwardFn, Data, GradLink, Node, SliceOfInput, TensorId};
 use crate::{Error, Result, Tensor};
 
 /// What [`Tensor::backward_with_hook`] calls with each leaf's final gradient.
@@ -91,40 +91,24 @@ impl Tensor {
             Some(g) => backward(g, needs),
             None => Ok(vec![None; needs.len()]),
         };
-        Self::record_multi_op(vec![data], name, inputs, None, wrapped)
+        Self::record_multi_op(vec![data], name, inputs, Some(Box::new(wrapped)), None)
             .pop()
             .expect("one output")
     }
 
-    /// The result of an op whose output `data` is entries `start..` of `axis` of `input`
-    /// (`narrow`). Its gradient is added into that slice of the input's gradient in place;
-    /// `backward`, which pads it with zeros to the input's shape, says the same in the
-    /// general form.
+    /// The result of an op whose output `data` is entries `start..` of `slice.axis` of `input`
+    /// (`narrow`). It records no backward closure: the engine adds the output's gradient into
+    /// that slice of the input's gradient in place (`run_slice_backward`).
     pub(crate) fn from_slice_op(
         data: impl Into<Data>,
         name: &'static str,
         input: &Tensor,
         slice: SliceOfInput,
-        backward: impl Fn(ArrayD<f32>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
-        + Send
-        + Sync
-        + 'static,
     ) -> Tensor {
         let data = data.into();
         let inputs = [input];
         crate::profile::op_done(name, || traffic_bytes(std::slice::from_ref(&data), &inputs));
-        if !needs_graph(&inputs) {
-            return Tensor::new(data);
-        }
-        let wrapped = move |grads: Vec<Option<ArrayD<f32>>>, needs: &[bool]| match grads
-            .into_iter()
-            .next()
-            .flatten()
-        {
-            Some(g) => backward(g, needs),
-            None => Ok(vec![None; needs.len()]),
-        };
-        Self::record_multi_op(vec![data], name, &inputs, Some(slice), wrapped)
+        Self::record_multi_op(vec![data], name, &inputs, None, Some(slice))
             .pop()
             .expect("one output")
     }
@@ -140,19 +124,17 @@ impl Tensor {
         + 'static,
     ) -> Vec<Tensor> {
         crate::profile::op_done(name, || traffic_bytes(&datas, inputs));
-        Self::record_multi_op(datas, name, inputs, None, backward)
+        Self::record_multi_op(datas, name, inputs, Some(Box::new(backward)), None)
     }
 
-    /// [`Tensor::from_multi_op`] once the op's time has been accounted for.
+    /// [`Tensor::from_multi_op`] once the op's time has been accounted for: `backward` a
+    /// closure, or `slice_of_input` for a slicing op (one of the two).
     fn record_multi_op(
         datas: Vec<Data>,
         name: &'static str,
         inputs: &[&Tensor],
+        backward: Option<Box<BackwardFn>>,
         slice_of_input: Option<SliceOfInput>,
-        backward: impl Fn(Vec<Option<ArrayD<f32>>>, &[bool]) -> Result<Vec<Option<ArrayD<f32>>>>
-        + Send
-        + Sync
-        + 'static,
     ) -> Vec<Tensor> {
         if !needs_graph(inputs) {
             return datas.into_iter().map(Tensor::new).collect();
@@ -166,7 +148,7 @@ impl Tensor {
                 .zip(&datas)
                 .map(|(id, d)| (*id, d.shape().to_vec()))
                 .collect(),
-            backward: Some(Box::new(backward)),
+            backward,
             slice_of_input,
             #[cfg(feature = "cuda")]
             device_backward: None,
@@ -345,9 +327,9 @@ fn run_node_backward(node: &Node, grads: &mut HashMap<TensorId, ArrayD<f32>>) ->
 
 /// The backward of a slicing op (`narrow`): adds its output's gradient into the slice of its
 /// input's gradient that the output was taken from. The first gradient to reach the input is
-/// made here, zeros around the slice, as `backward`'s zero padding would be; a later one is
-/// added into the slice alone. Either way every element gets the sums the padded form gives
-/// (`x + 0` is `x`).
+/// made here, zeros around the slice (the gradient padded to the input's shape); a later one is
+/// added into the slice alone. Either way every element gets the sums that adding the padded
+/// gradient would give (`x + 0` is `x`).
 fn run_slice_backward(
     node: &Node,
     slice: SliceOfInput,

@@ -73,10 +73,10 @@ pub(crate) struct Node {
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) outputs: Vec<(TensorId, Vec<usize>)>,
     pub(crate) backward: Option<Box<BackwardFn>>,
-    /// Set for an op whose one output is a slice of its one input along one axis (`narrow`):
-    /// the engine then adds the output's gradient into that slice of the input's gradient in
-    /// place, instead of running `backward` (which pads it with zeros to the input's shape, a
-    /// whole-input array to fill and then add).
+    /// Set for an op whose one output is a slice of its one input along one axis (`narrow`),
+    /// which has no `backward`: the engine adds the output's gradient into that slice of the
+    /// input's gradient in place (a closure could only return it padded with zeros to the
+    /// input's shape, a whole-input array to fill and then add).
     pub(crate) slice_of_input: Option<SliceOfInput>,
     /// The backward of an op on device tensors (its gradients are tensors).
     #[cfg(feature = "cuda")]
@@ -118,7 +118,7 @@ impl Node {
         if self.device_backward.is_some() {
             return false;
         }
-        self.backward.is_none()
+        self.backward.is_none() && self.slice_of_input.is_none()
     }
 }
 

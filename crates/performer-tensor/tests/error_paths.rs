@@ -101,6 +101,38 @@ fn matmul_rejects_bad_shapes() {
 }
 
 #[test]
+fn linear_rejects_bad_shapes_naming_itself() {
+    let (x, w, b) = (t(&[5, 4]), t(&[3, 4]), t(&[3]));
+    // The input's last axis against the weight's `in`; a 1-D or 3-D weight; a bias of
+    // another width or rank; a scalar input.
+    assert_err!(
+        t(&[5, 3]).linear(&w, Some(&b)),
+        Error::Shape { .. },
+        "linear"
+    );
+    assert_err!(x.linear(&t(&[4]), None), Error::Shape { .. }, "linear");
+    assert_err!(
+        x.linear(&t(&[2, 3, 4]), None),
+        Error::Shape { .. },
+        "linear"
+    );
+    assert_err!(x.linear(&w, Some(&t(&[4]))), Error::Shape { .. }, "linear");
+    assert_err!(
+        x.linear(&w, Some(&t(&[1, 3]))),
+        Error::Shape { .. },
+        "linear"
+    );
+    assert_err!(
+        Tensor::scalar(1.0).linear(&w, None),
+        Error::Shape { .. },
+        "linear"
+    );
+    // What fits: a 2-D and a 3-D input.
+    assert_eq!(x.linear(&w, Some(&b)).unwrap().shape(), &[5, 3]);
+    assert_eq!(t(&[2, 5, 4]).linear(&w, None).unwrap().shape(), &[2, 5, 3]);
+}
+
+#[test]
 fn gemm_entry_points_reject_bad_shapes() {
     let a = ndarray::Array2::<f32>::zeros((3, 4));
     let b = ndarray::Array2::<f32>::zeros((5, 2));

@@ -110,20 +110,10 @@ impl Tensor {
         on_device!(crate::cuda::shape_ops::narrow(self, ax, start, len));
         let mut data = self.data().clone();
         data.slice_axis_inplace(Axis(ax), Slice::from(start..start + len));
-        let in_shape = self.shape().to_vec();
+        // Its gradient goes into the slice of the input's gradient, in place (the engine's
+        // `run_slice_backward`).
         let slice = crate::tensor::SliceOfInput { axis: ax, start };
-        Ok(Tensor::from_slice_op(
-            data,
-            "narrow",
-            self,
-            slice,
-            move |g, _| {
-                let mut full = ArrayD::<f32>::zeros(IxDyn(&in_shape));
-                full.slice_axis_mut(Axis(ax), Slice::from(start..start + len))
-                    .assign(&g);
-                Ok(vec![Some(full)])
-            },
-        ))
+        Ok(Tensor::from_slice_op(data, "narrow", self, slice))
     }
 
     /// Entry `index` of `axis`, with that axis removed (a view).

@@ -196,16 +196,27 @@ impl Tensor {
     /// gradient have the bits of `self.matmul_add(&weight.transpose(0, 1)?, bias)`, which is
     /// what it computes elsewhere (device tensors, other ranks).
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let fits = weight.rank() == 2
+            && self.rank() >= 1
+            && self.shape().last() == Some(&weight.shape()[1])
+            && bias.is_none_or(|b| b.shape() == [weight.shape()[0]]);
+        if !fits {
+            return Err(Error::shape(
+                "linear",
+                format!(
+                    "input {:?} @ weight {:?}^T + bias {:?}: the weight must be (out, in), the \
+                     input end in `in` and the bias be (out)",
+                    self.shape(),
+                    weight.shape(),
+                    bias.map(|b| b.shape())
+                ),
+            ));
+        }
         let on_host = std::iter::once(self)
             .chain([weight])
             .chain(bias)
             .all(|t| t.device().is_cpu());
-        let fusable = on_host
-            && self.rank() == 2
-            && weight.rank() == 2
-            && self.shape()[1] == weight.shape()[1]
-            && bias.is_none_or(|b| b.rank() == 1 && b.shape()[0] == weight.shape()[0]);
-        if fusable {
+        if on_host && self.rank() == 2 {
             return linear_host(self, weight, bias);
         }
         let weight_t = weight.transpose(0, 1)?;
