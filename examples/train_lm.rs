@@ -41,6 +41,16 @@
 //! host to write them, so a checkpoint is the same file whichever device trained it, and a run
 //! may resume on another device.
 
+/// The allocator: mimalloc, told to keep the memory it frees ([`keep_freed_memory`]). Every
+/// step frees and reallocates the same few hundred activation and gradient buffers; glibc's
+/// malloc returns the large ones to the OS and faults them in again the next step (the kernel
+/// zeroes each page, and every unmap stops both cores for a TLB shootdown). Measured on the
+/// 2-core Zen 4, 250 steps of this example's defaults in three alternating pairs of processes:
+/// 18.9k / 20.0k / 20.3k tokens/s with glibc's malloc, 22.3k / 22.5k / 22.8k with mimalloc, the
+/// same losses bit for bit; peak RSS 113-117 MB -> 143-151 MB.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::f64::consts::LN_2;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -955,7 +965,17 @@ fn human(d: Duration) -> String {
     }
 }
 
+/// Sets mimalloc's purge delay to -1: freed memory stays with the process for the next step
+/// instead of going back to the OS after 10 ms (a step of the default model takes about 45).
+fn keep_freed_memory() {
+    // `mi_option_purge_delay` of mimalloc.h (v2 and v3), which the Rust binding does not name.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets an allocator option; mimalloc reads it when it next purges.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 fn main() {
+    keep_freed_memory();
     std::process::exit(run_main(std::env::args_os().collect(), true));
 }
 
