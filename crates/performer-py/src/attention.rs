@@ -49,21 +49,20 @@ fn forward_block<'py>(
     let mask = opt_mask(op, "mask", mask)?;
     let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
     let context_mask = opt_mask(op, "context_mask", context_mask)?;
-    let out = py
-        .detach(move || {
-            no_grad(|| {
-                block.forward(
-                    &x,
-                    &BlockInputs {
-                        mask: mask.as_ref().map(|m| m.view()),
-                        pos_emb: None,
-                        context: context.as_ref(),
-                        context_mask: context_mask.as_ref().map(|m| m.view()),
-                    },
-                )
-            })
+    let out = crate::run_released(py, move || {
+        no_grad(|| {
+            block.forward(
+                &x,
+                &BlockInputs {
+                    mask: mask.as_ref().map(|m| m.view()),
+                    pos_emb: None,
+                    context: context.as_ref(),
+                    context_mask: context_mask.as_ref().map(|m| m.view()),
+                },
+            )
         })
-        .or_raise()?;
+    })
+    .or_raise()?;
     Ok(out_f32(py, out.to_array()).into_any())
 }
 
@@ -204,9 +203,8 @@ impl PyFastAttention {
         let k = Tensor::new(floats(op, "k", k, Some(4))?);
         let v = Tensor::new(floats(op, "v", v, Some(4))?);
         let attn = self.attn.clone();
-        let out = py
-            .detach(move || no_grad(|| attn.forward(&q, &k, &v)))
-            .or_raise()?;
+        let out =
+            crate::run_released(py, move || no_grad(|| attn.forward(&q, &k, &v))).or_raise()?;
         Ok(out_f32(py, out.to_array()).into_any())
     }
 

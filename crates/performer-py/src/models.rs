@@ -109,21 +109,20 @@ impl PyPerformerLM {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let lm = self.lm.clone();
-        let out = py
-            .detach(move || {
-                no_grad(|| {
-                    lm.forward(
-                        &x.view(),
-                        &LmInputs {
-                            mask: mask.as_ref().map(|m| m.view()),
-                            context: context.as_ref(),
-                            context_mask: context_mask.as_ref().map(|m| m.view()),
-                            return_encodings,
-                        },
-                    )
-                })
+        let out = crate::run_released(py, move || {
+            no_grad(|| {
+                lm.forward(
+                    &x.view(),
+                    &LmInputs {
+                        mask: mask.as_ref().map(|m| m.view()),
+                        context: context.as_ref(),
+                        context_mask: context_mask.as_ref().map(|m| m.view()),
+                        return_encodings,
+                    },
+                )
             })
-            .or_raise()?;
+        })
+        .or_raise()?;
         Ok(out_f32(py, out.to_array()).into_any())
     }
 
@@ -261,19 +260,18 @@ impl PyPerformer {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let model = self.model.clone();
-        let out = py
-            .detach(move || {
-                no_grad(|| {
-                    model.forward(
-                        &x,
-                        mask.as_ref().map(|m| m.view()),
-                        None,
-                        context.as_ref(),
-                        context_mask.as_ref().map(|m| m.view()),
-                    )
-                })
+        let out = crate::run_released(py, move || {
+            no_grad(|| {
+                model.forward(
+                    &x,
+                    mask.as_ref().map(|m| m.view()),
+                    None,
+                    context.as_ref(),
+                    context_mask.as_ref().map(|m| m.view()),
+                )
             })
-            .or_raise()?;
+        })
+        .or_raise()?;
         Ok(out_f32(py, out.to_array()).into_any())
     }
 
@@ -376,16 +374,15 @@ impl PyPerformerEncDec {
         let enc_mask = opt_mask(op, "enc_mask", enc_mask)?;
         let dec_mask = opt_mask(op, "dec_mask", dec_mask)?;
         let model = self.model.clone();
-        let loss = py
-            .detach(move || {
-                model.loss(
-                    &x.view(),
-                    &y.view(),
-                    enc_mask.as_ref().map(|m| m.view()),
-                    dec_mask.as_ref().map(|m| m.view()),
-                )
-            })
-            .or_raise()?;
+        let loss = crate::run_released(py, move || {
+            model.loss(
+                &x.view(),
+                &y.view(),
+                enc_mask.as_ref().map(|m| m.view()),
+                dec_mask.as_ref().map(|m| m.view()),
+            )
+        })
+        .or_raise()?;
         Ok(Loss::new(loss, self.model.as_ref(), self.grads.clone()))
     }
 
@@ -438,19 +435,18 @@ impl PyPerformerEncDec {
         let (start, squeeze) = start_tokens(op, "seq_out_start", seq_out_start)?;
         let enc_mask = opt_mask(op, "enc_mask", enc_mask)?;
         let model = self.model.clone();
-        let out = py
-            .detach(move || {
-                no_grad(|| {
-                    model.generate(
-                        &src.view(),
-                        &start.view(),
-                        seq_len,
-                        enc_mask.as_ref().map(|m| m.view()),
-                        &opts,
-                    )
-                })
+        let out = crate::run_released(py, move || {
+            no_grad(|| {
+                model.generate(
+                    &src.view(),
+                    &start.view(),
+                    seq_len,
+                    enc_mask.as_ref().map(|m| m.view()),
+                    &opts,
+                )
             })
-            .or_raise()?;
+        })
+        .or_raise()?;
         Ok(out_tokens(py, out, squeeze))
     }
 

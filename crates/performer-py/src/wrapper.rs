@@ -92,18 +92,17 @@ impl PyAutoregressiveWrapper {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let inner = self.inner.clone();
-        let loss = py
-            .detach(move || {
-                inner.loss(
-                    &x.view(),
-                    &SeqInputs {
-                        mask: mask.as_ref().map(|m| m.view()),
-                        context: context.as_ref(),
-                        context_mask: context_mask.as_ref().map(|m| m.view()),
-                    },
-                )
-            })
-            .or_raise()?;
+        let loss = crate::run_released(py, move || {
+            inner.loss(
+                &x.view(),
+                &SeqInputs {
+                    mask: mask.as_ref().map(|m| m.view()),
+                    context: context.as_ref(),
+                    context_mask: context_mask.as_ref().map(|m| m.view()),
+                },
+            )
+        })
+        .or_raise()?;
         Ok(Loss::new(loss, self.inner.net.as_ref(), self.sink(py)))
     }
 
@@ -160,22 +159,21 @@ impl PyAutoregressiveWrapper {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let inner = self.inner.clone();
-        let out = py
-            .detach(move || {
-                no_grad(|| {
-                    inner.generate(
-                        &start.view(),
-                        seq_len,
-                        &opts,
-                        &SeqInputs {
-                            mask: mask.as_ref().map(|m| m.view()),
-                            context: context.as_ref(),
-                            context_mask: context_mask.as_ref().map(|m| m.view()),
-                        },
-                    )
-                })
+        let out = crate::run_released(py, move || {
+            no_grad(|| {
+                inner.generate(
+                    &start.view(),
+                    seq_len,
+                    &opts,
+                    &SeqInputs {
+                        mask: mask.as_ref().map(|m| m.view()),
+                        context: context.as_ref(),
+                        context_mask: context_mask.as_ref().map(|m| m.view()),
+                    },
+                )
             })
-            .or_raise()?;
+        })
+        .or_raise()?;
         Ok(out_tokens(py, out, squeeze))
     }
 }
