@@ -25,6 +25,7 @@ use performer::models::PerformerEncDecConfig;
 use performer::tensor::Module;
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator};
+use performer::tensor::team::on_pool;
 use performer::{GenerateOptions, PerformerEncDec, PerformerLMConfig};
 
 #[derive(Parser, Debug)]
@@ -176,14 +177,19 @@ fn run() -> Res<()> {
     let start = Instant::now();
     for step in 1..=cli.max_steps {
         let (src, tgt) = batch(&mut data, cli.batch_size, cli.seq_len);
-        let loss = model.loss(&src.view(), &tgt.view(), None, None)?;
-        let value = loss.item()?;
-        let mut grads = loss.backward()?;
-        if cli.clip > 0.0 {
-            clip_grad_norm(&mut grads, &params, cli.clip);
-        }
         opt.set_lr(learning_rate(&cli, step));
-        opt.step(&grads)?;
+        // The step on one of rayon's workers (`on_pool`): from this thread every parallel op
+        // would hand its loop to the pool and sleep.
+        let value = on_pool(|| -> performer::tensor::Result<f32> {
+            let loss = model.loss(&src.view(), &tgt.view(), None, None)?;
+            let value = loss.item()?;
+            let mut grads = loss.backward()?;
+            if cli.clip > 0.0 {
+                clip_grad_norm(&mut grads, &params, cli.clip);
+            }
+            opt.step(&grads)?;
+            Ok(value)
+        })?;
         if step % cli.eval_every != 0 {
             continue;
         }

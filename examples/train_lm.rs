@@ -588,15 +588,19 @@ fn evaluate(
 ) -> Res<f64> {
     let was_training = performer::models::is_training(model);
     model.set_training(false);
-    let result = no_grad(|| -> Res<f64> {
-        let mut total = 0.0f64;
-        for chunk in offsets.chunks(batch.max(1)) {
-            let x = windows(data, chunk, len);
-            let loss = model.loss(&x.view(), &SeqInputs::default())?.item()? as f64;
-            total += loss * chunk.len() as f64;
-        }
-        Ok(total / offsets.len() as f64 / LN_2)
-    });
+    // On a rayon worker, as the training steps (`on_pool`).
+    let result = on_pool(|| {
+        no_grad(|| -> performer::tensor::Result<f64> {
+            let mut total = 0.0f64;
+            for chunk in offsets.chunks(batch.max(1)) {
+                let x = windows(data, chunk, len);
+                let loss = model.loss(&x.view(), &SeqInputs::default())?.item()? as f64;
+                total += loss * chunk.len() as f64;
+            }
+            Ok(total / offsets.len() as f64 / LN_2)
+        })
+    })
+    .map_err(Into::into);
     model.set_training(was_training);
     result
 }
