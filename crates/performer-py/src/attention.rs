@@ -49,7 +49,7 @@ fn forward_block<'py>(
     let mask = opt_mask(op, "mask", mask)?;
     let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
     let context_mask = opt_mask(op, "context_mask", context_mask)?;
-    let out = crate::run_released(py, move || {
+    let out = crate::release::run_released(py, move || {
         no_grad(|| {
             block.forward(
                 &x,
@@ -203,8 +203,8 @@ impl PyFastAttention {
         let k = Tensor::new(floats(op, "k", k, Some(4))?);
         let v = Tensor::new(floats(op, "v", v, Some(4))?);
         let attn = self.attn.clone();
-        let out =
-            crate::run_released(py, move || no_grad(|| attn.forward(&q, &k, &v))).or_raise()?;
+        let out = crate::release::run_released(py, move || no_grad(|| attn.forward(&q, &k, &v)))
+            .or_raise()?;
         Ok(out_f32(py, out.to_array()).into_any())
     }
 

@@ -52,7 +52,7 @@ impl Loss {
     /// Computes the gradient of the loss with respect to every parameter (the GIL released)
     /// and stores it in the model's `gradients()`, replacing the previous ones.
     fn backward(&self, py: Python<'_>) -> PyResult<()> {
-        let grads = crate::run_released(py, || self.value.backward()).or_raise()?;
+        let grads = crate::release::run_released(py, || self.value.backward()).or_raise()?;
         let mut named = BTreeMap::new();
         for (name, p) in &self.params {
             if let Some(g) = grads.get_param(p) {

@@ -109,7 +109,7 @@ impl PyPerformerLM {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let lm = self.lm.clone();
-        let out = crate::run_released(py, move || {
+        let out = crate::release::run_released(py, move || {
             no_grad(|| {
                 lm.forward(
                     &x.view(),
@@ -260,7 +260,7 @@ impl PyPerformer {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let model = self.model.clone();
-        let out = crate::run_released(py, move || {
+        let out = crate::release::run_released(py, move || {
             no_grad(|| {
                 model.forward(
                     &x,
@@ -374,7 +374,7 @@ impl PyPerformerEncDec {
         let enc_mask = opt_mask(op, "enc_mask", enc_mask)?;
         let dec_mask = opt_mask(op, "dec_mask", dec_mask)?;
         let model = self.model.clone();
-        let loss = crate::run_released(py, move || {
+        let loss = crate::release::run_released(py, move || {
             model.loss(
                 &x.view(),
                 &y.view(),
@@ -435,7 +435,7 @@ impl PyPerformerEncDec {
         let (start, squeeze) = start_tokens(op, "seq_out_start", seq_out_start)?;
         let enc_mask = opt_mask(op, "enc_mask", enc_mask)?;
         let model = self.model.clone();
-        let out = crate::run_released(py, move || {
+        let out = crate::release::run_released(py, move || {
             no_grad(|| {
                 model.generate(
                     &src.view(),

@@ -92,7 +92,7 @@ impl PyAutoregressiveWrapper {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let inner = self.inner.clone();
-        let loss = crate::run_released(py, move || {
+        let loss = crate::release::run_released(py, move || {
             inner.loss(
                 &x.view(),
                 &SeqInputs {
@@ -159,7 +159,7 @@ impl PyAutoregressiveWrapper {
         let context = opt_floats(op, "context", context, Some(3))?.map(Tensor::new);
         let context_mask = opt_mask(op, "context_mask", context_mask)?;
         let inner = self.inner.clone();
-        let out = crate::run_released(py, move || {
+        let out = crate::release::run_released(py, move || {
             no_grad(|| {
                 inner.generate(
                     &start.view(),
