@@ -601,6 +601,9 @@ impl Gradients {
         {
             return false;
         }
-        self.map.values().all(|g| g.iter().all(|x| x.is_finite()))
+        self.map.values().all(|g| match g.as_slice_memory_order() {
+            Some(values) => crate::fast_math::all_finite(values),
+            None => g.iter().all(|x| x.is_finite()),
+        })
     }
 }

@@ -181,6 +181,44 @@ multiversion! {
 }
 
 multiversion! {
+    /// `sum x_i^2` in f64 (each square taken in f64), in `LANES` independent partial sums:
+    /// the squared norm of a gradient for clipping. A single running sum was a chain of
+    /// dependent adds, about 1 ns an element.
+    pub fn sum_of_squares(xs: &[f32]) -> f64 {
+        let mut acc = [0f64; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..LANES {
+                let x = c[l] as f64;
+                acc[l] += x * x;
+            }
+        }
+        let mut s: f64 = acc.iter().sum();
+        for &x in rest {
+            s += (x as f64) * (x as f64);
+        }
+        s
+    }
+}
+
+multiversion! {
+    /// Whether every value is finite (no NaN, no infinity), without an early exit per value:
+    /// `x * 0` is 0 for a finite `x` and NaN otherwise, summed in `LANES` lanes.
+    pub fn all_finite(xs: &[f32]) -> bool {
+        let mut acc = [0f32; LANES];
+        let chunks = xs.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for l in 0..LANES {
+                acc[l] += c[l] * 0.0;
+            }
+        }
+        acc.iter().chain(rest).all(|x| x.is_finite())
+    }
+}
+
+multiversion! {
     /// Mean and biased variance of `x`, `(sum x / n, sum (x - mean)^2 / n)`, in two passes of
     /// `LANES` independent partial sums (a single running sum is a chain of dependent
     /// additions that does not vectorize: it made layer norm's statistics cost more than the
@@ -527,6 +565,39 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sum_of_squares_equals_the_running_sum_on_any_length() {
+        for n in [0usize, 1, 15, 16, 17, 100, 1001] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+                .collect();
+            let want: f64 = xs.iter().map(|&x| (x as f64) * (x as f64)).sum();
+            let got = sum_of_squares(&xs);
+            assert!(
+                (got - want).abs() <= 1e-12 * want.max(1.0),
+                "n {n}: {got} against {want}"
+            );
+        }
+        // Integers: exact in any order.
+        assert_eq!(sum_of_squares(&[3.0; 33]), 297.0);
+    }
+
+    #[test]
+    fn all_finite_finds_a_nan_or_an_infinity_anywhere() {
+        let xs = vec![1.5f32; 37];
+        assert!(all_finite(&xs));
+        assert!(all_finite(&[]));
+        assert!(all_finite(&[f32::MAX, -f32::MAX, f32::MIN_POSITIVE, -0.0]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // In a full chunk of lanes and in the remainder past the last one.
+            for at in [0, 5, 15, 16, 31, 32, 36] {
+                let mut ys = xs.clone();
+                ys[at] = bad;
+                assert!(!all_finite(&ys), "{bad} at {at}");
+            }
+        }
+    }
 
     #[test]
     fn exp_is_accurate_over_the_useful_range() {

@@ -577,7 +577,10 @@ pub fn clip_grad_norm(grads: &mut Gradients, params: &[Param], max_norm: f32) ->
     let mut total: f64 = params
         .iter()
         .filter_map(|p| grads.get_param(p))
-        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .map(|g| match g.as_slice_memory_order() {
+            Some(values) => crate::fast_math::sum_of_squares(values),
+            None => g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>(),
+        })
         .sum();
     // Gradients on a device: their squares summed there, the sum read back (the step's one
     // device read), the scaling done there.
