@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, ArrayViewMut2, Zip, s};
 use performer_favor::heads::{HeadsOut, head, lead_shape};
-use performer_tensor::fast_math::softmax_inplace;
+use performer_tensor::fast_math::{dot, softmax_inplace};
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::rng::Generator;
 use performer_tensor::{
@@ -557,10 +557,12 @@ impl CustomOp for LocalAttentionOp {
                     {
                         let dr = dr.as_slice_mut().expect("contiguous");
                         let ar = ar.as_slice().expect("contiguous");
-                        let dot: f32 = dr.iter().zip(ar).map(|(x, y)| x * y).sum();
+                        // In lanes (`fast_math::dot`): a running sum was a chain of dependent
+                        // scalar adds.
+                        let row_dot = dot(dr, ar);
                         let end = self.row_end(r);
                         for ((x, &a), &keep) in dr[..end].iter_mut().zip(ar).zip(&kept) {
-                            *x = if keep { a * (*x - dot) } else { 0.0 };
+                            *x = if keep { a * (*x - row_dot) } else { 0.0 };
                         }
                         dr[end..].fill(0.0);
                     }
