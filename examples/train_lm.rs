@@ -46,8 +46,9 @@
 /// malloc returns the large ones to the OS and faults them in again the next step (the kernel
 /// zeroes each page, and every unmap stops both cores for a TLB shootdown). Measured on the
 /// 2-core Zen 4, 250 steps of this example's defaults in three alternating pairs of processes:
-/// 18.9k / 20.0k / 20.3k tokens/s with glibc's malloc, 22.3k / 22.5k / 22.8k with mimalloc, the
-/// same losses bit for bit; peak RSS 113-117 MB -> 143-151 MB.
+/// 18.9k / 20.0k / 20.3k tokens/s with glibc's malloc, 22.3k / 22.5k / 22.8k with mimalloc
+/// (23.0k-23.7k in four runs with its freed memory kept, as here), the same losses bit for bit;
+/// peak RSS 113-127 MB -> 143-176 MB.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
