@@ -558,7 +558,9 @@ impl CustomOp for LocalAttentionOp {
                         let dr = dr.as_slice_mut().expect("contiguous");
                         let ar = ar.as_slice().expect("contiguous");
                         // In lanes (`fast_math::dot`): a running sum was a chain of dependent
-                        // scalar adds.
+                        // scalar adds. `dot` reads the shorter slice's length; both are rows of
+                        // (window, slots) arrays.
+                        debug_assert_eq!(dr.len(), ar.len(), "softmax backward rows");
                         let row_dot = dot(dr, ar);
                         let end = self.row_end(r);
                         for ((x, &a), &keep) in dr[..end].iter_mut().zip(ar).zip(&kept) {
