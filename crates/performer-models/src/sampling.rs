@@ -1,5 +1,5 @@
 //! Sampling from logits: temperature, performer-pytorch's top-k and top-p filters, a repetition
-//! penalty, and seeded multinomial draws.
+//! penalty, and seeded draws that a small change of the logits rarely moves.
 
 use ndarray::{Array1, ArrayView1, ArrayViewMut1};
 use performer_tensor::rng::Generator;
@@ -40,7 +40,7 @@ pub struct GenerateOptions {
     pub repetition_penalty: f32,
     /// How many recent tokens the penalty looks at.
     pub repetition_penalty_ctx: usize,
-    /// Seed of the sampler.
+    /// Seed of the sampler (see [`sample`]: the same seed gives the same draws).
     pub seed: u64,
 }
 
@@ -170,7 +170,16 @@ pub fn apply_repetition_penalty(logits: &mut ArrayViewMut1<f32>, recent: &[i64],
     }
 }
 
-/// Draws one token from logits after filtering and temperature.
+/// Draws one token from logits after filtering and temperature, each with its softmax
+/// probability `p_i`, by an exponential race: every candidate `i` gets its own `E_i ~ Exp(1)`
+/// and the smallest `E_i / p_i` wins (the first of independent exponential clocks with rates
+/// `p_i`). The `E_i` come from one `u64` of `rng` and the token's index alone, so the same seed
+/// gives the same draws, and logits that change slightly (bf16 weights, another device, another
+/// summation order) change the token only when the two smallest ratios lie within the change.
+/// Inverting the cumulative sum with one uniform (performer-pytorch's `torch.multinomial`, and
+/// this function before) moves the token whenever any boundary before it moves across the
+/// draw: on a near-uniform top-k a bf16 model diverged from its f32 original after a few
+/// tokens, and one swap at the top-k's edge shifted every later boundary at once.
 pub fn sample(
     logits: &ArrayView1<f32>,
     opts: &GenerateOptions,
@@ -187,17 +196,29 @@ pub fn sample(
             "generate: the logits are not finite; cannot sample".into(),
         ));
     }
-    let u = rng.next_f64() * probs.iter().map(|&p| p as f64).sum::<f64>();
-    let mut acc = 0.0f64;
-    let mut last = 0;
+    let key = rng.next_u64();
+    let mut best = (f64::INFINITY, None);
     for (i, &p) in probs.iter().enumerate() {
         if p > 0.0 {
-            last = i;
-            acc += p as f64;
-            if u < acc {
-                return Ok(i as i64);
+            let ratio = exponential(key, i as u64) / p as f64;
+            if ratio < best.0 || best.1.is_none() {
+                best = (ratio, Some(i));
             }
         }
     }
-    Ok(last as i64)
+    // The largest logit's probability is 1 / (a finite sum >= 1), so a candidate exists.
+    best.1.map(|i| i as i64).ok_or_else(|| {
+        Error::NonFinite("generate: no token has a positive probability; cannot sample".into())
+    })
+}
+
+/// An `Exp(1)` variable determined by a draw's `key` and a token's `index`: the splitmix64
+/// finalizer of the pair gives 53 uniform bits `u` in (0, 1), and `-ln u` is exponential.
+fn exponential(key: u64, index: u64) -> f64 {
+    let mut z = key ^ index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let u = ((z >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+    -u.ln()
 }

@@ -203,7 +203,7 @@ fn widened_generation_is_the_f32_models() {
     // Widened products (activations and sums in f32): the bf16 model samples exactly what an
     // f32 model holding the same (rounded) weights samples, all 64 tokens, on the benchmark's
     // model.
-    let (f32_lm, lm) = pair(bench_config(), 0, DType::BF16);
+    let (_, lm) = pair(bench_config(), 0, DType::BF16);
     let same_weights = PerformerLM::new(bench_config()).unwrap();
     same_weights.load_state_dict(&lm.state_dict()).unwrap();
     same_weights.set_training(false);
@@ -211,13 +211,74 @@ fn widened_generation_is_the_f32_models() {
     let prime = tokens(1, 512, 256, 5);
     let (a, b) = (generate64(same_weights, &prime), generate64(lm, &prime));
     assert_eq!(leading_agreement(&a, &b), 64, "\n{a}\n{b}");
-    // For the README: against the f32 weights before rounding, this untrained model's
-    // near-uniform top-k lets the bf16 error move draws across token boundaries early.
-    let original = generate64(f32_lm, &prime);
-    println!(
-        "untrained bench model: the first {} of 64 bf16 tokens equal the unrounded f32 model's",
-        leading_agreement(&original, &b)
-    );
+}
+
+/// `generate` of 64 tokens after `prime` with `seed`, under `mode`.
+fn generate64_with(
+    model: &AutoregressiveWrapper,
+    prime: &Array2<i64>,
+    seed: u64,
+    mode: Bf16Products,
+) -> Array2<i64> {
+    let opts = GenerateOptions {
+        seed,
+        ..Default::default()
+    };
+    let out = with_bf16_products(mode, || {
+        model.generate(&prime.view(), 64, &opts, &SeqInputs::default())
+    })
+    .unwrap();
+    assert_eq!(out.dim(), (prime.nrows(), 64));
+    out
+}
+
+#[test]
+fn bf16_generation_samples_the_f32_models_tokens_on_the_untrained_benchmark_model() {
+    // The issue's bar: generate-512-bf16 samples what generate-512 samples, the first 16
+    // tokens at least. The benchmark's untrained model has a near-uniform top-k (25 of 256
+    // logits within a few hundredths), where the sampler's exponential race moves a draw only
+    // when its two best ratios lie within the bf16 error, or the top-k's edge changes under
+    // the drawn token.
+    for mode in [Bf16Products::Native, Bf16Products::Widened] {
+        // generate-512 exactly (bench_workload): seed 0, the model, then the prompt from the
+        // global generator, sampler seed 0.
+        performer_tensor::rng::manual_seed(0);
+        let f32_lm = PerformerLM::new(bench_config()).unwrap();
+        let prime = performer_tensor::rng::with_rng(|g| {
+            Array2::from_shape_simple_fn((1, 512), || g.below(256) as i64)
+        });
+        let lm = PerformerLM::new(bench_config()).unwrap();
+        lm.load_state_dict(&f32_lm.state_dict()).unwrap();
+        lm.to_dtype(DType::BF16);
+        let (a, b) = (
+            AutoregressiveWrapper::new(f32_lm),
+            AutoregressiveWrapper::new(lm),
+        );
+        a.set_training(false);
+        b.set_training(false);
+        let bench = leading_agreement(
+            &generate64_with(&a, &prime, 0, mode),
+            &generate64_with(&b, &prime, 0, mode),
+        );
+        // Other prompts and sampler seeds on the same model: the bar is not one lucky draw.
+        let mut others = Vec::new();
+        for prompt_seed in 0..3 {
+            let prime = tokens(1, 512, 256, 100 + prompt_seed);
+            for seed in 1..4 {
+                others.push(leading_agreement(
+                    &generate64_with(&a, &prime, seed, mode),
+                    &generate64_with(&b, &prime, seed, mode),
+                ));
+            }
+        }
+        println!(
+            "untrained bench model, {mode:?} products: bf16 generation equals f32's for the \
+             first {bench} of 64 tokens; other prompts and seeds: {others:?}"
+        );
+        assert!(bench >= 16, "{mode:?}: {bench}");
+        let short = others.iter().filter(|&&n| n < 16).count();
+        assert!(short <= 1, "{mode:?}: {others:?}");
+    }
 }
 
 /// Tokens of a Markov chain where each token is followed by `(3t + 1) % vocab` four times in
