@@ -4,6 +4,7 @@
 //! cargo build --release --example bench_workload
 //! target/release/examples/bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile]
 //!     [--main-thread]
+//! target/release/examples/bench_workload --workload generate-512-bf16 --against-f32 [--seed S]
 //! target/release/examples/bench_workload --list
 //! ```
 //!
@@ -20,6 +21,14 @@
 //! GEMM calibration product; the JSON line gains a `"profile"` object (rows by phase and
 //! category, per-op times, GEMM FLOPs, the measured GEMM rate) that `cargo xtask bench
 //! --profile` turns into a table.
+//!
+//! With `--against-f32` (generate-512-bf16 only) nothing is timed: the process builds the
+//! workload's bf16 model and the f32 model it is rounded from (the same seed, prompt and
+//! sampler options) and prints `{"tokens_equal": .., "tokens": 64, "logits_max_rel_err": ..}`:
+//! how many leading sampled tokens the two generations share, and the worst relative error
+//! (`max |bf16 - f32| / max |f32|`) of the bf16 logits over the prompt's last position and the
+//! 64 steps, both models fed the f32 model's tokens. xtask runs it in a process of its own,
+//! after the timed one, so that the f32 model adds nothing to the workload's peak RSS.
 //!
 //! Exit status: 0 measured; 2 bad arguments; 3 the workload is not implemented yet (the last
 //! stderr line is `not implemented yet: REASON`; xtask shows `n/a` and the reason); 1 it failed.
@@ -322,6 +331,59 @@ fn generate_stored(prompt: usize, dtype: performer::tensor::DType) -> Result<Pre
     })
 }
 
+/// `--against-f32`: generate-512-bf16's model and the f32 model it is rounded from (the seed
+/// set by the caller, then the model, then the prompt, as `generate_stored` draws them) sample
+/// `NEW_TOKENS` each with the default options; returns the JSON line with the leading tokens
+/// they share and the worst relative error of the bf16 logits over the prompt's last position
+/// and every step, both models fed the f32 model's tokens.
+fn bf16_against_f32(prompt: usize) -> Result<String, String> {
+    use performer::tensor::Module;
+    use performer::tensor::testing::relative_error;
+    use performer::{AutoregressiveWrapper, GenerateOptions, PerformerLM, SeqInputs};
+    use std::sync::Arc;
+
+    const NEW_TOKENS: usize = 64;
+    let e = |e: performer::tensor::Error| e.to_string();
+    let exact = Arc::new(PerformerLM::new(lm_config(2048, true)).map_err(e)?);
+    let prime = random_tokens(1, prompt, 256);
+    let rounded = Arc::new(PerformerLM::new(lm_config(2048, true)).map_err(e)?);
+    rounded.load_state_dict(&exact.state_dict()).map_err(e)?;
+    rounded.to_dtype(performer::tensor::DType::BF16);
+    let opts = GenerateOptions::default();
+    let generate = |net: &Arc<PerformerLM>| {
+        AutoregressiveWrapper::new(Arc::clone(net))
+            .generate(&prime.view(), NEW_TOKENS, &opts, &SeqInputs::default())
+            .map_err(e)
+    };
+    let (a, b) = (generate(&exact)?, generate(&rounded)?);
+    if a.dim() != (1, NEW_TOKENS) || b.dim() != a.dim() {
+        return Err(format!("generated {:?} and {:?} tokens", a.dim(), b.dim()));
+    }
+    let tokens_equal = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    // The logits along the f32 model's tokens, step by step from the same prompt.
+    exact.set_training(false);
+    rounded.set_training(false);
+    let (mut sa, mut sb) = (
+        exact.decoding_state(1, None, None).map_err(e)?,
+        rounded.decoding_state(1, None, None).map_err(e)?,
+    );
+    let mut la = exact.decode(&mut sa, &prime.view(), None).map_err(e)?;
+    let mut lb = rounded.decode(&mut sb, &prime.view(), None).map_err(e)?;
+    let mut worst = 0f32;
+    for step in 0..=NEW_TOKENS {
+        let err = relative_error(&lb, &la).map_err(|e| format!("step {step}: {e}"))?;
+        worst = worst.max(err);
+        if step == NEW_TOKENS {
+            break;
+        }
+        la = exact.step(&mut sa, &[a[[0, step]]]).map_err(e)?;
+        lb = rounded.step(&mut sb, &[a[[0, step]]]).map_err(e)?;
+    }
+    Ok(format!(
+        "{{\"tokens_equal\": {tokens_equal}, \"tokens\": {NEW_TOKENS}, \"logits_max_rel_err\": {worst:.6e}}}"
+    ))
+}
+
 /// `(n x 512) @ (512 x 2048)` through performer-tensor: the machine's GEMM floor in the same run,
 /// and the self-test of the benchmark pipeline. tokens = n.
 fn matmul(n: usize) -> Result<Prepared, BenchError> {
@@ -353,9 +415,11 @@ struct Options {
     profile: bool,
     /// Run on the main thread instead of a rayon worker (to measure what `on_pool` changes).
     main_thread: bool,
+    /// Compare the bf16 generation with f32's instead of timing it (see the module doc).
+    against_f32: bool,
 }
 
-const USAGE: &str = "usage: bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile] [--main-thread] | --list";
+const USAGE: &str = "usage: bench_workload --workload NAME [--n N] [--reps R] [--seed S] [--profile] [--main-thread] [--against-f32] | --list";
 
 fn parse_args() -> Result<Option<Options>, String> {
     let mut args = std::env::args().skip(1);
@@ -366,6 +430,7 @@ fn parse_args() -> Result<Option<Options>, String> {
         seed: 0,
         profile: false,
         main_thread: false,
+        against_f32: false,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -384,6 +449,7 @@ fn parse_args() -> Result<Option<Options>, String> {
             }
             "--profile" => opts.profile = true,
             "--main-thread" => opts.main_thread = true,
+            "--against-f32" => opts.against_f32 = true,
             "--list" => return Ok(None),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -394,6 +460,12 @@ fn parse_args() -> Result<Option<Options>, String> {
     }
     if opts.reps == 0 {
         return Err("--reps must be at least 1".into());
+    }
+    if opts.against_f32 && opts.workload != "generate-512-bf16" {
+        return Err(format!(
+            "--against-f32 compares generate-512-bf16 with f32, not {}",
+            opts.workload
+        ));
     }
     Ok(Some(opts))
 }
@@ -525,6 +597,18 @@ fn main() -> ExitCode {
 /// Builds the workload, runs its repetitions and prints the JSON line.
 fn run(name: &'static str, n: usize, build: Builder, opts: Options) -> ExitCode {
     rng::manual_seed(opts.seed);
+    if opts.against_f32 {
+        return match bf16_against_f32(n) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bench_workload: {name} --against-f32: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut prepared = match build(n) {
         Ok(p) => p,
         Err(BenchError::NotImplemented(why)) => {

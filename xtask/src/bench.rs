@@ -12,8 +12,11 @@
 //!   forward + backward, causal and non-causal, 1k..64k).
 //!
 //! A workload an implementation does not have yet (or that fails, or times out) shows as `n/a`
-//! with the reason under the table; the run goes on.
+//! with the reason under the table; the run goes on. A bf16 workload's bars against the f32
+//! model it is rounded from (equal sampled tokens, the logits' error) are checked in a process
+//! of its own after the timed ones, and its line follows the table ([`against_f32`]).
 
+mod against_f32;
 pub(crate) mod child;
 mod plot;
 mod profile;
@@ -164,6 +167,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
 
+    // The bf16 workloads' bars against f32, each in a process after the timed ones.
+    let mut checks = Vec::new();
+    for w in &selected {
+        if let Some(bar) = &w.target.against_f32 {
+            eprint!("[check] {} against f32 ... ", w.name);
+            let got = ctx.against_f32(w, &ours);
+            let line = against_f32::verdict(&w.name, bar, &got);
+            eprintln!("{}", if line.ends_with(": ok") { "ok" } else { "miss" });
+            checks.push(line);
+        }
+    }
+
     let mut wrote = Vec::new();
     if !selected.is_empty() {
         let path = out_dir.join("report.json");
@@ -221,6 +236,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!();
     if !selected.is_empty() {
         print!("{}", format_table(&selected, &records, reference.is_some()));
+    }
+    for line in &checks {
+        println!("{line}");
     }
     if sweep {
         let points: Vec<Workload> = scaling_records
@@ -371,6 +389,15 @@ impl Ctx {
             )),
             _ => None,
         }
+    }
+
+    /// `bench_workload --against-f32` for `w` (ours), in a process of its own.
+    fn against_f32(&self, w: &Workload, ours: &Runner) -> Result<against_f32::Agreement, String> {
+        let mut cmd = ours.command(w, self);
+        cmd.arg("--against-f32");
+        let done = child::run_process(cmd, self.timeout).map_err(|f| f.to_string())?;
+        against_f32::parse(&done.stdout)
+            .ok_or_else(|| format!("no JSON line on stdout; stderr: {}", done.stderr.trim()))
     }
 
     /// Runs `w` on `runner` in its own process and turns the result into a report row.
@@ -726,6 +753,12 @@ fn list_workloads() -> String {
         }
         if let Some((name, v)) = t.min_speedup_over {
             target.push(format!(">= {v}x {name} (same run)"));
+        }
+        if let Some(a) = t.against_f32 {
+            target.push(format!(
+                "against f32: >= {} equal tokens, logits within {:.0e}",
+                a.min_equal_tokens, a.max_logits_rel_err
+            ));
         }
         s.push_str(&format!(
             "{:<18} {:>6.1} {:>7}  {}\n",

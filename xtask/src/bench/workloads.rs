@@ -154,6 +154,18 @@ pub struct Target {
     pub max_rss_mib: Option<f64>,
     /// At least this many times faster (median) than the named workload of the same run.
     pub min_speedup_over: Option<(&'static str, f64)>,
+    /// A bf16 workload's bars against the f32 model it is rounded from.
+    pub against_f32: Option<AgainstF32>,
+}
+
+/// What `bench_workload --against-f32` must show for a bf16 workload: the generation of the bf16
+/// model against that of the f32 model it is rounded from (the same seed, prompt and sampler).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AgainstF32 {
+    /// At least this many leading sampled tokens equal.
+    pub min_equal_tokens: usize,
+    /// `max |bf16 - f32| / max |f32|` of the logits, worst step, at most this.
+    pub max_logits_rel_err: f64,
 }
 
 /// One benchmark workload.
@@ -226,6 +238,7 @@ const fn target(
         min_tokens_per_s,
         max_rss_mib,
         min_speedup_over: None,
+        against_f32: None,
     }
 }
 
@@ -308,6 +321,10 @@ pub fn all() -> Vec<Workload> {
             },
             Target {
                 min_speedup_over: Some(("generate-512", 1.6)),
+                against_f32: Some(AgainstF32 {
+                    min_equal_tokens: 16,
+                    max_logits_rel_err: 1e-2,
+                }),
                 ..Target::default()
             },
         ),
