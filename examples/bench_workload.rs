@@ -256,18 +256,21 @@ fn lm_train(variant: LmVariant, n: usize) -> Result<Prepared, BenchError> {
     let mut opt = Adam::new(model.named_parameters(), 1e-4);
     let x = random_tokens(batch, n + 1, 256);
     Ok(Prepared {
+        // The other workers kept awake for the step, as train_lm runs its steps
+        // (`team::keep_pool_warm`).
         step: Box::new(move || {
-            let loss = model
-                .loss(&x.view(), &SeqInputs::default())
-                .map_err(|e| e.to_string())?;
-            // The phases only matter to `--profile` (no-ops otherwise).
-            profile::enter_phase(Phase::Backward);
-            // Gradients are returned fresh by each backward: dropping them is zero_grad.
-            let grads = loss.backward().map_err(|e| e.to_string())?;
-            drop(loss); // the graph, freed before the update
-            profile::enter_phase(Phase::Optimizer);
-            opt.step(&grads).map_err(|e| e.to_string())?;
-            Ok(())
+            team::keep_pool_warm(|| {
+                let loss = model
+                    .loss(&x.view(), &SeqInputs::default())
+                    .map_err(|e| e.to_string())?;
+                // The phases only matter to `--profile` (no-ops otherwise).
+                profile::enter_phase(Phase::Backward);
+                // Gradients are returned fresh by each backward: dropping them is zero_grad.
+                let grads = loss.backward().map_err(|e| e.to_string())?;
+                drop(loss); // the graph, freed before the update
+                profile::enter_phase(Phase::Optimizer);
+                opt.step(&grads).map_err(|e| e.to_string())
+            })
         }),
         tokens: batch * n,
     })

@@ -29,7 +29,7 @@ use performer::dist::state::{broadcast_module, broadcast_tensors, check_synchron
 use performer::dist::{Backend, CommStats, Communicator, DataParallel};
 use performer::tensor::optim::{Adam, Optimizer};
 use performer::tensor::rng::{self, Generator};
-use performer::tensor::team::on_pool;
+use performer::tensor::team::{keep_pool_warm, on_pool};
 use performer::tensor::{Gradients, Param, Tensor};
 
 use super::{Res, TRAINER_JSON, TrainerState, sibling};
@@ -340,7 +340,7 @@ impl<'c> Dist<'c> {
             None => {
                 // On a rayon worker, like the forward (`on_pool`); the data-parallel branch
                 // above stays on this thread, the only one MPI may be called from.
-                let g = on_pool(|| loss.backward())?;
+                let g = on_pool(|| keep_pool_warm(|| loss.backward()))?;
                 Ok(match accumulated {
                     Some(mut acc) => {
                         acc.merge(g)?;
