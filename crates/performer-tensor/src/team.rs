@@ -277,18 +277,23 @@ static WARM_HELPERS: AtomicUsize = AtomicUsize::new(0);
 /// noise), with the same losses bit for bit.
 ///
 /// The other workers run at full speed for the duration of `f`, so wrap work that keeps them
-/// busy (a training step), not a loop that waits on I/O. From outside the pool, or with one
-/// rayon thread, `f` simply runs. Nested calls are fine (each adds its own helpers, which stop
+/// busy (a training step), not a loop that waits on I/O; and where other processes share the
+/// cores (several ranks on one machine, each with a pool of more than one thread), the
+/// spinning takes their time: leave it out there. From outside the pool, with one rayon
+/// thread, or with more rayon threads than the machine has cores, `f` simply runs. Nested calls are fine (each adds its own helpers, which stop
 /// when its `f` returns); a helper that this thread itself picks up (rayon may hand a thread
 /// its own queued job while it waits inside `f`) returns at once.
 pub fn keep_pool_warm<R>(f: impl FnOnce() -> R) -> R {
     let Some(me) = rayon::current_thread_index() else {
         return f();
     };
-    let others = rayon::current_num_threads().saturating_sub(1);
-    if others == 0 {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = rayon::current_num_threads();
+    if threads < 2 || threads > cores {
         return f();
     }
+    let others = threads - 1;
     let done = Arc::new(AtomicBool::new(false));
     for _ in 0..others {
         let done = done.clone();
@@ -403,7 +408,9 @@ mod tests {
             })
         });
         assert_eq!(sum, 49_995_000 + 4_950);
-        assert!(seen_spinning, "no helper spun during the work");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Two threads on one core: none spins.
+        assert_eq!(seen_spinning, cores >= 2, "{cores} core(s)");
         assert!(helpers_stop(), "helpers still spinning after the work");
         // A panic in the work reaches the caller and stops the helpers too.
         let caught = pool.install(|| {
@@ -413,6 +420,18 @@ mod tests {
         });
         assert!(caught.is_err());
         assert!(helpers_stop(), "helpers still spinning after a panic");
+        // More threads than cores: the pool is shared with itself already; nothing spins.
+        let crowded = rayon::ThreadPoolBuilder::new()
+            .num_threads(cores + 1)
+            .build()
+            .unwrap();
+        let spun = crowded.install(|| {
+            keep_pool_warm(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                WARM_HELPERS.load(SeqCst) > 0
+            })
+        });
+        assert!(!spun);
     }
 
     #[test]
