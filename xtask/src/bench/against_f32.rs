@@ -21,12 +21,7 @@ pub struct Agreement {
 
 /// The last stdout line that parses as an [`Agreement`].
 pub fn parse(stdout: &str) -> Option<Agreement> {
-    stdout
-        .lines()
-        .rev()
-        .map(str::trim)
-        .filter(|l| l.starts_with('{'))
-        .find_map(|l| serde_json::from_str(l).ok())
+    super::child::last_json_line(stdout)
 }
 
 /// One line for under the table: the figures, the bars, and `ok` or what missed.

@@ -68,6 +68,11 @@ impl std::fmt::Display for Failure {
 /// Finds the last stdout line that parses as the process's JSON object (libraries may print
 /// other lines before it).
 pub fn parse_process_line(stdout: &str) -> Option<ProcessLine> {
+    last_json_line(stdout)
+}
+
+/// The last line of `stdout` that parses as a `T` (a JSON object).
+pub fn last_json_line<T: serde::de::DeserializeOwned>(stdout: &str) -> Option<T> {
     stdout
         .lines()
         .rev()
