@@ -71,7 +71,7 @@ use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator, RngState};
 use performer::tensor::schedule::WarmupCosine;
-use performer::tensor::team::{keep_pool_warm, on_pool};
+use performer::tensor::team::{on_pool, on_warm_pool};
 use performer::tensor::{Device, Gradients, Module, Tensor, no_grad};
 use performer::{
     AutoregressiveWrapper, Filter, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
@@ -1379,12 +1379,10 @@ fn train(
             let x = dist.my_rows(x)?;
             // The backward's products follow the forward's autocast choice. On a rayon worker:
             // a step of small ops runs 10-20% faster there than from this thread (`on_pool`),
-            // and faster again with the other workers kept awake (`keep_pool_warm`).
-            let loss = on_pool(|| {
-                keep_pool_warm(|| {
-                    performer::tensor::autocast::autocast_bf16(settings.amp, || {
-                        model.loss(&x.view(), &SeqInputs::default())
-                    })
+            // and faster again with the other workers kept awake (`on_warm_pool`).
+            let loss = on_warm_pool(|| {
+                performer::tensor::autocast::autocast_bf16(settings.amp, || {
+                    model.loss(&x.view(), &SeqInputs::default())
                 })
             })?;
             loss_sum += loss.item()? as f64;
@@ -1437,7 +1435,7 @@ fn train(
             pb.suspend(|| eprintln!("train_lm: {what}: update skipped (--skip-nonfinite)"));
         } else {
             opt.set_lr(schedule.lr(step));
-            on_pool(|| keep_pool_warm(|| opt.step(&grads)))?;
+            on_warm_pool(|| opt.step(&grads))?;
         }
         drop(grads);
         state.step = step;

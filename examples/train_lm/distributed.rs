@@ -29,7 +29,7 @@ use performer::dist::state::{broadcast_module, broadcast_tensors, check_synchron
 use performer::dist::{Backend, CommStats, Communicator, DataParallel};
 use performer::tensor::optim::{Adam, Optimizer};
 use performer::tensor::rng::{self, Generator};
-use performer::tensor::team::{keep_pool_warm, on_pool};
+use performer::tensor::team::on_warm_pool;
 use performer::tensor::{Gradients, Param, Tensor};
 
 use super::{Res, TRAINER_JSON, TrainerState, sibling};
@@ -338,9 +338,9 @@ impl<'c> Dist<'c> {
         match self.dp.as_mut().filter(|_| averaging) {
             Some(dp) => Ok(dp.backward(loss, accumulated)?),
             None => {
-                // On a rayon worker, like the forward (`on_pool`); the data-parallel branch
+                // On a rayon worker, like the forward (`on_warm_pool`); the data-parallel branch
                 // above stays on this thread, the only one MPI may be called from.
-                let g = on_pool(|| keep_pool_warm(|| loss.backward()))?;
+                let g = on_warm_pool(|| loss.backward())?;
                 Ok(match accumulated {
                     Some(mut acc) => {
                         acc.merge(g)?;

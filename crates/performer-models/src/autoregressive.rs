@@ -189,86 +189,80 @@ impl AutoregressiveWrapper {
         // workers are kept awake meanwhile (`keep_pool_warm`): the prompt's pass is hundreds
         // of parallel ops, each of which waited for a sleeping worker to wake (generate-512:
         // 2-8% faster in eight alternating pairs, f32 and bf16 weights).
-        let result = performer_tensor::team::on_pool(|| {
-            performer_tensor::team::keep_pool_warm(|| -> Result<()> {
-                let mut state = match use_state && t <= max {
-                    true => Some(self.net.decoding_state(
-                        b,
-                        inputs.context,
-                        context_mask.as_ref().map(|m| m.view()),
-                    )?),
-                    false => None,
-                };
-                let mut next_logits = match state.as_mut() {
-                    Some(st) => Some(self.net.decode(st, &out.view(), Some(mask.view()))?),
-                    None => None,
-                };
-                let mut rng = Generator::seeded(opts.seed);
-                let mut done = vec![false; b];
-                // One parallel region for all the steps (after the prompt's pass, which uses
-                // rayon's threads itself): its helper threads stay between tokens.
-                performer_tensor::team::with_team(|_| -> Result<()> {
-                    for step in 0..seq_len {
-                        let len = out.ncols();
-                        let mut logits = match next_logits.take() {
-                            Some(l) => l,
-                            None => {
-                                let from = len.saturating_sub(max);
-                                let window = LmInputs {
-                                    mask: Some(mask.slice(s![.., from..])),
-                                    context: inputs.context,
-                                    context_mask: context_mask.as_ref().map(|m| m.view()),
-                                    return_encodings: false,
-                                };
-                                self.net.last_logits(&out.slice(s![.., from..]), &window)?
-                            }
-                        };
-                        let mut next = Vec::with_capacity(b);
-                        for (i, mut row) in logits.axis_iter_mut(Axis(0)).enumerate() {
-                            if done[i] {
-                                next.push(self.pad_value);
-                                continue;
-                            }
-                            if opts.repetition_penalty != 1.0 {
-                                let recent: Vec<i64> = out
-                                    .row(i)
-                                    .iter()
-                                    .skip(len.saturating_sub(opts.repetition_penalty_ctx))
-                                    .copied()
-                                    .collect();
-                                apply_repetition_penalty(
-                                    &mut row,
-                                    &recent,
-                                    opts.repetition_penalty,
-                                );
-                            }
-                            let tok = sample(&row.view(), opts, &mut rng)?;
-                            done[i] |= opts.eos_token == Some(tok);
-                            next.push(tok);
+        let result = performer_tensor::team::on_warm_pool(|| -> Result<()> {
+            let mut state = match use_state && t <= max {
+                true => Some(self.net.decoding_state(
+                    b,
+                    inputs.context,
+                    context_mask.as_ref().map(|m| m.view()),
+                )?),
+                false => None,
+            };
+            let mut next_logits = match state.as_mut() {
+                Some(st) => Some(self.net.decode(st, &out.view(), Some(mask.view()))?),
+                None => None,
+            };
+            let mut rng = Generator::seeded(opts.seed);
+            let mut done = vec![false; b];
+            // One parallel region for all the steps (after the prompt's pass, which uses
+            // rayon's threads itself): its helper threads stay between tokens.
+            performer_tensor::team::with_team(|_| -> Result<()> {
+                for step in 0..seq_len {
+                    let len = out.ncols();
+                    let mut logits = match next_logits.take() {
+                        Some(l) => l,
+                        None => {
+                            let from = len.saturating_sub(max);
+                            let window = LmInputs {
+                                mask: Some(mask.slice(s![.., from..])),
+                                context: inputs.context,
+                                context_mask: context_mask.as_ref().map(|m| m.view()),
+                                return_encodings: false,
+                            };
+                            self.net.last_logits(&out.slice(s![.., from..]), &window)?
                         }
-                        let col = Array2::from_shape_vec((b, 1), next)
-                            .map_err(|e| Error::shape("generate", e.to_string()))?;
-                        out = ndarray::concatenate(Axis(1), &[out.view(), col.view()])
-                            .map_err(|e| Error::shape("generate", e.to_string()))?;
-                        mask = ndarray::concatenate(
-                            Axis(1),
-                            &[mask.view(), Array2::from_elem((b, 1), true).view()],
-                        )
-                        .map_err(|e| Error::shape("generate", e.to_string()))?;
-                        if done.iter().all(|&d| d) {
-                            break;
+                    };
+                    let mut next = Vec::with_capacity(b);
+                    for (i, mut row) in logits.axis_iter_mut(Axis(0)).enumerate() {
+                        if done[i] {
+                            next.push(self.pad_value);
+                            continue;
                         }
-                        // Within max_seq_len the state takes the new token; past it, the sliding window.
-                        if out.ncols() > max {
-                            state = None;
+                        if opts.repetition_penalty != 1.0 {
+                            let recent: Vec<i64> = out
+                                .row(i)
+                                .iter()
+                                .skip(len.saturating_sub(opts.repetition_penalty_ctx))
+                                .copied()
+                                .collect();
+                            apply_repetition_penalty(&mut row, &recent, opts.repetition_penalty);
                         }
-                        // The last token needs no logits after it.
-                        if let Some(st) = state.as_mut().filter(|_| step + 1 < seq_len) {
-                            next_logits = Some(self.net.decode(st, &col.view(), None)?);
-                        }
+                        let tok = sample(&row.view(), opts, &mut rng)?;
+                        done[i] |= opts.eos_token == Some(tok);
+                        next.push(tok);
                     }
-                    Ok(())
-                })
+                    let col = Array2::from_shape_vec((b, 1), next)
+                        .map_err(|e| Error::shape("generate", e.to_string()))?;
+                    out = ndarray::concatenate(Axis(1), &[out.view(), col.view()])
+                        .map_err(|e| Error::shape("generate", e.to_string()))?;
+                    mask = ndarray::concatenate(
+                        Axis(1),
+                        &[mask.view(), Array2::from_elem((b, 1), true).view()],
+                    )
+                    .map_err(|e| Error::shape("generate", e.to_string()))?;
+                    if done.iter().all(|&d| d) {
+                        break;
+                    }
+                    // Within max_seq_len the state takes the new token; past it, the sliding window.
+                    if out.ncols() > max {
+                        state = None;
+                    }
+                    // The last token needs no logits after it.
+                    if let Some(st) = state.as_mut().filter(|_| step + 1 < seq_len) {
+                        next_logits = Some(self.net.decode(st, &col.view(), None)?);
+                    }
+                }
+                Ok(())
             })
         });
         if was_training {

@@ -163,31 +163,29 @@ impl PyTrainer {
         // than from the calling thread (`performer_tensor::team::on_pool` says why), and faster
         // again with the other workers kept awake (`keep_pool_warm`).
         py.detach(move || {
-            performer_tensor::team::on_pool(move || {
-                performer_tensor::team::keep_pool_warm(move || -> performer_tensor::Result<f64> {
-                    let module = objective.module();
-                    module.set_training(true);
-                    let loss: Tensor = match (objective, &batch) {
-                        (Objective::Lm(ar), Batch::Lm(x, mask)) => ar.loss(
-                            &x.view(),
-                            &SeqInputs {
-                                mask: mask.as_ref().map(|m| m.view()),
-                                ..Default::default()
-                            },
-                        )?,
-                        (Objective::EncDec(ed), Batch::EncDec(src, tgt)) => {
-                            ed.loss(&src.view(), &tgt.view(), None, None)?
-                        }
-                        _ => unreachable!("the batch was read for this objective"),
-                    };
-                    let value = loss.item()?;
-                    let mut grads = loss.backward()?;
-                    if let Some(max_norm) = clip {
-                        clip_grad_norm(&mut grads, &module.parameters(), max_norm);
+            performer_tensor::team::on_warm_pool(move || -> performer_tensor::Result<f64> {
+                let module = objective.module();
+                module.set_training(true);
+                let loss: Tensor = match (objective, &batch) {
+                    (Objective::Lm(ar), Batch::Lm(x, mask)) => ar.loss(
+                        &x.view(),
+                        &SeqInputs {
+                            mask: mask.as_ref().map(|m| m.view()),
+                            ..Default::default()
+                        },
+                    )?,
+                    (Objective::EncDec(ed), Batch::EncDec(src, tgt)) => {
+                        ed.loss(&src.view(), &tgt.view(), None, None)?
                     }
-                    optimizer.step(&grads)?;
-                    Ok(f64::from(value))
-                })
+                    _ => unreachable!("the batch was read for this objective"),
+                };
+                let value = loss.item()?;
+                let mut grads = loss.backward()?;
+                if let Some(max_norm) = clip {
+                    clip_grad_norm(&mut grads, &module.parameters(), max_norm);
+                }
+                optimizer.step(&grads)?;
+                Ok(f64::from(value))
             })
         })
         .or_raise()

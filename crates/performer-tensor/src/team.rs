@@ -261,6 +261,13 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     result
 }
 
+/// [`on_pool`] and [`keep_pool_warm`] at once: `f` on a rayon worker, with the pool's other
+/// workers kept awake until it returns. For a training step or a generation called from
+/// outside the pool.
+pub fn on_warm_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    on_pool(|| keep_pool_warm(f))
+}
+
 /// Helpers of [`keep_pool_warm`] spinning now, over all calls (for tests).
 static WARM_HELPERS: AtomicUsize = AtomicUsize::new(0);
 
