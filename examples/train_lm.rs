@@ -71,7 +71,7 @@ use performer::tensor::io::{load_safetensors, save_safetensors, write_atomic};
 use performer::tensor::optim::{Adam, Optimizer, clip_grad_norm};
 use performer::tensor::rng::{self, Generator, RngState};
 use performer::tensor::schedule::WarmupCosine;
-use performer::tensor::team::{on_pool, on_warm_pool};
+use performer::tensor::team::on_pool;
 use performer::tensor::{Device, Gradients, Module, Tensor, no_grad};
 use performer::{
     AutoregressiveWrapper, Filter, GenerateOptions, PerformerLM, PerformerLMConfig, SeqInputs,
@@ -1379,8 +1379,8 @@ fn train(
             let x = dist.my_rows(x)?;
             // The backward's products follow the forward's autocast choice. On a rayon worker:
             // a step of small ops runs 10-20% faster there than from this thread (`on_pool`),
-            // and faster again with the other workers kept awake (`on_warm_pool`).
-            let loss = on_warm_pool(|| {
+            // and faster again with the other workers kept awake (`Dist::on_step_pool`).
+            let loss = dist.on_step_pool(|| {
                 performer::tensor::autocast::autocast_bf16(settings.amp, || {
                     model.loss(&x.view(), &SeqInputs::default())
                 })
@@ -1435,7 +1435,7 @@ fn train(
             pb.suspend(|| eprintln!("train_lm: {what}: update skipped (--skip-nonfinite)"));
         } else {
             opt.set_lr(schedule.lr(step));
-            on_warm_pool(|| opt.step(&grads))?;
+            dist.on_step_pool(|| opt.step(&grads))?;
         }
         drop(grads);
         state.step = step;

@@ -29,7 +29,7 @@ use performer::dist::state::{broadcast_module, broadcast_tensors, check_synchron
 use performer::dist::{Backend, CommStats, Communicator, DataParallel};
 use performer::tensor::optim::{Adam, Optimizer};
 use performer::tensor::rng::{self, Generator};
-use performer::tensor::team::on_warm_pool;
+use performer::tensor::team::{on_pool, on_warm_pool};
 use performer::tensor::{Gradients, Param, Tensor};
 
 use super::{Res, TRAINER_JSON, TrainerState, sibling};
@@ -61,18 +61,21 @@ pub fn connect(backend: Option<&str>, timeout_s: f64) -> Res<Box<dyn Communicato
 }
 
 /// Rayon threads for one rank when `--threads 0`: the cores shared among the ranks on this
-/// machine (`mpirun` tells each rank how many run beside it), at least one.
+/// machine, at least one.
 pub fn default_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let local = [
+    (cores / local_ranks().unwrap_or(1).max(1)).max(1)
+}
+
+/// How many ranks run on this machine, where the launcher says (`mpirun` tells each rank).
+fn local_ranks() -> Option<usize> {
+    [
         "OMPI_COMM_WORLD_LOCAL_SIZE",
         "MPI_LOCALNRANKS",
         "PMI_LOCAL_SIZE",
     ]
     .iter()
     .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
-    .unwrap_or(1);
-    (cores / local.max(1)).max(1)
 }
 
 fn silence_stdout() {
@@ -143,6 +146,16 @@ impl<'c> Dist<'c> {
     /// Number of ranks.
     pub fn ranks(&self) -> usize {
         self.comm.world_size()
+    }
+
+    /// Runs a step's work `f` on a rayon worker (`on_pool`), with the pool's other workers
+    /// kept awake (`on_warm_pool`) where this is the only rank on the machine: ranks that share
+    /// the cores would take each other's time with their spinning workers.
+    pub fn on_step_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match self.ranks() == 1 || local_ranks() == Some(1) {
+            true => on_warm_pool(f),
+            false => on_pool(f),
+        }
     }
 
     /// The checkpoint directory to read on this rank: `dir` on rank 0, which sends the files
@@ -338,9 +351,9 @@ impl<'c> Dist<'c> {
         match self.dp.as_mut().filter(|_| averaging) {
             Some(dp) => Ok(dp.backward(loss, accumulated)?),
             None => {
-                // On a rayon worker, like the forward (`on_warm_pool`); the data-parallel branch
-                // above stays on this thread, the only one MPI may be called from.
-                let g = on_warm_pool(|| loss.backward())?;
+                // On a rayon worker, like the forward (`on_step_pool`); the data-parallel
+                // branch above stays on this thread, the only one MPI may be called from.
+                let g = self.on_step_pool(|| loss.backward())?;
                 Ok(match accumulated {
                     Some(mut acc) => {
                         acc.merge(g)?;
