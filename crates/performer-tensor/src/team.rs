@@ -268,8 +268,18 @@ pub fn on_warm_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     on_pool(|| keep_pool_warm(f))
 }
 
+/// How long a [`keep_pool_warm`] helper polls without finding work before it returns to
+/// rayon (which then puts its thread to sleep as usual). Longer than the serial stretches of a
+/// training step between its parallel ops (tens of microseconds), short enough that a helper
+/// which holds up a job (see [`keep_pool_warm`]) delays it by no more than this.
+pub const WARM_LINGER: Duration = Duration::from_millis(1);
+
 /// Helpers of [`keep_pool_warm`] spinning now, over all calls (for tests).
 static WARM_HELPERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Helpers of [`keep_pool_warm`] that have started spinning, ever (for tests: a helper may come
+/// and go while the thread that watches [`WARM_HELPERS`] is not running).
+static WARM_STARTED: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs `f` on this rayon worker while the pool's other workers stay awake: each polls rayon
 /// for work ([`rayon::yield_now`]) and runs what it finds, instead of going to sleep after a
@@ -281,15 +291,23 @@ static WARM_HELPERS: AtomicUsize = AtomicUsize::new(0);
 /// processes on the 2-core Zen 4: 37.5 / 37.0 / 37.2 / 37.2 / 38.0 ms asleep, 35.4 / 35.5 /
 /// 35.7 / 36.0 / 36.2 ms awake (-4%). The 1k-token steps, whose ops are longer, gained 0-4% in
 /// three of four pairs each, `train_lm`'s default run +1% (six 250-step pairs: within the
-/// noise), with the same losses bit for bit.
+/// noise), with the same losses bit for bit. (Measured before helpers gave up after
+/// [`WARM_LINGER`]; with it, in a noisier stretch: 5893 -> 967 context switches, four of five
+/// lm-small-64 pairs faster.)
 ///
-/// The other workers run at full speed for the duration of `f`, so wrap work that keeps them
-/// busy (a training step), not a loop that waits on I/O; and where other processes share the
-/// cores (several ranks on one machine, each with a pool of more than one thread), the
-/// spinning takes their time: leave it out there. From outside the pool, with one rayon
-/// thread, or with more rayon threads than the machine has cores, `f` simply runs. Nested calls are fine (each adds its own helpers, which stop
-/// when its `f` returns); a helper that this thread itself picks up (rayon may hand a thread
-/// its own queued job while it waits inside `f`) returns at once.
+/// The other workers run at full speed while `f` keeps them busy, so wrap work that does (a
+/// training step), not a loop that waits on I/O; and where other processes share the cores
+/// (several ranks on one machine, each with a pool of more than one thread), the spinning
+/// takes their time: leave it out there. From outside the pool, with one rayon thread, or with
+/// more rayon threads than the machine has cores, `f` simply runs.
+///
+/// A helper returns when `f` does, or after [`WARM_LINGER`] without finding work. The second
+/// bound is what makes it safe: rayon runs a helper wherever a worker looks for work, which
+/// includes a worker waiting inside a job that `f` itself waits for (possible with three or
+/// more threads); there the helper's loop sits above that job on the worker's stack, and
+/// spinning until `f` returned would never end. Nested calls are fine (each adds its own
+/// helpers); a helper that this thread itself picks up (rayon may hand a thread its own queued
+/// job while it waits inside `f`) returns at once.
 pub fn keep_pool_warm<R>(f: impl FnOnce() -> R) -> R {
     let Some(me) = rayon::current_thread_index() else {
         return f();
@@ -310,10 +328,26 @@ pub fn keep_pool_warm<R>(f: impl FnOnce() -> R) -> R {
             if rayon::current_thread_index() == Some(me) {
                 return;
             }
+            // A helper that rayon starts after `f` returned has nothing to keep warm.
+            if done.load(SeqCst) {
+                return;
+            }
             WARM_HELPERS.fetch_add(1, SeqCst);
+            WARM_STARTED.fetch_add(1, SeqCst);
+            let (mut idle_since, mut idle_spins) = (Instant::now(), 0u32);
             while !done.load(SeqCst) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    std::hint::spin_loop();
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle_spins = 0;
+                    continue;
+                }
+                if idle_spins == 0 {
+                    idle_since = Instant::now();
+                }
+                idle_spins += 1;
+                std::hint::spin_loop();
+                // Reading the clock costs more than a poll: look every so often.
+                if idle_spins.is_multiple_of(64) && idle_since.elapsed() > WARM_LINGER {
+                    break;
                 }
             }
             WARM_HELPERS.fetch_sub(1, SeqCst);
@@ -399,14 +433,19 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(single.install(|| keep_pool_warm(|| 8)), 8);
+        // Whether a helper starts within 5 s.
+        let started_since = |before: usize| {
+            let start = Instant::now();
+            while WARM_STARTED.load(SeqCst) == before && start.elapsed() < Duration::from_secs(5) {
+                std::thread::yield_now();
+            }
+            WARM_STARTED.load(SeqCst) > before
+        };
         let (sum, seen_spinning) = pool.install(|| {
+            let before = WARM_STARTED.load(SeqCst);
             keep_pool_warm(|| {
-                // A helper spins while the work runs (give it time to start).
-                let start = Instant::now();
-                while WARM_HELPERS.load(SeqCst) == 0 && start.elapsed() < Duration::from_secs(5) {
-                    std::hint::spin_loop();
-                }
-                let spinning = WARM_HELPERS.load(SeqCst) > 0;
+                // A helper spins while the work runs.
+                let spinning = started_since(before);
                 // Nested parallel work and a nested warm region.
                 use rayon::prelude::*;
                 let inner = keep_pool_warm(|| (0..10_000u64).into_par_iter().sum::<u64>());
@@ -427,15 +466,27 @@ mod tests {
         });
         assert!(caught.is_err());
         assert!(helpers_stop(), "helpers still spinning after a panic");
+        // Work that gives the helpers nothing to do: they return after WARM_LINGER, before
+        // it ends.
+        let lingered = pool.install(|| {
+            let before = WARM_STARTED.load(SeqCst);
+            keep_pool_warm(|| {
+                let started = started_since(before);
+                std::thread::sleep(WARM_LINGER * 50);
+                (started, WARM_HELPERS.load(SeqCst))
+            })
+        });
+        assert_eq!(lingered, (cores >= 2, 0));
         // More threads than cores: the pool is shared with itself already; nothing spins.
         let crowded = rayon::ThreadPoolBuilder::new()
             .num_threads(cores + 1)
             .build()
             .unwrap();
         let spun = crowded.install(|| {
+            let before = WARM_STARTED.load(SeqCst);
             keep_pool_warm(|| {
                 std::thread::sleep(Duration::from_millis(50));
-                WARM_HELPERS.load(SeqCst) > 0
+                WARM_STARTED.load(SeqCst) > before
             })
         });
         assert!(!spun);
