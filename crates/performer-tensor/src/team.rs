@@ -301,13 +301,15 @@ static WARM_STARTED: AtomicUsize = AtomicUsize::new(0);
 /// takes their time: leave it out there. From outside the pool, with one rayon thread, or with
 /// more rayon threads than the machine has cores, `f` simply runs.
 ///
-/// A helper returns when `f` does, or after [`WARM_LINGER`] without finding work. The second
-/// bound is what makes it safe: rayon runs a helper wherever a worker looks for work, which
-/// includes a worker waiting inside a job that `f` itself waits for (possible with three or
-/// more threads); there the helper's loop sits above that job on the worker's stack, and
-/// spinning until `f` returned would never end. Nested calls are fine (each adds its own
-/// helpers); a helper that this thread itself picks up (rayon may hand a thread its own queued
-/// job while it waits inside `f`) returns at once.
+/// A helper returns when `f` does, or after [`WARM_LINGER`] without finding work. Why it
+/// cannot hold up `f`: a helper's loop sits above whatever its worker was doing, and spinning
+/// until `f` returned would never end if that worker were waiting inside a job `f` needs. The
+/// helpers are spawned into this thread's deque before any of `f`'s jobs, and rayon steals the
+/// oldest job of a deque first, so every helper is taken before any job of `f` can be stolen,
+/// and none is left for a worker that waits inside one (this thread pops its own deque newest
+/// first, and a helper it pops returns at once). The linger bounds the spinning anyway, should
+/// rayon's order ever change, and lets an idle worker sleep. Nested calls are fine: each adds
+/// its own helpers.
 pub fn keep_pool_warm<R>(f: impl FnOnce() -> R) -> R {
     let Some(me) = rayon::current_thread_index() else {
         return f();
@@ -323,8 +325,7 @@ pub fn keep_pool_warm<R>(f: impl FnOnce() -> R) -> R {
     for _ in 0..others {
         let done = done.clone();
         rayon::spawn(move || {
-            // On this thread the loop would spin above `f`'s suspended frames until `f`
-            // returned: never.
+            // On this thread the loop would spin above `f`'s own suspended frames.
             if rayon::current_thread_index() == Some(me) {
                 return;
             }
