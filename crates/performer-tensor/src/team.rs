@@ -271,7 +271,8 @@ pub fn on_warm_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// How long a [`keep_pool_warm`] helper polls without finding work before it returns to
 /// rayon (which then puts its thread to sleep as usual). Longer than the serial stretches of a
 /// training step between its parallel ops (tens of microseconds), short enough that a helper
-/// which holds up a job (see [`keep_pool_warm`]) delays it by no more than this.
+/// which ever held up a job (see [`keep_pool_warm`]: it should not) would delay it by no more
+/// than this.
 pub const WARM_LINGER: Duration = Duration::from_millis(1);
 
 /// Helpers of [`keep_pool_warm`] spinning now, over all calls (for tests).
