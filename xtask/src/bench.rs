@@ -173,9 +173,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         if let Some(bar) = &w.target.against_f32 {
             eprint!("[check] {} against f32 ... ", w.name);
             let got = ctx.against_f32(w, &ours);
-            let line = against_f32::verdict(&w.name, bar, &got);
-            eprintln!("{}", if line.ends_with(": ok") { "ok" } else { "miss" });
-            checks.push(line);
+            let verdict = against_f32::verdict(&w.name, bar, &got);
+            eprintln!("{}", if verdict.ok { "ok" } else { "miss" });
+            checks.push(verdict.line);
         }
     }
 

@@ -24,13 +24,27 @@ pub fn parse(stdout: &str) -> Option<Agreement> {
     super::child::last_json_line(stdout)
 }
 
-/// One line for under the table: the figures, the bars, and `ok` or what missed.
-pub fn verdict(workload: &str, bar: &AgainstF32, got: &Result<Agreement, String>) -> String {
+/// Whether the bars hold, and the line for under the table: the figures, the bars, and `ok`
+/// or what missed.
+pub struct Verdict {
+    /// Every bar holds.
+    pub ok: bool,
+    /// The line to print.
+    pub line: String,
+}
+
+/// The [`Verdict`] on `got` against `bar`.
+pub fn verdict(workload: &str, bar: &AgainstF32, got: &Result<Agreement, String>) -> Verdict {
     let head =
         format!("{workload} against the f32 model it is rounded from (same seed, prompt, sampler)");
     let a = match got {
         Ok(a) => a,
-        Err(e) => return format!("{head}: miss: no comparison ({e})"),
+        Err(e) => {
+            return Verdict {
+                ok: false,
+                line: format!("{head}: miss: no comparison ({e})"),
+            };
+        }
     };
     let mut misses = Vec::new();
     if a.tokens_equal < bar.min_equal_tokens {
@@ -49,7 +63,7 @@ pub fn verdict(workload: &str, bar: &AgainstF32, got: &Result<Agreement, String>
         true => "ok".to_string(),
         false => format!("miss: {}", misses.join(", ")),
     };
-    format!(
+    let line = format!(
         "{head}: the first {} of {} sampled tokens equal (bar: {}), logits within {:.1e} \
          relative (bar: {:.0e}): {status}",
         a.tokens_equal,
@@ -57,7 +71,11 @@ pub fn verdict(workload: &str, bar: &AgainstF32, got: &Result<Agreement, String>
         bar.min_equal_tokens,
         a.logits_max_rel_err,
         bar.max_logits_rel_err
-    )
+    );
+    Verdict {
+        ok: misses.is_empty(),
+        line,
+    }
 }
 
 #[cfg(test)]
@@ -97,12 +115,19 @@ mod tests {
                 }),
             )
         };
-        assert!(with(64, 3.9e-3).ends_with(": ok"), "{}", with(64, 3.9e-3));
-        assert!(with(16, 1e-2).ends_with(": ok"));
-        assert!(with(15, 3.9e-3).ends_with("miss: 15 < 16 equal tokens"));
-        assert!(with(64, 2e-2).ends_with("miss: logits 2.0e-2 > 1e-2"));
-        assert!(with(64, f64::NAN).contains("miss: logits NaN"));
+        let pass = |v: Verdict| v.ok && v.line.ends_with(": ok");
+        let miss = |v: Verdict, why: &str| !v.ok && v.line.contains(why);
+        assert!(pass(with(64, 3.9e-3)), "{}", with(64, 3.9e-3).line);
+        assert!(pass(with(16, 1e-2)));
+        assert!(miss(with(15, 3.9e-3), "miss: 15 < 16 equal tokens"));
+        assert!(miss(with(64, 2e-2), "miss: logits 2.0e-2 > 1e-2"));
+        assert!(miss(with(64, f64::NAN), "miss: logits NaN"));
         let failed = verdict("generate-512-bf16", &BAR, &Err("exit 1".into()));
-        assert!(failed.ends_with("miss: no comparison (exit 1)"), "{failed}");
+        assert!(!failed.ok);
+        assert!(
+            failed.line.ends_with("miss: no comparison (exit 1)"),
+            "{}",
+            failed.line
+        );
     }
 }
