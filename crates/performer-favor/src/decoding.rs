@@ -14,7 +14,7 @@
 use ndarray::{Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
 use std::sync::{Arc, Mutex};
 
-use performer_tensor::fast_math::{axpy, dot, gemv_t, scaled_exp_inplace};
+use performer_tensor::fast_math::{axpy, dot, gemv_t_pair, scaled_exp_inplace};
 use performer_tensor::gemm::{Threads, gemm_into};
 use performer_tensor::ops::Activation;
 use performer_tensor::team::Team;
@@ -338,14 +338,14 @@ impl StateStep<'_> {
             .ok_or_else(|| Error::invalid(OP, "head", h, "was already stepped in this step"))?;
         let mut features = vec![0f32; 2 * m];
         if let Kind::Softmax { dn, .. } | Kind::Generalized { dn, .. } = self.kind {
-            // dn P k then dn P q, each a pass over the transpose's rows.
+            // dn P k then dn P q, in one pass over the transpose's rows (reading the
+            // projection is what these products cost).
             let pt = self
                 .projection_t
                 .as_deref()
                 .expect("begin_step transposes the projection of these kinds");
             let (kf, qf) = features.split_at_mut(m);
-            gemv_t(pt, m, 0, k, kf);
-            gemv_t(pt, m, 0, q, qf);
+            gemv_t_pair(pt, m, 0, (k, q), (kf, qf));
             features.iter_mut().for_each(|u| *u *= dn);
         }
         step_head(

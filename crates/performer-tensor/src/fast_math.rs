@@ -562,6 +562,96 @@ multiversion! {
     }
 }
 
+/// Columns of one [`gemv_t_pair`] strip: four vectors for each of the two inputs, two
+/// accumulators each (16 registers of sums, as [`GEMV_T_COLS`] takes for one input).
+const GEMV_T_PAIR_COLS: usize = 4 * LANES;
+
+/// [`gemv_t_strip`] for two inputs `xa`, `xb` of one length against the same `C` columns:
+/// each weight is loaded once for both, and each output takes the additions of
+/// `gemv_t_strip`'s in the same order (so it equals a `gemv_t` of its input, bit for bit).
+#[inline(always)]
+fn gemv_t_pair_strip<const C: usize>(
+    wt: &[f32],
+    n: usize,
+    c0: usize,
+    (xa, xb): (&[f32], &[f32]),
+    (oa, ob): (&mut [f32], &mut [f32]),
+) {
+    let mut acc = [[[0f32; C]; 2]; 2];
+    let row =
+        |i: usize| -> &[f32; C] { wt[i * n + c0..i * n + c0 + C].try_into().expect("C values") };
+    for p in 0..xa.len() / 2 {
+        let (i0, i1) = (2 * p, 2 * p + 1);
+        let (r0, r1) = (row(i0), row(i1));
+        for (acc, x) in acc.iter_mut().zip([xa, xb]) {
+            let (a0, a1) = (x[i0], x[i1]);
+            for l in 0..C {
+                acc[0][l] += a0 * r0[l];
+                acc[1][l] += a1 * r1[l];
+            }
+        }
+    }
+    if xa.len() % 2 == 1 {
+        let i = xa.len() - 1;
+        let r = row(i);
+        for (acc, x) in acc.iter_mut().zip([xa, xb]) {
+            for l in 0..C {
+                acc[0][l] += x[i] * r[l];
+            }
+        }
+    }
+    for (acc, out) in acc.iter().zip([oa, ob]) {
+        for (l, o) in out[..C].iter_mut().enumerate() {
+            *o = acc[0][l] + acc[1][l];
+        }
+    }
+}
+
+multiversion! {
+    /// [`gemv_t`] of two inputs against the same columns, `out_a = xa W[.., j0..]` and
+    /// `out_b = xb W[.., j0..]`, with one pass over the weights instead of two: a decoding
+    /// step's key and query against the same FAVOR+ projection, where reading the projection
+    /// is what the two products cost. Each output equals `gemv_t` of its input, bit for bit.
+    ///
+    /// # Panics
+    /// If the inputs or the outputs differ in length, `j0 + out_a.len() > n`, or `wt` holds
+    /// fewer than `k * n` values.
+    pub fn gemv_t_pair(
+        wt: &[f32],
+        n: usize,
+        j0: usize,
+        xs: (&[f32], &[f32]),
+        outs: (&mut [f32], &mut [f32])
+    ) {
+        let ((xa, xb), (oa, ob)) = (xs, outs);
+        assert!(
+            xa.len() == xb.len() && oa.len() == ob.len(),
+            "gemv_t_pair: inputs of {} and {} values, outputs of {} and {}",
+            xa.len(),
+            xb.len(),
+            oa.len(),
+            ob.len()
+        );
+        let (k, cols) = (xa.len(), oa.len());
+        assert!(j0 + cols <= n, "gemv_t_pair: columns {j0}..{} of {n}", j0 + cols);
+        assert!(wt.len() >= k * n, "gemv_t_pair: {} weights for {k} x {n}", wt.len());
+        let mut done = 0;
+        while cols - done >= GEMV_T_PAIR_COLS {
+            gemv_t_pair_strip::<GEMV_T_PAIR_COLS>(
+                wt,
+                n,
+                j0 + done,
+                (xa, xb),
+                (&mut oa[done..], &mut ob[done..]),
+            );
+            done += GEMV_T_PAIR_COLS;
+        }
+        // Narrower tails as two single passes (the same sums as gemv_t's).
+        gemv_t_columns("gemv_t_pair", wt, n, j0 + done, xa, &mut oa[done..]);
+        gemv_t_columns("gemv_t_pair", wt, n, j0 + done, xb, &mut ob[done..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,6 +742,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn gemv_t_pair_equals_two_gemv_t_bit_for_bit() {
+        // k odd and even; whole pair strips, then 16-lane strips and a scalar tail; ranges
+        // starting off the strip grid.
+        for (k, n) in [(1usize, 5usize), (7, 64), (64, 256), (33, 150), (2, 200)] {
+            let wt: Vec<f32> = (0..k * n).map(|i| ((i as f32) * 0.731).sin()).collect();
+            let xa: Vec<f32> = (0..k).map(|i| ((i as f32) * 1.37).cos()).collect();
+            let xb: Vec<f32> = (0..k).map(|i| ((i as f32) * 0.53 + 0.2).sin()).collect();
+            for (j0, cols) in [(0, n), (1, n - 1), (n / 3, n / 2), (n - 1, 1), (2, 0)] {
+                let (mut wa, mut wb) = (vec![f32::NAN; cols], vec![f32::NAN; cols]);
+                gemv_t(&wt, n, j0, &xa, &mut wa);
+                gemv_t(&wt, n, j0, &xb, &mut wb);
+                let (mut ga, mut gb) = (vec![f32::NAN; cols], vec![f32::NAN; cols]);
+                gemv_t_pair(&wt, n, j0, (&xa, &xb), (&mut ga, &mut gb));
+                for (got, want) in [(&ga, &wa), (&gb, &wb)] {
+                    assert_eq!(got.len(), want.len());
+                    for (c, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                        assert_eq!(g.to_bits(), w.to_bits(), "k {k} n {n} column {}", j0 + c);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "gemv_t_pair: inputs of 2 and 3 values")]
+    fn gemv_t_pair_refuses_inputs_of_two_lengths() {
+        gemv_t_pair(
+            &[0.0; 12],
+            4,
+            0,
+            (&[1.0; 2], &[1.0; 3]),
+            (&mut [0.0; 4], &mut [0.0; 4]),
+        );
     }
 
     #[test]
