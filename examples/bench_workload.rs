@@ -22,13 +22,16 @@
 //! category, per-op times, GEMM FLOPs, the measured GEMM rate) that `cargo xtask bench
 //! --profile` turns into a table.
 //!
-//! With `--against-f32` (generate-512-bf16 only) nothing is timed: the process builds the
-//! workload's bf16 model and the f32 model it is rounded from (the same seed, prompt and
-//! sampler options) and prints `{"tokens_equal": .., "tokens": 64, "logits_max_rel_err": ..}`:
-//! how many leading sampled tokens the two generations share, and the worst relative error
-//! (`max |bf16 - f32| / max |f32|`) of the bf16 logits over the prompt's last position and the
-//! 64 steps, both models fed the f32 model's tokens. xtask runs it in a process of its own,
-//! after the timed one, so that the f32 model adds nothing to the workload's peak RSS.
+//! With `--against-f32` (generate-512-bf16 only) the process builds the workload's bf16 model
+//! and the f32 model it is rounded from (the same seed, prompt and sampler options) and prints
+//! `{"tokens_equal": .., "tokens": 64, "logits_max_rel_err": .., "pairs": 15, "f32_ms": ..,
+//! "bf16_ms": ..}`: how many leading sampled tokens the two generations share, the worst
+//! relative error (`max |bf16 - f32| / max |f32|`) of the bf16 logits over the prompt's last
+//! position and the 64 steps, both models fed the f32 model's tokens, and the median times of
+//! 15 generations of each model taking turns (each after an untimed one of the same model, so
+//! that its weights are in the caches): the speed bar measured where both meet the same
+//! stretches of the machine's speed. xtask runs it in a process of its own, after the
+//! timed one, so that the f32 model adds nothing to the workload's peak RSS.
 //!
 //! Exit status: 0 measured; 2 bad arguments; 3 the workload is not implemented yet (the last
 //! stderr line is `not implemented yet: REASON`; xtask shows `n/a` and the reason); 1 it failed.
@@ -382,10 +385,33 @@ fn bf16_against_f32(prompt: usize) -> Result<String, String> {
         la = exact.step(&mut sa, &[a[[0, step]]]).map_err(e)?;
         lb = rounded.step(&mut sb, &[a[[0, step]]]).map_err(e)?;
     }
+    // Speed in this one process: the models take turns, the order flipping each pair, so
+    // that both meet the same stretches of this VM's speed (the timed rows run in processes
+    // minutes apart, and a slow stretch there moves their ratio by a third). Each turn
+    // generates once untimed first, so that the timed generation finds its own weights in the
+    // caches, as the timed rows' repetitions do, and not the other model's.
+    let (mut f32_ms, mut bf16_ms) = (Vec::new(), Vec::new());
+    for pair in 0..INTERLEAVED_PAIRS {
+        for bf16_turn in [pair % 2 == 1, pair % 2 == 0] {
+            let net = if bf16_turn { &rounded } else { &exact };
+            generate(net)?;
+            let start = Instant::now();
+            generate(net)?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            match bf16_turn {
+                true => bf16_ms.push(ms),
+                false => f32_ms.push(ms),
+            }
+        }
+    }
+    let (f32_ms, bf16_ms) = (median(&f32_ms), median(&bf16_ms));
     Ok(format!(
-        "{{\"tokens_equal\": {tokens_equal}, \"tokens\": {NEW_TOKENS}, \"logits_max_rel_err\": {worst:.6e}}}"
+        "{{\"tokens_equal\": {tokens_equal}, \"tokens\": {NEW_TOKENS}, \"logits_max_rel_err\": {worst:.6e}, \"pairs\": {INTERLEAVED_PAIRS}, \"f32_ms\": {f32_ms:.4}, \"bf16_ms\": {bf16_ms:.4}}}"
     ))
 }
+
+/// Generations of each model, alternating, that `--against-f32` times.
+const INTERLEAVED_PAIRS: usize = 15;
 
 /// `(n x 512) @ (512 x 2048)` through performer-tensor: the machine's GEMM floor in the same run,
 /// and the self-test of the benchmark pipeline. tokens = n.

@@ -173,9 +173,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
         if let Some(bar) = &w.target.against_f32 {
             eprint!("[check] {} against f32 ... ", w.name);
             let got = ctx.against_f32(w, &ours);
-            let verdict = against_f32::verdict(&w.name, bar, &got);
-            eprintln!("{}", if verdict.ok { "ok" } else { "miss" });
+            let min_speedup = w.target.min_speedup_over.map(|(_, min)| min);
+            let verdict = against_f32::verdict(&w.name, bar, min_speedup, &got);
+            let speed = match verdict.speed_ok {
+                Some(true) => ", speedup ok",
+                Some(false) => ", speedup miss",
+                None => "",
+            };
+            let agreement = if verdict.ok { "ok" } else { "miss" };
+            eprintln!("tokens and logits {agreement}{speed}");
             checks.push(verdict.line);
+            checks.extend(verdict.speed_line);
         }
     }
 
