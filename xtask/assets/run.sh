@@ -38,6 +38,16 @@ run_stage() {
     return 0
 }
 
+# --- binaries ----------------------------------------------------------------------------------
+# The test binaries and tools travel as one gzip tarball (device-bundle: they compress about
+# 3.5x, and what reaches this machine is limited); unpacked beside this script into bin/, tools/.
+if [ -f "$HERE/binaries.tar.gz" ]; then
+    if ! tar -xzf "$HERE/binaries.tar.gz" -C "$HERE"; then
+        echo "unpacking binaries.tar.gz failed: no tests or tools can run" | tee -a "$SUMMARY"
+        FAILED=1
+    fi
+fi
+
 # --- environment -------------------------------------------------------------------------------
 ENVLOG="$LOGDIR/env.log"
 {

@@ -9,6 +9,9 @@
 //!   and one training step on cuda:0 (f32, `--amp`, and under compute-sanitizer's memcheck and
 //!   racecheck), and `tools/lm_bench` (the PerformerLM training step and generate, timed
 //!   against performer-pytorch by `bench_reference.py --lm`);
+//! * `bin/` and `tools/` then go into one gzip tarball, `binaries.tar.gz`, which `run.sh`
+//!   unpacks beside itself first: the binaries compress about 3.5x (79 MiB to 22 MiB), and
+//!   what travels to the device machine is limited (64 MiB in all);
 //! * `run.sh` (tests, then benchmarks, table last) and the Python comparison scripts;
 //! * the wheels the comparison needs (performer-pytorch and its pure-Python dependencies,
 //!   flash-linear-attention), fetched here with `pip download` for Python 3.12, or reused from
@@ -38,6 +41,12 @@ const WHEELS: &[&str] = &[
 
 const LIMIT_BYTES: u64 = 60 * 1024 * 1024;
 
+/// The tarball of `bin/` and `tools/` in the bundle (the name run.sh unpacks).
+const PAYLOAD: &str = "binaries.tar.gz";
+
+/// The folders of the bundle that travel packed in [`PAYLOAD`].
+const PACKED: [&str; 2] = ["bin", "tools"];
+
 /// Command line of `cargo xtask device-bundle`.
 #[derive(clap::Parser, Debug)]
 #[command(
@@ -60,6 +69,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     // Fresh binaries every time; wheels are kept (they only change with the pins above).
     if bin.exists() {
         std::fs::remove_dir_all(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    }
+    let payload = bundle.join(PAYLOAD);
+    if payload.exists() {
+        std::fs::remove_file(&payload).map_err(|e| format!("{}: {e}", payload.display()))?;
     }
     std::fs::create_dir_all(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
 
@@ -168,13 +181,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
         );
     }
 
+    pack(&bundle, &PACKED, PAYLOAD)?;
+
     if !skip_wheels {
         fetch_wheels(&bundle.join("wheels"))?;
     }
-    let size = dir_size(&bundle.join("bin"))?
-        + dir_size(&tools)?
-        + dir_size(&fixtures)?
-        + dir_size(&bundle.join("wheels")).unwrap_or(0);
+    let size =
+        file_size(&payload)? + dir_size(&fixtures)? + dir_size(&bundle.join("wheels")).unwrap_or(0);
     println!(
         "bundle {}: {:.1} MiB (limit {} MiB)",
         bundle.display(),
@@ -214,6 +227,43 @@ fn named(found: Vec<(String, PathBuf)>, name: &str) -> Result<Vec<(String, PathB
         ));
     }
     Ok(picked)
+}
+
+/// Packs the folders `dirs` of `bundle` into the gzip tarball `bundle/name` (written under a
+/// temporary name, then renamed, so that a failed run leaves no half tarball) and removes the
+/// folders: the tarball is what travels. Needs `tar` with gzip, as the device machine does to
+/// unpack it.
+fn pack(bundle: &Path, dirs: &[&str], name: &str) -> Result<(), String> {
+    let (tarball, partial) = (bundle.join(name), bundle.join(format!("{name}.partial")));
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(&partial)
+        .arg("-C")
+        .arg(bundle)
+        .args(dirs)
+        .status()
+        .map_err(|e| format!("running tar: {e}"))?;
+    if !status.success() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(format!(
+            "tar -czf {} {dirs:?} failed ({status})",
+            partial.display()
+        ));
+    }
+    std::fs::rename(&partial, &tarball)
+        .map_err(|e| format!("{} -> {}: {e}", partial.display(), tarball.display()))?;
+    for dir in dirs {
+        let path = bundle.join(dir);
+        std::fs::remove_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!("packed {dirs:?} into {}", tarball.display());
+    Ok(())
+}
+
+fn file_size(path: &Path) -> Result<u64, String> {
+    Ok(std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len())
 }
 
 /// Copies the directory tree `from` to `to` (regular files and folders).
@@ -355,6 +405,59 @@ mod tests {
         ] {
             assert!(RUN_SH.contains(stage), "run.sh lacks {stage:?}");
         }
+    }
+
+    /// `pack` leaves one tarball in place of the folders, and run.sh's own unpacking brings
+    /// back every file, byte for byte and still executable.
+    #[cfg(unix)]
+    #[test]
+    fn packed_folders_come_back_as_run_sh_unpacks_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let bundle = std::env::temp_dir().join(format!("bundle-pack-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&bundle);
+        let files = [
+            ("bin/a_test", b"\x7fELF test".to_vec()),
+            ("tools/xtask", vec![0u8, 1, 2, 255, 254]),
+            ("tools/train_lm", vec![7u8; 100_000]),
+        ];
+        for (path, bytes) in &files {
+            let path = bundle.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        pack(&bundle, &PACKED, PAYLOAD).unwrap();
+        assert!(bundle.join(PAYLOAD).is_file());
+        assert!(!bundle.join("bin").exists() && !bundle.join("tools").exists());
+        assert!(!bundle.join(format!("{PAYLOAD}.partial")).exists());
+        // run.sh's unpacking lines, as they stand in it.
+        let unpack: String = RUN_SH
+            .lines()
+            .skip_while(|l| !l.starts_with("# --- binaries"))
+            .take_while(|l| !l.starts_with("# --- environment"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            unpack.contains("tar -xzf"),
+            "run.sh does not unpack: {unpack}"
+        );
+        let script = format!(
+            "set -u\nHERE={}\nSUMMARY=/dev/null\nFAILED=0\n{unpack}\nexit $FAILED\n",
+            bundle.display()
+        );
+        let status = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .status()
+            .unwrap();
+        for (path, bytes) in &files {
+            let path = bundle.join(path);
+            assert_eq!(&std::fs::read(&path).unwrap(), bytes, "{}", path.display());
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert!(mode & 0o100 != 0, "{} lost its execute bit", path.display());
+        }
+        let _ = std::fs::remove_dir_all(&bundle);
+        assert!(status.success());
     }
 
     /// The comparison scripts compile, and the table reads sample PerformerLM lines of both
