@@ -290,7 +290,8 @@ pub struct Settings {
     /// Its length in bytes.
     pub data_bytes: usize,
     /// Its FNV-1a hash: `--resume` warns when the corpus changed since (the default corpus, this
-    /// repository, changes with every edit), as the run then no longer matches an uninterrupted one.
+    /// repository, changes with every edit), as the run then no longer matches an
+    /// uninterrupted one.
     pub data_fnv1a: String,
     /// Tokens per training sequence.
     pub seq_len: usize,
